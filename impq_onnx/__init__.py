@@ -1,0 +1,20 @@
+"""impq-onnx: mixed-precision quantization of ONNX image classifiers by the IMPQ method.
+
+Public API::
+
+    model = impq_onnx.load("model.onnx")          # canonical form of any exported classifier
+    sites = impq_onnx.find_sites(model, (1, 3, 224, 224))
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError, DataError, ImpqError, ModelError, PlanError
+from .frontend import CanonicalModel, from_proto, load
+from .sites import ActivationSite, QuantLayer, SiteTable, WeightGroup, find_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "from_proto", "find_sites", "CanonicalModel", "SiteTable", "QuantLayer", "ActivationSite",
+    "WeightGroup", "ImpqError", "ModelError", "DataError", "PlanError", "ConfigError", "__version__",
+]

@@ -1,0 +1,47 @@
+"""Proving that onnxruntime can run a model, with errors that name the node at fault."""
+
+from __future__ import annotations
+
+import re
+
+import onnxruntime as ort
+
+from .errors import ModelError
+
+__all__ = ["check_runs", "inference_session"]
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\S+)\((\d+)\) node with name '([^']*)'")
+_UNKNOWN_OP = re.compile(r"(?:Fatal error: )?([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
+
+
+def inference_session(model_bytes: bytes, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def check_runs(canonical) -> None:
+    """Build a session for ``canonical``; turn a refusal into a one-line error naming the node."""
+    try:
+        inference_session(canonical.to_bytes(), threads=1)
+    except Exception as exc:  # onnxruntime raises its own exception types per status code
+        message = str(exc)
+        label = canonical.label
+        found = _NO_KERNEL.search(message)
+        if found:
+            op, version, node = found.groups()
+            raise ModelError(
+                f"{label}: node '{node}' ({op}, opset {version}) cannot run in onnxruntime {ort.__version__}; "
+                "re-export without it or replace it with standard ops"
+            ) from None
+        found = _UNKNOWN_OP.search(message)
+        if found:
+            domain, op, _ = found.groups()
+            nodes = [n.name for n in canonical.model.graph if n.op_type == op and n.domain == domain] or ["?"]
+            raise ModelError(
+                f"{label}: node '{nodes[0]}' uses op {domain + ':' if domain else ''}{op}, which onnxruntime "
+                f"{ort.__version__} does not know; re-export without it or register its custom-op library"
+            ) from None
+        raise ModelError(f"{label}: onnxruntime cannot run the model: {message.splitlines()[0] if message else exc}") from None
