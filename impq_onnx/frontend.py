@@ -49,10 +49,7 @@ class CanonicalModel:
     head: str | None  # "Softmax" or "LogSoftmax" that followed the logits in the original
     input_layout: str  # "NCHW", "NHWC" or "other" (guessed from the input shape)
     original_opset: int
-
-    @property
-    def label(self) -> str:
-        return str(self.source) if self.source is not None else "<model>"
+    label: str = "<model>"  # how errors name the model: its path, or what the caller passed
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.model)
@@ -132,6 +129,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         head=head.op_type if head is not None else None,
         input_layout=_guess_layout(input_value),
         original_opset=original_opset,
+        label=label,
     )
     if check_runtime:
         from .runtime import check_runs
@@ -174,10 +172,21 @@ def _choose_output(model: ir.Model, output: str | None, label: str) -> str:
     two_d = [v for v in outputs if v.shape is not None and len(v.shape) == 2 and v.dtype in _FLOAT_TYPES]
     if len(two_d) == 1:
         return two_d[0].name
+    # (logits, features) exports: the logits come straight out of the classifier's Gemm/MatMul.
+    linear = [v for v in two_d if _is_linear_output(v)]
+    if len(linear) == 1:
+        return linear[0].name
     raise ModelError(
         f"{label}: {len(outputs)} outputs ({names}) and none is clearly the logits; "
         "name it with --output NAME"
     )
+
+
+def _is_linear_output(value: ir.Value) -> bool:
+    node = value.producer()
+    if node is not None and node.op_type == "Add":
+        node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+    return node is not None and node.op_type in ("Gemm", "MatMul")
 
 
 def _upgrade_opset(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:

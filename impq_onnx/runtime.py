@@ -11,6 +11,7 @@ from .errors import ModelError
 __all__ = ["check_runs", "inference_session"]
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\S+)\((\d+)\) node with name '([^']*)'")
+_BAD_NODE = re.compile(r"(?:of operator \((\w+)\) )?in node \(([^)]*)\)")
 _UNKNOWN_OP = re.compile(r"(?:Fatal error: )?([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
 
 
@@ -43,5 +44,13 @@ def check_runs(canonical) -> None:
             raise ModelError(
                 f"{label}: node '{nodes[0]}' uses op {domain + ':' if domain else ''}{op}, which onnxruntime "
                 f"{ort.__version__} does not know; re-export without it or register its custom-op library"
+            ) from None
+        found = _BAD_NODE.search(message)
+        if found:
+            op, node = found.groups()
+            reason = message.split(" : ")[-1].split(" in node ")[0] if " : " in message else message
+            raise ModelError(
+                f"{label}: node '{node}'{f' ({op})' if op else ''} cannot run in onnxruntime {ort.__version__}: "
+                f"{reason.strip()}; fix or re-export the model"
             ) from None
         raise ModelError(f"{label}: onnxruntime cannot run the model: {message.splitlines()[0] if message else exc}") from None

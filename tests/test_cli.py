@@ -1,0 +1,68 @@
+"""The impq-onnx command as a user runs it: a real subprocess, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from tiny_models import Quirks, build
+
+
+def impq(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "impq_onnx", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def tiny_path(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(build(Quirks(softmax=True)), path)
+    return path
+
+
+def test_inspect_prints_a_table_with_totals(tiny_path):
+    result = impq("inspect", str(tiny_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{tiny_path}: input image [1,3,8,8], logits logits")
+    assert any(line.split()[:2] == ["dwconv", "Conv"] and "dw" in line for line in lines)
+    assert any(line.split()[:2] == ["conv1", "Conv"] and "bn1" in line for line in lines)
+    assert lines[-1].startswith("3 layers, 164 weights, ")
+
+
+def test_inspect_json_matches_the_table(tiny_path):
+    result = impq("inspect", str(tiny_path), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [layer["name"] for layer in data["layers"]] == ["conv1", "dwconv", "fc"]
+    assert data["totals"]["params"] == 108 + 36 + 20
+    assert data["totals"]["macs"] == sum(layer["macs"] for layer in data["layers"])
+    assert data["layers"][1]["groups"] == 4 and data["layers"][1]["activation_clip"] is not None
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["inspect", "{missing}"], "no such model file"),
+        (["inspect", "{garbage}"], "not a readable ONNX model"),
+        (["inspect", "{tiny}", "--input-shape", "1,3,9,9"], "fixes it to 8"),
+        (["inspect", "{tiny}", "--output", "nope"], "no tensor named 'nope'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, tiny_path, args, expected):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not protobuf at all \xff\xff\xff")
+    paths = {"missing": tmp_path / "missing.onnx", "garbage": garbage, "tiny": tiny_path}
+    result = impq(*[a.format(**paths) for a in args])
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_shape_option_is_a_usage_error(tiny_path):
+    result = impq("inspect", str(tiny_path), "--input-shape", "1,3,a,8")
+    assert result.returncode == 2 and "comma-separated" in result.stderr
