@@ -66,3 +66,16 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, tiny_path, args, ex
 def test_bad_shape_option_is_a_usage_error(tiny_path):
     result = impq("inspect", str(tiny_path), "--input-shape", "1,3,a,8")
     assert result.returncode == 2 and "comma-separated" in result.stderr
+
+
+def test_inspect_resnet20_reports_the_published_size(tmp_path):
+    from impq_onnx.architectures import resnet20
+
+    path = tmp_path / "resnet20.onnx"
+    onnx.save(resnet20(), path)
+    result = impq("inspect", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    totals = json.loads(result.stdout)["totals"]
+    assert 40.5e6 <= totals["macs"] <= 41.0e6  # published: ~41 M
+    assert round(totals["params"] / 1e6, 2) == 0.27
+    assert totals["layers"] == 20 and totals["activation_sites"] == 20

@@ -1,0 +1,97 @@
+"""Image data for fine-tuning, sensitivity and evaluation: ImageFolder trees and ``.npz`` arrays.
+
+``open_dataset(path, preprocess)`` returns a lazily decoded :class:`Dataset`; ``Preprocess`` says how
+images become model input (``PRESETS``, :func:`preprocess_from_yaml`, :func:`infer_preprocess`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from impq_onnx.data.dataset import Dataset, PixelSource
+from impq_onnx.data.imagefolder import IMAGE_EXTENSIONS, ImageFiles, scan_image_folder
+from impq_onnx.data.npz import ArrayImages, load_npz
+from impq_onnx.data.preprocess import (
+    PRESETS,
+    Preprocess,
+    infer_preprocess,
+    preprocess_from_mapping,
+    preprocess_from_yaml,
+)
+from impq_onnx.errors import DataError
+
+__all__ = [
+    "Preprocess",
+    "PRESETS",
+    "preprocess_from_yaml",
+    "preprocess_from_mapping",
+    "infer_preprocess",
+    "Dataset",
+    "PixelSource",
+    "open_dataset",
+    "dataset_from_arrays",
+]
+
+
+def _first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the first ``limit`` samples of each label, in their original order."""
+    keep = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        keep[np.flatnonzero(labels == label)[:limit]] = True
+    return np.flatnonzero(keep)
+
+
+def dataset_from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    preprocess: Preprocess,
+    classes: tuple[str, ...] | None = None,
+    name: str = "array",
+) -> Dataset:
+    """A Dataset over in-memory images ``[N, H, W, C]`` (uint8 0-255 or float 0-1)."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if labels is None:
+        labels = np.full(len(images), -1, np.int64)
+    labels = np.asarray(labels, np.int64)
+    if classes is None:
+        classes = tuple(str(i) for i in range(int(labels.max()) + 1)) if (labels >= 0).any() else ()
+    return Dataset(ArrayImages(images, name), labels, classes, preprocess, name=name)
+
+
+def open_dataset(
+    path: str | Path,
+    preprocess: Preprocess,
+    *,
+    limit_per_class: int | None = None,
+    workers: int = 1,
+) -> Dataset:
+    """Open an ImageFolder tree (``path/<class>/*.jpg``), a flat folder of unlabeled images, or an ``.npz``.
+
+    ``limit_per_class`` keeps the first images of each class (in sorted file order, or array order).
+    ``workers`` > 1 decodes each batch's image files on that many threads (same result, any order).
+    """
+    path = Path(path)
+    if limit_per_class is not None and limit_per_class < 1:
+        raise DataError(f"limit per class {limit_per_class} must be at least 1")
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; pass an ImageFolder directory or an .npz file")
+    if path.is_dir():
+        scan = scan_image_folder(path, limit_per_class)
+        return Dataset(ImageFiles(scan.paths, workers), scan.labels, scan.classes, preprocess, name=str(path))
+    if path.suffix.lower() == ".npz":
+        contents = load_npz(path)
+        dataset = Dataset(
+            ArrayImages(contents.images, str(path)), contents.labels, contents.classes, preprocess, name=str(path)
+        )
+        if len(dataset) == 0:
+            raise DataError(f"{path}: array 'x' holds no images")
+        if limit_per_class is not None:
+            dataset = dataset.subset(_first_per_class(dataset.labels, limit_per_class))
+        return dataset
+    raise DataError(
+        f"{path}: not a folder or an .npz file; pass an ImageFolder directory (one subfolder per class) "
+        "or an .npz with arrays x and y"
+    )

@@ -1,0 +1,113 @@
+"""Images held in a NumPy ``.npz`` file: array ``x`` of images and an optional array ``y`` of labels.
+
+``x`` may be ``[N, H, W]`` (grayscale), ``[N, H, W, C]`` or ``[N, C, H, W]`` with C 1 or 3;
+``uint8`` values are read as [0, 255] and float values as [0, 1].
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from impq_onnx.data.preprocess import Preprocess, fit_image
+from impq_onnx.errors import DataError
+
+__all__ = ["NpzContents", "ArrayImages", "load_npz"]
+
+# ITU-R 601-2 luma, the weights Pillow's convert("L") uses.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@dataclass(frozen=True)
+class NpzContents:
+    images: np.ndarray  # [N, H, W, C], uint8 or float32
+    labels: np.ndarray  # int64, -1 where unlabeled
+    classes: tuple[str, ...]
+
+
+def _channels_last(x: np.ndarray, path: Path) -> np.ndarray:
+    if x.ndim == 3:
+        return x[..., None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3):
+        return x
+    if x.ndim == 4 and x.shape[1] in (1, 3):
+        return x.transpose(0, 2, 3, 1)
+    raise DataError(
+        f"{path}: array 'x' has shape {list(x.shape)}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] "
+        "with C = 1 or 3"
+    )
+
+
+def load_npz(path: Path) -> NpzContents:
+    """Read and check ``x`` and ``y``; the whole file is loaded (npz arrays cannot be memory-mapped)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise DataError(
+                    f"{path}: no array named 'x' (found {', '.join(archive.files) or 'none'}); "
+                    "save images as np.savez(path, x=images, y=labels)"
+                )
+            x = archive["x"]
+            y = archive["y"] if "y" in archive.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{path}: cannot read the .npz file ({err})") from None
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{path}: array 'x' has dtype {x.dtype}; use uint8 (0-255) or float (0-1)")
+    images = _channels_last(x, path)
+    if images.dtype != np.uint8:
+        images = images.astype(np.float32, copy=False)
+    if y is None:
+        return NpzContents(images, np.full(len(images), -1, np.int64), ())
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(images) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{path}: array 'y' must hold one integer label per image ({len(images)}), "
+            f"got {y.dtype} of length {len(y)}"
+        )
+    labels = y.astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path}: array 'y' has negative labels; use 0..K-1")
+    count = int(labels.max()) + 1 if len(labels) else 0
+    return NpzContents(images, labels, tuple(str(i) for i in range(count)))
+
+
+class ArrayImages:
+    """A pixel source over an in-memory image array ``[N, H, W, C]``."""
+
+    def __init__(self, images: np.ndarray, name: str = "array"):
+        self.images = images
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, item: int) -> str:
+        return f"{self.name}[{item}]"
+
+    def pixels(self, items: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+        """``[B, H, W, C]`` pixels at the model size and channel count (uint8 or float32 in [0, 1])."""
+        batch = self.images[np.asarray(items, np.int64)]
+        if batch.shape[1:3] != preprocess.size:
+            return self._through_pillow(batch, preprocess)
+        have, want = batch.shape[-1], preprocess.num_channels
+        if have == want:
+            return batch
+        if want == 3:
+            return np.repeat(batch, 3, axis=-1)
+        luma = batch.astype(np.float32) @ _LUMA
+        if batch.dtype == np.uint8:
+            return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+        return luma[..., None]
+
+    @staticmethod
+    def _through_pillow(batch: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+        """Resize like image files are resized, so an npz and a folder of the same images agree."""
+        if batch.dtype != np.uint8:
+            batch = np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8)
+        fitted = [fit_image(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img), preprocess) for img in batch]
+        h, w = preprocess.size
+        return np.stack(fitted) if fitted else np.zeros((0, h, w, preprocess.num_channels), np.uint8)

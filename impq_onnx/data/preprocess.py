@@ -1,0 +1,245 @@
+"""How images become model input: size, crop, channel order, scaling, normalisation and layout.
+
+A :class:`Preprocess` is plain frozen data. It comes from a preset (``PRESETS``), a YAML file
+(:func:`preprocess_from_yaml`, keys 1:1 with the fields) or a guess from the model's input shape
+(:func:`infer_preprocess`). ``mean`` and ``std`` are per model-input channel, in ``channels`` order
+(for ``BGR`` list the blue channel first), and apply to pixels scaled to ``[0, value_scale]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from impq_onnx.errors import ConfigError, DataError
+
+__all__ = [
+    "Preprocess",
+    "PRESETS",
+    "preprocess_from_yaml",
+    "preprocess_from_mapping",
+    "infer_preprocess",
+    "fit_image",
+    "to_model_input",
+]
+
+CHANNEL_ORDERS = ("RGB", "BGR", "L")
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """One recipe from a decoded image to one model-input sample."""
+
+    size: tuple[int, int]  # (height, width) fed to the model
+    resize: int | None  # shorter side resized to this, then centre crop; None: resize straight to size
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    value_scale: float = 1.0  # pixels are divided by 255, then multiplied by this
+    channels: str = "RGB"  # "RGB", "BGR" or "L"
+    layout: str = "NCHW"  # or "NHWC"
+
+    def __post_init__(self) -> None:
+        # Accept lists (YAML gives lists) but store tuples, so instances stay hashable and comparable.
+        size = (self.size, self.size) if isinstance(self.size, int) else tuple(int(v) for v in self.size)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "mean", tuple(float(v) for v in _sequence(self.mean, "mean")))
+        object.__setattr__(self, "std", tuple(float(v) for v in _sequence(self.std, "std")))
+        object.__setattr__(self, "value_scale", float(self.value_scale))
+        if len(size) != 2 or min(size) < 1:
+            raise ConfigError(f"preprocess size {self.size!r} must be [height, width] of positive integers")
+        if self.resize is not None and (int(self.resize) != self.resize or self.resize < min(size)):
+            raise ConfigError(
+                f"preprocess resize {self.resize!r} must be an integer >= the crop size {min(size)}, or null"
+            )
+        if self.channels not in CHANNEL_ORDERS:
+            raise ConfigError(f"preprocess channels {self.channels!r} must be one of {', '.join(CHANNEL_ORDERS)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"preprocess layout {self.layout!r} must be one of {', '.join(LAYOUTS)}")
+        n = self.num_channels
+        if len(self.mean) != n or len(self.std) != n:
+            raise ConfigError(
+                f"preprocess mean and std need {n} value(s) each for channels {self.channels}, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"preprocess std {list(self.std)} must be positive")
+        if self.value_scale <= 0:
+            raise ConfigError(f"preprocess value_scale {self.value_scale} must be positive")
+
+    @property
+    def num_channels(self) -> int:
+        return 1 if self.channels == "L" else 3
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape of one sample as the model sees it (no batch dimension)."""
+        h, w = self.size
+        c = self.num_channels
+        return (c, h, w) if self.layout == "NCHW" else (h, w, c)
+
+    def replace(self, **changes: Any) -> Preprocess:
+        return dataclasses.replace(self, **changes)
+
+
+def _sequence(value: Any, key: str) -> Sequence[Any]:
+    if isinstance(value, (int, float)):
+        return (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"preprocess {key} {value!r} must be a number or a list of numbers")
+    return value
+
+
+PRESETS: dict[str, Preprocess] = {
+    "imagenet": Preprocess(size=(224, 224), resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "cifar": Preprocess(size=(32, 32), resize=None, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "fashion-mnist": Preprocess(size=(28, 28), resize=None, mean=(0.2860,), std=(0.3530,), channels="L"),
+}
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Preprocess))
+_KEYS = ("preset",) + _FIELDS
+
+
+def _unknown(kind: str, name: str, valid: Sequence[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+    return ConfigError(f"{source}: unknown {kind} {name!r}; {hint}")
+
+
+def preprocess_from_mapping(config: Mapping[str, Any], source: str = "preprocess") -> Preprocess:
+    """A Preprocess from a mapping with the field names as keys and an optional ``preset`` base.
+
+    Without ``preset``, ``size``, ``mean`` and ``std`` are required; ``resize`` defaults to null.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of preprocess keys, got {type(config).__name__}")
+    for key in config:
+        if key not in _KEYS:
+            raise _unknown("key", str(key), _KEYS, source)
+    values: dict[str, Any] = {}
+    if "preset" in config:
+        name = config["preset"]
+        if name not in PRESETS:
+            raise _unknown("preset", str(name), tuple(PRESETS), source)
+        values = dataclasses.asdict(PRESETS[name])
+    else:
+        missing = [k for k in ("size", "mean", "std") if k not in config]
+        if missing:
+            raise ConfigError(
+                f"{source}: missing key(s) {', '.join(missing)}; give them or a base "
+                f"'preset: <{'|'.join(PRESETS)}>'"
+            )
+        values["resize"] = None
+    values.update({k: v for k, v in config.items() if k != "preset"})
+    try:
+        return Preprocess(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: bad preprocess value ({err})") from None
+
+
+def preprocess_from_yaml(path: str | Path) -> Preprocess:
+    """Read a YAML preprocess file (see :func:`preprocess_from_mapping` for its keys)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the preprocess file ({err.strerror or err})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    return preprocess_from_mapping({} if config is None else config, source=str(path))
+
+
+def _static(dim: Any) -> int | None:
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
+
+
+def infer_preprocess(input_shape: Sequence[Any], layout: str | None = None) -> Preprocess:
+    """Guess the preprocessing from a model input shape such as ``[N, 3, 32, 32]``.
+
+    Dimensions that are not positive integers (``"N"``, ``None``, ``-1``) are dynamic. The layout is
+    NCHW when dimension 1 is 1 or 3, else NHWC when the last dimension is; pass ``layout`` to decide.
+    3 channels at 32x32 is CIFAR, 1 channel is Fashion-MNIST statistics, anything else ImageNet's;
+    a dynamic height or width gives the ImageNet preset (resize 256, crop 224).
+    """
+    if len(input_shape) != 4:
+        raise DataError(
+            f"model input shape {list(input_shape)} is not an image batch [N, C, H, W] or [N, H, W, C]; "
+            "give a preprocess YAML file"
+        )
+    dims = [_static(d) for d in input_shape]
+    if layout is None:
+        layout = "NHWC" if dims[1] not in (1, 3) and dims[3] in (1, 3) else "NCHW"
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} must be one of {', '.join(LAYOUTS)}")
+    c, h, w = (dims[1], dims[2], dims[3]) if layout == "NCHW" else (dims[3], dims[1], dims[2])
+    if c not in (None, 1, 3):
+        raise DataError(
+            f"model input shape {list(input_shape)} has {c} channels; only 1 (grayscale) or 3 (colour) "
+            "input channels are supported"
+        )
+    if c == 1:
+        stats = PRESETS["fashion-mnist"]
+    elif (h, w) == (32, 32):
+        stats = PRESETS["cifar"]
+    else:
+        stats = PRESETS["imagenet"]
+    if h is None or w is None:
+        size, resize = PRESETS["imagenet"].size, PRESETS["imagenet"].resize
+    elif min(h, w) >= 64:
+        # The ImageNet convention: resize, then crop the central 87.5%.
+        size, resize = (h, w), round(min(h, w) / 0.875)
+    else:
+        size, resize = (h, w), None
+    return stats.replace(size=size, resize=resize, layout=layout)
+
+
+def fit_image(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+    """Convert, resize and centre-crop one decoded image to ``uint8 [H, W, C]`` (C is 1 or 3, RGB order).
+
+    Matches torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on PIL images (bilinear, antialiased).
+    """
+    image = image.convert("L" if preprocess.channels == "L" else "RGB")
+    h, w = preprocess.size
+    if preprocess.resize is None:
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.BILINEAR)
+    else:
+        width, height = image.size
+        scale = preprocess.resize / min(width, height)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+        left, top = round((new_w - w) / 2.0), round((new_h - h) / 2.0)
+        image = image.crop((left, top, left + w, top + h))
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def to_model_input(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """A batch of pixels ``[B, H, W, C]`` (RGB or L order) to float32 model input.
+
+    ``uint8`` pixels are in [0, 255], float pixels in [0, 1]; both are scaled to ``[0, value_scale]``,
+    normalised per channel, put in ``channels`` order and in ``layout``.
+    """
+    if pixels.dtype == np.uint8:
+        x = pixels.astype(np.float32) * np.float32(preprocess.value_scale / 255.0)
+    else:
+        x = pixels.astype(np.float32) * np.float32(preprocess.value_scale)
+    if preprocess.channels == "BGR":
+        x = x[..., ::-1]
+    x -= np.asarray(preprocess.mean, np.float32)
+    x /= np.asarray(preprocess.std, np.float32)
+    if preprocess.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
