@@ -79,6 +79,25 @@ def _shapes(canonical, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     return result
 
 
+def _measured_shapes(canonical, shape: tuple[int, ...], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes ONNX inference could not derive (e.g. Shape->Slice->Concat->Reshape chains), by
+    running the model once on zeros with those tensors exposed as outputs."""
+    from .runtime import inference_session
+
+    proto = canonical.to_proto()
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        session = inference_session(proto.SerializeToString(), threads=1)
+        values = session.run(names, {canonical.input_name: np.zeros(shape, np.float32)})
+    except Exception as exc:
+        raise ModelError(f"{canonical.label}: the model does not run on input shape {_fmt(shape)} ({exc}); "
+                         "pass --input-shape") from None
+    return {name: tuple(v.shape) for name, v in zip(names, values)}
+
+
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
@@ -178,6 +197,10 @@ def analyse(canonical, input_shape=None) -> SiteTable:
     shape = concrete_input_shape(canonical, input_shape)
     shapes = _shapes(canonical, shape)
     graph = canonical.model.graph
+    needed = [v.name for node in graph if node.op_type in _WEIGHT_INPUT for v in (node.inputs[0], node.outputs[0])]
+    missing = [name for name in dict.fromkeys(needed) if name not in shapes]
+    if missing:
+        shapes.update(_measured_shapes(canonical, shape, missing))
     layers = [layer for node in graph if (layer := _layer(node, shapes, label)) is not None]
     if not layers:
         raise ModelError(f"{label}: no Conv, Gemm or MatMul with constant float weights; nothing to quantize")
