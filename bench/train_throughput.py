@@ -1,0 +1,145 @@
+"""Fine-tune throughput of ResNet-20 (CIFAR shapes) on onnxruntime-training: float and simulated 4-bit.
+
+    .venv/bin/python bench/train_throughput.py [--batch 128] [--threads 2] [--steps 12] [--profile DIR]
+
+Random images (throughput does not depend on the values). The first ``--warmup`` steps are not
+timed. With ``--profile`` the onnxruntime profile of each training session is written to DIR and
+summarised by op type. If ``import torch`` works, the same network is timed in torch for comparison
+(torch is never needed otherwise); ``--torch-only`` runs just that part, e.g. from a separate
+environment that has torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _batches(count: int, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    data = [(rng.standard_normal((batch, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, batch).astype(np.int64))
+            for _ in range(count)]
+    return lambda: iter(data)
+
+
+def _profile_summary(prefix: str, top: int = 12) -> list[str]:
+    files = sorted(glob.glob(prefix + "*.json"))
+    if not files:
+        return [f"  (no profile written under {prefix})"]
+    events = json.load(open(files[-1]))
+    by_op: dict[str, float] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            by_op[event.get("args", {}).get("op_name", "?")] += event.get("dur", 0)
+    total = sum(by_op.values()) or 1
+    lines = [f"  kernel time by op ({files[-1]}):"]
+    for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {op:28s} {us / 1e3:9.1f} ms  {100 * us / total:5.1f} %")
+    return lines
+
+
+def _torch_throughput(batch: int, threads: int, steps: int, warmup: int) -> float | None:
+    try:
+        import torch
+        import torch.nn as nn
+    except Exception:  # torch is optional here and absent from the tool's dependencies
+        return None
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            y = torch.relu(self.b1(self.c1(x)))
+            return torch.relu(self.b2(self.c2(y)) + self.short(x))
+
+    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            layers.append(Block(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    net.train()
+    for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return batch * (steps - warmup) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best is shown "
+                        "(a shared machine's load only ever slows a run down)")
+    parser.add_argument("--profile", default=None, help="directory for onnxruntime profiles")
+    parser.add_argument("--torch-only", action="store_true", help="time only the torch reference (any interpreter "
+                        "with torch and numpy; impq_onnx is not imported)")
+    args = parser.parse_args()
+    if args.torch_only:
+        rate = max(_torch_throughput(args.batch, args.threads, args.steps, args.warmup) or 0.0
+                   for _ in range(args.repeats))
+        print(f"{'torch float (SGD momentum)':36s} {rate:8.1f} img/s" if rate else "torch: not importable")
+        return
+
+    from impq_onnx.architectures import resnet20
+    from impq_onnx.engine import fine_tune
+    from impq_onnx.frontend import from_proto
+    from impq_onnx.plan import PrecisionPlan
+    from impq_onnx.sites import find_sites
+
+    canonical = from_proto(resnet20())
+    sites = find_sites(canonical, (1, 3, 32, 32))
+    w4 = PrecisionPlan.uniform(sites, 4, None)
+    w4a4 = PrecisionPlan.uniform(sites, 4, 4, default_clip=3.0)  # the input has no batch-norm: fixed clip
+    configs = [("float", None), ("w4 (weights 4-bit)", w4), ("w4a4 (weights+activations 4-bit)", w4a4)]
+    batches = _batches(4, args.batch)
+    print(f"ResNet-20, batch {args.batch}, {args.threads} threads, {args.steps} steps "
+          f"({args.warmup} untimed), optimizer {args.optimizer}")
+    for label, plan in configs:
+        prefix = None
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            prefix = os.path.abspath(os.path.join(args.profile, label.split()[0]))
+        runs = []
+        for _ in range(args.repeats):
+            trained = fine_tune(canonical, plan, sites, batches, steps=args.steps, lr=0.01, optimizer=args.optimizer,
+                                threads=args.threads, progress=False, profile=prefix)
+            timed = trained.step_seconds[args.warmup:]
+            runs.append((args.batch * len(timed) / sum(timed), np.median(timed)))
+        rate, median = max(runs)
+        print(f"{label:36s} {rate:8.1f} img/s  ({1e3 * median:.0f} ms/step median)")
+        if prefix:
+            print("\n".join(_profile_summary(prefix)))
+    torch_rate = _torch_throughput(args.batch, args.threads, args.steps, args.warmup)
+    if torch_rate is None:
+        print("torch: not importable here, comparison skipped")
+    else:
+        print(f"{'torch float (SGD momentum)':36s} {torch_rate:8.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()

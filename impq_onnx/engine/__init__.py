@@ -1,0 +1,12 @@
+"""Everything that runs on onnxruntime: fine-tuning (onnxruntime-training) and evaluation.
+
+onnxruntime-training specifics stay behind this package; the rest of the tool sees plain functions.
+"""
+
+from __future__ import annotations
+
+from .evaluation import EvalResult, evaluate, predict_logits
+from .schedule import warmup_cosine
+from .training import OPTIMIZERS, TrainedWeights, fine_tune
+
+__all__ = ["fine_tune", "TrainedWeights", "OPTIMIZERS", "evaluate", "EvalResult", "predict_logits", "warmup_cosine"]

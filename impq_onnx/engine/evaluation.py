@@ -1,0 +1,97 @@
+"""Accuracy of a (float or simulated) model with plain onnxruntime inference sessions."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import DataError
+from ..runtime import inference_session
+from ..simulate import as_proto, simulate
+
+__all__ = ["EvalResult", "evaluate", "predict_logits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Top-1/top-5 accuracy (None without labels), agreement with the float model (None without one)."""
+
+    top1: float | None
+    top5: float | None
+    agreement: float | None  # fraction of samples whose top-1 class equals the float model's
+    n: int
+    images_per_second: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return int(np.sum(np.any(top == labels[:, None], axis=1)))
+
+
+def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None, threads: int = 2,
+             max_batches: int | None = None, progress: bool | Callable[[str], None] = False) -> EvalResult:
+    """Run ``model`` (float, or simulated under ``plan`` given ``sites``) over ``(x, y)`` batches.
+
+    ``float_model`` (when given) runs on the same batches for the agreement figure; its time is not
+    counted in ``images_per_second``. ``y`` may be None (unlabelled): top-1/top-5 are then None.
+    """
+    proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    session = inference_session(proto.SerializeToString(), threads)
+    reference = inference_session(as_proto(float_model).SerializeToString(), threads) if float_model is not None else None
+    input_name = session.get_inputs()[0].name
+    output_name = session.get_outputs()[0].name
+    report = progress if callable(progress) else (_stderr_line if progress else None)
+    n = top1 = top5 = agree = labelled = 0
+    seconds, last = 0.0, time.perf_counter()
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = np.ascontiguousarray(x, np.float32)
+        start = time.perf_counter()
+        logits = session.run([output_name], {input_name: x})[0]
+        seconds += time.perf_counter() - start
+        logits = logits.reshape(len(x), -1)
+        predicted = np.argmax(logits, axis=1)
+        if y is not None:
+            y = np.asarray(y, np.int64).reshape(-1)
+            top1 += int(np.sum(predicted == y))
+            top5 += _topk_hits(logits, y, 5)
+            labelled += len(y)
+        if reference is not None:
+            ref = reference.run(None, {reference.get_inputs()[0].name: x})[0].reshape(len(x), -1)
+            agree += int(np.sum(predicted == np.argmax(ref, axis=1)))
+        n += len(x)
+        if report and time.perf_counter() - last >= 2.0:
+            last = time.perf_counter()
+            report(f"evaluate {n} images, top-1 {top1 / max(labelled, 1):.4f}, {n / max(seconds, 1e-9):.0f} img/s")
+    if n == 0:
+        raise DataError("evaluation got no batches")
+    if report:
+        report(f"evaluate {n} images, top-1 {top1 / max(labelled, 1):.4f}, {n / max(seconds, 1e-9):.0f} img/s")
+    return EvalResult(
+        top1=top1 / labelled if labelled else None,
+        top5=top5 / labelled if labelled else None,
+        agreement=agree / n if reference is not None else None,
+        n=n,
+        images_per_second=n / seconds if seconds > 0 else 0.0,
+    )
+
+
+def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int = 2) -> np.ndarray:
+    """Logits of one batch (a convenience for tests and checks)."""
+    proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    session = inference_session(proto.SerializeToString(), threads)
+    return session.run(None, {session.get_inputs()[0].name: np.asarray(x, np.float32)})[0]
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

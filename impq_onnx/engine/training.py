@@ -1,0 +1,364 @@
+"""Quantization-aware fine-tuning on onnxruntime-training (the only module that drives its training API).
+
+:func:`fine_tune` simulates the plan (:mod:`impq_onnx.simulate`), builds training artifacts for the
+fake-quant graph in a temporary directory, trains the float shadow weights, biases and batch-norm
+scale/shift, and returns :class:`TrainedWeights`, which :meth:`TrainedWeights.apply_to` writes back
+into the float model (batch-norm running statistics included).
+
+What onnxruntime-training 1.19 does and does not do, and what this module does about it:
+- Batch-norm trains in training mode (batch statistics) whatever the export says: onnxruntime's
+  training graph rewrites every BatchNormalization into BatchNormInternal. Its running mean/var are
+  updated in place when they are checkpoint-state parameters (checked), so they are registered as
+  frozen parameters here (as plain initializers they would be graph constants); the nodes are also set to ``training_mode=1`` with the running statistics as
+  graph outputs, which are copied into the state after every step (the same values; a safeguard
+  that does not rely on the in-place update). Semantics are ONNX's: ``running = m*running +
+  (1-m)*batch`` with ``m = 0.9`` and the biased (population) batch variance (torch uses the unbiased
+  one for ``running_var``).
+- Its SGD (``SGDOptimizerV2``) has neither momentum nor weight decay, so SGD runs in numpy on the
+  gradients onnxruntime computed (torch's SGD semantics: ``g += wd*w; v = mu*v + g; w -= lr*v``).
+  AdamW is onnxruntime's own (decoupled weight decay).
+- Unlabelled data: the loss is the soft cross-entropy to the float model's logits (distillation),
+  ``T^2 * mean_batch(-sum_c softmax(t/T) log_softmax(s/T))``, built as an onnxblock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import _ort_training
+from ..errors import DataError, PlanError
+from ..plan import PrecisionPlan
+from ..simulate import SIMULATION_PREFIX, as_proto, simulate
+from ..sites import SiteTable
+from .schedule import warmup_cosine
+
+__all__ = ["TrainedWeights", "fine_tune", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adamw")
+_RUNNING = "/impq_running"
+
+
+@dataclasses.dataclass
+class TrainedWeights:
+    """The float parameters after fine-tuning, keyed by initializer name."""
+
+    values: dict[str, np.ndarray]
+    losses: list[float]
+    steps: int
+    images: int
+    seconds: float
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each step
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def apply_to(self, model):
+        """A copy of ``model`` (ModelProto, onnx_ir.Model or CanonicalModel) with these values."""
+        proto = as_proto(model)
+        found = set()
+        for tensor in proto.graph.initializer:
+            if tensor.name in self.values:
+                tensor.CopyFrom(onnx.numpy_helper.from_array(self.values[tensor.name].astype(np.float32), tensor.name))
+                found.add(tensor.name)
+        missing = sorted(set(self.values) - found)
+        if missing:
+            raise PlanError(f"the model has no initializer '{missing[0]}' to receive the fine-tuned value")
+        if isinstance(model, onnx.ModelProto):
+            return proto
+        import onnx_ir as ir
+
+        new_ir = ir.serde.deserialize_model(proto)
+        if isinstance(model, ir.Model):
+            return new_ir
+        return dataclasses.replace(model, model=new_ir)
+
+
+def _session_options(threads: int, deterministic: bool = True, profile: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.use_deterministic_compute = deterministic
+    options.log_severity_level = 3
+    return options
+
+
+def _batchnorm_to_training(proto: onnx.ModelProto, momentum: float | None) -> dict[str, str]:
+    """Switch the model's own BatchNormalization nodes to training mode; return {output: stat name}."""
+    opset = next((e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")), 13)
+    inits = {t.name for t in proto.graph.initializer}
+    running: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type != "BatchNormalization" or node.name.startswith(SIMULATION_PREFIX + "/"):
+            continue
+        mean, var = node.input[3], node.input[4]
+        if mean not in inits or var not in inits:
+            continue
+        outputs = [node.output[0], mean + _RUNNING, var + _RUNNING]
+        if opset < 14:  # BatchNormalization-9 trains when it has all five outputs
+            outputs += [mean + _RUNNING + "/saved", var + _RUNNING + "/saved"]
+        del node.output[:]
+        node.output.extend(outputs)
+        attrs = [a for a in node.attribute if a.name not in ("training_mode", "momentum")]
+        if opset >= 14:
+            attrs.append(helper.make_attribute("training_mode", 1))
+        if momentum is not None:
+            attrs.append(helper.make_attribute("momentum", float(momentum)))
+        del node.attribute[:]
+        node.attribute.extend(attrs)
+        running[outputs[1]] = mean
+        running[outputs[2]] = var
+    return running
+
+
+def _relu_as_clip(proto: onnx.ModelProto) -> int:
+    """Relu -> Clip(x, 0): same forward values, and onnxruntime 1.19's ReluGrad is ~3x slower than
+    Clip's gradient (a quarter of ResNet-20's training step). Returns the number of rewrites."""
+    zero = f"{SIMULATION_PREFIX}/engine/zero"
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
+            node.op_type = "Clip"
+            node.input.append(zero)
+            count += 1
+    if count:
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), zero))
+    return count
+
+
+def _trainable_names(proto: onnx.ModelProto, sites: SiteTable) -> list[str]:
+    inits = {t.name: t for t in proto.graph.initializer}
+    names: list[str] = []
+    for layer in sites.layers:
+        names += [n for n in (layer.weight, layer.bias) if n]
+    for node in proto.graph.node:
+        if node.op_type == "BatchNormalization" and not node.name.startswith(SIMULATION_PREFIX + "/"):
+            names += list(node.input[1:3])
+    seen, result = set(), []
+    for n in names:
+        if n in inits and n not in seen and inits[n].data_type == onnx.TensorProto.FLOAT:
+            seen.add(n)
+            result.append(n)
+    return result
+
+
+def _distillation_loss(onnxblock, temperature: float):
+    class SoftCrossEntropy(onnxblock.Block):
+        def build(self, logits: str, teacher: str = "teacher_logits") -> str:
+            graph = self.base.graph
+            source = next(o for o in graph.output if o.name == logits)
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(source)
+            value.name = teacher
+            graph.input.append(value)
+            t = onnx.numpy_helper.from_array(np.array(temperature, np.float32), "distill/T")
+            t2 = onnx.numpy_helper.from_array(np.array(-temperature * temperature, np.float32), "distill/negT2")
+            axes = onnx.numpy_helper.from_array(np.array([-1], np.int64), "distill/axes")
+            graph.initializer.extend([t, t2, axes])
+            nodes = [
+                helper.make_node("Div", [logits, t.name], ["distill/s"], name="distill/div_s"),
+                helper.make_node("Div", [teacher, t.name], ["distill/t"], name="distill/div_t"),
+                helper.make_node("LogSoftmax", ["distill/s"], ["distill/logp"], name="distill/logsoftmax", axis=-1),
+                helper.make_node("Softmax", ["distill/t"], ["distill/p"], name="distill/softmax", axis=-1),
+                helper.make_node("Mul", ["distill/p", "distill/logp"], ["distill/plogp"], name="distill/mul"),
+                helper.make_node("ReduceSum", ["distill/plogp", axes.name], ["distill/sum"], name="distill/sum",
+                                 keepdims=0),
+                helper.make_node("ReduceMean", ["distill/sum"], ["distill/mean"], name="distill/mean", keepdims=0),
+                helper.make_node("Mul", ["distill/mean", t2.name], ["distill/loss"], name="distill/loss"),
+            ]
+            graph.node.extend(nodes)
+            return "distill/loss"
+
+    return SoftCrossEntropy()
+
+
+def _epochs(batches) -> Iterable:
+    """Cycle over ``batches``: a factory (called once per epoch) or a re-iterable."""
+    while True:
+        produced = False
+        for batch in (batches() if callable(batches) else batches):
+            produced = True
+            yield batch
+        if not produced:
+            raise DataError("the training data yielded no batches")
+
+
+def _split(batch):
+    if isinstance(batch, (tuple, list)):
+        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+    else:
+        x, y = batch, None
+    return np.ascontiguousarray(x, np.float32), (None if y is None else np.ascontiguousarray(y, np.int64))
+
+
+def fine_tune(
+    model,
+    plan: PrecisionPlan | None,
+    sites: SiteTable,
+    batches: Callable[[], Iterable] | Iterable,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    warmup_steps: int | None = None,
+    final_lr: float = 0.0,
+    distill: bool | None = None,
+    teacher=None,
+    temperature: float = 1.0,
+    batchnorm_momentum: float | None = None,
+    threads: int = 2,
+    seed: int = 0,
+    progress: bool | Callable[[str], None] = True,
+    profile: str | None = None,
+) -> TrainedWeights:
+    """Fine-tune ``model`` (float; CanonicalModel or ModelProto) under ``plan`` (None: float training).
+
+    ``batches`` yields ``(x, y)`` numpy batches (``y`` None or absent: unlabelled); a callable is called
+    once per epoch. ``distill`` (default: when the first batch has no labels) trains against the
+    logits of ``teacher`` (default: the float ``model`` itself). The learning rate warms up linearly for
+    ``warmup_steps`` (default 5% of ``steps``) then follows a cosine to ``final_lr``.
+    ``batchnorm_momentum`` is ONNX's (weight of the old running value; None keeps the model's, 0.9).
+    ``profile`` (a path prefix) writes onnxruntime's JSON profile of the training session there.
+    """
+    import onnxruntime as ort
+
+    if optimizer not in OPTIMIZERS:
+        raise PlanError(f"optimizer {optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+    if steps < 1:
+        raise PlanError(f"steps must be at least 1, not {steps}")
+    artifacts, api, onnxblock = _ort_training.load()
+    ort.capi._pybind_state.set_seed(seed)
+    report = progress if callable(progress) else (_stderr_line if progress else None)
+
+    stream = _epochs(batches)
+    first = next(stream)
+    x0, y0 = _split(first)
+    distill = (y0 is None) if distill is None else distill
+    if not distill and y0 is None:
+        raise DataError("the training data has no labels; fine-tune with distill=True")
+
+    proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    running = _batchnorm_to_training(proto, batchnorm_momentum)
+    _relu_as_clip(proto)
+    trainable = _trainable_names(proto, sites)
+    frozen = sorted(set(running.values()))
+    logits = sites.logits
+    dims = {t.name: list(t.dims) for t in proto.graph.initializer}
+    proto.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims[stat]) for n, stat in running.items()
+    )
+    teacher_session = None
+    if distill:
+        loss_block = _distillation_loss(onnxblock, temperature)
+        teacher_proto = as_proto(teacher if teacher is not None else model)
+        teacher_session = ort.InferenceSession(teacher_proto.SerializeToString(), _session_options(threads),
+                                               providers=["CPUExecutionProvider"])
+    else:
+        loss_block = artifacts.LossType.CrossEntropyLoss
+    # SGD runs in numpy (see the module docstring): no optimizer graph for it.
+    optim_block = onnxblock.optim.AdamW(weight_decay=weight_decay) if optimizer == "adamw" else None
+
+    with tempfile.TemporaryDirectory(prefix="impq-train-") as tmp:
+        with _native_stderr_silenced():
+            artifacts.generate_artifacts(
+                proto, requires_grad=trainable, frozen_params=frozen, loss=loss_block, optimizer=optim_block,
+                artifact_directory=tmp, loss_input_names=[logits], additional_output_names=list(running),
+            )
+        state = api.CheckpointState.load_checkpoint(os.path.join(tmp, "checkpoint"))
+        module = api.Module(os.path.join(tmp, "training_model.onnx"), state, None,
+                            session_options=_session_options(threads, profile=profile))
+        opt = api.Optimizer(os.path.join(tmp, "optimizer_model.onnx"), module) if optimizer == "adamw" else None
+        module.train()
+        velocity: dict[str, np.ndarray] = {}
+        warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
+        losses: list[float] = []
+        images, start, last_report = 0, time.perf_counter(), 0.0
+        stat_names = list(running)
+        batch = (x0, y0)
+        step_seconds: list[float] = []
+        for step in range(steps):
+            tick = time.perf_counter()
+            if step:
+                batch = _split(next(stream))
+            x, y = batch
+            rate = warmup_cosine(step, steps, lr, warmup, final_lr)
+            target = teacher_session.run(None, {sites.input_name: x})[0] if distill else y
+            outputs = module(x, target)
+            outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+            loss = float(np.asarray(outputs[0]))
+            if not np.isfinite(loss):
+                raise DataError(f"the training loss became {loss} at step {step}; lower the learning rate")
+            for name, value in zip(stat_names, outputs[1:]):
+                state.parameters[running[name]].data = np.asarray(value, np.float32)
+            if opt is not None:
+                opt.set_learning_rate(rate)
+                opt.step()
+            else:
+                _sgd_step(state, trainable, velocity, rate, momentum, weight_decay)
+            module.lazy_reset_grad()
+            losses.append(loss)
+            images += len(x)
+            step_seconds.append(time.perf_counter() - tick)
+            now = time.perf_counter() - start
+            if report and (step == steps - 1 or now - last_report >= 2.0):
+                last_report = now
+                report(f"fine-tune step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} lr {rate:.3g} "
+                       f"{images / max(now, 1e-9):.0f} img/s")
+        seconds = time.perf_counter() - start
+        values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
+        del opt, module  # a profiled session writes its file when it ends
+    return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
+
+
+def _sgd_step(state, names: list[str], velocity: dict[str, np.ndarray], lr: float, momentum: float,
+              weight_decay: float) -> None:
+    for name in names:
+        param = state.parameters[name]
+        w, g = param.data, param.grad
+        if g is None:
+            continue
+        if weight_decay:
+            g = g + weight_decay * w
+        if momentum:
+            v = velocity.get(name)
+            v = g if v is None else momentum * v + g
+            velocity[name] = v
+            g = v
+        param.data = (w - lr * g).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Artifact generation logs every graph transformer at info level on the C++ stderr (fd 2),
+    whatever the logger severity once the onnxruntime environment exists; keep it off the console."""
+    fd = 2  # the C++ runtime writes to the process's stderr, not to sys.stderr
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,156 @@
+"""Real onnxruntime-training runs on a tiny CNN and a learnable task (which quadrant is bright)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from impq_onnx.engine import evaluate, fine_tune, warmup_cosine
+from impq_onnx.errors import DataError, PlanError
+from impq_onnx.plan import PrecisionPlan
+from impq_onnx.runtime import inference_session
+from impq_onnx.simulate import as_proto, calibrate_clips
+from quant_models import canonical_and_sites, quadrant_batches
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return canonical_and_sites()
+
+
+def _decreased(losses: list[float], factor: float = 0.85) -> bool:
+    return np.mean(losses[-10:]) < factor * np.mean(losses[:10])
+
+
+def _train(canonical, plan, sites, **kw):
+    args = dict(steps=STEPS, lr=0.05, optimizer="sgd", progress=False)
+    args.update(kw)
+    return fine_tune(canonical, plan, sites, quadrant_batches(12, 32), **args)
+
+
+def test_float_training_learns_and_updates_batchnorm(tiny):
+    canonical, sites = tiny
+    trained = _train(canonical, None, sites)
+    assert _decreased(trained.losses), trained.losses
+    before = {t.name: t for t in as_proto(canonical).graph.initializer}
+    from onnx import numpy_helper
+
+    for stat in ("bn1.mean", "bn1.var", "bn2.mean", "bn2.var"):
+        assert not np.allclose(trained.values[stat], numpy_helper.to_array(before[stat])), stat
+    tuned = trained.apply_to(canonical)
+    test = list(quadrant_batches(4, 64, seed=99)())
+    assert evaluate(tuned, test).top1 > evaluate(canonical, test).top1 + 0.2
+    assert tuned is not canonical and type(tuned) is type(canonical)
+
+
+def test_batchnorm_running_statistics_follow_onnx_semantics(tiny):
+    canonical, sites = tiny
+    trained = _train(canonical, None, sites, steps=1, lr=0.0, weight_decay=0.0)
+    import onnx
+
+    proto = as_proto(canonical)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("c1", onnx.TensorProto.FLOAT, None))
+    x, _ = next(iter(quadrant_batches(1, 32)()))
+    c1 = inference_session(proto.SerializeToString()).run(["c1"], {"x": x})[0]
+    # running = 0.9 * old + 0.1 * batch statistic; onnxruntime uses the biased (population) variance
+    np.testing.assert_allclose(trained.values["bn1.mean"], 0.1 * c1.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(trained.values["bn1.var"], 0.9 + 0.1 * c1.var(axis=(0, 2, 3)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adamw", 0.01)])
+def test_4_bit_training_learns(tiny, optimizer, lr):
+    canonical, sites = tiny
+    plan = calibrate_clips(canonical, PrecisionPlan.uniform(sites, 4, 4), sites, quadrant_batches(5, 32)())
+    trained = _train(canonical, plan, sites, optimizer=optimizer, lr=lr)
+    assert _decreased(trained.losses), trained.losses
+    test = list(quadrant_batches(4, 64, seed=99)())
+    tuned = trained.apply_to(canonical)
+    assert evaluate(tuned, test, plan=plan, sites=sites).top1 > 0.6
+
+
+def test_mixed_1_to_8_bit_plan_trains(tiny):
+    canonical, sites = tiny
+    plan = PrecisionPlan.uniform(sites, 4, None)
+    rng = np.random.default_rng(0)
+    for layer in sites.layers:
+        plan.weights[layer.node] = [int(b) for b in rng.integers(1, 9, layer.kernels)]
+    trained = _train(canonical, plan, sites, optimizer="adamw", lr=0.01)
+    assert all(np.isfinite(trained.losses))
+    assert _decreased(trained.losses), trained.losses
+
+
+def test_distillation_without_labels(tiny):
+    canonical, sites = tiny
+    teacher = _train(canonical, None, sites).apply_to(canonical)
+    plan = PrecisionPlan.uniform(sites, 2, None)
+    unlabelled = quadrant_batches(12, 32)
+
+    def images():
+        for x, _ in unlabelled():
+            yield (x, None)
+
+    trained = fine_tune(teacher, plan, sites, images, steps=STEPS, lr=0.01, optimizer="adamw", progress=False)
+    # soft cross-entropy = KL(teacher || student) + teacher entropy: the KL part must shrink
+    session = inference_session(as_proto(teacher).SerializeToString())
+    entropy = []
+    for x, _ in unlabelled():
+        logits = session.run(None, {"x": x})[0].astype(np.float64)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        entropy.append(float(np.mean(-np.sum(p * np.log(p), 1))))
+    kl = [loss - entropy[step % len(entropy)] for step, loss in enumerate(trained.losses)]
+    assert min(kl) > -1e-4
+    assert np.mean(kl[-10:]) < 0.6 * np.mean(kl[:10]), kl
+    test = list(quadrant_batches(4, 64, seed=99)())
+    result = evaluate(trained.apply_to(teacher), test, plan=plan, sites=sites, float_model=teacher)
+    assert result.agreement > 0.7
+
+
+def test_fixed_seed_is_deterministic(tiny):
+    canonical, sites = tiny
+    plan = PrecisionPlan.uniform(sites, 3, None)
+    a = _train(canonical, plan, sites, steps=15)
+    b = _train(canonical, plan, sites, steps=15)
+    assert a.losses == b.losses
+    for name in a.values:
+        np.testing.assert_array_equal(a.values[name], b.values[name])
+
+
+def test_errors_are_one_line(tiny):
+    canonical, sites = tiny
+    with pytest.raises(PlanError, match="optimizer 'lbfgs' is unknown"):
+        _train(canonical, None, sites, optimizer="lbfgs")
+    with pytest.raises(DataError, match="no batches"):
+        fine_tune(canonical, None, sites, [], steps=3, lr=0.1, progress=False)
+    with pytest.raises(DataError, match="no labels"):
+        fine_tune(canonical, None, sites, [(np.zeros((2, 3, 8, 8), np.float32), None)], steps=1, lr=0.1,
+                  distill=False, progress=False)
+
+
+def test_progress_goes_to_the_callback(tiny):
+    canonical, sites = tiny
+    lines = []
+    _train(canonical, None, sites, steps=3, progress=lines.append)
+    assert lines and lines[-1].startswith("fine-tune step 3/3 loss")
+
+
+def test_warmup_cosine_shape():
+    rates = [warmup_cosine(s, 100, 1.0, 10) for s in range(100)]
+    assert rates[0] == pytest.approx(1 / 11) and max(rates) == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] < 0.01
+    assert warmup_cosine(0, 1, 0.5, 10) == 0.5
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_training_works_across_opsets(opset):
+    from quant_models import tiny_cnn
+
+    canonical, sites = canonical_and_sites(tiny_cnn(opset=opset))
+    plan = PrecisionPlan.uniform(sites, 4, 4, default_clip=3.0)
+    trained = _train(canonical, plan, sites, steps=100)
+    assert _decreased(trained.losses), trained.losses
+    assert not np.allclose(trained.values["bn1.mean"], 0.0)
