@@ -64,3 +64,43 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 
     table = find_sites(load(model, output=output), input_shape=input_shape)
     click.echo(format_json(table, model) if as_json else format_table(table, model))
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (or one with test/ inside), or .npz.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Evaluate the model simulated under this plan.")
+@click.option("--preprocess", help="Preset (imagenet, cifar, fashion-mnist) or a YAML file; default: from the input shape.")
+@click.option("--output", help="Name of the logits tensor when the model has several outputs.")
+@click.option("--batch-size", default=100, show_default=True)
+@click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_user_errors
+def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json):
+    """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
+    import json
+
+    from .data.model_data import open_for_model, split_folders
+    from .engine import evaluate
+    from .frontend import load
+    from .plan import PrecisionPlan
+    from .sites import find_sites
+
+    canonical = load(model, output=output)
+    train, held_out = split_folders(data)
+    dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    plan = sites = None
+    if plan_path:
+        sites = find_sites(canonical)
+        plan = PrecisionPlan.load(plan_path).validate(sites)
+    result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
+                      float_model=canonical if plan is not None else None, threads=threads, progress=True)
+    if as_json:
+        click.echo(json.dumps({"model": model, "data": str(held_out or train), "plan": plan_path, **result.to_dict()}))
+        return
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    click.echo(f"{model} on {held_out or train} ({result.n} images){' under ' + plan_path if plan_path else ''}")
+    click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}"
+               + (f"   agreement with float {pct(result.agreement)}" if result.agreement is not None else ""))
+    click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")

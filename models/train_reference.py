@@ -1,0 +1,108 @@
+"""Train a reference architecture from scratch with impq-onnx's own engine (onnxruntime-training).
+
+    # bundled default: Fashion-MNIST (Debian package dataset-fashion-mnist)
+    python models/make_fashion_subset.py --full-npz /tmp/fmnist
+    python models/train_reference.py fashion_net --train /tmp/fmnist/train.npz --test /tmp/fmnist/test.npz \
+        --epochs 4 --lr 0.05 --batch-size 128 -o models/fashion-mnist/model.onnx
+
+    # ResNet-20 on CIFAR-10 (the images stay in ../shared/data; extract them outside the repo)
+    tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
+    python models/train_reference.py resnet20 --train /tmp/cifar10/train --test /tmp/cifar10/test \
+        --epochs 60 --lr 0.1 --batch-size 128 --augment -o models/resnet20-cifar10/model.onnx
+
+Training runs epoch by epoch; after each epoch the weights and a JSON state are written atomically to
+``<output>.work/`` so a killed run continues with ``--resume``. The learning rate follows a cosine over
+epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 and weight decay 5e-4.
+A log line per epoch goes to stdout and to ``<output>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+
+from impq_onnx import architectures, find_sites, from_proto
+from impq_onnx.data import PRESETS, open_dataset
+from impq_onnx.engine import evaluate, fine_tune
+
+ARCHITECTURES = {"resnet20": ("cifar", architectures.resnet20), "fashion_net": ("fashion-mnist", architectures.fashion_net)}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@click.command()
+@click.argument("architecture", type=click.Choice(sorted(ARCHITECTURES)))
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True))
+@click.option("--test", "test_path", required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--lr", default=0.1, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--augment/--no-augment", default=False, help="CIFAR-style random crop + flip.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from <output>.work/.")
+def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume):
+    preset_name, build = ARCHITECTURES[architecture]
+    preprocess = PRESETS[preset_name]
+    train = open_dataset(train_path, preprocess)
+    test = open_dataset(test_path, preprocess)
+    output = Path(output)
+    work = output.with_name(output.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    state_path, weights_path, log_path = work / "state.json", work / "model.onnx", output.with_suffix(".log")
+
+    canonical = from_proto(build(seed=seed), label=architecture)
+    start_epoch, history = 0, []
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        start_epoch, history = state["epoch"], state["history"]
+        canonical = from_proto(onnx.load(weights_path), label=architecture)
+        print(f"resuming after epoch {start_epoch}", flush=True)
+    elif not resume:
+        log_path.write_text("")
+    sites = find_sites(canonical)
+    steps_per_epoch = len(train) // batch_size
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    for epoch in range(start_epoch, epochs):
+        epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        started = time.perf_counter()
+        trained = fine_tune(
+            canonical, None, sites,
+            lambda e=epoch: train.batches(batch_size, shuffle=True, seed=seed * 1000 + e, augment=augment,
+                                          drop_last=True),
+            steps=steps_per_epoch, lr=epoch_lr, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+            warmup_steps=steps_per_epoch if epoch == 0 else 0,
+            final_lr=lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)),
+            threads=threads, seed=seed + epoch, progress=False,
+        )
+        canonical = from_proto(trained.apply_to(canonical.to_proto()), label=architecture)
+        result = evaluate(canonical, test.batches(256), threads=threads)
+        row = {"epoch": epoch + 1, "lr": round(epoch_lr, 6), "loss": round(float(np.mean(trained.losses)), 4),
+               "test_top1": round(100 * result.top1, 2), "train_img_per_s": round(trained.images_per_second, 1),
+               "seconds": round(time.perf_counter() - started, 1)}
+        history.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        with open(log_path, "a") as log:
+            log.write(line + "\n")
+        _atomic_write(weights_path, canonical.to_bytes())
+        _atomic_write(state_path, json.dumps({"epoch": epoch + 1, "history": history, "command": command}).encode())
+    _atomic_write(output, canonical.to_bytes())
+    print(f"wrote {output}: test top-1 {history[-1]['test_top1']} %", flush=True)
+
+
+if __name__ == "__main__":
+    main()
