@@ -26,7 +26,7 @@ from onnx_ir.passes.common import (
 from .errors import ModelError
 from .model_file import check_opset, check_tensor_sizes, read_model
 from .passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
-from .passes.strip_classifier_head import head_of
+from .passes.strip_classifier_head import head_of, value_named
 
 __all__ = ["CanonicalModel", "load", "from_proto", "CANONICAL_MIN_OPSET"]
 
@@ -97,7 +97,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         names = ", ".join(v.name for v in inputs) or "none"
         raise ModelError(f"{label}: a classifier takes one image input, this model has {len(inputs)} ({names})")
     logits_name = _choose_output(model, output, label)
-    head = head_of(_value_named(model.graph, logits_name))
+    head = head_of(value_named(model.graph, logits_name))
 
     passes = ir.passes.PassManager(
         [
@@ -144,23 +144,12 @@ def _drop_value_info(proto: onnx.ModelProto) -> None:
     del proto.graph.value_info[:]
 
 
-def _value_named(graph: ir.Graph, name: str) -> ir.Value:
-    for value in graph.outputs:
-        if value.name == name:
-            return value
-    for node in graph:
-        for value in node.outputs:
-            if value.name == name:
-                return value
-    raise KeyError(name)
-
-
 def _choose_output(model: ir.Model, output: str | None, label: str) -> str:
     outputs = list(model.graph.outputs)
     names = ", ".join(v.name for v in outputs)
     if output is not None:
         try:
-            _value_named(model.graph, output)
+            value_named(model.graph, output)
         except KeyError:
             raise ModelError(f"{label}: no tensor named '{output}'; the outputs are: {names}") from None
         return output

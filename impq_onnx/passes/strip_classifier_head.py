@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-__all__ = ["StripClassifierHeadPass", "HEAD_OPS", "head_of"]
+__all__ = ["StripClassifierHeadPass", "HEAD_OPS", "head_of", "value_named"]
 
 HEAD_OPS = ("Softmax", "LogSoftmax")
 
@@ -31,7 +31,7 @@ class StripClassifierHeadPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        value = _find_value(graph, self.output)
+        value = value_named(graph, self.output)
         head = head_of(value)
         logits = head.inputs[0] if head is not None else value
         if len(graph.outputs) == 1 and graph.outputs[0] is logits:
@@ -42,7 +42,8 @@ class StripClassifierHeadPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def _find_value(graph: ir.Graph, name: str) -> ir.Value:
+def value_named(graph: ir.Graph, name: str) -> ir.Value:
+    """The graph output or node output called ``name`` (KeyError if there is none)."""
     for value in graph.outputs:
         if value.name == name:
             return value
