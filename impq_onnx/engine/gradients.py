@@ -1,0 +1,309 @@
+"""Gradients of seeded logits with respect to any tensor, on onnxruntime-training's gradient builder.
+
+This is the only module of the sensitivity code that touches onnxruntime-training. It turns a
+forward classifier graph into one that computes, for a batch ``x`` and a per-sample seed matrix
+``s`` (``[N, classes]``), the gradient of ``sum_n s_n . Z_n`` (``Z`` the logits) with respect to a
+chosen set of tensors: intermediate activations, layer outputs or weights. With batch-norm in
+inference mode the samples of a batch do not interact, so the gradient with respect to a
+per-sample tensor (an activation, a layer output) is, row by row, the per-sample gradient of
+``s_n . Z_n``: one backward pass serves a whole batch.
+
+Convolutions with ``auto_pad`` (``SAME_UPPER``/``SAME_LOWER``/``VALID``) get explicit ``pads`` first
+(:func:`explicit_conv_pads`): onnxruntime-training 1.19's ``ConvGrad`` computes wrong gradients for
+``auto_pad`` convs (the forward is right; measured on a stride-2 ``SAME_UPPER`` depthwise conv).
+
+Batch-norm: onnxruntime-training registers no gradient for ``BatchNormalization``, and the
+sensitivity needs inference mode anyway, so :func:`inference_batchnorm` rewrites every
+batch-norm into the per-channel affine map it computes at inference (``x*a + c`` with
+``a = gamma / sqrt(var + eps)``, ``c = beta - mean*a``) before the gradient graph is built.
+
+The builder is ``onnxruntime.capi._pybind_state.GradientGraphBuilder`` (PLATFORM.md): it adds
+``<name>_grad`` outputs for every tensor asked for. Sessions run on the CPU provider with a fixed
+number of intra-op threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from impq_onnx.errors import ModelError
+
+__all__ = ["SEED_INPUT", "LOSS_OUTPUT", "inference_batchnorm", "explicit_conv_pads", "graph_input_name",
+           "TensorGradients", "ForwardTensors"]
+
+logger = logging.getLogger(__name__)
+
+SEED_INPUT = "impq.sens/seed"
+LOSS_OUTPUT = "impq.sens/loss"
+_PREFIX = "impq.sens/bn"
+SPINNING = False  # busy-waiting idle threads halve throughput when other processes share the cores (measured)
+
+
+def _session(model_bytes: bytes, threads: int, spinning: bool = SPINNING):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def graph_input_name(proto: onnx.ModelProto) -> str:
+    """The one graph input that is not an initializer (the image input)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    if len(names) != 1:
+        raise ModelError(f"expected one image input, found {len(names)} ({', '.join(names) or 'none'})")
+    return names[0]
+
+
+def inference_batchnorm(proto: onnx.ModelProto) -> int:
+    """Replace every ``BatchNormalization`` of ``proto`` (in place) by its inference-mode affine map.
+
+    Returns the number of nodes replaced. Running statistics and affine parameters must be
+    initializers; a batch-norm in training mode (``training_mode=1``) is refused.
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    replaced = 0
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("training_mode", 0):
+            raise ModelError(f"batch-norm '{node.name}' is in training mode; sensitivity needs inference mode")
+        try:
+            gamma, beta, mean, var = (numpy_helper.to_array(initializers[n]).astype(np.float64) for n in node.input[1:5])
+        except KeyError as exc:
+            raise ModelError(f"batch-norm '{node.name}': parameter {exc} is not an initializer") from None
+        scale = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        shift = beta - mean * scale
+        base = f"{_PREFIX}/{node.name or node.output[0]}"
+        shape = (-1,) + (1,) * max(_rank_hint(node, graph) - 2, 0)  # broadcast over axis 1 (channels)
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(shape).astype(np.float32), f"{base}/scale"))
+        graph.initializer.append(numpy_helper.from_array(shift.reshape(shape).astype(np.float32), f"{base}/shift"))
+        nodes.append(helper.make_node("Mul", [node.input[0], f"{base}/scale"], [f"{base}/scaled"], name=f"{base}/Mul"))
+        nodes.append(helper.make_node("Add", [f"{base}/scaled", f"{base}/shift"], [node.output[0]], name=f"{base}/Add"))
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return replaced
+
+
+def explicit_conv_pads(proto: onnx.ModelProto, input_shape: Sequence[int] | None = None) -> int:
+    """Rewrite (in place) every Conv's ``auto_pad`` into the explicit ``pads`` it stands for.
+
+    Needs the spatial size of each such conv's input: from shape inference, with the image input
+    fixed to ``input_shape`` (per-sample shape, batch dimension included or not) when given.
+    Returns the number of convs rewritten.
+    """
+    todo = [n for n in proto.graph.node if n.op_type == "Conv" and _auto_pad(n) not in ("", "NOTSET")]
+    if not todo:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    if input_shape is not None:
+        dims = probe.graph.input[[i.name for i in probe.graph.input].index(graph_input_name(probe))].type.tensor_type.shape.dim
+        for dim, size in zip(dims[1:], list(input_shape)[-(len(dims) - 1):]):
+            dim.Clear()
+            dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(probe)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    for node in todo:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        size = shapes.get(node.input[0], [None])[2:]
+        kernel = attrs.get("kernel_shape") or list(weights.get(node.input[1], ()))[2:]
+        if not size or None in size or not kernel:
+            raise ModelError(f"conv '{node.name}' uses auto_pad and its input size is unknown; pass a concrete input shape")
+        strides = attrs.get("strides", [1] * len(size))
+        dilations = attrs.get("dilations", [1] * len(size))
+        begin, end = [], []
+        for n, k, st, dl in zip(size, kernel, strides, dilations):
+            if _auto_pad(node) == "VALID":
+                begin.append(0)
+                end.append(0)
+                continue
+            out = -(-n // st)
+            total = max((out - 1) * st + (k - 1) * dl + 1 - n, 0)
+            low = total // 2 if _auto_pad(node) == "SAME_UPPER" else total - total // 2
+            begin.append(low)
+            end.append(total - low)
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(helper.make_attribute("pads", begin + end))
+    return len(todo)
+
+
+def _shapes(proto: onnx.ModelProto, input_shape: Sequence[int] | None) -> dict[str, list[int | None]]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    if input_shape is not None:
+        dims = probe.graph.input[[i.name for i in probe.graph.input].index(graph_input_name(probe))].type.tensor_type.shape.dim
+        for dim, size in zip(dims[1:], list(input_shape)[-(len(dims) - 1):]):
+            dim.Clear()
+            dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe)
+    except Exception:  # shapes are an optimisation here; without them nothing is rewritten
+        return {}
+    shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def conv_grad_as_transpose(grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
+    """Replace each ``ConvGrad`` that only computes the input gradient by the equivalent ``ConvTranspose``.
+
+    onnxruntime-training's ``ConvGrad`` takes ~1.4x the time of a ``ConvTranspose`` for the same
+    input gradient (ResNet-20 layer1 shapes, 2 threads): the sensitivity needs no weight gradients
+    from onnxruntime. ``shapes`` maps forward tensors to their shapes; convs whose input or
+    weight shape is unknown keep their ``ConvGrad``. Returns the number of nodes replaced.
+    """
+    replaced = 0
+    for index, node in enumerate(grad_model.graph.node):
+        if node.op_type != "ConvGrad" or any(out for out in node.output[1:]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        size = shapes.get(node.input[1], [])[2:]
+        kernel = attrs.get("kernel_shape") or shapes.get(node.input[2], [])[2:]
+        if not size or None in size or not kernel or None in kernel or len(size) != len(kernel):
+            continue
+        spatial = len(size)
+        strides = list(attrs.get("strides") or [1] * spatial)
+        dilations = list(attrs.get("dilations") or [1] * spatial)
+        pads = list(attrs.get("pads") or [0] * 2 * spatial)
+        extra = []
+        for i, (n, k, st, dl) in enumerate(zip(size, kernel, strides, dilations)):
+            span = (k - 1) * dl + 1
+            out = (n + pads[i] + pads[i + spatial] - span) // st + 1
+            extra.append(n - (st * (out - 1) + span - pads[i] - pads[i + spatial]))
+        if any(e < 0 or e >= max(st, dl) for e, st, dl in zip(extra, strides, dilations)):
+            continue
+        transpose = helper.make_node("ConvTranspose", [node.input[0], node.input[2]], [node.output[0]],
+                                     name=f"{node.name}/as_ConvTranspose", strides=strides, dilations=dilations,
+                                     pads=pads, group=int(attrs.get("group", 1)), kernel_shape=list(kernel),
+                                     output_padding=extra)
+        grad_model.graph.node[index].CopyFrom(transpose)
+        replaced += 1
+    return replaced
+
+
+def _auto_pad(node: onnx.NodeProto) -> str:
+    for a in node.attribute:
+        if a.name == "auto_pad":
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return "NOTSET"
+
+
+def _rank_hint(node: onnx.NodeProto, graph: onnx.GraphProto) -> int:
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if info.name == node.input[0] and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return 4  # images: N, C, H, W
+
+
+def _with_seeded_loss(proto: onnx.ModelProto, logits: str) -> onnx.ModelProto:
+    graph = proto.graph
+    graph.input.append(helper.make_tensor_value_info(SEED_INPUT, TensorProto.FLOAT, ["N", "classes"]))
+    graph.node.append(helper.make_node("Mul", [logits, SEED_INPUT], [f"{LOSS_OUTPUT}/terms"], name=f"{LOSS_OUTPUT}/Mul"))
+    graph.node.append(helper.make_node("ReduceSum", [f"{LOSS_OUTPUT}/terms"], [LOSS_OUTPUT], keepdims=0,
+                                       name=f"{LOSS_OUTPUT}/ReduceSum"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(LOSS_OUTPUT, TensorProto.FLOAT, []))
+    return proto
+
+
+class ForwardTensors:
+    """An inference session that returns the logits and any intermediate tensors of a batch."""
+
+    def __init__(self, proto: onnx.ModelProto, logits: str, keep: Sequence[str], *, threads: int = 2):
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        inference_batchnorm(model)
+        self.outputs = [logits] + [name for name in dict.fromkeys(keep) if name != logits]
+        del model.graph.output[:]
+        for name in self.outputs:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        self.input_name = graph_input_name(model)
+        self._session = _session(model.SerializeToString(), threads)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        values = self._session.run(self.outputs, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        return values[0], dict(zip(self.outputs[1:], values[1:]))
+
+
+class TensorGradients:
+    """``grads = TensorGradients(proto, logits, wrt)(x, seed)``: d(sum seed*logits)/d(each tensor in wrt).
+
+    ``wrt`` may name graph tensors, initializers included; the result maps each name to an array
+    of that tensor's shape. ``epilogue(graph, gradients)``, if given, may append nodes that read
+    the gradient graph's tensors (``gradients`` maps each ``wrt`` name to its gradient tensor) and
+    returns the names of extra outputs; then the result holds those outputs and the gradients of
+    ``returned`` only (default: none), so large gradients need not leave onnxruntime.
+    Building costs about as much as one onnxruntime session.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, logits: str, wrt: Iterable[str], *, threads: int = 2,
+                 input_shape: Sequence[int] | None = None,
+                 epilogue: Callable[[onnx.GraphProto, dict[str, str]], list[str]] | None = None,
+                 returned: Iterable[str] = ()):
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        inference_batchnorm(model)
+        explicit_conv_pads(model, input_shape)
+        shapes = _shapes(model, input_shape)
+        self.input_name = graph_input_name(model)
+        self.wrt = list(dict.fromkeys(wrt))
+        _with_seeded_loss(model, logits)
+        from onnxruntime.capi import _pybind_state as C
+
+        from .training import _native_stderr_silenced
+
+        try:
+            with _native_stderr_silenced():  # the builder logs every unused initializer and transformer
+                builder = C.GradientGraphBuilder(model.SerializeToString(), {LOSS_OUTPUT}, set(self.wrt), LOSS_OUTPUT)
+                builder.build()
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise ModelError(f"onnxruntime-training cannot differentiate the model: {reason}") from None
+        grad_model = onnx.load_from_string(builder.get_model())
+        conv_grad_as_transpose(grad_model, shapes)
+        gradients = {name: f"{name}_grad" for name in self.wrt}
+        self._keys = list(returned) if epilogue is not None else list(self.wrt)
+        self._names = [gradients[name] for name in self._keys]
+        if epilogue is not None:
+            extra = epilogue(grad_model.graph, gradients)
+            self._keys += extra
+            self._names += extra
+        present = {o.name for o in grad_model.graph.output}
+        if epilogue is not None:  # only what is asked for leaves the session
+            kept = [o for o in grad_model.graph.output if o.name in self._names]
+            del grad_model.graph.output[:]
+            grad_model.graph.output.extend(kept)
+            present = {o.name for o in kept}
+        for name in self._names:
+            if name not in present:
+                grad_model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        self._session = _session(grad_model.SerializeToString(), threads)
+
+    def __call__(self, x: np.ndarray, seed: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {self.input_name: np.ascontiguousarray(x, np.float32), SEED_INPUT: np.ascontiguousarray(seed, np.float32)}
+        values = self._session.run(self._names, feeds)
+        return dict(zip(self._keys, values))

@@ -1,0 +1,206 @@
+"""Raw margin-gradient sums: the sample loops of the exact and the fast path.
+
+Both paths return :class:`GradientSums`: per layer and kernel, and per activation site, the sum
+over samples ``n`` and runner-ups ``i`` of ``sum_{x in group} |d(Z_i - Z_Yhat)/dx|^2 / |Z_i - Z_Yhat|^2``
+(the paper's summand without 1/24 and without the 2^-B factor; :mod:`impq_onnx.sensitivity`
+applies the weighting).
+
+Graph preparation (:func:`tapped_model`): every activation site gets an ``Identity`` *tap* that
+feeds only the quantized layers reading it, and every layer's weight input gets one too. The
+gradient with respect to a tap is the gradient through the quantized layers only, which is where
+quantization noise enters (a ResNet block input also feeds the shortcut, which is not quantized).
+In a simulated (fake-quant) model from :func:`impq_onnx.simulate.simulate` the taps sit after the
+quantizers, so gradients are taken at the quantized values and flow back through the quantizers'
+straight-through path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from impq_onnx.engine.gradients import ForwardTensors, TensorGradients, explicit_conv_pads
+from impq_onnx.errors import ModelError
+from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
+from impq_onnx.sensitivity.per_sample import LayerGeometry, NormGraph, kernel_square_norms
+from impq_onnx.sites import SiteTable
+
+__all__ = ["GradientSums", "Taps", "tapped_model", "exact_sums", "fast_sums", "sample_chunks"]
+
+logger = logging.getLogger(__name__)
+
+TAP_PREFIX = "impq.sens"
+
+
+@dataclasses.dataclass
+class GradientSums:
+    kernels: dict[str, np.ndarray]  # layer node -> [kernels] float64
+    activations: dict[str, float]  # site tensor -> float
+    samples: int = 0
+    ties: int = 0
+    runner_ups: int = 0  # |S| actually used (the request capped at classes - 1)
+
+    @classmethod
+    def empty(cls, sites: SiteTable) -> "GradientSums":
+        return cls({layer.node: np.zeros(layer.kernels) for layer in sites.layers},
+                   {site.tensor: 0.0 for site in sites.activations})
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+    activation: dict[str, str]  # site tensor -> tap tensor
+    weight: dict[str, str]  # layer node -> tap tensor of its weight
+    output: dict[str, str]  # layer node -> its output tensor
+    geometry: dict[str, LayerGeometry]
+
+
+def tapped_model(proto: onnx.ModelProto, sites: SiteTable) -> tuple[onnx.ModelProto, Taps]:
+    """A copy of ``proto`` with activation and weight taps (see the module docstring)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    explicit_conv_pads(model, sites.input_shape)
+    graph = model.graph
+    nodes = {node.name: node for node in graph.node}
+    before: dict[str, list[onnx.NodeProto]] = {}  # node name -> taps to emit just before it
+    act, weight, output, geometry = {}, {}, {}, {}
+    for site in sites.activations:
+        readers = [nodes.get(name) for name in site.layers]
+        if any(r is None for r in readers):
+            raise ModelError(f"activation site '{site.tensor}': a reading layer is not in the model")
+        sources = {r.input[0] for r in readers}
+        if len(sources) != 1:
+            raise ModelError(f"activation site '{site.tensor}': its layers read different tensors {sorted(sources)}")
+        tap = f"{TAP_PREFIX}/a/{site.tensor}"
+        first = min(readers, key=lambda r: list(graph.node).index(r))
+        before.setdefault(first.name, []).append(helper.make_node("Identity", [sources.pop()], [tap], name=tap))
+        for r in readers:
+            r.input[0] = tap
+        act[site.tensor] = tap
+    for layer in sites.layers:
+        node = nodes[layer.node]
+        tap = f"{TAP_PREFIX}/w/{layer.node}"
+        before.setdefault(node.name, []).append(helper.make_node("Identity", [node.input[1]], [tap], name=tap))
+        node.input[1] = tap
+        weight[layer.node] = tap
+        output[layer.node] = node.output[0]
+        geometry[layer.node] = LayerGeometry.of(node, layer.weight_shape, layer.kernel_axis)
+    ordered = []
+    for node in graph.node:
+        ordered.extend(before.get(node.name, []))
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model, Taps(act, weight, output, geometry)
+
+
+def sample_chunks(batches: Iterable, chunk: int, samples: int | None) -> Iterator[np.ndarray]:
+    """Re-cut ``(x, y)`` / ``x`` batches into arrays of at most ``chunk`` samples, ``samples`` in all."""
+    seen = 0
+    for batch in batches:
+        x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk]
+            if samples is not None:
+                part = part[: samples - seen]
+            if len(part):
+                seen += len(part)
+                yield part
+            if samples is not None and seen >= samples:
+                return
+
+
+def exact_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
+               runner_up_count: int, threads: int = 2) -> GradientSums:
+    """One backward pass per sample and runner-up, weight gradients straight from onnxruntime."""
+    model, taps = tapped_model(proto, sites)
+    forward = ForwardTensors(model, logits, (), threads=threads)
+    grads = TensorGradients(model, logits, list(taps.activation.values()) + list(taps.weight.values()),
+                            threads=threads, input_shape=sites.input_shape)
+    sums = GradientSums.empty(sites)
+    for x in chunks:
+        for one in np.split(x, len(x)):
+            z, _ = forward(one)
+            ups = runner_ups(z, runner_up_count)
+            sums.ties += ups.ties
+            sums.runner_ups = ups.classes.shape[1]
+            for rank in range(ups.classes.shape[1]):
+                if ups.inverse_margin[0, rank] == 0:
+                    continue
+                g = grads(one, rank_seeds(ups, rank))
+                for tensor, tap in taps.activation.items():
+                    sums.activations[tensor] += float(np.sum(g[tap].astype(np.float64) ** 2))
+                for layer in sites.layers:
+                    dw = g[taps.weight[layer.node]].astype(np.float64) ** 2
+                    other = tuple(a for a in range(dw.ndim) if a != layer.kernel_axis)
+                    sums.kernels[layer.node] += dw.sum(axis=other)
+            sums.samples += 1
+    return sums
+
+
+def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
+              runner_up_count: int, probes: int | None, seed: int = 0, threads: int = 2,
+              rebuild: str = "graph") -> GradientSums:
+    """Batched backward passes; per-sample weight gradients rebuilt from layer inputs and output gradients.
+
+    ``probes=None``: one backward per runner-up rank (exact per-sample values). ``probes=P``: ``P``
+    Rademacher probes, each combining all runner-ups in one backward pass (unbiased estimate).
+    ``rebuild``: ``"graph"`` sums the per-sample norms inside onnxruntime (:class:`NormGraph`),
+    ``"numpy"`` fetches layer inputs and output gradients and uses :func:`kernel_square_norms`.
+    """
+    if rebuild not in ("graph", "numpy"):
+        raise ValueError(f"rebuild must be 'graph' or 'numpy', not {rebuild!r}")
+    model, taps = tapped_model(proto, sites)
+    inputs = {layer.node: taps.activation[layer.activation] for layer in sites.layers}
+    outputs = [taps.output[layer.node] for layer in sites.layers]
+    wrt = list(taps.activation.values()) + outputs
+    norm_name = {layer.node: f"{TAP_PREFIX}/norm/w/{layer.node}" for layer in sites.layers}
+    norm_name.update({tensor: f"{TAP_PREFIX}/norm/a/{tensor}" for tensor in taps.activation})
+
+    def epilogue(graph, gradients):
+        norms = NormGraph(graph, f"{TAP_PREFIX}/norm")
+        for layer in sites.layers:
+            norms.layer(taps.geometry[layer.node], inputs[layer.node], gradients[taps.output[layer.node]],
+                        norm_name[layer.node])
+        for tensor, tap in taps.activation.items():
+            norms.activation(gradients[tap], norm_name[tensor])
+        return list(norm_name.values())
+
+    in_graph = rebuild == "graph"
+    forward = ForwardTensors(model, logits, () if in_graph else sorted(set(inputs.values())), threads=threads)
+    grads = TensorGradients(model, logits, wrt, threads=threads, input_shape=sites.input_shape,
+                            epilogue=epilogue if in_graph else None)
+    rng = np.random.default_rng(seed)
+    sums = GradientSums.empty(sites)
+    for x in chunks:
+        z, kept = forward(x)
+        ups = runner_ups(z, runner_up_count)
+        sums.ties += ups.ties
+        sums.runner_ups = ups.classes.shape[1]
+        passes = ([rank_seeds(ups, r) for r in range(ups.classes.shape[1])] if probes is None
+                  else [probe_seeds(ups, rng) for _ in range(probes)])
+        scale = 1.0 if probes is None else 1.0 / probes
+        for s in passes:
+            if not np.any(s):
+                continue
+            g = grads(x, s)
+            for tensor, tap in taps.activation.items():
+                if in_graph:
+                    total = float(g[norm_name[tensor]])
+                else:
+                    flat = g[tap].reshape(len(x), -1)
+                    total = float(np.einsum("np,np->", flat, flat, dtype=np.float64))
+                sums.activations[tensor] += scale * total
+            for layer in sites.layers:
+                if in_graph:
+                    total = g[norm_name[layer.node]].astype(np.float64)
+                else:
+                    total = kernel_square_norms(taps.geometry[layer.node], kept[inputs[layer.node]],
+                                                g[taps.output[layer.node]]).sum(axis=0)
+                sums.kernels[layer.node] += scale * total
+        sums.samples += len(x)
+    return sums
