@@ -4,10 +4,12 @@ Public API::
 
     model = impq_onnx.load("model.onnx")          # canonical form of any exported classifier
     sites = impq_onnx.find_sites(model, (1, 3, 224, 224))
+    result = impq_onnx.compress("model.onnx", "images/", target_bits=5)   # CompressResult
 """
 
 from __future__ import annotations
 
+from .compression import CompressConfig, CompressResult, compress
 from .errors import ConfigError, DataError, ImpqError, ModelError, PlanError
 from .frontend import CanonicalModel, from_proto, load
 from .sites import ActivationSite, QuantLayer, SiteTable, WeightGroup, find_sites
@@ -15,6 +17,6 @@ from .sites import ActivationSite, QuantLayer, SiteTable, WeightGroup, find_site
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "from_proto", "find_sites", "CanonicalModel", "SiteTable", "QuantLayer", "ActivationSite",
+    "compress", "CompressConfig", "CompressResult", "load", "from_proto", "find_sites", "CanonicalModel", "SiteTable", "QuantLayer", "ActivationSite",
     "WeightGroup", "ImpqError", "ModelError", "DataError", "PlanError", "ConfigError", "__version__",
 ]

@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import types
 
-__all__ = ["artifacts", "api", "onnxblock", "load"]
+__all__ = ["load"]
 
 _PACKAGE = "onnxruntime.training"
 
@@ -48,8 +48,3 @@ def load() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
     onnxblock_mod = importlib.import_module(f"{_PACKAGE}.onnxblock")
     return artifacts_mod, api_mod, onnxblock_mod
 
-
-def __getattr__(name: str):
-    if name in ("artifacts", "api", "onnxblock"):
-        return dict(zip(("artifacts", "api", "onnxblock"), load()))[name]
-    raise AttributeError(name)

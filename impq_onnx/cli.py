@@ -104,3 +104,165 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}"
                + (f"   agreement with float {pct(result.agreement)}" if result.agreement is not None else ""))
     click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
+
+
+def _compress_options(func):
+    """One ``--option-name`` per :class:`~impq_onnx.compression.CompressConfig` field (the same names)."""
+    import dataclasses as _dc
+
+    from .compression import CompressConfig
+
+    for field in reversed([f for f in _dc.fields(CompressConfig) if f.name not in ("model",)]):
+        flag = "--" + field.name.replace("_", "-")
+        default = "none" if field.default is None else field.default
+        help_text = field.metadata.get("help", "")
+        if "[default" not in help_text:
+            help_text += f" [default: {default}]"
+        if field.type in (bool, "bool"):
+            func = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=help_text)(func)
+        else:
+            func = click.option(flag, field.name, default=None, metavar="VALUE", help=help_text)(func)
+    return func
+
+
+
+
+@main.command("sensitivity")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (train/ is used if present), or .npz.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Measure the model simulated under this plan "
+              "(its bits give the 2^-B factor).")
+@click.option("--samples", default=256, show_default=True, help="Images to average over.")
+@click.option("--granularity", type=click.Choice(["kernel", "layer", "network"]), default="kernel", show_default=True)
+@click.option("--runner-ups", default=10, show_default=True, help="Runner-up classes S (capped at classes - 1).")
+@click.option("--weighting", type=click.Choice(["paper", "reference", "step"]), default="paper", show_default=True)
+@click.option("--method", type=click.Choice(["fast", "exact"]), default="fast", show_default=True)
+@click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
+@click.option("-o", "--output-prefix", type=click.Path(dir_okay=False),
+              help="Write <prefix>.json and <prefix>.csv [default: <model stem>.sensitivity].")
+@click.option("--top", default=5, show_default=True, help="How many layers to print at each end.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@_user_errors
+def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
+                        output_prefix, top, seed, threads):
+    """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
+    from pathlib import Path
+
+    from .atomic_files import write_all
+    from .data.model_data import open_for_model, split_folders
+    from .frontend import load
+    from .plan import PrecisionPlan
+    from .sensitivity import noise_gain
+    from .simulate import simulate
+    from .sites import find_sites
+
+    canonical = load(model)
+    sites = find_sites(canonical)
+    plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
+    train, _ = split_folders(data)
+    dataset = open_for_model(canonical, train, preprocess)
+    if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
+        import numpy as np
+
+        dataset = dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False)))
+    measured = simulate(canonical, plan, sites) if plan is not None else canonical
+    table = noise_gain(measured, sites, dataset.batches(64), plan=plan, granularity=granularity,
+                       runner_ups=runner_ups, weighting=weighting, method=method, samples=samples, seed=seed,
+                       threads=threads)
+    prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
+    json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
+    write_all({json_path: table.to_json(), csv_path: table.to_csv()})
+    layer_m: dict[str, float] = {}
+    for name, value in table.weights.items():
+        layer = name.rpartition("/")[0] if granularity == "kernel" else name
+        layer_m[layer] = layer_m.get(layer, 0.0) + value
+    ranked = sorted(layer_m.items(), key=lambda kv: (-kv[1], kv[0]))
+    click.echo(f"{model}: noise gain over {table.n_samples} images ({weighting} weighting, {method}, "
+               f"{table.seconds:.1f} s, {table.ties} ties skipped)")
+    click.echo("most sensitive layers (sum of kernel M):")
+    for name, value in ranked[:top]:
+        click.echo(f"  {value:12.4e}  {name}")
+    click.echo("least sensitive layers:")
+    for name, value in ranked[::-1][:top]:
+        click.echo(f"  {value:12.4e}  {name}")
+    acts = [name for name, _ in table.ranked("activations")]
+    shown = acts if len(acts) <= 2 * top else acts[:top] + ["..."] + acts[-top:]
+    click.echo(f"activation sites, most to least sensitive: {', '.join(shown)}")
+    click.echo(f"wrote {json_path} and {csv_path}")
+
+
+@main.command("lower")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="Precision plan (YAML/JSON).")
+@click.option("-o", "--output-path", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--format", "format_", type=click.Choice(["qdq", "qonnx", "encodings"]), default="qdq", show_default=True,
+              help="qdq: standard QuantizeLinear/DequantizeLinear; qonnx: QONNX Quant nodes; encodings: float "
+                   "model + per-channel encodings JSON for --quantization_overrides.")
+@click.option("--output", help="Name of the logits tensor when the model has several outputs.")
+@_user_errors
+def lower_command(model, plan_path, output_path, format_, output):
+    """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
+    from .lower import lower_file
+
+    for path in lower_file(model, plan_path, output_path, format_, output=output):
+        click.echo(f"wrote {path}")
+
+
+@main.command("verify")
+@click.argument("lowered", type=click.Path(dir_okay=False))
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="The float model the plan applies to (compress writes it as <stem>.float.onnx).")
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Images to compare the outputs on.")
+@click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
+@click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json):
+    """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
+    import json
+
+    from .data.model_data import open_for_model, split_folders
+    from .frontend import load
+    from .lower import read_lowered
+    from .plan import PrecisionPlan
+    from .sites import find_sites
+    from .verify import verify
+
+    canonical = load(model_path)
+    sites = find_sites(canonical)
+    plan = PrecisionPlan.load(plan_path).validate(sites)
+    train, held_out = split_folders(data)
+    dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(f"{lowered}: {'OK' if result.ok else 'FAILED'} over {result.samples} images: "
+                   f"top-1 agreement with the simulation {100 * result.agreement:.2f} %, "
+                   f"max logit difference {result.max_logit_diff:.3g}")
+        for problem in ([result.checker_error] if result.checker_error else []) + result.range_violations \
+                + result.record_mismatches:
+            click.echo(f"  {problem}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@main.command("compress")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="YAML file of options (keys as below, with _ or -); options given here override it.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@_compress_options
+@_user_errors
+def compress_command(model, config, quiet, **options) -> None:
+    """IMPQ mixed-precision search: lower the bits of the least sensitive groups, fine-tune, repeat.
+
+    Writes the model, <stem>.plan.yaml, <stem>.report.json and <stem>.config.yaml; checkpoints go to
+    the work dir after every iteration (--resume continues a killed run).
+    """
+    from .compression import compress
+
+    compress(model, config=config, progress=not quiet, **options)

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from .atomic_files import write_all
 from .errors import PlanError
 from .passes.annotate_bits import AnnotateBitsPass, read_plan_from_annotation
 from .passes.quantize_activations import QuantizeActivationsPass, activation_dtype, activation_names
@@ -161,38 +160,22 @@ def _retarget_sidecar(sidecar: dict, model: ir.Model) -> None:
         entry["tensor"] = by_site[site]
 
 
-def _atomic_files(files: dict[Path, bytes]) -> None:
-    temps = {}
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps[path] = tmp
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode of a new file
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
 def write(lowered: LoweredModel, output_path) -> list[Path]:
     """Write the model, its sidecar (and the encodings JSON) atomically; returns the paths written."""
+    files = output_files(lowered, output_path)
+    write_all(files)
+    return list(files)
+
+
+def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
+    """What :func:`write` writes: the model, ``<out>.bits.json`` and, for encodings, ``<out>.encodings``."""
     output_path = Path(output_path)
     sidecar = dict(lowered.sidecar, model=output_path.name)
     files = {output_path: lowered.proto.SerializeToString(),
              sidecar_path(output_path): (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()}
     if lowered.encodings is not None:
         files[encodings_path(output_path)] = (json.dumps(lowered.encodings, indent=1, sort_keys=True) + "\n").encode()
-    _atomic_files(files)
-    return list(files)
+    return files
 
 
 def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, output: str | None = None,

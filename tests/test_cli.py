@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -79,3 +80,62 @@ def test_inspect_resnet20_reports_the_published_size(tmp_path):
     assert 40.5e6 <= totals["macs"] <= 41.0e6  # published: ~41 M
     assert round(totals["params"] / 1e6, 2) == 0.27
     assert totals["layers"] == 20 and totals["activation_sites"] == 20
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist"
+
+
+def test_evaluate_lower_verify_on_the_bundled_model(tmp_path):
+    from impq_onnx import find_sites, load
+    from impq_onnx.plan import PrecisionPlan
+
+    model = BUNDLED / "model.onnx"
+    result = impq("evaluate", str(model), "--data", str(BUNDLED), "--json")
+    assert result.returncode == 0, result.stderr
+    float_eval = json.loads(result.stdout)
+    assert float_eval["n"] == 200 and float_eval["top1"] >= 0.8
+
+    sites = find_sites(load(model))
+    plan = PrecisionPlan.uniform(sites, 3, None)
+    plan.weights["fc"] = [1] * len(plan.weights["fc"])
+    plan.save(tmp_path / "plan.yaml")
+    out = tmp_path / "out.onnx"
+    result = impq("lower", str(model), "--plan", str(tmp_path / "plan.yaml"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and (tmp_path / "out.onnx.bits.json").is_file()
+    result = impq("verify", str(out), "--model", str(model), "--plan", str(tmp_path / "plan.yaml"),
+                  "--data", str(BUNDLED), "--json")
+    assert result.returncode == 0, result.stderr
+    verdict = json.loads(result.stdout)
+    assert verdict["ok"] and verdict["agreement"] == 1.0 and verdict["samples"] == 200
+
+    simulated = impq("evaluate", str(model), "--data", str(BUNDLED), "--plan", str(tmp_path / "plan.yaml"), "--json")
+    lowered = impq("evaluate", str(out), "--data", str(BUNDLED), "--json")
+    assert json.loads(simulated.stdout)["top1"] == json.loads(lowered.stdout)["top1"]
+
+
+def test_verify_fails_against_a_different_plan(tmp_path):
+    from impq_onnx import find_sites, load
+    from impq_onnx.plan import PrecisionPlan
+
+    model = BUNDLED / "model.onnx"
+    sites = find_sites(load(model))
+    PrecisionPlan.uniform(sites, 4, None).save(tmp_path / "four.yaml")
+    PrecisionPlan.uniform(sites, 2, None).save(tmp_path / "two.yaml")
+    assert impq("lower", str(model), "--plan", str(tmp_path / "four.yaml"), "-o", str(tmp_path / "o.onnx")).returncode == 0
+    result = impq("verify", str(tmp_path / "o.onnx"), "--model", str(model), "--plan", str(tmp_path / "two.yaml"),
+                  "--data", str(BUNDLED))
+    assert result.returncode == 1 and "FAILED" in result.stdout
+
+
+def test_sensitivity_writes_json_and_csv(tmp_path):
+    model = BUNDLED / "model.onnx"
+    prefix = tmp_path / "sens"
+    result = impq("sensitivity", str(model), "--data", str(BUNDLED), "--samples", "64", "-o", str(prefix))
+    assert result.returncode == 0, result.stderr
+    assert "most sensitive layers" in result.stdout and "onnxruntime" not in result.stderr
+    table = json.loads((tmp_path / "sens.json").read_text())
+    assert table["n_samples"] == 64
+    csv_lines = (tmp_path / "sens.csv").read_text().splitlines()
+    assert csv_lines[0] == "kind,name,layer,sensitivity"
+    assert len(csv_lines) == 1 + 154 + 5  # 154 kernels and 5 activation sites of the bundled model

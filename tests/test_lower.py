@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import onnx
 import pytest
 
-import impq_onnx.lower as lowering
 from impq_onnx.errors import PlanError
 from impq_onnx.lower import FORMATS, lower, lower_file, read_plan_from_annotation, sidecar_path, write
 from impq_onnx.verify import verify
@@ -68,7 +66,7 @@ def test_write_leaves_nothing_on_error(tmp_path, monkeypatch):
         calls.append(dst)
         raise OSError("disk full")
 
-    monkeypatch.setattr(lowering.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
         write(lowered, tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

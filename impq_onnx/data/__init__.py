@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from impq_onnx.data.dataset import Dataset, PixelSource
-from impq_onnx.data.imagefolder import IMAGE_EXTENSIONS, ImageFiles, scan_image_folder
+from impq_onnx.data.imagefolder import ImageFiles, scan_image_folder
 from impq_onnx.data.npz import ArrayImages, load_npz
 from impq_onnx.data.preprocess import (
     PRESETS,

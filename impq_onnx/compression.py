@@ -1,0 +1,313 @@
+"""``compress``: IMPQ mixed-precision search from a float ONNX classifier to a quantized one.
+
+``impq_onnx.compress(model="m.onnx", data="images/", target_bits=5)`` and ``impq-onnx compress
+m.onnx --data images/ --target-bits 5`` take the same options (:class:`CompressConfig`); a YAML
+``config`` file maps 1:1 onto them, and explicit arguments override it. The loop itself is
+:mod:`impq_onnx.search.impq`; this module resolves options, data and outputs.
+
+Outputs (each written to a temporary name and renamed at the end, so an error leaves none):
+``output`` (the model), ``<stem>.plan.yaml``, ``<stem>.report.json`` (every iteration and the final
+metrics) and ``<stem>.config.yaml`` (the resolved options; ``--config`` it to reproduce the run).
+The work directory (default ``<stem>.work``) holds a checkpoint per iteration; ``resume`` continues
+a killed run there and gives the same final bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import yaml
+
+from .atomic_files import write_all
+from .config import check_keys, coerce, field_types, read_config, suggest
+from .errors import ConfigError
+from .lower import output_files
+
+__all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
+
+_CHOICES = {
+    "phases": ("weights-activations", "activations-weights", "weights", "activations"),
+    "granularity": ("kernel", "layer", "network"),
+    "weight_scheme": ("midrise-max", "symmetric-rms"),
+    "optimizer": ("sgd", "adamw"),
+    "weighting": ("paper", "reference"),
+    "sensitivity_method": ("fast", "exact"),
+    "format": ("qdq", "qonnx", "encodings"),
+}
+# Options that do not change what the run computes: a resume may change them.
+_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format")
+
+
+def _opt(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    """Every option of ``compress`` (CLI ``--name-with-dashes``, YAML and Python ``name_with_underscores``)."""
+
+    model: str | None = _opt(None, "The float ONNX classifier (never modified).")
+    data: str | None = _opt(None, "ImageFolder dir (with train/ and test/ or val/ subfolders, or one tree "
+                                  "to split) or .npz.")
+    output: str | None = _opt(None, "Output model path [default: <model stem>.impq.onnx in the current folder].")
+    format: str = _opt("qdq", "Output format: qdq (QuantizeLinear/DequantizeLinear), qonnx (Quant nodes) or "
+                              "encodings (float model + per-channel encodings JSON).")
+    work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
+    resume: bool = _opt(False, "Continue the run in work_dir (same options), or re-emit a finished one.")
+    preprocess: str | None = _opt(None, "Preset name or preprocess YAML file [default: inferred from the input shape].")
+    val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded).")
+    max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
+    phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
+    granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
+    weight_scheme: str = _opt("midrise-max", "Weight quantizer: midrise-max (reference code) or symmetric-rms (paper).")
+    start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
+    start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
+    schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150.")
+    act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
+    target_bits: float | None = _opt(4.0, "End the weight phase at this B_w,eff (none: no target).")
+    target_act_bits: float | None = _opt(4.0, "End the activation phase at this B_a,eff (none: no target).")
+    target_gbitops: float | None = _opt(None, "Stop the run once C_C <= this many Gbit-OPs per image.")
+    max_accuracy_drop: float | None = _opt(None, "Stop when validation top-1 falls more than this many points "
+                                                 "below float; keep the last iteration within it.")
+    max_iterations: int = _opt(20, "Lowering iterations per phase at most.")
+    steps: int = _opt(60, "Fine-tune steps per iteration.")
+    epochs: float | None = _opt(None, "Fine-tune epochs per iteration (overrides steps).")
+    start_steps: int | None = _opt(None, "Fine-tune steps at a phase start [default: as per iteration].")
+    time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
+                                           "many seconds.")
+    batch_size: int = _opt(32, "Fine-tune batch size.")
+    lr: float = _opt(0.005, "Fine-tune learning rate (warm-up, then cosine to 0).")
+    optimizer: str = _opt("sgd", "sgd (momentum) or adamw.")
+    momentum: float = _opt(0.9, "SGD momentum.")
+    weight_decay: float = _opt(5e-4, "Weight decay.")
+    augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
+    sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
+    runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
+    weighting: str = _opt("paper", "Noise-gain weighting: paper or reference.")
+    sensitivity_method: str = _opt("fast", "Noise-gain method: fast or exact.")
+    seed: int = _opt(0, "Seed of every random choice (split, data order, probes).")
+    threads: int = _opt(2, "onnxruntime threads.")
+
+    @classmethod
+    def resolve(cls, config: str | os.PathLike | None = None, **options: Any) -> "CompressConfig":
+        """Defaults < the YAML ``config`` file < ``options`` (None in ``options`` means "not given")."""
+        types = field_types(cls)
+        check_keys(options, types, "compress")
+        values = dict(read_config(config, types)) if config is not None else {}
+        source = {key: str(config) for key in values}
+        values.update({k: v for k, v in options.items() if v is not None})
+        source.update({k: "option" for k, v in options.items() if v is not None})
+        coerced = {k: coerce(k, v, types[k], source.get(k, "option")) for k, v in values.items()}
+        return cls(**coerced).validate()
+
+    def validate(self) -> "CompressConfig":
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"option '{name}': {value!r} is not one of {', '.join(choices)}"
+                                  f"{suggest(value, choices)}")
+        if self.model is None or self.data is None:
+            raise ConfigError(f"compress needs {'a model' if self.model is None else 'data'}: give "
+                              f"{'MODEL' if self.model is None else '--data DIR'} or set it in the config file")
+        from .search.schedule import parse_schedule
+
+        parse_schedule(self.schedule, "schedule")
+        parse_schedule(self.act_schedule, "act_schedule")
+        for name in ("start_bits", "start_act_bits"):
+            if not 1 <= getattr(self, name) <= 16:
+                raise ConfigError(f"option '{name}': {getattr(self, name)} must be within 1..16")
+        for name in ("steps", "batch_size", "sensitivity_samples", "runner_ups", "threads", "start_steps",
+                     "max_val_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}': {getattr(self, name)} must be at least 1")
+        for name in ("max_iterations", "lr", "epochs", "time_budget", "max_accuracy_drop", "target_gbitops",
+                     "target_bits", "target_act_bits", "weight_decay", "momentum"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"option '{name}': {getattr(self, name)} must not be negative")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"option 'val_fraction': {self.val_fraction} must be between 0 and 1 (exclusive)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
+
+    def paths(self) -> dict[str, Path]:
+        output = Path(self.output) if self.output else Path(Path(self.model).stem + ".impq.onnx")
+        stem = output.with_suffix("") if output.suffix == ".onnx" else output
+        return {
+            "output": output,
+            "plan": Path(f"{stem}.plan.yaml"),
+            "report": Path(f"{stem}.report.json"),
+            "config": Path(f"{stem}.config.yaml"),
+            "float": Path(f"{stem}.float.onnx"),
+            "work_dir": Path(self.work_dir) if self.work_dir else Path(f"{stem}.work"),
+        }
+
+
+@dataclasses.dataclass
+class CompressResult:
+    plan: Any  # PrecisionPlan of the output model
+    final: dict  # metrics of the output model (validation, and test when there is a test split)
+    iterations: list[dict]  # one record per iteration
+    reference: dict  # the float model's metrics
+    stop_reason: str
+    paths: dict[str, Path]
+    config: CompressConfig
+
+
+def export_model(model, plan, sites, format: str = "qdq"):
+    """The deployable model: ``model`` (fine-tuned float) lowered under ``plan`` (a LoweredModel)."""
+    from .lower import lower
+
+    return lower(model, plan, sites, format=format)
+
+
+def _verified(lowered, model, plan, sites, dataset) -> dict:
+    """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs."""
+    from .errors import ImpqError
+    from .search.impq import EVAL_BATCH, labelled_batches
+    from .verify import verify
+
+    result = verify(lowered, model, plan, sites, labelled_batches(dataset, EVAL_BATCH))
+    if not result.ok:
+        problems = [result.checker_error] if result.checker_error else []
+        problems += result.range_violations + result.record_mismatches
+        raise ImpqError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
+                        f"difference {result.max_logit_diff:.3g}{'; ' + problems[0] if problems else ''}); "
+                        "please report this with the plan")
+    return result.to_dict()
+
+
+def _preprocess(cfg: CompressConfig, canonical):
+    from .data import PRESETS, infer_preprocess, preprocess_from_yaml
+
+    if cfg.preprocess is None:
+        layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
+        return infer_preprocess(canonical.input_shape(), layout)
+    if cfg.preprocess in PRESETS:
+        return PRESETS[cfg.preprocess]
+    if cfg.preprocess.endswith((".yaml", ".yml")) or Path(cfg.preprocess).is_file():
+        return preprocess_from_yaml(cfg.preprocess)
+    raise ConfigError(f"option 'preprocess': {cfg.preprocess!r} is neither a preset nor a YAML file"
+                      f"{suggest(cfg.preprocess, PRESETS)}")
+
+
+def _datasets(cfg: CompressConfig, preprocess):
+    """(train, val, test or None): train/ + test/ (or val/) subfolders, else one tree split in two."""
+    from .data import open_dataset
+
+    root = Path(cfg.data)
+    held = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if root.is_dir() and (root / "train").is_dir() and held is not None:
+        everything, test = open_dataset(root / "train", preprocess), open_dataset(held, preprocess)
+    else:
+        everything, test = open_dataset(root, preprocess), None
+    train, val = everything.split(cfg.val_fraction, cfg.seed)
+    if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
+        from .search.impq import derive_seed
+
+        # A seeded subset in the split's order: ImageFolder splits are sorted by class.
+        chosen = np.random.default_rng(derive_seed(cfg.seed, 0, "validation")).permutation(len(val))
+        val = val.subset(np.sort(chosen[: cfg.max_val_samples]))
+    return train, val, test
+
+
+def _other_float_bytes(canonical, sites) -> float:
+    quantized = {layer.weight for layer in sites.layers}
+    return 4.0 * sum(int(np.prod(t.dims)) for t in canonical.to_proto().graph.initializer
+                     if t.name not in quantized and t.data_type == onnx.TensorProto.FLOAT)
+
+
+def _metrics(result, prefix: str) -> dict:
+    return {f"{prefix}_top1": result.top1, f"{prefix}_top5": result.top5, f"{prefix}_agreement": result.agreement,
+            f"{prefix}_n": result.n}
+
+
+def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | None = None, *,
+             config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
+             **options: Any) -> CompressResult:
+    """Run IMPQ on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    from .engine import evaluate
+    from .frontend import load
+    from .search.checkpoint import WorkDir
+    from .search.impq import EVAL_BATCH, initial_state, labelled_batches, run_search, with_values
+    from .sites import find_sites
+
+    given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
+    cfg = CompressConfig.resolve(config, **given, **options)
+    report = progress if callable(progress) else (_stderr_line if progress else None)
+    paths = cfg.paths()
+    cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
+    digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
+    base = load(cfg.model)
+    preprocess = _preprocess(cfg, base)
+    sites = find_sites(base, (1, *preprocess.sample_shape))
+    train, val, test = _datasets(cfg, preprocess)
+    workdir = WorkDir(paths["work_dir"])
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
+    identity["model_sha256"] = digest
+    if cfg.resume and workdir.has_state():
+        workdir.check_identity(identity)
+        state = workdir.load_state()
+        plan, values = workdir.load_iteration(state["iteration"])
+        if report:
+            report(f"resuming {workdir.path} after iteration {state['iteration']}")
+    else:
+        workdir.start(identity)
+        from .plan import PrecisionPlan
+
+        reference = evaluate(base, labelled_batches(val, EVAL_BATCH), threads=cfg.threads)
+        state = initial_state({"top1": reference.top1, "top5": reference.top5, "n": reference.n})
+        plan = PrecisionPlan.uniform(sites, None, None, weight_scheme=cfg.weight_scheme, granularity=cfg.granularity)
+        values = {}
+        if report:
+            top1 = "n/a" if reference.top1 is None else f"{100 * reference.top1:.1f}%"
+            report(f"float model: validation top-1 {top1}, {len(train)} training / {len(val)} validation "
+                   f"images; {len(sites.weight_groups(cfg.granularity))} weight groups, {len(sites.activations)} "
+                   f"activation sites")
+    state = run_search(cfg, base, sites, train, val, workdir, state, plan, values,
+                       other_float_bytes=_other_float_bytes(base, sites), progress=report)
+
+    plan, values = workdir.load_iteration(state["final"])
+    final_model = with_values(base, values)
+    record = next(r for r in state["records"] if r["iteration"] == state["final"])
+    final = {k: record[k] for k in ("iteration", "weight_bits_effective", "activation_bits_effective", "gbitops",
+                                    "compression_ratio", "weight_bytes", "model_bytes", "val_top1", "val_top5",
+                                    "val_agreement")}
+    final["elapsed"] = state["elapsed"]
+    reference = dict(state["reference"])
+    if test is not None:
+        final.update(_metrics(evaluate(final_model, labelled_batches(test, EVAL_BATCH), plan=plan, sites=sites,
+                                       float_model=base, threads=cfg.threads), "test"))
+        reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
+    lowered = export_model(final_model, plan, sites, cfg.format)
+    verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
+    document = {"model": cfg.model, "data": cfg.data, "stop_reason": state["stop"], "reference": reference,
+                "final": final, "verification": verification, "iterations": state["records"],
+                "config": cfg.to_dict()}
+    write_all({
+        **output_files(lowered, paths["output"]),
+        paths["float"]: final_model.to_bytes(),
+        paths["plan"]: plan.to_yaml().encode(),
+        paths["report"]: (json.dumps(document, indent=1, allow_nan=True) + "\n").encode(),
+        paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),
+    })
+    if report:
+        split = "test" if "test_top1" in final else "val"
+        top1 = final[f"{split}_top1"]
+        report(f"done ({state['stop']}): iteration {final['iteration']}, B_w,eff {final['weight_bits_effective']:.3f}, "
+               f"B_a,eff {final['activation_bits_effective']:.3f}, {final['gbitops']:.4g} Gbit-OPs, {split} top-1 "
+               f"{'n/a' if top1 is None else f'{100 * top1:.1f}%'} -> {paths['output']}")
+    return CompressResult(plan, final, state["records"], reference, state["stop"], paths, cfg)
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,108 @@
+"""YAML run configurations that map 1:1 onto a function's options (e.g. ``compress``).
+
+A config file is a mapping ``option_name: value`` with the library parameter names (the CLI's
+``--option-name`` with ``_`` for ``-``). Unknown keys are an error that names the key and suggests
+the nearest valid one. Values are coerced and checked by :func:`coerce` from the field's type, the
+same way for YAML values and for the CLI's strings, so both paths give the same errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types"]
+
+_NONE_WORDS = ("none", "null", "~", "")
+
+
+def suggest(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or a list of the valid names."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
+
+
+def check_keys(mapping: Mapping[str, Any], valid: Iterable[str], source: str) -> None:
+    valid = list(valid)
+    for key in mapping:
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown key '{key}'{suggest(str(key).replace('-', '_'), valid)}")
+
+
+def read_config(path: str | Path, valid: Iterable[str]) -> dict[str, Any]:
+    """The mapping in YAML file ``path``, its keys checked against ``valid`` (``-`` read as ``_``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of option names to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    check_keys(data, valid, str(path))
+    return data
+
+
+def field_types(cls) -> dict[str, Any]:
+    """``{field name: resolved type}`` of a dataclass (string annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def coerce(name: str, value: Any, tp, source: str = "option") -> Any:
+    """``value`` (a YAML value or a CLI string) as type ``tp``; a one-line ConfigError otherwise."""
+    base, optional = _optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise ConfigError(f"{source} '{name}': a value is required")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(base, str(base))
+        extra = " or none" if optional else ""
+        raise ConfigError(f"{source} '{name}': {value!r} is not {kind}{extra}") from None
+    return value

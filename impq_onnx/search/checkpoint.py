@@ -1,0 +1,133 @@
+"""The work directory of a compress run: everything a killed run needs to resume, written atomically.
+
+Layout::
+
+    <work_dir>/run.json                  what the run is (resolved config + input model digest)
+    <work_dir>/state.json                the commit point: loop state after the last finished iteration
+    <work_dir>/iterations/0003/plan.yaml     plan after iteration 3
+    <work_dir>/iterations/0003/weights.npz   the float (shadow) parameters fine-tuned so far
+    <work_dir>/iterations/0003/metrics.json  that iteration's record
+
+Every file is written to a temporary name in the same folder, flushed, fsync'ed and moved into place
+with ``os.replace``, so a reader sees the old or the new file, never a partial one. An iteration's
+files are written first and ``state.json`` last: an iteration exists once ``state.json`` names it;
+files of an iteration that ``state.json`` does not name yet are ignored (and overwritten on resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic_files import write_atomic, write_temporary
+from ..errors import ConfigError
+from ..plan import PrecisionPlan
+
+__all__ = ["WorkDir", "write_atomic", "write_temporary", "STATE_VERSION"]
+
+STATE_VERSION = 1
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=1, sort_keys=True, allow_nan=True) + "\n"
+
+
+def values_to_bytes(values: dict[str, np.ndarray]) -> bytes:
+    names = sorted(values)
+    buffer = io.BytesIO()
+    arrays = {f"a{i}": np.asarray(values[name]) for i, name in enumerate(names)}
+    np.savez(buffer, __names__=np.array(json.dumps(names)), **arrays)
+    return buffer.getvalue()
+
+
+def values_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        names = json.loads(str(npz["__names__"]))
+        return {name: np.array(npz[f"a{i}"]) for i, name in enumerate(names)}
+
+
+class WorkDir:
+    """One run's work directory (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ---- run identity ---------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    def has_state(self) -> bool:
+        return self.state_path.is_file()
+
+    def start(self, identity: dict) -> None:
+        """A fresh run: refuse to overwrite another run's state (resume it or remove the folder)."""
+        if self.has_state():
+            state = self.load_state()
+            raise ConfigError(
+                f"work_dir {self.path} already holds a run (iteration {state.get('iteration')}); "
+                "pass --resume to continue it, or remove the folder to start over"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "iterations").mkdir(exist_ok=True)
+        write_atomic(self.path / "run.json", _json(identity))
+
+    def check_identity(self, identity: dict) -> None:
+        """On resume: the run must be the same run (same config and input model)."""
+        try:
+            saved = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ConfigError(f"work_dir {self.path}: run.json is missing or unreadable; cannot resume") from None
+        for key in sorted(set(saved) | set(identity)):
+            if saved.get(key) != identity.get(key):
+                raise ConfigError(
+                    f"work_dir {self.path}: cannot resume, '{key}' was {saved.get(key)!r} and is now "
+                    f"{identity.get(key)!r}; use the same options or a new work_dir"
+                )
+
+    # ---- state ----------------------------------------------------------------------------------
+    def load_state(self) -> dict:
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"work_dir {self.path}: state.json is unreadable ({exc}); cannot resume") from None
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"work_dir {self.path}: state version {state.get('version')!r} is not {STATE_VERSION}")
+        return state
+
+    def iteration_dir(self, iteration: int) -> Path:
+        return self.path / "iterations" / f"{iteration:04d}"
+
+    def save_iteration(self, iteration: int, plan: PrecisionPlan, values: dict[str, np.ndarray], record: dict) -> None:
+        folder = self.iteration_dir(iteration)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / "plan.yaml", plan.to_yaml())
+        write_atomic(folder / "weights.npz", values_to_bytes(values))
+        write_atomic(folder / "metrics.json", _json(record))
+
+    def commit(self, state: dict) -> None:
+        """Make the iteration ``state['iteration']`` the one a resume starts from."""
+        write_atomic(self.state_path, _json(dict(state, version=STATE_VERSION)))
+
+    def load_iteration(self, iteration: int) -> tuple[PrecisionPlan, dict[str, np.ndarray]]:
+        folder = self.iteration_dir(iteration)
+        plan = PrecisionPlan.load(folder / "plan.yaml")
+        return plan, values_from_bytes((folder / "weights.npz").read_bytes())
+
+    def prune(self, keep: set[int]) -> None:
+        """Drop the weights of committed iterations not in ``keep`` (plans and metrics stay)."""
+        root = self.path / "iterations"
+        for folder in sorted(root.iterdir()) if root.is_dir() else ():
+            if folder.name.isdigit() and int(folder.name) not in keep:
+                with contextlib.suppress(OSError):
+                    (folder / "weights.npz").unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""The work directory: atomic files, the commit point, exact parameter round trips."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from impq_onnx.architectures import fashion_net
+from impq_onnx.errors import ConfigError
+from impq_onnx.frontend import from_proto
+from impq_onnx.plan import PrecisionPlan
+from impq_onnx.search.checkpoint import WorkDir, values_from_bytes, values_to_bytes, write_atomic
+from impq_onnx.sites import find_sites
+
+
+def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    write_atomic(target, "one")
+    write_atomic(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_values_round_trip_bit_exactly():
+    rng = np.random.default_rng(0)
+    values = {"conv1.weight": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
+              "bn/1.running_mean": np.zeros(3, np.float32)}
+    back = values_from_bytes(values_to_bytes(values))
+    assert sorted(back) == sorted(values)
+    for name in values:
+        assert back[name].dtype == values[name].dtype and back[name].tobytes() == values[name].tobytes()
+
+
+def test_iterations_commit_and_prune(tmp_path):
+    sites = find_sites(from_proto(fashion_net()), (1, 1, 28, 28))
+    plan = PrecisionPlan.uniform(sites, 4, None)
+    work = WorkDir(tmp_path / "work")
+    work.start({"seed": 0})
+    work.start({"seed": 0})  # nothing committed yet: starting over is allowed
+    for i in range(3):
+        work.save_iteration(i, plan, {"w": np.full(2, i, np.float32)}, {"iteration": i})
+        work.commit({"iteration": i})
+        work.prune({i, 0})
+    assert work.load_state()["iteration"] == 2
+    back, values = work.load_iteration(2)
+    assert back.to_yaml() == plan.to_yaml() and values["w"].tolist() == [2, 2]
+    assert not (work.iteration_dir(1) / "weights.npz").exists()
+    assert (work.iteration_dir(0) / "weights.npz").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        work.start({"seed": 0})  # a committed run is never overwritten silently
+    work.check_identity({"seed": 0})
+    with pytest.raises(ConfigError, match="'seed' was 0 and is now 1"):
+        work.check_identity({"seed": 1})

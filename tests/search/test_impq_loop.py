@@ -1,0 +1,140 @@
+"""The loop's bookkeeping: phases, stop rules, the kept iteration.
+
+STAND-INS: these tests replace fine-tuning, evaluation and the sensitivity measurement with fast fakes
+(a scripted accuracy, a fixed ranking) so that only the loop's decisions are under test. The real
+components run end to end in tests/test_compress.py and tests/search/test_resume.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import impq_onnx.sensitivity as sensitivity
+from impq_onnx.architectures import fashion_net
+from impq_onnx.compression import CompressConfig
+from impq_onnx.data import PRESETS, dataset_from_arrays
+from impq_onnx.engine import EvalResult, TrainedWeights
+from impq_onnx.frontend import from_proto
+from impq_onnx.plan import PrecisionPlan
+from impq_onnx.search import impq
+from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.sensitivity import SensitivityTable
+from impq_onnx.sites import find_sites
+
+
+@pytest.fixture(scope="module")
+def net():
+    base = from_proto(fashion_net())
+    return base, find_sites(base, (1, 1, 28, 28))
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """Fake fine-tune (no change), fake evaluation (top-1 = accuracy(plan)), fake sensitivity
+    (a fixed ranking: groups and sites in name order, the first least sensitive)."""
+    calls = {"accuracy": lambda plan: 0.9}
+
+    def fake_fine_tune(model, plan, sites, batches, *, steps, **kwargs):
+        next(iter(batches()))  # the data factory works
+        return TrainedWeights({}, [0.1] * steps, steps, steps, 0.0)
+
+    def fake_evaluate(model, batches, *, plan=None, sites=None, float_model=None, threads=2):
+        return EvalResult(calls["accuracy"](plan), 1.0, 1.0, 10, 1.0)
+
+    def fake_noise_gain(model, sites, batches, *, plan=None, granularity="kernel", **kwargs):
+        groups = [g.name for g in sites.weight_groups(granularity)]
+        return SensitivityTable({n: float(i) for i, n in enumerate(groups)},
+                                {s.tensor: float(i) for i, s in enumerate(sites.activations)},
+                                granularity, "paper", "stand-in", 1, 1, 0.0)
+
+    monkeypatch.setattr(impq, "fine_tune", fake_fine_tune)
+    monkeypatch.setattr(impq, "evaluate", fake_evaluate)
+    monkeypatch.setattr(sensitivity, "noise_gain", fake_noise_gain)
+    return calls
+
+
+def _run(net, tmp_path, **options):
+    base, sites = net
+    cfg = CompressConfig(model="m.onnx", data="d", **{"granularity": "network", "phases": "weights",
+                                                      "target_bits": None, "target_act_bits": None, **options})
+    rng = np.random.default_rng(0)
+    train = dataset_from_arrays(rng.integers(0, 255, (20, 28, 28), np.uint8), rng.integers(0, 10, 20),
+                                PRESETS["fashion-mnist"])
+    work = WorkDir(tmp_path / "work")
+    work.start({})
+    plan = PrecisionPlan.uniform(sites, None, None, granularity=cfg.granularity)
+    state = impq.run_search(cfg, base, sites, train, train, work, impq.initial_state({"top1": 0.9}), plan, {})
+    return state, work
+
+
+def _bits(record):
+    return record["weight_bits_effective"]
+
+
+def test_target_bits_ends_the_phase_at_the_first_iteration_that_reaches_it(net, tmp_path, stand_ins):
+    state, work = _run(net, tmp_path, target_bits=6.0)
+    assert [_bits(r) for r in state["records"]] == [8.0, 7.0, 6.0]
+    assert state["stop"] == "target_bits" and state["final"] == 2
+    assert state["records"][-1]["phase_end"] == "target_bits"
+    assert work.load_state()["final"] == 2
+
+
+def test_max_accuracy_drop_keeps_the_last_iteration_within_it(net, tmp_path, stand_ins):
+    stand_ins["accuracy"] = lambda plan: 0.9 if plan.weights["conv1"][0] >= 6 else 0.5
+    state, work = _run(net, tmp_path, max_accuracy_drop=10.0, target_bits=2.0)
+    assert [_bits(r) for r in state["records"]] == [8.0, 7.0, 6.0, 5.0]
+    assert [r["within_accuracy_drop"] for r in state["records"]] == [True, True, True, False]
+    assert state["stop"] == "max_accuracy_drop" and state["final"] == 2
+    plan, _ = work.load_iteration(2)  # kept: its weights were not pruned
+    assert plan.weights["conv1"][0] == 6
+    assert not (work.iteration_dir(1) / "weights.npz").exists()
+
+
+def test_stop_rules_combine_the_first_to_fire_wins(net, tmp_path, stand_ins):
+    _, sites = net
+    plan7 = PrecisionPlan.uniform(sites, 7, None)
+    state, _ = _run(net, tmp_path, target_gbitops=plan7.bitops(sites) + 1e-12, target_bits=2.0)
+    assert state["stop"] == "target_gbitops" and state["final"] == 1
+
+
+def test_time_budget_decision_is_recorded_in_the_commit(net, tmp_path, stand_ins):
+    state, work = _run(net, tmp_path, time_budget=0.0, target_bits=2.0)
+    assert state["stop"] == "time_budget" and len(state["records"]) == 1
+    assert work.load_state()["stop"] == "time_budget"
+
+
+def test_max_iterations_and_phase_order_activations_first(net, tmp_path, stand_ins):
+    state, _ = _run(net, tmp_path, phases="activations-weights", max_iterations=2)
+    phases = [(r["phase"], r["kind"]) for r in state["records"]]
+    assert phases == [("activations", "start"), ("activations", "lower"), ("activations", "lower"),
+                      ("weights", "start"), ("weights", "lower"), ("weights", "lower")]
+    first = state["records"][0]
+    assert first["weight_bits_effective"] == 32.0 and first["activation_bits_effective"] == 8.0
+    assert state["stop"] == "max_iterations"
+    # the stand-in ranking puts the first activation site first: N = round(50% of 5) = 3 per step
+    assert [r["lowered"] for r in state["records"][:3]] == [0, 3, 3]
+
+
+def test_a_phase_ends_when_every_group_is_at_one_bit(net, tmp_path, stand_ins):
+    state, _ = _run(net, tmp_path, start_bits=2, max_iterations=10)
+    assert [_bits(r) for r in state["records"]] == [2.0, 1.0]
+    assert state["stop"] == "all_groups_at_1_bit"
+
+
+def test_pick_least_sensitive_breaks_ties_by_name_and_skips_nan():
+    scores = {"b": 1.0, "a": 1.0, "c": float("nan"), "d": 0.5}
+    assert impq.pick_least_sensitive(scores, ["a", "b", "c", "d"], 3) == ["d", "a", "b"]
+
+
+def test_derived_seeds_depend_only_on_their_arguments():
+    assert impq.derive_seed(0, 3, "train", 1) == impq.derive_seed(0, 3, "train", 1)
+    assert len({impq.derive_seed(0, i, p) for i in range(4) for p in ("train", "sensitivity")}) == 8
+
+
+def test_steps_from_epochs_and_start_steps():
+    train = list(range(100))  # only its length matters
+    cfg = CompressConfig(steps=7, batch_size=16, start_steps=11)
+    assert impq._steps(cfg, train, start=False) == 7 and impq._steps(cfg, train, start=True) == 11
+    cfg = CompressConfig(epochs=1.5, batch_size=16)
+    assert impq._steps(cfg, train, start=True) == 9  # 6 full batches per epoch

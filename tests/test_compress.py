@@ -1,0 +1,159 @@
+"""compress: the IMPQ loop end to end on the bundled Fashion-MNIST data, its options and config files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from impq_onnx.compression import CompressConfig, compress
+from impq_onnx.data import PRESETS, open_dataset
+from impq_onnx.errors import ConfigError
+from impq_onnx.frontend import load
+from impq_onnx.plan import PrecisionPlan
+from impq_onnx.sites import find_sites
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
+DATA = ROOT / "models" / "fashion-mnist"
+needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled Fashion-MNIST model is not built yet")
+TINY = dict(steps=3, start_steps=6, sensitivity_samples=32, max_val_samples=40, batch_size=16, max_iterations=3,
+            target_bits=None, target_act_bits=None)
+
+
+@needs_model
+def test_weights_then_activations_end_to_end(tmp_path):
+    before = MODEL.read_bytes()
+    result = compress(MODEL, DATA, output=tmp_path / "out.onnx", progress=False, **TINY)
+    assert MODEL.read_bytes() == before  # the input model is never modified
+    paths = result.paths
+    for key in ("output", "plan", "report", "config"):
+        assert paths[key].is_file(), key
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    records = json.loads(paths["report"].read_text())["iterations"]
+    assert [(r["phase"], r["kind"]) for r in records] == [("weights", "start")] + [("weights", "lower")] * 3 + [
+        ("activations", "start")] + [("activations", "lower")] * 3
+    bits = [r["weight_bits_effective"] for r in records]
+    assert bits[0] == 8.0 and all(b <= a for a, b in zip(bits, bits[1:]))
+    assert all(b < a for a, b in zip(bits[:4], bits[1:4]))  # every weight step lowers B_w,eff
+    act_bits = [r["activation_bits_effective"] for r in records]
+    assert act_bits[:4] == [32.0] * 4 and act_bits[4] == 8.0 and act_bits[-1] < 8.0
+    for r in records:
+        assert r["compression_ratio"] == pytest.approx(16.0 / r["weight_bits_effective"])
+        assert 0.0 <= r["val_top1"] <= 1.0 and 0.0 <= r["val_agreement"] <= 1.0
+
+    # The report's final metrics are those of the written plan.
+    canonical = load(MODEL)
+    sites = find_sites(canonical, (1, 1, 28, 28))
+    plan = PrecisionPlan.load(paths["plan"])
+    summary = plan.summary(sites)
+    report = json.loads(paths["report"].read_text())
+    for key, value in summary.items():
+        assert report["final"][key] == pytest.approx(value)
+    assert report["stop_reason"] == "max_iterations" and report["final"]["iteration"] == 7
+    assert result.final == report["final"]
+
+    # The simulated output model runs in onnxruntime and reproduces the reported test accuracy.
+    session = ort.InferenceSession(paths["output"].read_bytes(), providers=["CPUExecutionProvider"])
+    test = open_dataset(DATA / "test", PRESETS["fashion-mnist"])
+    hits = 0
+    for x, y in test.batches(50):
+        logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+        assert logits.shape == (len(x), 10) and np.isfinite(logits).all()
+        hits += int((logits.argmax(1) == y).sum())
+    assert hits / len(test) == pytest.approx(report["final"]["test_top1"])
+
+    # The resolved config reproduces the run's options.
+    resolved = yaml.safe_load(paths["config"].read_text())
+    assert CompressConfig.resolve(paths["config"]).to_dict() == result.config.to_dict() == resolved
+
+
+@needs_model
+def test_one_tree_is_split_and_activations_only(tmp_path):
+    result = compress(MODEL, DATA / "train", output=tmp_path / "m.onnx", progress=False, phases="activations",
+                      **dict(TINY, max_iterations=1, granularity="layer"))
+    assert [r["kind"] for r in result.iterations] == ["start", "lower"]
+    assert "test_top1" not in result.final and result.final["weight_bits_effective"] == 32.0
+    assert result.iterations[0]["val_n"] == 40
+
+
+def test_config_file_unknown_key_suggests_the_nearest(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m.onnx\ndata: d\ntarget-bit: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'target_bit' \(did you mean 'target_bits'\?\)"):
+        CompressConfig.resolve(path)
+
+
+def test_api_unknown_option_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'max_accuracy_drop'"):
+        compress("m.onnx", "d", max_acuracy_drop=1.0)
+
+
+def test_options_override_the_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m.onnx\ndata: d\nsteps: 7\nschedule: 400x3,200,150\ntarget_bits: null\n")
+    cfg = CompressConfig.resolve(path, steps="9")
+    assert (cfg.steps, cfg.schedule, cfg.target_bits, cfg.lr) == (9, "400x3,200,150", None, 0.005)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(steps="many"), "option 'steps': 'many' is not an integer"),
+    (dict(granularity="kernal"), "did you mean 'kernel'"),
+    (dict(phases="weights-only"), "is not one of"),
+    (dict(schedule="150%"), "schedule"),
+    (dict(start_bits=0), "within 1..16"),
+    (dict(val_fraction=1.5), "between 0 and 1"),
+    (dict(target_bits="none", lr=-1), "'lr'"),
+])
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        CompressConfig.resolve(model="m.onnx", data="d", **options)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_bad_option_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "impq_onnx", "compress", "m.onnx", "--data", "d",
+                             "--granularity", "kernal"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "impq-onnx: error: option 'granularity': 'kernal' is not one of kernel, layer, network "
+        "(did you mean 'kernel'?)"]
+
+
+def test_cli_missing_model_file_leaves_no_output(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "impq_onnx", "compress", "nope.onnx", "--data", str(DATA)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@needs_model
+def test_default_settings_on_the_bundled_data(tmp_path):
+    result = compress(MODEL, DATA, output=tmp_path / "out.onnx", progress=False)
+    assert result.stop_reason == "target_act_bits"
+    assert result.final["weight_bits_effective"] <= 4.0 and result.final["activation_bits_effective"] <= 4.0
+    assert result.final["elapsed"] < 300
+
+
+@needs_model
+def test_unlabelled_images_distill_and_watch_agreement(tmp_path):
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for folder in sorted((DATA / "train").iterdir()):
+        for image in sorted(folder.glob("*.png"))[:6]:
+            shutil.copy(image, flat / f"{folder.name}-{image.name}")
+    result = compress(MODEL, flat, output=tmp_path / "m.onnx", progress=False, phases="weights", max_accuracy_drop=50,
+                      **dict(TINY, max_iterations=1))
+    assert result.reference["top1"] is None and result.final["val_top1"] is None
+    assert 0.0 <= result.final["val_agreement"] <= 1.0
+    assert all(r["within_accuracy_drop"] for r in result.iterations)
