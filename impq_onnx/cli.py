@@ -266,3 +266,19 @@ def compress_command(model, config, quiet, **options) -> None:
     from .compression import compress
 
     compress(model, config=config, progress=not quiet, **options)
+
+
+@main.command("report")
+@click.argument("work_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output-html", required=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write; the PNG figures go beside it as <stem>.<figure>.png.")
+@_user_errors
+def report_command(work_dirs, output_html) -> None:
+    """HTML report (bits per layer, accuracy vs bits, sensitivity, summary) of the compress runs in WORK_DIRS.
+
+    Several work dirs (e.g. one run per granularity) add the compression-ratio vs accuracy comparison.
+    """
+    from .report import write_report
+
+    for path in write_report(list(work_dirs), output_html):
+        click.echo(f"wrote {path}")

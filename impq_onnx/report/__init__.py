@@ -1,0 +1,77 @@
+"""``report``: an HTML page with the figures of one or more compress runs, read from their work dirs.
+
+``write_report(["m.work"], "m.report.html")`` (CLI ``impq-onnx report m.work -o m.report.html``) writes
+one self-contained HTML file (PNG figures embedded as base64) and the same PNGs beside it, named
+``<html stem>.<figure>.png`` for one run and ``<html stem>.<run label>.<figure>.png`` plus
+``<html stem>.compression_vs_accuracy.png`` (the paper's Fig. 4) for several. The same work dirs give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..atomic_files import write_all
+from ..errors import ImpqError
+from .run_data import RunData, read_run
+
+__all__ = ["RunData", "read_run", "write_report"]
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """One file-name-safe label per run: the work dir name without ``.work``, made unique."""
+    labels, seen = [], {}
+    for path in paths:
+        base = path.name.removesuffix(".work")
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._") or "run"
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return labels
+
+
+def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
+    """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
+    (the HTML first, then the PNGs)."""
+    from .figures import FIGURES, compression_vs_accuracy
+    from .html import render_html
+
+    if isinstance(work_dirs, (str, os.PathLike)):
+        work_dirs = [work_dirs]
+    paths = [Path(p) for p in work_dirs]
+    if not paths:
+        raise ImpqError("report needs at least one compress work dir")
+    output = Path(output_html)
+    if output.suffix.lower() not in (".html", ".htm"):
+        raise ImpqError(f"report output {output}: the name must end in .html")
+    runs = [read_run(path, label) for path, label in zip(paths, _labels(paths))]
+    several = len(runs) > 1
+    stem = output.with_suffix("")
+
+    files: dict[Path, bytes] = {}
+    run_figures = []
+    for run in runs:
+        figures: dict[str, tuple[bytes, str, str] | None] = {}
+        for name, (draw, caption) in FIGURES.items():
+            if name == "sensitivity" and run.sensitivity is None:
+                figures[name] = None
+                continue
+            png = Path(f"{stem}.{run.label}.{name}.png" if several else f"{stem}.{name}.png")
+            data = draw(run)
+            files[png] = data
+            figures[name] = (data, caption, png.name)
+        run_figures.append(figures)
+    comparison = None
+    if several:
+        png = Path(f"{stem}.compression_vs_accuracy.png")
+        data = compression_vs_accuracy(runs)
+        files[png] = data
+        caption = ("Accuracy vs compression ratio over the weight-phase iterations of each run, as the paper's "
+                   "Fig. 4 (one line per granularity).")
+        comparison = (data, caption, png.name)
+    page = render_html(runs, run_figures, comparison).encode("utf-8")
+    if output.parent != Path(""):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    write_all({output: page, **files})
+    return [output, *files]

@@ -1,0 +1,145 @@
+"""The report page: one self-contained HTML file (figures embedded as base64 PNG, no scripts, no
+outside links), byte-deterministic for the same runs (no timestamps, fixed ordering)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+
+from .run_data import RunData
+
+__all__ = ["render_html", "summary_rows"]
+
+_STYLE = """
+body { font-family: DejaVu Sans, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; } h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
+th { background: #f2f2f2; } td.text, th.text { text-align: left; }
+figure { margin: 1em 0; } figure img { max-width: 100%; } figcaption { font-size: 0.85em; color: #555; }
+p.missing { color: #a33; } details { margin: 0.5em 0 1em; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, digits: int = 3, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.2f} %"
+
+
+def _size(n_bytes) -> str:
+    if n_bytes is None:
+        return "n/a"
+    return f"{n_bytes / 1024:.1f} KiB" if n_bytes < 1024 * 1024 else f"{n_bytes / 1024 / 1024:.2f} MiB"
+
+
+def summary_rows(run: RunData) -> list[tuple[str, str]]:
+    """(quantity, value) rows of the run's final metrics, as printed in the summary table."""
+    final = run.final
+    split = "test" if final.get("test_top1") is not None or "test_agreement" in final else "val"
+    return [
+        ("iteration", str(final.get("iteration"))),
+        ("stop reason", run.stop_reason or "not finished (last committed iteration shown)"),
+        ("B_w,eff [bit]", _num(final.get("weight_bits_effective"))),
+        ("B_a,eff [bit]", _num(final.get("activation_bits_effective"))),
+        ("C_C [Gbit-OPs / image]", _num(final.get("gbitops"), 4)),
+        ("CR (vs 16-bit weights)", _num(final.get("compression_ratio"), 2, "x")),
+        ("quantized weights", _size(final.get("weight_bytes"))),
+        ("model size", _size(final.get("model_bytes"))),
+        (f"{split} top-1", _pct(final.get(f"{split}_top1"))),
+        (f"{split} top-1 of the float model", _pct(run.reference.get("top1" if split == "val" else "test_top1"))),
+        (f"{split} agreement with float", _pct(final.get(f"{split}_agreement"))),
+        ("validation top-1", _pct(final.get("val_top1"))) if split == "test" else None,
+        ("wall time (search)", _num(final.get("elapsed"), 1, " s")),
+    ]
+
+
+def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+    def row(cells, tag):
+        classes = [' class="text"' if i < text_columns else "" for i in range(len(cells))]
+        return "<tr>" + "".join(f"<{tag}{k}>{_e(c)}</{tag}>" for k, c in zip(classes, cells)) + "</tr>"
+
+    return "<table>\n" + row(header, "th") + "\n" + "\n".join(row(r, "td") for r in rows) + "\n</table>"
+
+
+def _iterations_table(run: RunData) -> str:
+    rows = [[str(r["iteration"]), r["phase"], r["kind"] if r["kind"] == "start" else
+             f"-1 bit on {r['lowered']}/{r['reducible']}", _num(r["weight_bits_effective"]),
+             _num(r["activation_bits_effective"]), _num(r["gbitops"], 4), _num(r["compression_ratio"], 2, "x"),
+             _pct(r["val_top1"]), _pct(r["val_agreement"]), _num(r.get("seconds"), 1, " s"),
+             " ".join(x for x in (r.get("phase_end") and f"phase end: {r['phase_end']}",
+                                  r.get("stop") and f"stop: {r['stop']}") if x)]
+            for r in run.records]
+    return _table(["iter", "phase", "step", "B_w,eff", "B_a,eff", "C_C", "CR", "val top-1", "agreement", "time",
+                   "note"], rows, text_columns=3)
+
+
+def _figure(data: bytes, alt: str, caption: str, file_name: str) -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return (f'<figure>\n<img alt="{_e(alt)}" src="data:image/png;base64,{encoded}">\n'
+            f"<figcaption>{_e(caption)} ({_e(file_name)})</figcaption>\n</figure>")
+
+
+def _config_table(config: dict) -> str:
+    rows = [[key, json.dumps(config[key]) if not isinstance(config[key], str) else config[key]]
+            for key in config]
+    return _table(["option", "value"], rows, text_columns=2)
+
+
+def _run_section(run: RunData, figures: dict[str, tuple[bytes, str, str] | None], heading: bool) -> str:
+    parts = [f"<h2>{_e(run.label)}</h2>" if heading else "",
+             f"<p>work dir <code>{_e(run.path)}</code>, {_e(run.granularity)} granularity, "
+             f"{len(run.records)} iterations"
+             + (f", compress report <code>{_e(run.report_path.name)}</code>" if run.report_path else
+                ", no compress report beside it (validation metrics only)") + ".</p>",
+             "<h3>Summary</h3>",
+             _table(["quantity", "value"], [list(r) for r in summary_rows(run) if r is not None])]
+    if run.verification is not None:
+        v = run.verification
+        parts.append(f"<p>verification of the lowered model: {'OK' if v.get('ok') else 'FAILED'} over "
+                     f"{_e(v.get('samples'))} images, agreement with the simulation {_e(_pct(v.get('agreement')))}, "
+                     f"max logit difference {_e(v.get('max_logit_diff'))}.</p>")
+    for name, entry in figures.items():
+        if entry is not None:
+            data, caption, file_name = entry
+            parts.append(_figure(data, f"{run.label}: {name}", caption, file_name))
+        elif name == "sensitivity":
+            parts.append('<p class="missing">Sensitivity per layer: not recorded (the work dir has no '
+                         "iterations/NNNN/sensitivity.json).</p>")
+    parts += ["<h3>Iterations</h3>", _iterations_table(run),
+              "<details><summary>Resolved config</summary>", _config_table(run.config), "</details>"]
+    return "\n".join(p for p in parts if p)
+
+
+def render_html(runs: list[RunData], run_figures: list[dict], comparison: tuple[bytes, str, str] | None) -> str:
+    """The page: a comparison table and Fig. 4 for several runs, then one section per run."""
+    several = len(runs) > 1
+    title = "IMPQ report: " + ", ".join(run.label for run in runs)
+    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{_e(title)}</title>",
+             f"<style>{_STYLE}</style>", "</head>", "<body>", f"<h1>{_e(title)}</h1>"]
+    if several:
+        rows = []
+        for run in runs:
+            values = dict(r for r in summary_rows(run) if r is not None)
+            top1 = next((v for k, v in values.items() if k.endswith("top-1") and "float" not in k), "n/a")
+            rows.append([run.label, run.granularity, values["B_w,eff [bit]"], values["B_a,eff [bit]"],
+                         values["C_C [Gbit-OPs / image]"], values["CR (vs 16-bit weights)"], values["model size"],
+                         top1, values["wall time (search)"]])
+        parts += ["<h2>Runs</h2>", _table(["run", "granularity", "B_w,eff", "B_a,eff", "C_C [Gbit-OPs]", "CR",
+                                           "size", "top-1", "wall time"], rows, text_columns=2)]
+        if comparison is not None:
+            parts.append(_figure(comparison[0], "compression ratio vs accuracy", comparison[1], comparison[2]))
+    for run, figures in zip(runs, run_figures):
+        parts.append(_run_section(run, figures, heading=several))
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,183 @@
+"""What a report shows of one compress run, read from its work directory (never written).
+
+Sources (layout in :mod:`impq_onnx.search.checkpoint`): ``run.json`` (the options that define the
+run), ``state.json`` (every iteration's record, the float reference, the final iteration, why it
+stopped), ``iterations/NNNN/plan.yaml`` (the bits), ``iterations/NNNN/sensitivity.json`` when the
+loop recorded one, and ``<stem>.report.json`` beside the folder when compress finished (test-split
+metrics, verification, the resolved config). The input model named in ``run.json`` is read, when it
+is still there, only to put layers in network order and to pair each layer with its input
+activation; without it layers are sorted by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+from ..errors import ImpqError
+from ..plan import PrecisionPlan
+
+__all__ = ["RunData", "read_run"]
+
+logger = logging.getLogger(__name__)
+
+_FINAL_KEYS = ("iteration", "weight_bits_effective", "activation_bits_effective", "gbitops", "compression_ratio",
+               "weight_bytes", "model_bytes", "val_top1", "val_top5", "val_agreement")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBits:
+    """The bits of one quantized layer in the final plan (``None`` entries: kept float)."""
+
+    node: str
+    kernel_bits: tuple[int | None, ...]
+    activation: str | None  # the input activation tensor, when the model told us
+    activation_bits: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """One compress run as the report needs it: plain data, no open files."""
+
+    path: Path
+    label: str
+    granularity: str
+    records: tuple[dict, ...]
+    reference: dict
+    final: dict
+    stop_reason: str | None  # None: the run has not finished (the last committed iteration is shown)
+    config: dict
+    verification: dict | None
+    plan: PrecisionPlan
+    layers: tuple[LayerBits, ...]  # network order when the model was readable, else by name
+    unpaired_activations: tuple[tuple[str, int | None], ...]  # sites not paired with a layer
+    sensitivity: dict | None  # SensitivityTable.to_dict() of the last iteration that recorded one
+    sensitivity_iteration: int | None
+    report_path: Path | None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ImpqError(f"{path}: cannot read the {what} ({exc})") from None
+
+
+def _not_a_work_dir(path: Path, why: str) -> ImpqError:
+    return ImpqError(f"{path} is not a compress work dir ({why}); give the folder compress checkpoints into "
+                     "(<output stem>.work by default)")
+
+
+def _report_beside(path: Path, records: tuple[dict, ...]) -> Path | None:
+    """``<stem>.report.json`` of the run that used ``path`` as its work dir, if compress wrote one.
+
+    Its ``config.work_dir`` may be relative to wherever compress ran, so a report in the same folder
+    is taken when that names this folder (resolved here, or by name) and its iterations are this
+    work dir's records.
+    """
+    candidates = []
+    if path.name.endswith(".work"):
+        candidates.append(path.with_name(path.name.removesuffix(".work") + ".report.json"))
+    candidates += sorted(p for p in path.parent.glob("*.report.json") if p not in candidates)
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            document = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        work_dir = (document.get("config") or {}).get("work_dir")
+        if work_dir is None or not (_same_folder(Path(work_dir), path) or Path(work_dir).name == path.name):
+            continue
+        if tuple(document.get("iterations") or ()) == records:
+            return candidate
+    return None
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[str, str]] | None:
+    """``(layer node, input activation tensor)`` in network order, or None when the model is not usable."""
+    if not model_path or not Path(model_path).is_file():
+        return None
+    try:
+        from ..frontend import load
+        from ..sites import find_sites
+
+        sites = find_sites(load(model_path, check_runtime=False))
+    except (ImpqError, OSError, ValueError) as exc:  # the order is a nicety: never fail the report on it
+        logger.info("layer order by name: %s", exc)
+        return None
+    pairs = [(layer.node, layer.activation) for layer in sites.layers]
+    if {node for node, _ in pairs} != set(plan.weights):
+        return None  # the model changed since the run
+    return pairs
+
+
+def _layers(plan: PrecisionPlan, model_path: str | None):
+    order = _network_order(model_path, plan)
+    if order is None:
+        order = [(node, None) for node in sorted(plan.weights, key=_natural_key)]
+    layers = tuple(LayerBits(node, tuple(plan.weights[node]), act, plan.activations.get(act) if act else None)
+                   for node, act in order)
+    paired = {layer.activation for layer in layers}
+    rest = tuple((name, plan.activations[name]) for name in sorted(plan.activations, key=_natural_key)
+                 if name not in paired)
+    return layers, rest
+
+
+def _sensitivity(path: Path, last: int) -> tuple[dict | None, int | None]:
+    for iteration in range(last, -1, -1):
+        file = path / "iterations" / f"{iteration:04d}" / "sensitivity.json"
+        if file.is_file():
+            return _read_json(file, "sensitivity table"), iteration
+    return None, None
+
+
+def read_run(work_dir: str | Path, label: str | None = None) -> RunData:
+    """Read one compress work directory; an :class:`ImpqError` naming it when it is not one."""
+    path = Path(work_dir)
+    if not path.is_dir():
+        raise _not_a_work_dir(path, "no such folder" if not path.exists() else "not a folder")
+    for name in ("run.json", "state.json"):
+        if not (path / name).is_file():
+            raise _not_a_work_dir(path, f"no {name}")
+    identity = _read_json(path / "run.json", "run identity")
+    state = _read_json(path / "state.json", "run state")
+    records = tuple(state.get("records") or ())
+    if not records:
+        raise ImpqError(f"{path}: the run has not finished an iteration yet; nothing to report")
+    last = state.get("final") if state.get("final") is not None else state.get("iteration", records[-1]["iteration"])
+    record = next((r for r in records if r["iteration"] == last), records[-1])
+    plan_file = path / "iterations" / f"{record['iteration']:04d}" / "plan.yaml"
+    if not plan_file.is_file():
+        raise _not_a_work_dir(path, f"no {plan_file.relative_to(path)}")
+    plan = PrecisionPlan.load(plan_file)
+
+    report_path = _report_beside(path, records)
+    document = _read_json(report_path, "compress report") if report_path else {}
+    final = dict(document.get("final") or {k: record.get(k) for k in _FINAL_KEYS})
+    final.setdefault("elapsed", state.get("elapsed", record.get("elapsed")))
+    config = dict(document.get("config") or {k: v for k, v in identity.items() if k != "model_sha256"})
+    layers, rest = _layers(plan, identity.get("model"))
+    sensitivity, sensitivity_iteration = _sensitivity(path, int(state.get("iteration", last)))
+    return RunData(
+        path=path, label=label or path.name.removesuffix(".work"),
+        granularity=str(identity.get("granularity", plan.granularity)), records=records,
+        reference=dict(document.get("reference") or state.get("reference") or {}), final=final,
+        stop_reason=state.get("stop"), config=config, verification=document.get("verification"), plan=plan,
+        layers=layers, unpaired_activations=rest, sensitivity=sensitivity,
+        sensitivity_iteration=sensitivity_iteration, report_path=report_path,
+    )

@@ -1,0 +1,132 @@
+"""report: the HTML page and PNG figures of real (tiny) compress runs on the bundled Fashion-MNIST data."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from impq_onnx.compression import compress
+from impq_onnx.errors import ImpqError
+from impq_onnx.plan import PrecisionPlan
+from impq_onnx.report import read_run, write_report
+from impq_onnx.report.html import summary_rows
+from impq_onnx.sensitivity.table import SensitivityTable
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
+DATA = ROOT / "models" / "fashion-mnist"
+needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled Fashion-MNIST model is not built yet")
+TINY = dict(steps=3, start_steps=6, sensitivity_samples=32, max_val_samples=40, batch_size=16, max_iterations=2,
+            target_bits=None, target_act_bits=None)
+RUN_FIGURES = ("bits_per_layer", "accuracy_vs_bits", "kernel_bits")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished runs, kernel and layer granularity: {granularity: CompressResult}."""
+    if not MODEL.is_file():
+        pytest.skip("the bundled Fashion-MNIST model is not built yet")
+    root = tmp_path_factory.mktemp("runs")
+    return {g: compress(MODEL, DATA, output=root / f"{g}.onnx", progress=False, granularity=g, **TINY)
+            for g in ("kernel", "layer")}
+
+
+def _check_png(path: Path, html: str) -> None:
+    data = path.read_bytes()
+    assert data, path
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        low, high = image.convert("L").getextrema()
+        assert image.size[0] > 100 and image.size[1] > 100 and low < high, f"{path} is blank"
+    assert base64.b64encode(data).decode() in html, f"{path.name} is not embedded in the HTML"
+
+
+@needs_model
+def test_one_run_every_figure_summary_and_byte_identical(runs, tmp_path):
+    result = runs["kernel"]
+    work = result.paths["work_dir"]
+    written = write_report(work, tmp_path / "r.html")
+    html_path = tmp_path / "r.html"
+    assert written == [html_path] + [tmp_path / f"r.{name}.png" for name in RUN_FIGURES]
+    html = html_path.read_text(encoding="utf-8")
+    for name in RUN_FIGURES:
+        _check_png(tmp_path / f"r.{name}.png", html)
+    assert "<script" not in html and "http" not in html  # self-contained
+
+    # The summary table holds the final metrics of the compress report (test split: there is one).
+    final = result.final
+    rows = dict(r for r in summary_rows(read_run(work)) if r is not None)
+    assert rows["B_w,eff [bit]"] == f"{final['weight_bits_effective']:.3f}"
+    assert rows["B_a,eff [bit]"] == f"{final['activation_bits_effective']:.3f}"
+    assert rows["test top-1"] == f"{100 * final['test_top1']:.2f} %"
+    assert rows["CR (vs 16-bit weights)"] == f"{final['compression_ratio']:.2f}x"
+    for value in rows.values():
+        assert f">{value}<" in html
+    assert "Sensitivity per layer: not recorded" in html
+    assert '<td class="text">max_iterations</td><td class="text">2</td>' in html  # the resolved config
+
+    # A second render, here and in another process, gives the same bytes.
+    before = {p: p.read_bytes() for p in written}
+    assert write_report([work], html_path) == written
+    assert {p: p.read_bytes() for p in written} == before
+    other = tmp_path / "again"
+    other.mkdir()
+    subprocess.run([sys.executable, "-m", "impq_onnx", "report", str(work), "-o", "r.html"], cwd=other, check=True,
+                   capture_output=True, timeout=120)
+    assert {p.name: (other / p.name).read_bytes() for p in written} == {p.name: b for p, b in before.items()}
+
+
+@needs_model
+def test_recorded_sensitivity_is_charted(runs, tmp_path):
+    work = tmp_path / "copy.work"
+    shutil.copytree(runs["kernel"].paths["work_dir"], work)
+    last = json.loads((work / "state.json").read_text())["iteration"]
+    plan = PrecisionPlan.load(work / "iterations" / f"{last:04d}" / "plan.yaml")
+    weights = {f"{node}/{k}": 1e-3 * (k + 1) for node, bits in plan.weights.items() for k in range(len(bits))}
+    table = SensitivityTable(weights, {name: 1e-2 for name in plan.activations}, "kernel", "paper", "fast", 9, 32, 0.1)
+    (work / "iterations" / f"{last - 1:04d}" / "sensitivity.json").write_text(table.to_json())
+
+    written = write_report(work, tmp_path / "s.html")
+    html = (tmp_path / "s.html").read_text(encoding="utf-8")
+    assert tmp_path / "s.sensitivity.png" in written
+    _check_png(tmp_path / "s.sensitivity.png", html)
+    assert "not recorded" not in html
+    assert "no compress report beside it" in html  # the copy has no copy.report.json: validation metrics only
+
+
+@needs_model
+def test_two_granularities_add_the_compression_ratio_figure(runs, tmp_path):
+    works = [runs[g].paths["work_dir"] for g in ("kernel", "layer")]
+    written = write_report(works, tmp_path / "both.html")
+    html = (tmp_path / "both.html").read_text(encoding="utf-8")
+    expected = [tmp_path / f"both.{label}.{name}.png" for label in ("kernel", "layer") for name in RUN_FIGURES]
+    assert written == [tmp_path / "both.html", *expected, tmp_path / "both.compression_vs_accuracy.png"]
+    for path in written[1:]:
+        _check_png(path, html)
+    assert html.count("<h2>kernel</h2>") == 1 and html.count("<h2>layer</h2>") == 1
+
+
+def test_a_folder_that_is_not_a_work_dir_is_a_one_line_error(tmp_path):
+    (tmp_path / "plain").mkdir()
+    for path in (tmp_path / "plain", tmp_path / "missing.work"):
+        with pytest.raises(ImpqError, match=f"{path} is not a compress work dir") as info:
+            write_report([path], tmp_path / "r.html")
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_cli_not_a_work_dir_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "impq_onnx", "report", "nowhere.work", "-o", "r.html"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        ("impq-onnx: error: nowhere.work is not a compress work dir (no such folder); give the folder compress "
+         "checkpoints into (<output stem>.work by default)")]
