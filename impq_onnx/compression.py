@@ -3,7 +3,9 @@
 ``impq_onnx.compress(model="m.onnx", data="images/", target_bits=5)`` and ``impq-onnx compress
 m.onnx --data images/ --target-bits 5`` take the same options (:class:`CompressConfig`); a YAML
 ``config`` file maps 1:1 onto them, and explicit arguments override it. The loop itself is
-:mod:`impq_onnx.search.impq`; this module resolves options, data and outputs.
+:mod:`impq_onnx.search.impq`; ``method`` picks it or a baseline strategy over the same plan, engine
+and outputs (:mod:`impq_onnx.search.methods`: faq, activation-density, uniform-ptq); this module
+resolves options, data and outputs.
 
 Outputs (each written to a temporary name and renamed at the end, so an error leaves none):
 ``output`` (the model), ``<stem>.plan.yaml``, ``<stem>.report.json`` (every iteration and the final
@@ -34,6 +36,7 @@ from .lower import output_files
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
 _CHOICES = {
+    "method": ("impq", "faq", "activation-density", "uniform-ptq"),
     "phases": ("weights-activations", "activations-weights", "weights", "activations"),
     "granularity": ("kernel", "layer", "network"),
     "weight_scheme": ("midrise-max", "symmetric-rms"),
@@ -57,7 +60,10 @@ class CompressConfig:
     model: str | None = _opt(None, "The float ONNX classifier (never modified).")
     data: str | None = _opt(None, "ImageFolder dir (with train/ and test/ or val/ subfolders, or one tree "
                                   "to split) or .npz.")
-    output: str | None = _opt(None, "Output model path [default: <model stem>.impq.onnx in the current folder].")
+    method: str = _opt("impq", "Search strategy: impq (the default), faq (uniform bits, power-of-two steps, long "
+                               "fine-tune), activation-density (per-layer bits from the fraction of non-zero "
+                               "activations) or uniform-ptq (uniform bits, calibration only).")
+    output: str | None = _opt(None, "Output model path [default: <model stem>.<method>.onnx in the current folder].")
     format: str = _opt("qdq", "Output format: qdq (QuantizeLinear/DequantizeLinear), qonnx (Quant nodes) or "
                               "encodings (float model + per-channel encodings JSON).")
     work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
@@ -140,7 +146,7 @@ class CompressConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
 
     def paths(self) -> dict[str, Path]:
-        output = Path(self.output) if self.output else Path(Path(self.model).stem + ".impq.onnx")
+        output = Path(self.output) if self.output else Path(f"{Path(self.model).stem}.{self.method}.onnx")
         stem = output.with_suffix("") if output.suffix == ".onnx" else output
         return {
             "output": output,
@@ -234,11 +240,12 @@ def _metrics(result, prefix: str) -> dict:
 def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | None = None, *,
              config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
              **options: Any) -> CompressResult:
-    """Run IMPQ on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
     from .engine import evaluate
     from .frontend import load
     from .search.checkpoint import WorkDir
-    from .search.impq import EVAL_BATCH, initial_state, labelled_batches, run_search, with_values
+    from .search.impq import EVAL_BATCH, initial_state, labelled_batches, with_values
+    from .search.methods import strategy
     from .sites import find_sites
 
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
@@ -273,7 +280,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
             report(f"float model: validation top-1 {top1}, {len(train)} training / {len(val)} validation "
                    f"images; {len(sites.weight_groups(cfg.granularity))} weight groups, {len(sites.activations)} "
                    f"activation sites")
-    state = run_search(cfg, base, sites, train, val, workdir, state, plan, values,
+    state = strategy(cfg.method)(cfg, base, sites, train, val, workdir, state, plan, values,
                        other_float_bytes=_other_float_bytes(base, sites), progress=report)
 
     plan, values = workdir.load_iteration(state["final"])
@@ -290,8 +297,8 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
-    document = {"model": cfg.model, "data": cfg.data, "stop_reason": state["stop"], "reference": reference,
-                "final": final, "verification": verification, "iterations": state["records"],
+    document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state["stop"],
+                "reference": reference, "final": final, "verification": verification, "iterations": state["records"],
                 "config": cfg.to_dict()}
     write_all({
         **output_files(lowered, paths["output"]),

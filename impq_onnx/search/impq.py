@@ -260,7 +260,8 @@ def format_record(record: dict, reference: dict) -> str:
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    what = "start" if record["kind"] == "start" else f"-1 bit on {record['lowered']}/{record['reducible']}"
+    what = (f"-1 bit on {record['lowered']}/{record['reducible']}" if record["kind"] == "lower"
+            else record["kind"])  # the baseline strategies' kinds: fine-tune, density, calibrate
     line = (f"iter {record['iteration']:3d} {record['phase']:<11s} {what:<16s} "
             f"B_w {record['weight_bits_effective']:.2f}  B_a {record['activation_bits_effective']:.2f}  "
             f"C_C {record['gbitops']:.4g} Gbit-OPs  CR {record['compression_ratio']:.2f}x  "

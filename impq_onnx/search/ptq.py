@@ -1,0 +1,60 @@
+"""``--method uniform-ptq``: uniform bits, calibration only, no fine-tuning (the floor every method must beat).
+
+One iteration (``kind: calibrate``, ``fine_tune_steps: 0``, ``fine_tune_loss: null``):
+
+- every kernel at ``round(target_bits)`` bits (rounded half up, within 1..16; per output channel,
+  ``weight_scheme``), every activation site at ``round(target_act_bits)`` bits; a target of ``none``
+  keeps that side float, and a side not in ``phases`` stays float (``--phases weights``: weights only);
+- every activation clip is the 99.9th percentile of the float model's values over 5 training batches
+  (:func:`impq_onnx.simulate.calibrate_clips` with ``only_missing=False``: batch-norm clips are not used);
+- the float weights are left as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from ..plan import PrecisionPlan
+from ..simulate import calibrate_clips
+from .checkpoint import WorkDir
+from .impq import PHASE_ORDERS, derive_seed
+from .iteration import commit_iteration
+
+__all__ = ["calibrated_plan", "run_ptq", "uniform_bits"]
+
+
+def uniform_bits(cfg) -> tuple[int | None, int | None]:
+    """(weight bits, activation bits) of the uniform baselines: the targets rounded, None for float."""
+    phases = PHASE_ORDERS[cfg.phases]
+
+    def bits(target, phase):
+        if phase not in phases or target is None:
+            return None
+        return max(1, min(16, math.floor(target + 0.5)))
+
+    return bits(cfg.target_bits, "weights"), bits(cfg.target_act_bits, "activations")
+
+
+def calibrated_plan(cfg, base, sites, train, weight_bits, act_bits, *, weight_scheme: str) -> PrecisionPlan:
+    """The uniform plan with every clip calibrated (99.9th percentile, 5 batches, ``batch_size`` images each)."""
+    plan = PrecisionPlan.uniform(sites, weight_bits, act_bits, weight_scheme=weight_scheme,
+                                 granularity=cfg.granularity)
+    batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0, "calibrate"))
+    return calibrate_clips(base, plan, sites, batches, percentile=99.9, max_batches=5, only_missing=False,
+                           threads=cfg.threads, seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
+
+
+def run_ptq(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: PrecisionPlan, values: dict, *,
+            other_float_bytes: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:
+    """The single calibration iteration (a resumed finished run returns its state unchanged)."""
+    if state["stop"] is not None:
+        return state
+    started = time.perf_counter()
+    weight_bits, act_bits = uniform_bits(cfg)
+    plan = calibrated_plan(cfg, base, sites, train, weight_bits, act_bits, weight_scheme=cfg.weight_scheme)
+    commit_iteration(cfg, base, sites, val, workdir, state, plan, {}, started=started, phase="calibration",
+                     kind="calibrate", trained=None, last=True, stop_reason="calibrated",
+                     other_float_bytes=other_float_bytes, progress=progress)
+    return state
