@@ -1,6 +1,6 @@
 """Sensitivity benchmark: fast vs exact path on ResNet-20 (CIFAR-10), and memory on a 224x224 MobileNet-V1.
 
-    .venv/bin/python bench/sensitivity.py --data /tmp/cifar10/test [--samples 256] [--train-steps 0]
+    .venv/bin/python bench/sensitivity.py --data /tmp/cifar10/test [--samples 256] [--train-steps 0 | --model M.onnx]
     .venv/bin/python bench/sensitivity.py --part mobilenet [--samples 8]
 
 Part ``resnet`` (default): ResNet-20 (untrained, or fine-tuned for ``--train-steps`` float SGD steps
@@ -65,6 +65,10 @@ def cifar_subset(path: str, samples: int, seed: int = 0) -> np.ndarray:
 def trained_resnet20(args) -> object:
     from impq_onnx.architectures import resnet20
 
+    if args.model:
+        from impq_onnx.frontend import load
+
+        return load(args.model), args.model
     canonical = from_proto(resnet20())
     if args.train_steps <= 0:
         return canonical, "untrained"
@@ -209,6 +213,7 @@ def main() -> None:
     parser.add_argument("--train-data", default="/tmp/cifar10/train")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=0)
+    parser.add_argument("--model", help="a trained ResNet-20 .onnx (e.g. models/resnet20-cifar10/model.onnx)")
     parser.add_argument("--cache", default="/tmp/impq-bench")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--probes", type=int, default=1)
