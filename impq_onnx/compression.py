@@ -46,7 +46,7 @@ _CHOICES = {
     "format": ("qdq", "qonnx", "encodings"),
 }
 # Options that do not change what the run computes: a resume may change them.
-_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format")
+_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 
 
 def _opt(default, help_text: str):
@@ -64,6 +64,7 @@ class CompressConfig:
                                "fine-tune), activation-density (per-layer bits from the fraction of non-zero "
                                "activations) or uniform-ptq (uniform bits, calibration only).")
     output: str | None = _opt(None, "Output model path [default: <model stem>.<method>.onnx in the current folder].")
+    report: bool = _opt(True, "Also write <stem>.report.html with the paper's figures for this run.")
     format: str = _opt("qdq", "Output format: qdq (QuantizeLinear/DequantizeLinear), qonnx (Quant nodes) or "
                               "encodings (float model + per-channel encodings JSON).")
     work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
@@ -153,6 +154,7 @@ class CompressConfig:
             "plan": Path(f"{stem}.plan.yaml"),
             "report": Path(f"{stem}.report.json"),
             "config": Path(f"{stem}.config.yaml"),
+            "report_html": Path(f"{stem}.report.html"),
             "float": Path(f"{stem}.float.onnx"),
             "work_dir": Path(self.work_dir) if self.work_dir else Path(f"{stem}.work"),
         }
@@ -307,6 +309,10 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
         paths["report"]: (json.dumps(document, indent=1, allow_nan=True) + "\n").encode(),
         paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),
     })
+    if cfg.report:  # after the outputs: the HTML report reads <stem>.report.json
+        from .report import write_report
+
+        write_report([paths["work_dir"]], paths["report_html"])
     if report:
         split = "test" if "test_top1" in final else "val"
         top1 = final[f"{split}_top1"]

@@ -104,11 +104,15 @@ def bits_per_layer(run: RunData) -> bytes:
 def accuracy_vs_bits(run: RunData) -> bytes:
     key, label = _accuracy_key(run)
     phases = [p for p in ("weights", "activations") if any(r["phase"] == p for r in run.records)]
+    # Other methods (faq, activation-density, uniform-ptq) have their own phase names: plot them
+    # against the weight bits in one panel.
+    grouped = bool(phases)
+    phases = phases or ["weights"]
 
     def draw(fig):
         axes = fig.subplots(1, len(phases), squeeze=False)[0]
         for ax, phase in zip(axes, phases):
-            records = [r for r in run.records if r["phase"] == phase]
+            records = [r for r in run.records if r["phase"] == phase or not grouped]
             bits_key = "weight_bits_effective" if phase == "weights" else "activation_bits_effective"
             xs = [r[bits_key] for r in records]
             ax.plot(xs, [_pct(r[key]) for r in records], "o-", color=_WEIGHT, label=label.split(" [")[0])

@@ -7,6 +7,7 @@ Layout::
     <work_dir>/iterations/0003/plan.yaml     plan after iteration 3
     <work_dir>/iterations/0003/weights.npz   the float (shadow) parameters fine-tuned so far
     <work_dir>/iterations/0003/metrics.json  that iteration's record
+    <work_dir>/iterations/0003/sensitivity.json  the noise gains that chose what iteration 3 lowered
 
 Every file is written to a temporary name in the same folder, flushed, fsync'ed and moved into place
 with ``os.replace``, so a reader sees the old or the new file, never a partial one. An iteration's
@@ -105,9 +106,13 @@ class WorkDir:
     def iteration_dir(self, iteration: int) -> Path:
         return self.path / "iterations" / f"{iteration:04d}"
 
-    def save_iteration(self, iteration: int, plan: PrecisionPlan, values: dict[str, np.ndarray], record: dict) -> None:
+    def save_iteration(self, iteration: int, plan: PrecisionPlan, values: dict[str, np.ndarray], record: dict,
+                       sensitivity=None) -> None:
+        """``sensitivity`` (a SensitivityTable, when one was measured) goes to ``sensitivity.json`` for reports."""
         folder = self.iteration_dir(iteration)
         folder.mkdir(parents=True, exist_ok=True)
+        if sensitivity is not None:
+            write_atomic(folder / "sensitivity.json", sensitivity.to_json())
         write_atomic(folder / "plan.yaml", plan.to_yaml())
         write_atomic(folder / "weights.npz", values_to_bytes(values))
         write_atomic(folder / "metrics.json", _json(record))

@@ -159,7 +159,7 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step)
                        seed=derive_seed(cfg.seed, iteration, "probes"))
     scores = dict(table.weights if phase == "weights" else table.activations)
     picked = pick_least_sensitive(scores, [name for name, _ in candidates], n)
-    return _lower(plan, phase, picked, dict(candidates)), len(picked), len(candidates)
+    return _lower(plan, phase, picked, dict(candidates)), len(picked), len(candidates), table
 
 
 def _watched(record: dict, reference: dict) -> tuple[float | None, float]:
@@ -216,13 +216,14 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
         iteration = state["iteration"] + 1
         phase = phases[state["phase"]]
         model = with_values(base, values)
+        table = None  # the sensitivity measured this iteration, kept for reports
         if not state["phase_started"]:
             kind, lowered, reducible = "start", 0, None
             plan = _start_phase(plan, phase, cfg, model, sites, train, iteration)
         else:
             kind = "lower"
-            plan, lowered, reducible = _lowering_step(cfg, plan, phase, model, sites, train, iteration,
-                                                      state["phase_step"])
+            plan, lowered, reducible, table = _lowering_step(cfg, plan, phase, model, sites, train, iteration,
+                                                             state["phase_step"])
         sensitivity_seconds = time.perf_counter() - start
         steps = _steps(cfg, train, kind == "start")
         trained = fine_tune(model, plan, sites, _train_batches(cfg, train, iteration), steps=steps, lr=cfg.lr,
@@ -247,7 +248,7 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
             state["phase_step"] += 1
         _decide(state, record, cfg, plan, sites, phases)
         state["records"].append(record)
-        workdir.save_iteration(iteration, plan, values, record)
+        workdir.save_iteration(iteration, plan, values, record, sensitivity=table)
         workdir.commit(state)
         workdir.prune({iteration, state["last_good"]})
         report(format_record(record, state["reference"]))

@@ -26,7 +26,7 @@ DATA = ROOT / "models" / "fashion-mnist"
 needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled Fashion-MNIST model is not built yet")
 TINY = dict(steps=3, start_steps=6, sensitivity_samples=32, max_val_samples=40, batch_size=16, max_iterations=2,
             target_bits=None, target_act_bits=None)
-RUN_FIGURES = ("bits_per_layer", "accuracy_vs_bits", "kernel_bits")
+RUN_FIGURES = ("bits_per_layer", "accuracy_vs_bits", "sensitivity", "kernel_bits")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_one_run_every_figure_summary_and_byte_identical(runs, tmp_path):
     assert rows["CR (vs 16-bit weights)"] == f"{final['compression_ratio']:.2f}x"
     for value in rows.values():
         assert f">{value}<" in html
-    assert "Sensitivity per layer: not recorded" in html
+    assert "not recorded" not in html  # compress stores each iteration's sensitivity.json
     assert '<td class="text">max_iterations</td><td class="text">2</td>' in html  # the resolved config
 
     # A second render, here and in another process, gives the same bytes.
@@ -85,9 +85,15 @@ def test_one_run_every_figure_summary_and_byte_identical(runs, tmp_path):
 
 
 @needs_model
-def test_recorded_sensitivity_is_charted(runs, tmp_path):
+def test_sensitivity_chart_follows_the_recorded_tables(runs, tmp_path):
     work = tmp_path / "copy.work"
     shutil.copytree(runs["kernel"].paths["work_dir"], work)
+    for recorded in work.glob("iterations/*/sensitivity.json"):
+        recorded.unlink()
+    write_report(work, tmp_path / "none.html")
+    assert "Sensitivity per layer: not recorded" in (tmp_path / "none.html").read_text(encoding="utf-8")
+    assert not (tmp_path / "none.sensitivity.png").exists()
+
     last = json.loads((work / "state.json").read_text())["iteration"]
     plan = PrecisionPlan.load(work / "iterations" / f"{last:04d}" / "plan.yaml")
     weights = {f"{node}/{k}": 1e-3 * (k + 1) for node, bits in plan.weights.items() for k in range(len(bits))}
