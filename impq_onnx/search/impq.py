@@ -126,7 +126,8 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
 
 
 # ---- one iteration -------------------------------------------------------------------------------
-def _train_batches(cfg, train, iteration: int):
+def train_batches(cfg, train, iteration: int):
+    """The per-epoch batch factory of iteration ``iteration``: data order derives from (seed, iteration, epoch)."""
     epoch = [0]
 
     def factory():
@@ -138,7 +139,9 @@ def _train_batches(cfg, train, iteration: int):
     return factory
 
 
-def _steps(cfg, train, start: bool) -> int:
+def fine_tune_steps(cfg, train, start: bool = False) -> int:
+    """Steps of one iteration: ``start_steps`` at a phase start (when set), ``epochs`` over the training
+    split (when set), else ``steps``."""
     if start and cfg.start_steps is not None:
         return cfg.start_steps
     if cfg.epochs is not None:
@@ -225,8 +228,8 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
             plan, lowered, reducible, table = _lowering_step(cfg, plan, phase, model, sites, train, iteration,
                                                              state["phase_step"])
         sensitivity_seconds = time.perf_counter() - start
-        steps = _steps(cfg, train, kind == "start")
-        trained = fine_tune(model, plan, sites, _train_batches(cfg, train, iteration), steps=steps, lr=cfg.lr,
+        steps = fine_tune_steps(cfg, train, kind == "start")
+        trained = fine_tune(model, plan, sites, train_batches(cfg, train, iteration), steps=steps, lr=cfg.lr,
                             optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                             threads=cfg.threads, seed=derive_seed(cfg.seed, iteration, "fine-tune"), progress=inner)
         values = {**values, **trained.values}

@@ -9,7 +9,6 @@ continues after ``state['iteration']``, the last committed iteration.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -17,29 +16,10 @@ import numpy as np
 
 from ..engine import evaluate, fine_tune
 from .checkpoint import WorkDir
-from .impq import EVAL_BATCH, derive_seed, format_record, labelled_batches, with_values
+from .impq import (EVAL_BATCH, derive_seed, fine_tune_steps, format_record, labelled_batches, train_batches,
+                   with_values)
 
 __all__ = ["commit_iteration", "fine_tune_steps", "run_fine_tune", "train_batches"]
-
-
-def fine_tune_steps(cfg, train) -> int:
-    """Steps of one iteration: ``epochs`` (when set) over the training split, else ``steps``."""
-    if cfg.epochs is not None:
-        return max(1, math.ceil(cfg.epochs * max(1, len(train) // cfg.batch_size)))
-    return cfg.steps
-
-
-def train_batches(cfg, train, iteration: int):
-    """The per-epoch batch factory of iteration ``iteration`` (seeded like the IMPQ loop's)."""
-    epoch = [0]
-
-    def factory():
-        seed = derive_seed(cfg.seed, iteration, "train", epoch[0])
-        epoch[0] += 1
-        return labelled_batches(train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment,
-                                drop_last=len(train) >= cfg.batch_size)
-
-    return factory
 
 
 def run_fine_tune(cfg, model, plan, sites, train, iteration: int, steps: int, *, lr: float, final_lr: float = 0.0,

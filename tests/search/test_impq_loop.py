@@ -135,6 +135,6 @@ def test_derived_seeds_depend_only_on_their_arguments():
 def test_steps_from_epochs_and_start_steps():
     train = list(range(100))  # only its length matters
     cfg = CompressConfig(steps=7, batch_size=16, start_steps=11)
-    assert impq._steps(cfg, train, start=False) == 7 and impq._steps(cfg, train, start=True) == 11
+    assert impq.fine_tune_steps(cfg, train, start=False) == 7 and impq.fine_tune_steps(cfg, train, start=True) == 11
     cfg = CompressConfig(epochs=1.5, batch_size=16)
-    assert impq._steps(cfg, train, start=True) == 9  # 6 full batches per epoch
+    assert impq.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch
