@@ -161,8 +161,8 @@ def markdown(rows: list[dict], header: str) -> str:
     lines += ["", "Notes:", "",
               f"- top-1 and agreement are over {n or '?'} held-out images (one image = {100 / n if n else 0:.2g} "
               "points), one seed: differences of a point or two are noise.",
-              "- faq: weights use the `symmetric-rms` scheme (per-kernel clip 4·RMS), an approximation of FAQ's "
-              "power-of-two per-layer step 2^ceil(log2(4.12σ/2^(B-1))); activation steps are FAQ's exactly "
+              "- faq: weights use the `pow2-std` scheme, FAQ's power-of-two per-layer step "
+              "2^ceil(log2(4.12σ/2^(B-1))) exactly; activation steps are FAQ's exactly too "
               "(see `impq_onnx/search/faq.py`).",
               "- activation-density sets activation bits from densities too (B_max,a ≤ 8), so its B_a,eff is "
               "lower than the other methods' (which keep the `--act-bits`).",

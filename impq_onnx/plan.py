@@ -13,6 +13,8 @@ Weight schemes (exact definitions in :mod:`impq_onnx.quantizers`):
 - ``midrise-max`` (the reference code): per kernel, step ``2*max|w_k| / 2^B``, levels
   ``±step/2, ±3*step/2, ...`` (no zero level).
 - ``symmetric-rms`` (the paper text): per kernel, zero level, clip ``±4*RMS(w_k)``.
+- ``pow2-std`` (FAQ): per layer ``σ_l`` (population std of the layer's weights), per kernel step
+  ``2^ceil(log2(4.12*σ_l / 2^(B-1)))``, signed levels ``-2^(B-1) .. 2^(B-1)-1`` (1 bit: ``±step/2``).
 
 Activation scheme ``uniform-clip``: per site one clip ``c``. Unsigned sites (``signed: false``) use
 ``step = c * 2^-B`` and levels ``0 .. (2^B - 1)*step``; signed sites use ``step = c * 2^-(B-1)`` and
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-WEIGHT_SCHEMES = ("midrise-max", "symmetric-rms")
+WEIGHT_SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
 ACTIVATION_SCHEMES = ("uniform-clip",)
 MIN_BITS, MAX_BITS = 1, 16
 FLOAT_BITS = 32  # what an unquantized tensor costs in the metrics

@@ -20,8 +20,27 @@ Weights, per kernel ``k`` (one output channel) with bits ``B``; a kernel with bi
     B == 1: step = d / 2;  r = clip(rint(w / step - 0.5), -1, 0);  q = (r + 0.5) * step
             (= sign(w) * RMS(w_k): a zero-free 1-bit grid; ±d would be far too coarse)
 
-The statistic (``max|w_k|`` or ``RMS(w_k)``) is recomputed from the current float shadow weights at
-every step; no gradient flows through it. The gradient to the shadow weight is the identity
+``pow2-std`` (FAQ, McKinstry et al. 2019: power-of-two step from the LAYER's standard deviation)::
+
+    sigma = sqrt(mean((w - mean(w))^2))             # population std of ALL the layer's float weights, float32:
+                                                    # mean, Sub, Mul, mean, Sqrt (ReduceMean/Sub/Mul/ReduceMean/Sqrt)
+    x     = max(sigma * (4.12 * 2^(1-B)), 1e-30)    # the factor is float32(4.12) * 2^(1-B), exact
+    step  = pow2(x) = 2^ceil(log2 x)                # the smallest power of two >= x, computed exactly
+    B >= 2: r = clip(rint(w / step), -2^(B-1), 2^(B-1) - 1);  q = r * step       (signed mid-tread, 0 included)
+    B == 1: r = clip(rint(w / step - 0.5), -1, 0);             q = (r + 0.5) * step   (mid-rise: ±step/2)
+
+    The kernels of one layer share sigma (taken over every weight of the layer, float kernels
+    included); each kernel's own B sets its step. numpy and onnxruntime sum the two means in
+    different orders (sigma can be 1 ulp apart; the power-of-two step differs only if x straddles a
+    power of two), so lowering takes sigma from onnxruntime
+    (:func:`impq_onnx.passes.quantize_weights.simulated_stats`). ``pow2`` is exact in both
+    implementations: numpy takes it from ``frexp`` (no rounding); the ONNX graph takes a first guess
+    ``p = 2^(floor(log2 x) - 1)`` (``Log``, ``Floor``, ``Pow``: at most one off) and doubles it while
+    ``p < x`` (three exact compare-and-double steps), so an ``x`` that is exactly a power of two gives
+    ``step = x`` in both, never ``2x``.
+
+The statistic (``max|w_k|``, ``RMS(w_k)`` or the layer's ``sigma``) is recomputed from the current
+float shadow weights at every step; no gradient flows through it. The gradient to the shadow weight is the identity
 (straight-through), also for values the clip moved.
 
 Activations (one clip ``c`` per site, bits ``B``)::
@@ -54,14 +73,21 @@ __all__ = [
     "quantize_activation",
     "GraphBuilder",
     "build_weight_quantizer",
+    "build_weight_stat",
+    "pow2_ceil",
+    "POW2_STD_RANGE",
     "build_activation_quantizer",
 ]
 
 _WIDE = 1 << 24  # FakeQuant's integer range: wider than any |w/step| so its STE mask stays 1
 
 
+POW2_STD_RANGE = 4.12  # FAQ's weight range in standard deviations (the poster's 4-bit rule)
+
+
 def weight_grid(bits: int, scheme: str) -> tuple[float, float, int, int]:
-    """``(factor, offset, lo, hi)``: ``step = stat * factor``, ``q = (clip(rint(w/step - offset), lo, hi) + offset) * step``."""
+    """``(factor, offset, lo, hi)``: ``step = stat * factor`` (``pow2(stat * factor)`` for ``pow2-std``),
+    ``q = (clip(rint(w/step - offset), lo, hi) + offset) * step``."""
     if scheme == "midrise-max":
         return 2.0 ** (1 - bits), 0.5, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if scheme == "symmetric-rms":
@@ -69,14 +95,38 @@ def weight_grid(bits: int, scheme: str) -> tuple[float, float, int, int]:
             return 4.0 / 2.0, 0.5, -1, 0
         top = 2 ** (bits - 1) - 1
         return 4.0 / top, 0.0, -top, top
+    if scheme == "pow2-std":
+        factor = float(np.float32(POW2_STD_RANGE) * np.float32(2.0 ** (1 - bits)))
+        if bits == 1:
+            return factor, 0.5, -1, 0
+        return factor, 0.0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     raise ValueError(f"unknown weight scheme {scheme!r}")
 
 
 def _kernel_stat(w: np.ndarray, axis: int, scheme: str) -> np.ndarray:
+    """The scheme's statistic, keepdims: per kernel, or (``pow2-std``) one for the whole layer."""
     axes = tuple(i for i in range(w.ndim) if i != axis)
     if scheme == "midrise-max":
         return np.max(np.abs(w), axis=axes, keepdims=True)
+    if scheme == "pow2-std":
+        w = np.asarray(w, np.float32)
+        d = (w - np.mean(w, keepdims=True, dtype=np.float32)).astype(np.float32)
+        return np.sqrt(np.mean(d * d, keepdims=True, dtype=np.float32)).astype(np.float32)
     return np.sqrt(np.mean(w * w, axis=axes, keepdims=True, dtype=np.float32)).astype(np.float32)
+
+
+def pow2_ceil(x: np.ndarray) -> np.ndarray:
+    """``2^ceil(log2 x)`` of positive float32 values, exactly (the smallest power of two ``>= x``)."""
+    x = np.asarray(x, np.float32)
+    mantissa, exponent = np.frexp(x)  # x = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = np.where(mantissa == np.float32(0.5), exponent - 1, exponent)
+    return np.ldexp(np.float32(1), exponent).astype(np.float32)
+
+
+def _step(stat: np.ndarray, factor: np.ndarray, scheme: str) -> np.ndarray:
+    """The quantization step from the statistic and the per-kernel factor (float32)."""
+    step = np.maximum(np.asarray(stat, np.float32) * factor, np.float32(_TINY))
+    return pow2_ceil(step) if scheme == "pow2-std" else step
 
 
 def quantize_weight(w: np.ndarray, bits: list[int | None], axis: int, scheme: str) -> np.ndarray:
@@ -86,7 +136,7 @@ def quantize_weight(w: np.ndarray, bits: list[int | None], axis: int, scheme: st
     shape[axis] = w.shape[axis]
     grids = [weight_grid(b, scheme) if b is not None else (1.0, 0.0, -_WIDE, _WIDE) for b in bits]
     factor, offset, lo, hi = (np.array(v, np.float32).reshape(shape) for v in zip(*grids))
-    step = np.maximum(_kernel_stat(w, axis, scheme) * factor, np.float32(_TINY))
+    step = _step(_kernel_stat(w, axis, scheme), factor, scheme)
     r = np.clip(np.rint(w / step - offset), lo, hi)
     q = ((r + offset) * step).astype(np.float32)
     floating = np.array([b is None for b in bits]).reshape(shape)
@@ -161,10 +211,38 @@ class GraphBuilder:
         return self.op("FakeQuant", [x, scale, self.const(0.0, "zero")], outputs=2, domain="com.microsoft",
                        quant_min=lo, quant_max=hi)
 
+    def pow2_ceil(self, x: str) -> str:
+        """``2^ceil(log2 x)`` of a positive tensor, exactly (as :func:`pow2_ceil`), without gradient.
+
+        ``p = 2^(floor(log2 x) - 1)`` from ``Log``/``Floor``/``Pow`` is a power of two at most one
+        exponent off either way, so ``p <= 2^ceil(log2 x) <= 8p``; three steps ``p *= 1 + (p < x)``
+        (exact: doubling, and a ``Less`` compare) reach the smallest power of two ``>= x``. No
+        floating-point rounding of ``log2`` can move the result at an exact power of two.
+        """
+        exponent = self.op("Floor", [self.op("Mul", [self.op("Log", [x]), self.const(1.0 / np.log(2.0), "inv_ln2")])])
+        p = self.op("Pow", [self.const(2.0, "two"), self.op("Sub", [exponent, self.const(1.0, "one")])])
+        one = self.const(1.0, "one")
+        for _ in range(3):
+            below = self.op("Cast", [self.op("Less", [p, x])], to=TensorProto.FLOAT)
+            p = self.op("Mul", [p, self.op("Add", [below, one])])
+        return p
+
     def integer_stop_gradient(self, x: str) -> str:
         """An integer-valued float tensor, unchanged, without gradient (Cast to int32 and back)."""
         as_int = self.op("Cast", [x], to=TensorProto.INT32)
         return self.op("Cast", [as_int], to=TensorProto.FLOAT)
+
+
+def build_weight_stat(g: GraphBuilder, weight: str, rank: int, axis: int, scheme: str) -> str:
+    """The scheme's statistic of ``weight`` (keepdims), as :func:`_kernel_stat` computes it."""
+    axes = [i for i in range(rank) if i != axis]
+    if scheme == "midrise-max":
+        return g.reduce("ReduceMax", g.op("Abs", [weight]), axes)
+    if scheme == "pow2-std":
+        every = list(range(rank))
+        d = g.op("Sub", [weight, g.reduce("ReduceMean", weight, every)])
+        return g.op("Sqrt", [g.reduce("ReduceMean", g.op("Mul", [d, d]), every)])
+    return g.op("Sqrt", [g.reduce("ReduceMean", g.op("Mul", [weight, weight]), axes)])
 
 
 def build_weight_quantizer(g: GraphBuilder, weight: str, shape: tuple[int, ...], axis: int,
@@ -175,12 +253,10 @@ def build_weight_quantizer(g: GraphBuilder, weight: str, shape: tuple[int, ...],
     bshape[axis] = kernels
     grids = [weight_grid(b, scheme) if b is not None else (1.0, 0.0, -_WIDE, _WIDE) for b in bits]
     factor, offset, lo, hi = (np.array(v, np.float32).reshape(bshape) for v in zip(*grids))
-    axes = [i for i in range(rank) if i != axis]
-    if scheme == "midrise-max":
-        stat = g.reduce("ReduceMax", g.op("Abs", [weight]), axes)
-    else:
-        stat = g.op("Sqrt", [g.reduce("ReduceMean", g.op("Mul", [weight, weight]), axes)])
+    stat = build_weight_stat(g, weight, rank, axis, scheme)
     step = g.op("Max", [g.op("Mul", [stat, g.const(factor, "factor")]), g.const(_TINY, "tiny")], hint="step")
+    if scheme == "pow2-std":
+        step = g.pow2_ceil(step)
     step = g.stop_gradient(step)
     u = g.op("Div", [weight, step])
     has_offset = bool(np.any(offset))

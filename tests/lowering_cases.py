@@ -13,7 +13,7 @@ from impq_onnx.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
 from impq_onnx.sites import find_sites
 
-SCHEMES = ("midrise-max", "symmetric-rms")
+SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
 
 
 def tiny(model: onnx.ModelProto, shape=(1, 3, 8, 8)):

@@ -3,6 +3,8 @@ shadow weight is the identity, 16-bit simulation predicts like the float model."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -15,7 +17,7 @@ from impq_onnx.runtime import inference_session
 from impq_onnx.simulate import calibrate_clips, quantized_weight_name, simulate
 from quant_models import SIZE, canonical_and_sites, quadrant_batch, quadrant_batches, tiny_cnn
 
-SCHEMES = ("midrise-max", "symmetric-rms")
+SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_mixed_kernel_bits_take_at_most_2_to_the_b_values(tiny, scheme):
         q = outputs[quantized_weight_name(layer.node)]
         w = floats[layer.weight]
         reference = quantizers.quantize_weight(w, plan.weights[layer.node], layer.kernel_axis, scheme)
-        if scheme == "midrise-max":
+        if scheme != "symmetric-rms":  # pow2-std: sigma may differ by 1 ulp, the power-of-two step does not
             np.testing.assert_array_equal(q, reference)
         else:  # RMS: onnxruntime and numpy sum in different orders (1 ulp)
             np.testing.assert_allclose(q, reference, rtol=1e-6)
@@ -74,12 +76,96 @@ def test_reference_grids_are_the_documented_ones():
     step = 4 * rms / 3
     np.testing.assert_allclose(q3 / step, np.rint(q3 / step), atol=1e-5)
     assert 0.0 in q3
+    w4 = np.array([[-1.0, 1.0] * 4], np.float32)  # sigma = 1
+    step = 2.0 ** math.ceil(math.log2(4.12 / 8))  # the poster's 4-bit rule: 1.0
+    assert set(quantizers.quantize_weight(w4, [4], 0, "pow2-std").ravel()) == {-step, step}
+    assert set(quantizers.quantize_weight(w4, [1], 0, "pow2-std").ravel()) == {-4.0, 4.0}  # ±pow2(4.12)/2
+    w2 = np.array([[-20.0, 20.0] + [0.0] * 6], np.float32)  # sigma = 10: step pow2(10 * 4.12 / 2) = 32
+    assert set(quantizers.quantize_weight(w2, [2], 0, "pow2-std").ravel()) == {-32.0, 0.0, 32.0}
     x = np.linspace(-1, 5, 101).astype(np.float32)
     qa = quantizers.quantize_activation(x, 2, 4.0, signed=False)
     assert set(qa) == {0.0, 1.0, 2.0, 3.0}
     qs = quantizers.quantize_activation(x, 2, 4.0, signed=True)
     assert set(qs) == {0.0, 2.0}  # levels -4, -2, 0, 2; x in [-1, 5] reaches only these
     assert set(quantizers.quantize_activation(-x, 2, 4.0, signed=True)) == {-4.0, -2.0, 0.0}
+
+
+def _run_weight_quantizer(w: np.ndarray, bits, axis: int, scheme: str, opset: int = 17):
+    """The ONNX weight quantizer alone on ``w`` (a graph input): returns its output."""
+    g = quantizers.GraphBuilder("q", opset)
+    out = quantizers.build_weight_quantizer(g, "w", w.shape, axis, list(bits), scheme)
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, list(w.shape))],
+                              [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, list(w.shape))], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+    return inference_session(model.SerializeToString()).run(None, {"w": w})[0]
+
+
+def _is_pow2(x) -> bool:
+    mantissa, _ = np.frexp(np.asarray(x, np.float32))
+    return bool(np.all(mantissa == np.float32(0.5)))
+
+
+def test_pow2_ceil_is_exact_in_numpy_and_onnx():
+    powers = np.ldexp(np.float32(1), np.arange(-99, 100)).astype(np.float32)
+    x = np.concatenate([powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
+                        powers * np.float32(1.5), powers * np.float32(0.75),
+                        np.random.default_rng(0).uniform(1e-6, 10, 1000).astype(np.float32)]).astype(np.float32)
+    exact = np.array([v if math.frexp(v)[0] == 0.5 else 2.0 ** math.frexp(v)[1] for v in x.tolist()], np.float32)
+    above = np.nextafter(powers, np.float32(np.inf))
+    np.testing.assert_array_equal(quantizers.pow2_ceil(x), exact)
+    g = quantizers.GraphBuilder("p", 17)
+    out = g.pow2_ceil("x")
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [x.size])],
+                              [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [x.size])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    np.testing.assert_array_equal(inference_session(model.SerializeToString()).run(None, {"x": x})[0], exact)
+    assert np.all(quantizers.pow2_ceil(powers) == powers) and np.all(quantizers.pow2_ceil(above) == 2 * powers)
+
+
+def _sigma_hitting_a_power_of_two(bits: int) -> np.float32:
+    """A float32 sigma whose ``sigma * factor`` rounds to exactly a power of two."""
+    factor = np.float32(quantizers.weight_grid(bits, "pow2-std")[0])
+    sigma = np.float32(0.125 / float(factor))
+    for _ in range(64):
+        if sigma * factor == np.float32(0.125):
+            return sigma
+        sigma = np.nextafter(sigma, np.float32(np.inf) if sigma * factor < np.float32(0.125) else np.float32(0))
+    raise AssertionError("no sigma found")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pow2_std_reference_equals_onnx_exactly(bits):
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((6, 4, 3, 3)) * 0.3 + 0.05).astype(np.float32)
+    kernel_bits = [bits, bits, max(1, bits - 1), None, min(8, bits + 1), bits]
+    q = _run_weight_quantizer(w, kernel_bits, 0, "pow2-std")
+    reference = quantizers.quantize_weight(w, kernel_bits, 0, "pow2-std")
+    assert np.array_equal(q.view(np.int32), reference.view(np.int32))
+    sigma = float(np.std(w.astype(np.float64)))
+    for k, b in enumerate(kernel_bits):
+        kernel = q[k]
+        if b is None:
+            np.testing.assert_array_equal(kernel, w[k])
+            continue
+        step = 2.0 ** math.ceil(math.log2(4.12 * sigma / 2 ** (b - 1)))
+        assert len(np.unique(kernel)) <= 2**b
+        codes = kernel / step if b > 1 else kernel / (step / 2)
+        np.testing.assert_array_equal(codes, np.rint(codes))  # levels on the power-of-two grid
+        if b == 1:
+            assert set(np.unique(codes)) <= {-1.0, 1.0}
+        else:
+            assert codes.min() >= -(2 ** (b - 1)) and codes.max() <= 2 ** (b - 1) - 1
+    # the trap: sigma * factor exactly a power of two gives that step (not twice it), in both
+    sigma = _sigma_hitting_a_power_of_two(bits)
+    w = np.array([[-sigma], [sigma]], np.float32)  # mean 0, population std exactly sigma
+    assert quantizers._kernel_stat(w, 0, "pow2-std").item() == sigma
+    q = _run_weight_quantizer(w, [bits, bits], 0, "pow2-std")
+    reference = quantizers.quantize_weight(w, [bits, bits], 0, "pow2-std")
+    assert np.array_equal(q.view(np.int32), reference.view(np.int32))
+    expected = np.clip(np.rint(w / np.float32(0.125)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * np.float32(0.125)
+    if bits == 1:
+        expected = np.sign(w) * np.float32(0.0625)
+    np.testing.assert_array_equal(reference, expected.astype(np.float32))
 
 
 def _gradient(model: onnx.ModelProto, wrt: list[str], output: str, seed: int = 0):

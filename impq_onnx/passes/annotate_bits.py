@@ -14,7 +14,7 @@ key                     value
 ``impq.layer``          weights: the Conv/Gemm/MatMul node name the plan uses (literal)
 ``impq.axis``           weights: the kernel axis (literal integer)
 ``impq.site``           activations: the activation site (float tensor name) the plan uses (literal)
-``impq.scheme``         weights: ``midrise-max`` or ``symmetric-rms``; activations: ``uniform-clip`` (literal)
+``impq.scheme``         weights: ``midrise-max``, ``symmetric-rms`` or ``pow2-std``; activations: ``uniform-clip`` (literal)
 ``impq.clip``           activations: the clip value as Python ``repr`` of a float, or ``null`` (literal)
 ``impq.signed``         activations: ``true`` or ``false`` (literal)
 ======================  ===================================================================================

@@ -12,14 +12,18 @@ The codes are the exact integers of each kernel's ``B``-bit grid (:mod:`impq_onn
   ``(r + 1/2) · step`` are the same real number, so float32 gives the same bits.
 - ``symmetric-rms``, ``B >= 2``: ``c = r`` in ``[-(2^(B-1) - 1), 2^(B-1) - 1]`` at scale ``step``.
 - ``symmetric-rms``, ``B == 1``: ``c`` in ``{-1, +1}`` at scale ``step / 2`` (the zero-free 1-bit grid).
+- ``pow2-std``, ``B >= 2``: ``c = r`` in ``[-2^(B-1), 2^(B-1) - 1]`` at scale ``step`` (a power of two).
+- ``pow2-std``, ``B == 1``: ``c`` in ``{-1, +1}`` at scale ``step / 2`` (mid-rise ``±step/2``).
 
-Storage type (one per tensor): int8 when every code fits (midrise up to 7 bits, symmetric up to 8);
+Storage type (one per tensor): int8 when every code fits (midrise up to 7 bits, symmetric-rms and
+pow2-std up to 8: ``-128 .. 127`` is int8's two's-complement range);
 otherwise int16 when the model's opset is >= 21 (DequantizeLinear-21 takes int16), else int32
 (DequantizeLinear takes int32 since opset 10; per-axis since 13). An 8-bit midrise kernel needs
 9-bit codes (odd values up to ±255), so it never fits int8 without losing exactness.
 
-The per-kernel statistic is computed as the simulation computes it (:func:`simulated_stats`), so the
-DequantizeLinear output equals the simulated weight bit for bit for both schemes.
+The statistic (per kernel; per layer for ``pow2-std``) is computed as the simulation computes it
+(:func:`simulated_stats`), so the DequantizeLinear output equals the simulated weight bit for bit for
+every scheme.
 
 Kernels with bits ``None`` keep their float values: their codes are 0 (scale 1), and the float values
 of just those kernels (zeros elsewhere) are added after the DequantizeLinear; ``x + 0 == x`` exactly.
@@ -44,7 +48,7 @@ import onnx_ir as ir
 
 from ..errors import PlanError
 from ..plan import PrecisionPlan
-from ..quantizers import _TINY, _kernel_stat, weight_grid
+from ..quantizers import _kernel_stat, _step, weight_grid
 from ..sites import SiteTable
 
 __all__ = ["QuantizeWeightsPass", "KernelCodes", "kernel_codes", "simulated_stats", "code_bounds", "storage_dtype",
@@ -67,7 +71,8 @@ def code_bounds(bits: int | None, scheme: str) -> tuple[int, int, bool]:
 
 
 def storage_dtype(max_code: int, opset: int) -> np.dtype:
-    """The narrowest DequantizeLinear input type that holds ``|code| <= max_code`` at ``opset``."""
+    """The narrowest DequantizeLinear input type that holds ``-(max_code + 1) <= code <= max_code`` at ``opset``
+    (two's complement: ``max_code`` 127 is int8's ``-128 .. 127``)."""
     if max_code <= 127:
         return np.dtype(np.int8)
     if max_code <= 32767 and opset >= 21:
@@ -97,15 +102,19 @@ def kernel_codes(w: np.ndarray, bits: list[int | None], axis: int, scheme: str, 
                  stat: np.ndarray | None = None) -> KernelCodes:
     """The integer codes of :func:`impq_onnx.quantizers.quantize_weight` (same float32 arithmetic).
 
-    ``stat`` (per kernel, keepdims shape) overrides the numpy statistic; see :func:`simulated_stats`.
+    ``stat`` (per kernel, or one value for ``pow2-std``) overrides the numpy statistic; see :func:`simulated_stats`.
     """
     w = np.asarray(w, np.float32)
     shape = [1] * w.ndim
     shape[axis] = w.shape[axis]
     grids = [weight_grid(b, scheme) if b is not None else (1.0, 0.0, 0, 0) for b in bits]
     factor, offset, lo, hi = (np.array(v, np.float32).reshape(shape) for v in zip(*grids))
-    stat = _kernel_stat(w, axis, scheme) if stat is None else np.asarray(stat, np.float32).reshape(shape)
-    step = np.maximum(stat * factor, np.float32(_TINY))
+    if stat is None:
+        stat = _kernel_stat(w, axis, scheme)
+    else:
+        stat = np.asarray(stat, np.float32)
+        stat = stat.reshape([1] * w.ndim if stat.size == 1 else shape)
+    step = _step(stat, factor, scheme)
     r = np.clip(np.rint(w / step - offset), lo, hi)
     odd = offset != 0
     codes = np.where(odd, 2 * r + 1, r)
@@ -116,31 +125,31 @@ def kernel_codes(w: np.ndarray, bits: list[int | None], axis: int, scheme: str, 
         codes = np.where(floating, 0, codes)
         scale = np.where(floating, np.float32(1), scale)
         residual = np.where(floating, w, np.float32(0)).astype(np.float32)
-    max_code = max((max(abs(a), abs(b)) for a, b, _ in (code_bounds(x, scheme) for x in bits)), default=0)
+    max_code = max((max(-a - 1, b) for a, b, _ in (code_bounds(x, scheme) for x in bits)), default=0)
     codes = codes.astype(storage_dtype(max_code, opset))
     return KernelCodes(codes, scale.reshape(-1), tuple(bits), axis, scheme, residual)
 
 
 def simulated_stats(weights: dict[str, tuple[np.ndarray, int]], scheme: str, opset: int) -> dict[str, np.ndarray]:
-    """Per-kernel statistics computed by the same onnxruntime ops the simulation uses.
+    """Per-kernel (``pow2-std``: per-layer) statistics computed by the same onnxruntime ops the simulation uses.
 
-    ``max|w|`` is exact in any order, so numpy gives the simulation's value. ``RMS(w)`` is a sum, and
-    numpy and onnxruntime sum in different orders (up to 1 ulp apart); running the simulation's
-    ``Mul -> ReduceMean -> Sqrt`` in onnxruntime gives the step the simulated model used, bit for bit.
+    ``max|w|`` is exact in any order, so numpy gives the simulation's value. ``RMS(w)`` and the layer's
+    standard deviation are sums, and numpy and onnxruntime sum in different orders (up to 1 ulp apart);
+    running the simulation's ops (:func:`impq_onnx.quantizers.build_weight_stat`) in onnxruntime gives
+    the statistic the simulated model used, bit for bit.
     """
     if scheme == "midrise-max" or not weights:
         return {}
     from onnx import TensorProto, helper
 
-    from ..quantizers import GraphBuilder
+    from ..quantizers import GraphBuilder, build_weight_stat
     from ..runtime import inference_session
 
     g = GraphBuilder("stat", max(opset, 13))
     outputs = []
     for name, (w, axis) in weights.items():
         inp = g.const(w, "w")
-        axes = [i for i in range(w.ndim) if i != axis]
-        outputs.append(helper.make_tensor_value_info(g.op("Sqrt", [g.reduce("ReduceMean", g.op("Mul", [inp, inp]), axes)]),
+        outputs.append(helper.make_tensor_value_info(build_weight_stat(g, inp, w.ndim, axis, scheme),
                                                      TensorProto.FLOAT, None))
     graph = helper.make_graph(g.nodes, "stats", [], outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])

@@ -16,11 +16,11 @@ way, keeping the poster's constant 4.12 at every B (the poster gives no other)::
 Activations are exact: the plan's clip of site s is set to ``Δ_a(s) * 2^B`` (``2^(B-1)`` signed),
 so the ``uniform-clip`` quantizer's step ``clip * 2^-B`` is the power of two ``Δ_a(s)``.
 
-Weights are an APPROXIMATION: the plan's weight schemes (:mod:`impq_onnx.quantizers`) have no
-power-of-two per-layer step, so the weights use ``symmetric-rms``: a per-kernel clip at
-4·RMS(w_k) (≈ 4σ, against FAQ's 4.12σ_l per layer), step ``4 RMS(w_k) / (2^(B-1)-1)`` (not a power of
-two; ``2^B - 1`` levels instead of ``2^B``). Each run records the FAQ weight steps Δ_w(l) that a
-``pow2-std`` scheme would use (``faq_weight_steps`` in the first iteration's record).
+Weights are exact too: the plan's weight scheme is ``pow2-std`` (:mod:`impq_onnx.quantizers`), which
+recomputes σ_l (population standard deviation of the layer's float shadow weights, float32) at every
+step and quantizes with ``Δ_w(l) = pow2(4.12 σ_l / 2^(B-1))``, ``2^B`` signed levels (1 bit: the
+mid-rise ``±Δ_w/2``), the lowered model bit-identical to the simulation. Each run records the initial
+weight steps Δ_w(l) (``faq_weight_steps`` in the first iteration's record; the training moves σ_l).
 
 Fine-tuning: one long fine-tune with an exponential learning-rate decay from ``lr`` to the poster's
 final 1e-6, run as ``max_iterations`` iterations of ``steps`` (or ``epochs``) steps each, so the
@@ -56,9 +56,9 @@ __all__ = [
     "run_faq",
 ]
 
-FAQ_WEIGHT_RANGE = 4.12  # the poster's weight clip in standard deviations (given for 4 bits)
+FAQ_WEIGHT_RANGE = 4.12  # the poster's weight clip in standard deviations (given for 4 bits); = quantizers.POW2_STD_RANGE
 FAQ_FINAL_LR = 1e-6  # the poster's final learning rate
-FAQ_WEIGHT_SCHEME = "symmetric-rms"  # the nearest existing scheme (see the module docstring)
+FAQ_WEIGHT_SCHEME = "pow2-std"  # FAQ's per-layer power-of-two weight step, exactly (see the module docstring)
 
 
 def pow2_ceil(x: float) -> float:
@@ -69,9 +69,12 @@ def pow2_ceil(x: float) -> float:
 
 
 def faq_weight_step(w: np.ndarray, bits: int) -> float:
-    """FAQ's weight step of one layer: ``pow2(4.12 σ / 2^(B-1))``."""
-    sigma = float(np.std(np.asarray(w, np.float64)))
-    return pow2_ceil(max(FAQ_WEIGHT_RANGE * sigma, 1e-30) / 2.0 ** (bits - 1))
+    """FAQ's weight step of one layer: ``pow2(4.12 σ / 2^(B-1))``, as the ``pow2-std`` quantizer computes it."""
+    from ..quantizers import _kernel_stat, _step, weight_grid
+
+    w = np.asarray(w, np.float32)
+    factor = np.float32(weight_grid(bits, FAQ_WEIGHT_SCHEME)[0])
+    return float(_step(_kernel_stat(w, 0, FAQ_WEIGHT_SCHEME), factor, FAQ_WEIGHT_SCHEME).reshape(-1)[0])
 
 
 def faq_activation_clip(y_max: float, bits: int, signed: bool) -> float:

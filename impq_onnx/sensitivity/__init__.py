@@ -207,6 +207,12 @@ def _weight_steps(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, n
         stat = np.max(np.abs(w), axis=axes) if scheme == "midrise-max" else np.sqrt(np.mean(w * w, axis=axes))
         bits = plan.weights[layer.node] if plan is not None else [None] * layer.kernels
         factors = np.array([weight_grid(_bits(b, float_bits), scheme)[0] for b in bits])
+        if scheme == "pow2-std":  # one layer sigma, power-of-two steps (exactly the quantizer's)
+            from impq_onnx.quantizers import _kernel_stat, _step
+
+            sigma = _kernel_stat(w.astype(np.float32), layer.kernel_axis, scheme).reshape(-1)
+            result[layer.node] = _step(sigma, factors.astype(np.float32), scheme).astype(np.float64)
+            continue
         result[layer.node] = stat * factors
     return result
 

@@ -10,7 +10,7 @@ The JSON follows the layout Qualcomm's converters read through ``--quantization_
 
 with ``real = (q + offset) · scale`` for ``q`` in ``0 .. 2^bitwidth - 1``, ``min = offset · scale`` and
 ``max = (offset + 2^bitwidth - 1) · scale``. Weights are symmetric signed integers (``offset =
--2^(bitwidth-1)``) of the container width (``B+1`` for ``midrise-max``, ``B`` for ``symmetric-rms``, see
+-2^(bitwidth-1)``) of the container width (``B+1`` for ``midrise-max`` and ``pow2-std``, ``B`` for ``symmetric-rms``, see
 :func:`impq_onnx.targets.qonnx.container_bits`); the model's float weights are exactly ``code · scale``,
 so a converter that re-quantizes them with these encodings recovers the codes exactly. Activations:
 unsigned sites ``offset 0, [0, (2^B-1)·step]``; signed sites ``offset -2^(B-1)``; scale = the step.

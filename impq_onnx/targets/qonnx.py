@@ -9,7 +9,8 @@ per-channel scale (shape broadcast along the kernel axis), zero point 0, ``signe
 bit width per channel (``channel_bitwidth=True``, the op allows tensors) or the layer's largest
 (``channel_bitwidth=False``, for consumers such as FINN that need a scalar). The width is the integer
 *container*: ``B+1`` for ``midrise-max`` (odd codes up to ``±(2^B - 1)``), ``B`` for ``symmetric-rms``
-(``2`` for its 1-bit ``±step/2`` grid). Quant re-quantizing on-grid values returns them exactly.
+(``2`` for its 1-bit ``±step/2`` grid), ``B+1`` for ``pow2-std`` (codes down to ``-2^(B-1)``, outside a
+narrow ``B``-bit range; ``2`` at 1 bit). Quant re-quantizing on-grid values returns them exactly.
 
 Activations: ``Quant(x, step, 0, B; signed, narrow=0, rounding_mode="ROUND")``; ROUND is half to even,
 and clamping before rounding to integer bounds equals rounding then clamping, so this is the

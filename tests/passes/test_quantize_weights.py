@@ -57,6 +57,22 @@ def test_codes_dequantize_to_the_reference_quantizer_bit_for_bit(scheme):
             assert len(np.unique(kernel)) <= 2**b
 
 
+def test_pow2_std_codes_use_a_power_of_two_scale_and_the_simulated_sigma():
+    """One sigma per layer (from onnxruntime, as the simulation): every scale is a power of two."""
+    from impq_onnx.passes.quantize_weights import simulated_stats
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.2 + 0.01).astype(np.float32)
+    bits = [1, 2, 3, 4, 5, 6, 7, 8]
+    stat = simulated_stats({"conv": (w, 0)}, "pow2-std", 13)["conv"]
+    assert stat.size == 1
+    codes = kernel_codes(w, bits, 0, "pow2-std", 13, stat)
+    mantissa, _ = np.frexp(codes.scale)
+    assert np.all(mantissa == np.float32(0.5)) and codes.codes.dtype == np.int8
+    assert codes.codes[7].min() >= -128 and codes.codes[0].min() >= -1
+    assert np.array_equal(codes.dequantized(), quantizers.quantize_weight(w, bits, 0, "pow2-std"))
+
+
 def test_gemm_and_matmul_kernels_are_output_columns():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((6, 4)).astype(np.float32)  # MatMul [K, N]: kernels along axis 1
@@ -73,10 +89,12 @@ def test_storage_type():
     assert code_bounds(8, "midrise-max") == (-255, 255, True)
     assert code_bounds(8, "symmetric-rms") == (-127, 127, False)
     assert code_bounds(1, "symmetric-rms") == (-1, 1, True)
+    assert code_bounds(8, "pow2-std") == (-128, 127, False)  # int8's whole range
+    assert code_bounds(1, "pow2-std") == (-1, 1, True)
 
 
 @pytest.mark.parametrize("scheme,top,dtype", [("midrise-max", 7, np.int8), ("midrise-max", 8, np.int32),
-                                              ("symmetric-rms", 8, np.int8)])
+                                              ("symmetric-rms", 8, np.int8), ("pow2-std", 8, np.int8)])
 def test_initializer_type_follows_the_widest_kernel(scheme, top, dtype):
     canonical, sites = tiny(tiny_cnn())
     plan = mixed_plan(sites, scheme, activations=False, float_kernel=False)

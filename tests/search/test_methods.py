@@ -98,7 +98,7 @@ def test_faq_uses_power_of_two_steps_and_exponential_decay(tmp_path):
     records = report["iterations"]
     assert [r["kind"] for r in records] == ["fine-tune"] * 3 and all(r["fine_tune_steps"] == 3 for r in records)
     assert {b for bits in plan.weights.values() for b in bits} == {4} and set(plan.activations.values()) == {4}
-    assert plan.weight_scheme == "symmetric-rms"
+    assert plan.weight_scheme == "pow2-std"
     sites = {s.tensor: s for s in result_sites().activations}
     for tensor, clip in plan.clips.items():  # the activation step clip * 2^-B is a power of two
         step = clip.value * 2.0 ** -(4 - 1 if clip.signed else 4)
