@@ -38,13 +38,13 @@ def check_keys(mapping: Mapping[str, Any], valid: Iterable[str], source: str) ->
             raise ConfigError(f"{source}: unknown key '{key}'{suggest(str(key).replace('-', '_'), valid)}")
 
 
-def read_config(path: str | Path, valid: Iterable[str]) -> dict[str, Any]:
-    """The mapping in YAML file ``path``, its keys checked against ``valid`` (``-`` read as ``_``)."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (safe loader; an empty file is an empty mapping)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -52,8 +52,14 @@ def read_config(path: str | Path, valid: Iterable[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of option names to values")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        raise ConfigError(f"{path}: expected a mapping of option names to values in the {what}, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def read_config(path: str | Path, valid: Iterable[str]) -> dict[str, Any]:
+    """The mapping in YAML file ``path``, its keys checked against ``valid`` (``-`` read as ``_``)."""
+    data = {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(path).items()}
     check_keys(data, valid, str(path))
     return data
 

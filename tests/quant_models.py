@@ -83,3 +83,17 @@ def canonical_and_sites(model: onnx.ModelProto | None = None):
 
     canonical = from_proto(model if model is not None else tiny_cnn())
     return canonical, find_sites(canonical, (1, 3, SIZE, SIZE))
+
+
+def linear_classifier(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """``logits = x @ w.T + b`` as one Gemm named ``fc``: the case whose gradients are known in closed form."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], name="fc", transB=1)],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", w.shape[0]])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -6,7 +6,6 @@ import json
 import math
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -16,23 +15,10 @@ from impq_onnx.sensitivity import SensitivityTable, noise_gain
 from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
 from impq_onnx.sensitivity.per_sample import LayerGeometry, kernel_square_norms
 from impq_onnx.sites import find_sites
-from quant_models import CLASSES, SIZE, canonical_and_sites, quadrant_batch, tiny_cnn
+from quant_models import CLASSES, SIZE, canonical_and_sites, linear_classifier, quadrant_batch, tiny_cnn
 
 D, C = 6, 5
 FLOAT_BITS = 8
-
-
-def _linear_model(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], name="fc", transB=1)],
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", w.shape[0]])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def linear():
     w = rng.standard_normal((C, D)).astype(np.float32)
     b = rng.standard_normal(C).astype(np.float32)
     x = rng.standard_normal((12, D)).astype(np.float32)
-    canonical = from_proto(_linear_model(w, b))
+    canonical = from_proto(linear_classifier(w, b))
     return canonical, find_sites(canonical, (1, D)), w, b, x
 
 
@@ -173,7 +159,7 @@ def test_ties_are_skipped_without_nan():
     x = rng.standard_normal((10, D)).astype(np.float32)
     x = x * np.sign(x @ w[0])[:, None]  # ...and are the prediction for every sample
     w[2:] *= 0.1
-    canonical = from_proto(_linear_model(w, b))
+    canonical = from_proto(linear_classifier(w, b))
     sites = find_sites(canonical, (1, D))
     for method in ("exact", "fast"):
         table = noise_gain(canonical, sites, [x], method=method, probes=None, runner_ups=2)

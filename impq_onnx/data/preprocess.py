@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from impq_onnx.errors import ConfigError, DataError
@@ -148,16 +147,9 @@ def preprocess_from_mapping(config: Mapping[str, Any], source: str = "preprocess
 
 def preprocess_from_yaml(path: str | Path) -> Preprocess:
     """Read a YAML preprocess file (see :func:`preprocess_from_mapping` for its keys)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the preprocess file ({err.strerror or err})") from None
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return preprocess_from_mapping({} if config is None else config, source=str(path))
+    from ..config import read_yaml_mapping
+
+    return preprocess_from_mapping(read_yaml_mapping(path, "preprocess file"), source=str(Path(path)))
 
 
 def _static(dim: Any) -> int | None:

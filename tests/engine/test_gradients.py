@@ -10,20 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from impq_onnx.engine.gradients import ForwardTensors, TensorGradients, inference_batchnorm
 from impq_onnx.errors import ModelError
 from impq_onnx.runtime import inference_session
-from quant_models import CLASSES, SIZE, quadrant_batch, tiny_cnn
-
-
-def _linear(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], name="fc", transB=1)],
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", w.shape[0]])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+from quant_models import CLASSES, SIZE, linear_classifier, quadrant_batch, tiny_cnn
 
 
 def _with_trained_like_batchnorm(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
@@ -64,7 +51,7 @@ def test_linear_gradients_match_hand_derivation():
     b = rng.standard_normal(4).astype(np.float32)
     x = rng.standard_normal((5, 6)).astype(np.float32)
     seed = rng.standard_normal((5, 4)).astype(np.float32)
-    grads = TensorGradients(_linear(w, b), "logits", ["x", "W", "logits"])(x, seed)
+    grads = TensorGradients(linear_classifier(w, b), "logits", ["x", "W", "logits"])(x, seed)
     np.testing.assert_allclose(grads["x"], seed @ w, rtol=1e-5, atol=1e-6)  # d(sum s.(Wx+b))/dx
     np.testing.assert_allclose(grads["W"], seed.T @ x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grads["logits"], seed, rtol=1e-6)
@@ -93,7 +80,7 @@ def test_forward_tensors_returns_logits_and_intermediates():
 
 
 def test_op_without_gradient_is_a_model_error():
-    model = _linear(np.ones((3, 2), np.float32), np.zeros(3, np.float32))
+    model = linear_classifier(np.ones((3, 2), np.float32), np.zeros(3, np.float32))
     model.graph.node.insert(0, helper.make_node("Round", ["x"], ["xr"], name="round"))
     model.graph.node[1].input[0] = "xr"
     with pytest.raises(ModelError, match="cannot differentiate"):
@@ -152,7 +139,7 @@ def test_input_gradient_only_uses_conv_transpose():
 def test_epilogue_outputs_replace_gradients():
     rng = np.random.default_rng(7)
     w = rng.standard_normal((3, 4)).astype(np.float32)
-    model = _linear(w, np.zeros(3, np.float32))
+    model = linear_classifier(w, np.zeros(3, np.float32))
     x = rng.standard_normal((5, 4)).astype(np.float32)
     seed = rng.standard_normal((5, 3)).astype(np.float32)
 
