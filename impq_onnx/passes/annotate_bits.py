@@ -39,6 +39,7 @@ from ..plan import ActivationClip, PrecisionPlan
 from ..sites import SiteTable
 from .quantize_activations import activation_names
 from .quantize_weights import weight_names
+from .plan_pass import PlanPass
 
 __all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "ANNOTATION_FIELD", "SUMMARY_KEY",
            "ANNOTATION_VERSION"]
@@ -63,13 +64,11 @@ def _all_values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-class AnnotateBitsPass(ir.passes.InPlacePass):
+class AnnotateBitsPass(PlanPass):
     """Add the ``impq.*`` quantization annotations, their bit-vector initializers and the summary."""
 
     def __init__(self, plan: PrecisionPlan, sites: SiteTable, target: str = "qdq"):
-        super().__init__()
-        self.plan = plan
-        self.sites = sites
+        super().__init__(plan, sites)
         self.target = target
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -34,9 +34,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import PlanError
-from ..plan import PrecisionPlan
 from ..quantizers import activation_grid
-from ..sites import SiteTable
+from .plan_pass import PlanPass
 from .quantize_weights import default_opset
 
 __all__ = ["QuantizeActivationsPass", "activation_dtype", "activation_names", "needs_clip"]
@@ -87,13 +86,8 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-class QuantizeActivationsPass(ir.passes.InPlacePass):
+class QuantizeActivationsPass(PlanPass):
     """Insert ``[Clip →] Q → DQ`` between each quantized activation site and the layers reading it."""
-
-    def __init__(self, plan: PrecisionPlan, sites: SiteTable):
-        super().__init__()
-        self.plan = plan
-        self.sites = sites
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

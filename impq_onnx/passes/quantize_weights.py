@@ -47,9 +47,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import PlanError
-from ..plan import PrecisionPlan
 from ..quantizers import _kernel_stat, _step, weight_grid
-from ..sites import SiteTable
+from .plan_pass import PlanPass
 
 __all__ = ["QuantizeWeightsPass", "KernelCodes", "kernel_codes", "simulated_stats", "code_bounds", "storage_dtype",
            "weight_names"]
@@ -180,13 +179,8 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-class QuantizeWeightsPass(ir.passes.InPlacePass):
+class QuantizeWeightsPass(PlanPass):
     """Replace the float weights of quantized layers by integer codes + DequantizeLinear."""
-
-    def __init__(self, plan: PrecisionPlan, sites: SiteTable):
-        super().__init__()
-        self.plan = plan
-        self.sites = sites
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..plan import PrecisionPlan
-from ..sites import SiteTable
+from .plan_pass import PlanPass
 
 __all__ = ["SplitConvBiasPass"]
 
@@ -29,12 +28,7 @@ def _is_dequantized(value: ir.Value | None) -> bool:
     return node is not None and node.op_type == "DequantizeLinear"
 
 
-class SplitConvBiasPass(ir.passes.InPlacePass):
-    def __init__(self, plan: PrecisionPlan, sites: SiteTable):
-        super().__init__()
-        self.plan = plan
-        self.sites = sites
-
+class SplitConvBiasPass(PlanPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {node.name: node for node in graph}

@@ -40,6 +40,7 @@ from ..quantizers import activation_grid
 from ..sites import SiteTable
 from ..passes.quantize_activations import activation_names
 from ..passes.quantize_weights import weight_names
+from ..passes.plan_pass import PlanPass
 from .qonnx import container_bits
 
 __all__ = ["ToEncodingsPass", "encodings_of", "apply_encodings", "ENCODINGS_VERSION", "layer_input_name"]
@@ -109,12 +110,8 @@ def _pop(graph: ir.Graph, *names: str) -> None:
             graph.initializers.pop(name)
 
 
-class ToEncodingsPass(ir.passes.InPlacePass):
+class ToEncodingsPass(PlanPass):
     """Fold weight DequantizeLinear into on-grid float weights and drop the activation Q/DQ chains."""
-
-    def __init__(self, plan: PrecisionPlan, sites: SiteTable):
-        super().__init__()
-        self.plan, self.sites = plan, sites
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -35,6 +35,7 @@ from ..plan import PrecisionPlan
 from ..sites import SiteTable
 from ..passes.quantize_activations import activation_names
 from ..passes.quantize_weights import code_bounds, weight_names
+from ..passes.plan_pass import PlanPass
 
 __all__ = ["ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
 
@@ -68,12 +69,12 @@ def _swap(graph: ir.Graph, old_nodes: list[ir.Node], new: ir.Node, old_out: ir.V
     new.outputs[0].shape = old_out.shape
 
 
-class ToQonnxPass(ir.passes.InPlacePass):
+class ToQonnxPass(PlanPass):
     """Rewrite the QDQ weight and activation quantizers of a lowered model as QONNX ``Quant`` nodes."""
 
     def __init__(self, plan: PrecisionPlan, sites: SiteTable, channel_bitwidth: bool = True):
-        super().__init__()
-        self.plan, self.sites, self.channel_bitwidth = plan, sites, channel_bitwidth
+        super().__init__(plan, sites)
+        self.channel_bitwidth = channel_bitwidth
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
