@@ -110,18 +110,7 @@ def explicit_conv_pads(proto: onnx.ModelProto, input_shape: Sequence[int] | None
     todo = [n for n in proto.graph.node if n.op_type == "Conv" and _auto_pad(n) not in ("", "NOTSET")]
     if not todo:
         return 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    if input_shape is not None:
-        dims = probe.graph.input[[i.name for i in probe.graph.input].index(graph_input_name(probe))].type.tensor_type.shape.dim
-        for dim, size in zip(dims[1:], list(input_shape)[-(len(dims) - 1):]):
-            dim.Clear()
-            dim.dim_value = int(size)
-    inferred = onnx.shape_inference.infer_shapes(probe)
-    shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shapes = _shapes(proto, input_shape)
     weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     for node in todo:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
