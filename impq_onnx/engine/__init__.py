@@ -6,7 +6,7 @@ onnxruntime-training specifics stay behind this package; the rest of the tool se
 from __future__ import annotations
 
 from .evaluation import EvalResult, evaluate, predict_logits
-from .schedule import warmup_cosine
+from .schedule import warmup_cosine, warmup_exponential
 from .training import OPTIMIZERS, TrainedWeights, fine_tune
 
-__all__ = ["fine_tune", "TrainedWeights", "OPTIMIZERS", "evaluate", "EvalResult", "predict_logits", "warmup_cosine"]
+__all__ = ["fine_tune", "TrainedWeights", "OPTIMIZERS", "evaluate", "EvalResult", "predict_logits", "warmup_cosine", "warmup_exponential"]

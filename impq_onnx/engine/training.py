@@ -40,7 +40,7 @@ from ..errors import DataError, PlanError
 from ..plan import PrecisionPlan
 from ..simulate import SIMULATION_PREFIX, as_proto, simulate
 from ..sites import SiteTable
-from .schedule import warmup_cosine
+from .schedule import SCHEDULES, learning_rate
 
 __all__ = ["TrainedWeights", "fine_tune", "OPTIMIZERS"]
 
@@ -219,6 +219,7 @@ def fine_tune(
     weight_decay: float = 5e-4,
     warmup_steps: int | None = None,
     final_lr: float = 0.0,
+    lr_schedule: str = "cosine",
     distill: bool | None = None,
     teacher=None,
     temperature: float = 1.0,
@@ -233,7 +234,8 @@ def fine_tune(
     ``batches`` yields ``(x, y)`` numpy batches (``y`` None or absent: unlabelled); a callable is called
     once per epoch. ``distill`` (default: when the first batch has no labels) trains against the
     logits of ``teacher`` (default: the float ``model`` itself). The learning rate warms up linearly for
-    ``warmup_steps`` (default 5% of ``steps``) then follows a cosine to ``final_lr``.
+    ``warmup_steps`` (default 5% of ``steps``) then follows ``lr_schedule`` to ``final_lr``: a cosine, or
+    ``exponential`` (a constant factor per step; ``final_lr`` must then be positive).
     ``batchnorm_momentum`` is ONNX's (weight of the old running value; None keeps the model's, 0.9).
     ``profile`` (a path prefix) writes onnxruntime's JSON profile of the training session there.
     """
@@ -243,6 +245,10 @@ def fine_tune(
         raise PlanError(f"optimizer {optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
     if steps < 1:
         raise PlanError(f"steps must be at least 1, not {steps}")
+    if lr_schedule not in SCHEDULES:
+        raise PlanError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    if lr_schedule == "exponential" and not (lr > 0 and final_lr > 0):
+        raise PlanError(f"an exponential learning-rate schedule needs lr and final_lr above 0 (got {lr}, {final_lr})")
     artifacts, api, onnxblock = _ort_training.load()
     ort.capi._pybind_state.set_seed(seed)
     report = progress if callable(progress) else (_stderr_line if progress else None)
@@ -298,7 +304,7 @@ def fine_tune(
             if step:
                 batch = _split(next(stream))
             x, y = batch
-            rate = warmup_cosine(step, steps, lr, warmup, final_lr)
+            rate = learning_rate(lr_schedule, step, steps, lr, warmup, final_lr)
             target = teacher_session.run(None, {sites.input_name: x})[0] if distill else y
             outputs = module(x, target)
             outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]

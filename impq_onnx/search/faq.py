@@ -24,10 +24,10 @@ weight steps Δ_w(l) (``faq_weight_steps`` in the first iteration's record; the 
 
 Fine-tuning: one long fine-tune with an exponential learning-rate decay from ``lr`` to the poster's
 final 1e-6, run as ``max_iterations`` iterations of ``steps`` (or ``epochs``) steps each, so the
-total equals IMPQ's lowering-step budget ``steps × max_iterations``. The engine's fine-tune has only
-a warm-up + cosine schedule, so iteration i (of n) anneals by cosine from ``lr·r^(i/n)`` to
-``lr·r^((i+1)/n)`` with ``r = 1e-6 / lr`` and no warm-up: the learning rate follows the exponential
-curve at every iteration boundary, and between them a cosine segment. SGD momentum restarts at each
+total equals IMPQ's lowering-step budget ``steps × max_iterations``. Iteration i (of n) decays
+exponentially (``fine_tune(lr_schedule="exponential")``, a constant factor per step, no warm-up) from
+``lr·r^(i/n)`` to ``lr·r^((i+1)/n)`` with ``r = 1e-6 / lr``, so the n iterations together follow one
+unbroken exponential curve from ``lr`` to 1e-6. SGD momentum restarts at each
 iteration (each is a separate fine-tune). Every iteration is checkpointed; the output is the last.
 """
 
@@ -125,7 +125,8 @@ def run_faq(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: P
             plan, extra = _faq_plan(cfg, base, sites, train)
         lr_start, lr_end = faq_learning_rate(i, n, cfg.lr), faq_learning_rate(i + 1, n, cfg.lr)
         trained = run_fine_tune(cfg, with_values(base, values), plan, sites, train, i, fine_tune_steps(cfg, train),
-                                lr=lr_start, final_lr=lr_end, warmup_steps=0, progress=inner)
+                                lr=lr_start, final_lr=lr_end, warmup_steps=0, lr_schedule="exponential" if lr_end > 0 else "cosine",
+                                progress=inner)
         values = {**values, **trained.values}
         commit_iteration(cfg, base, sites, val, workdir, state, plan, values, started=started, phase="fine-tune",
                          kind="fine-tune", trained=trained, last=i + 1 >= n, other_float_bytes=other_float_bytes,

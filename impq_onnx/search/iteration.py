@@ -23,10 +23,10 @@ __all__ = ["commit_iteration", "fine_tune_steps", "run_fine_tune", "train_batche
 
 
 def run_fine_tune(cfg, model, plan, sites, train, iteration: int, steps: int, *, lr: float, final_lr: float = 0.0,
-                  warmup_steps: int | None = None, progress=None):
+                  warmup_steps: int | None = None, lr_schedule: str = "cosine", progress=None):
     """``fine_tune`` with the run's optimizer options and the iteration's seeds."""
     return fine_tune(model, plan, sites, train_batches(cfg, train, iteration), steps=steps, lr=lr, final_lr=final_lr,
-                     warmup_steps=warmup_steps, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                     warmup_steps=warmup_steps, lr_schedule=lr_schedule, optimizer=cfg.optimizer, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, threads=cfg.threads,
                      seed=derive_seed(cfg.seed, iteration, "fine-tune"), progress=progress or False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from impq_onnx.engine import evaluate, fine_tune, warmup_cosine
+from impq_onnx.engine import evaluate, fine_tune, warmup_cosine, warmup_exponential
 from impq_onnx.errors import DataError, PlanError
 from impq_onnx.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
@@ -143,6 +143,30 @@ def test_warmup_cosine_shape():
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
     assert rates[-1] < 0.01
     assert warmup_cosine(0, 1, 0.5, 10) == 0.5
+
+
+def test_warmup_exponential_is_a_constant_factor_per_step_and_segments_join():
+    rates = [warmup_exponential(s, 50, 0.1, 0, 1e-3) for s in range(50)]
+    ratios = [b / a for a, b in zip(rates, rates[1:])]
+    assert rates[0] == 0.1 and max(ratios) == pytest.approx(min(ratios)) and ratios[0] < 1
+    # The step after the last would train at final_lr, so a next segment starting there continues the curve.
+    assert rates[-1] * ratios[0] == pytest.approx(1e-3)
+    whole = [warmup_exponential(s, 100, 0.1, 0, 1e-5) for s in range(100)]
+    halves = [warmup_exponential(s, 50, 0.1, 0, 1e-3) for s in range(50)] + \
+             [warmup_exponential(s, 50, 1e-3, 0, 1e-5) for s in range(50)]
+    assert halves == pytest.approx(whole)
+    warm = [warmup_exponential(s, 20, 1.0, 4, 0.01) for s in range(20)]
+    assert warm[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and warm[4] == 1.0
+    with pytest.raises(ValueError, match="positive"):
+        warmup_exponential(0, 10, 0.1, 0, 0.0)
+
+
+def test_fine_tune_rejects_an_unknown_or_impossible_schedule(tiny):
+    canonical, sites = tiny
+    with pytest.raises(PlanError, match="schedule 'linear' is unknown"):
+        _train(canonical, None, sites, steps=2, lr_schedule="linear")
+    with pytest.raises(PlanError, match="exponential"):
+        _train(canonical, None, sites, steps=2, lr_schedule="exponential", final_lr=0.0)
 
 
 @pytest.mark.parametrize("opset", [13, 18])
