@@ -5,8 +5,9 @@
 Random images (throughput does not depend on the values). The first ``--warmup`` steps are not
 timed. With ``--profile`` the onnxruntime profile of each training session is written to DIR and
 summarised by op type. If ``import torch`` works, the same network is timed in torch for comparison
-(torch is never needed otherwise); ``--torch-only`` runs just that part, e.g. from a separate
-environment that has torch.
+(torch is never needed otherwise); ``--torch-python PY`` runs that part in another interpreter that has
+torch (``python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 numpy``), and
+``--torch-only`` runs just that part. Each onnxruntime configuration is printed with its ratio to torch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -86,6 +88,22 @@ def _torch_throughput(batch: int, threads: int, steps: int, warmup: int) -> floa
     return batch * (steps - warmup) / (time.perf_counter() - start)
 
 
+def _torch_reference(args) -> float | None:
+    """The torch rate, here or (``--torch-python``) in a subprocess; the best of ``--repeats`` runs."""
+    if args.torch_python is None:
+        rates = [_torch_throughput(args.batch, args.threads, args.steps, args.warmup) for _ in range(args.repeats)]
+        return None if rates[0] is None else max(rates)
+    command = [args.torch_python, os.path.abspath(__file__), "--torch-only", "--batch", str(args.batch), "--threads",
+               str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
+               str(args.repeats)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    words = out.stdout.split()
+    if out.returncode != 0 or "img/s" not in words:
+        print(f"torch reference failed in {args.torch_python}: {(out.stderr or out.stdout).strip()[-300:]}")
+        return None
+    return float(words[words.index("img/s") - 1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -96,6 +114,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best is shown "
                         "(a shared machine's load only ever slows a run down)")
     parser.add_argument("--profile", default=None, help="directory for onnxruntime profiles")
+    parser.add_argument("--torch-python", default=None, help="interpreter with torch for the reference run "
+                        "[default: this one, when it can import torch]")
     parser.add_argument("--torch-only", action="store_true", help="time only the torch reference (any interpreter "
                         "with torch and numpy; impq_onnx is not imported)")
     args = parser.parse_args()
@@ -104,6 +124,7 @@ def main() -> None:
                    for _ in range(args.repeats))
         print(f"{'torch float (SGD momentum)':36s} {rate:8.1f} img/s" if rate else "torch: not importable")
         return
+    torch_rate = _torch_reference(args)
 
     from impq_onnx.architectures import resnet20
     from impq_onnx.engine import fine_tune
@@ -115,6 +136,8 @@ def main() -> None:
     sites = find_sites(canonical, (1, 3, 32, 32))
     w4 = PrecisionPlan.uniform(sites, 4, None)
     w4a4 = PrecisionPlan.uniform(sites, 4, 4, default_clip=3.0)  # the input has no batch-norm: fixed clip
+    print(f"torch float (SGD momentum), same batch and threads: "
+          f"{'not available, ratios skipped' if torch_rate is None else f'{torch_rate:.1f} img/s'}")
     configs = [("float", None), ("w4 (weights 4-bit)", w4), ("w4a4 (weights+activations 4-bit)", w4a4)]
     batches = _batches(4, args.batch)
     print(f"ResNet-20, batch {args.batch}, {args.threads} threads, {args.steps} steps "
@@ -131,14 +154,10 @@ def main() -> None:
             timed = trained.step_seconds[args.warmup:]
             runs.append((args.batch * len(timed) / sum(timed), np.median(timed)))
         rate, median = max(runs)
-        print(f"{label:36s} {rate:8.1f} img/s  ({1e3 * median:.0f} ms/step median)")
+        ratio = "" if torch_rate is None else f"  {rate / torch_rate:.2f}x torch"
+        print(f"{label:36s} {rate:8.1f} img/s  ({1e3 * median:.0f} ms/step median){ratio}")
         if prefix:
             print("\n".join(_profile_summary(prefix)))
-    torch_rate = _torch_throughput(args.batch, args.threads, args.steps, args.warmup)
-    if torch_rate is None:
-        print("torch: not importable here, comparison skipped")
-    else:
-        print(f"{'torch float (SGD momentum)':36s} {torch_rate:8.1f} img/s")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@
     python models/train_reference.py fashion_net --train /tmp/fmnist/train.npz --test /tmp/fmnist/test.npz \
         --epochs 4 --lr 0.05 --batch-size 128 -o models/fashion-mnist/model.onnx
 
-    # ResNet-20 on CIFAR-10 (the images stay in ../shared/data; extract them outside the repo)
+    # ResNet-20 and MobileNet-V1 (32x32) on CIFAR-10 (the images stay in ../shared/data; extract them outside the repo)
     tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
     python models/train_reference.py resnet20 --train /tmp/cifar10/train --test /tmp/cifar10/test \
-        --epochs 60 --lr 0.1 --batch-size 128 --augment -o models/resnet20-cifar10/model.onnx
+        --epochs 40 --lr 0.1 --batch-size 128 --augment -o models/resnet20-cifar10/model.onnx
+    python models/train_reference.py mobilenet_v1_cifar --width 0.5 --train /tmp/cifar10/train \
+        --test /tmp/cifar10/test --epochs 20 --lr 0.1 --batch-size 128 --augment \
+        -o models/mobilenet-v1-cifar10/model.onnx
 
 Training runs epoch by epoch; after each epoch the weights and a JSON state are written atomically to
 ``<output>.work/`` so a killed run continues with ``--resume``. The learning rate follows a cosine over
@@ -18,6 +21,7 @@ A log line per epoch goes to stdout and to ``<output>.log``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,7 +37,9 @@ from impq_onnx import architectures, find_sites, from_proto
 from impq_onnx.data import PRESETS, open_dataset
 from impq_onnx.engine import evaluate, fine_tune
 
-ARCHITECTURES = {"resnet20": ("cifar", architectures.resnet20), "fashion_net": ("fashion-mnist", architectures.fashion_net)}
+ARCHITECTURES = {"resnet20": ("cifar", architectures.resnet20), "fashion_net": ("fashion-mnist", architectures.fashion_net),
+                 "mobilenet_v1_cifar": ("cifar", architectures.mobilenet_v1_cifar)}
+WIDTH_MULTIPLIER = {"mobilenet_v1_cifar"}  # builders that take --width
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -54,8 +60,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from <output>.work/.")
-def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume):
+@click.option("--width", default=None, type=float, help="Width multiplier (mobilenet_v1_cifar only) [default: 1.0].")
+def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume, width):
     preset_name, build = ARCHITECTURES[architecture]
+    if width is not None:
+        if architecture not in WIDTH_MULTIPLIER:
+            raise click.UsageError(f"--width applies to {', '.join(sorted(WIDTH_MULTIPLIER))}, not {architecture}")
+        build = functools.partial(build, width=width)
     preprocess = PRESETS[preset_name]
     train = open_dataset(train_path, preprocess)
     test = open_dataset(test_path, preprocess)
