@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine import TrainedWeights, evaluate, fine_tune
+from ..engine import TrainedWeights
 from ..plan import PrecisionPlan
 from ..simulate import calibrate_clips, simulate
 from .checkpoint import WorkDir
@@ -165,18 +165,12 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step)
     return _lower(plan, phase, picked, dict(candidates)), len(picked), len(candidates), table
 
 
-def _watched(record: dict, reference: dict) -> tuple[float | None, float]:
-    """(value, float reference) of the accuracy the drop rule watches: top-1, or agreement without labels."""
-    if record["val_top1"] is not None and reference.get("top1") is not None:
-        return record["val_top1"], reference["top1"]
-    return record["val_agreement"], 1.0
-
-
 def _decide(state: dict, record: dict, cfg, plan, sites, phases) -> None:
     """The stop rules; they read only the record and the committed wall time."""
+    from .iteration import within_accuracy_drop
+
     iteration = record["iteration"]
-    value, ref = _watched(record, state["reference"])
-    within = cfg.max_accuracy_drop is None or value is None or (ref - value) * 100.0 <= cfg.max_accuracy_drop + 1e-9
+    within = within_accuracy_drop(cfg, record, state["reference"])
     record["within_accuracy_drop"] = within
     if within:
         state["last_good"] = iteration
@@ -211,9 +205,14 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
                values: dict[str, np.ndarray], *, other_float_bytes: float = 0.0,
                progress: Callable[[str], None] | None = None) -> dict:
     """Run iterations until a stop rule fires; return the final state (also committed in ``workdir``)."""
+    from .iteration import (  # iteration builds on this module
+        evaluate_record,
+        run_fine_tune,
+        save_record,
+    )
+
     phases = PHASE_ORDERS[cfg.phases]
-    report = progress or (lambda message: None)
-    inner = (lambda message: report("  " + message)) if progress else False
+    inner = (lambda message: progress("  " + message)) if progress else False
     while state["stop"] is None:
         start = time.perf_counter()
         iteration = state["iteration"] + 1
@@ -229,32 +228,17 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
                                                              state["phase_step"])
         sensitivity_seconds = time.perf_counter() - start
         steps = fine_tune_steps(cfg, train, kind == "start")
-        trained = fine_tune(model, plan, sites, train_batches(cfg, train, iteration), steps=steps, lr=cfg.lr,
-                            optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            threads=cfg.threads, seed=derive_seed(cfg.seed, iteration, "fine-tune"), progress=inner)
+        trained = run_fine_tune(cfg, model, plan, sites, train, iteration, steps, lr=cfg.lr, progress=inner)
         values = {**values, **trained.values}
-        model = with_values(base, values)
-        result = evaluate(model, labelled_batches(val, EVAL_BATCH), plan=plan, sites=sites, float_model=base,
-                          threads=cfg.threads)
-        seconds = time.perf_counter() - start
-        summary = plan.summary(sites)
-        record = {
-            "iteration": iteration, "phase": phase, "kind": kind, "lowered": lowered, "reducible": reducible,
-            **summary, "model_bytes": summary["weight_bytes"] + other_float_bytes,
-            "val_top1": result.top1, "val_top5": result.top5, "val_agreement": result.agreement, "val_n": result.n,
-            "fine_tune_steps": steps, "fine_tune_loss": float(np.mean(trained.losses[-10:])),
-            "sensitivity_seconds": sensitivity_seconds if kind == "lower" else 0.0,
-            "fine_tune_seconds": trained.seconds, "seconds": seconds, "elapsed": state["elapsed"] + seconds,
-        }
-        state.update(iteration=iteration, phase_started=True, elapsed=state["elapsed"] + seconds)
+        record = evaluate_record(cfg, base, sites, val, state, plan, values, started=start, phase=phase, kind=kind,
+                                 trained=trained, lowered=lowered, reducible=reducible,
+                                 sensitivity_seconds=sensitivity_seconds if kind == "lower" else 0.0,
+                                 other_float_bytes=other_float_bytes)
+        state.update(iteration=iteration, phase_started=True, elapsed=record["elapsed"])
         if kind == "lower":
             state["phase_step"] += 1
         _decide(state, record, cfg, plan, sites, phases)
-        state["records"].append(record)
-        workdir.save_iteration(iteration, plan, values, record, sensitivity=table)
-        workdir.commit(state)
-        workdir.prune({iteration, state["last_good"]})
-        report(format_record(record, state["reference"]))
+        save_record(workdir, state, record, plan, values, sensitivity=table, progress=progress)
     return state
 
 

@@ -17,7 +17,7 @@ from impq_onnx.data import PRESETS, dataset_from_arrays
 from impq_onnx.engine import EvalResult, TrainedWeights
 from impq_onnx.frontend import from_proto
 from impq_onnx.plan import PrecisionPlan
-from impq_onnx.search import impq
+from impq_onnx.search import impq, iteration
 from impq_onnx.search.checkpoint import WorkDir
 from impq_onnx.sensitivity import SensitivityTable
 from impq_onnx.sites import find_sites
@@ -48,8 +48,8 @@ def stand_ins(monkeypatch):
                                 {s.tensor: float(i) for i, s in enumerate(sites.activations)},
                                 granularity, "paper", "stand-in", 1, 1, 0.0)
 
-    monkeypatch.setattr(impq, "fine_tune", fake_fine_tune)
-    monkeypatch.setattr(impq, "evaluate", fake_evaluate)
+    monkeypatch.setattr(iteration, "fine_tune", fake_fine_tune)
+    monkeypatch.setattr(iteration, "evaluate", fake_evaluate)
     monkeypatch.setattr(sensitivity, "noise_gain", fake_noise_gain)
     return calls
 
