@@ -9,6 +9,14 @@ __all__ = ["SCHEDULES", "learning_rate", "warmup_cosine", "warmup_exponential"]
 SCHEDULES = ("cosine", "exponential")
 
 
+def _warmup(step: int, steps: int, lr: float, warmup_steps: int) -> tuple[float | None, int, int]:
+    """(the warm-up rate at ``step``, or None after the warm-up; steps since the warm-up; steps after it)."""
+    warmup_steps = max(0, min(warmup_steps, steps - 1))
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1), 0, 0
+    return None, step - warmup_steps, steps - warmup_steps
+
+
 def warmup_cosine(step: int, steps: int, lr: float, warmup_steps: int = 0, final_lr: float = 0.0) -> float:
     """Linear warm-up from ``lr/warmup_steps`` to ``lr`` over ``warmup_steps``, then cosine to ``final_lr``.
 
@@ -17,14 +25,12 @@ def warmup_cosine(step: int, steps: int, lr: float, warmup_steps: int = 0, final
     """
     if steps <= 0:
         return lr
-    warmup_steps = max(0, min(warmup_steps, steps - 1))
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)
-    span = steps - warmup_steps
+    warm, done, span = _warmup(step, steps, lr, warmup_steps)
+    if warm is not None:
+        return warm
     if span <= 1:
         return lr
-    progress = (step - warmup_steps) / span
-    return final_lr + 0.5 * (lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+    return final_lr + 0.5 * (lr - final_lr) * (1.0 + math.cos(math.pi * done / span))
 
 
 def warmup_exponential(step: int, steps: int, lr: float, warmup_steps: int = 0, final_lr: float = 0.0) -> float:
@@ -39,11 +45,8 @@ def warmup_exponential(step: int, steps: int, lr: float, warmup_steps: int = 0, 
         raise ValueError(f"an exponential schedule needs positive rates, got lr={lr}, final_lr={final_lr}")
     if steps <= 0:
         return lr
-    warmup_steps = max(0, min(warmup_steps, steps - 1))
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)
-    span = steps - warmup_steps
-    return lr * (final_lr / lr) ** ((step - warmup_steps) / span)
+    warm, done, span = _warmup(step, steps, lr, warmup_steps)
+    return warm if warm is not None else lr * (final_lr / lr) ** (done / span)
 
 
 def learning_rate(schedule: str, step: int, steps: int, lr: float, warmup_steps: int = 0,
