@@ -60,8 +60,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from <output>.work/.")
+@click.option("--init", "init_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Start from this model's weights instead of a fresh initialisation (a second, shorter "
+                   "cosine stage after a first run).")
 @click.option("--width", default=None, type=float, help="Width multiplier (mobilenet_v1_cifar only) [default: 1.0].")
-def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume, width):
+def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume, width, init_path):
     preset_name, build = ARCHITECTURES[architecture]
     if width is not None:
         if architecture not in WIDTH_MULTIPLIER:
@@ -75,7 +78,7 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
     work.mkdir(parents=True, exist_ok=True)
     state_path, weights_path, log_path = work / "state.json", work / "model.onnx", output.with_suffix(".log")
 
-    canonical = from_proto(build(seed=seed), label=architecture)
+    canonical = from_proto(onnx.load(init_path) if init_path else build(seed=seed), label=architecture)
     start_epoch, history = 0, []
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
