@@ -57,9 +57,9 @@ RUNS: dict[str, list[str]] = {
 }
 
 
-def command(name: str, model: str, data: str, work: Path) -> list[str]:
+def command(name: str, model: str, data: str, work: Path, threads: int) -> list[str]:
     return [str(ROOT / ".venv" / "bin" / "impq-onnx"), "compress", model, "--data", data, "--output",
-            str(work / f"{name}.onnx"), "--resume", *COMMON, *RUNS[name]]
+            str(work / f"{name}.onnx"), "--resume", *COMMON, *RUNS[name], "--threads", str(threads)]
 
 
 def row(name: str, work: Path) -> dict | None:
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(ROOT / "out" / "bench-resnet20"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "impq-resnet20"))
     parser.add_argument("--summary", action="store_true", help="only rebuild the table")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads per run (e.g. 1 for two "
+                        "invocations side by side with different --only)")
     args = parser.parse_args(argv)
     names = args.only.split(",")
     unknown = [n for n in names if n not in RUNS]
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not args.summary:
         for name in names:
-            cmd = command(name, args.model, args.data, work)
+            cmd = command(name, args.model, args.data, work, args.threads)
             print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rows = [r for r in (row(name, work) for name in RUNS) if r is not None]
