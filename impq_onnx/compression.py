@@ -58,8 +58,8 @@ class CompressConfig:
     """Every option of ``compress`` (CLI ``--name-with-dashes``, YAML and Python ``name_with_underscores``)."""
 
     model: str | None = _opt(None, "The float ONNX classifier (never modified).")
-    data: str | None = _opt(None, "ImageFolder dir (with train/ and test/ or val/ subfolders, or one tree "
-                                  "to split) or .npz.")
+    data: str | None = _opt(None, "ImageFolder dir (with train/, val/ and test/ subfolders; train/ and test/ "
+                                  "or val/; or one tree to split) or .npz.")
     method: str = _opt("impq", "Search strategy: impq (the default), faq (uniform bits, power-of-two steps, long "
                                "fine-tune), activation-density (per-layer bits from the fraction of non-zero "
                                "activations) or uniform-ptq (uniform bits, calibration only).")
@@ -209,16 +209,25 @@ def _preprocess(cfg: CompressConfig, canonical):
 
 
 def _datasets(cfg: CompressConfig, preprocess):
-    """(train, val, test or None): train/ + test/ (or val/) subfolders, else one tree split in two."""
+    """(train, val, test or None).
+
+    ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
+    and ``test/`` (or ``val/``): the second is the test split and ``val_fraction`` of ``train/`` is held
+    out for validation. Anything else: one tree, split in two, and no test split.
+    """
     from .data import open_dataset
 
     root = Path(cfg.data)
     held = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
-    if root.is_dir() and (root / "train").is_dir() and held is not None:
-        everything, test = open_dataset(root / "train", preprocess), open_dataset(held, preprocess)
+    if root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir() and (root / "test").is_dir():
+        train, val = open_dataset(root / "train", preprocess), open_dataset(root / "val", preprocess)
+        test = open_dataset(root / "test", preprocess)
     else:
-        everything, test = open_dataset(root, preprocess), None
-    train, val = everything.split(cfg.val_fraction, cfg.seed)
+        if root.is_dir() and (root / "train").is_dir() and held is not None:
+            everything, test = open_dataset(root / "train", preprocess), open_dataset(held, preprocess)
+        else:
+            everything, test = open_dataset(root, preprocess), None
+        train, val = everything.split(cfg.val_fraction, cfg.seed)
     if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
         from .search.impq import derive_seed
 

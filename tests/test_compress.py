@@ -157,3 +157,21 @@ def test_unlabelled_images_distill_and_watch_agreement(tmp_path):
     assert result.reference["top1"] is None and result.final["val_top1"] is None
     assert 0.0 <= result.final["val_agreement"] <= 1.0
     assert all(r["within_accuracy_drop"] for r in result.iterations)
+
+
+def test_train_val_test_folders_are_used_as_they_are(tmp_path):
+    """With train/, val/ and test/ the validation split is val/ (unseen by the float model), not a part of train/."""
+    from impq_onnx.compression import _datasets
+
+    root = tmp_path / "three"
+    for split, count in (("train", 5), ("val", 3), ("test", 2)):
+        for folder in sorted((DATA / "train").iterdir())[:2]:
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.glob("*.png"))[:count]:
+                (root / split / folder.name / image.name).symlink_to(image)
+    cfg = CompressConfig(model=str(MODEL), data=str(root))
+    train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
+    assert (len(train), len(val), len(test)) == (10, 6, 4)
+    (root / "val").rename(root / "other")  # train/ + test/: validation is held out of train/
+    train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
+    assert len(train) + len(val) == 10 and len(val) == 2 and len(test) == 4
