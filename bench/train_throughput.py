@@ -1,6 +1,7 @@
 """Fine-tune throughput of ResNet-20 (CIFAR shapes) on onnxruntime-training: float and simulated 4-bit.
 
     .venv/bin/python bench/train_throughput.py [--batch 128] [--threads 2] [--steps 12] [--profile DIR]
+                                               [--replicas 1 2]
 
 Random images (throughput does not depend on the values). The first ``--warmup`` steps are not
 timed. With ``--profile`` the onnxruntime profile of each training session is written to DIR and
@@ -8,6 +9,9 @@ summarised by op type. If ``import torch`` works, the same network is timed in t
 (torch is never needed otherwise); ``--torch-python PY`` runs that part in another interpreter that has
 torch (``python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 numpy``), and
 ``--torch-only`` runs just that part. Each onnxruntime configuration is printed with its ratio to torch.
+``--replicas R1 R2 ...`` times each configuration with each replica count (``fine_tune(replicas=R)``: the
+batch split in R parts trained concurrently, ``threads // R`` threads each), the counts interleaved run
+by run so that a change of machine load hits them alike, and prints each rate's ratio to the first count's.
 """
 
 from __future__ import annotations
@@ -114,11 +118,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best is shown "
                         "(a shared machine's load only ever slows a run down)")
     parser.add_argument("--profile", default=None, help="directory for onnxruntime profiles")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1], help="replica counts to time, each against "
+                        "the first (e.g. 1 2) [default: 1]")
     parser.add_argument("--torch-python", default=None, help="interpreter with torch for the reference run "
                         "[default: this one, when it can import torch]")
     parser.add_argument("--torch-only", action="store_true", help="time only the torch reference (any interpreter "
                         "with torch and numpy; impq_onnx is not imported)")
     args = parser.parse_args()
+    if any(r < 1 for r in args.replicas):
+        parser.error("--replicas counts must be at least 1")
+    if args.optimizer != "sgd" and any(r > 1 for r in args.replicas):
+        parser.error("--replicas above 1 needs --optimizer sgd")
     if args.torch_only:
         rate = max(_torch_throughput(args.batch, args.threads, args.steps, args.warmup) or 0.0
                    for _ in range(args.repeats))
@@ -141,23 +151,34 @@ def main() -> None:
     configs = [("float", None), ("w4 (weights 4-bit)", w4), ("w4a4 (weights+activations 4-bit)", w4a4)]
     batches = _batches(4, args.batch)
     print(f"ResNet-20, batch {args.batch}, {args.threads} threads, {args.steps} steps "
-          f"({args.warmup} untimed), optimizer {args.optimizer}")
+          f"({args.warmup} untimed), optimizer {args.optimizer}"
+          + ("" if args.replicas == [1] else f", replicas {' '.join(map(str, args.replicas))}"))
     for label, plan in configs:
-        prefix = None
-        if args.profile:
-            os.makedirs(args.profile, exist_ok=True)
-            prefix = os.path.abspath(os.path.join(args.profile, label.split()[0]))
-        runs = []
+        prefixes = {}
+        for replicas in args.replicas:
+            prefixes[replicas] = None
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+                name = label.split()[0] + ("" if args.replicas == [1] else f"-R{replicas}")
+                prefixes[replicas] = os.path.abspath(os.path.join(args.profile, name))
+        runs: dict[int, list] = {r: [] for r in args.replicas}
         for _ in range(args.repeats):
-            trained = fine_tune(canonical, plan, sites, batches, steps=args.steps, lr=0.01, optimizer=args.optimizer,
-                                threads=args.threads, progress=False, profile=prefix)
-            timed = trained.step_seconds[args.warmup:]
-            runs.append((args.batch * len(timed) / sum(timed), np.median(timed)))
-        rate, median = max(runs)
-        ratio = "" if torch_rate is None else f"  {rate / torch_rate:.2f}x torch"
-        print(f"{label:36s} {rate:8.1f} img/s  ({1e3 * median:.0f} ms/step median){ratio}")
-        if prefix:
-            print("\n".join(_profile_summary(prefix)))
+            for replicas in args.replicas:  # interleaved: a change of load hits every count alike
+                trained = fine_tune(canonical, plan, sites, batches, steps=args.steps, lr=0.01,
+                                    optimizer=args.optimizer, threads=args.threads, progress=False,
+                                    profile=prefixes[replicas], replicas=replicas)
+                timed = trained.step_seconds[args.warmup:]
+                runs[replicas].append((args.batch * len(timed) / sum(timed), np.median(timed)))
+        base = max(runs[args.replicas[0]])[0]
+        for replicas in args.replicas:
+            rate, median = max(runs[replicas])
+            ratio = "" if torch_rate is None else f"  {rate / torch_rate:.2f}x torch"
+            if args.replicas != [1]:
+                ratio += f"  {rate / base:.2f}x R={args.replicas[0]}"
+            name = label if args.replicas == [1] else f"{label} R={replicas}"
+            print(f"{name:40s} {rate:8.1f} img/s  ({1e3 * median:.0f} ms/step median){ratio}")
+            if prefixes[replicas]:
+                print("\n".join(_profile_summary(prefixes[replicas])))
 
 
 if __name__ == "__main__":

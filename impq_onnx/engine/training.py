@@ -17,12 +17,31 @@ What onnxruntime-training 1.19 does and does not do, and what this module does a
 - Its SGD (``SGDOptimizerV2``) has neither momentum nor weight decay, so SGD runs in numpy on the
   gradients onnxruntime computed (torch's SGD semantics: ``g += wd*w; v = mu*v + g; w -= lr*v``).
   AdamW is onnxruntime's own (decoupled weight decay).
+- Replicas (``replicas=R > 1``, data-parallel inside one process): onnxruntime's intra-op parallelism
+  is inefficient for small convolutions (ConvGrad loops over the images of the batch with small GEMMs,
+  each split over the thread pool), while R single-threaded runs on R parts of the batch scale well.
+  ``Module.train_step`` keeps the GIL for the whole step (its 1.19 binding does not release it:
+  measured, a Python thread gets ~3 % of its solo rate beside it), so R Modules in R Python threads
+  would run one after the other. ``InferenceSession.run`` releases the GIL, and the forward+backward
+  graph of the training artifacts is an ordinary graph once its ``InPlaceAccumulatorV2`` nodes (the
+  gradient buffers) are dropped and the gradients made graph outputs (:func:`_gradient_graph`); so each
+  replica is an InferenceSession on that graph (``max(1, threads // R)`` intra-op threads), the
+  parameters live in numpy and are fed to every replica (one shared copy: every replica always sees the
+  same values), the batch is split with ``np.array_split``, and each part's gradient, loss and
+  batch-norm running statistics are weighted by its share of the batch: without batch-norm the step
+  is the full batch's up to float rounding. Batch-norm normalises with each part's own batch
+  statistics (data-parallel training without SyncBN), and the running statistics become the weighted
+  mean of the parts' updates: the running mean moves exactly as with the full batch, the running
+  variance toward the mean of the parts' (biased) variances, which lacks the spread of the part means.
+  AdamW (onnxruntime's Optimizer, bound to one Module and its gradient buffers) is not available with
+  replicas: ``replicas > 1`` needs SGD.
 - Unlabelled data: the loss is the soft cross-entropy to the float model's logits (distillation),
   ``T^2 * mean_batch(-sum_c softmax(t/T) log_softmax(s/T))``, built as an onnxblock.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -228,6 +247,7 @@ def fine_tune(
     seed: int = 0,
     progress: bool | Callable[[str], None] = True,
     profile: str | None = None,
+    replicas: int = 1,
 ) -> TrainedWeights:
     """Fine-tune ``model`` (float; CanonicalModel or ModelProto) under ``plan`` (None: float training).
 
@@ -237,7 +257,11 @@ def fine_tune(
     ``warmup_steps`` (default 5% of ``steps``) then follows ``lr_schedule`` to ``final_lr``: a cosine, or
     ``exponential`` (a constant factor per step; ``final_lr`` must then be positive).
     ``batchnorm_momentum`` is ONNX's (weight of the old running value; None keeps the model's, 0.9).
-    ``profile`` (a path prefix) writes onnxruntime's JSON profile of the training session there.
+    ``profile`` (a path prefix) writes onnxruntime's JSON profile of the training session there
+    (with replicas, one per replica: ``{profile}-replica{i}``).
+    ``replicas`` > 1 splits every batch into that many parts trained concurrently, each on
+    ``max(1, threads // replicas)`` threads, and averages their gradients (weighted by part size) into
+    one SGD step; batch-norm then uses per-part batch statistics (see the module docstring). SGD only.
     """
     import onnxruntime as ort
 
@@ -249,6 +273,13 @@ def fine_tune(
         raise PlanError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if lr_schedule == "exponential" and not (lr > 0 and final_lr > 0):
         raise PlanError(f"an exponential learning-rate schedule needs lr and final_lr above 0 (got {lr}, {final_lr})")
+    if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)) or replicas < 1:
+        raise PlanError(f"replicas must be a whole number of at least 1, not {replicas!r}")
+    replicas = int(replicas)
+    if replicas > 1 and optimizer != "sgd":
+        raise PlanError(f"replicas > 1 needs optimizer 'sgd' (onnxruntime's {optimizer} steps one training module); "
+                        f"use replicas=1 with {optimizer}")
+    replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     artifacts, api, onnxblock = _ort_training.load()
     ort.capi._pybind_state.set_seed(seed)
     report = progress if callable(progress) else (_stderr_line if progress else None)
@@ -274,7 +305,7 @@ def fine_tune(
     if distill:
         loss_block = _distillation_loss(onnxblock, temperature)
         teacher_proto = as_proto(teacher if teacher is not None else model)
-        teacher_session = ort.InferenceSession(teacher_proto.SerializeToString(), _session_options(threads),
+        teacher_session = ort.InferenceSession(teacher_proto.SerializeToString(), _session_options(replica_threads),
                                                providers=["CPUExecutionProvider"])
     else:
         loss_block = artifacts.LossType.CrossEntropyLoss
@@ -288,10 +319,15 @@ def fine_tune(
                 artifact_directory=tmp, loss_input_names=[logits], additional_output_names=list(running),
             )
         state = api.CheckpointState.load_checkpoint(os.path.join(tmp, "checkpoint"))
-        module = api.Module(os.path.join(tmp, "training_model.onnx"), state, None,
-                            session_options=_session_options(threads, profile=profile))
-        opt = api.Optimizer(os.path.join(tmp, "optimizer_model.onnx"), module) if optimizer == "adamw" else None
-        module.train()
+        module = opt = group = None
+        if replicas == 1:
+            module = api.Module(os.path.join(tmp, "training_model.onnx"), state, None,
+                                session_options=_session_options(threads, profile=profile))
+            opt = api.Optimizer(os.path.join(tmp, "optimizer_model.onnx"), module) if optimizer == "adamw" else None
+            module.train()
+        else:
+            group = _Replicas(os.path.join(tmp, "training_model.onnx"), state, trainable, running, replicas,
+                              replica_threads, profile, teacher_session, sites.input_name)
         velocity: dict[str, np.ndarray] = {}
         warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
         losses: list[float] = []
@@ -305,20 +341,26 @@ def fine_tune(
                 batch = _split(next(stream))
             x, y = batch
             rate = learning_rate(lr_schedule, step, steps, lr, warmup, final_lr)
-            target = teacher_session.run(None, {sites.input_name: x})[0] if distill else y
-            outputs = module(x, target)
-            outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
-            loss = float(np.asarray(outputs[0]))
-            if not np.isfinite(loss):
-                raise DataError(f"the training loss became {loss} at step {step}; lower the learning rate")
-            for name, value in zip(stat_names, outputs[1:]):
-                state.parameters[running[name]].data = np.asarray(value, np.float32)
-            if opt is not None:
-                opt.set_learning_rate(rate)
-                opt.step()
+            if group is not None:
+                loss = group.forward_backward(x, None if distill else y)
+                if not np.isfinite(loss):
+                    raise DataError(f"the training loss became {loss} at step {step}; lower the learning rate")
+                group.sgd_step(velocity, rate, momentum, weight_decay)
             else:
-                _sgd_step(state, trainable, velocity, rate, momentum, weight_decay)
-            module.lazy_reset_grad()
+                target = teacher_session.run(None, {sites.input_name: x})[0] if distill else y
+                outputs = module(x, target)
+                outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+                loss = float(np.asarray(outputs[0]))
+                if not np.isfinite(loss):
+                    raise DataError(f"the training loss became {loss} at step {step}; lower the learning rate")
+                for name, value in zip(stat_names, outputs[1:]):
+                    state.parameters[running[name]].data = np.asarray(value, np.float32)
+                if opt is not None:
+                    opt.set_learning_rate(rate)
+                    opt.step()
+                else:
+                    _sgd_step(state, trainable, velocity, rate, momentum, weight_decay)
+                module.lazy_reset_grad()
             losses.append(loss)
             images += len(x)
             step_seconds.append(time.perf_counter() - tick)
@@ -328,8 +370,12 @@ def fine_tune(
                 report(f"fine-tune step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} lr {rate:.3g} "
                        f"{images / max(now, 1e-9):.0f} img/s")
         seconds = time.perf_counter() - start
-        values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
-        del opt, module  # a profiled session writes its file when it ends
+        if group is not None:
+            values = {name: np.array(group.params[name]) for name in trainable + frozen}
+            group.close()
+        else:
+            values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
+        del opt, module, group  # a profiled session writes its file when it ends
     return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
 
 
@@ -337,17 +383,140 @@ def _sgd_step(state, names: list[str], velocity: dict[str, np.ndarray], lr: floa
               weight_decay: float) -> None:
     for name in names:
         param = state.parameters[name]
-        w, g = param.data, param.grad
+        g = param.grad
         if g is None:
             continue
-        if weight_decay:
-            g = g + weight_decay * w
-        if momentum:
-            v = velocity.get(name)
-            v = g if v is None else momentum * v + g
-            velocity[name] = v
-            g = v
-        param.data = (w - lr * g).astype(np.float32)
+        param.data = _sgd_update(name, param.data, g, velocity, lr, momentum, weight_decay)
+
+
+def _sgd_update(name: str, w: np.ndarray, g: np.ndarray, velocity: dict[str, np.ndarray], lr: float,
+                momentum: float, weight_decay: float) -> np.ndarray:
+    """torch's SGD on one parameter: ``g += wd*w; v = mu*v + g; w - lr*v`` (``velocity`` updated)."""
+    if weight_decay:
+        g = g + weight_decay * w
+    if momentum:
+        v = velocity.get(name)
+        v = g if v is None else momentum * v + g
+        velocity[name] = v
+        g = v
+    return (w - lr * g).astype(np.float32)
+
+
+_ACCUMULATOR = "InPlaceAccumulatorV2"
+_BUFFER_SUFFIX = "_grad.accumulation.buffer"
+
+
+def _gradient_graph(path: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The training artifact's graph as a plain function ``(inputs, parameters) -> (outputs, gradients)``.
+
+    onnxruntime-training accumulates each gradient into a buffer input with an ``InPlaceAccumulatorV2``
+    node (``buffer, gradient, lazy_reset_grad -> buffer.out``); those nodes, the buffer inputs, the reset
+    flag and the ``.out`` outputs are removed and the gradients themselves become graph outputs, so an
+    ordinary InferenceSession computes them. Returns the graph and {parameter: gradient output}.
+    """
+    proto = onnx.load(path)
+    graph = proto.graph
+    accumulators = [n for n in graph.node if n.op_type == _ACCUMULATOR]
+    gradients: dict[str, str] = {}
+    dropped_inputs, replaced_outputs = set(), {}
+    for node in accumulators:
+        buffer, gradient, reset = node.input[0], node.input[1], node.input[2]
+        if not buffer.endswith(_BUFFER_SUFFIX):
+            raise PlanError(f"unexpected gradient buffer name '{buffer}' in the training artifact")
+        gradients[buffer[: -len(_BUFFER_SUFFIX)]] = gradient
+        dropped_inputs.update((buffer, reset))
+        replaced_outputs[node.output[0]] = gradient
+    kept = [n for n in graph.node if n.op_type != _ACCUMULATOR]
+    del graph.node[:]
+    graph.node.extend(kept)
+    inputs = [i for i in graph.input if i.name not in dropped_inputs]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    outputs = [o if o.name not in replaced_outputs
+               else helper.make_tensor_value_info(replaced_outputs[o.name], onnx.TensorProto.FLOAT, None)
+               for o in graph.output]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return proto, gradients
+
+
+class _Replicas:
+    """``count`` InferenceSessions on the gradient graph, each training on one part of every batch in its
+    own Python thread (``InferenceSession.run`` releases the GIL); the parameters are numpy arrays here."""
+
+    def __init__(self, training_model: str, state, trainable: list[str], running: dict[str, str], count: int,
+                 threads: int, profile: str | None, teacher, input_name: str):
+        import onnxruntime as ort
+
+        proto, gradients = _gradient_graph(training_model)
+        self.running = running  # {statistic output: running-statistic parameter}
+        self.trainable = [name for name in trainable if name in gradients]
+        self.gradients = gradients
+        self.params = {name: np.array(state.parameters[name].data, np.float32)
+                       for name in trainable + sorted(set(running.values()))}
+        self.user_inputs = [i.name for i in proto.graph.input if i.name not in self.params]
+        if len(self.user_inputs) != 2:
+            raise PlanError(f"the training graph has inputs {self.user_inputs}, expected the model input and the target")
+        self.loss_name = proto.graph.output[0].name
+        self.outputs = [self.loss_name] + list(running) + [gradients[name] for name in self.trainable]
+        self.stat_feeds = sorted(set(running.values()))
+        blob = proto.SerializeToString()
+        self.sessions = [
+            ort.InferenceSession(blob, _session_options(threads, profile=f"{profile}-replica{i}" if profile else None),
+                                 providers=["CPUExecutionProvider"])
+            for i in range(count)
+        ]
+        self.profile = profile
+        self.teacher, self.input_name = teacher, input_name
+        self.grads: dict[str, np.ndarray] = {}
+
+    def _run(self, index: int, x: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
+        target = self.teacher.run(None, {self.input_name: x})[0] if y is None else y
+        feeds = dict(zip(self.user_inputs, (x, target)))
+        for name in self.trainable:
+            feeds[name] = self.params[name]  # read-only, shared by the replicas
+        for name in self.stat_feeds:
+            feeds[name] = self.params[name].copy()  # batch-norm may update its running statistics in place
+        return self.sessions[index].run(self.outputs, feeds)
+
+    def forward_backward(self, x: np.ndarray, y: np.ndarray | None) -> float:
+        """Run every part (``y`` None: distil from the teacher); keep the weighted gradients and running
+        statistics; return the weighted loss (= the full batch's mean loss)."""
+        parts = [i for i in np.array_split(np.arange(len(x)), len(self.sessions)) if len(i)]
+        slices = [slice(int(i[0]), int(i[-1]) + 1) for i in parts]
+        # A pool per step (R thread starts are nothing beside a training step) leaves no thread behind on errors.
+        with concurrent.futures.ThreadPoolExecutor(len(slices), thread_name_prefix="impq-replica") as pool:
+            futures = [pool.submit(self._run, k, x[s], None if y is None else y[s]) for k, s in enumerate(slices)]
+            results = [f.result() for f in futures]  # in part order: the sums below are deterministic
+        shares = [(s.stop - s.start) / len(x) for s in slices]
+        loss = float(sum(share * float(np.asarray(out[0])) for share, out in zip(shares, results)))
+        stats, grads = len(self.running), {}
+        for j, name in enumerate(self.running):
+            self.params[self.running[name]] = _weighted(shares, [out[1 + j] for out in results])
+        for j, name in enumerate(self.trainable):
+            grads[name] = _weighted(shares, [out[1 + stats + j] for out in results])
+        self.grads = grads
+        return loss
+
+    def sgd_step(self, velocity: dict[str, np.ndarray], lr: float, momentum: float, weight_decay: float) -> None:
+        for name in self.trainable:
+            self.params[name] = _sgd_update(name, self.params[name], self.grads[name], velocity, lr, momentum,
+                                            weight_decay)
+        self.grads = {}
+
+    def close(self) -> None:
+        if self.profile:
+            for session in self.sessions:
+                session.end_profiling()
+
+
+def _weighted(shares: list[float], values: list[np.ndarray]) -> np.ndarray:
+    if len(values) == 1:
+        return np.asarray(values[0], np.float32)
+    total = shares[0] * np.asarray(values[0], np.float32)
+    for share, value in zip(shares[1:], values[1:]):
+        total += share * np.asarray(value, np.float32)
+    return total.astype(np.float32)
 
 
 @contextlib.contextmanager

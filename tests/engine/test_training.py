@@ -178,3 +178,108 @@ def test_training_works_across_opsets(opset):
     trained = _train(canonical, plan, sites, steps=100)
     assert _decreased(trained.losses), trained.losses
     assert not np.allclose(trained.values["bn1.mean"], 0.0)
+
+
+# --- replicas: data-parallel training inside one process -------------------------------------------------------
+
+
+def _cnn_without_batchnorm(seed: int = 0):
+    """conv3x3(3->6)+Relu -> conv3x3(6->8, stride 2, bias)+Relu -> GlobalAveragePool -> Flatten -> Gemm(8->4)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape, scale=None):
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        value = rng.standard_normal(shape) * (scale or np.sqrt(2.0 / fan_in))
+        return numpy_helper.from_array(value.astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2.w", "conv2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "cnn_without_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        initializer=[init("conv1.w", 6, 3, 3, 3), init("conv2.w", 8, 6, 3, 3), init("conv2.b", 8, scale=0.1),
+                     init("fc.w", 4, 8, scale=0.5), init("fc.b", 4, scale=0.1)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _initial_value(canonical, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(t for t in as_proto(canonical).graph.initializer if t.name == name))
+
+
+@pytest.mark.parametrize("replicas, batch, distill", [(2, 32, False), (3, 32, False), (4, 3, False), (2, 30, True)])
+def test_replicas_give_the_full_batch_gradient_without_batchnorm(replicas, batch, distill):
+    # 32 in 3 parts is 11/11/10 and 3 in 4 parts leaves one empty: each part's gradient is weighted by its share.
+    canonical, sites = canonical_and_sites(_cnn_without_batchnorm())
+    batches = quadrant_batches(3, batch)
+    if distill:
+        teacher = canonical_and_sites(_cnn_without_batchnorm(seed=1))[0]
+        labelled = batches
+
+        def batches():
+            for x, _ in labelled():
+                yield (x, None)
+
+    runs = [fine_tune(canonical, None, sites, batches, steps=5, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                      progress=False, replicas=r, teacher=teacher if distill else None) for r in (1, replicas)]
+    one, many = runs
+    assert many.steps == 5 and many.images == 5 * batch and len(many.step_seconds) == 5
+    assert many.losses == pytest.approx(one.losses, rel=1e-5)
+    assert set(many.values) == set(one.values)
+    for name in one.values:
+        assert not np.allclose(one.values[name], _initial_value(canonical, name)), name  # it did train
+        np.testing.assert_allclose(many.values[name], one.values[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_replicas_are_deterministic_and_learn(tiny):
+    canonical, sites = tiny
+    plan = calibrate_clips(canonical, PrecisionPlan.uniform(sites, 4, 4), sites, quadrant_batches(5, 32)())
+    a = _train(canonical, plan, sites, replicas=2)
+    b = _train(canonical, plan, sites, replicas=2)
+    assert a.losses == b.losses
+    for name in a.values:
+        assert a.values[name].tobytes() == b.values[name].tobytes(), name
+    assert _decreased(a.losses), a.losses
+    test = list(quadrant_batches(4, 64, seed=99)())
+    assert evaluate(a.apply_to(canonical), test, plan=plan, sites=sites).top1 > 0.6
+
+
+def test_replicas_batchnorm_uses_each_parts_statistics(tiny):
+    canonical, sites = tiny
+    trained = _train(canonical, None, sites, steps=1, lr=0.0, weight_decay=0.0, replicas=2)
+    import onnx
+
+    proto = as_proto(canonical)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("c1", onnx.TensorProto.FLOAT, None))
+    x, _ = next(iter(quadrant_batches(1, 32)()))
+    c1 = inference_session(proto.SerializeToString()).run(["c1"], {"x": x})[0]
+    halves = (c1[:16], c1[16:])
+    # the running mean moves as with the whole batch; the variance toward the mean of the halves' variances
+    np.testing.assert_allclose(trained.values["bn1.mean"], 0.1 * c1.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    part_var = np.mean([h.var(axis=(0, 2, 3)) for h in halves], axis=0)
+    np.testing.assert_allclose(trained.values["bn1.var"], 0.9 + 0.1 * part_var, rtol=1e-5)
+    assert not np.allclose(part_var, c1.var(axis=(0, 2, 3)), rtol=1e-3)
+
+
+def test_replicas_need_sgd_and_a_positive_count(tiny):
+    canonical, sites = tiny
+    with pytest.raises(PlanError, match="replicas > 1 needs optimizer 'sgd'"):
+        _train(canonical, None, sites, steps=2, optimizer="adamw", replicas=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(PlanError, match="replicas must be"):
+            _train(canonical, None, sites, steps=2, replicas=bad)
