@@ -102,6 +102,9 @@ class CompressConfig:
     sensitivity_method: str = _opt("fast", "Noise-gain method: fast or exact.")
     seed: int = _opt(0, "Seed of every random choice (split, data order, probes).")
     threads: int = _opt(2, "onnxruntime threads.")
+    replicas: int = _opt(1, "Fine-tune data-parallel replicas (SGD only): each batch split over this many "
+                            "sessions of threads/replicas threads. 2 on 2 cores trains ResNet-20 1.47x faster; "
+                            "batch-norm then normalises each part with its own statistics.")
 
     @classmethod
     def resolve(cls, config: str | os.PathLike | None = None, **options: Any) -> "CompressConfig":
@@ -132,13 +135,15 @@ class CompressConfig:
             if not 1 <= getattr(self, name) <= 16:
                 raise ConfigError(f"option '{name}': {getattr(self, name)} must be within 1..16")
         for name in ("steps", "batch_size", "sensitivity_samples", "runner_ups", "threads", "start_steps",
-                     "max_val_samples"):
+                     "max_val_samples", "replicas"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"option '{name}': {getattr(self, name)} must be at least 1")
         for name in ("max_iterations", "lr", "epochs", "time_budget", "max_accuracy_drop", "target_gbitops",
                      "target_bits", "target_act_bits", "weight_decay", "momentum"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"option '{name}': {getattr(self, name)} must not be negative")
+        if self.replicas > 1 and self.optimizer != "sgd":
+            raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"option 'val_fraction': {self.val_fraction} must be between 0 and 1 (exclusive)")
         return self

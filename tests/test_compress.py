@@ -175,3 +175,13 @@ def test_train_val_test_folders_are_used_as_they_are(tmp_path):
     (root / "val").rename(root / "other")  # train/ + test/: validation is held out of train/
     train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
     assert len(train) + len(val) == 10 and len(val) == 2 and len(test) == 4
+
+
+@needs_model
+def test_replicas_train_in_parallel_and_need_sgd(tmp_path):
+    result = compress(MODEL, DATA, output=tmp_path / "r.onnx", progress=False, phases="weights", replicas=2,
+                      **dict(TINY, max_iterations=1))
+    assert result.config.replicas == 2 and result.iterations[-1]["fine_tune_steps"] == TINY["steps"]
+    assert yaml.safe_load(result.paths["config"].read_text())["replicas"] == 2
+    with pytest.raises(ConfigError, match="'replicas': 2 needs optimizer 'sgd'"):
+        CompressConfig.resolve(model=str(MODEL), data=str(DATA), replicas=2, optimizer="adamw")

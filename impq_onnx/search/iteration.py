@@ -35,7 +35,7 @@ def run_fine_tune(cfg, model, plan, sites, train, iteration: int, steps: int, *,
     """``fine_tune`` with the run's optimizer options and the iteration's seeds."""
     return fine_tune(model, plan, sites, train_batches(cfg, train, iteration), steps=steps, lr=lr, final_lr=final_lr,
                      warmup_steps=warmup_steps, lr_schedule=lr_schedule, optimizer=cfg.optimizer, momentum=cfg.momentum,
-                     weight_decay=cfg.weight_decay, threads=cfg.threads,
+                     weight_decay=cfg.weight_decay, threads=cfg.threads, replicas=cfg.replicas,
                      seed=derive_seed(cfg.seed, iteration, "fine-tune"), progress=progress or False)
 
 
