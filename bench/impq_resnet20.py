@@ -19,7 +19,8 @@ The runs:
   (engine issue: within 1.0 % of float, both schemes);
 - ``kernel-2bit``: weights only, kernel granularity, start 3 bits, 50 % of the reducible kernels lose a
   bit per iteration, two epochs per iteration, until B_w,eff <= 2.0 (compress issue); ``kernel-2bit-3ep``
-  the same with three epochs per iteration;
+  the same with three epochs per iteration; ``kernel-2bit-r2`` with 2.5 epochs per iteration on two
+  data-parallel replicas (``--replicas 2``, run with ``--threads 2``);
 - ``granularity-<g>``: the same per-iteration budget at kernel, layer and network granularity, each
   going down until the validation top-1 falls more than 1.0 point below float; the output is the last
   iteration within it, so B_w,eff is compared at iso-accuracy (compress issue, paper Table 2). These
@@ -56,6 +57,8 @@ RUNS: dict[str, list[str]] = {
                                    "--schedule", "50%"],
     "kernel-2bit-3ep": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "3",
                                        "--schedule", "50%"],
+    "kernel-2bit-r2": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2.5",
+                                      "--schedule", "50%", "--replicas", "2"],
     **{f"granularity-{g}": WEIGHTS_ONLY + [g, "--start-bits", "4", "--target-bits", "1", "--max-accuracy-drop", "1.0",
                                            "--epochs", "1", "--schedule", "50%", "--max-iterations", "5"]
        for g in ("kernel", "layer", "network")},
