@@ -212,8 +212,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare-fashion-mnist"))
     parser.add_argument("--work", default=None, help="folder for the runs' outputs [default: a temporary one]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime threads per run [default: the budget's, else 2]; 1 lets two long "
+                             "benchmarks share a 2-core machine")
     args = parser.parse_args(argv)
     budget = {**budget_options(args.budget), "seed": args.seed}
+    if args.threads is not None:
+        budget["threads"] = args.threads
     threads = budget.get("threads", 2)
     methods = args.methods.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="impq-compare-"))
