@@ -81,6 +81,9 @@ class CompressConfig:
     act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
     target_bits: float | None = _opt(4.0, "End the weight phase at this B_w,eff (none: no target).")
     target_act_bits: float | None = _opt(4.0, "End the activation phase at this B_a,eff (none: no target).")
+    land_on_target: bool = _opt(True, "A lowering that would pass target_bits / target_act_bits lowers only as "
+                                      "many of its least sensitive groups as reach the target, so the phase ends "
+                                      "at the target rather than a whole schedule step below it.")
     target_gbitops: float | None = _opt(None, "Stop the run once C_C <= this many Gbit-OPs per image.")
     max_accuracy_drop: float | None = _opt(None, "Stop when validation top-1 falls more than this many points "
                                                  "below float; keep the last iteration within it.")

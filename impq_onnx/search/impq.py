@@ -162,7 +162,34 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step)
                        seed=derive_seed(cfg.seed, iteration, "probes"))
     scores = dict(table.weights if phase == "weights" else table.activations)
     picked = pick_least_sensitive(scores, [name for name, _ in candidates], n)
+    if cfg.land_on_target:
+        picked = _landing(plan, phase, picked, dict(candidates), sites,
+                          cfg.target_bits if phase == "weights" else cfg.target_act_bits)
     return _lower(plan, phase, picked, dict(candidates)), len(picked), len(candidates), table
+
+
+def _landing(plan: PrecisionPlan, phase: str, picked: list, groups: dict, sites, target: float | None) -> list:
+    """The shortest prefix of ``picked`` (least sensitive first) whose lowering brings the phase's
+    effective bits to ``target`` or below; all of ``picked`` when even that stays above it or there is
+    no target. Each lowering only removes bits, so the effective bits fall with the prefix length and
+    a bisection finds it."""
+    if target is None or not picked:
+        return picked
+
+    def bits(k: int) -> float:
+        lowered = _lower(plan, phase, picked[:k], groups)
+        return lowered.weight_bits_effective(sites) if phase == "weights" else lowered.activation_bits_effective(sites)
+
+    if bits(len(picked)) > target + 1e-9:
+        return picked
+    lo, hi = 0, len(picked)  # bits(lo) > target (or lo == 0), bits(hi) <= target
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if bits(mid) <= target + 1e-9:
+            hi = mid
+        else:
+            lo = mid
+    return picked[:hi]
 
 
 def _decide(state: dict, record: dict, cfg, plan, sites, phases) -> None:

@@ -80,6 +80,18 @@ def test_target_bits_ends_the_phase_at_the_first_iteration_that_reaches_it(net, 
     assert work.load_state()["final"] == 2
 
 
+def test_the_lowering_that_passes_the_target_lands_on_it(net, tmp_path, stand_ins):
+    # kernel groups, 50 % per iteration from 4 bits: 4 -> 3.60 -> 3.21 would pass 3.4 by 0.2 bits
+    options = dict(granularity="kernel", start_bits=4, schedule="50%", target_bits=3.4)
+    on, _ = _run(net, tmp_path, **options)
+    off, _ = _run(net, tmp_path / "off", land_on_target=False, **options)
+    landed, whole = [_bits(r) for r in on["records"]], [_bits(r) for r in off["records"]]
+    assert len(landed) == len(whole) == 3 and landed[:2] == whole[:2] and landed[1] > 3.4
+    assert whole[-1] < 3.3  # without landing: a whole schedule step below the target
+    assert 3.35 < landed[-1] <= 3.4 and on["stop"] == off["stop"] == "target_bits"
+    assert 0 < on["records"][-1]["lowered"] < off["records"][-1]["lowered"]
+
+
 def test_max_accuracy_drop_keeps_the_last_iteration_within_it(net, tmp_path, stand_ins):
     stand_ins["accuracy"] = lambda plan: 0.9 if plan.weights["conv1"][0] >= 6 else 0.5
     state, work = _run(net, tmp_path, max_accuracy_drop=10.0, target_bits=2.0)
