@@ -220,21 +220,21 @@ def _datasets(cfg: CompressConfig, preprocess):
     """(train, val, test or None).
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
-    and ``test/`` (or ``val/``): the second is the test split and ``val_fraction`` of ``train/`` is held
-    out for validation. Anything else: one tree, split in two, and no test split.
+    and ``test/`` (or ``val/``, ``validation/``; as ``evaluate`` and ``sensitivity`` read ``--data``): the
+    second is the test split and ``val_fraction`` of ``train/`` is held out for validation. Anything
+    else: one tree, split in two, and no test split.
     """
     from .data import open_dataset
+    from .data.model_data import split_folders
 
     root = Path(cfg.data)
-    held = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
-    if root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir() and (root / "test").is_dir():
-        train, val = open_dataset(root / "train", preprocess), open_dataset(root / "val", preprocess)
+    train_dir, held = split_folders(root)
+    if held is not None and (root / "val").is_dir() and (root / "test").is_dir():
+        train, val = open_dataset(train_dir, preprocess), open_dataset(root / "val", preprocess)
         test = open_dataset(root / "test", preprocess)
     else:
-        if root.is_dir() and (root / "train").is_dir() and held is not None:
-            everything, test = open_dataset(root / "train", preprocess), open_dataset(held, preprocess)
-        else:
-            everything, test = open_dataset(root, preprocess), None
+        everything = open_dataset(train_dir, preprocess)
+        test = open_dataset(held, preprocess) if held is not None else None
         train, val = everything.split(cfg.val_fraction, cfg.seed)
     if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
         from .search.impq import derive_seed

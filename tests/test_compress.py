@@ -175,6 +175,11 @@ def test_train_val_test_folders_are_used_as_they_are(tmp_path):
     (root / "val").rename(root / "other")  # train/ + test/: validation is held out of train/
     train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
     assert len(train) + len(val) == 10 and len(val) == 2 and len(test) == 4
+    (root / "test").rename(root / "validation")  # the name `evaluate` also takes for the held-out folder
+    train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
+    assert len(train) + len(val) == 10 and len(test) == 4
+    (root / "validation").rename(root / "elsewhere")  # one tree: train/ and elsewhere/ are classes, no test
+    assert _datasets(cfg, PRESETS["fashion-mnist"])[2] is None
 
 
 @needs_model
