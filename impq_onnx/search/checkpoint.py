@@ -87,6 +87,11 @@ class WorkDir:
         except (OSError, ValueError):
             raise ConfigError(f"work_dir {self.path}: run.json is missing or unreadable; cannot resume") from None
         for key in sorted(set(saved) | set(identity)):
+            if key not in saved:
+                raise ConfigError(
+                    f"work_dir {self.path}: cannot resume, it was written by an impq-onnx without the option "
+                    f"'{key}' (now {identity.get(key)!r}); finish it with that version or start a new work_dir"
+                )
             if saved.get(key) != identity.get(key):
                 raise ConfigError(
                     f"work_dir {self.path}: cannot resume, '{key}' was {saved.get(key)!r} and is now "

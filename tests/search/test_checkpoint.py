@@ -53,3 +53,5 @@ def test_iterations_commit_and_prune(tmp_path):
     work.check_identity({"seed": 0})
     with pytest.raises(ConfigError, match="'seed' was 0 and is now 1"):
         work.check_identity({"seed": 1})
+    with pytest.raises(ConfigError, match="without the option 'land_on_target'"):
+        work.check_identity({"seed": 0, "land_on_target": True})  # written before the option existed
