@@ -99,6 +99,8 @@ class CompressConfig:
     momentum: float = _opt(0.9, "SGD momentum.")
     weight_decay: float = _opt(5e-4, "Weight decay.")
     augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
+    distill: bool = _opt(False, "Fine-tune against the input float model's logits (knowledge distillation) even "
+                                "when the data has labels; data without labels always is.")
     sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
     runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
     weighting: str = _opt("paper", "Noise-gain weighting: paper or reference.")

@@ -190,3 +190,28 @@ def test_replicas_train_in_parallel_and_need_sgd(tmp_path):
     assert yaml.safe_load(result.paths["config"].read_text())["replicas"] == 2
     with pytest.raises(ConfigError, match="'replicas': 2 needs optimizer 'sgd'"):
         CompressConfig.resolve(model=str(MODEL), data=str(DATA), replicas=2, optimizer="adamw")
+
+
+@needs_model
+def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch):
+    """distill: every fine-tune of the run matches the logits of the input float model (not of the
+    drifting fine-tuned shadow weights), labels or not. The spy wraps the real fine-tune."""
+    from impq_onnx.search import iteration
+
+    seen, real = [], iteration.fine_tune
+
+    def spy(model, plan, sites, batches, **kwargs):
+        seen.append((model, kwargs["distill"], kwargs["teacher"]))
+        return real(model, plan, sites, batches, **kwargs)
+
+    monkeypatch.setattr(iteration, "fine_tune", spy)
+    result = compress(MODEL, DATA, output=tmp_path / "d.onnx", progress=False, phases="weights", distill=True,
+                      **dict(TINY, max_iterations=1))
+    assert len(seen) == 2 and all(distill is True for _, distill, _ in seen)
+    (first, _, teacher), (later, _, teacher2) = seen
+    assert teacher is teacher2 and first is teacher and later is not teacher  # later: the fine-tuned weights
+    assert all(np.isfinite(r["fine_tune_loss"]) for r in result.iterations)
+    assert yaml.safe_load(result.paths["config"].read_text())["distill"] is True
+    seen.clear()
+    compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", **dict(TINY, max_iterations=0))
+    assert [distill for _, distill, _ in seen] == [None]  # labels: cross-entropy unless asked

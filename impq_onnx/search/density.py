@@ -116,7 +116,7 @@ def run_density(cfg, base, sites, train, val, workdir: WorkDir, state: dict, pla
                                          max_batches=max(1, math.ceil(cfg.sensitivity_samples / EVAL_BATCH)))
         plan = density_plan(plan, sites, densities, weight_max=weight_max, act_max=act_max)
         trained = run_fine_tune(cfg, model, plan, sites, train, i, fine_tune_steps(cfg, train), lr=cfg.lr,
-                                progress=inner)
+                                teacher=base, progress=inner)
         values = {**values, **trained.values}
         commit_iteration(cfg, base, sites, val, workdir, state, plan, values, started=started, phase="density",
                          kind="density", trained=trained, last=i + 1 >= n, other_float_bytes=other_float_bytes,

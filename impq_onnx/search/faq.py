@@ -126,7 +126,7 @@ def run_faq(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: P
         lr_start, lr_end = faq_learning_rate(i, n, cfg.lr), faq_learning_rate(i + 1, n, cfg.lr)
         trained = run_fine_tune(cfg, with_values(base, values), plan, sites, train, i, fine_tune_steps(cfg, train),
                                 lr=lr_start, final_lr=lr_end, warmup_steps=0, lr_schedule="exponential" if lr_end > 0 else "cosine",
-                                progress=inner)
+                                teacher=base, progress=inner)
         values = {**values, **trained.values}
         commit_iteration(cfg, base, sites, val, workdir, state, plan, values, started=started, phase="fine-tune",
                          kind="fine-tune", trained=trained, last=i + 1 >= n, other_float_bytes=other_float_bytes,

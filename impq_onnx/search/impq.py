@@ -255,7 +255,8 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
                                                              state["phase_step"])
         sensitivity_seconds = time.perf_counter() - start
         steps = fine_tune_steps(cfg, train, kind == "start")
-        trained = run_fine_tune(cfg, model, plan, sites, train, iteration, steps, lr=cfg.lr, progress=inner)
+        trained = run_fine_tune(cfg, model, plan, sites, train, iteration, steps, lr=cfg.lr, teacher=base,
+                                progress=inner)
         values = {**values, **trained.values}
         record = evaluate_record(cfg, base, sites, val, state, plan, values, started=start, phase=phase, kind=kind,
                                  trained=trained, lowered=lowered, reducible=reducible,

@@ -31,11 +31,13 @@ __all__ = ["commit_iteration", "evaluate_record", "fine_tune_steps", "run_fine_t
 
 
 def run_fine_tune(cfg, model, plan, sites, train, iteration: int, steps: int, *, lr: float, final_lr: float = 0.0,
-                  warmup_steps: int | None = None, lr_schedule: str = "cosine", progress=None):
-    """``fine_tune`` with the run's optimizer options and the iteration's seeds."""
+                  warmup_steps: int | None = None, lr_schedule: str = "cosine", teacher=None, progress=None):
+    """``fine_tune`` with the run's optimizer options and the iteration's seeds. ``teacher`` (the input
+    float model) gives the logits to match when ``cfg.distill`` is set or the data has no labels."""
     return fine_tune(model, plan, sites, train_batches(cfg, train, iteration), steps=steps, lr=lr, final_lr=final_lr,
                      warmup_steps=warmup_steps, lr_schedule=lr_schedule, optimizer=cfg.optimizer, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, threads=cfg.threads, replicas=cfg.replicas,
+                     distill=True if cfg.distill else None, teacher=teacher,
                      seed=derive_seed(cfg.seed, iteration, "fine-tune"), progress=progress or False)
 
 
