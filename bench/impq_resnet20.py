@@ -23,8 +23,9 @@ The runs:
   data-parallel replicas (``--replicas 2``, run with ``--threads 2``); these three ran before
   ``--land-on-target`` (so their last lowering passed the target by a whole step);
   ``kernel-2bit-4ep``: four epochs per iteration, the last lowering landing on 2.0, and
-  ``kernel-2bit-4ep-step`` the same with ``--weighting step`` (the weighting that orders layers best);
-  ``kernel-2bit-distill``: two epochs per iteration, landing, fine-tuned against the float model's logits;
+  ``kernel-2bit-step`` and ``kernel-2bit-distill``: two epochs per iteration with landing, and either
+  ``--weighting step`` (the weighting that orders layers best) or fine-tuning against the float model's
+  logits (``--distill``);
 - ``granularity-<g>``: the same per-iteration budget at kernel, layer and network granularity, each
   going down until the validation top-1 falls more than 1.0 point below float; the output is the last
   iteration within it, so B_w,eff is compared at iso-accuracy (compress issue, paper Table 2). These
@@ -66,8 +67,8 @@ RUNS: dict[str, list[str]] = {
                                       "--schedule", "50%", "--replicas", "2", "--no-land-on-target"],
     "kernel-2bit-4ep": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "4",
                                        "--schedule", "50%"],
-    "kernel-2bit-4ep-step": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "4",
-                                            "--schedule", "50%", "--weighting", "step"],
+    "kernel-2bit-step": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
+                                        "--schedule", "50%", "--weighting", "step"],
     "kernel-2bit-distill": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
                                            "--schedule", "50%", "--distill"],
     **{f"granularity-{g}": WEIGHTS_ONLY + [g, "--start-bits", "4", "--target-bits", "1", "--max-accuracy-drop", "1.0",

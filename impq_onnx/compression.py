@@ -41,7 +41,7 @@ _CHOICES = {
     "granularity": ("kernel", "layer", "network"),
     "weight_scheme": ("midrise-max", "symmetric-rms", "pow2-std"),
     "optimizer": ("sgd", "adamw"),
-    "weighting": ("paper", "reference"),
+    "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
     "format": ("qdq", "qonnx", "encodings"),
 }
@@ -103,7 +103,8 @@ class CompressConfig:
                                 "when the data has labels; data without labels always is.")
     sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
     runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
-    weighting: str = _opt("paper", "Noise-gain weighting: paper or reference.")
+    weighting: str = _opt("paper", "Noise-gain weighting: paper (2^-B), reference (the authors' code) or "
+                                    "step (the group's real quantization step squared).")
     sensitivity_method: str = _opt("fast", "Noise-gain method: fast or exact.")
     seed: int = _opt(0, "Seed of every random choice (split, data order, probes).")
     threads: int = _opt(2, "onnxruntime threads.")

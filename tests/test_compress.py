@@ -215,3 +215,14 @@ def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch)
     seen.clear()
     compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", **dict(TINY, max_iterations=0))
     assert [distill for _, distill, _ in seen] == [None]  # labels: cross-entropy unless asked
+
+
+@needs_model
+def test_step_weighting_ranks_the_lowering(tmp_path):
+    """--weighting step (the real quantization step², as `impq-onnx sensitivity` has it) drives the loop."""
+    result = compress(MODEL, DATA, output=tmp_path / "s.onnx", progress=False, phases="weights", weighting="step",
+                      **dict(TINY, max_iterations=1, start_bits=4, target_bits=3.5))
+    assert result.config.weighting == "step" and result.iterations[-1]["lowered"] > 0
+    assert 3.4 < result.final["weight_bits_effective"] <= 3.5
+    sensitivity = json.loads((tmp_path / "s.work" / "iterations" / "0001" / "sensitivity.json").read_text())
+    assert sensitivity["weighting"] == "step"
