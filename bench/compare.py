@@ -158,9 +158,12 @@ def markdown(rows: list[dict], header: str) -> str:
                  str(r["fine_tune_steps"]), f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n = next((r["n"] for r in rows if r.get("n")), None)
+    p = next((r["float_top1"] for r in rows if r.get("float_top1")), 0.9)
+    se = 100 * math.sqrt(p * (1 - p) / n) if n else float("nan")  # binomial standard error of one top-1
     lines += ["", "Notes:", "",
               f"- top-1 and agreement are over {n or '?'} held-out images (one image = {100 / n if n else 0:.2g} "
-              "points), one seed: differences of a point or two are noise.",
+              f"points), one seed: one top-1 figure has a sampling error of about ±{se:.2g} points (one standard "
+              f"error at {100 * p:.0f} %), so differences under about {2 * se:.2g} points are noise.",
               "- faq: weights use the `pow2-std` scheme, FAQ's power-of-two per-layer step "
               "2^ceil(log2(4.12σ/2^(B-1))) exactly; activation steps are FAQ's exactly too "
               "(see `impq_onnx/search/faq.py`).",
@@ -201,6 +204,30 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def header_text(name: str, command: str, budget_name: str, budget: dict, act_bits: float, rows: list[dict]) -> str:
+    if not (rows and rows[0].get("float_top1")):
+        return f"# compress methods on {name}\n\n`{command}`"
+    return (f"# compress methods on {name}\n\n`{command}` (budget `{budget_name}`: {json.dumps(budget)}; "
+            f"activations {act_bits:g} bits; top-1/agreement on the {rows[0]['split']} split; float top-1 "
+            f"{100 * rows[0]['float_top1']:.1f} %)")
+
+
+def render(path: Path) -> None:
+    """Rewrite ``<stem>.md`` and ``<stem>.png`` from ``<stem>.json`` (no run)."""
+    saved = json.loads(path.read_text())
+    words = saved["command"].split()
+
+    def flag(name: str, default: str) -> str:  # a JSON from before "name"/"budget_name" were saved
+        return words[words.index(name) + 1] if name in words[:-1] else default
+
+    budget_name = saved.get("budget_name") or flag("--budget", "small")
+    name = saved.get("name") or Path(flag("--model", "models/fashion-mnist/model.onnx")).parent.name
+    header = header_text(name, saved["command"], budget_name, saved["budget"], saved["act_bits"], saved["rows"])
+    path.with_suffix(".md").write_text(markdown(saved["rows"], header))
+    plot(saved["rows"], path.with_suffix(".png"), f"{name}: top-1 vs B_w,eff")
+    print(path.with_suffix(".md").read_text())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "models" / "fashion-mnist" / "model.onnx"))
@@ -212,10 +239,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare-fashion-mnist"))
     parser.add_argument("--work", default=None, help="folder for the runs' outputs [default: a temporary one]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the table and plot of a finished run's JSON")
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime threads per run [default: the budget's, else 2]; 1 lets two long "
                              "benchmarks share a 2-core machine")
     args = parser.parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return 0
     budget = {**budget_options(args.budget), "seed": args.seed}
     if args.threads is not None:
         budget["threads"] = args.threads
@@ -260,12 +291,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
     name = Path(args.model).parent.name
-    header = (f"# compress methods on {name}\n\n`{command}` (budget `{args.budget}`: {json.dumps(budget)}; "
-              f"activations {args.act_bits:g} bits; top-1/agreement on the {rows[0]['split'] if rows else '?'} "
-              f"split; float top-1 {100 * rows[0]['float_top1']:.1f} %)" if rows and rows[0].get("float_top1")
-              else f"# compress methods on {name}\n\n`{command}`")
+    header = header_text(name, command, args.budget, budget, args.act_bits, rows)
     out.with_suffix(".md").write_text(markdown(rows, header))
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "budget": budget, "act_bits": args.act_bits,
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "name": name, "budget_name": args.budget,
+                                                    "budget": budget, "act_bits": args.act_bits,
                                                     "weighted_density": density, "rows": rows}, indent=1) + "\n")
     plot(rows, out.with_suffix(".png"), f"{name}: top-1 vs B_w,eff")
     print(out.with_suffix(".md").read_text())
