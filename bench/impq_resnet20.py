@@ -132,6 +132,23 @@ def row(name: str, work: Path) -> dict | None:
     }
 
 
+def collect_rows(work: Path, previous: Path) -> list[dict]:
+    """One row per run, in RUNS order: from its report in ``work`` when there is one, otherwise the row the
+    previous table (``previous``, the committed JSON) holds for it, so a fresh checkout that reruns one run
+    keeps the others' measured rows."""
+    kept = {}
+    if previous.exists():
+        kept = {r["run"]: r for r in json.loads(previous.read_text()).get("rows", [])}
+    rows = []
+    for name in RUNS:
+        r = row(name, work)
+        if r is None and name in kept:  # the run's options as RUNS spells them now (e.g. a pinned flag)
+            r = {**kept[name], "options": " ".join(RUNS[name]), "path": [tuple(p) for p in kept[name]["path"]]}
+        if r is not None:
+            rows.append(r)
+    return rows
+
+
 def reference_gbitops(model: str, bits: int = 8) -> float:
     """C_C of the same model with every weight and activation at ``bits`` (the 8-bit reference point)."""
     from impq_onnx.frontend import load
@@ -184,8 +201,8 @@ def main(argv=None) -> int:
             cmd = command(name, args.model, args.data, work, args.threads)
             print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    rows = [r for r in (row(name, work) for name in RUNS) if r is not None]
     out = Path(args.out)
+    rows = collect_rows(work, out.with_suffix(".json"))
     gbitops8 = reference_gbitops(args.model)
     header = (f"# IMPQ on ResNet-20 / CIFAR-10\n\n`python bench/impq_resnet20.py` with common options "
               f"`{' '.join(COMMON)}`; model `{args.model}`. Test top-1 on all 10,000 CIFAR-10 test images, except "
