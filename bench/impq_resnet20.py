@@ -25,7 +25,9 @@ The runs:
   ``kernel-2bit-4ep``: four epochs per iteration, the last lowering landing on 2.0, and
   ``kernel-2bit-step`` and ``kernel-2bit-distill``: two epochs per iteration with landing, and either
   ``--weighting step`` (the weighting that orders layers best) or fine-tuning against the float model's
-  logits (``--distill``);
+  logits (``--distill``); ``kernel-2bit-land`` is the label run with landing that ``kernel-2bit-distill``
+  is paired with, and ``kernel-2bit-distill-seed1`` repeats the distillation run at seed 1 (a later
+  ``--seed`` overrides COMMON's);
 - ``granularity-<g>``: the same per-iteration budget at kernel, layer and network granularity, each
   going down until the validation top-1 falls more than 1.0 point below float; the output is the last
   iteration within it, so B_w,eff is compared at iso-accuracy (compress issue, paper Table 2). These
@@ -71,6 +73,11 @@ RUNS: dict[str, list[str]] = {
                                         "--schedule", "50%", "--weighting", "step"],
     "kernel-2bit-distill": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
                                            "--schedule", "50%", "--distill"],
+    # the paired label run for kernel-2bit-distill (same seed, landing), and distill at another seed
+    "kernel-2bit-land": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
+                                        "--schedule", "50%"],
+    "kernel-2bit-distill-seed1": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
+                                                 "--schedule", "50%", "--distill", "--seed", "1"],
     **{f"granularity-{g}": WEIGHTS_ONLY + [g, "--start-bits", "4", "--target-bits", "1", "--max-accuracy-drop", "1.0",
                                            "--epochs", "1", "--schedule", "50%", "--max-iterations", "5"]
        for g in ("kernel", "layer", "network")},
