@@ -15,7 +15,8 @@
 
 Training runs epoch by epoch; after each epoch the weights and a JSON state are written atomically to
 ``<output>.work/`` so a killed run continues with ``--resume``. The learning rate follows a cosine over
-epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 and weight decay 5e-4.
+epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 and weight decay 5e-4 (``--weight-decay``); ``--replicas 2`` trains
+data-parallel (``impq_onnx.engine.replicas``).
 A log line per epoch goes to stdout and to ``<output>.log``.
 """
 
@@ -63,8 +64,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 @click.option("--init", "init_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start from this model's weights instead of a fresh initialisation (a second, shorter "
                    "cosine stage after a first run).")
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--replicas", default=1, show_default=True,
+              help="Data-parallel onnxruntime sessions, each on its part of the batch (2 trains about 1.45x "
+                   "faster on 2 cores; batch-norm statistics are then per part).")
 @click.option("--width", default=None, type=float, help="Width multiplier (mobilenet_v1_cifar only) [default: 1.0].")
-def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume, width, init_path):
+def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume,
+         weight_decay, replicas, width, init_path):
     preset_name, build = ARCHITECTURES[architecture]
     if width is not None:
         if architecture not in WIDTH_MULTIPLIER:
@@ -97,10 +103,10 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
             canonical, None, sites,
             lambda e=epoch: train.batches(batch_size, shuffle=True, seed=seed * 1000 + e, augment=augment,
                                           drop_last=True),
-            steps=steps_per_epoch, lr=epoch_lr, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+            steps=steps_per_epoch, lr=epoch_lr, optimizer="sgd", momentum=0.9, weight_decay=weight_decay,
             warmup_steps=steps_per_epoch if epoch == 0 else 0,
             final_lr=lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)),
-            threads=threads, seed=seed + epoch, progress=False,
+            threads=threads, replicas=replicas, seed=seed + epoch, progress=False,
         )
         canonical = from_proto(trained.apply_to(canonical.to_proto()), label=architecture)
         result = evaluate(canonical, test.batches(256), threads=threads)
