@@ -55,29 +55,29 @@ DATA = "/tmp/cifar10"
 COMMON = ["--val-fraction", "0.1", "--batch-size", "128", "--lr", "0.01", "--augment", "--sensitivity-samples",
           "256", "--seed", "0"]
 WEIGHTS_ONLY = ["--phases", "weights", "--granularity"]
+
+def kernel_2bit(epochs: str, *extra: str) -> list[str]:
+    """The compress issue's 2-bit run: weights only, kernel granularity, 3 -> 2 bits, 50 % of the reducible
+    kernels per iteration, ``epochs`` of fine-tuning per iteration, then ``extra``."""
+    return WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", epochs,
+                           "--schedule", "50%", *extra]
+
+
 RUNS: dict[str, list[str]] = {
     "uniform4-midrise-max": ["--phases", "weights", "--start-bits", "4", "--target-bits", "4", "--epochs", "1",
                              "--weight-scheme", "midrise-max"],
     "uniform4-symmetric-rms": ["--phases", "weights", "--start-bits", "4", "--target-bits", "4", "--epochs", "1",
                                "--weight-scheme", "symmetric-rms"],
     # these three ran before --land-on-target existed; --no-land-on-target reproduces them
-    "kernel-2bit": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
-                                   "--schedule", "50%", "--no-land-on-target"],
-    "kernel-2bit-3ep": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "3",
-                                       "--schedule", "50%", "--no-land-on-target"],
-    "kernel-2bit-r2": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2.5",
-                                      "--schedule", "50%", "--replicas", "2", "--no-land-on-target"],
-    "kernel-2bit-4ep": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "4",
-                                       "--schedule", "50%"],
-    "kernel-2bit-step": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
-                                        "--schedule", "50%", "--weighting", "step"],
-    "kernel-2bit-distill": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
-                                           "--schedule", "50%", "--distill"],
+    "kernel-2bit": kernel_2bit("2", "--no-land-on-target"),
+    "kernel-2bit-3ep": kernel_2bit("3", "--no-land-on-target"),
+    "kernel-2bit-r2": kernel_2bit("2.5", "--replicas", "2", "--no-land-on-target"),
+    "kernel-2bit-4ep": kernel_2bit("4"),
+    "kernel-2bit-step": kernel_2bit("2", "--weighting", "step"),
+    "kernel-2bit-distill": kernel_2bit("2", "--distill"),
     # the paired label run for kernel-2bit-distill (same seed, landing), and distill at another seed
-    "kernel-2bit-land": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
-                                        "--schedule", "50%"],
-    "kernel-2bit-distill-seed1": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "2", "--epochs", "2",
-                                                 "--schedule", "50%", "--distill", "--seed", "1"],
+    "kernel-2bit-land": kernel_2bit("2"),
+    "kernel-2bit-distill-seed1": kernel_2bit("2", "--distill", "--seed", "1"),
     **{f"granularity-{g}": WEIGHTS_ONLY + [g, "--start-bits", "4", "--target-bits", "1", "--max-accuracy-drop", "1.0",
                                            "--epochs", "1", "--schedule", "50%", "--max-iterations", "5"]
        for g in ("kernel", "layer", "network")},

@@ -15,8 +15,8 @@
 
 Training runs epoch by epoch; after each epoch the weights and a JSON state are written atomically to
 ``<output>.work/`` so a killed run continues with ``--resume``. The learning rate follows a cosine over
-epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 and weight decay 5e-4 (``--weight-decay``); ``--replicas 2`` trains
-data-parallel (``impq_onnx.engine.replicas``).
+epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 and weight decay 5e-4
+(``--weight-decay``); ``--replicas 2`` trains data-parallel (``impq_onnx.engine.replicas``).
 A log line per epoch goes to stdout and to ``<output>.log``.
 """
 
