@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,33 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+# Options that may change between a run and its --resume: they do not change what is trained.
+_RESUMABLE_FREELY = {"resume", "threads", "output"}
+
+
+def _check_same_options(state_path: Path, command: str | None, params: dict) -> None:
+    """Refuse to resume a run written with other training options (epochs, lr, data, ...): the
+    learning-rate schedule and the shuffles depend on them, so the result would be neither run's."""
+    if not command:
+        return
+    words = shlex.split(command)
+    script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+    if script is None:
+        return
+    try:
+        earlier = main.make_context("train_reference", words[script + 1 :], resilient_parsing=True).params
+    except click.ClickException:
+        return
+    for key in sorted(set(params) - _RESUMABLE_FREELY):
+        if key in earlier and earlier[key] != params[key]:
+            option = next(o for o in main.params if o.name == key)
+            flag = max(option.opts, key=len) if option.opts[0].startswith("-") else "the architecture"
+            raise click.UsageError(
+                f"{state_path} was written with {flag} {earlier[key]!r}, this run has {params[key]!r}; "
+                "resume with the same options, or start afresh without --resume"
+            )
 
 
 @click.command()
@@ -88,6 +116,7 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
     start_epoch, history = 0, []
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
+        _check_same_options(state_path, state.get("command"), click.get_current_context().params)
         start_epoch, history = state["epoch"], state["history"]
         canonical = from_proto(onnx.load(weights_path), label=architecture)
         print(f"resuming after epoch {start_epoch}", flush=True)
@@ -95,7 +124,7 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
         log_path.write_text("")
     sites = find_sites(canonical)
     steps_per_epoch = len(train) // batch_size
-    command = " ".join([Path(sys.executable).name, *sys.argv])
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
     for epoch in range(start_epoch, epochs):
         epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         started = time.perf_counter()
@@ -114,12 +143,14 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
                "test_top1": round(100 * result.top1, 2), "train_img_per_s": round(trained.images_per_second, 1),
                "seconds": round(time.perf_counter() - started, 1)}
         history.append(row)
+        # Checkpoint first, then report: a run killed after its epoch line always resumes after that epoch
+        # (killed between the two, it repeats the epoch and the log gets the line twice).
+        _atomic_write(weights_path, canonical.to_bytes())
+        _atomic_write(state_path, json.dumps({"epoch": epoch + 1, "history": history, "command": command}).encode())
         line = json.dumps(row)
         print(line, flush=True)
         with open(log_path, "a") as log:
             log.write(line + "\n")
-        _atomic_write(weights_path, canonical.to_bytes())
-        _atomic_write(state_path, json.dumps({"epoch": epoch + 1, "history": history, "command": command}).encode())
     _atomic_write(output, canonical.to_bytes())
     print(f"wrote {output}: test top-1 {history[-1]['test_top1']} %", flush=True)
 

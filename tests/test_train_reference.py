@@ -1,0 +1,81 @@
+"""models/train_reference.py: a killed training run resumes to the same bytes, and refuses other options.
+
+The reference models (ResNet-20, the bundled Fashion-MNIST model) are trained over several sessions
+with ``--resume``; these tests train the small Fashion-MNIST network on the bundled 600 images for
+real (onnxruntime-training), in a subprocess that is killed after its first epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "models" / "train_reference.py"
+DATA = ROOT / "models" / "fashion-mnist"
+
+
+def _args(output: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "fashion_net", "--train", str(DATA / "train"), "--test", str(DATA / "test"),
+            "--epochs", "2", "--lr", "0.05", "--batch-size", "64", "--threads", "1", "-o", str(output), *extra]
+
+
+def _run(output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_args(output, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("whole") / "model.onnx"
+    done = _run(output)
+    assert done.returncode == 0, done.stderr
+    return output
+
+
+def test_killed_after_an_epoch_resumes_to_the_same_bytes(uninterrupted, tmp_path):
+    output = tmp_path / "model.onnx"
+    process = subprocess.Popen(_args(output), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                               start_new_session=True)
+    try:
+        first = json.loads(process.stdout.readline())  # the epoch line comes after that epoch's checkpoint
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.stdout.close()
+        process.wait(timeout=60)
+    assert first["epoch"] == 1
+    assert not output.exists()
+    state = json.loads((tmp_path / "model.onnx.work" / "state.json").read_text())
+    assert state["epoch"] == 1
+
+    resumed = _run(output, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 1" in resumed.stdout
+    assert output.read_bytes() == uninterrupted.read_bytes()
+    log = [json.loads(line) for line in output.with_suffix(".log").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2]
+    whole = [json.loads(line) for line in uninterrupted.with_suffix(".log").read_text().splitlines()]
+    assert [row["test_top1"] for row in log] == [row["test_top1"] for row in whole]
+
+
+def test_resume_with_other_training_options_is_refused(uninterrupted):
+    state = uninterrupted.with_name("model.onnx.work") / "state.json"
+    before = state.read_bytes()
+    refused = _run(uninterrupted, "--resume", "--lr", "0.1")
+    assert refused.returncode == 2
+    assert f"{state} was written with --lr 0.05, this run has 0.1" in refused.stderr
+    assert state.read_bytes() == before
+
+
+def test_resume_may_change_the_thread_count(uninterrupted):
+    # All epochs are done: resuming trains nothing and rewrites the same model.
+    before = uninterrupted.read_bytes()
+    again = _run(uninterrupted, "--resume", "--threads", "2")
+    assert again.returncode == 0, again.stderr
+    assert "resuming after epoch 2" in again.stdout
+    assert uninterrupted.read_bytes() == before
