@@ -18,6 +18,11 @@ Training runs epoch by epoch; after each epoch the weights and a JSON state are 
 epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 and weight decay 5e-4
 (``--weight-decay``); ``--replicas 2`` trains data-parallel (``impq_onnx.engine.replicas``).
 A log line per epoch goes to stdout and to ``<output>.log``.
+
+``--average-from K`` averages the weights at the end of epochs K..N (stochastic weight averaging,
+Izmailov et al. 2018; usually with ``--lr-schedule constant`` after an ``--init`` model): after each of
+those epochs the average, with its batch-norm statistics re-estimated on ``BATCHNORM_BATCHES`` training
+batches (augmented as training is), is evaluated too (``average_top1`` in the log), and the output is that average.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import onnx
 
 from impq_onnx import architectures, find_sites, from_proto
 from impq_onnx.data import PRESETS, open_dataset
-from impq_onnx.engine import evaluate, fine_tune
+from impq_onnx.engine import evaluate, fine_tune, recompute_batchnorm
 
 ARCHITECTURES = {"resnet20": ("cifar", architectures.resnet20), "fashion_net": ("fashion-mnist", architectures.fashion_net),
                  "mobilenet_v1_cifar": ("cifar", architectures.mobilenet_v1_cifar)}
@@ -48,6 +53,29 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+BATCHNORM_BATCHES = 100  # training batches that re-estimate the averaged model's batch-norm statistics
+
+
+def _average_with_batchnorm(average, train, batch_size: int, seed: int, augment: bool, threads: int, label: str):
+    batches = train.batches(batch_size, shuffle=True, seed=seed, augment=augment, drop_last=True)
+    limited = (b for _, b in zip(range(BATCHNORM_BATCHES), batches))
+    return from_proto(recompute_batchnorm(average, limited, threads=threads), label=label)
+
+
+def _update_average(average, model, count: int):
+    """Running mean of the float initializers: ``average + (model - average) / (count + 1)``."""
+    if average is None:
+        return model
+    proto = average.to_proto()
+    current = {t.name: onnx.numpy_helper.to_array(t) for t in model.to_proto().graph.initializer}
+    for i, t in enumerate(proto.graph.initializer):
+        if t.data_type == onnx.TensorProto.FLOAT and t.name in current:
+            a = onnx.numpy_helper.to_array(t).astype(np.float64)
+            a += (current[t.name].astype(np.float64) - a) / (count + 1)
+            proto.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(a.astype(np.float32), t.name))
+    return from_proto(proto, label=average.label)
 
 
 # Options that may change between a run and its --resume: they do not change what is trained.
@@ -93,13 +121,20 @@ def _check_same_options(state_path: Path, command: str | None, params: dict) -> 
               help="Start from this model's weights instead of a fresh initialisation (a second, shorter "
                    "cosine stage after a first run).")
 @click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+              help="cosine: from --lr to 0 over the epochs; constant: --lr throughout (after the warm-up epoch).")
+@click.option("--average-from", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Average the weights from the end of this epoch (1-based) on; the output is the average "
+                   "with re-estimated batch-norm statistics (0: no averaging).")
 @click.option("--replicas", default=1, show_default=True,
               help="Data-parallel onnxruntime sessions, each on its part of the batch (2 trains about 1.45x "
                    "faster on 2 cores; batch-norm statistics are then per part).")
 @click.option("--width", default=None, type=float, help="Width multiplier (mobilenet_v1_cifar only) [default: 1.0].")
 def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume,
-         weight_decay, replicas, width, init_path):
+         weight_decay, replicas, width, init_path, lr_schedule, average_from):
     preset_name, build = ARCHITECTURES[architecture]
+    if average_from > epochs:
+        raise click.UsageError(f"--average-from {average_from} is after the last epoch ({epochs})")
     if width is not None:
         if architecture not in WIDTH_MULTIPLIER:
             raise click.UsageError(f"--width applies to {', '.join(sorted(WIDTH_MULTIPLIER))}, not {architecture}")
@@ -113,20 +148,24 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
     state_path, weights_path, log_path = work / "state.json", work / "model.onnx", output.with_suffix(".log")
 
     canonical = from_proto(onnx.load(init_path) if init_path else build(seed=seed), label=architecture)
-    start_epoch, history = 0, []
+    start_epoch, history, average, averaged = 0, [], None, 0
+    average_path = work / "average.onnx"
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
         _check_same_options(state_path, state.get("command"), click.get_current_context().params)
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history, averaged = state["epoch"], state["history"], state.get("averaged", 0)
         canonical = from_proto(onnx.load(weights_path), label=architecture)
+        if averaged:
+            average = from_proto(onnx.load(average_path), label=architecture)
         print(f"resuming after epoch {start_epoch}", flush=True)
-    elif not resume:
+    if start_epoch == 0:  # a fresh start (with or without --resume) begins a fresh log
         log_path.write_text("")
     sites = find_sites(canonical)
     steps_per_epoch = len(train) // batch_size
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     for epoch in range(start_epoch, epochs):
-        epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if lr_schedule == "cosine" else lr
+        next_lr = lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)) if lr_schedule == "cosine" else lr
         started = time.perf_counter()
         trained = fine_tune(
             canonical, None, sites,
@@ -134,7 +173,7 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
                                           drop_last=True),
             steps=steps_per_epoch, lr=epoch_lr, optimizer="sgd", momentum=0.9, weight_decay=weight_decay,
             warmup_steps=steps_per_epoch if epoch == 0 else 0,
-            final_lr=lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)),
+            final_lr=next_lr,
             threads=threads, replicas=replicas, seed=seed + epoch, progress=False,
         )
         canonical = from_proto(trained.apply_to(canonical.to_proto()), label=architecture)
@@ -142,17 +181,33 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
         row = {"epoch": epoch + 1, "lr": round(epoch_lr, 6), "loss": round(float(np.mean(trained.losses)), 4),
                "test_top1": round(100 * result.top1, 2), "train_img_per_s": round(trained.images_per_second, 1),
                "seconds": round(time.perf_counter() - started, 1)}
+        if average_from and epoch + 1 >= average_from:
+            average = _update_average(average, canonical, averaged)
+            averaged += 1
+            final = _average_with_batchnorm(average, train, batch_size, seed * 1000 + epoch, augment, threads,
+                                            architecture)
+            row["averaged"] = averaged
+            row["average_top1"] = round(100 * evaluate(final, test.batches(256), threads=threads).top1, 2)
+            row["seconds"] = round(time.perf_counter() - started, 1)
         history.append(row)
         # Checkpoint first, then report: a run killed after its epoch line always resumes after that epoch
         # (killed between the two, it repeats the epoch and the log gets the line twice).
         _atomic_write(weights_path, canonical.to_bytes())
-        _atomic_write(state_path, json.dumps({"epoch": epoch + 1, "history": history, "command": command}).encode())
+        if average is not None:
+            _atomic_write(average_path, average.to_bytes())
+        _atomic_write(state_path, json.dumps({"epoch": epoch + 1, "history": history, "command": command,
+                                              "averaged": averaged}).encode())
         line = json.dumps(row)
-        print(line, flush=True)
-        with open(log_path, "a") as log:
+        with open(log_path, "a") as log:  # the log before stdout: a reader of stdout finds the line logged
             log.write(line + "\n")
+        print(line, flush=True)
+    if average is not None:
+        canonical = _average_with_batchnorm(average, train, batch_size, seed * 1000 + epochs - 1, augment, threads,
+                                            architecture)
     _atomic_write(output, canonical.to_bytes())
-    print(f"wrote {output}: test top-1 {history[-1]['test_top1']} %", flush=True)
+    top1 = history[-1]["average_top1" if average is not None else "test_top1"]
+    print(f"wrote {output}: test top-1 {top1} %" + (f" (average of {averaged} epochs)" if average is not None else ""),
+          flush=True)
 
 
 if __name__ == "__main__":

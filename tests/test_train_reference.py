@@ -79,3 +79,56 @@ def test_resume_may_change_the_thread_count(uninterrupted):
     assert again.returncode == 0, again.stderr
     assert "resuming after epoch 2" in again.stdout
     assert uninterrupted.read_bytes() == before
+
+
+def test_a_fresh_start_under_resume_empties_a_stale_log(tmp_path):
+    output = tmp_path / "model.onnx"
+    output.with_suffix(".log").write_text('{"epoch": 1, "stale": true}\n')
+    done = _run(output, "--resume")  # no checkpoint yet: a fresh start
+    assert done.returncode == 0, done.stderr
+    assert "resuming" not in done.stdout
+    log = [json.loads(line) for line in output.with_suffix(".log").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2]
+    assert all("stale" not in row for row in log)
+
+
+AVERAGING = ("--epochs", "3", "--lr-schedule", "constant", "--average-from", "2")
+
+
+def test_weight_averaging_logs_the_average_and_resumes_to_the_same_bytes(tmp_path):
+    whole = tmp_path / "whole" / "model.onnx"
+    done = _run(whole, *AVERAGING)
+    assert done.returncode == 0, done.stderr
+    assert "(average of 2 epochs)" in done.stdout
+    log = [json.loads(line) for line in whole.with_suffix(".log").read_text().splitlines()]
+    assert [row["lr"] for row in log] == [0.05, 0.05, 0.05]
+    assert [row.get("averaged") for row in log] == [None, 1, 2]
+    assert all(0 <= row["average_top1"] <= 100 for row in log[1:])
+    last_weights = (whole.parent / "model.onnx.work" / "model.onnx").read_bytes()
+    assert whole.read_bytes() != last_weights  # the output is the average, not the last epoch's weights
+
+    killed = tmp_path / "killed" / "model.onnx"
+    killed.parent.mkdir()
+    process = subprocess.Popen(_args(killed, *AVERAGING), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               cwd=ROOT, start_new_session=True)
+    try:
+        process.stdout.readline()
+        second = json.loads(process.stdout.readline())  # after the first averaged epoch's checkpoint
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.stdout.close()
+        process.wait(timeout=60)
+    assert second["averaged"] == 1
+    resumed = _run(killed, *AVERAGING, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 2" in resumed.stdout
+    assert killed.read_bytes() == whole.read_bytes()
+    resumed_log = [json.loads(line) for line in killed.with_suffix(".log").read_text().splitlines()]
+    assert [row["average_top1"] for row in resumed_log[1:]] == [row["average_top1"] for row in log[1:]]
+
+
+def test_averaging_from_after_the_last_epoch_is_refused(tmp_path):
+    refused = _run(tmp_path / "model.onnx", "--average-from", "3")
+    assert refused.returncode == 2
+    assert "--average-from 3 is after the last epoch (2)" in refused.stderr
+    assert not (tmp_path / "model.onnx").exists()
