@@ -20,7 +20,8 @@ epochs (linear warm-up in the first epoch); SGD with Nesterov-free momentum 0.9 
 A log line per epoch goes to stdout and to ``<output>.log``.
 
 ``--average-from K`` averages the weights at the end of epochs K..N (stochastic weight averaging,
-Izmailov et al. 2018; usually with ``--lr-schedule constant`` after an ``--init`` model): after each of
+Izmailov et al. 2018; after an ``--init`` model, with ``--lr-schedule constant``, or ``cyclic``: every
+epoch anneals from ``--lr`` to ``--min-lr``, so each averaged snapshot is taken at a low rate): after each of
 those epochs the average, with its batch-norm statistics re-estimated on ``BATCHNORM_BATCHES`` training
 batches (augmented as training is), is evaluated too (``average_top1`` in the log), and the output is that average.
 """
@@ -121,8 +122,10 @@ def _check_same_options(state_path: Path, command: str | None, params: dict) -> 
               help="Start from this model's weights instead of a fresh initialisation (a second, shorter "
                    "cosine stage after a first run).")
 @click.option("--weight-decay", default=5e-4, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
-              help="cosine: from --lr to 0 over the epochs; constant: --lr throughout (after the warm-up epoch).")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant", "cyclic"]), default="cosine", show_default=True,
+              help="cosine: from --lr to 0 over the epochs (a warm-up epoch first); constant: --lr throughout "
+                   "(after the warm-up epoch); cyclic: every epoch a cosine from --lr to --min-lr (no warm-up).")
+@click.option("--min-lr", default=0.0, show_default=True, help="The learning rate each cyclic epoch ends at.")
 @click.option("--average-from", default=0, show_default=True, type=click.IntRange(min=0),
               help="Average the weights from the end of this epoch (1-based) on; the output is the average "
                    "with re-estimated batch-norm statistics (0: no averaging).")
@@ -131,7 +134,7 @@ def _check_same_options(state_path: Path, command: str | None, params: dict) -> 
                    "faster on 2 cores; batch-norm statistics are then per part).")
 @click.option("--width", default=None, type=float, help="Width multiplier (mobilenet_v1_cifar only) [default: 1.0].")
 def main(architecture, train_path, test_path, output, epochs, lr, batch_size, augment, seed, threads, resume,
-         weight_decay, replicas, width, init_path, lr_schedule, average_from):
+         weight_decay, replicas, width, init_path, lr_schedule, average_from, min_lr):
     preset_name, build = ARCHITECTURES[architecture]
     if average_from > epochs:
         raise click.UsageError(f"--average-from {average_from} is after the last epoch ({epochs})")
@@ -165,14 +168,15 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     for epoch in range(start_epoch, epochs):
         epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if lr_schedule == "cosine" else lr
-        next_lr = lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)) if lr_schedule == "cosine" else lr
+        next_lr = {"cosine": lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)), "constant": lr,
+                   "cyclic": min_lr}[lr_schedule]
         started = time.perf_counter()
         trained = fine_tune(
             canonical, None, sites,
             lambda e=epoch: train.batches(batch_size, shuffle=True, seed=seed * 1000 + e, augment=augment,
                                           drop_last=True),
             steps=steps_per_epoch, lr=epoch_lr, optimizer="sgd", momentum=0.9, weight_decay=weight_decay,
-            warmup_steps=steps_per_epoch if epoch == 0 else 0,
+            warmup_steps=steps_per_epoch if epoch == 0 and lr_schedule != "cyclic" else 0,
             final_lr=next_lr,
             threads=threads, replicas=replicas, seed=seed + epoch, progress=False,
         )

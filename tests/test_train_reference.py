@@ -132,3 +132,16 @@ def test_averaging_from_after_the_last_epoch_is_refused(tmp_path):
     assert refused.returncode == 2
     assert "--average-from 3 is after the last epoch (2)" in refused.stderr
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_the_cyclic_schedule_anneals_every_epoch_to_its_minimum(tmp_path):
+    # Same options but the rate each epoch ends at: the trained weights must differ.
+    outputs = []
+    for min_lr in ("0.05", "0.0005"):
+        output = tmp_path / min_lr / "model.onnx"
+        done = _run(output, "--lr-schedule", "cyclic", "--min-lr", min_lr)
+        assert done.returncode == 0, done.stderr
+        log = [json.loads(line) for line in output.with_suffix(".log").read_text().splitlines()]
+        assert [row["lr"] for row in log] == [0.05, 0.05]  # every epoch starts at --lr, no warm-up
+        outputs.append(output.read_bytes())
+    assert outputs[0] != outputs[1]
