@@ -148,18 +148,17 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
     output = Path(output)
     work = output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    state_path, weights_path, log_path = work / "state.json", work / "model.onnx", output.with_suffix(".log")
+    state_path, log_path = work / "state.json", output.with_suffix(".log")
 
     canonical = from_proto(onnx.load(init_path) if init_path else build(seed=seed), label=architecture)
     start_epoch, history, average, averaged = 0, [], None, 0
-    average_path = work / "average.onnx"
     if resume and state_path.exists():
         state = json.loads(state_path.read_text())
         _check_same_options(state_path, state.get("command"), click.get_current_context().params)
         start_epoch, history, averaged = state["epoch"], state["history"], state.get("averaged", 0)
-        canonical = from_proto(onnx.load(weights_path), label=architecture)
+        canonical = from_proto(onnx.load(work / state.get("weights", "model.onnx")), label=architecture)
         if averaged:
-            average = from_proto(onnx.load(average_path), label=architecture)
+            average = from_proto(onnx.load(work / state.get("average", "average.onnx")), label=architecture)
         print(f"resuming after epoch {start_epoch}", flush=True)
     if start_epoch == 0:  # a fresh start (with or without --resume) begins a fresh log
         log_path.write_text("")
@@ -195,12 +194,19 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
             row["seconds"] = round(time.perf_counter() - started, 1)
         history.append(row)
         # Checkpoint first, then report: a run killed after its epoch line always resumes after that epoch
-        # (killed between the two, it repeats the epoch and the log gets the line twice).
-        _atomic_write(weights_path, canonical.to_bytes())
+        # (killed between the two, it repeats the epoch and the log gets the line twice). The weights go
+        # to files named by epoch and state.json, written last, names them: a run killed before it
+        # resumes from the previous epoch's files, never from this epoch's weights (or average).
+        names = {"weights": f"model-{epoch + 1}.onnx"}
+        _atomic_write(work / names["weights"], canonical.to_bytes())
         if average is not None:
-            _atomic_write(average_path, average.to_bytes())
+            names["average"] = f"average-{epoch + 1}.onnx"
+            _atomic_write(work / names["average"], average.to_bytes())
         _atomic_write(state_path, json.dumps({"epoch": epoch + 1, "history": history, "command": command,
-                                              "averaged": averaged}).encode())
+                                              "averaged": averaged, **names}).encode())
+        for stale in [*work.glob("model*.onnx"), *work.glob("average*.onnx")]:
+            if stale.name not in names.values():
+                stale.unlink()
         line = json.dumps(row)
         with open(log_path, "a") as log:  # the log before stdout: a reader of stdout finds the line logged
             log.write(line + "\n")

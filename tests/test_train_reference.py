@@ -104,7 +104,10 @@ def test_weight_averaging_logs_the_average_and_resumes_to_the_same_bytes(tmp_pat
     assert [row["lr"] for row in log] == [0.05, 0.05, 0.05]
     assert [row.get("averaged") for row in log] == [None, 1, 2]
     assert all(0 <= row["average_top1"] <= 100 for row in log[1:])
-    last_weights = (whole.parent / "model.onnx.work" / "model.onnx").read_bytes()
+    work = whole.parent / "model.onnx.work"
+    state = json.loads((work / "state.json").read_text())
+    assert sorted(p.name for p in work.iterdir()) == ["average-3.onnx", "model-3.onnx", "state.json"]
+    last_weights = (work / state["weights"]).read_bytes()
     assert whole.read_bytes() != last_weights  # the output is the average, not the last epoch's weights
 
     killed = tmp_path / "killed" / "model.onnx"
