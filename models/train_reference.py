@@ -61,8 +61,8 @@ BATCHNORM_BATCHES = 100  # training batches that re-estimate the averaged model'
 
 def _average_with_batchnorm(average, train, batch_size: int, seed: int, augment: bool, threads: int, label: str):
     batches = train.batches(batch_size, shuffle=True, seed=seed, augment=augment, drop_last=True)
-    limited = (b for _, b in zip(range(BATCHNORM_BATCHES), batches))
-    return from_proto(recompute_batchnorm(average, limited, threads=threads), label=label)
+    return from_proto(recompute_batchnorm(average, batches, threads=threads, max_batches=BATCHNORM_BATCHES),
+                      label=label)
 
 
 def _update_average(average, model, count: int):
@@ -165,10 +165,13 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
     sites = find_sites(canonical)
     steps_per_epoch = len(train) // batch_size
     command = shlex.join([Path(sys.executable).name, *sys.argv])
+    def cosine(e: int) -> float:
+        return lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
+
+    final = None  # the average with re-estimated batch-norm statistics, after the latest averaged epoch
     for epoch in range(start_epoch, epochs):
-        epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) if lr_schedule == "cosine" else lr
-        next_lr = {"cosine": lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / epochs)), "constant": lr,
-                   "cyclic": min_lr}[lr_schedule]
+        epoch_lr = cosine(epoch) if lr_schedule == "cosine" else lr
+        next_lr = {"cosine": cosine(epoch + 1), "constant": lr, "cyclic": min_lr}[lr_schedule]
         started = time.perf_counter()
         trained = fine_tune(
             canonical, None, sites,
@@ -212,8 +215,10 @@ def main(architecture, train_path, test_path, output, epochs, lr, batch_size, au
             log.write(line + "\n")
         print(line, flush=True)
     if average is not None:
-        canonical = _average_with_batchnorm(average, train, batch_size, seed * 1000 + epochs - 1, augment, threads,
-                                            architecture)
+        # The last epoch is always averaged (--average-from <= --epochs), so ``final`` is its average; a
+        # run resumed after its last epoch trained nothing here and re-estimates it the same way.
+        canonical = final if final is not None else _average_with_batchnorm(
+            average, train, batch_size, seed * 1000 + epochs - 1, augment, threads, architecture)
     _atomic_write(output, canonical.to_bytes())
     top1 = history[-1]["average_top1" if average is not None else "test_top1"]
     print(f"wrote {output}: test top-1 {top1} %" + (f" (average of {averaged} epochs)" if average is not None else ""),

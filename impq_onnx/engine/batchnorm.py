@@ -19,15 +19,16 @@ from onnx import helper, numpy_helper
 from ..errors import DataError
 from ..runtime import inference_session
 from ..simulate import as_proto
-from .training import _batchnorm_to_training
+from .training import _batchnorm_to_training, _split
 
 __all__ = ["recompute_batchnorm"]
 
 
-def recompute_batchnorm(model, batches: Iterable, *, threads: int = 2) -> onnx.ModelProto:
+def recompute_batchnorm(model, batches: Iterable, *, threads: int = 2,
+                        max_batches: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (float; CanonicalModel or ModelProto) whose batch-norm running statistics
-    are re-estimated on ``batches`` (``x`` or ``(x, y)`` numpy batches; labels are ignored).
-    A model without batch-norm comes back unchanged."""
+    are re-estimated on ``batches`` (``x`` or ``(x, y)`` numpy batches; labels are ignored), at most
+    ``max_batches`` of them. A model without batch-norm comes back unchanged."""
     result = as_proto(model)
     probe = as_proto(model)
     running = _batchnorm_to_training(probe, momentum=0.0)  # momentum 0: the "running" output is the batch's
@@ -43,9 +44,10 @@ def recompute_batchnorm(model, batches: Iterable, *, threads: int = 2) -> onnx.M
     names = list(running)
     totals = {n: np.zeros(dims[running[n]], np.float64) for n in names}
     seen = 0
-    for batch in batches:
-        x = batch[0] if isinstance(batch, tuple) else batch
-        x = np.asarray(x, np.float32)
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        x, _ = _split(batch)
         values = session.run(names, {input_name: x})
         for n, v in zip(names, values):
             totals[n] += len(x) * np.asarray(v, np.float64)

@@ -76,6 +76,14 @@ def test_running_statistics_are_the_size_weighted_mean_of_batch_statistics():
     assert model.SerializeToString() == before  # the input model is not modified
 
 
+def test_max_batches_stops_after_that_many_and_list_batches_carry_labels():
+    batches = [RNG.normal(1.0, 2.0, size=(n, C, H, H)).astype(np.float32) for n in (6, 9, 4)]
+    result = _inits(recompute_batchnorm(_model(), [[x, np.zeros(len(x), np.int64)] for x in batches], threads=1,
+                                        max_batches=2))
+    for name, value in _reference(batches[:2]).items():
+        np.testing.assert_allclose(result[name], value, rtol=2e-4, atol=1e-4, err_msg=name)
+
+
 def test_model_without_batchnorm_comes_back_unchanged():
     model = _model(with_batchnorm=False)
     result = recompute_batchnorm(model, [RNG.normal(size=(4, C, H, H)).astype(np.float32)], threads=1)
