@@ -41,10 +41,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from impq_onnx.compression import CompressConfig, _datasets, _preprocess, compress
 from impq_onnx.engine import evaluate
-from impq_onnx.frontend import load
+from impq_onnx.frontend.canonical import load
 from impq_onnx.search.density import output_site, activation_densities
 from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
-from impq_onnx.sites import find_sites
+from impq_onnx.frontend.site_analysis import find_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("impq", "faq", "activation-density", "uniform-ptq", "ort-static")
@@ -120,7 +120,7 @@ def ort_static(model: str, data: str, out: Path, seed: int, threads: int) -> dic
 
     held = test if test is not None else val
     result = evaluate(onnx.load(str(out)), labelled_batches(held, EVAL_BATCH), float_model=base, threads=threads)
-    from impq_onnx.plan import PrecisionPlan
+    from impq_onnx.quant.plan import PrecisionPlan
 
     plan = PrecisionPlan.uniform(sites, 8, 8, default_clip=1.0)
     return {"method": "ort-static", "target_bits": 8, "granularity": GRANULARITY["ort-static"],

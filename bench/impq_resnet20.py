@@ -158,9 +158,9 @@ def collect_rows(work: Path, previous: Path) -> list[dict]:
 
 def reference_gbitops(model: str, bits: int = 8) -> float:
     """C_C of the same model with every weight and activation at ``bits`` (the 8-bit reference point)."""
-    from impq_onnx.frontend import load
-    from impq_onnx.plan import PrecisionPlan
-    from impq_onnx.sites import find_sites
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.quant.plan import PrecisionPlan
+    from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
     sites = find_sites(canonical, (1, *canonical.input_shape()[1:]))

@@ -114,14 +114,14 @@ def main() -> None:
     parser.add_argument("--format", default="qdq", choices=("qdq", "qonnx", "encodings"))
     parser.add_argument("--write", help="also write the lowered model here (timed separately)")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="run impq_onnx.verify on N random images (with --write, also save <out>.npz: x and the "
+                        help="run impq_onnx.lowering.verify on N random images (with --write, also save <out>.npz: x and the "
                              "simulated logits, for bench/mainline_ort.py)")
     args = parser.parse_args()
 
-    from impq_onnx.frontend import from_proto
-    from impq_onnx.lower import lower, write
-    from impq_onnx.plan import PrecisionPlan
-    from impq_onnx.sites import find_sites
+    from impq_onnx.frontend.canonical import from_proto
+    from impq_onnx.lowering.lower import lower, write
+    from impq_onnx.quant.plan import PrecisionPlan
+    from impq_onnx.frontend.site_analysis import find_sites
 
     proto = resnet50()
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
@@ -160,8 +160,8 @@ def main() -> None:
     ok = seconds < 10 and extra < 3 * weight_bytes
     if args.verify:
         from impq_onnx.runtime import inference_session
-        from impq_onnx.simulate import simulate
-        from impq_onnx.verify import verify
+        from impq_onnx.quant.simulate import simulate
+        from impq_onnx.lowering.verify import verify
 
         x = np.random.default_rng(1).standard_normal((args.verify, 3, 224, 224)).astype(np.float32)
         start = time.perf_counter()

@@ -8,7 +8,7 @@ throwaway virtual environment under /tmp (created on first use, reused after)::
     python bench/mainline_ort.py --model out.onnx --reference ref.npz   # check a model you lowered
 
 ``ref.npz`` (written by the calling side, in the project environment) holds ``x`` (inputs) and
-``logits`` (what :func:`impq_onnx.simulate.simulate`'s model gives for ``x`` in onnxruntime-training).
+``logits`` (what :func:`impq_onnx.quant.simulate.simulate`'s model gives for ``x`` in onnxruntime-training).
 The child prints, for default and disabled graph optimizations: top-1 agreement and max |logit diff|.
 """
 
@@ -69,9 +69,9 @@ def prepare(workdir: Path) -> list[tuple[Path, Path]]:
     from quant_models import tiny_cnn  # noqa: E402
     from tiny_models import Quirks, build  # noqa: E402
 
-    from impq_onnx.lower import lower, write
+    from impq_onnx.lowering.lower import lower, write
     from impq_onnx.runtime import inference_session
-    from impq_onnx.simulate import simulate
+    from impq_onnx.quant.simulate import simulate
 
     cases = []
     for name, proto in (("cnn", tiny_cnn()), ("dw_matmul", build(Quirks(head="matmul"))), ("dw_gemm", build(Quirks())),

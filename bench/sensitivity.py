@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from impq_onnx.frontend import from_proto  # noqa: E402
+from impq_onnx.frontend.canonical import from_proto  # noqa: E402
 from impq_onnx.sensitivity import noise_gain  # noqa: E402
-from impq_onnx.sites import find_sites  # noqa: E402
+from impq_onnx.frontend.sites import find_sites  # noqa: E402
 
 
 def spearman(a: dict, b: dict) -> float:
@@ -66,7 +66,7 @@ def trained_resnet20(args) -> object:
     from impq_onnx.architectures import resnet20
 
     if args.model:
-        from impq_onnx.frontend import load
+        from impq_onnx.frontend.canonical import load
 
         return load(args.model), args.model
     canonical = from_proto(resnet20())
@@ -144,7 +144,7 @@ def part_resnet(args) -> None:
 
 def _mismatch(canonical, sites, plan, x, float_top) -> float:
     from impq_onnx.runtime import inference_session
-    from impq_onnx.simulate import simulate
+    from impq_onnx.quant.simulate import simulate
 
     session = inference_session(simulate(canonical, plan, sites).SerializeToString())
     z = session.run(None, {session.get_inputs()[0].name: x})[0]
@@ -157,13 +157,13 @@ def ordering(canonical, sites, x, args) -> None:
     Truth: the mismatch rate against the float model when only that layer's weights (only that
     activation site) are quantized to ``--truth-bits``, everything else float.
     """
-    from impq_onnx.plan import PrecisionPlan
+    from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.runtime import inference_session
 
     session = inference_session(canonical.to_bytes())
     float_top = np.argmax(session.run(None, {canonical.input_name: x})[0], axis=1)
     base = PrecisionPlan.uniform(sites, None, None)
-    from impq_onnx.simulate import calibrate_clips
+    from impq_onnx.quant.simulate import calibrate_clips
 
     base = calibrate_clips(canonical, base, sites, [x])
     truth_w, truth_a = {}, {}

@@ -9,10 +9,11 @@ Public API::
 
 from __future__ import annotations
 
-from .compression import CompressConfig, CompressResult, compress
-from .errors import ConfigError, DataError, ImpqError, ModelError, PlanError
-from .frontend import CanonicalModel, from_proto, load
-from .sites import ActivationSite, QuantLayer, SiteTable, WeightGroup, find_sites
+from impq_onnx.compression import CompressConfig, CompressResult, compress
+from impq_onnx.errors import ConfigError, DataError, ImpqError, ModelError, PlanError
+from impq_onnx.frontend.canonical import CanonicalModel, from_proto, load
+from impq_onnx.frontend.sites import ActivationSite, QuantLayer, SiteTable, WeightGroup
+from impq_onnx.frontend.site_analysis import find_sites
 
 __version__ = "0.1.0"
 

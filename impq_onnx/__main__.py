@@ -1,3 +1,3 @@
-from .cli import main
+from impq_onnx.cli import main
 
 main()

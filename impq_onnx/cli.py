@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .errors import ImpqError
+from impq_onnx.errors import ImpqError
 
 __all__ = ["main"]
 
@@ -58,9 +58,9 @@ def main(verbose: int) -> None:
 @_user_errors
 def inspect_command(model: str, input_shape, output: str | None, as_json: bool) -> None:
     """Show the quantizable layers, weight groups and activation sites of MODEL."""
-    from .frontend import load
-    from .inspection import format_json, format_table
-    from .sites import find_sites
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.frontend.inspection import format_json, format_table
+    from impq_onnx.frontend.site_analysis import find_sites
 
     table = find_sites(load(model, output=output), input_shape=input_shape)
     click.echo(format_json(table, model) if as_json else format_table(table, model))
@@ -81,11 +81,11 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
 
-    from .data.model_data import open_for_model, split_folders
-    from .engine import evaluate
-    from .frontend import load
-    from .plan import PrecisionPlan
-    from .sites import find_sites
+    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.engine import evaluate
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.quant.plan import PrecisionPlan
+    from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model, output=output)
     train, held_out = split_folders(data)
@@ -110,7 +110,7 @@ def _compress_options(func):
     """One ``--option-name`` per :class:`~impq_onnx.compression.CompressConfig` field (the same names)."""
     import dataclasses as _dc
 
-    from .compression import CompressConfig
+    from impq_onnx.compression import CompressConfig
 
     for field in reversed([f for f in _dc.fields(CompressConfig) if f.name not in ("model",)]):
         flag = "--" + field.name.replace("_", "-")
@@ -149,13 +149,13 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
 
-    from .atomic_files import write_all
-    from .data.model_data import open_for_model, split_folders
-    from .frontend import load
-    from .plan import PrecisionPlan
-    from .sensitivity import noise_gain
-    from .simulate import simulate
-    from .sites import find_sites
+    from impq_onnx.files import write_all
+    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.quant.plan import PrecisionPlan
+    from impq_onnx.sensitivity import noise_gain
+    from impq_onnx.quant.simulate import simulate
+    from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
     sites = find_sites(canonical)
@@ -203,7 +203,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 @_user_errors
 def lower_command(model, plan_path, output_path, format_, output):
     """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
-    from .lower import lower_file
+    from impq_onnx.lowering.lower import lower_file
 
     for path in lower_file(model, plan_path, output_path, format_, output=output):
         click.echo(f"wrote {path}")
@@ -224,12 +224,12 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
     import json
 
-    from .data.model_data import open_for_model, split_folders
-    from .frontend import load
-    from .lower import read_lowered
-    from .plan import PrecisionPlan
-    from .sites import find_sites
-    from .verify import verify
+    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.lowering.lower import read_lowered
+    from impq_onnx.quant.plan import PrecisionPlan
+    from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.lowering.verify import verify
 
     canonical = load(model_path)
     sites = find_sites(canonical)
@@ -263,7 +263,7 @@ def compress_command(model, config, quiet, **options) -> None:
     Writes the model, <stem>.plan.yaml, <stem>.report.json and <stem>.config.yaml; checkpoints go to
     the work dir after every iteration (--resume continues a killed run).
     """
-    from .compression import compress
+    from impq_onnx.compression import compress
 
     compress(model, config=config, progress=not quiet, **options)
 
@@ -278,7 +278,7 @@ def report_command(work_dirs, output_html) -> None:
 
     Several work dirs (e.g. one run per granularity) add the compression-ratio vs accuracy comparison.
     """
-    from .report import write_report
+    from impq_onnx.report import write_report
 
     for path in write_report(list(work_dirs), output_html):
         click.echo(f"wrote {path}")

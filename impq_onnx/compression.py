@@ -28,10 +28,10 @@ import numpy as np
 import onnx
 import yaml
 
-from .atomic_files import write_all
-from .config import check_keys, coerce, field_types, read_config, suggest
-from .errors import ConfigError
-from .lower import output_files
+from impq_onnx.files import write_all
+from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
+from impq_onnx.errors import ConfigError
+from impq_onnx.lowering.lower import output_files
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
@@ -133,7 +133,7 @@ class CompressConfig:
         if self.model is None or self.data is None:
             raise ConfigError(f"compress needs {'a model' if self.model is None else 'data'}: give "
                               f"{'MODEL' if self.model is None else '--data DIR'} or set it in the config file")
-        from .search.schedule import parse_schedule
+        from impq_onnx.search.schedule import parse_schedule
 
         parse_schedule(self.schedule, "schedule")
         parse_schedule(self.act_schedule, "act_schedule")
@@ -184,16 +184,16 @@ class CompressResult:
 
 def export_model(model, plan, sites, format: str = "qdq"):
     """The deployable model: ``model`` (fine-tuned float) lowered under ``plan`` (a LoweredModel)."""
-    from .lower import lower
+    from impq_onnx.lowering.lower import lower
 
     return lower(model, plan, sites, format=format)
 
 
 def _verified(lowered, model, plan, sites, dataset) -> dict:
     """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs."""
-    from .errors import ImpqError
-    from .search.impq import EVAL_BATCH, labelled_batches
-    from .verify import verify
+    from impq_onnx.errors import ImpqError
+    from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
+    from impq_onnx.lowering.verify import verify
 
     result = verify(lowered, model, plan, sites, labelled_batches(dataset, EVAL_BATCH))
     if not result.ok:
@@ -206,7 +206,7 @@ def _verified(lowered, model, plan, sites, dataset) -> dict:
 
 
 def _preprocess(cfg: CompressConfig, canonical):
-    from .data import PRESETS, infer_preprocess, preprocess_from_yaml
+    from impq_onnx.data import PRESETS, infer_preprocess, preprocess_from_yaml
 
     if cfg.preprocess is None:
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
@@ -227,8 +227,8 @@ def _datasets(cfg: CompressConfig, preprocess):
     second is the test split and ``val_fraction`` of ``train/`` is held out for validation. Anything
     else: one tree, split in two, and no test split.
     """
-    from .data import open_dataset
-    from .data.model_data import split_folders
+    from impq_onnx.data import open_dataset
+    from impq_onnx.data.model_data import split_folders
 
     root = Path(cfg.data)
     train_dir, held = split_folders(root)
@@ -240,7 +240,7 @@ def _datasets(cfg: CompressConfig, preprocess):
         test = open_dataset(held, preprocess) if held is not None else None
         train, val = everything.split(cfg.val_fraction, cfg.seed)
     if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
-        from .search.impq import derive_seed
+        from impq_onnx.search.impq import derive_seed
 
         # A seeded subset in the split's order: ImageFolder splits are sorted by class.
         chosen = np.random.default_rng(derive_seed(cfg.seed, 0, "validation")).permutation(len(val))
@@ -263,12 +263,12 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
-    from .engine import evaluate
-    from .frontend import load
-    from .search.checkpoint import WorkDir
-    from .search.impq import EVAL_BATCH, initial_state, labelled_batches, with_values
-    from .search.methods import strategy
-    from .sites import find_sites
+    from impq_onnx.engine import evaluate
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.search.checkpoint import WorkDir
+    from impq_onnx.search.impq import EVAL_BATCH, initial_state, labelled_batches, with_values
+    from impq_onnx.search.methods import strategy
+    from impq_onnx.frontend.site_analysis import find_sites
 
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
     cfg = CompressConfig.resolve(config, **given, **options)
@@ -291,7 +291,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
             report(f"resuming {workdir.path} after iteration {state['iteration']}")
     else:
         workdir.start(identity)
-        from .plan import PrecisionPlan
+        from impq_onnx.quant.plan import PrecisionPlan
 
         reference = evaluate(base, labelled_batches(val, EVAL_BATCH), threads=cfg.threads)
         state = initial_state({"top1": reference.top1, "top5": reference.top5, "n": reference.n})
@@ -330,7 +330,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
         paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),
     })
     if cfg.report:  # after the outputs: the HTML report reads <stem>.report.json
-        from .report import write_report
+        from impq_onnx.report import write_report
 
         write_report([paths["work_dir"]], paths["report_html"])
     if report:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from impq_onnx.errors import ConfigError
 
 __all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types"]
 

@@ -6,7 +6,7 @@ import re
 
 import onnxruntime as ort
 
-from .errors import ModelError
+from impq_onnx.errors import ModelError
 
 __all__ = ["check_runs", "inference_session"]
 

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from impq_onnx.frontend import from_proto
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.frontend.canonical import from_proto
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
-from impq_onnx.sites import find_sites
+from impq_onnx.frontend.site_analysis import find_sites
 
 SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
 

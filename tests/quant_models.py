@@ -78,8 +78,8 @@ def quadrant_batches(count: int, batch: int = 32, seed: int = 0):
 
 
 def canonical_and_sites(model: onnx.ModelProto | None = None):
-    from impq_onnx.frontend import from_proto
-    from impq_onnx.sites import find_sites
+    from impq_onnx.frontend.canonical import from_proto
+    from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = from_proto(model if model is not None else tiny_cnn())
     return canonical, find_sites(canonical, (1, 3, SIZE, SIZE))

@@ -87,7 +87,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist"
 
 def test_evaluate_lower_verify_on_the_bundled_model(tmp_path):
     from impq_onnx import find_sites, load
-    from impq_onnx.plan import PrecisionPlan
+    from impq_onnx.quant.plan import PrecisionPlan
 
     model = BUNDLED / "model.onnx"
     result = impq("evaluate", str(model), "--data", str(BUNDLED), "--json")
@@ -116,7 +116,7 @@ def test_evaluate_lower_verify_on_the_bundled_model(tmp_path):
 
 def test_verify_fails_against_a_different_plan(tmp_path):
     from impq_onnx import find_sites, load
-    from impq_onnx.plan import PrecisionPlan
+    from impq_onnx.quant.plan import PrecisionPlan
 
     model = BUNDLED / "model.onnx"
     sites = find_sites(load(model))

@@ -15,9 +15,9 @@ import yaml
 from impq_onnx.compression import CompressConfig, compress
 from impq_onnx.data import PRESETS, open_dataset
 from impq_onnx.errors import ConfigError
-from impq_onnx.frontend import load
-from impq_onnx.plan import PrecisionPlan
-from impq_onnx.sites import find_sites
+from impq_onnx.frontend.canonical import load
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.frontend.site_analysis import find_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"

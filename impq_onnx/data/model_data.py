@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
-from .dataset import Dataset
-from .preprocess import PRESETS, Preprocess, infer_preprocess, preprocess_from_yaml
+from impq_onnx.errors import DataError
+from impq_onnx.data.dataset import Dataset
+from impq_onnx.data.preprocess import PRESETS, Preprocess, infer_preprocess, preprocess_from_yaml
 
 __all__ = ["resolve_preprocess", "split_folders", "open_for_model"]
 
@@ -45,7 +45,7 @@ def split_folders(path: str | Path) -> tuple[Path, Path | None]:
 def open_for_model(canonical, path: str | Path, preprocess: str | Preprocess | None = None,
                    *, limit_per_class: int | None = None) -> Dataset:
     """Open ``path`` with the model's preprocessing and check it fits the model."""
-    from . import open_dataset
+    from impq_onnx.data import open_dataset
 
     dataset = open_dataset(path, resolve_preprocess(canonical, preprocess), limit_per_class=limit_per_class)
     check_fits(canonical, dataset)

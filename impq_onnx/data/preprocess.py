@@ -147,7 +147,7 @@ def preprocess_from_mapping(config: Mapping[str, Any], source: str = "preprocess
 
 def preprocess_from_yaml(path: str | Path) -> Preprocess:
     """Read a YAML preprocess file (see :func:`preprocess_from_mapping` for its keys)."""
-    from ..config import read_yaml_mapping
+    from impq_onnx.config import read_yaml_mapping
 
     return preprocess_from_mapping(read_yaml_mapping(path, "preprocess file"), source=str(Path(path)))
 

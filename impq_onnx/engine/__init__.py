@@ -5,9 +5,9 @@ onnxruntime-training specifics stay behind this package; the rest of the tool se
 
 from __future__ import annotations
 
-from .batchnorm import recompute_batchnorm
-from .evaluation import EvalResult, evaluate, predict_logits
-from .schedule import warmup_cosine, warmup_exponential
-from .training import OPTIMIZERS, TrainedWeights, fine_tune
+from impq_onnx.engine.batchnorm import recompute_batchnorm
+from impq_onnx.engine.evaluation import EvalResult, evaluate, predict_logits
+from impq_onnx.engine.schedule import warmup_cosine, warmup_exponential
+from impq_onnx.engine.training import OPTIMIZERS, TrainedWeights, fine_tune
 
 __all__ = ["fine_tune", "TrainedWeights", "OPTIMIZERS", "evaluate", "EvalResult", "predict_logits", "recompute_batchnorm", "warmup_cosine", "warmup_exponential"]

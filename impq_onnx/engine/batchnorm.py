@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import DataError
-from ..runtime import inference_session
-from ..simulate import as_proto
-from .training import _batchnorm_to_training, _split
+from impq_onnx.errors import DataError
+from impq_onnx.runtime import inference_session
+from impq_onnx.quant.simulate import as_proto
+from impq_onnx.engine.training import _batchnorm_to_training, _split
 
 __all__ = ["recompute_batchnorm"]
 

@@ -9,9 +9,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import DataError
-from ..runtime import inference_session
-from ..simulate import as_proto, simulate
+from impq_onnx.errors import DataError
+from impq_onnx.runtime import inference_session
+from impq_onnx.quant.simulate import as_proto, simulate
 
 __all__ = ["EvalResult", "evaluate", "predict_logits"]
 

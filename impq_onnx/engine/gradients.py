@@ -263,7 +263,7 @@ class TensorGradients:
         _with_seeded_loss(model, logits)
         from onnxruntime.capi import _pybind_state as C
 
-        from .training import _native_stderr_silenced
+        from impq_onnx.engine.training import _native_stderr_silenced
 
         try:
             with _native_stderr_silenced():  # the builder logs every unused initializer and transformer

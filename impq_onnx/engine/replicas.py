@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import PlanError
+from impq_onnx.errors import PlanError
 
 __all__ = ["Replicas", "gradient_graph", "sgd_update"]
 

@@ -1,6 +1,6 @@
 """Quantization-aware fine-tuning on onnxruntime-training (the only module that drives its training API).
 
-:func:`fine_tune` simulates the plan (:mod:`impq_onnx.simulate`), builds training artifacts for the
+:func:`fine_tune` simulates the plan (:mod:`impq_onnx.quant.simulate`), builds training artifacts for the
 fake-quant graph in a temporary directory, trains the float shadow weights, biases and batch-norm
 scale/shift, and returns :class:`TrainedWeights`, which :meth:`TrainedWeights.apply_to` writes back
 into the float model (batch-norm running statistics included).
@@ -37,13 +37,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .. import _ort_training
-from ..errors import DataError, PlanError
-from ..plan import PrecisionPlan
-from ..simulate import SIMULATION_PREFIX, as_proto, simulate
-from ..sites import SiteTable
-from .replicas import Replicas, sgd_update
-from .schedule import SCHEDULES, learning_rate
+from impq_onnx.engine import ort_training as _ort_training
+from impq_onnx.errors import DataError, PlanError
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
+from impq_onnx.frontend.sites import SiteTable
+from impq_onnx.engine.replicas import Replicas, sgd_update
+from impq_onnx.engine.schedule import SCHEDULES, learning_rate
 
 __all__ = ["TrainedWeights", "fine_tune", "OPTIMIZERS"]
 

@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 
-from ..atomic_files import write_all
-from ..errors import ImpqError
-from .run_data import RunData, read_run
+from impq_onnx.files import write_all
+from impq_onnx.errors import ImpqError
+from impq_onnx.report.run_data import RunData, read_run
 
 __all__ = ["RunData", "read_run", "write_report"]
 
@@ -34,8 +34,8 @@ def _labels(paths: list[Path]) -> list[str]:
 def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
     """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
     (the HTML first, then the PNGs)."""
-    from .figures import FIGURES, compression_vs_accuracy
-    from .html import render_html
+    from impq_onnx.report.figures import FIGURES, compression_vs_accuracy
+    from impq_onnx.report.html import render_html
 
     if isinstance(work_dirs, (str, os.PathLike)):
         work_dirs = [work_dirs]

@@ -15,7 +15,7 @@ import matplotlib.style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .run_data import RunData, _natural_key
+from impq_onnx.report.run_data import RunData, _natural_key
 
 __all__ = ["FIGURES", "accuracy_vs_bits", "bits_per_layer", "compression_vs_accuracy", "has_accuracy",
            "kernel_bits_histogram", "sensitivity_per_layer"]

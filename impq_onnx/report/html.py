@@ -8,7 +8,7 @@ import html
 import json
 import math
 
-from .run_data import RunData
+from impq_onnx.report.run_data import RunData
 
 __all__ = ["render_html", "summary_rows"]
 

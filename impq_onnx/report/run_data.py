@@ -17,8 +17,8 @@ import logging
 import re
 from pathlib import Path
 
-from ..errors import ImpqError
-from ..plan import PrecisionPlan
+from impq_onnx.errors import ImpqError
+from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["RunData", "read_run"]
 
@@ -113,8 +113,8 @@ def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[st
     if not model_path or not Path(model_path).is_file():
         return None
     try:
-        from ..frontend import load
-        from ..sites import find_sites
+        from impq_onnx.frontend.canonical import load
+        from impq_onnx.frontend.site_analysis import find_sites
 
         sites = find_sites(load(model_path, check_runtime=False))
     except (ImpqError, OSError, ValueError) as exc:  # the order is a nicety: never fail the report on it

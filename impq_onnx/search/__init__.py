@@ -3,10 +3,10 @@ baselines ``compress --method`` offers (:mod:`.methods`: faq, activation-density
 
 from __future__ import annotations
 
-from .checkpoint import WorkDir, write_atomic
-from .impq import PHASE_ORDERS, derive_seed, pick_least_sensitive, run_search
-from .methods import METHODS, strategy
-from .schedule import Schedule, parse_schedule
+from impq_onnx.search.checkpoint import WorkDir, write_atomic
+from impq_onnx.search.impq import PHASE_ORDERS, derive_seed, pick_least_sensitive, run_search
+from impq_onnx.search.methods import METHODS, strategy
+from impq_onnx.search.schedule import Schedule, parse_schedule
 
 __all__ = ["METHODS", "strategy", "run_search", "derive_seed", "pick_least_sensitive", "PHASE_ORDERS", "Schedule",
            "parse_schedule", "WorkDir", "write_atomic"]

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic_files import write_atomic, write_temporary
-from ..errors import ConfigError
-from ..plan import PrecisionPlan
+from impq_onnx.files import write_atomic, write_temporary
+from impq_onnx.errors import ConfigError
+from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["WorkDir", "write_atomic", "write_temporary", "STATE_VERSION"]
 

@@ -29,11 +29,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..plan import PrecisionPlan
-from ..simulate import as_proto, calibrate_clips, simulate
-from .checkpoint import WorkDir
-from .impq import EVAL_BATCH, PHASE_ORDERS, derive_seed, with_values
-from .iteration import commit_iteration, fine_tune_steps, run_fine_tune
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.simulate import as_proto, calibrate_clips, simulate
+from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.impq import EVAL_BATCH, PHASE_ORDERS, derive_seed, with_values
+from impq_onnx.search.iteration import commit_iteration, fine_tune_steps, run_fine_tune
 
 __all__ = ["activation_densities", "density_bits", "density_plan", "output_site", "run_density"]
 
@@ -41,7 +41,7 @@ __all__ = ["activation_densities", "density_bits", "density_plan", "output_site"
 def activation_densities(model: onnx.ModelProto, tensors: list[str], batches: Iterable, *,
                          max_batches: int | None = None, threads: int = 2) -> dict[str, float]:
     """Fraction of non-zero values of each tensor in ``tensors`` over ``batches`` (``(x, y)`` or ``x``)."""
-    from ..runtime import inference_session
+    from impq_onnx.runtime import inference_session
 
     proto = as_proto(model)
     present = {o.name for o in proto.graph.output}

@@ -16,7 +16,7 @@ way, keeping the poster's constant 4.12 at every B (the poster gives no other)::
 Activations are exact: the plan's clip of site s is set to ``Δ_a(s) * 2^B`` (``2^(B-1)`` signed),
 so the ``uniform-clip`` quantizer's step ``clip * 2^-B`` is the power of two ``Δ_a(s)``.
 
-Weights are exact too: the plan's weight scheme is ``pow2-std`` (:mod:`impq_onnx.quantizers`), which
+Weights are exact too: the plan's weight scheme is ``pow2-std`` (:mod:`impq_onnx.quant.quantizers`), which
 recomputes σ_l (population standard deviation of the layer's float shadow weights, float32) at every
 step and quantizes with ``Δ_w(l) = pow2(4.12 σ_l / 2^(B-1))``, ``2^B`` signed levels (1 bit: the
 mid-rise ``±Δ_w/2``), the lowered model bit-identical to the simulation. Each run records the initial
@@ -39,11 +39,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..plan import ActivationClip, PrecisionPlan
-from .checkpoint import WorkDir
-from .impq import with_values
-from .iteration import commit_iteration, fine_tune_steps, run_fine_tune
-from .ptq import calibrated_plan, uniform_bits
+from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
+from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.impq import with_values
+from impq_onnx.search.iteration import commit_iteration, fine_tune_steps, run_fine_tune
+from impq_onnx.search.ptq import calibrated_plan, uniform_bits
 
 __all__ = [
     "FAQ_FINAL_LR",
@@ -70,7 +70,7 @@ def pow2_ceil(x: float) -> float:
 
 def faq_weight_step(w: np.ndarray, bits: int) -> float:
     """FAQ's weight step of one layer: ``pow2(4.12 σ / 2^(B-1))``, as the ``pow2-std`` quantizer computes it."""
-    from ..quantizers import _kernel_stat, _step, weight_grid
+    from impq_onnx.quant.quantizers import _kernel_stat, _step, weight_grid
 
     w = np.asarray(w, np.float32)
     factor = np.float32(weight_grid(bits, FAQ_WEIGHT_SCHEME)[0])

@@ -25,11 +25,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine import TrainedWeights
-from ..plan import PrecisionPlan
-from ..simulate import calibrate_clips, simulate
-from .checkpoint import WorkDir
-from .schedule import parse_schedule
+from impq_onnx.engine import TrainedWeights
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.simulate import calibrate_clips, simulate
+from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.schedule import parse_schedule
 
 __all__ = ["PHASE_ORDERS", "derive_seed", "run_search", "with_values", "initial_state", "pick_least_sensitive",
            "labelled_batches", "format_record"]
@@ -150,7 +150,7 @@ def fine_tune_steps(cfg, train, start: bool = False) -> int:
 
 
 def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step):
-    from ..sensitivity import noise_gain
+    from impq_onnx.sensitivity import noise_gain
 
     candidates = _reducible(plan, sites, phase, cfg.granularity)
     schedule = parse_schedule(cfg.schedule if phase == "weights" else cfg.act_schedule)
@@ -194,7 +194,7 @@ def _landing(plan: PrecisionPlan, phase: str, picked: list, groups: dict, sites,
 
 def _decide(state: dict, record: dict, cfg, plan, sites, phases) -> None:
     """The stop rules; they read only the record and the committed wall time."""
-    from .iteration import within_accuracy_drop
+    from impq_onnx.search.iteration import within_accuracy_drop
 
     iteration = record["iteration"]
     within = within_accuracy_drop(cfg, record, state["reference"])
@@ -232,7 +232,7 @@ def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan
                values: dict[str, np.ndarray], *, other_float_bytes: float = 0.0,
                progress: Callable[[str], None] | None = None) -> dict:
     """Run iterations until a stop rule fires; return the final state (also committed in ``workdir``)."""
-    from .iteration import (  # iteration builds on this module
+    from impq_onnx.search.iteration import (  # iteration builds on this module
         evaluate_record,
         run_fine_tune,
         save_record,

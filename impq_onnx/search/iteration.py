@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..engine import evaluate, fine_tune
-from .checkpoint import WorkDir
-from .impq import (
+from impq_onnx.engine import evaluate, fine_tune
+from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.impq import (
     EVAL_BATCH,
     derive_seed,
     fine_tune_steps,

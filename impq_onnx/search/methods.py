@@ -7,10 +7,10 @@ the same plan, engine and work directory until a stop rule fires and returns the
 
 from __future__ import annotations
 
-from .density import run_density
-from .faq import run_faq
-from .impq import run_search
-from .ptq import run_ptq
+from impq_onnx.search.density import run_density
+from impq_onnx.search.faq import run_faq
+from impq_onnx.search.impq import run_search
+from impq_onnx.search.ptq import run_ptq
 
 __all__ = ["METHODS", "strategy"]
 

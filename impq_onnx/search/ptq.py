@@ -6,7 +6,7 @@ One iteration (``kind: calibrate``, ``fine_tune_steps: 0``, ``fine_tune_loss: nu
   ``weight_scheme``), every activation site at ``round(target_act_bits)`` bits; a target of ``none``
   keeps that side float, and a side not in ``phases`` stays float (``--phases weights``: weights only);
 - every activation clip is the 99.9th percentile of the float model's values over 5 training batches
-  (:func:`impq_onnx.simulate.calibrate_clips` with ``only_missing=False``: batch-norm clips are not used);
+  (:func:`impq_onnx.quant.simulate.calibrate_clips` with ``only_missing=False``: batch-norm clips are not used);
 - the float weights are left as they are.
 """
 
@@ -16,11 +16,11 @@ import math
 import time
 from collections.abc import Callable
 
-from ..plan import PrecisionPlan
-from ..simulate import calibrate_clips
-from .checkpoint import WorkDir
-from .impq import PHASE_ORDERS, derive_seed
-from .iteration import commit_iteration
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.simulate import calibrate_clips
+from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.impq import PHASE_ORDERS, derive_seed
+from impq_onnx.search.iteration import commit_iteration
 
 __all__ = ["calibrated_plan", "run_ptq", "uniform_bits"]
 

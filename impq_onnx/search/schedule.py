@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..errors import ConfigError
+from impq_onnx.errors import ConfigError
 
 __all__ = ["Schedule", "ScheduleEntry", "parse_schedule"]
 

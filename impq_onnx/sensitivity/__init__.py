@@ -76,7 +76,7 @@ import numpy as np
 
 from impq_onnx.sensitivity.measure import GradientSums, exact_sums, fast_sums, sample_chunks
 from impq_onnx.sensitivity.table import SensitivityTable
-from impq_onnx.sites import GRANULARITIES, SiteTable
+from impq_onnx.frontend.sites import GRANULARITIES, SiteTable
 
 __all__ = ["noise_gain", "SensitivityTable", "WEIGHTINGS", "METHODS", "DEFAULT_FLOAT_BITS", "DEFAULT_PROBES"]
 
@@ -97,13 +97,13 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
                threads: int = 2, seed: int = 0, rebuild: str = "graph") -> SensitivityTable:
     """Measure ``M`` for every weight group (at ``granularity``) and activation site.
 
-    ``canonical``: a :class:`~impq_onnx.frontend.CanonicalModel`, or an ``onnx.ModelProto`` — the
-    float model or a fake-quant model from :func:`impq_onnx.simulate.simulate` (same node names as
+    ``canonical``: a :class:`~impq_onnx.frontend.canonical.CanonicalModel`, or an ``onnx.ModelProto`` — the
+    float model or a fake-quant model from :func:`impq_onnx.quant.simulate.simulate` (same node names as
     ``sites``). ``batches`` yields ``(x, y)`` or ``x`` arrays (labels are not used); ``samples``
     caps how many samples are read. ``probes``, ``chunk`` (samples per onnxruntime run; default from
     a 512 MiB budget), ``threads`` and ``seed`` (of the probe signs) only affect ``method="fast"``.
     """
-    from impq_onnx.simulate import as_proto
+    from impq_onnx.quant.simulate import as_proto
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
@@ -172,7 +172,7 @@ def _weigh(sums: GradientSums, sites: SiteTable, proto, plan, granularity: str, 
         bits = _bits(plan.activations.get(site.tensor) if plan is not None else None, float_bits)
         total = sums.activations[site.tensor] / n
         if weighting == "step":
-            from impq_onnx.quantizers import activation_grid
+            from impq_onnx.quant.quantizers import activation_grid
 
             step = activation_grid(bits, _clip(site, plan), not site.unsigned)[0]
             activations[site.tensor] = step**2 * total / 24.0
@@ -195,7 +195,7 @@ def _weight_steps(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, n
     """Per layer, per kernel: the quantization step of the plan's scheme at the kernel's bits."""
     from onnx import numpy_helper
 
-    from impq_onnx.quantizers import weight_grid
+    from impq_onnx.quant.quantizers import weight_grid
 
     scheme = plan.weight_scheme if plan is not None else "midrise-max"
     initializers = {t.name: t for t in proto.graph.initializer}
@@ -203,12 +203,12 @@ def _weight_steps(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, n
     for layer in sites.layers:
         w = numpy_helper.to_array(initializers[layer.weight]).astype(np.float64)
         axes = tuple(a for a in range(w.ndim) if a != layer.kernel_axis)
-        # the kernel statistic the scheme scales its step by (impq_onnx.quantizers)
+        # the kernel statistic the scheme scales its step by (impq_onnx.quant.quantizers)
         stat = np.max(np.abs(w), axis=axes) if scheme == "midrise-max" else np.sqrt(np.mean(w * w, axis=axes))
         bits = plan.weights[layer.node] if plan is not None else [None] * layer.kernels
         factors = np.array([weight_grid(_bits(b, float_bits), scheme)[0] for b in bits])
         if scheme == "pow2-std":  # one layer sigma, power-of-two steps (exactly the quantizer's)
-            from impq_onnx.quantizers import _kernel_stat, _step
+            from impq_onnx.quant.quantizers import _kernel_stat, _step
 
             sigma = _kernel_stat(w.astype(np.float32), layer.kernel_axis, scheme).reshape(-1)
             result[layer.node] = _step(sigma, factors.astype(np.float32), scheme).astype(np.float64)
@@ -221,7 +221,7 @@ def _mean_abs_weights(sites: SiteTable, proto, plan) -> dict[str, np.ndarray]:
     """Per layer, per kernel ``mean|w_q|`` (quantized by the plan where it gives bits)."""
     from onnx import numpy_helper
 
-    from impq_onnx.quantizers import quantize_weight
+    from impq_onnx.quant.quantizers import quantize_weight
 
     initializers = {t.name: t for t in proto.graph.initializer}
     result = {}

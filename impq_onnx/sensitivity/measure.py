@@ -9,7 +9,7 @@ Graph preparation (:func:`tapped_model`): every activation site gets an ``Identi
 feeds only the quantized layers reading it, and every layer's weight input gets one too. The
 gradient with respect to a tap is the gradient through the quantized layers only, which is where
 quantization noise enters (a ResNet block input also feeds the shortcut, which is not quantized).
-In a simulated (fake-quant) model from :func:`impq_onnx.simulate.simulate` the taps sit after the
+In a simulated (fake-quant) model from :func:`impq_onnx.quant.simulate.simulate` the taps sit after the
 quantizers, so gradients are taken at the quantized values and flow back through the quantizers'
 straight-through path.
 """
@@ -28,7 +28,7 @@ from impq_onnx.engine.gradients import ForwardTensors, TensorGradients, explicit
 from impq_onnx.errors import ModelError
 from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
 from impq_onnx.sensitivity.per_sample import LayerGeometry, NormGraph, kernel_square_norms
-from impq_onnx.sites import SiteTable
+from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["GradientSums", "Taps", "tapped_model", "exact_sums", "fast_sums", "sample_chunks"]
 

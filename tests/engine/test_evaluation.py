@@ -7,7 +7,7 @@ import pytest
 
 from impq_onnx.engine import evaluate, predict_logits
 from impq_onnx.errors import DataError
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.quant.plan import PrecisionPlan
 from quant_models import canonical_and_sites, quadrant_batches
 
 

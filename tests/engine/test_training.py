@@ -7,9 +7,9 @@ import pytest
 
 from impq_onnx.engine import evaluate, fine_tune, warmup_cosine, warmup_exponential
 from impq_onnx.errors import DataError, PlanError
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
-from impq_onnx.simulate import as_proto, calibrate_clips
+from impq_onnx.quant.simulate import as_proto, calibrate_clips
 from quant_models import canonical_and_sites, quadrant_batches
 
 STEPS = 150

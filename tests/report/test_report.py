@@ -15,7 +15,7 @@ from PIL import Image
 
 from impq_onnx.compression import compress
 from impq_onnx.errors import ImpqError
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.report import read_run, write_report
 from impq_onnx.report.html import summary_rows
 from impq_onnx.sensitivity.table import SensitivityTable

@@ -9,10 +9,10 @@ import pytest
 
 from impq_onnx.architectures import fashion_net
 from impq_onnx.errors import ConfigError
-from impq_onnx.frontend import from_proto
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.frontend.canonical import from_proto
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import WorkDir, values_from_bytes, values_to_bytes, write_atomic
-from impq_onnx.sites import find_sites
+from impq_onnx.frontend.site_analysis import find_sites
 
 
 def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):

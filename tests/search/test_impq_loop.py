@@ -15,12 +15,12 @@ from impq_onnx.architectures import fashion_net
 from impq_onnx.compression import CompressConfig
 from impq_onnx.data import PRESETS, dataset_from_arrays
 from impq_onnx.engine import EvalResult, TrainedWeights
-from impq_onnx.frontend import from_proto
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.frontend.canonical import from_proto
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search import impq, iteration
 from impq_onnx.search.checkpoint import WorkDir
 from impq_onnx.sensitivity import SensitivityTable
-from impq_onnx.sites import find_sites
+from impq_onnx.frontend.site_analysis import find_sites
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from impq_onnx.compression import CompressConfig, compress
 from impq_onnx.data import PRESETS, open_dataset
 from impq_onnx.errors import ConfigError
-from impq_onnx.frontend import load
-from impq_onnx.plan import PrecisionPlan
+from impq_onnx.frontend.canonical import load
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.density import activation_densities, density_bits
 from impq_onnx.search.faq import (
     faq_activation_clip,
@@ -28,7 +28,7 @@ from impq_onnx.search.faq import (
     pow2_ceil,
 )
 from impq_onnx.search.methods import METHODS
-from impq_onnx.sites import find_sites
+from impq_onnx.frontend.site_analysis import find_sites
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"

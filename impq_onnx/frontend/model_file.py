@@ -1,0 +1,151 @@
+"""Reading an ONNX file as untrusted input.
+
+A model file may be truncated, not ONNX at all, claim tensors far larger than the bytes it
+carries, or point its external data anywhere on the disk. Everything here turns those into
+one-line :class:`ModelError` messages before any large allocation happens. The file itself is
+only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, external_data_helper
+
+from impq_onnx.errors import ModelError
+
+__all__ = ["read_model", "MAX_OPSET", "MIN_OPSET", "MAX_TENSOR_BYTES"]
+
+MIN_OPSET = 7
+# onnxruntime(-training) 1.19 implements the default domain up to opset 21.
+MAX_OPSET = 21
+# One tensor larger than this is refused: no classifier weight is 4 GiB, and numpy would try to
+# allocate whatever a hostile file claims.
+MAX_TENSOR_BYTES = 4 << 30
+
+_ITEMSIZE = {
+    TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
+    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
+    TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
+    TensorProto.BOOL: 1,
+}
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse ``path`` into a ModelProto with external data loaded, or raise a one-line ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    data = path.read_bytes()
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        hint = "the file looks truncated; copy or export it again" if data[:1] == b"\x08" else "is it an .onnx file?"
+        raise ModelError(f"{path}: not a readable ONNX model ({exc}); {hint}") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise ModelError(f"{path}: not an ONNX model (no IR version or empty graph); is it an .onnx file?")
+    check_opset(proto, path)
+    check_tensor_sizes(proto, path)
+    _load_external_data(proto, path)
+    return proto
+
+
+def check_opset(proto: onnx.ModelProto, path: Path | str) -> int:
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ModelError(f"{path}: imports no ai.onnx opset; re-export it as a standard ONNX model")
+    opset = versions[0]
+    if opset > MAX_OPSET:
+        raise ModelError(
+            f"{path}: opset {opset} is newer than {MAX_OPSET}, the newest that onnxruntime-training 1.19 "
+            f"runs; re-export with opset <= {MAX_OPSET}"
+        )
+    if opset < MIN_OPSET:
+        raise ModelError(f"{path}: opset {opset} is older than {MIN_OPSET}; re-export with opset >= {MIN_OPSET}")
+    return opset
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in _all_nodes(proto.graph):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
+
+
+def _claimed_elements(tensor: TensorProto, path) -> int:
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise ModelError(f"{path}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+        count *= d
+    nbytes = count * _ITEMSIZE.get(tensor.data_type, 8)
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ModelError(
+            f"{path}: tensor '{tensor.name}' claims {count} elements ({nbytes / 2**30:.1f} GiB), "
+            f"more than the {MAX_TENSOR_BYTES >> 30} GiB allowed; the file is corrupt or not a classifier"
+        )
+    return count
+
+
+def check_tensor_sizes(proto: onnx.ModelProto, path) -> None:
+    """Refuse tensors whose stored data does not match their claimed shape."""
+    for tensor in _all_tensors(proto):
+        count = _claimed_elements(tensor, path)
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.data_type in (0, TensorProto.STRING):
+            continue
+        if tensor.HasField("raw_data"):
+            stored, expected, unit = len(tensor.raw_data), count * _ITEMSIZE.get(tensor.data_type, 8), "bytes"
+        else:
+            # Typed fields hold one entry per element (float16 and int8 are widened into int32_data).
+            stored, expected, unit = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS), count, "values"
+        if stored != expected:
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' with shape {list(tensor.dims)} stores {stored} {unit} "
+                f"instead of {expected}; the file is corrupt"
+            )
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    base = path.resolve().parent
+    external = [t for t in _all_tensors(proto) if t.data_location == TensorProto.EXTERNAL]
+    for tensor in external:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        target = (base / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or base not in target.parents:
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' points its external data at '{location}', outside the "
+                "model's folder; refusing it (move the data file beside the model and use a relative name)"
+            )
+        if not target.is_file():
+            raise ModelError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+        size = target.stat().st_size
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length else size - offset
+        if offset < 0 or offset + length > size or length != _claimed_elements(tensor, path) * _ITEMSIZE.get(tensor.data_type, 8):
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' claims bytes {offset}..{offset + length} of '{location}' "
+                f"({size} bytes) for shape {list(tensor.dims)}; the external data does not match"
+            )
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT

@@ -1,0 +1,227 @@
+"""``find_sites``: the analysis that fills a :class:`~impq_onnx.frontend.sites.SiteTable`.
+
+Shapes come from ONNX shape inference on a copy of the model with a concrete input shape, so
+dynamic height/width models and channels-last inputs (a Transpose inside) get MACs for the size
+the user states. Nothing here edits the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from impq_onnx.errors import ModelError
+from impq_onnx.frontend.sites import ActivationSite, BatchNormStats, QuantLayer, SiteTable
+
+__all__ = ["find_sites", "analyse", "concrete_input_shape", "DEFAULT_IMAGE_SIZE"]
+
+DEFAULT_IMAGE_SIZE = 224
+_WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
+# Ops through which a BatchNormalization still "produces" an activation for the clip rule, and
+# through which non-negativity survives.
+_PASS_THROUGH = {"Relu", "Clip", "Identity", "MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
+                 "Transpose", "Dropout", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad"}
+_NON_NEGATIVE = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp"}
+_FLOAT = ir.DataType.FLOAT
+
+
+def concrete_input_shape(canonical, input_shape=None) -> tuple[int, ...]:
+    """The per-sample input shape (batch 1) the MACs are computed for."""
+    declared = canonical.input_shape()
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) != len(declared):
+            raise ModelError(
+                f"{canonical.label}: --input-shape {','.join(map(str, shape))} has {len(shape)} dimensions, "
+                f"the input '{canonical.input_name}' has {len(declared)} ({_fmt(declared)})"
+            )
+        for i, (given, fixed) in enumerate(zip(shape[1:], declared[1:]), start=1):
+            if isinstance(fixed, int) and fixed != given:
+                raise ModelError(
+                    f"{canonical.label}: --input-shape dimension {i} is {given}, but input "
+                    f"'{canonical.input_name}' fixes it to {fixed} ({_fmt(declared)})"
+                )
+        return (1,) + shape[1:]
+    channel_axis = 3 if canonical.input_layout == "NHWC" else 1
+    shape = [1]
+    for i, d in enumerate(declared[1:], start=1):
+        shape.append(d if isinstance(d, int) else (3 if i == channel_axis else DEFAULT_IMAGE_SIZE))
+    return tuple(shape)
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _shapes(canonical, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    proto = canonical.to_proto()
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, shape):
+        dim.Clear()
+        dim.dim_value = size
+    del proto.graph.value_info[:]
+    for out in proto.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{canonical.label}: the model cannot take input shape {_fmt(shape)} ({exc}); pass --input-shape"
+        ) from None
+    result = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        t = info.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            result[info.name] = tuple(d.dim_value for d in t.shape.dim)
+    return result
+
+
+def _measured_shapes(canonical, shape: tuple[int, ...], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes ONNX inference could not derive (e.g. Shape->Slice->Concat->Reshape chains), by
+    running the model once on zeros with those tensors exposed as outputs."""
+    from impq_onnx.runtime import inference_session
+
+    proto = canonical.to_proto()
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        session = inference_session(proto.SerializeToString(), threads=1)
+        values = session.run(names, {canonical.input_name: np.zeros(shape, np.float32)})
+    except Exception as exc:
+        raise ModelError(f"{canonical.label}: the model does not run on input shape {_fmt(shape)} ({exc}); "
+                         "pass --input-shape") from None
+    return {name: tuple(v.shape) for name, v in zip(names, values)}
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _follow_batchnorm(value: ir.Value) -> BatchNormStats | None:
+    """The BatchNormalization that alone consumes ``value`` (a conv output), if any."""
+    consumers = list(value.consumers())
+    if len(consumers) != 1 or consumers[0].op_type != "BatchNormalization":
+        return None
+    return _bn_stats(consumers[0])
+
+
+def _bn_stats(node: ir.Node) -> BatchNormStats | None:
+    gamma, beta = _const(node.inputs[1]), _const(node.inputs[2])
+    if gamma is None or beta is None:
+        return None
+    return BatchNormStats(node.name, tuple(float(g) for g in gamma.ravel()), tuple(float(b) for b in beta.ravel()))
+
+
+def _producing_batchnorm(value: ir.Value) -> BatchNormStats | None:
+    node = value.producer()
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    return _bn_stats(node) if node is not None and node.op_type == "BatchNormalization" else None
+
+
+def _is_non_negative(value: ir.Value, depth: int = 0) -> bool:
+    node = value.producer()
+    if node is None or depth > 64:
+        return False
+    if node.op_type in _NON_NEGATIVE:
+        return True
+    if node.op_type == "Clip":
+        low = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        return low is not None and float(low) >= 0
+    if node.op_type in _PASS_THROUGH or node.op_type in ("Concat", "Add", "Mul", "Max"):
+        data = [v for v in node.inputs if v is not None and v.const_value is None]
+        if node.op_type in _PASS_THROUGH:
+            data = data[:1]
+        return bool(data) and all(_is_non_negative(v, depth + 1) for v in data)
+    return False
+
+
+def _bias_after_matmul(node: ir.Node) -> tuple[str | None, ir.Value]:
+    out = node.outputs[0]
+    consumers = list(out.consumers())
+    if len(consumers) == 1 and consumers[0].op_type == "Add":
+        add = consumers[0]
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        if other is not None and other.const_value is not None:
+            return other.name, add.outputs[0]
+    return None, out
+
+
+def _layer(node: ir.Node, shapes: dict, label: str) -> QuantLayer | None:
+    index = _WEIGHT_INPUT.get(node.op_type)
+    if index is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= index:
+        return None
+    weight = node.inputs[index]
+    if weight is None or weight.const_value is None or weight.const_value.dtype != _FLOAT:
+        return None
+    wshape = tuple(int(d) for d in weight.const_value.shape)
+    out_shape = shapes.get(node.outputs[0].name)
+    if out_shape is None:
+        raise ModelError(f"{label}: node '{node.name}' ({node.op_type}) has no inferable output shape; "
+                         "pass a concrete --input-shape")
+    groups, bias, after = 1, None, node.outputs[0]
+    if node.op_type == "Conv":
+        groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
+        axis, dot = 0, int(np.prod(wshape[1:]))
+        bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    elif node.op_type == "Gemm":
+        if len(wshape) != 2 or ("transA" in node.attributes and node.attributes["transA"].value):
+            return None
+        trans_b = "transB" in node.attributes and bool(node.attributes["transB"].value)
+        axis = 0 if trans_b else 1
+        dot = wshape[1 - axis]
+        bias = node.inputs[2].name if len(node.inputs) > 2 and _const(node.inputs[2]) is not None else None
+    else:
+        if len(wshape) != 2:
+            return None
+        axis, dot = 1, wshape[0]
+        bias, after = _bias_after_matmul(node)
+    kernels = wshape[axis]
+    macs = math.prod(out_shape[1:]) * dot
+    return QuantLayer(
+        node=node.name, op_type=node.op_type, weight=weight.name, weight_shape=wshape, kernel_axis=axis,
+        bias=bias, activation=node.inputs[0].name, output=after.name, kernels=kernels, conv_groups=groups,
+        dot_length=int(dot), macs=int(macs), batchnorm=_follow_batchnorm(node.outputs[0]) if node.op_type == "Conv" else None,
+    )
+
+
+def analyse(canonical, input_shape=None) -> SiteTable:
+    label = canonical.label
+    shape = concrete_input_shape(canonical, input_shape)
+    shapes = _shapes(canonical, shape)
+    graph = canonical.model.graph
+    needed = [v.name for node in graph if node.op_type in _WEIGHT_INPUT for v in (node.inputs[0], node.outputs[0])]
+    missing = [name for name in dict.fromkeys(needed) if name not in shapes]
+    if missing:
+        shapes.update(_measured_shapes(canonical, shape, missing))
+    layers = [layer for node in graph if (layer := _layer(node, shapes, label)) is not None]
+    if not layers:
+        raise ModelError(f"{label}: no Conv, Gemm or MatMul with constant float weights; nothing to quantize")
+    by_tensor: dict[str, list[str]] = {}
+    for layer in layers:
+        by_tensor.setdefault(layer.activation, []).append(layer.node)
+    values = {v.name: v for node in graph for v in node.outputs}
+    values.update({v.name: v for v in graph.inputs})
+    activations = []
+    for tensor, users in by_tensor.items():
+        value = values[tensor]
+        per_sample = shapes.get(tensor, ())[1:]
+        producer = value.producer()
+        activations.append(ActivationSite(
+            tensor=tensor, layers=tuple(users), elements=int(math.prod(per_sample)), shape=tuple(per_sample),
+            producer=producer.op_type if producer is not None else None,
+            batchnorm=_producing_batchnorm(value), unsigned=_is_non_negative(value),
+        ))
+    return SiteTable(canonical.input_name, shape, canonical.logits, tuple(layers), tuple(activations))
+
+
+def find_sites(model, input_shape: tuple[int, ...] | None = None) -> SiteTable:
+    """Analyse a :class:`~impq_onnx.frontend.canonical.CanonicalModel`; see :mod:`impq_onnx.frontend.sites`."""
+    return analyse(model, input_shape)

@@ -1,0 +1,154 @@
+"""Quantization sites: which tensors of a canonical model get quantized, and in what groups.
+
+This is an analysis, not a transform: ``find_sites`` reads a :class:`CanonicalModel` and returns a
+:class:`SiteTable` of plain frozen data keyed by node and tensor names. Later stages (plan,
+simulation, sensitivity, lowering) consume the table; none of them re-derive it.
+
+Vocabulary
+- A *layer* is one Conv, Gemm or MatMul node whose weight is a constant float tensor.
+- A *kernel* is one output channel of a layer: ``W[k]`` for Conv (axis 0), one output column of
+  MatMul (``W[:, k]``, axis 1) or of Gemm (axis 0 when ``transB=1``, else 1).
+- A *weight group* is what gets one bit width: a kernel, a whole layer, or the whole network.
+- An *activation site* is the input tensor of one or more quantized layers; it gets one bit width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+__all__ = [
+    "Granularity",
+    "BatchNormStats",
+    "QuantLayer",
+    "ActivationSite",
+    "WeightGroup",
+    "SiteTable",
+    
+]
+
+Granularity = Literal["kernel", "layer", "network"]
+GRANULARITIES: tuple[str, ...] = ("kernel", "layer", "network")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormStats:
+    """A BatchNormalization node and the parameters the activation clip needs."""
+
+    node: str
+    gamma: tuple[float, ...]
+    beta: tuple[float, ...]
+
+    @property
+    def clip(self) -> float:
+        """The reference code's activation clip: ``max_c(beta + 6*|gamma|)``."""
+        return max(b + 6.0 * abs(g) for b, g in zip(self.beta, self.gamma))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantLayer:
+    """One Conv/Gemm/MatMul node with a constant float weight."""
+
+    node: str  # node name (unique in the canonical model)
+    op_type: str  # "Conv", "Gemm" or "MatMul"
+    weight: str  # initializer name of the weight
+    weight_shape: tuple[int, ...]
+    kernel_axis: int  # axis of ``weight`` that indexes kernels (output channels)
+    bias: str | None  # initializer name of the bias (Conv/Gemm input C, or the Add after MatMul)
+    activation: str  # name of the input tensor (the activation site of this layer)
+    output: str  # name of the output tensor
+    kernels: int  # number of output channels
+    conv_groups: int  # Conv ``group`` attribute (1 for Gemm/MatMul); depthwise when == in channels
+    dot_length: int  # M: length of one dot product (C_in/groups * kh * kw, or K)
+    macs: int  # multiply-accumulates per sample, for the analysed input shape
+    batchnorm: BatchNormStats | None  # the BatchNormalization that directly follows, if any
+
+    @property
+    def params(self) -> int:
+        n = 1
+        for d in self.weight_shape:
+            n *= d
+        return n
+
+    @property
+    def kernel_params(self) -> int:
+        return self.params // self.kernels
+
+    @property
+    def macs_per_kernel(self) -> int:
+        return self.macs // self.kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSite:
+    """An input tensor of one or more quantized layers."""
+
+    tensor: str
+    layers: tuple[str, ...]  # names of the QuantLayer nodes that read it
+    elements: int  # elements per sample, for the analysed input shape
+    shape: tuple[int, ...]  # per-sample shape (batch dimension dropped)
+    producer: str | None  # op_type of the node that makes it (None for a graph input)
+    batchnorm: BatchNormStats | None  # the BatchNormalization that produces it (through Relu etc.)
+    unsigned: bool  # True when the producer guarantees values >= 0 (Relu, Sigmoid, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightGroup:
+    """A set of kernels that share one bit width."""
+
+    name: str  # "<layer>/<k>" (kernel), "<layer>" (layer) or "network"
+    members: tuple[tuple[str, int], ...]  # (layer node name, kernel index) pairs
+    params: int
+    macs: int  # MACs per sample of its kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteTable:
+    """Everything later stages need to know about where quantization happens."""
+
+    input_name: str
+    input_shape: tuple[int, ...]  # the concrete input shape the MACs were computed for
+    logits: str
+    layers: tuple[QuantLayer, ...]
+    activations: tuple[ActivationSite, ...]
+
+    def layer(self, node: str) -> QuantLayer:
+        for layer in self.layers:
+            if layer.node == node:
+                return layer
+        raise KeyError(node)
+
+    def activation_of(self, layer: QuantLayer) -> ActivationSite:
+        for site in self.activations:
+            if site.tensor == layer.activation:
+                return site
+        raise KeyError(layer.activation)
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def weight_groups(self, granularity: Granularity) -> tuple[WeightGroup, ...]:
+        if granularity == "kernel":
+            return tuple(
+                WeightGroup(f"{layer.node}/{k}", ((layer.node, k),), layer.kernel_params, layer.macs_per_kernel)
+                for layer in self.layers
+                for k in range(layer.kernels)
+            )
+        if granularity == "layer":
+            return tuple(
+                WeightGroup(layer.node, tuple((layer.node, k) for k in range(layer.kernels)), layer.params, layer.macs)
+                for layer in self.layers
+            )
+        if granularity == "network":
+            members = tuple((layer.node, k) for layer in self.layers for k in range(layer.kernels))
+            return (WeightGroup("network", members, self.total_params, self.total_macs),)
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+

@@ -1,0 +1,213 @@
+"""Plan + canonical model -> the deployable model: QDQ (default), QONNX, or float + encodings JSON.
+
+:func:`lower` runs the lowering passes on a clone of the canonical model (initializer tensors are
+shared, never copied or modified)::
+
+    QuantizeWeightsPass -> QuantizeActivationsPass -> [SplitConvBiasPass (qdq) | ToQonnxPass | ToEncodingsPass]
+    -> AnnotateBitsPass
+
+and returns a :class:`LoweredModel`: the ``onnx.ModelProto``, the sidecar dict and, for the encodings
+target, the encodings JSON. :func:`write` writes all files atomically (temporary files renamed into
+place only after every file was written; nothing is left behind on error). :func:`lower_file` is the
+library function behind ``impq-onnx lower``.
+
+Sidecar ``<out>.bits.json`` (schema ``impq-onnx/bits``, ``schema_version`` 1), readable without ONNX::
+
+    {"schema": "impq-onnx/bits", "schema_version": 1, "format": "qdq" | "qonnx" | "encodings",
+     "model": "<file name of the model>", "weight_scheme": ..., "activation_scheme": ..., "granularity": ...,
+     "summary": {weight_bits_effective, activation_bits_effective, kernels_quantized, ...},
+     "weights": {<layer node>: {"tensor": <stored tensor>, "source": <float weight name>, "op_type": ...,
+                 "axis": k, "shape": [...], "dtype": "int8" | "int16" | "int32" | "float32",
+                 "bits": [B or null per kernel], "scale": [float per kernel], "zero_point": 0,
+                 "code_min": [...], "code_max": [...], "odd_codes": [bool per kernel]}},
+     "activations": {<site tensor>: {"tensor": <annotated tensor>, "layers": [...], "bits": B or null,
+                     "clip": c, "signed": bool, "scale": step, "zero_point": 0, "dtype": "uint8" | "int8" ...,
+                     "code_min": lo, "code_max": hi}}}
+
+Per kernel ``k`` the dequantized weight is ``code · scale[k]`` with ``code_min[k] <= code <= code_max[k]``
+(odd only where ``odd_codes[k]``: the midrise grid); ``bits: null`` / ``scale: 1.0`` / codes 0 mark a
+float kernel whose values are added as a float tensor. Activations: ``q = scale · clamp(rint(x/scale),
+code_min, code_max)``. Floats are written with Python ``repr`` of the float32 value (exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from impq_onnx.files import write_all
+from impq_onnx.errors import PlanError
+from impq_onnx.lowering.passes.annotate_bits import AnnotateBitsPass, read_plan_from_annotation
+from impq_onnx.lowering.passes.quantize_activations import QuantizeActivationsPass, activation_dtype, activation_names
+from impq_onnx.lowering.passes.quantize_weights import QuantizeWeightsPass, code_bounds, default_opset, weight_names
+from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.quantizers import activation_grid
+from impq_onnx.frontend.sites import SiteTable
+
+__all__ = ["FORMATS", "SIDECAR_SCHEMA", "SIDECAR_VERSION", "LoweredModel", "lower", "write", "lower_file",
+           "read_plan_from_annotation", "sidecar_path", "read_lowered"]
+
+FORMATS = ("qdq", "qonnx", "encodings")
+SIDECAR_SCHEMA = "impq-onnx/bits"
+SIDECAR_VERSION = 1
+
+
+@dataclasses.dataclass
+class LoweredModel:
+    proto: onnx.ModelProto
+    sidecar: dict
+    format: str = "qdq"
+    encodings: dict | None = None  # the encodings JSON (format "encodings" only)
+
+
+def sidecar_path(output_path) -> Path:
+    return Path(str(output_path) + ".bits.json")
+
+
+def encodings_path(output_path) -> Path:
+    return Path(output_path).with_suffix(".encodings")
+
+
+def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qdq",
+          channel_bitwidth: bool = True) -> LoweredModel:
+    """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``."""
+    if format not in FORMATS:
+        raise PlanError(f"format {format!r} is unknown; use one of {', '.join(FORMATS)}")
+    plan.validate(sites)
+    source = canonical.model if hasattr(canonical, "model") else canonical
+    model = source.clone()
+    # Called one by one, not through a PassManager, so a PlanError reaches the user unwrapped.
+    QuantizeWeightsPass(plan, sites)(model)
+    QuantizeActivationsPass(plan, sites)(model)
+    if format == "qdq":
+        SplitConvBiasPass(plan, sites)(model)
+    sidecar = build_sidecar(model, plan, sites, format)
+    encodings = None
+    if format == "qonnx":
+        from impq_onnx.lowering.targets.qonnx import ToQonnxPass
+
+        ToQonnxPass(plan, sites, channel_bitwidth=channel_bitwidth)(model)
+    elif format == "encodings":
+        from impq_onnx.lowering.targets.encodings import ToEncodingsPass, encodings_of
+
+        encodings = encodings_of(model, plan, sites)
+        ToEncodingsPass(plan, sites)(model)
+    AnnotateBitsPass(plan, sites, target=format)(model)
+    _retarget_sidecar(sidecar, model)
+    return LoweredModel(ir.serde.serialize_model(model), sidecar, format, encodings)
+
+
+def _f(x) -> float:
+    return float(np.float32(x))
+
+
+def build_sidecar(model: ir.Model, plan: PrecisionPlan, sites: SiteTable, format: str) -> dict:
+    """The sidecar dict of a QDQ-lowered model (before any target conversion)."""
+    graph = model.graph
+    opset = default_opset(model)
+    weights = {}
+    for layer in sites.layers:
+        bits = plan.weights[layer.node]
+        names = weight_names(layer.weight)
+        lowered = names["codes"] in graph.initializers
+        bounds = [code_bounds(b, plan.weight_scheme) for b in bits]
+        scale = (graph.initializers[names["scale"]].const_value.numpy().reshape(-1) if lowered
+                 else np.ones(len(bits), np.float32))
+        dtype = graph.initializers[names["codes"]].const_value.numpy().dtype if lowered else np.dtype(np.float32)
+        weights[layer.node] = {
+            "tensor": names["codes"] if lowered else layer.weight, "source": layer.weight, "op_type": layer.op_type,
+            "axis": layer.kernel_axis, "shape": list(layer.weight_shape), "dtype": str(dtype), "bits": list(bits),
+            "scale": [_f(s) for s in scale], "zero_point": 0,
+            "code_min": [lo for lo, _, _ in bounds], "code_max": [hi for _, hi, _ in bounds],
+            "odd_codes": [odd for _, _, odd in bounds],
+        }
+    activations = {}
+    for site in sites.activations:
+        bits = plan.activations.get(site.tensor)
+        clip = plan.clips[site.tensor]
+        entry = {"tensor": site.tensor, "layers": list(site.layers), "bits": bits, "clip": clip.value,
+                 "signed": clip.signed, "scale": None, "zero_point": 0, "dtype": "float32",
+                 "code_min": None, "code_max": None}
+        if bits is not None:
+            step, lo, hi = activation_grid(bits, clip.value, clip.signed)
+            entry.update({"tensor": activation_names(site.tensor)["quantized"], "scale": _f(step),
+                          "dtype": str(activation_dtype(bits, clip.signed, opset, site.tensor)),
+                          "code_min": lo, "code_max": hi})
+        activations[site.tensor] = entry
+    summary = AnnotateBitsPass(plan, sites, target=format)._summary()
+    return {"schema": SIDECAR_SCHEMA, "schema_version": SIDECAR_VERSION, "format": format, "model": None,
+            "weight_scheme": plan.weight_scheme, "activation_scheme": plan.activation_scheme,
+            "granularity": plan.granularity, "summary": summary, "weights": weights, "activations": activations}
+
+
+def _retarget_sidecar(sidecar: dict, model: ir.Model) -> None:
+    """Point the sidecar's tensor names at what the target graph actually stores."""
+    from impq_onnx.lowering.passes.annotate_bits import annotations
+
+    by_layer = {e["impq.layer"]: t for t, e in annotations(model).items() if e["impq.kind"] == "weight"}
+    by_site = {e["impq.site"]: t for t, e in annotations(model).items() if e["impq.kind"] == "activation"}
+    for layer, entry in sidecar["weights"].items():
+        entry["tensor"] = by_layer[layer]
+        if sidecar["format"] != "qdq" and entry["dtype"] != "float32":
+            entry["dtype"] = "float32"  # qonnx / encodings store on-grid float values; the codes are value/scale
+    for site, entry in sidecar["activations"].items():
+        entry["tensor"] = by_site[site]
+
+
+def write(lowered: LoweredModel, output_path) -> list[Path]:
+    """Write the model, its sidecar (and the encodings JSON) atomically; returns the paths written."""
+    files = output_files(lowered, output_path)
+    write_all(files)
+    return list(files)
+
+
+def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
+    """What :func:`write` writes: the model, ``<out>.bits.json`` and, for encodings, ``<out>.encodings``."""
+    output_path = Path(output_path)
+    sidecar = dict(lowered.sidecar, model=output_path.name)
+    files = {output_path: lowered.proto.SerializeToString(),
+             sidecar_path(output_path): (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()}
+    if lowered.encodings is not None:
+        files[encodings_path(output_path)] = (json.dumps(lowered.encodings, indent=1, sort_keys=True) + "\n").encode()
+    return files
+
+
+def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, output: str | None = None,
+               input_shape: tuple[int, ...] | None = None) -> list[Path]:
+    """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
+    from impq_onnx.frontend.canonical import load
+    from impq_onnx.frontend.site_analysis import find_sites
+
+    canonical = load(model_path, output=output)
+    sites = find_sites(canonical, input_shape)
+    plan = PrecisionPlan.load(plan_path).validate(sites)
+    return write(lower(canonical, plan, sites, format=format), output_path)
+
+
+def read_lowered(output_path) -> LoweredModel:
+    """Read back what :func:`write` wrote (the model, its sidecar and any encodings JSON)."""
+    from impq_onnx.frontend.model_file import read_model
+
+    output_path = Path(output_path)
+    proto = read_model(output_path)
+    side = sidecar_path(output_path)
+    try:
+        sidecar = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from None
+    if sidecar.get("schema") != SIDECAR_SCHEMA or sidecar.get("schema_version") != SIDECAR_VERSION:
+        raise PlanError(f"{side}: not an {SIDECAR_SCHEMA} v{SIDECAR_VERSION} sidecar")
+    fmt = sidecar.get("format", "qdq")
+    encodings = None
+    if fmt == "encodings":
+        try:
+            encodings = json.loads(encodings_path(output_path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{encodings_path(output_path)}: cannot read the encodings ({exc})") from None
+    return LoweredModel(proto, sidecar, fmt, encodings)

@@ -1,0 +1,194 @@
+"""Record the bit width of every kernel and activation in the model itself.
+
+``graph.quantization_annotation`` gets one entry per weight tensor and per activation site (also for
+those that stay float, so a toolchain learns every width). Keys are namespaced ``impq.*``:
+
+======================  ===================================================================================
+key                     value
+======================  ===================================================================================
+``impq.kind``           ``weight`` or ``activation`` (literal)
+``impq.bits``           name of a uint8 initializer: bits per kernel (weights, along ``impq.axis``) or one
+                        value (activations); ``0`` means float (not quantized)
+``impq.scale``          name of the per-channel / per-tensor scale initializer (quantized tensors only)
+``impq.zero_point``     name of the zero-point initializer (quantized tensors only)
+``impq.layer``          weights: the Conv/Gemm/MatMul node name the plan uses (literal)
+``impq.axis``           weights: the kernel axis (literal integer)
+``impq.site``           activations: the activation site (float tensor name) the plan uses (literal)
+``impq.scheme``         weights: ``midrise-max``, ``symmetric-rms`` or ``pow2-std``; activations: ``uniform-clip`` (literal)
+``impq.clip``           activations: the clip value as Python ``repr`` of a float, or ``null`` (literal)
+``impq.signed``         activations: ``true`` or ``false`` (literal)
+======================  ===================================================================================
+
+The annotated tensor is the stored integer tensor (``<weight>_quantized``, ``<tensor>_quantized``) when
+the lowering created one, else the float tensor itself. ``metadata_props["impq.summary"]`` holds a JSON
+summary (schema version, schemes, granularity, counts, effective bits). :func:`read_plan_from_annotation`
+reads a :class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from impq_onnx.errors import PlanError
+from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
+from impq_onnx.frontend.sites import SiteTable
+from impq_onnx.lowering.passes.quantize_activations import activation_names
+from impq_onnx.lowering.passes.quantize_weights import weight_names
+from impq_onnx.lowering.passes.plan_pass import PlanPass
+
+__all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "ANNOTATION_FIELD", "SUMMARY_KEY",
+           "ANNOTATION_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+ANNOTATION_FIELD = "quant_parameter_tensor_names"  # where onnx_ir keeps a value's TensorAnnotation
+SUMMARY_KEY = "impq.summary"
+ANNOTATION_VERSION = 1
+
+
+def _bits_name(tensor: str) -> str:
+    return f"{tensor}_impq_bits"
+
+
+def _all_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for v in node.outputs:
+            values[v.name] = v
+    return values
+
+
+class AnnotateBitsPass(PlanPass):
+    """Add the ``impq.*`` quantization annotations, their bit-vector initializers and the summary."""
+
+    def __init__(self, plan: PrecisionPlan, sites: SiteTable, target: str = "qdq"):
+        super().__init__(plan, sites)
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        values = _all_values(graph)
+        modified = False
+        for layer in self.sites.layers:
+            bits = self.plan.weights[layer.node]
+            names = weight_names(layer.weight)
+            tensor = values.get(names["codes"]) or values.get(layer.weight)
+            if tensor is None:
+                raise PlanError(f"weights: neither '{names['codes']}' nor '{layer.weight}' is in the lowered model")
+            entries = {"impq.kind": "weight", "impq.layer": layer.node, "impq.axis": str(layer.kernel_axis),
+                       "impq.scheme": self.plan.weight_scheme}
+            if tensor.name == names["codes"]:
+                entries.update({"impq.scale": names["scale"], "impq.zero_point": names["zero_point"]})
+            modified |= self._annotate(graph, tensor, entries, bits)
+        for site in self.sites.activations:
+            bits = self.plan.activations.get(site.tensor)
+            clip = self.plan.clips[site.tensor]
+            names = activation_names(site.tensor)
+            tensor = values.get(names["quantized"]) if bits is not None else None
+            tensor = tensor or values.get(site.tensor)
+            if tensor is None:
+                raise PlanError(f"activations: tensor '{site.tensor}' is not in the lowered model")
+            entries = {"impq.kind": "activation", "impq.site": site.tensor, "impq.scheme": self.plan.activation_scheme,
+                       "impq.clip": "null" if clip.value is None else repr(float(clip.value)),
+                       "impq.signed": "true" if clip.signed else "false"}
+            if tensor.name == names["quantized"]:
+                entries.update({"impq.scale": names["scale"], "impq.zero_point": names["zero_point"]})
+            modified |= self._annotate(graph, tensor, entries, [bits])
+        summary = json.dumps(self._summary(), sort_keys=True)
+        if model.metadata_props.get(SUMMARY_KEY) != summary:
+            model.metadata_props[SUMMARY_KEY] = summary
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _annotate(graph: ir.Graph, tensor: ir.Value, entries: dict[str, str], bits: list[int | None]) -> bool:
+        modified = False
+        bits_name = _bits_name(tensor.name)
+        vector = np.array([0 if b is None else b for b in bits], np.uint8)
+        existing = graph.initializers.get(bits_name)
+        if existing is None or not np.array_equal(existing.const_value.numpy(), vector):
+            if existing is not None:
+                graph.initializers.pop(bits_name)
+            graph.register_initializer(ir.Value(name=bits_name, const_value=ir.tensor(vector, name=bits_name)))
+            modified = True
+        entries = {**entries, "impq.bits": bits_name}
+        current = dict(tensor.meta.get(ANNOTATION_FIELD) or {})
+        merged = {k: v for k, v in current.items() if not k.startswith("impq.")} | entries
+        if merged != current:
+            tensor.meta[ANNOTATION_FIELD] = merged
+            modified = True
+        return modified
+
+    def _summary(self) -> dict:
+        plan, sites = self.plan, self.sites
+        kernels = [b for layer in sites.layers for b in plan.weights[layer.node]]
+        acts = [plan.activations.get(s.tensor) for s in sites.activations]
+        return {
+            "annotation_version": ANNOTATION_VERSION,
+            "target": self.target,
+            "weight_scheme": plan.weight_scheme,
+            "activation_scheme": plan.activation_scheme,
+            "granularity": plan.granularity,
+            "layers": len(sites.layers),
+            "kernels_quantized": sum(b is not None for b in kernels),
+            "kernels_float": sum(b is None for b in kernels),
+            "activations_quantized": sum(b is not None for b in acts),
+            "activations_float": sum(b is None for b in acts),
+            "weight_bits_effective": round(plan.weight_bits_effective(sites), 6),
+            "activation_bits_effective": round(plan.activation_bits_effective(sites), 6),
+            "sidecar_suffix": ".bits.json",
+        }
+
+
+def annotations(model) -> dict[str, dict[str, str]]:
+    """``{tensor: {key: value}}`` of the ``impq.*`` annotations of an ``onnx.ModelProto`` or ``ir.Model``."""
+    if isinstance(model, onnx.ModelProto):
+        return {a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}
+                for a in model.graph.quantization_annotation
+                if any(e.key.startswith("impq.") for e in a.quant_parameter_tensor_names)}
+    result = {}
+    for value in _all_values(model.graph).values():
+        entries = value.meta.get(ANNOTATION_FIELD)
+        if entries and any(k.startswith("impq.") for k in entries):
+            result[value.name] = dict(entries)
+    return result
+
+
+def _initializer_arrays(model) -> dict[str, np.ndarray]:
+    if isinstance(model, onnx.ModelProto):
+        from onnx import numpy_helper
+
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_impq_bits")}
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if name.endswith("_impq_bits")}
+
+
+def read_plan_from_annotation(model) -> PrecisionPlan:
+    """The :class:`PrecisionPlan` recorded in a lowered model's annotations and summary."""
+    metadata = ({p.key: p.value for p in model.metadata_props} if isinstance(model, onnx.ModelProto)
+                else dict(model.metadata_props))
+    if SUMMARY_KEY not in metadata:
+        raise PlanError(f"the model has no '{SUMMARY_KEY}' metadata; it was not lowered by impq-onnx")
+    summary = json.loads(metadata[SUMMARY_KEY])
+    bit_vectors = _initializer_arrays(model)
+    weights, activations, clips = {}, {}, {}
+    for tensor, entries in annotations(model).items():
+        vector = bit_vectors.get(entries.get("impq.bits", ""))
+        if vector is None:
+            raise PlanError(f"annotation of '{tensor}': bit vector '{entries.get('impq.bits')}' is missing")
+        bits = [None if int(b) == 0 else int(b) for b in vector.reshape(-1)]
+        if entries["impq.kind"] == "weight":
+            weights[entries["impq.layer"]] = bits
+        else:
+            site = entries["impq.site"]
+            clip = entries["impq.clip"]
+            activations[site] = bits[0]
+            clips[site] = ActivationClip(None if clip == "null" else float(clip), entries["impq.signed"] == "true")
+    return PrecisionPlan(weights=weights, activations=activations, clips=clips,
+                         weight_scheme=summary["weight_scheme"], activation_scheme=summary["activation_scheme"],
+                         granularity=summary["granularity"]).validate()

@@ -1,0 +1,214 @@
+"""Prove a lowered model is what the simulation computed, and that its bit-width records are true.
+
+:func:`verify` checks, and reports in a :class:`VerifyResult`:
+
+1. ``onnx.checker`` accepts the lowered model;
+2. run in onnxruntime over ``batches``, the lowered model and :func:`impq_onnx.quant.simulate.simulate`'s
+   model agree on 100 % of top-1 predictions; the largest absolute logit difference is reported
+   (QDQ reproduces every quantized value exactly, so it is 0 unless the runtime reorders float sums,
+   for example by fusing DequantizeLinear + MatMul into an integer kernel);
+3. every stored integer lies in its annotated bit range: per kernel ``code_min <= code <= code_max``
+   of its bits (odd codes only for the midrise grid, 0 for float kernels), per activation the integer
+   range that Clip + QuantizeLinear (or ``Quant``, or the encoding) allows equals the B-bit range;
+4. the ``impq.*`` annotations, the sidecar and the graph agree (bits, scales, clips, signedness).
+
+QONNX output runs through :func:`impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings output
+through :func:`impq_onnx.lowering.targets.encodings.apply_encodings` (the JSON applied as a converter would).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from impq_onnx.lowering.passes.annotate_bits import annotations
+from impq_onnx.lowering.passes.quantize_weights import code_bounds
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.quantizers import activation_grid
+from impq_onnx.runtime import inference_session
+from impq_onnx.quant.simulate import simulate
+from impq_onnx.frontend.sites import SiteTable
+
+__all__ = ["VerifyResult", "verify", "runnable"]
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    samples: int = 0
+    agreement: float = 0.0  # fraction of samples with the same top-1 class
+    max_logit_diff: float = 0.0
+    checker_error: str | None = None
+    range_violations: list[str] = dataclasses.field(default_factory=list)
+    record_mismatches: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.samples > 0 and self.agreement == 1.0 and self.checker_error is None
+                and not self.range_violations and not self.record_mismatches)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+def runnable(lowered) -> onnx.ModelProto:
+    """A standard-op model that computes what ``lowered`` (any format) means."""
+    if lowered.format == "qonnx":
+        from impq_onnx.lowering.targets.qonnx import qonnx_as_standard_ops
+
+        return qonnx_as_standard_ops(lowered.proto)
+    if lowered.format == "encodings":
+        from impq_onnx.lowering.targets.encodings import apply_encodings
+
+        axes = {e["tensor"]: e["axis"] for e in lowered.sidecar["weights"].values()}
+        return apply_encodings(lowered.proto, lowered.encodings, axes)
+    return lowered.proto
+
+
+def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *,
+           threads: int = 2, max_batches: int | None = None) -> VerifyResult:
+    """See the module docstring. ``batches`` yields ``x`` or ``(x, y)`` numpy batches."""
+    result = VerifyResult()
+    try:
+        onnx.checker.check_model(lowered.proto)
+    except Exception as exc:  # the checker raises ValidationError and C++ errors
+        result.checker_error = str(exc).splitlines()[0]
+    inits = {t.name: t for t in lowered.proto.graph.initializer}
+    array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    notes = annotations(lowered.proto)
+    _check_weights(result, lowered, plan, notes, array)
+    _check_activations(result, lowered, plan, notes, array)
+    _compare_outputs(result, runnable(lowered), simulate(canonical, plan, sites), canonical.input_name, batches,
+                     threads, max_batches)
+    return result
+
+
+def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches) -> None:
+    lowered_run = inference_session(model.SerializeToString(), threads)
+    simulated_run = inference_session(simulated.SerializeToString(), threads)
+    agree = 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
+        a = lowered_run.run(None, {input_name: x})[0]
+        b = simulated_run.run(None, {input_name: x})[0]
+        agree += int(np.sum(a.argmax(axis=1) == b.argmax(axis=1)))
+        result.samples += len(x)
+        result.max_logit_diff = max(result.max_logit_diff, float(np.max(np.abs(a - b))))
+    result.agreement = agree / result.samples if result.samples else 0.0
+
+
+def _codes(lowered, entry: dict, array) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Integer codes and per-kernel scales of one stored weight, whatever the format."""
+    problems = []
+    axis, name = entry["axis"], entry["tensor"]
+    stored = array(name)
+    if lowered.format == "qdq":
+        scale = array(f"{entry['source']}_scale").reshape(-1)
+        return stored, scale, problems
+    if lowered.format == "qonnx":
+        scale = array(f"{entry['source']}_scale").reshape(-1)
+    else:
+        params = lowered.encodings["param_encodings"].get(name, [])
+        scale = np.array([e.get("scale", 1.0) for e in params], np.float32)
+    shape = [1] * stored.ndim
+    shape[axis] = -1
+    quantized = np.array([b is not None for b in entry["bits"]]).reshape(shape)
+    stored = np.where(quantized, stored, np.float32(0))  # float kernels are not on a grid (encodings)
+    codes = np.rint(stored / scale.reshape(shape))
+    if not np.array_equal((codes * scale.reshape(shape)).astype(np.float32), stored):
+        problems.append(f"weight '{name}': values are not integer multiples of their per-channel scale")
+    return codes.astype(np.int64), scale, problems
+
+
+def _check_weights(result: VerifyResult, lowered, plan: PrecisionPlan, notes: dict, array) -> None:
+    sidecar = lowered.sidecar["weights"]
+    for node, bits in plan.weights.items():
+        entry = sidecar.get(node)
+        if entry is None or entry["bits"] != list(bits):
+            result.record_mismatches.append(f"sidecar: weights of '{node}' do not match the plan")
+            continue
+        note = notes.get(entry["tensor"])
+        if note is None or note.get("impq.layer") != node or note.get("impq.scheme") != plan.weight_scheme:
+            result.record_mismatches.append(f"annotation: '{entry['tensor']}' does not name layer '{node}'")
+            continue
+        annotated = [None if b == 0 else int(b) for b in array(note["impq.bits"]).reshape(-1)]
+        if annotated != list(bits):
+            result.record_mismatches.append(f"annotation: bits of '{entry['tensor']}' differ from the sidecar")
+        if all(b is None for b in bits):
+            continue
+        codes, scale, problems = _codes(lowered, entry, array)
+        result.range_violations.extend(problems)
+        if not np.array_equal(np.float32(scale), np.float32(entry["scale"])):
+            result.record_mismatches.append(f"sidecar: scales of '{entry['tensor']}' differ from the graph")
+        moved = np.moveaxis(codes, entry["axis"], 0).reshape(len(bits), -1)
+        for k, b in enumerate(bits):
+            if b is None and lowered.format == "encodings":
+                continue
+            lo, hi, odd = code_bounds(b, plan.weight_scheme)
+            row = moved[k].astype(np.int64)
+            if row.min() < lo or row.max() > hi or (odd and np.any(row % 2 == 0)):
+                result.range_violations.append(
+                    f"weight '{entry['tensor']}' kernel {k}: codes {row.min()}..{row.max()} outside the {b}-bit grid")
+
+
+def _activation_range(lowered, tensor: str, note: dict, array, graph) -> tuple[int, int, float] | None:
+    """``(lo, hi, scale)`` that the graph (or encoding) lets the annotated activation take."""
+    if lowered.format == "encodings":
+        entry = lowered.encodings["activation_encodings"].get(tensor)
+        entry = entry or lowered.encodings["activation_encodings"].get(f"{tensor}_layer_input")
+        if entry is None:
+            return None
+        e = entry[0]
+        return e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1, e["scale"]
+    producer = next((n for n in graph.node if tensor in n.output), None)
+    if producer is None:
+        return None
+    scale = float(array(producer.input[1]).reshape(()))
+    if lowered.format == "qonnx":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
+        width = int(array(producer.input[3]).reshape(()))
+        if attrs.get("signed", 1):
+            return -(2 ** (width - 1)) + int(attrs.get("narrow", 0)), 2 ** (width - 1) - 1, scale
+        return 0, 2**width - 1 - int(attrs.get("narrow", 0)), scale
+    info = np.iinfo(array(producer.input[2]).dtype)
+    lo, hi = int(info.min), int(info.max)
+    clip = next((n for n in graph.node if producer.input[0] in n.output and n.op_type == "Clip"), None)
+    if clip is not None:
+        lo = max(lo, int(np.rint(array(clip.input[1]) / np.float32(scale))))
+        hi = min(hi, int(np.rint(array(clip.input[2]) / np.float32(scale))))
+    return lo, hi, scale
+
+
+def _check_activations(result: VerifyResult, lowered, plan: PrecisionPlan, notes: dict, array) -> None:
+    sidecar = lowered.sidecar["activations"]
+    for tensor, bits in plan.activations.items():
+        entry, clip = sidecar.get(tensor), plan.clips[tensor]
+        if entry is None or entry["bits"] != bits or entry["clip"] != clip.value or entry["signed"] != clip.signed:
+            result.record_mismatches.append(f"sidecar: activation '{tensor}' does not match the plan")
+            continue
+        note = notes.get(entry["tensor"])
+        if note is None or note.get("impq.site") != tensor:
+            result.record_mismatches.append(f"annotation: activation '{tensor}' is not annotated")
+            continue
+        annotated = int(array(note["impq.bits"]).reshape(-1)[0])
+        recorded_clip = None if note["impq.clip"] == "null" else float(note["impq.clip"])
+        if annotated != (bits or 0) or recorded_clip != clip.value or (note["impq.signed"] == "true") != clip.signed:
+            result.record_mismatches.append(f"annotation: activation '{tensor}' differs from the sidecar")
+        if bits is None:
+            continue
+        step, lo, hi = activation_grid(bits, clip.value, clip.signed)
+        found = _activation_range(lowered, entry["tensor"] if lowered.format != "encodings" else tensor, note,
+                                  array, lowered.proto.graph)
+        if found is None:
+            result.record_mismatches.append(f"graph: no quantizer found for activation '{tensor}'")
+            continue
+        if (found[0], found[1]) != (lo, hi):
+            result.range_violations.append(
+                f"activation '{tensor}': integer range {found[0]}..{found[1]} is not the {bits}-bit range {lo}..{hi}")
+        if np.float32(found[2]) != np.float32(step) or np.float32(entry["scale"]) != np.float32(step):
+            result.record_mismatches.append(f"activation '{tensor}': scale differs from the plan's step")

@@ -1,0 +1,200 @@
+"""Plan + canonical model -> fake-quant ONNX graph (the simulated model that training and search use).
+
+:func:`simulate` inserts, for every layer with quantized kernels, a weight-quantizer subgraph between
+the float *shadow* weight initializer (kept, so it stays trainable) and the layer, and for every
+activation site with bits, an activation quantizer between the tensor and the layers that read it.
+The quantizers are defined exactly in :mod:`impq_onnx.quant.quantizers`. The result is a plain
+``onnx.ModelProto`` that onnxruntime runs for inference and that the engine turns into training
+artifacts; it uses ``com.microsoft::FakeQuant`` (an onnxruntime contrib op).
+
+:func:`calibrate_clips` fills the clips of activation sites that have no batch-norm before them with
+the 99.9th percentile of the float model's activations over a few batches.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from impq_onnx.errors import PlanError
+from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
+from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer, build_weight_quantizer
+from impq_onnx.frontend.sites import SiteTable
+
+__all__ = ["simulate", "calibrate_clips", "quantized_weight_name", "as_proto", "SIMULATION_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+SIMULATION_PREFIX = "impq"
+CALIBRATION_SAMPLES = 1_000_000  # values kept per site and batch for the percentile (memory bound)
+
+
+def as_proto(model) -> onnx.ModelProto:
+    """A private copy of ``model`` as a ModelProto (CanonicalModel, onnx_ir.Model or ModelProto)."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    if hasattr(model, "to_proto"):
+        return model.to_proto()
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        return ir.serde.serialize_model(model)
+    raise TypeError(f"expected a CanonicalModel, onnx_ir.Model or onnx.ModelProto, not {type(model).__name__}")
+
+
+def quantized_weight_name(layer: str) -> str:
+    """Name of the tensor that carries the simulated (quantized) weight of layer node ``layer``."""
+    return f"{SIMULATION_PREFIX}/{layer}/wq"
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 13
+
+
+def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bool = False) -> onnx.ModelProto:
+    """The fake-quant graph of ``model`` under ``plan``; the float model is not modified.
+
+    ``expose_weights`` adds each quantized weight (named :func:`quantized_weight_name`) as an extra
+    graph output, after the logits.
+    """
+    plan.validate(sites)
+    proto = as_proto(model)
+    graph = proto.graph
+    opset = _default_opset(proto)
+    nodes = {node.name: node for node in graph.node}
+    builder = GraphBuilder(SIMULATION_PREFIX, opset)
+    exposed = []
+
+    for layer in sites.layers:
+        bits = plan.weights[layer.node]
+        if all(b is None for b in bits):
+            continue
+        node = nodes.get(layer.node)
+        if node is None:
+            raise PlanError(f"weights: layer '{layer.node}' is not a node of the model")
+        g = GraphBuilder(f"{SIMULATION_PREFIX}/{layer.node}", opset)
+        q = build_weight_quantizer(g, layer.weight, layer.weight_shape, layer.kernel_axis, bits, plan.weight_scheme)
+        final = quantized_weight_name(layer.node)
+        g.nodes.append(helper.make_node("Identity", [q], [final], name=f"{final}/Identity"))
+        builder.nodes.extend(g.nodes)
+        builder.initializers.extend(g.initializers)
+        node.input[1] = final
+        exposed.append(final)
+
+    for site in sites.activations:
+        bits = plan.activations.get(site.tensor)
+        if bits is None:
+            continue
+        clip = plan.clips[site.tensor]
+        if clip.value is None:
+            raise PlanError(
+                f"clips['{site.tensor}']: no clip value (no batch-norm before it); calibrate the clips first"
+            )
+        g = GraphBuilder(f"{SIMULATION_PREFIX}/{site.tensor}", opset)
+        q = build_activation_quantizer(g, site.tensor, bits, clip.value, clip.signed)
+        builder.nodes.extend(g.nodes)
+        builder.initializers.extend(g.initializers)
+        for name in site.layers:
+            node = nodes[name]
+            if node.input[0] == site.tensor:
+                node.input[0] = q
+
+    # Quantizer nodes go first (they only read initializers and existing tensors); then restore a
+    # topological order, since activation quantizers read tensors produced inside the graph.
+    ordered = _topological(builder.nodes + list(graph.node))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(builder.initializers)
+    if expose_weights:
+        for name in exposed:
+            graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    if not any(entry.domain == "com.microsoft" for entry in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return proto
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Stable topological order (Kahn): a node keeps its relative place unless an input forces it later."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for name in set(node.input):
+            p = producer.get(name)
+            if p is not None and p != i:
+                waiting[i] += 1
+                users[p].append(i)
+    ready = [i for i in range(len(nodes)) if waiting[i] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise PlanError("the simulated graph has a cycle; this is a bug in impq_onnx.quant.simulate")
+    return order
+
+
+def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *, percentile: float = 99.9,
+                    max_batches: int = 5, only_missing: bool = True, threads: int = 2, seed: int = 0) -> PrecisionPlan:
+    """A copy of ``plan`` whose activation clips are the ``percentile`` of the float model's values.
+
+    Unsigned sites use the values themselves, signed sites their magnitudes. With ``only_missing``
+    (default) sites whose clip is already known (from a batch-norm) keep it. At most
+    ``CALIBRATION_SAMPLES`` values per site and batch are kept (a fixed-seed random subset).
+    ``batches`` yields ``(x, y)`` or ``x`` numpy batches; only the first ``max_batches`` are read.
+    """
+    from impq_onnx.runtime import inference_session
+
+    todo = [s for s in sites.activations if not (only_missing and plan.clips[s.tensor].value is not None)]
+    result = plan.copy()
+    if not todo:
+        return result
+    proto = as_proto(model)
+    present = {o.name for o in proto.graph.output}
+    for site in todo:
+        if site.tensor not in present:
+            proto.graph.output.append(helper.make_tensor_value_info(site.tensor, onnx.TensorProto.FLOAT, None))
+    session = inference_session(proto.SerializeToString(), threads)
+    input_name = session.get_inputs()[0].name
+    names = [s.tensor for s in todo]
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    seen = 0
+    for batch in batches:
+        if seen >= max_batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        for name, out in zip(names, session.run(names, {input_name: np.asarray(x, np.float32)})):
+            flat = np.array(out, copy=True).reshape(-1)  # an output that is a graph input aliases a reused buffer
+            if flat.size > CALIBRATION_SAMPLES:
+                flat = flat[rng.choice(flat.size, CALIBRATION_SAMPLES, replace=False)]
+            values[name].append(flat)
+        seen += 1
+    if seen == 0:
+        raise PlanError("calibrating activation clips needs at least one batch of data")
+    for site in todo:
+        data = np.concatenate(values[site.tensor])
+        signed = result.clips[site.tensor].signed
+        data = np.abs(data) if signed else np.maximum(data, 0)
+        clip = float(np.percentile(data, percentile))
+        if not np.isfinite(clip) or clip <= 0:
+            clip = float(np.max(data)) if np.max(data) > 0 else 1.0
+        result.clips[site.tensor] = ActivationClip(clip, signed)
+        logger.info("clip of %s: %.4g (%sth percentile over %d batches)", site.tensor, clip, percentile, seen)
+    return result
+

@@ -1,0 +1,68 @@
+"""AnnotateBitsPass: impq.* annotations for every kernel and activation; the plan reads back unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from impq_onnx.lowering.passes import AnnotateBitsPass, QuantizeActivationsPass, QuantizeWeightsPass
+from impq_onnx.lowering.passes.annotate_bits import SUMMARY_KEY, annotations, read_plan_from_annotation
+from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
+from quant_models import tiny_cnn
+from tiny_models import Quirks, build
+
+
+def _lowered(canonical, sites, plan):
+    model = canonical.model.clone()
+    QuantizeWeightsPass(plan, sites)(model)
+    QuantizeActivationsPass(plan, sites)(model)
+    return model
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("model", [tiny_cnn, lambda: build(Quirks(head="matmul"))])
+def test_annotation_round_trip(model, scheme):
+    canonical, sites = tiny(model())
+    plan = mixed_plan(sites, scheme)
+    plan.activations[sites.activations[0].tensor] = None  # a float site is annotated too
+    lowered = _lowered(canonical, sites, plan)
+    before, x = ops(lowered), inputs()
+    logits = run(lowered, x)
+    assert AnnotateBitsPass(plan, sites)(lowered).modified
+    assert ops(lowered) == before
+    np.testing.assert_array_equal(run(lowered, x), logits)
+    notes = annotations(lowered)
+    assert len(notes) == len(sites.layers) + len(sites.activations)
+    assert SUMMARY_KEY in lowered.metadata_props
+    assert read_plan_from_annotation(lowered) == plan
+    proto = ir.serde.serialize_model(lowered)
+    assert read_plan_from_annotation(proto) == plan
+    assert read_plan_from_annotation(ir.serde.deserialize_model(proto)) == plan
+    assert not AnnotateBitsPass(plan, sites)(lowered).modified
+
+
+def test_annotation_points_at_stored_integers_and_bit_vectors():
+    canonical, sites = tiny(tiny_cnn())
+    plan = mixed_plan(sites, "midrise-max")
+    lowered = _lowered(canonical, sites, plan)
+    AnnotateBitsPass(plan, sites)(lowered)
+    notes = annotations(lowered)
+    entry = notes["conv2.w_quantized"]
+    assert entry["impq.kind"] == "weight" and entry["impq.layer"] == "conv2" and entry["impq.axis"] == "0"
+    bits = lowered.graph.initializers[entry["impq.bits"]].const_value.numpy()
+    assert [None if b == 0 else int(b) for b in bits] == plan.weights["conv2"]
+    assert entry["impq.scale"] == "conv2.w_scale"
+    act = notes["r1_quantized"]
+    assert act["impq.site"] == "r1" and act["impq.signed"] == "false" and float(act["impq.clip"]) == plan.clips["r1"].value
+
+
+def test_changed_plan_updates_the_annotation():
+    canonical, sites = tiny(tiny_cnn())
+    plan = mixed_plan(sites, "midrise-max")
+    lowered = _lowered(canonical, sites, plan)
+    AnnotateBitsPass(plan, sites)(lowered)
+    other = plan.copy()
+    other.granularity = "layer"
+    assert AnnotateBitsPass(other, sites)(lowered).modified
+    assert read_plan_from_annotation(lowered).granularity == "layer"
