@@ -80,12 +80,23 @@ class WeightScheme(abc.ABC):
         grids = [self.grid(b) if b is not None else floating for b in bits]
         return tuple(np.array(v, np.float32).reshape(shape) for v in zip(*grids))
 
-    def quantize(self, w: np.ndarray, bits: list[int | None], axis: int) -> np.ndarray:
-        """The reference (numpy) quantizer of one layer weight, per kernel along ``axis``."""
+    def _statistic(self, w: np.ndarray, axis: int, stat: np.ndarray | None, shape: list[int]) -> np.ndarray:
+        if stat is None:
+            return self.statistic(w, axis)
+        stat = np.asarray(stat, np.float32)
+        return stat.reshape([1] * w.ndim if stat.size == 1 else shape)
+
+    def quantize(self, w: np.ndarray, bits: list[int | None], axis: int, stat: np.ndarray | None = None) -> np.ndarray:
+        """The reference (numpy) quantizer of one layer weight, per kernel along ``axis``.
+
+        ``stat`` (per kernel, or one value) replaces the numpy statistic: with the value onnxruntime computes
+        (:func:`impq_onnx.lowering.passes.quantize_weights.simulated_stats`) the result equals the simulation
+        bit for bit; without it, a statistic that is a float32 sum may be an ulp off (``exact_statistic``).
+        """
         w = np.asarray(w, np.float32)
         shape = _kernel_shape(w.ndim, axis, w.shape[axis])
         factor, offset, lo, hi = self._grids(bits, shape, Grid(1.0, 0.0, -WIDE, WIDE))
-        step = self.step(self.statistic(w, axis), factor)
+        step = self.step(self._statistic(w, axis, stat, shape), factor)
         r = np.clip(np.rint(w / step - offset), lo, hi)
         q = ((r + offset) * step).astype(np.float32)
         floating = np.array([b is None for b in bits]).reshape(shape)
@@ -141,21 +152,15 @@ class WeightScheme(abc.ABC):
 
     def integer_codes(self, w: np.ndarray, bits: list[int | None], axis: int,
                       stat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(codes, scale)``: integer-valued float32 codes (0 for float kernels) and the float32 scale per kernel
+        """``(codes, scale)``: int64 codes (0 for float kernels) and the float32 scale per kernel
         (1 for float kernels) with ``codes * scale == quantize(w)`` on every quantized kernel, bit for bit.
 
-        ``stat`` (per kernel, or one value) replaces the numpy statistic: lowering passes the value
-        onnxruntime computed for the simulation (:func:`impq_onnx.lowering.passes.quantize_weights.simulated_stats`).
+        ``stat`` as in :meth:`quantize`; lowering passes the value onnxruntime computed for the simulation.
         """
         w = np.asarray(w, np.float32)
         shape = _kernel_shape(w.ndim, axis, w.shape[axis])
         factor, offset, lo, hi = self._grids(bits, shape, Grid(1.0, 0.0, 0, 0))
-        if stat is None:
-            stat = self.statistic(w, axis)
-        else:
-            stat = np.asarray(stat, np.float32)
-            stat = stat.reshape([1] * w.ndim if stat.size == 1 else shape)
-        step = self.step(stat, factor)
+        step = self.step(self._statistic(w, axis, stat, shape), factor)
         r = np.clip(np.rint(w / step - offset), lo, hi)
         odd = offset != 0
         codes = np.where(odd, 2 * r + 1, r)
@@ -164,7 +169,7 @@ class WeightScheme(abc.ABC):
         if floating.any():
             codes = np.where(floating, 0, codes)
             scale = np.where(floating, np.float32(1), scale)
-        return codes, scale.reshape(-1)
+        return codes.astype(np.int64), scale.reshape(-1)
 
     # ---- sensitivity ----------------------------------------------------------------------------------
 
