@@ -63,16 +63,17 @@ def mean_abs():
 def _onnx_quantizer(scheme: WeightScheme, w: np.ndarray, bits: list[int | None], axis: int) -> np.ndarray:
     g = GraphBuilder("q", 17)
     out = scheme.build_quantizer(g, "w", w.shape, axis, bits)
-    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, list(w.shape))],
-                              [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, list(w.shape))], g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    value = lambda name: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape))  # noqa: E731
+    graph = helper.make_graph(g.nodes, "g", [value("w")], [value(out)], g.initializers)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     return inference_session(model.SerializeToString()).run(None, {"w": w})[0]
 
 
 def test_the_built_in_schemes_are_registered_and_are_the_option_choices():
     assert set(BUILT_IN) <= set(SCHEMES)
     assert all(weight_scheme(name).name == name for name in BUILT_IN)
-    help_text = next(f.metadata["help"] for f in CompressConfig.__dataclass_fields__.values() if f.name == "weight_scheme")
+    help_text = CompressConfig.__dataclass_fields__["weight_scheme"].metadata["help"]
     assert all(name in help_text for name in BUILT_IN)
 
 
@@ -128,7 +129,8 @@ def test_a_scheme_registered_here_drives_the_step_weighting(mean_abs):
     plan.weights["conv2"][1] = 2
     step = noise_gain(canonical, sites, [x], plan=plan, probes=None, weighting="step")
     paper = noise_gain(canonical, sites, [x], plan=plan, probes=None, weighting="paper")
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in ir.serde.serialize_model(canonical.model).graph.initializer}
+    proto = ir.serde.serialize_model(canonical.model)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     checked = 0
     for layer in sites.layers:
         bits = plan.weights[layer.node]
@@ -148,7 +150,8 @@ def test_a_scheme_registered_here_drives_the_step_weighting(mean_abs):
 def test_option_and_plan_accept_a_registered_scheme(mean_abs):
     config = CompressConfig(model="m.onnx", data="d", weight_scheme="mean-abs").validate()
     assert config.weight_scheme == "mean-abs"
-    plan = PrecisionPlan.from_dict(PrecisionPlan.uniform(tiny(tiny_cnn())[1], 4, None, weight_scheme="mean-abs").to_dict())
+    written = PrecisionPlan.uniform(tiny(tiny_cnn())[1], 4, None, weight_scheme="mean-abs").to_dict()
+    plan = PrecisionPlan.from_dict(written)
     assert plan.weight_scheme == "mean-abs"
 
 

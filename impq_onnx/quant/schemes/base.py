@@ -39,7 +39,8 @@ __all__ = ["Grid", "WeightScheme", "SCHEMES", "register", "weight_scheme", "sche
 
 
 class Grid(NamedTuple):
-    """``step = stat * factor`` (then :meth:`WeightScheme.step`); levels ``(r + offset) * step``, ``r`` in ``lo..hi``."""
+    """``step = stat * factor`` (then :meth:`WeightScheme.step`); levels ``(r + offset) * step``, ``r`` in
+    ``lo .. hi``."""
 
     factor: float
     offset: float
@@ -179,7 +180,8 @@ class WeightScheme(abc.ABC):
         By default the quantizer's own float32 step of the float weights.
         """
         w = np.asarray(w, np.float32)
-        factor = np.array([self.grid(b).factor for b in bits], np.float32).reshape(_kernel_shape(w.ndim, axis, len(bits)))
+        factor = np.array([self.grid(b).factor for b in bits], np.float32)
+        factor = factor.reshape(_kernel_shape(w.ndim, axis, len(bits)))
         step = self.step(self.statistic(w, axis), factor)
         return np.broadcast_to(step, factor.shape).reshape(-1).astype(np.float64)
 
