@@ -211,7 +211,8 @@ class TensorGradients:
             raise ModelError(f"onnxruntime-training cannot differentiate the model: {reason}") from None
         grad_model = onnx.load_from_string(builder.get_model())
         for op in LAYER_OPS.values():
-            op.rewrite_gradient_graph(grad_model, shapes)
+            op.make_gradients_runnable(grad_model, shapes)
+            op.speed_up_gradients(grad_model, shapes)
         gradients = {name: f"{name}_grad" for name in self.wrt}
         self._keys = list(returned) if epilogue is not None else list(self.wrt)
         self._names = [gradients[name] for name in self._keys]

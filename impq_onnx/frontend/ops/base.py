@@ -106,8 +106,14 @@ class LayerOp:
                            weights: dict[str, tuple[int, ...]]) -> None:
         raise NotImplementedError
 
-    def rewrite_gradient_graph(self, grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
-        """Rewrite (in place) what onnxruntime-training's builder made for this op; returns the count."""
+    def make_gradients_runnable(self, grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
+        """Replace (in place) gradient nodes of this op that onnxruntime-training's builder makes but its
+        CPU build cannot run; returns the count. Applied to every gradient and training graph."""
+        return 0
+
+    def speed_up_gradients(self, grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
+        """Replace (in place) gradient nodes of this op by faster equivalents; returns the count.
+        ``shapes`` maps forward tensors to their shapes (None where unknown)."""
         return 0
 
     # -- per-sample weight gradients (sensitivity) ---------------------------------------------

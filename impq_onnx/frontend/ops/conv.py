@@ -105,7 +105,7 @@ class ConvOp(LayerOp):
         node.attribute.extend(kept)
         node.attribute.append(helper.make_attribute("pads", begin + end))
 
-    def rewrite_gradient_graph(self, grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
+    def speed_up_gradients(self, grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
         return conv_grad_as_transpose(grad_model, shapes)
 
     def geometry(self, node: onnx.NodeProto, weight_shape: Sequence[int], kernel_axis: int) -> LayerGeometry:
