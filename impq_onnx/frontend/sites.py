@@ -5,11 +5,11 @@ This is an analysis, not a transform: ``find_sites`` reads a :class:`CanonicalMo
 simulation, sensitivity, lowering) consume the table; none of them re-derive it.
 
 Vocabulary
-- A *layer* is a node of a registered layer op (:mod:`impq_onnx.frontend.ops`: Conv, Gemm, MatMul)
-  whose weight is a constant float tensor.
-- A *kernel* is one output channel of a layer, a slice of the weight along the op's kernel axis:
-  ``W[k]`` for Conv (axis 0), one output column of MatMul (``W[:, k]``, axis 1) or of Gemm (axis 0
-  when ``transB=1``, else 1).
+- A *layer* is a node of a registered layer op (:mod:`impq_onnx.frontend.ops`, e.g. Conv, Gemm,
+  MatMul) whose weight is a constant float tensor.
+- A *kernel* is a slice of a layer's weight along its op's kernel axis, one output channel where the
+  layout allows: e.g. ``W[k]`` for Conv (axis 0), one output column of MatMul (``W[:, k]``, axis 1)
+  or of Gemm (axis 0 when ``transB=1``, else 1).
 - A *weight group* is what gets one bit width: a kernel, a whole layer, or the whole network.
 - An *activation site* is the input tensor of one or more quantized layers; it gets one bit width.
 """
