@@ -85,7 +85,8 @@ class ConvOp(LayerOp):
         size = shapes.get(node.input[0], [None])[2:]
         kernel = attrs.get("kernel_shape") or list(weights.get(node.input[1], ()))[2:]
         if not size or None in size or not kernel:
-            raise ModelError(f"conv '{node.name}' uses auto_pad and its input size is unknown; pass a concrete input shape")
+            raise ModelError(f"conv '{node.name}' uses auto_pad and its input size is unknown; "
+                             "pass a concrete input shape")
         strides = attrs.get("strides", [1] * len(size))
         dilations = attrs.get("dilations", [1] * len(size))
         mode = auto_pad(node)

@@ -38,8 +38,9 @@ class SplitConvBiasPass(PlanPass):
             if node is None or not op.float_bias_after_dequantize or op.bias_input is None:
                 continue
             bias = node.inputs[op.bias_input] if len(node.inputs) > op.bias_input else None
-            if bias is None or bias.const_value is None or not (
-                    _is_dequantized(node.inputs[op.activation_input]) and _is_dequantized(node.inputs[op.weight_input])):
+            inputs_dequantized = (_is_dequantized(node.inputs[op.activation_input])
+                                  and _is_dequantized(node.inputs[op.weight_input]))
+            if bias is None or bias.const_value is None or not inputs_dequantized:
                 continue
             self._split(graph, node, bias, op.bias_input, len(layer.weight_shape))
             modified = True
