@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from impq_onnx.frontend.ops.base import LayerGeometry, LayerOp, LayerShape, NormEmitter
 from impq_onnx.frontend.ops.conv import ConvOp
+from impq_onnx.frontend.ops.conv_transpose import ConvTransposeOp
 from impq_onnx.frontend.ops.gemm import GemmOp
 from impq_onnx.frontend.ops.matmul import MatMulOp
 
@@ -30,6 +31,7 @@ def register(op: LayerOp) -> LayerOp:
 register(ConvOp())
 register(GemmOp())
 register(MatMulOp())
+register(ConvTransposeOp())
 
 
 def layer_op(node: ir.Node | onnx.NodeProto | str) -> LayerOp | None:
