@@ -24,7 +24,7 @@ from impq_onnx.frontend.ops.conv_transpose import ConvTransposeOp
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.lowering.lower import lower
 from impq_onnx.lowering.verify import verify
-from impq_onnx.quant import quantizers
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import quantized_weight_name, simulate
 from impq_onnx.runtime import inference_session
@@ -228,7 +228,7 @@ def test_simulate_sensitivity_and_exact_qdq_lowering(case):
     names = [o.name for o in session.get_outputs()]
     quantized = dict(zip(names, session.run(None, {"x": x})))[quantized_weight_name("up")]
     w = numpy_helper.to_array(next(t for t in canonical.to_proto().graph.initializer if t.name == "t.w"))
-    reference = quantizers.quantize_weight(w, plan.weights["up"], axis, plan.weight_scheme)
+    reference = weight_scheme(plan.weight_scheme).quantize(w, plan.weights["up"], axis)
     np.testing.assert_array_equal(quantized, reference)
 
     exact = noise_gain(simulated, sites, [x], plan=plan, method="exact")
