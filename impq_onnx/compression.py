@@ -79,7 +79,8 @@ class CompressConfig:
     weight_scheme: str = _opt("midrise-max", "Weight quantizer: midrise-max (reference code), symmetric-rms (paper) or pow2-std (FAQ's power-of-two step).")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
-    schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150.")
+    schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150 (or "
+                                "NAME:ARGS of a registered schedule, e.g. fixed:400).")
     act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
     target_bits: float | None = _opt(4.0, "End the weight phase at this B_w,eff (none: no target).")
     target_act_bits: float | None = _opt(4.0, "End the activation phase at this B_a,eff (none: no target).")

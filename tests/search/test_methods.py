@@ -73,8 +73,9 @@ def test_method_option_and_default_names():
     cfg = CompressConfig.resolve(model="m.onnx", data="d", method="faq")
     assert cfg.paths()["output"] == Path("m.faq.onnx")
     assert CompressConfig.resolve(model="m.onnx", data="d").paths()["output"] == Path("m.impq.onnx")
-    with pytest.raises(ConfigError, match="faq"):
+    with pytest.raises(ConfigError, match="faq") as info:
         CompressConfig.resolve(model="m.onnx", data="d", method="fqa")
+    assert f"is not one of {', '.join(METHODS)}" in str(info.value)  # the choices are the registry's keys
 
 
 @needs_model
