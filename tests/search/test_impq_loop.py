@@ -140,13 +140,14 @@ def test_pick_least_sensitive_breaks_ties_by_name_and_skips_nan():
 
 
 def test_derived_seeds_depend_only_on_their_arguments():
-    assert impq.derive_seed(0, 3, "train", 1) == impq.derive_seed(0, 3, "train", 1)
-    assert len({impq.derive_seed(0, i, p) for i in range(4) for p in ("train", "sensitivity")}) == 8
+    assert iteration.derive_seed(0, 3, "train", 1) == iteration.derive_seed(0, 3, "train", 1)
+    assert len({iteration.derive_seed(0, i, p) for i in range(4) for p in ("train", "sensitivity")}) == 8
 
 
 def test_steps_from_epochs_and_start_steps():
     train = list(range(100))  # only its length matters
     cfg = CompressConfig(steps=7, batch_size=16, start_steps=11)
-    assert impq.fine_tune_steps(cfg, train, start=False) == 7 and impq.fine_tune_steps(cfg, train, start=True) == 11
+    assert iteration.fine_tune_steps(cfg, train, start=False) == 7
+    assert iteration.fine_tune_steps(cfg, train, start=True) == 11
     cfg = CompressConfig(epochs=1.5, batch_size=16)
-    assert impq.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch
+    assert iteration.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch
