@@ -31,7 +31,7 @@ import yaml
 from impq_onnx.files import write_all
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
-from impq_onnx.lowering.lower import output_files
+from impq_onnx.lowering.lower import output_files, target_names
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
@@ -43,7 +43,7 @@ _CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
-    "format": ("qdq", "qonnx", "encodings"),
+    "format": target_names(),
 }
 # Options that do not change what the run computes: a resume may change them.
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
