@@ -20,7 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["NoMatch", "WeightQuantizer", "ActivationQuantizer", "weight_quantizer", "activation_quantizer",
-           "weight_quantizers", "activation_quantizers", "WEIGHT_LAYERS"]
+           "weight_quantizers", "activation_quantizers", "constant_dequantizers", "dequantized_constant",
+           "WEIGHT_LAYERS"]
 
 WEIGHT_LAYERS = ("Conv", "Gemm", "MatMul")
 _STANDARD = ("", "ai.onnx")
@@ -191,3 +192,25 @@ def activation_quantizers(graph: ir.Graph) -> list[ActivationQuantizer]:
     """Every activation pattern in ``graph``, in graph order."""
     found = (activation_quantizer(node) for node in graph if node.op_type == "QuantizeLinear")
     return [m for m in found if m]
+
+
+def dequantized_constant(dq: ir.Node) -> np.ndarray | NoMatch:
+    """The float values of ``integer initializer -> DequantizeLinear`` (a bias another tool quantized, say)."""
+    if dq.op_type != "DequantizeLinear" or dq.domain not in _STANDARD:
+        return NoMatch(dq.name, "not a DequantizeLinear")
+    codes, scale = _constant(dq.inputs[0]), _constant(dq.inputs[1])
+    zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.int64)
+    if codes is None or scale is None or zero is None or not np.issubdtype(codes.dtype, np.integer):
+        return NoMatch(dq.name, "its input, scale or zero point is not a constant integer tensor")
+    shape = [1] * codes.ndim
+    if scale.size > 1:
+        shape[dq.attributes.get_int("axis", 1) % codes.ndim] = -1
+    difference = codes.astype(np.int64) - zero.reshape(shape if zero.size > 1 else [1] * codes.ndim)
+    return (difference.astype(np.float32) * scale.reshape(shape if scale.size > 1 else [1] * codes.ndim)).astype(
+        np.float32)
+
+
+def constant_dequantizers(graph: ir.Graph) -> list[ir.Node]:
+    """Every DequantizeLinear of a constant integer tensor left in ``graph``, in graph order."""
+    return [node for node in graph if node.op_type == "DequantizeLinear"
+            and not isinstance(dequantized_constant(node), NoMatch)]

@@ -39,7 +39,7 @@ from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import expansion_prefix, layer_input, weight_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 from impq_onnx.lowering.patterns import (ActivationQuantizer, WeightQuantizer, activation_quantizers,
-                                         weight_quantizers)
+                                         constant_dequantizers, dequantized_constant, weight_quantizers)
 from impq_onnx.lowering.targets.base import Array, Target
 from impq_onnx.lowering.targets.qonnx import container_bits
 from impq_onnx.quant.plan import PrecisionPlan
@@ -53,7 +53,9 @@ SUFFIX = ".encodings"
 
 def layer_input_name(match: ActivationQuantizer) -> str:
     """The tensor an activation encoding is keyed by (see the module docstring); QDQ-lowered graph."""
-    x, head = match.input, match.nodes[0]
+    x, head, out = match.input, match.nodes[0], match.dequantize.outputs[0]
+    if out.is_graph_output():  # a quantized model output: the output itself carries the encoding
+        return out.name
     others = [n for n in x.consumers() if n is not head]
     return layer_input(x.name)["value"] if others or x.is_graph_output() else x.name
 
@@ -131,13 +133,26 @@ class ToEncodingsPass(PlanPass):
             self._weight(graph, match)
         for match in activations:
             self._activation(graph, match)
-        return ir.passes.PassResult(model, bool(weights or activations))
+        constants = constant_dequantizers(graph)  # none in the project's lowering; a bias another tool quantized
+        for dq in constants:
+            self._constant(graph, dq)
+        return ir.passes.PassResult(model, bool(weights or activations or constants))
+
+    @staticmethod
+    def _constant(graph: ir.Graph, dq: ir.Node) -> None:
+        out = dq.outputs[0]
+        folded = ir.Value(name=out.name, const_value=ir.tensor(dequantized_constant(dq), name=out.name))
+        out.replace_all_uses_with(folded, replace_graph_outputs=True)
+        inputs = list(dq.inputs)
+        graph.remove(dq, safe=True)
+        graph.register_initializer(folded)
+        _pop(graph, *inputs)
 
     def _weight(self, graph: ir.Graph, match: WeightQuantizer) -> None:
         codes, scale, zero, _ = match.arrays()
         values = codes.astype(np.float32)
-        if zero.any():
-            values = values - zero.astype(np.float32)
+        if zero.any():  # as DequantizeLinear computes it: the integer difference, then float
+            values = (codes.astype(np.int64) - zero).astype(np.float32)
         w = (values * scale).astype(np.float32)
         residual = None
         if match.residual is not None:
@@ -157,15 +172,18 @@ class ToEncodingsPass(PlanPass):
         chain, x = match.nodes, match.input
         scale, zero = match.quantize.inputs[1], match.quantize.inputs[2]
         bounds = match.clip.inputs[1:] if match.clip is not None else []
-        replacement = x
+        replacement, out = x, chain[-1].outputs[0]
         if key != x.name:
             identity = ir.node("Identity", [x], name=layer_input(x.name)["node"])
-            identity.outputs[0].name = key
-            identity.outputs[0].dtype, identity.outputs[0].shape = x.dtype, x.shape
+            typed = out if key == out.name else x  # a model output has a declared type
+            identity.outputs[0].dtype, identity.outputs[0].shape = typed.dtype, typed.shape
             graph.insert_before(chain[0], identity)
             replacement = identity.outputs[0]
-        chain[-1].outputs[0].replace_all_uses_with(replacement)
+            if key != out.name:
+                replacement.name = key
+        out.replace_all_uses_with(replacement, replace_graph_outputs=True)
         graph.remove(list(reversed(chain)), safe=True)
+        replacement.name = key  # a model output keeps its name, now that the DequantizeLinear is gone
         _pop(graph, scale, zero, *bounds)
 
 
@@ -235,21 +253,27 @@ def apply_encodings(proto: onnx.ModelProto, encodings: dict, axes: dict[str, int
                 moved[k] = np.clip(np.rint(moved[k] / s), e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1) * s
         init.CopyFrom(numpy_helper.from_array(np.moveaxis(moved, 0, axes[init.name]).astype(np.float32), init.name))
     nodes = list(graph.node)
+    outputs = {o.name for o in graph.output}
     for tensor, (e,) in encodings["activation_encodings"].items():
         p = expansion_prefix(tensor, "encoding")
         lo, hi = float(e["offset"]), float(e["offset"] + 2 ** e["bitwidth"] - 1)
         graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), f"{p}/{k}")
                                   for k, v in (("scale", e["scale"]), ("lo", lo), ("hi", hi))])
+        source, result = tensor, f"{p}/out"
+        if tensor in outputs:  # a quantized model output keeps its name: the last new node writes it
+            source, result = f"{p}/in", tensor
+            for node in nodes:
+                node.output[:] = [source if name == tensor else name for name in node.output]
         for node in nodes:
             for i, name in enumerate(node.input):
                 if name == tensor:
-                    node.input[i] = f"{p}/out"
-        new = [helper.make_node("Div", [tensor, f"{p}/scale"], [f"{p}/div"], name=f"{p}/Div"),
+                    node.input[i] = result
+        new = [helper.make_node("Div", [source, f"{p}/scale"], [f"{p}/div"], name=f"{p}/Div"),
                helper.make_node("Round", [f"{p}/div"], [f"{p}/round"], name=f"{p}/Round"),
                helper.make_node("Max", [f"{p}/round", f"{p}/lo"], [f"{p}/max"], name=f"{p}/Max"),
                helper.make_node("Min", [f"{p}/max", f"{p}/hi"], [f"{p}/int"], name=f"{p}/Min"),
-               helper.make_node("Mul", [f"{p}/int", f"{p}/scale"], [f"{p}/out"], name=f"{p}/Mul")]
-        producer = next((i for i, n in enumerate(nodes) if tensor in n.output), -1)
+               helper.make_node("Mul", [f"{p}/int", f"{p}/scale"], [result], name=f"{p}/Mul")]
+        producer = next((i for i, n in enumerate(nodes) if source in n.output), -1)
         nodes[producer + 1:producer + 1] = new
     del graph.node[:]
     graph.node.extend(nodes)

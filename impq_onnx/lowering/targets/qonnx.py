@@ -60,9 +60,10 @@ def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def _swap(graph: ir.Graph, old_nodes: list[ir.Node], new: ir.Node, old_out: ir.Value, name: str) -> None:
     graph.insert_before(old_nodes[0], new)
-    old_out.replace_all_uses_with(new.outputs[0])
+    output = old_out.is_graph_output()
+    old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
     graph.remove(list(reversed(old_nodes)), safe=True)
-    new.outputs[0].name = name
+    new.outputs[0].name = old_out.name if output else name  # a model output keeps its name
     new.outputs[0].dtype = ir.DataType.FLOAT
     new.outputs[0].shape = old_out.shape
 
@@ -97,8 +98,8 @@ class ToQonnxPass(PlanPass):
     def _weight(self, graph: ir.Graph, match: WeightQuantizer) -> None:
         codes, scale, zero, shape = match.arrays()
         values = codes.astype(np.float32)
-        if zero.any():
-            values = values - zero.astype(np.float32)
+        if zero.any():  # as DequantizeLinear computes it: the integer difference, then float
+            values = (codes.astype(np.int64) - zero).astype(np.float32)
         grid = (values * scale).astype(np.float32)
         layer = self._layer(match.layer)
         if layer is not None and self.plan is not None:
