@@ -15,8 +15,9 @@ from impq_onnx.lowering.targets.encodings import EncodingsTarget, ToEncodingsPas
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.lowering.targets.qonnx import QONNX_DOMAIN, QonnxTarget, ToQonnxPass, qonnx_as_standard_ops
 
-__all__ = ["Target", "register", "unregister", "get_target", "target_names", "target_help", "ToQonnxPass",
-           "qonnx_as_standard_ops", "QONNX_DOMAIN", "ToEncodingsPass", "encodings_of", "apply_encodings"]
+__all__ = ["Target", "register", "unregister", "get_target", "target_names", "target_help", "QdqTarget",
+           "QonnxTarget", "EncodingsTarget", "ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN",
+           "ToEncodingsPass", "encodings_of", "apply_encodings"]
 
 register(QdqTarget())
 register(QonnxTarget())

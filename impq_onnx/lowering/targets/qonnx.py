@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_nodes
+from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
@@ -113,7 +113,7 @@ class ToQonnxPass(PlanPass):
         zero = zero.astype(np.float32) if zero.any() else np.array(0.0, np.float32)
         inputs = [_register(graph, match.codes.name, grid), _register(graph, match.scale.name, scale),
                   _register(graph, match.zero_point.name if match.zero_point is not None
-                            else f"{match.codes.name}_zero_point", zero),
+                            else weight_names(match.codes.name)["zero_point"], zero),
                   _register(graph, bitwidth(layer.weight if layer is not None else match.codes.name), width)]
         quant = ir.node("Quant", inputs, {"signed": 1, "narrow": narrow, "rounding_mode": "ROUND"},
                         domain=QONNX_DOMAIN, name=weight_nodes(match.layer.name)["quant"])
