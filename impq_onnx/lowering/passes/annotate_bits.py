@@ -159,8 +159,10 @@ def _initializer_arrays(model) -> dict[str, np.ndarray]:
     if isinstance(model, onnx.ModelProto):
         from onnx import numpy_helper
 
-        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(BITS_VECTOR_SUFFIX)}
-    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if name.endswith(BITS_VECTOR_SUFFIX)}
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                if t.name.endswith(BITS_VECTOR_SUFFIX)}
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()
+            if name.endswith(BITS_VECTOR_SUFFIX)}
 
 
 def read_plan_from_annotation(model) -> PrecisionPlan:

@@ -10,7 +10,7 @@ one module, one ``register`` line (in :mod:`impq_onnx.lowering.targets`) and its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -20,13 +20,22 @@ from impq_onnx.errors import PlanError
 from impq_onnx.lowering.naming import weight_names
 
 if TYPE_CHECKING:
-    from impq_onnx.frontend.sites import SiteTable
-    from impq_onnx.lowering.lower import LoweredModel
+    from impq_onnx.frontend.sites import QuantLayer, SiteTable
     from impq_onnx.quant.plan import PrecisionPlan
 
-__all__ = ["Target", "register", "unregister", "get_target", "target_names", "target_help"]
+__all__ = ["Target", "Lowered", "Array", "register", "unregister", "get_target", "target_names", "target_help",
+           "planned_layer"]
 
 Array = Callable[[str], np.ndarray]  # initializer name -> its values, in the written model
+
+
+class Lowered(Protocol):
+    """What a target reads of a lowered model (:class:`impq_onnx.lowering.lower.LoweredModel`)."""
+
+    proto: onnx.ModelProto
+    sidecar: dict  # {} for a model converted without a plan
+    format: str
+    attachments: dict[str, dict]
 
 
 class Target:
@@ -45,15 +54,15 @@ class Target:
         """
         return {}
 
-    def as_standard_ops(self, lowered: LoweredModel) -> onnx.ModelProto:
+    def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         """A model with standard ops only that computes what ``lowered`` means (run by verify)."""
         return lowered.proto
 
-    def weight_scales(self, lowered: LoweredModel, entry: dict, array: Array) -> np.ndarray:
+    def weight_scales(self, lowered: Lowered, entry: dict, array: Array) -> np.ndarray:
         """The per-kernel scales of the sidecar weight ``entry`` as the written files keep them."""
         return array(weight_names(entry["source"])["scale"]).reshape(-1)
 
-    def activation_range(self, lowered: LoweredModel, site: str, entry: dict,
+    def activation_range(self, lowered: Lowered, site: str, entry: dict,
                          array: Array) -> tuple[int, int, float] | None:
         """``(lo, hi, scale)`` the written files let activation ``site`` take (None: no quantizer found)."""
         raise NotImplementedError
@@ -86,3 +95,10 @@ def target_names() -> tuple[str, ...]:
 
 def target_help() -> str:
     return "; ".join(f"{t.name}: {t.help}" for t in _TARGETS.values()) + "."
+
+
+def planned_layer(sites: SiteTable | None, node: ir.Node) -> QuantLayer | None:
+    """The site-table layer of ``node`` (None without a site table, or for a layer the plan does not cover)."""
+    if sites is None:
+        return None
+    return next((layer for layer in sites.layers if layer.node == node.name), None)

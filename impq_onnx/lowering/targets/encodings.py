@@ -40,7 +40,7 @@ from impq_onnx.lowering.naming import expansion_prefix, layer_input, weight_name
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 from impq_onnx.lowering.patterns import (ActivationQuantizer, WeightQuantizer, activation_quantizers,
                                          constant_dequantizers, dequantized_constant, weight_quantizers)
-from impq_onnx.lowering.targets.base import Array, Target
+from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
 from impq_onnx.lowering.targets.qonnx import container_bits
 from impq_onnx.quant.plan import PrecisionPlan
 
@@ -67,14 +67,10 @@ def _entry(bitwidth: int, offset: int, scale: float, symmetric: bool) -> dict:
             "offset": int(offset), "scale": float(s)}
 
 
-def _layer(sites: SiteTable | None, node: ir.Node):
-    return next((layer for layer in sites.layers if layer.node == node.name), None) if sites else None
-
-
 def _weight_entries(match: WeightQuantizer, plan: PrecisionPlan | None, sites: SiteTable | None) -> list[dict]:
     codes, scale, zero, _ = match.arrays()
     scales, zeros = scale.reshape(-1), np.broadcast_to(zero.reshape(-1), scale.reshape(-1).shape)
-    layer = _layer(sites, match.layer)
+    layer = planned_layer(sites, match.layer)
     if layer is not None and plan is not None:
         entries = []
         for b, s in zip(plan.weights[layer.node], scales):
@@ -108,7 +104,7 @@ def encodings_of(qdq_model: ir.Model, plan: PrecisionPlan | None = None, sites: 
 
 def _folded_name(graph: ir.Graph, match: WeightQuantizer, sites: SiteTable | None) -> str:
     """The float weight's own name where it is free (the project's lowering), else the value the layer read."""
-    layer = _layer(sites, match.layer)
+    layer = planned_layer(sites, match.layer)
     if layer is None:
         return match.output.name
     return layer.weight if layer.weight not in graph.initializers else weight_names(layer.weight)["weight"]
@@ -199,17 +195,18 @@ class EncodingsTarget(Target):
         ToEncodingsPass(plan, sites)(model)
         return {SUFFIX: encodings}
 
-    def as_standard_ops(self, lowered) -> onnx.ModelProto:
+    def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         weights = (lowered.sidecar or {}).get("weights")
         axes = ({e["tensor"]: e["axis"] for e in weights.values()} if weights is not None
                 else weight_axes(lowered.proto))
         return apply_encodings(lowered.proto, lowered.attachments[SUFFIX], axes)
 
-    def weight_scales(self, lowered, entry: dict, array: Array) -> np.ndarray:
+    def weight_scales(self, lowered: Lowered, entry: dict, array: Array) -> np.ndarray:
         params = lowered.attachments[SUFFIX]["param_encodings"].get(entry["tensor"], [])
         return np.array([e.get("scale", 1.0) for e in params], np.float32)
 
-    def activation_range(self, lowered, site: str, entry: dict, array: Array) -> tuple[int, int, float] | None:
+    def activation_range(self, lowered: Lowered, site: str, entry: dict,
+                         array: Array) -> tuple[int, int, float] | None:
         encodings = lowered.attachments[SUFFIX]["activation_encodings"]
         found = encodings.get(site) or encodings.get(layer_input(site)["value"])
         if found is None:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
-from impq_onnx.lowering.targets.base import Array, Target
+from impq_onnx.lowering.targets.base import Array, Lowered, Target
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["QdqTarget"]
@@ -30,7 +30,8 @@ class QdqTarget(Target):
             SplitConvBiasPass(plan, sites)(model)
         return {}
 
-    def activation_range(self, lowered, site: str, entry: dict, array: Array) -> tuple[int, int, float] | None:
+    def activation_range(self, lowered: Lowered, site: str, entry: dict,
+                         array: Array) -> tuple[int, int, float] | None:
         graph = lowered.proto.graph
         producer = next((n for n in graph.node if entry["tensor"] in n.output), None)
         if producer is None:

@@ -36,7 +36,7 @@ from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, we
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
-from impq_onnx.lowering.targets.base import Array, Target
+from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["ToQonnxPass", "QonnxTarget", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
@@ -92,16 +92,13 @@ class ToQonnxPass(PlanPass):
             model.opset_imports[QONNX_DOMAIN] = 1
         return ir.passes.PassResult(model, modified)
 
-    def _layer(self, node: ir.Node):
-        return next((layer for layer in self.sites.layers if layer.node == node.name), None) if self.sites else None
-
     def _weight(self, graph: ir.Graph, match: WeightQuantizer) -> None:
         codes, scale, zero, shape = match.arrays()
         values = codes.astype(np.float32)
         if zero.any():  # as DequantizeLinear computes it: the integer difference, then float
             values = (codes.astype(np.int64) - zero).astype(np.float32)
         grid = (values * scale).astype(np.float32)
-        layer = self._layer(match.layer)
+        layer = planned_layer(self.sites, match.layer)
         if layer is not None and self.plan is not None:
             widths = [container_bits(b, self.plan.weight_scheme) for b in self.plan.weights[layer.node]]
             narrow = 1
@@ -145,10 +142,11 @@ class QonnxTarget(Target):
         ToQonnxPass(plan, sites, channel_bitwidth=bool(options.get("channel_bitwidth", True)))(model)
         return {}
 
-    def as_standard_ops(self, lowered) -> onnx.ModelProto:
+    def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         return qonnx_as_standard_ops(lowered.proto)
 
-    def activation_range(self, lowered, site: str, entry: dict, array: Array) -> tuple[int, int, float] | None:
+    def activation_range(self, lowered: Lowered, site: str, entry: dict,
+                         array: Array) -> tuple[int, int, float] | None:
         producer = next((n for n in lowered.proto.graph.node if entry["tensor"] in n.output), None)
         if producer is None:
             return None
