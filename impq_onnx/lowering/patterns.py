@@ -178,6 +178,8 @@ def activation_quantizer(q: ir.Node) -> ActivationQuantizer | NoMatch:
         clip = None
     signed = bool(info.min < 0)
     bits = _bits_of(lo, hi, signed)
+    if bits is None:
+        return NoMatch(q.name, f"its integer range {lo}..{hi} is not a whole number of bits")
     head = clip if clip is not None else q
     return ActivationQuantizer(head.inputs[0], clip, q, dq, float(s), z, lo, hi, signed, bits)
 
@@ -185,13 +187,13 @@ def activation_quantizer(q: ir.Node) -> ActivationQuantizer | NoMatch:
 def weight_quantizers(graph: ir.Graph) -> list[WeightQuantizer]:
     """Every weight pattern in ``graph``, in graph order."""
     found = (weight_quantizer(node) for node in graph if node.op_type == "DequantizeLinear")
-    return [m for m in found if m]
+    return [m for m in found if isinstance(m, WeightQuantizer)]
 
 
 def activation_quantizers(graph: ir.Graph) -> list[ActivationQuantizer]:
     """Every activation pattern in ``graph``, in graph order."""
     found = (activation_quantizer(node) for node in graph if node.op_type == "QuantizeLinear")
-    return [m for m in found if m]
+    return [m for m in found if isinstance(m, ActivationQuantizer)]
 
 
 def dequantized_constant(dq: ir.Node) -> np.ndarray | NoMatch:

@@ -37,8 +37,7 @@ from onnx import helper, numpy_helper
 
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import expansion_prefix, layer_input, weight_names
-from impq_onnx.lowering.passes.plan_pass import PlanPass
-from impq_onnx.lowering.patterns import (ActivationQuantizer, WeightQuantizer, activation_quantizers,
+from impq_onnx.lowering.patterns import (ActivationQuantizer, NoMatch, WeightQuantizer, activation_quantizers,
                                          constant_dequantizers, dequantized_constant, weight_quantizers)
 from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
 from impq_onnx.lowering.targets.qonnx import container_bits
@@ -116,19 +115,20 @@ def _pop(graph: ir.Graph, *values: ir.Value | None) -> None:
             graph.initializers.pop(value.name)
 
 
-class ToEncodingsPass(PlanPass):
+class ToEncodingsPass(ir.passes.InPlacePass):
     """Fold weight DequantizeLinear into on-grid float weights and drop the activation Q/DQ chains."""
 
     def __init__(self, plan: PrecisionPlan | None = None, sites: SiteTable | None = None):
-        super().__init__(plan, sites)
+        super().__init__()
+        self.plan, self.sites = plan, sites
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         weights, activations = weight_quantizers(graph), activation_quantizers(graph)
-        for match in weights:
-            self._weight(graph, match)
-        for match in activations:
-            self._activation(graph, match)
+        for weight in weights:
+            self._weight(graph, weight)
+        for activation in activations:
+            self._activation(graph, activation)
         constants = constant_dequantizers(graph)  # none in the project's lowering; a bias another tool quantized
         for dq in constants:
             self._constant(graph, dq)
@@ -136,8 +136,9 @@ class ToEncodingsPass(PlanPass):
 
     @staticmethod
     def _constant(graph: ir.Graph, dq: ir.Node) -> None:
-        out = dq.outputs[0]
-        folded = ir.Value(name=out.name, const_value=ir.tensor(dequantized_constant(dq), name=out.name))
+        out, values = dq.outputs[0], dequantized_constant(dq)
+        assert not isinstance(values, NoMatch), values  # constant_dequantizers matched it
+        folded = ir.Value(name=out.name, const_value=ir.tensor(values, name=out.name))
         out.replace_all_uses_with(folded, replace_graph_outputs=True)
         inputs = list(dq.inputs)
         graph.remove(dq, safe=True)

@@ -33,7 +33,6 @@ from onnx import helper, numpy_helper
 
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes
-from impq_onnx.lowering.passes.plan_pass import PlanPass
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
@@ -68,7 +67,7 @@ def _swap(graph: ir.Graph, old_nodes: list[ir.Node], new: ir.Node, old_out: ir.V
     new.outputs[0].shape = old_out.shape
 
 
-class ToQonnxPass(PlanPass):
+class ToQonnxPass(ir.passes.InPlacePass):
     """Rewrite every QDQ weight and activation quantizer (found by structure) as a QONNX ``Quant`` node.
 
     ``plan`` and ``sites`` (None for a model quantized by another tool) give each kernel's container
@@ -77,16 +76,17 @@ class ToQonnxPass(PlanPass):
 
     def __init__(self, plan: PrecisionPlan | None = None, sites: SiteTable | None = None,
                  channel_bitwidth: bool = True):
-        super().__init__(plan, sites)
+        super().__init__()
+        self.plan, self.sites = plan, sites
         self.channel_bitwidth = channel_bitwidth
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         weights, activations = weight_quantizers(graph), activation_quantizers(graph)
-        for match in weights:
-            self._weight(graph, match)
-        for match in activations:
-            self._activation(graph, match)
+        for weight in weights:
+            self._weight(graph, weight)
+        for activation in activations:
+            self._activation(graph, activation)
         modified = bool(weights or activations)
         if modified:
             model.opset_imports[QONNX_DOMAIN] = 1
