@@ -99,12 +99,13 @@ class ToQonnxPass(ir.passes.InPlacePass):
             values = (codes.astype(np.int64) - zero).astype(np.float32)
         grid = (values * scale).astype(np.float32)
         layer = planned_layer(self.sites, match.layer)
+        signed = bool(np.iinfo(codes.dtype).min < 0)
         if layer is not None and self.plan is not None:
             widths = [container_bits(b, self.plan.weight_scheme) for b in self.plan.weights[layer.node]]
             narrow = 1
-        else:
+        else:  # the stored type's range, narrow when the codes never reach its far end
             widths = [codes.dtype.itemsize * 8] * codes.shape[match.axis]
-            narrow = int(codes.min() > -(2 ** (widths[0] - 1)))
+            narrow = int(codes.min() > -(2 ** (widths[0] - 1)) if signed else codes.max() < 2 ** widths[0] - 1)
         width = (np.array(widths, np.float32).reshape(shape) if self.channel_bitwidth
                  else np.array(max(widths), np.float32))
         zero = zero.astype(np.float32) if zero.any() else np.array(0.0, np.float32)
@@ -112,7 +113,7 @@ class ToQonnxPass(ir.passes.InPlacePass):
                   _register(graph, match.zero_point.name if match.zero_point is not None
                             else weight_names(match.codes.name)["zero_point"], zero),
                   _register(graph, bitwidth(layer.weight if layer is not None else match.codes.name), width)]
-        quant = ir.node("Quant", inputs, {"signed": 1, "narrow": narrow, "rounding_mode": "ROUND"},
+        quant = ir.node("Quant", inputs, {"signed": int(signed), "narrow": narrow, "rounding_mode": "ROUND"},
                         domain=QONNX_DOMAIN, name=weight_nodes(match.layer.name)["quant"])
         dq = match.dequantize
         _swap(graph, [dq], quant, dq.outputs[0], dq.outputs[0].name)

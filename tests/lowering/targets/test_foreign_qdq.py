@@ -106,3 +106,25 @@ def test_conversion_runs_once(tmp_path):
         model = ir.serde.deserialize_model(ort_qdq(tmp_path, symmetric=False))
         assert convert_pass(model).modified
         assert not convert_pass(model).modified
+
+
+def test_asymmetric_uint8_weights_keep_their_zero_points():
+    """Unsigned per-channel weight codes with zero points (onnxruntime 1.19 stores per-channel weights as int8,
+    so this QDQ model is written by hand): Quant gets signed=0 and the zero points, encodings the offsets."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, (4, 3, 3, 3)).astype(np.uint8)
+    inits = [numpy_helper.from_array(codes, "w_q"),
+             numpy_helper.from_array(np.float32([0.01, 0.02, 0.015, 0.03]), "w_s"),
+             numpy_helper.from_array(np.uint8([128, 100, 0, 255]), "w_z")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq", axis=0),
+             helper.make_node("Conv", ["x", "w"], ["logits"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    qdq = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = inputs((4, 3, 8, 8))
+    qonnx, encodings = convert(qdq, "qonnx"), convert(qdq, "encodings")
+    quant = next(n for n in qonnx.proto.graph.node if n.op_type == "Quant")
+    assert {a.name: a.i for a in quant.attribute if a.name != "rounding_mode"} == {"signed": 0, "narrow": 0}
+    assert [e["offset"] for e in next(iter(encodings.encodings["param_encodings"].values()))] == [-128, -100, 0, -255]
+    for converted in (qonnx, encodings):
+        np.testing.assert_array_equal(_run(runnable(converted), x), _run(qdq, x))
