@@ -5,6 +5,7 @@ start from and returns either the match or a :class:`NoMatch` that says why not 
 
     weight:      initializer(int) -> DequantizeLinear [-> Add(float initializer)] -> Conv | Gemm | MatMul (input 1)
     activation:  x [-> Clip(on the step grid)] -> QuantizeLinear -> DequantizeLinear -> consumers
+    constant:    initializer(int) -> DequantizeLinear, anywhere else (a bias another tool quantized)
 
 So a target converts a QDQ model made by any tool (onnxruntime's ``quantize_static`` included), not only
 one made by :mod:`impq_onnx.lowering.passes`. A match carries what the graph says about the quantizer
