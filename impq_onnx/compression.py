@@ -31,7 +31,9 @@ import yaml
 from impq_onnx.files import write_all
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
-from impq_onnx.lowering.lower import output_files, target_names
+from impq_onnx.lowering.lower import output_files
+from impq_onnx.lowering.targets import TARGETS, target_help
+from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
@@ -39,11 +41,11 @@ _CHOICES = {
     "method": ("impq", "faq", "activation-density", "uniform-ptq"),
     "phases": ("weights-activations", "activations-weights", "weights", "activations"),
     "granularity": ("kernel", "layer", "network"),
-    "weight_scheme": ("midrise-max", "symmetric-rms", "pow2-std"),
+    "weight_scheme": SCHEMES,  # the live registry: a registered scheme is a valid option
     "optimizer": ("sgd", "adamw"),
     "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
-    "format": target_names(),
+    "format": TARGETS,  # the live registry: a registered target is a valid option
 }
 # Options that do not change what the run computes: a resume may change them.
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
@@ -65,8 +67,7 @@ class CompressConfig:
                                "activations) or uniform-ptq (uniform bits, calibration only).")
     output: str | None = _opt(None, "Output model path [default: <model stem>.<method>.onnx in the current folder].")
     report: bool = _opt(True, "Also write <stem>.report.html with the paper's figures for this run.")
-    format: str = _opt("qdq", "Output format: qdq (QuantizeLinear/DequantizeLinear), qonnx (Quant nodes) or "
-                              "encodings (float model + per-channel encodings JSON).")
+    format: str = _opt("qdq", f"Output format: {target_help()}")
     work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
     resume: bool = _opt(False, "Continue the run in work_dir (same options), or re-emit a finished one.")
     preprocess: str | None = _opt(None, "Preset name or preprocess YAML file [default: inferred from the input shape].")
@@ -74,7 +75,7 @@ class CompressConfig:
     max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
     phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
     granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
-    weight_scheme: str = _opt("midrise-max", "Weight quantizer: midrise-max (reference code), symmetric-rms (paper) or pow2-std (FAQ's power-of-two step).")
+    weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
     schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150.")

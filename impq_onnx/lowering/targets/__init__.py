@@ -10,12 +10,13 @@ Each derives its output from the QDQ-lowered graph, whose quantizers it finds by
 ``register`` line below. What each keeps and loses is in its module docstring and in ``docs/lowering.md``.
 """
 
-from impq_onnx.lowering.targets.base import Target, get_target, register, target_help, target_names, unregister
+from impq_onnx.lowering.targets.base import (TARGETS, Target, get_target, register, target_help, target_names,
+                                             unregister)
 from impq_onnx.lowering.targets.encodings import EncodingsTarget, ToEncodingsPass, apply_encodings, encodings_of
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.lowering.targets.qonnx import QONNX_DOMAIN, QonnxTarget, ToQonnxPass, qonnx_as_standard_ops
 
-__all__ = ["Target", "register", "unregister", "get_target", "target_names", "target_help", "QdqTarget",
+__all__ = ["Target", "TARGETS", "register", "unregister", "get_target", "target_names", "target_help", "QdqTarget",
            "QonnxTarget", "EncodingsTarget", "ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN",
            "ToEncodingsPass", "encodings_of", "apply_encodings"]
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from impq_onnx.frontend.sites import QuantLayer, SiteTable
     from impq_onnx.quant.plan import PrecisionPlan
 
-__all__ = ["Target", "Lowered", "Array", "register", "unregister", "get_target", "target_names", "target_help",
+__all__ = ["Target", "Lowered", "Array", "TARGETS", "register", "unregister", "get_target", "target_names", "target_help",
            "planned_layer"]
 
 Array = Callable[[str], np.ndarray]  # initializer name -> its values, in the written model
@@ -68,33 +68,33 @@ class Target:
         raise NotImplementedError
 
 
-_TARGETS: dict[str, Target] = {}
+TARGETS: dict[str, Target] = {}  # by name, in registration order; read it live, do not copy
 
 
 def register(target: Target) -> Target:
-    if not target.name or target.name in _TARGETS:
+    if not target.name or target.name in TARGETS:
         raise ValueError(f"output target {target.name!r}: no name, or the name is registered already")
-    _TARGETS[target.name] = target
+    TARGETS[target.name] = target
     return target
 
 
 def unregister(name: str) -> None:
-    _TARGETS.pop(name, None)
+    TARGETS.pop(name, None)
 
 
 def get_target(name: str) -> Target:
-    target = _TARGETS.get(name)
+    target = TARGETS.get(name)
     if target is None:
-        raise PlanError(f"format {name!r} is unknown; use one of {', '.join(_TARGETS)}")
+        raise PlanError(f"format {name!r} is unknown; use one of {', '.join(TARGETS)}")
     return target
 
 
 def target_names() -> tuple[str, ...]:
-    return tuple(_TARGETS)
+    return tuple(TARGETS)
 
 
 def target_help() -> str:
-    return "; ".join(f"{t.name}: {t.help}" for t in _TARGETS.values()) + "."
+    return "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
 
 
 def planned_layer(sites: SiteTable | None, node: ir.Node) -> QuantLayer | None:

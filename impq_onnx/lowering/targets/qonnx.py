@@ -33,10 +33,10 @@ from onnx import helper, numpy_helper
 
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes
-from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
 from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.schemes import weight_scheme
 
 __all__ = ["ToQonnxPass", "QonnxTarget", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
 
@@ -44,9 +44,8 @@ QONNX_DOMAIN = "qonnx.custom_op.general"
 
 
 def container_bits(bits: int | None, scheme: str) -> int:
-    """Bit width of a signed narrow-range integer that holds the kernel's codes (at least 2)."""
-    lo, hi, _ = code_bounds(bits, scheme)
-    return max(2, max(abs(lo), abs(hi)).bit_length() + 1)
+    """Bit width of a signed narrow-range integer that holds the kernel's codes: the scheme's ``container_bits``."""
+    return weight_scheme(scheme).container_bits(bits)
 
 
 def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -85,7 +85,7 @@ def test_verify_catches_a_wrong_scale_in_the_new_target(folded_target):
 def test_choices_come_from_the_registry():
     option = next(p for p in lower_command.params if p.name == "format_")
     assert isinstance(option.type, click.Choice)
-    assert tuple(option.type.choices) == compression._CHOICES["format"] == target_names() == (
+    assert tuple(option.type.choices) == tuple(compression._CHOICES["format"]) == target_names() == (
         "qdq", "qonnx", "encodings")
     with pytest.raises(PlanError, match="format 'tflite' is unknown; use one of qdq, qonnx, encodings"):
         get_target("tflite")
