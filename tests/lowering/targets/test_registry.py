@@ -2,7 +2,8 @@
 
 The toy target below lives only in this file: it folds every weight DequantizeLinear into on-grid float
 values (found by structure), keeps the activation QDQ chains, and writes the per-kernel scales to a
-``<out>.scales`` JSON. lower, write, read_lowered and verify run it without any change elsewhere.
+``<out>.scales`` JSON. lower, write, read_lowered, verify and the compress options take it without any change
+elsewhere.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from impq_onnx import compression
 from impq_onnx.cli import lower_command
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import ConfigError, PlanError
 from impq_onnx.lowering.lower import lower, read_lowered, write
 from impq_onnx.lowering.patterns import weight_quantizers
 from impq_onnx.lowering.targets import QdqTarget, Target, get_target, register, target_names, unregister
@@ -70,6 +71,15 @@ def test_a_target_registered_here_lowers_writes_reads_back_and_verifies(tmp_path
     again = read_lowered(tmp_path / "m.onnx")
     assert again.format == "folded-weights" and again.attachments == lowered.attachments
     assert verify(again, canonical, plan, sites, [inputs()]).ok
+
+
+def test_compress_accepts_a_registered_target_and_only_while_registered(folded_target):
+    assert compression.CompressConfig.resolve(model="m.onnx", data="d", format="folded-weights").format == (
+        "folded-weights")
+    unregister(folded_target.name)
+    with pytest.raises(ConfigError, match="option 'format': 'folded-weights' is not one of qdq, qonnx, encodings"):
+        compression.CompressConfig.resolve(model="m.onnx", data="d", format="folded-weights")
+    register(folded_target)
 
 
 def test_verify_catches_a_wrong_scale_in_the_new_target(folded_target):
