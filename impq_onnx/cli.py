@@ -25,6 +25,11 @@ def _user_errors(func):
         except ImpqError as exc:
             click.echo(f"impq-onnx: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # read-only folder, full disk, a name too long...: one line naming the path
+            from impq_onnx.outputs import describe_os_error
+
+            click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
+            sys.exit(2)
 
     return wrapper
 

@@ -28,7 +28,6 @@ import numpy as np
 import onnx
 import yaml
 
-from impq_onnx.files import write_all
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.lower import output_files
@@ -263,6 +262,16 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    from impq_onnx.outputs import compress_outputs
+
+    given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
+    cfg = CompressConfig.resolve(config, **given, **options)
+    paths = cfg.paths()
+    with compress_outputs(cfg, paths, config) as outputs:  # checked against the inputs, locked, staged
+        return _compress(cfg, paths, outputs, progress)
+
+
+def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs, progress) -> CompressResult:
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
@@ -270,10 +279,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     from impq_onnx.search.methods import strategy
     from impq_onnx.frontend.site_analysis import find_sites
 
-    given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
-    cfg = CompressConfig.resolve(config, **given, **options)
     report = progress if callable(progress) else (_stderr_line if progress else None)
-    paths = cfg.paths()
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
     base = load(cfg.model)
@@ -322,17 +328,20 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state["stop"],
                 "reference": reference, "final": final, "verification": verification, "iterations": state["records"],
                 "config": cfg.to_dict()}
-    write_all({
+    report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()
+    files = {
         **output_files(lowered, paths["output"]),
         paths["float"]: final_model.to_bytes(),
         paths["plan"]: plan.to_yaml().encode(),
-        paths["report"]: (json.dumps(document, indent=1, allow_nan=True) + "\n").encode(),
+        paths["report"]: report_json,
         paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),
-    })
-    if cfg.report:  # after the outputs: the HTML report reads <stem>.report.json
-        from impq_onnx.report import write_report
+    }
+    if cfg.report:  # the HTML report reads <stem>.report.json, handed over before it is written
+        from impq_onnx.report import report_files
 
-        write_report([paths["work_dir"]], paths["report_html"])
+        files.update(report_files([paths["work_dir"]], paths["report_html"],
+                                  {paths["work_dir"]: (paths["report"], json.loads(report_json))}))
+    outputs.commit(files)
     if report:
         split = "test" if "test_top1" in final else "val"
         top1 = final[f"{split}_top1"]

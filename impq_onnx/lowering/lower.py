@@ -183,11 +183,13 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.outputs import lower_outputs
 
-    canonical = load(model_path, output=output)
-    sites = find_sites(canonical, input_shape)
-    plan = PrecisionPlan.load(plan_path).validate(sites)
-    return write(lower(canonical, plan, sites, format=format), output_path)
+    with lower_outputs(model_path, plan_path, output_path, format) as outputs:  # checked, locked, staged
+        canonical = load(model_path, output=output)
+        sites = find_sites(canonical, input_shape)
+        plan = PrecisionPlan.load(plan_path).validate(sites)
+        return outputs.commit(output_files(lower(canonical, plan, sites, format=format), output_path))
 
 
 def read_lowered(output_path) -> LoweredModel:
