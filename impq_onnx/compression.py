@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -136,21 +137,11 @@ class CompressConfig:
 
         parse_schedule(self.schedule, "schedule")
         parse_schedule(self.act_schedule, "act_schedule")
-        for name in ("start_bits", "start_act_bits"):
-            if not 1 <= getattr(self, name) <= 16:
-                raise ConfigError(f"option '{name}': {getattr(self, name)} must be within 1..16")
-        for name in ("steps", "batch_size", "sensitivity_samples", "runner_ups", "threads", "start_steps",
-                     "max_val_samples", "replicas"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}': {getattr(self, name)} must be at least 1")
-        for name in ("max_iterations", "lr", "epochs", "time_budget", "max_accuracy_drop", "target_gbitops",
-                     "target_bits", "target_act_bits", "weight_decay", "momentum"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"option '{name}': {getattr(self, name)} must not be negative")
+        from impq_onnx import option_checks
+
+        option_checks.check_numbers(dataclasses.asdict(self), option_checks.COMPRESS)
         if self.replicas > 1 and self.optimizer != "sgd":
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"option 'val_fraction': {self.val_fraction} must be between 0 and 1 (exclusive)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,10 +253,13 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    from impq_onnx.option_checks import target_warnings
     from impq_onnx.outputs import compress_outputs
 
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
     cfg = CompressConfig.resolve(config, **given, **options)
+    for line in target_warnings(cfg):
+        logging.getLogger(__name__).warning(line)
     paths = cfg.paths()
     with compress_outputs(cfg, paths, config) as outputs:  # checked against the inputs, locked, staged
         return _compress(cfg, paths, outputs, progress)

@@ -102,13 +102,13 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | None], *,
-                trees: Mapping[str, Path | None] = {}, work_dir: Path | None = None) -> None:
+                trees: Mapping[str, Path | None] = {}, work_dir: Path | None = None, flag: str = "--output") -> None:
     """Refuse, before any work, outputs that would harm an input or cannot be written as regular files.
 
     ``outputs`` are (description, path) pairs (``("--output", ...)``, ``("the derived output", ...)``);
     ``inputs`` map a description (``"the input model"``) to a path; ``trees`` are input folders (the
     data) that no output may lie in; ``work_dir`` is the run's checkpoint folder, which must not hold
-    an input nor lie in a tree.
+    an input nor lie in a tree. ``flag`` is the option that moves the outputs, for the advice.
     """
     given = {what: Path(p) for what, p in inputs.items() if p is not None}
     folders = {what: Path(p) for what, p in trees.items() if p is not None}
@@ -122,14 +122,14 @@ def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | Non
         for name, (in_resolved, in_inode) in seen_inputs.items():
             if resolved == in_resolved or (inode is not None and inode == in_inode):
                 raise PathError(f"{what} {show(path)} is {name} {show(given[name])}; it would be overwritten: "
-                                "write the outputs elsewhere (another --output)")
+                                f"write the outputs elsewhere (another {flag})")
         for name, folder in folders.items():
             if folder.is_dir() and _inside(resolved, _identity(folder)[0]):
                 raise PathError(f"{what} {show(path)} lies inside {name} {show(folder)}; write the outputs "
-                                "outside the data (another --output)")
+                                f"outside the data (another {flag})")
         if resolved in seen_outputs:
             raise PathError(f"{what} {show(path)} and {seen_outputs[resolved]} are the same file; choose another "
-                            "--output")
+                            f"{flag}")
         seen_outputs[resolved] = what
         _check_writable_file(path, what)
     if work_dir is not None:
@@ -320,5 +320,5 @@ def lower_outputs(model: str | os.PathLike, plan: str | os.PathLike, output: str
     output = Path(output)
     derived = [sidecar_path(output)] + ([encodings_path(output)] if format == "encodings" else [])
     check_paths([("-o/--output-path", output)] + [("the derived output", p) for p in derived],
-                {"the input model": Path(model), "the plan": Path(plan)})
+                {"the input model": Path(model), "the plan": Path(plan)}, flag="-o")
     return OutputSet([output, *derived], locked=[output])
