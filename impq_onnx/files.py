@@ -35,6 +35,10 @@ def write_temporary(path: str | os.PathLike, data: bytes | str) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
+    except OSError as exc:  # a full disk says nothing of the file: name it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise OSError(exc.errno, exc.strerror, exc.filename or os.fspath(path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -249,8 +249,7 @@ class OutputSet:
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as exc:
-                raise PathError(f"cannot write {show(target)}: {describe_os_error(exc, exc.filename or temp)}; "
-                                "no output was written") from None
+                raise PathError(f"cannot write {describe_os_error(exc, target)}; no output was written") from None
             staged.append((temp, target))
         with deferred_signals():
             self._rename_all(staged)
