@@ -203,31 +203,43 @@ class OutputSet:
         self.targets = [Path(t) for t in targets]
         self.locks = [RunLock(path, command) for path in dict.fromkeys(Path(p) for p in locked)]
         self.staging: dict[Path, Path] = {}
+        # Named after the first locked path: a folder left by a killed run is found, and removed, by the
+        # next run that holds the same lock.
+        first = self.locks[0].path if self.locks else Path(".")
+        self.tag = hashlib.sha256(os.fsencode(first.parent.resolve() / first.name)).hexdigest()[:8]
 
     def __enter__(self) -> "OutputSet":
         try:
-            for lock in self.locks:
-                lock.acquire()
-            for folder in dict.fromkeys(t.parent for t in self.targets):
-                self.staging[folder] = self._staging_folder(folder)
+            with deferred_signals():  # a signal between a mkdir and its bookkeeping would leave the folder behind
+                self._open()
         except BaseException:
             self.close()
             raise
         return self
 
+    def _open(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+        for folder in dict.fromkeys(t.parent for t in self.targets):
+            for stale in folder.glob(f".impq-staging-{self.tag}-*") if self.locks and folder.is_dir() else ():
+                shutil.rmtree(stale, ignore_errors=True)
+            self.staging[folder] = self._staging_folder(folder)
+
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @staticmethod
-    def _staging_folder(folder: Path) -> Path:
+    def _staging_folder(self, folder: Path) -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tag = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:8]
-            return Path(tempfile.mkdtemp(prefix=f".impq-staging-{tag}-", dir=folder))
+            return Path(tempfile.mkdtemp(prefix=f".impq-staging-{self.tag}-", dir=folder))
         except OSError as exc:
             raise PathError(f"cannot write the outputs: {describe_os_error(exc, exc.filename or folder)}") from None
 
     def close(self) -> None:
+        with deferred_signals():
+            self._close()
+
+    def _close(self) -> None:
         for staging in self.staging.values():
             shutil.rmtree(staging, ignore_errors=True)
         self.staging.clear()
