@@ -7,7 +7,8 @@ m.onnx --data images/ --target-bits 5`` take the same options (:class:`CompressC
 and outputs (:mod:`impq_onnx.search.methods`: faq, activation-density, uniform-ptq); this module
 resolves options, data and outputs.
 
-Outputs (each written to a temporary name and renamed at the end, so an error leaves none):
+Outputs (checked against the inputs before any work, locked, staged beside the target and renamed
+into place together at the end, so an error or a signal leaves none; :mod:`impq_onnx.outputs`):
 ``output`` (the model), ``<stem>.plan.yaml``, ``<stem>.report.json`` (every iteration and the final
 metrics) and ``<stem>.config.yaml`` (the resolved options; ``--config`` it to reproduce the run).
 The work directory (default ``<stem>.work``) holds a checkpoint per iteration; ``resume`` continues
