@@ -32,7 +32,8 @@ import yaml
 
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
-from impq_onnx.lowering.lower import output_files
+from impq_onnx.lowering.lower import encodings_path, output_files, sidecar_path
+from impq_onnx.outputs import OutputSet, check_paths
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
@@ -255,18 +256,18 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
     from impq_onnx.option_checks import target_warnings
-    from impq_onnx.outputs import compress_outputs
 
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
     cfg = CompressConfig.resolve(config, **given, **options)
     for line in target_warnings(cfg):
         logging.getLogger(__name__).warning(line)
     paths = cfg.paths()
-    with compress_outputs(cfg, paths, config) as outputs:  # checked against the inputs, locked, staged
+    with _outputs(cfg, paths, config) as outputs:  # checked against the inputs, locked, staged
         return _compress(cfg, paths, outputs, progress)
 
 
-def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs, progress) -> CompressResult:
+def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
+              progress: bool | Callable[[str], None]) -> CompressResult:
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
@@ -348,3 +349,26 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs, progress) ->
 
 def _stderr_line(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _input_file(path: str | os.PathLike | None) -> Path | None:
+    return Path(path) if path is not None and Path(path).exists() else None
+
+
+def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathLike | None) -> OutputSet:
+    """Every file the run writes, checked against every input (:func:`check_paths`), as a locked OutputSet."""
+    output = paths["output"]
+    derived = [sidecar_path(output), paths["float"], paths["plan"], paths["report"], paths["config"]]
+    if cfg.format == "encodings":
+        derived.append(encodings_path(output))
+    if cfg.report:
+        from impq_onnx.report.figures import FIGURES
+
+        derived += [paths["report_html"]] + [Path(f"{paths['report_html'].with_suffix('')}.{name}.png")
+                                             for name in FIGURES]
+    data = Path(cfg.data)
+    check_paths([("--output", output)] + [("the derived output", p) for p in derived],
+                {"the input model": Path(cfg.model), "the config file": _input_file(config),
+                 "the preprocess file": _input_file(cfg.preprocess), "the data file": data if data.is_file() else None},
+                trees={"the data folder": data if data.is_dir() else None}, work_dir=paths["work_dir"])
+    return OutputSet([output, *derived], locked=[output, paths["work_dir"]])

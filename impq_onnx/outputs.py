@@ -297,39 +297,3 @@ class OutputSet:
                 finally:
                     os.close(fd)
 
-
-def _input_file(path: str | os.PathLike | None) -> Path | None:
-    return Path(path) if path is not None and Path(path).exists() else None
-
-
-def compress_outputs(cfg, paths: Mapping[str, Path], config: str | os.PathLike | None) -> OutputSet:
-    """The checked, locked :class:`OutputSet` of a compress run (``paths``: ``CompressConfig.paths()``)."""
-    from impq_onnx.lowering.lower import encodings_path, sidecar_path
-
-    output = Path(paths["output"])
-    derived = [sidecar_path(output), paths["float"], paths["plan"], paths["report"], paths["config"]]
-    if cfg.format == "encodings":
-        derived.append(encodings_path(output))
-    if cfg.report:
-        from impq_onnx.report.figures import FIGURES
-
-        html = Path(paths["report_html"])
-        derived += [html] + [Path(f"{html.with_suffix('')}.{name}.png") for name in FIGURES]
-    data = Path(cfg.data)
-    check_paths([("--output", output)] + [("the derived output", Path(p)) for p in derived],
-                {"the input model": Path(cfg.model), "the config file": _input_file(config),
-                 "the preprocess file": _input_file(cfg.preprocess), "the data file": data if data.is_file() else None},
-                trees={"the data folder": data if data.is_dir() else None}, work_dir=Path(paths["work_dir"]))
-    return OutputSet([output, *derived], locked=[output, Path(paths["work_dir"])])
-
-
-def lower_outputs(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.PathLike,
-                  format: str) -> OutputSet:
-    """The checked, locked :class:`OutputSet` of ``lower``."""
-    from impq_onnx.lowering.lower import encodings_path, sidecar_path
-
-    output = Path(output)
-    derived = [sidecar_path(output)] + ([encodings_path(output)] if format == "encodings" else [])
-    check_paths([("-o/--output-path", output)] + [("the derived output", p) for p in derived],
-                {"the input model": Path(model), "the plan": Path(plan)}, flag="-o")
-    return OutputSet([output, *derived], locked=[output])

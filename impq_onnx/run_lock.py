@@ -41,8 +41,8 @@ class RunLock:
                 self.file.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; choose a "
-                                  "writable folder") from None
+                raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; "
+                                  "choose a writable folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -52,8 +52,8 @@ class RunLock:
                                   f"{_show(self.file)}); wait for it to finish or choose another output / work dir")
             except OSError as exc:
                 os.close(fd)
-                raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; choose a "
-                                  "writable folder") from None
+                raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; "
+                                  "choose a writable folder") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.file, follow_symlinks=False).st_ino
             except FileNotFoundError:
