@@ -324,9 +324,12 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict()}
+    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
+
+    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)  # verified with batch N
     write_all({
         **output_files(lowered, paths["output"]),
-        paths["float"]: final_model.to_bytes(),
+        paths["float"]: restore_declared_batch(final_model.to_proto(), base.declared_batch).SerializeToString(),
         paths["plan"]: plan.to_yaml().encode(),
         paths["report"]: (json.dumps(document, indent=1, allow_nan=True) + "\n").encode(),
         paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),
