@@ -281,6 +281,10 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
     base = load(cfg.model)
+    if cfg.method != "uniform-ptq":  # every other method fine-tunes or measures gradients: refuse now, not mid-run
+        from impq_onnx.engine.differentiable import check_trainable
+
+        check_trainable(base)
     preprocess = _preprocess(cfg, base)
     sites = find_sites(base, (1, *preprocess.sample_shape))
     train, val, test = _datasets(cfg, preprocess)
