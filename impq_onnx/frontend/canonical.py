@@ -126,6 +126,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
     batch = declared_batch(model.graph.inputs[0])
     if batch is not None:
         model, batch = _free_batch(model, batch, label)
+    logits = _flatten_logits(model) or logits
     input_value = model.graph.inputs[0]
     canonical = CanonicalModel(
         model=model,
@@ -162,6 +163,21 @@ def _free_batch(model: ir.Model, batch: int, label: str) -> tuple[ir.Model, int 
     logger.warning("%s: the batch stays fixed at %d (the graph bakes it into shapes); evaluation and training "
                    "need a model exported with a dynamic batch", label, batch)
     return model, None
+
+
+def _flatten_logits(model: ir.Model) -> str | None:
+    """Give ``[N, C, 1, 1]`` logits (a 1x1-conv classifier without a Flatten) a Flatten to ``[N, C]``;
+    returns the new logits name, or None where the logits are already 2-D."""
+    logits = model.graph.outputs[0]
+    shape = logits.shape
+    if shape is None or len(shape) <= 2 or any(d != 1 for d in list(shape)[2:]):
+        return None
+    flatten = ir.node("Flatten", [logits], attributes={"axis": 1}, name=f"{logits.name}/flatten",
+                      outputs=[ir.Value(name=f"{logits.name}/flat", shape=ir.Shape(list(shape)[:2]), type=logits.type)])
+    model.graph.append(flatten)
+    model.graph.outputs[0] = flatten.outputs[0]
+    logger.info("logits %r are %s; flattened to [N, C]", logits.name, list(shape))
+    return flatten.outputs[0].name
 
 
 def _drop_value_info(proto: onnx.ModelProto) -> None:
