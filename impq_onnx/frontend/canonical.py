@@ -27,6 +27,7 @@ from impq_onnx.errors import ModelError
 from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model
 from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
+from impq_onnx.frontend.passes.fold_constant_weights import FoldConstantWeightsPass
 from impq_onnx.frontend.passes.dynamic_batch import DynamicBatchPass, batch_is_free, declared_batch
 from impq_onnx.frontend.passes.strip_classifier_head import head_of, value_named
 
@@ -106,6 +107,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         [
             RemoveInitializersFromInputsPass(),
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
+            FoldConstantWeightsPass(),
             Float16ToFloat32Pass(),
             StripClassifierHeadPass(logits_name),
             RemoveUnusedNodesPass(),

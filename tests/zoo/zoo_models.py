@@ -104,7 +104,8 @@ def with_fixed_batch_output(batch: int = 128) -> onnx.ModelProto:
 
 
 def with_folded_fc_weight(path: str) -> onnx.ModelProto:
-    """The Gemm's weight reached through ``path``: "reshape", "transpose", "cast", "identity" or "constant"."""
+    """The Gemm's weight reached through ``path``: "reshape", "transpose", "cast", "identity", "constant"
+    (foldable) or "computed" (a Mul: not foldable, the layer stays float)."""
     model = build(Quirks())
     graph = model.graph
     fc = _node(model, "fc")
@@ -121,6 +122,17 @@ def with_folded_fc_weight(path: str) -> onnx.ModelProto:
     elif path == "cast":
         graph.initializer.append(numpy_helper.from_array(w.astype(np.float16), "fc.w.h"))
         made = helper.make_node("Cast", ["fc.w.h"], ["fc.w.r"], to=TensorProto.FLOAT, name="fc_w_cast")
+    elif path == "constant":  # a Constant node reshaped by a Constant shape (old exporters)
+        graph.node.insert(position, helper.make_node("Constant", [], ["fc.w.c"], name="fc_w_const",
+                                                     value=numpy_helper.from_array(w.reshape(-1), "fc.w.c")))
+        graph.node.insert(position + 1, helper.make_node("Constant", [], ["fc.w.cs"], name="fc_w_shape",
+                                                         value=numpy_helper.from_array(np.array(w.shape, np.int64))))
+        position += 2
+        made = helper.make_node("Reshape", ["fc.w.c", "fc.w.cs"], ["fc.w.r"], name="fc_w_reshape")
+    elif path == "computed":  # not foldable: the weight is scaled in the graph
+        graph.initializer.extend([numpy_helper.from_array(w * 2, "fc.w.2"), numpy_helper.from_array(
+            np.array(0.5, np.float32), "half")])
+        made = helper.make_node("Mul", ["fc.w.2", "half"], ["fc.w.r"], name="fc_w_scale")
     elif path == "identity":
         graph.initializer.append(numpy_helper.from_array(w, "fc.w.i"))
         made = helper.make_node("Identity", ["fc.w.i"], ["fc.w.r"], name="fc_w_identity")
