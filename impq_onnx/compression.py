@@ -214,7 +214,12 @@ def _preprocess(cfg: CompressConfig, canonical):
 
     if cfg.preprocess is None:
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
-        return infer_preprocess(canonical.input_shape(), layout)
+        from impq_onnx.data.imagefolder import first_image_size
+        from impq_onnx.data.model_data import split_folders
+
+        dynamic = any(not isinstance(d, int) for d in canonical.input_shape()[1:])
+        data_size = first_image_size(split_folders(cfg.data)[0]) if dynamic and cfg.data else None
+        return infer_preprocess(canonical.input_shape(), layout, data_size)
     if cfg.preprocess in PRESETS:
         return PRESETS[cfg.preprocess]
     if cfg.preprocess.endswith((".yaml", ".yml")) or Path(cfg.preprocess).is_file():

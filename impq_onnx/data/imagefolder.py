@@ -17,7 +17,7 @@ from PIL import Image
 from impq_onnx.data.preprocess import Preprocess, fit_image
 from impq_onnx.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderScan", "ImageFiles", "scan_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderScan", "ImageFiles", "scan_image_folder", "first_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,23 @@ def _images_under(folder: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def first_image_size(root: str | os.PathLike) -> tuple[int, int] | None:
+    """``(height, width)`` of the first image of an image folder (header only), or None (no folder or image)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d.name for d in _class_order(Path(dirpath), [Path(dirpath) / d for d in dirnames
+                                                                      if not d.startswith(".")])]
+        for name in sorted(f for f in filenames if _is_image(f)):
+            try:
+                with Image.open(Path(dirpath) / name) as image:
+                    return image.height, image.width
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                continue
+    return None
 
 
 def _class_order(root: Path, dirs: list[Path]) -> list[Path]:
