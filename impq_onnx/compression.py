@@ -329,16 +329,16 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
+    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
+
+    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)  # verified at batch N, written as declared
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict()}
-    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
-
-    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)  # verified with batch N
     write_all({
         **output_files(lowered, paths["output"]),
-        paths["float"]: restore_declared_batch(final_model.to_proto(), base.declared_batch).SerializeToString(),
+        paths["float"]: final_model.to_bytes(),
         paths["plan"]: plan.to_yaml().encode(),
         paths["report"]: (json.dumps(document, indent=1, allow_nan=True) + "\n").encode(),
         paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),

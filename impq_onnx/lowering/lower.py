@@ -187,11 +187,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
     canonical = load(model_path, output=output)
     sites = find_sites(canonical, input_shape)
     plan = PrecisionPlan.load(plan_path).validate(sites)
-    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
-
-    lowered = lower(canonical, plan, sites, format=format)
-    lowered.proto = restore_declared_batch(lowered.proto, canonical.declared_batch)
-    return write(lowered, output_path)
+    return write(lower(canonical, plan, sites, format=format), output_path)
 
 
 def read_lowered(output_path) -> LoweredModel:
