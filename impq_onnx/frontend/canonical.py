@@ -162,8 +162,8 @@ def _free_batch(model: ir.Model, batch: int, label: str) -> tuple[ir.Model, int 
     proto = _infer_shapes(proto, label)
     if batch_is_free(proto, batch):
         return ir.serde.deserialize_model(proto), batch
-    logger.warning("%s: the batch stays fixed at %d (the graph bakes it into shapes); evaluation and training "
-                   "need a model exported with a dynamic batch", label, batch)
+    logger.warning("%s: the batch stays fixed at %d (the graph bakes it into shapes); evaluation runs in chunks "
+                   "of it, fine-tuning and sensitivity need a model exported with a dynamic batch", label, batch)
     return model, None
 
 

@@ -58,6 +58,12 @@ def test_batch_baked_where_it_is_not_the_batch_stays_static_with_a_warning(caplo
         canonical = from_proto(model)
     assert canonical.declared_batch is None and canonical.input_shape()[0] == 1
     assert "batch stays fixed at 1" in caplog.text
+    x = np.random.default_rng(4).standard_normal((7, 3, 8, 8)).astype(np.float32)
+    labels = np.zeros(7, np.int64)
+    result = evaluate(canonical, [(x, labels)], float_model=canonical, threads=1)  # evaluation runs in chunks of 1
+    assert result.n == 7 and result.agreement == 1.0
+    per_sample = np.concatenate([_logits(model, x[i : i + 1]) for i in range(7)])
+    assert result.top1 == np.mean(per_sample.argmax(axis=1) == 0)
 
 
 def test_evaluate_sensitivity_and_compress_on_a_static_batch_model(tmp_path) -> None:
