@@ -56,6 +56,9 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+_SHAPE_HELP = "Concrete input shape for MACs and padding, e.g. 1,3,224,224 [default: the data's]."
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input-shape", callback=_parse_shape, help="Concrete input shape for MACs, e.g. 1,3,224,224.")
@@ -82,8 +85,10 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
-def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json):
+def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json,
+                     input_shape):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
 
@@ -102,7 +107,7 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
     plan = sites = None
     if plan_path:
-        sites = find_sites(canonical)
+        sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
         plan = PrecisionPlan.load(plan_path).validate(sites)
     result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
                       float_model=canonical if plan is not None else None, threads=threads, progress=True)
@@ -153,9 +158,10 @@ def _compress_options(func):
 @click.option("--top", default=5, show_default=True, help="How many layers to print at each end.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
-                        output_prefix, top, seed, threads):
+                        output_prefix, top, seed, threads, input_shape):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
 
@@ -173,10 +179,10 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
-    sites = find_sites(canonical)
-    plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     train, _ = split_folders(data)
     dataset = open_for_model(canonical, train, preprocess)
+    sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+    plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
         import numpy as np
 
@@ -214,12 +220,13 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 @click.option("--format", "format_", type=click.Choice(target_names()), default="qdq", show_default=True,
               help=target_help())
 @click.option("--output", help="Name of the logits tensor when the model has several outputs.")
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP.replace("the data's", "224 for a dynamic size"))
 @_user_errors
-def lower_command(model, plan_path, output_path, format_, output):
+def lower_command(model, plan_path, output_path, format_, output, input_shape):
     """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
     from impq_onnx.lowering.lower import lower_file
 
-    for path in lower_file(model, plan_path, output_path, format_, output=output):
+    for path in lower_file(model, plan_path, output_path, format_, output=output, input_shape=input_shape):
         click.echo(f"wrote {path}")
 
 
@@ -233,8 +240,9 @@ def lower_command(model, plan_path, output_path, format_, output):
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
-def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json):
+def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json, input_shape):
     """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
     import json
 
@@ -250,10 +258,10 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     from impq_onnx.lowering.verify import verify
 
     canonical = load(model_path)
-    sites = find_sites(canonical)
-    plan = PrecisionPlan.load(plan_path).validate(sites)
     train, held_out = split_folders(data)
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+    plan = PrecisionPlan.load(plan_path).validate(sites)
     result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

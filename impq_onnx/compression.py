@@ -206,7 +206,12 @@ def _preprocess(cfg: CompressConfig, canonical):
 
     if cfg.preprocess is None:
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
-        return infer_preprocess(canonical.input_shape(), layout)
+        from impq_onnx.data.imagefolder import first_image_size
+        from impq_onnx.data.model_data import split_folders
+
+        dynamic = any(not isinstance(d, int) for d in canonical.input_shape()[1:])
+        data_size = first_image_size(split_folders(cfg.data)[0]) if dynamic and cfg.data else None
+        return infer_preprocess(canonical.input_shape(), layout, data_size)
     if cfg.preprocess in PRESETS:
         return PRESETS[cfg.preprocess]
     if cfg.preprocess.endswith((".yaml", ".yml")) or Path(cfg.preprocess).is_file():
@@ -283,6 +288,10 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
     base = load(cfg.model)
+    if cfg.method != "uniform-ptq":  # every other method fine-tunes or measures gradients: refuse now, not mid-run
+        from impq_onnx.engine.differentiable import check_trainable
+
+        check_trainable(base)
     preprocess = _preprocess(cfg, base)
     sites = find_sites(base, (1, *preprocess.sample_shape))
     train, val, test = _datasets(cfg, preprocess)
@@ -322,6 +331,9 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
+    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
+
+    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)  # verified at batch N, written as declared
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
