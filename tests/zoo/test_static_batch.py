@@ -89,3 +89,20 @@ def test_evaluate_sensitivity_and_compress_on_a_static_batch_model(tmp_path) -> 
     assert written.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1
     x, _ = next(dataset.batches(1))
     assert _logits(written, x).shape == (1, 5)
+
+
+def test_lower_writes_the_declared_batch(tmp_path) -> None:
+    from impq_onnx.lowering.lower import lower_file
+    from impq_onnx.quant.plan import PrecisionPlan
+
+    path = tmp_path / "static.onnx"
+    onnx.save(static_batch(1), path)
+    canonical = load(path)
+    plan_path = tmp_path / "plan.yaml"
+    PrecisionPlan.uniform(find_sites(canonical), 4, None).save(plan_path)
+    out = tmp_path / "low.onnx"
+    lower_file(path, plan_path, out)
+    written = onnx.load(out)
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    x = np.zeros((1, *[d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim[1:]]), np.float32)
+    assert _logits(written, x).shape[0] == 1
