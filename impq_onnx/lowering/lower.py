@@ -161,6 +161,9 @@ def _retarget_sidecar(sidecar: dict, model: ir.Model, target: Target) -> None:
     by_site = {e["impq.site"]: t for t, e in annotations(model).items() if e["impq.kind"] == "activation"}
     for layer, entry in sidecar["weights"].items():
         entry["tensor"] = by_layer[layer]
+        stored = model.graph.initializers.get(entry["tensor"])
+        if target.stores_codes and stored is not None and stored.const_value is not None:
+            entry["dtype"] = str(np.dtype(stored.const_value.dtype.numpy()))  # a target may narrow it (int4)
         if not target.stores_codes and entry["dtype"] != "float32":
             entry["dtype"] = "float32"  # the target stores on-grid float values; the codes are value/scale
     for site, entry in sidecar["activations"].items():
