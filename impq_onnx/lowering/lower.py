@@ -65,7 +65,7 @@ class LoweredModel:
     proto: onnx.ModelProto
     sidecar: dict
     format: str = "qdq"
-    attachments: dict[str, dict] = dataclasses.field(default_factory=dict)  # {file suffix: JSON}, per target
+    attachments: dict[str, dict | bytes] = dataclasses.field(default_factory=dict)  # {file suffix: JSON | bytes}
 
     @property
     def encodings(self) -> dict | None:
@@ -184,7 +184,8 @@ def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
     files = {output_path: lowered.proto.SerializeToString(),
              sidecar_path(output_path): (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()}
     for suffix, content in lowered.attachments.items():
-        files[attachment_path(output_path, suffix)] = (json.dumps(content, indent=1, sort_keys=True) + "\n").encode()
+        files[attachment_path(output_path, suffix)] = (
+            content if isinstance(content, bytes) else (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
     return files
 
 
@@ -218,7 +219,8 @@ def read_lowered(output_path) -> LoweredModel:
     for suffix in get_target(fmt).attachments:
         path = attachment_path(output_path, suffix)
         try:
-            attachments[suffix] = json.loads(path.read_text())
+            binary = suffix in get_target(fmt).binary_attachments
+            attachments[suffix] = path.read_bytes() if binary else json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from None
     return LoweredModel(proto, sidecar, fmt, attachments)

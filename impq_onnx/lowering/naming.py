@@ -35,8 +35,8 @@ def weight_nodes(layer: str) -> dict[str, str]:
 
 
 def packed_names(weight: str, layer: str) -> dict[str, str]:
-    """The bit-packed codes of weight ``weight`` (packed target): the uint8 blob, its per-kernel table, the node."""
-    return {"blob": f"{weight}_packed", "table": f"{weight}_packed_table", "node": f"{layer}/weight_unpack"}
+    """The bit-packed codes of weight ``weight`` (packed target): their per-kernel table and unpacking node."""
+    return {"table": f"{weight}_packed_table", "node": f"{layer}/weight_unpack"}
 
 
 def activation_names(tensor: str) -> dict[str, str]:

@@ -1,24 +1,25 @@
 """Packed target: every weight kernel's codes bit-packed at its true width, for accelerator toolchains.
 
-The QDQ graph's integer codes initializer ``W_quantized`` of each layer is replaced by a node of domain
-``ai.impq`` that names where the codes are kept::
+Writes two files: the model ``out.onnx`` and the weights ``out.packed`` (the attachment with suffix
+``.packed``: the packed codes of all layers, one after another, nothing else, so its size is
+``Σ ceil(n_k · bits_k / 8)`` bytes). In the model, each layer's integer codes initializer ``W_quantized``
+of the QDQ graph is replaced by a node of domain ``ai.impq`` that says where its codes are::
 
-    W_packed (uint8 [N]) ─┐
     W_packed_table (int32 [K, 4]) ─► ai.impq::UnpackBits(shape, axis, to) ─► W_quantized ─► DequantizeLinear ─► ...
 
 Everything after it (scale, zero point 0, the float-kernel ``Add``, activations, annotation) is the QDQ
 target's. Table row ``k`` = ``(bits, byte_offset, code_min, code_step)`` of kernel ``k`` (the slice ``k``
 along ``axis``); its ``n`` codes, in C order of the weight with ``axis`` moved first, are the unsigned
-``u`` in ``bits`` bits each, written into the blob from ``byte_offset`` as one little-endian bit stream
-(bit ``j`` of a kernel is ``(blob[byte_offset + j // 8] >> (j % 8)) & 1``; value ``i`` is bits
+``u`` in ``bits`` bits each, written into ``out.packed`` from ``byte_offset`` as one little-endian bit
+stream (bit ``j`` of a kernel is ``(data[byte_offset + j // 8] >> (j % 8)) & 1``; value ``i`` is bits
 ``i·bits .. i·bits + bits - 1``, least significant first; the last byte is zero-padded, so each kernel
 starts on a byte). ``code = code_min + code_step · u`` and the weight is ``code · scale[k]`` (the
 DequantizeLinear scale). ``code_step`` is 2 for the odd codes of the midrise grid, 1 otherwise; a
 float kernel has ``bits`` 0 and no bytes (codes 0; its values are in the ``Add``). Full layout:
 ``docs/packed-format.md``; a numpy-only copy of :func:`unpack` is ``tools/impq_unpack.py``.
 
-Runtimes do not know ``UnpackBits``: the file is for toolchains that read the blobs. ``verify`` runs
-:meth:`PackedTarget.as_standard_ops`, which unpacks every blob back into the QDQ model.
+Runtimes do not know ``UnpackBits``: the files are for toolchains that read the packed weights.
+``verify`` runs :meth:`PackedTarget.as_standard_ops`, which unpacks every layer back into the QDQ model.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
-__all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "pack", "unpack", "kernel_table", "packed_as_standard_ops"]
+__all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table", "packed_as_standard_ops"]
 
 PACKED_DOMAIN = "ai.impq"
 UNPACK_OP = "UnpackBits"
@@ -109,60 +110,66 @@ def _table_of(stored: np.ndarray, axis: int, layer_bits: list[int | None] | None
     return kernel_table([(int(r.min()), int(r.max()), False) for r in rows])
 
 
+SUFFIX = ".packed"
+
+
 class PackedTarget(QdqTarget):
     name = "packed"
-    help = "QDQ with weight codes bit-packed at their true width (ai.impq::UnpackBits; for toolchains)"
+    help = "QDQ with weight codes bit-packed at their true width in <out>.packed (for toolchains)"
     stores_codes = True
+    attachments = (SUFFIX,)
+    binary_attachments = (SUFFIX,)
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
+                **options: object) -> dict[str, dict | bytes]:
         super().rewrite(model, plan, sites, **options)
         graph = model.graph
+        blobs, size = [], 0
         for match in weight_quantizers(graph):
             stored = match.codes.const_value.numpy()
             layer = planned_layer(sites, match.layer) if plan is not None else None
             layer_bits = plan.weights[layer.node] if layer is not None else None
-            table = _table_of(stored, match.axis, layer_bits, plan.weight_scheme if plan else "")
-            blob, table = pack(stored, match.axis, table)
+            blob, table = pack(stored, match.axis, _table_of(stored, match.axis, layer_bits,
+                                                             plan.weight_scheme if plan else ""))
+            table[:, 1] += size
+            blobs.append(blob)
+            size += len(blob)
             names = packed_names(match.codes.name, match.layer.name)
-            inputs = []
-            for key, array in (("blob", blob), ("table", table)):
-                value = ir.Value(name=names[key], const_value=ir.tensor(array, name=names[key]))
-                graph.register_initializer(value)
-                inputs.append(value)
-            node = ir.node(UNPACK_OP, inputs, {"shape": list(stored.shape), "axis": match.axis,
-                                               "to": int(match.codes.const_value.dtype)}, domain=PACKED_DOMAIN,
-                           name=names["node"])
-            codes_name = match.codes.name
-            graph.initializers.pop(codes_name)
+            value = ir.Value(name=names["table"], const_value=ir.tensor(table, name=names["table"]))
+            graph.register_initializer(value)
+            dtype = match.codes.const_value.dtype
+            node = ir.node(UNPACK_OP, [value], {"shape": list(stored.shape), "axis": match.axis, "to": int(dtype)},
+                           domain=PACKED_DOMAIN, name=names["node"])
+            graph.initializers.pop(match.codes.name)
             match.dequantize.replace_input_with(0, node.outputs[0])
-            node.outputs[0].name = codes_name
-            node.outputs[0].dtype = match.codes.const_value.dtype
+            node.outputs[0].name = match.codes.name
+            node.outputs[0].dtype = dtype
             node.outputs[0].shape = ir.Shape(stored.shape)
             graph.insert_before(match.dequantize, node)
+        if not blobs:
+            return {}
         model.opset_imports[PACKED_DOMAIN] = 1
-        return {}
+        return {SUFFIX: np.concatenate(blobs).tobytes()}
 
     def as_standard_ops(self, lowered) -> onnx.ModelProto:
-        return packed_as_standard_ops(lowered.proto)
+        return packed_as_standard_ops(lowered.proto, lowered.attachments.get(SUFFIX, b""))
 
 
-def packed_as_standard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The QDQ model ``proto`` stands for: every ``UnpackBits`` replaced by the codes it unpacks."""
+def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
+    """The QDQ model that ``proto`` with packed weights ``data`` stands for: every ``UnpackBits`` replaced
+    by the codes it unpacks."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
+    blob = np.frombuffer(data, np.uint8)
     inits = {t.name: t for t in graph.initializer}
-    unpackers = [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]
-    for node in unpackers:
+    for node in [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        dtype = helper.tensor_dtype_to_np_dtype(attrs["to"])
-        codes = unpack(numpy_helper.to_array(inits[node.input[0]]), numpy_helper.to_array(inits[node.input[1]]),
-                       tuple(attrs["shape"]), attrs["axis"], dtype)
+        codes = unpack(blob, numpy_helper.to_array(inits[node.input[0]]), tuple(attrs["shape"]), attrs["axis"],
+                       helper.tensor_dtype_to_np_dtype(attrs["to"]))
         graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
         graph.node.remove(node)
-        for name in node.input:
-            graph.initializer.remove(inits[name])
+        graph.initializer.remove(inits[node.input[0]])
     kept = [o for o in out.opset_import if o.domain != PACKED_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)
