@@ -7,7 +7,8 @@ training. Prints a markdown table of the bytes each format writes (model, ``.pac
 sidecar is the same record for all and left out) and checks exactness: every lowered model is verified
 against the simulation (onnxruntime-training, 100 % top-1 agreement, max logit difference), and with
 ``--mainline`` the qdq-int4 models also run in that interpreter's mainline onnxruntime (all graph
-optimizations and none) next to the qdq models, which must give the same logits. Inputs: the first ``--samples`` images of ``--data`` or seeded normal noise.
+optimizations and none) next to the qdq models, which must give the same logits. Inputs: ``--samples``
+images spread evenly over ``--data`` (all classes), or seeded normal noise.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import onnxruntime as ort
 qdq, int4, reference = sys.argv[1], sys.argv[2], sys.argv[3]
 data = np.load(reference)
 report = {"onnxruntime": ort.__version__}
-for name, level in (("all", ort.GraphOptimizationLevel.ORT_ENABLE_ALL), ("none", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
+levels = ort.GraphOptimizationLevel
+for name, level in (("all", levels.ORT_ENABLE_ALL), ("none", levels.ORT_DISABLE_ALL)):
     options = ort.SessionOptions()
     options.graph_optimization_level, options.intra_op_num_threads, options.log_severity_level = level, 2, 3
     out = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]).run(None, {"input": data["x"]})[0]
@@ -57,7 +59,7 @@ def _inputs(canonical, data: str | None, samples: int) -> np.ndarray:
     from impq_onnx.data.model_data import open_for_model
 
     dataset = open_for_model(canonical, data)
-    return dataset.load(np.arange(min(samples, len(dataset))))
+    return dataset.load(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(np.int64))  # all classes
 
 
 def measure(model: str, data: str | None, samples: int, mainline: str | None, workdir: Path) -> list[dict]:

@@ -5,7 +5,8 @@ Writes two files: the model ``out.onnx`` and the weights ``out.packed`` (the att
 ``Σ ceil(n_k · bits_k / 8)`` bytes). In the model, each layer's integer codes initializer ``W_quantized``
 of the QDQ graph is replaced by a node of domain ``ai.impq`` that says where its codes are::
 
-    W_packed_table (int32 [K, 4]) ─► ai.impq::UnpackBits(shape, axis, to) ─► W_quantized ─► DequantizeLinear ─► ...
+    W_quantized_packed_table (int32 [K, 4]) ─► ai.impq::UnpackBits(shape, axis, to) ─► W_quantized
+                                            ─► DequantizeLinear ─► ...
 
 Everything after it (scale, zero point 0, the float-kernel ``Add``, activations, annotation) is the QDQ
 target's. Table row ``k`` = ``(bits, byte_offset, code_min, code_step)`` of kernel ``k`` (the slice ``k``
@@ -37,7 +38,8 @@ from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
-__all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table", "packed_as_standard_ops"]
+__all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table",
+           "packed_as_standard_ops"]
 
 PACKED_DOMAIN = "ai.impq"
 UNPACK_OP = "UnpackBits"

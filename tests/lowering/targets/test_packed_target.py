@@ -72,7 +72,8 @@ def test_packed_model_unpacks_to_the_qdq_model_bit_for_bit(scheme, tmp_path):
     qdq = lower(canonical, plan, sites)
     packed = lower(canonical, plan, sites, format="packed")
     counts = ops(packed.proto)
-    assert counts["UnpackBits"] == len(sites.layers) and counts["DequantizeLinear"] == ops(qdq.proto)["DequantizeLinear"]
+    assert counts["UnpackBits"] == len(sites.layers)
+    assert counts["DequantizeLinear"] == ops(qdq.proto)["DequantizeLinear"]
     assert all(t.data_type != onnx.TensorProto.INT8 or t.name.endswith("zero_point")
                for t in packed.proto.graph.initializer)  # no int8 codes left in the model
     codes = {e["tensor"] for e in qdq.sidecar["weights"].values()}
