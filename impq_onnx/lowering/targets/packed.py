@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
 from impq_onnx.lowering.patterns import weight_quantizers
-from impq_onnx.lowering.targets.base import planned_layer
+from impq_onnx.lowering.targets.base import Lowered, planned_layer
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
@@ -153,7 +153,7 @@ class PackedTarget(QdqTarget):
         model.opset_imports[PACKED_DOMAIN] = 1
         return {SUFFIX: np.concatenate(blobs).tobytes()}
 
-    def as_standard_ops(self, lowered) -> onnx.ModelProto:
+    def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         return packed_as_standard_ops(lowered.proto, lowered.attachments.get(SUFFIX, b""))
 
 

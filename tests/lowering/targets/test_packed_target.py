@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from tiny_models import Quirks, build
 TOOLS = Path(__file__).parents[3] / "tools" / "impq_unpack.py"
 
 
-def _standalone():
+def _standalone() -> ModuleType:
     spec = importlib.util.spec_from_file_location("impq_unpack", TOOLS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
