@@ -104,8 +104,16 @@ def test_rewrite_twice_changes_nothing():
     plan = mixed_plan(sites, "midrise-max", seed=5)
     model = ir.serde.deserialize_model(lower(canonical, plan, sites, format="packed").proto)
     before = ir.serde.serialize_model(model).SerializeToString()
-    assert PackedTarget().rewrite(model, plan, sites) == {}
+    assert PackedTarget().rewrite(model, plan, sites) == {SUFFIX: b""}
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_all_float_plan_writes_an_empty_packed_file_that_reads_back(tmp_path):
+    canonical, sites = tiny(build(Quirks()))
+    plan = mixed_plan(sites, "midrise-max", weights=False, activations=True)
+    write(lower(canonical, plan, sites, format="packed"), tmp_path / "m.onnx")
+    assert (tmp_path / "m.packed").read_bytes() == b""
+    assert verify(read_lowered(tmp_path / "m.onnx"), canonical, plan, sites, [inputs()]).ok
 
 
 def test_foreign_qdq_model_packs_at_its_stored_ranges():
