@@ -65,7 +65,7 @@ class LoweredModel:
     proto: onnx.ModelProto
     sidecar: dict
     format: str = "qdq"
-    attachments: dict[str, dict] = dataclasses.field(default_factory=dict)  # {file suffix: JSON}, per target
+    attachments: dict[str, dict | bytes] = dataclasses.field(default_factory=dict)  # {file suffix: JSON | bytes}
 
     @property
     def encodings(self) -> dict | None:
@@ -161,6 +161,9 @@ def _retarget_sidecar(sidecar: dict, model: ir.Model, target: Target) -> None:
     by_site = {e["impq.site"]: t for t, e in annotations(model).items() if e["impq.kind"] == "activation"}
     for layer, entry in sidecar["weights"].items():
         entry["tensor"] = by_layer[layer]
+        stored = model.graph.initializers.get(entry["tensor"])
+        if target.stores_codes and stored is not None and stored.const_value is not None:
+            entry["dtype"] = str(np.dtype(stored.const_value.dtype.numpy()))  # a target may narrow it (int4)
         if not target.stores_codes and entry["dtype"] != "float32":
             entry["dtype"] = "float32"  # the target stores on-grid float values; the codes are value/scale
     for site, entry in sidecar["activations"].items():
@@ -181,7 +184,8 @@ def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
     files = {output_path: lowered.proto.SerializeToString(),
              sidecar_path(output_path): (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()}
     for suffix, content in lowered.attachments.items():
-        files[attachment_path(output_path, suffix)] = (json.dumps(content, indent=1, sort_keys=True) + "\n").encode()
+        files[attachment_path(output_path, suffix)] = (
+            content if isinstance(content, bytes) else (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
     return files
 
 
@@ -229,7 +233,8 @@ def read_lowered(output_path) -> LoweredModel:
     for suffix in get_target(fmt).attachments:
         path = attachment_path(output_path, suffix)
         try:
-            attachments[suffix] = json.loads(path.read_text())
+            binary = suffix in get_target(fmt).binary_attachments
+            attachments[suffix] = path.read_bytes() if binary else json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from None
     return LoweredModel(proto, sidecar, fmt, attachments)
