@@ -1,7 +1,8 @@
 """The ``impq-onnx`` command: a thin click layer over the library.
 
 Options carry the same names as the library parameters they feed. User errors
-(:class:`~impq_onnx.errors.ImpqError`) print one line on stderr and exit with code 2.
+(:class:`~impq_onnx.errors.ImpqError`) print one line on stderr and exit with code 2; ``verify`` exits with
+:data:`EXIT_VERIFY_FAILED` (3) when it ran but the lowered model is not what the float model and plan give.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import click
 
 from impq_onnx.errors import ImpqError
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_VERIFY_FAILED"]
+
+EXIT_VERIFY_FAILED = 3  # distinct from 2 (bad input): the check ran and found a difference
 
 
 def _user_errors(func):
@@ -218,10 +221,17 @@ def lower_command(model, plan_path, output_path, format_, output):
 @click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
+@click.option("--logit-tolerance", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
+                   "gives).")
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
-def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json):
-    """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
+def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, logit_tolerance,
+                   as_json):
+    """Check LOWERED against MODEL under PLAN: every code, scale and zero point, predictions, ranges, annotations.
+
+    Exits 0 when everything agrees, 3 on any difference (the first of each tensor is printed), 2 on bad input.
+    """
     import json
 
     from impq_onnx.data.model_data import open_for_model, split_folders
@@ -236,7 +246,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     plan = PrecisionPlan.load(plan_path).validate(sites)
     train, held_out = split_folders(data)
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
-    result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads)
+    result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads,
+                    logit_tolerance=logit_tolerance)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
@@ -247,7 +258,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
                 + result.record_mismatches:
             click.echo(f"  {problem}")
     if not result.ok:
-        sys.exit(1)
+        sys.exit(EXIT_VERIFY_FAILED)
 
 
 @main.command("compress")

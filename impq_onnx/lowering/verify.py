@@ -10,7 +10,13 @@
 3. every stored integer lies in its annotated bit range: per kernel ``code_min <= code <= code_max``
    of its bits (odd codes only for the midrise grid, 0 for float kernels), per activation the integer
    range that Clip + QuantizeLinear (or ``Quant``, or the encoding) allows equals the B-bit range;
-4. the ``impq.*`` annotations, the sidecar and the graph agree (bits, scales, clips, signedness).
+4. the ``impq.*`` annotations, the sidecar and the graph agree (bits, scales, clips, signedness);
+5. every weight code, scale and zero point, and every activation scale, zero point and clip bound,
+   equals what lowering the float model under the plan gives, bit for bit, and every scale is > 0
+   (:func:`impq_onnx.lowering.exact_codes.exact_mismatches`; the first difference of each tensor is
+   reported with its channel and index, in ``record_mismatches``);
+6. the largest logit difference is at most ``logit_tolerance`` (default 0: the pinned onnxruntime
+   reproduces the simulation exactly, and a single changed code moves some logit by far more).
 
 QONNX output runs through :func:`impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings output
 through :func:`impq_onnx.lowering.targets.encodings.apply_encodings` (the JSON applied as a converter would).
@@ -25,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from impq_onnx.lowering.exact_codes import exact_mismatches
 from impq_onnx.lowering.passes.annotate_bits import annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.quant.plan import PrecisionPlan
@@ -69,7 +76,7 @@ def runnable(lowered) -> onnx.ModelProto:
 
 
 def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *,
-           threads: int = 2, max_batches: int | None = None) -> VerifyResult:
+           threads: int = 2, max_batches: int | None = None, logit_tolerance: float = 0.0) -> VerifyResult:
     """See the module docstring. ``batches`` yields ``x`` or ``(x, y)`` numpy batches."""
     result = VerifyResult()
     try:
@@ -81,24 +88,44 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     notes = annotations(lowered.proto)
     _check_weights(result, lowered, plan, notes, array)
     _check_activations(result, lowered, plan, notes, array)
+    result.record_mismatches.extend(exact_mismatches(lowered, canonical, plan, sites))
     _compare_outputs(result, runnable(lowered), simulate(canonical, plan, sites), canonical.input_name, batches,
                      threads, max_batches)
+    if not result.max_logit_diff <= logit_tolerance:  # NaN logits fail too
+        result.record_mismatches.append(
+            f"logits: max difference {result.max_logit_diff:.3g} from the simulation exceeds the tolerance "
+            f"{logit_tolerance:g}")
     return result
 
 
+def _runtime_problem(exc: Exception) -> str:
+    """The first line of an onnxruntime refusal, without its C++ source location."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "onnxruntime cannot run the lowered model: " + text.split(" Status Message: ")[0][:300]
+
+
 def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches) -> None:
-    lowered_run = inference_session(model.SerializeToString(), threads)
+    try:
+        lowered_run = inference_session(model.SerializeToString(), threads)
+    except Exception as exc:  # onnxruntime raises its own exception types per status code
+        result.record_mismatches.append(_runtime_problem(exc))
+        return
     simulated_run = inference_session(simulated.SerializeToString(), threads)
     agree = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
-        a = lowered_run.run(None, {input_name: x})[0]
+        try:
+            a = lowered_run.run(None, {input_name: x})[0]
+        except Exception as exc:  # as above: a corrupted lowered model may be refused only when run
+            result.record_mismatches.append(_runtime_problem(exc))
+            break
         b = simulated_run.run(None, {input_name: x})[0]
         agree += int(np.sum(a.argmax(axis=1) == b.argmax(axis=1)))
         result.samples += len(x)
-        result.max_logit_diff = max(result.max_logit_diff, float(np.max(np.abs(a - b))))
+        diff = np.abs(a - b)
+        result.max_logit_diff = max(result.max_logit_diff, float(np.max(np.where(np.isnan(diff), np.inf, diff))))
     result.agreement = agree / result.samples if result.samples else 0.0
 
 
