@@ -89,7 +89,9 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     _check_weights(result, lowered, plan, notes, array)
     _check_activations(result, lowered, plan, notes, array)
     result.record_mismatches.extend(exact_mismatches(lowered, canonical, plan, sites))
-    _compare_outputs(result, runnable(lowered), simulate(canonical, plan, sites), canonical.input_name, batches,
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero or NaN scale is reported, not warned about
+        model = runnable(lowered)
+    _compare_outputs(result, model, simulate(canonical, plan, sites), canonical.input_name, batches,
                      threads, max_batches)
     if not result.max_logit_diff <= logit_tolerance:  # NaN logits fail too
         result.record_mismatches.append(
@@ -146,10 +148,12 @@ def _codes(lowered, entry: dict, array) -> tuple[np.ndarray, np.ndarray, list[st
     shape[axis] = -1
     quantized = np.array([b is not None for b in entry["bits"]]).reshape(shape)
     stored = np.where(quantized, stored, np.float32(0))  # float kernels are not on a grid (encodings)
-    codes = np.rint(stored / scale.reshape(shape))
-    if not np.array_equal((codes * scale.reshape(shape)).astype(np.float32), stored):
-        problems.append(f"weight '{name}': values are not integer multiples of their per-channel scale")
-    return codes.astype(np.int64), scale, problems
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # bad scales are reported below
+        codes = np.rint(stored / scale.reshape(shape))
+        if not np.array_equal((codes * scale.reshape(shape)).astype(np.float32), stored):
+            problems.append(f"weight '{name}': values are not integer multiples of their per-channel scale")
+        codes = np.nan_to_num(codes, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int64)
+    return codes, scale, problems
 
 
 def _check_weights(result: VerifyResult, lowered, plan: PrecisionPlan, notes: dict, array) -> None:
