@@ -86,11 +86,15 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.engine import evaluate
+    from impq_onnx.engine.evaluation import nonfinite_initializers
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model, output=output)
+    for name, count in nonfinite_initializers(canonical)[:1]:
+        click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
+                   "its outputs will not be meaningful", err=True)
     train, held_out = split_folders(data)
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
     plan = sites = None
@@ -104,8 +108,11 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
         return
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     click.echo(f"{model} on {held_out or train} ({result.n} images){' under ' + plan_path if plan_path else ''}")
-    click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}"
-               + (f"   agreement with float {pct(result.agreement)}" if result.agreement is not None else ""))
+    agreement = f"agreement with float {pct(result.agreement)}" if result.agreement is not None else ""
+    if result.top1 is None:
+        click.echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
+    else:
+        click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}" + (f"   {agreement}" if agreement else ""))
     click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
 
 
