@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from impq_onnx.data.limits import check_npz_headers, open_regular
 from impq_onnx.data.preprocess import Preprocess, fit_image
 from impq_onnx.errors import DataError
 
@@ -43,7 +44,10 @@ def _channels_last(x: np.ndarray, path: Path) -> np.ndarray:
 
 
 def load_npz(path: Path) -> NpzContents:
-    """Read and check ``x`` and ``y``; the whole file is loaded (npz arrays cannot be memory-mapped)."""
+    """Read and check ``x`` and ``y``; the whole file is loaded (npz arrays cannot be memory-mapped), after
+    their headers were checked against :data:`impq_onnx.data.limits.MAX_ARRAY_BYTES`."""
+    open_regular(path, 2**62, ".npz file").close()  # a FIFO or device named *.npz is refused, not waited on
+    check_npz_headers(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
