@@ -55,7 +55,7 @@ def open_regular(path: Path, limit: int, what: str) -> BinaryIO:
         raise DataError(f"{shown(path)}: not a regular file; remove it or point the data elsewhere")
     if info.st_size > limit:
         os.close(fd)
-        raise DataError(f"{shown(path)}: {info.st_size} bytes is over the {limit // 2**20} MiB limit for a {what}")
+        raise DataError(f"{shown(path)}: {info.st_size} bytes is over the limit of {limit} bytes for a {what}")
     return os.fdopen(fd, "rb")
 
 
