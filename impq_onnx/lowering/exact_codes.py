@@ -20,7 +20,6 @@ naming the tensor, the layer, the channel and the index.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -36,18 +35,14 @@ __all__ = ["exact_mismatches"]
 _QUANTIZERS = ("DequantizeLinear", "Quant")
 
 
-@dataclasses.dataclass
 class _Graph:
-    """Index of one ONNX graph: nodes by name, producers by output, initializer arrays by name."""
+    """Index of one ONNX graph: nodes by name, producers by output, initializers by name."""
 
-    proto: onnx.ModelProto
-    encodings: dict | None
-
-    def __post_init__(self) -> None:
-        graph = self.proto.graph
-        self.nodes = {n.name: n for n in graph.node}
-        self.producers = {o: n for n in graph.node for o in n.output}
-        self.inits = {t.name: t for t in graph.initializer}
+    def __init__(self, proto: onnx.ModelProto, encodings: dict | None) -> None:
+        self.encodings = encodings
+        self.nodes = {n.name: n for n in proto.graph.node}
+        self.producers = {o: n for n in proto.graph.node for o in n.output}
+        self.inits = {t.name: t for t in proto.graph.initializer}
 
     def array(self, name: str) -> np.ndarray | None:
         tensor = self.inits.get(name)
@@ -92,7 +87,8 @@ def _weight_record(g: _Graph, layer: QuantLayer) -> dict[str, Any] | str:
         if name not in g.inits:
             return f"layer '{layer.node}': its weight '{name}' is neither an initializer nor a quantizer output"
         return _encoded_weight(g, layer, name, record)
-    if producer.op_type not in _QUANTIZERS or any(i not in g.inits for i in producer.input):
+    if (producer.op_type not in _QUANTIZERS or any(i not in g.inits for i in producer.input)
+            or len(producer.input) < (4 if producer.op_type == "Quant" else 2)):
         return f"layer '{layer.node}': its weight comes from {producer.op_type} '{producer.name}', not a quantizer"
     values, scale = g.array(producer.input[0]), g.array(producer.input[1])
     assert values is not None and scale is not None
@@ -136,7 +132,8 @@ def _activation_record(g: _Graph, layer: str) -> dict[str, Any] | str:
     record: dict[str, Any] = {}
     chain = []
     producer = g.producers.get(name)
-    while producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear", "Quant", "Clip"):
+    while (producer is not None and len(chain) < 3  # at most DQ <- Q <- Clip; also ends a cyclic graph
+           and producer.op_type in ("DequantizeLinear", "QuantizeLinear", "Quant", "Clip") and producer.input):
         chain.append(producer)
         if producer.op_type == "Quant" or producer.op_type == "Clip":
             break
@@ -184,7 +181,8 @@ def _compare_weight(layer: QuantLayer, got: dict[str, Any], want: dict[str, Any]
     if scale is not None:
         bad = np.flatnonzero(~(np.isfinite(scale) & (scale > 0)))
         if len(bad):
-            return f"{tensor} channel {bad[0]}: scale {scale.reshape(-1)[bad[0]].item()!r} is not a positive finite number"
+            value = scale.reshape(-1)[bad[0]].item()
+            return f"{tensor} channel {bad[0]}: scale {value!r} is not a positive finite number"
     for key in ("codes", "scale", "zero_point", "values", "float_kernels"):
         a, b = got.get(key), want.get(key)
         if not _differ(a, b):
@@ -254,10 +252,10 @@ def exact_mismatches(lowered, canonical, plan: PrecisionPlan, sites: SiteTable) 
         if problem:
             problems.append(problem)
     for site in sites.activations:
-        for layer in site.layers:
-            a, b = _activation_record(got, layer), _activation_record(want, layer)
+        for reader in site.layers:
+            a, b = _activation_record(got, reader), _activation_record(want, reader)
             problem = a if isinstance(a, str) else (b if isinstance(b, str) else
-                                                    _compare_activation(site.tensor, layer, a, b))
+                                                    _compare_activation(site.tensor, reader, a, b))
             if problem:
                 problems.append(problem)
                 break

@@ -25,7 +25,7 @@ through :func:`impq_onnx.lowering.targets.encodings.apply_encodings` (the JSON a
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -61,6 +61,20 @@ class VerifyResult:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
 
+# What a damaged or hand-edited lowered file (missing tensors or sidecar keys, wrong types) raises while read.
+_UNREADABLE = (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration)
+
+
+def _guarded(result: VerifyResult, what: str, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``, or None with a mismatch naming what could not be read."""
+    try:
+        return check(*args)
+    except _UNREADABLE as exc:
+        result.record_mismatches.append(f"{what}: the lowered model cannot be read as lowered ({type(exc).__name__}: "
+                                        f"{str(exc)[:200]}); lower it again")
+        return None
+
+
 def runnable(lowered) -> onnx.ModelProto:
     """A standard-op model that computes what ``lowered`` (any format) means."""
     if lowered.format == "qonnx":
@@ -86,13 +100,15 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     inits = {t.name: t for t in lowered.proto.graph.initializer}
     array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
     notes = annotations(lowered.proto)
-    _check_weights(result, lowered, plan, notes, array)
-    _check_activations(result, lowered, plan, notes, array)
-    result.record_mismatches.extend(exact_mismatches(lowered, canonical, plan, sites))
+    _guarded(result, "weights", _check_weights, result, lowered, plan, notes, array)
+    _guarded(result, "activations", _check_activations, result, lowered, plan, notes, array)
+    result.record_mismatches.extend(_guarded(result, "quantizers", exact_mismatches, lowered, canonical, plan, sites)
+                                    or [])
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero or NaN scale is reported, not warned about
-        model = runnable(lowered)
-    _compare_outputs(result, model, simulate(canonical, plan, sites), canonical.input_name, batches,
-                     threads, max_batches)
+        model = _guarded(result, "runnable model", runnable, lowered)
+    if model is not None:
+        _compare_outputs(result, model, simulate(canonical, plan, sites), canonical.input_name, batches,
+                         threads, max_batches)
     if not result.max_logit_diff <= logit_tolerance:  # NaN logits fail too
         result.record_mismatches.append(
             f"logits: max difference {result.max_logit_diff:.3g} from the simulation exceeds the tolerance "

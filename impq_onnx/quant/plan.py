@@ -169,7 +169,8 @@ class PrecisionPlan:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise PlanError(f"clips['{tensor}'].value must be a number or null, not {value!r}")
             if value is not None and not (math.isfinite(value) and MIN_CLIP <= value <= MAX_CLIP):
-                raise PlanError(f"clips['{tensor}'].value {value!r} must be a finite number in {MIN_CLIP:g}..{MAX_CLIP:g}")
+                raise PlanError(
+                    f"clips['{tensor}'].value {value!r} must be a finite number in {MIN_CLIP:g}..{MAX_CLIP:g}")
             if not isinstance(clip.signed, bool):
                 raise PlanError(f"clips['{tensor}'].signed must be true or false, not {clip.signed!r}")
         return self

@@ -30,7 +30,8 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def _png_claiming(width: int, height: int) -> bytes:
     """A well-formed PNG header that claims ``width x height`` pixels over a few bytes of data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+    body = _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 @pytest.mark.parametrize("side", [8_500, 100_000])  # over our limit only; over Pillow's bomb limit too

@@ -122,3 +122,19 @@ def test_nan_and_inf_weights_get_a_warning_naming_the_initializer(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert any("initializer 'conv2.w' holds 3 NaN/infinite value(s)" in line for line in warnings), result.stderr
     assert digest(tmp_path) == before
+
+
+def test_verify_of_a_damaged_lowered_file_fails_with_exit_3_not_a_traceback(tmp_path):
+    model, _, out, data = _lowered(tmp_path)
+    proto = onnx.load(out)
+    scale = next(t for t in proto.graph.initializer if t.name == "conv2.w_scale")
+    proto.graph.initializer.remove(scale)
+    onnx.save(proto, out)
+    sidecar = json.loads((tmp_path / "q.onnx.bits.json").read_text())
+    del sidecar["weights"]["fc"]["axis"]
+    (tmp_path / "q.onnx.bits.json").write_text(json.dumps(sidecar))
+    before = digest(tmp_path)
+    result = _verify(model, out, tmp_path, data)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "FAILED" in result.stdout and "conv2" in result.stdout
+    assert digest(tmp_path) == before
