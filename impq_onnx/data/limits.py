@@ -43,16 +43,23 @@ def shown(path: str | os.PathLike) -> str:
 
 
 def open_regular(path: Path, limit: int, what: str) -> BinaryIO:
-    """Open ``path`` for reading if it is a regular file of at most ``limit`` bytes; never blocks."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    """Open ``path`` for reading if it is a regular file of at most ``limit`` bytes; never blocks.
+
+    Checked with ``stat`` before opening (a device is never opened: opening some has side effects), and
+    again with ``fstat`` on the descriptor, opened non-blocking, in case the file was swapped in between.
+    """
+    not_regular = f"{shown(path)}: not a regular file; remove it or point the data elsewhere"
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(not_regular)
         fd = os.open(path, flags)
     except OSError as err:
         raise DataError(f"{shown(path)}: cannot open the {what} ({err.strerror})") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise DataError(f"{shown(path)}: not a regular file; remove it or point the data elsewhere")
+        raise DataError(not_regular)
     if info.st_size > limit:
         os.close(fd)
         raise DataError(f"{shown(path)}: {info.st_size} bytes is over the limit of {limit} bytes for a {what}")
@@ -103,11 +110,11 @@ def _npy_header(member: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(int(d) for d in shape), np.dtype(dtype), member.tell()
 
 
-def check_npz_headers(path: Path, names: tuple[str, ...] = ("x", "y")) -> None:
-    """Read only the ``.npy`` headers of ``names`` in the ``.npz`` at ``path``; refuse arrays over
-    ``MAX_ARRAY_BYTES`` and headers that promise more data than the archive member holds."""
+def check_npz_headers(path: Path, file: BinaryIO, names: tuple[str, ...] = ("x", "y")) -> None:
+    """Read only the ``.npy`` headers of ``names`` in the ``.npz`` ``file`` (read from ``path``); refuse arrays
+    over ``MAX_ARRAY_BYTES`` and headers that promise more data than the archive member holds."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(file) as archive:
             members = {info.filename: info for info in archive.infolist()}
             for name in names:
                 info = members.get(f"{name}.npy")

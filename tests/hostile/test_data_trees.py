@@ -62,6 +62,10 @@ def test_a_fifo_named_png_is_skipped_and_never_opened(tmp_path):
     assert _counts(root) == {f"c{k}": 2 for k in range(4)}  # returns: the scan never opens it
     with pytest.raises(DataError, match="not a regular file"):  # given directly, refused without blocking
         ImageFiles((fifo,)).pixels(np.array([0]), RAW)
+    npz = tmp_path / "arrays.npz"
+    os.mkfifo(npz)
+    with pytest.raises(DataError, match="arrays.npz: not a regular file"):
+        open_dataset(npz, RAW)
     model = tiny_model(tmp_path / "m.onnx")
     result = impq("evaluate", model, "--data", root, "--json")
     assert result.returncode == 0, result.stderr
