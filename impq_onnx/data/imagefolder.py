@@ -8,8 +8,9 @@ The walk is safe on hostile trees:
 - a directory is read at most once, by its real identity ``(st_dev, st_ino)``: a link back to an
   ancestor (``self -> .``, ``up -> ..``), to another class folder or to a folder already read is not
   followed (with a warning), so no image is counted twice and no class reads another's images;
-- links that lead out of the data root (files or folders) are not followed unless
-  ``follow_links_outside=True`` is passed (for a tree of links into a shared image store);
+- links to folders out of the data root are not followed unless ``follow_links_outside=True`` is
+  passed (a link to ``/`` would read the whole disk); a link to a single image file is read wherever
+  it points (a tree of file links into a shared image store is a common way to make a subset);
 - only regular files count: a FIFO, socket, device or dangling link named ``*.png`` is skipped with a
   warning (and :mod:`impq_onnx.data.limits` refuses to open one, so nothing ever blocks on it);
 - file names that are not valid UTF-8 are read as they are; messages show them with ``\\xNN`` escapes.
@@ -93,9 +94,6 @@ class _Walk:
                 if entry.name.startswith("."):
                     continue
                 linked = entry.is_symlink()
-                if linked and not self.follow_links_outside and not self.inside(entry.path):
-                    self.skip("links leading out of the data root", entry.path)
-                    continue
                 if not linked and entry.is_file(follow_symlinks=False):  # the directory entry's type: no stat
                     if _is_image(entry.name):
                         found.append(Path(entry.path))
@@ -107,7 +105,9 @@ class _Walk:
                         self.skip("dangling links or unreadable entries", entry.path)
                     continue
                 if stat.S_ISDIR(info.st_mode):
-                    if self.enter(entry.path, info):
+                    if linked and not self.follow_links_outside and not self.inside(entry.path):
+                        self.skip("links to folders out of the data root", entry.path)
+                    elif self.enter(entry.path, info):
                         pending.append(Path(entry.path))
                     else:
                         self.skip("links to a folder read already (loops, other classes)", entry.path)
@@ -155,7 +155,7 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
     readable = {}
     for path, info in class_dirs:  # registered first, so a link from one class into another is not followed
         if path.is_symlink() and not follow_links_outside and not walk.inside(path):
-            walk.skip("links leading out of the data root", path)
+            walk.skip("links to folders out of the data root", path)
         elif walk.enter(path, info):
             readable[path.name] = path
         else:
@@ -185,9 +185,6 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
 
 
 def _regular(walk: _Walk, path: Path) -> bool:
-    if path.is_symlink() and not walk.follow_links_outside and not walk.inside(path):
-        walk.skip("links leading out of the data root", path)
-        return False
     try:
         regular = stat.S_ISREG(path.stat().st_mode)
     except OSError:

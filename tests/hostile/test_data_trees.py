@@ -44,12 +44,14 @@ def test_links_back_up_or_across_are_read_once_and_never_as_another_class(tmp_pa
     assert digest(root) == before
 
 
-def test_links_out_of_the_root_are_followed_only_when_asked(tmp_path):
+def test_folder_links_out_of_the_root_are_followed_only_when_asked(tmp_path):
     root = image_tree(tmp_path / "data")
     elsewhere = image_tree(tmp_path / "elsewhere", per_class=3)
     os.symlink(elsewhere / "c0", root / "c0" / "more")
     os.symlink(elsewhere / "c1" / "0.png", root / "c1" / "linked.png")
-    assert _counts(root) == {f"c{k}": 2 for k in range(4)}
+    os.symlink("/", root / "c2" / "everything")
+    assert _counts(root) == {"c0": 2, "c1": 3, "c2": 2, "c3": 2}  # file links are read, folder links out are not
+    (root / "c2" / "everything").unlink()
     followed = open_dataset(root, RAW, follow_links_outside=True)
     assert int(np.sum(followed.labels == 0)) == 5 and int(np.sum(followed.labels == 1)) == 3
 
