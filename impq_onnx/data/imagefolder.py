@@ -5,12 +5,16 @@ Scanning lists and sorts file names only; images are decoded with Pillow when a 
 
 The walk is safe on hostile trees:
 
-- a directory is read at most once, by its real identity ``(st_dev, st_ino)``: a link back to an
-  ancestor (``self -> .``, ``up -> ..``), to another class folder or to a folder already read is not
-  followed (with a warning), so no image is counted twice and no class reads another's images;
-- links to folders out of the data root are not followed unless ``follow_links_outside=True`` is
-  passed (a link to ``/`` would read the whole disk); a link to a single image file is read wherever
-  it points (a tree of file links into a shared image store is a common way to make a subset);
+- a directory is read at most once, by its real identity ``(st_dev, st_ino)``, and every real folder
+  of the tree is registered before any is read: a link back to an ancestor (``self -> .``,
+  ``up -> ..``), into another class folder or to a folder already read is not followed (with a
+  warning), so no image is counted twice, no class reads another's images, and the result does not
+  depend on the order of the walk;
+- links below the class folders that lead to folders out of the data root are not followed unless
+  ``follow_links_outside=True`` is passed (a link to ``/`` would read the whole disk); the class
+  folders themselves may be links anywhere (the root's entries are the user's own choice), and a link
+  to a single image file is read wherever it points (trees of links into a shared image store are a
+  common way to make a subset);
 - only regular files count: a FIFO, socket, device or dangling link named ``*.png`` is skipped with a
   warning (and :mod:`impq_onnx.data.limits` refuses to open one, so nothing ever blocks on it);
 - file names that are not valid UTF-8 are read as they are; messages show them with ``\\xNN`` escapes.
@@ -54,11 +58,13 @@ def _is_image(name: str) -> bool:
 
 @dataclass
 class _Walk:
-    """One scan of a data root: which real directories were read, and what was skipped and why."""
+    """One scan of a data root: which real directories belong to the tree, which were read, what was skipped."""
 
     root: Path
     follow_links_outside: bool = False
-    visited: set[tuple[int, int]] = field(default_factory=set)
+    owned: set[tuple[int, int]] = field(default_factory=set)  # real (non-link) folders of the tree
+    visited: set[tuple[int, int]] = field(default_factory=set)  # folders read
+    listings: dict[str, list[os.DirEntry]] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,28 +77,38 @@ class _Walk:
         real = os.path.realpath(path)
         return os.path.commonpath([self.real_root, real]) == self.real_root
 
-    def enter(self, path: str | os.PathLike, info: os.stat_result) -> bool:
-        """Mark a directory as read; False when it was read (or is being read) already."""
-        identity = (info.st_dev, info.st_ino)
-        if identity in self.visited:
-            return False
-        self.visited.add(identity)
-        return True
+    def listing(self, folder: str) -> list[os.DirEntry]:
+        """The folder's visible entries sorted by name (listed once: :meth:`own` keeps them for the walk)."""
+        cached = self.listings.pop(folder, None)
+        if cached is not None:
+            return cached
+        try:
+            with os.scandir(folder) as entries:
+                return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as err:
+            raise DataError(f"{shown(folder)}: cannot list the folder ({err.strerror})") from None
+
+    def own(self, top: Path, info: os.stat_result) -> None:
+        """Register ``top`` and every real folder below it, without following links: a link to one of
+        them is then never followed, whatever the order of the walk (its folder is read as itself)."""
+        self.owned.add((info.st_dev, info.st_ino))
+        pending = [os.fspath(top)]
+        while pending:
+            folder = pending.pop()
+            entries = self.listings[folder] = self.listing(folder)
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    sub = entry.stat(follow_symlinks=False)
+                    if (sub.st_dev, sub.st_ino) not in self.owned:  # a bind mount can loop too
+                        self.owned.add((sub.st_dev, sub.st_ino))
+                        pending.append(entry.path)
 
     def images_under(self, folder: Path) -> list[Path]:
-        """Image files anywhere below ``folder`` (already entered), sorted by relative path; hidden names skipped."""
+        """Image files anywhere below ``folder`` (a class folder), sorted by relative path; hidden names skipped."""
         found: list[Path] = []
-        pending = [folder]
+        pending = [os.fspath(folder)]
         while pending:
-            current = pending.pop()
-            try:
-                with os.scandir(current) as listing:
-                    entries = sorted(listing, key=lambda e: e.name)
-            except OSError as err:
-                raise DataError(f"{shown(current)}: cannot list the folder ({err.strerror})") from None
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
+            for entry in self.listing(pending.pop()):
                 linked = entry.is_symlink()
                 if not linked and entry.is_file(follow_symlinks=False):  # the directory entry's type: no stat
                     if _is_image(entry.name):
@@ -104,13 +120,19 @@ class _Walk:
                     if _is_image(entry.name):
                         self.skip("dangling links or unreadable entries", entry.path)
                     continue
+                identity = (info.st_dev, info.st_ino)
                 if stat.S_ISDIR(info.st_mode):
-                    if linked and not self.follow_links_outside and not self.inside(entry.path):
+                    if not linked:
+                        if identity not in self.visited:
+                            self.visited.add(identity)
+                            pending.append(entry.path)
+                    elif identity in self.owned or identity in self.visited:
+                        self.skip("links to a folder of the tree or read already (loops, other classes)", entry.path)
+                    elif not self.follow_links_outside and not self.inside(entry.path):
                         self.skip("links to folders out of the data root", entry.path)
-                    elif self.enter(entry.path, info):
-                        pending.append(Path(entry.path))
                     else:
-                        self.skip("links to a folder read already (loops, other classes)", entry.path)
+                        self.visited.add(identity)
+                        pending.append(entry.path)
                 elif _is_image(entry.name):
                     if stat.S_ISREG(info.st_mode):
                         found.append(Path(entry.path))
@@ -136,30 +158,36 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
     """List ``root/<class>/...`` images (classes sorted by name), or ``root/*`` images as unlabeled.
 
     A class folder without images keeps its name (and so the label numbering of the others) but
-    contributes no samples, with a warning; so does a class folder that is a link out of the root
-    (unless ``follow_links_outside``) or to another class's folder.
+    contributes no samples, with a warning; so does a class folder that is the same folder as an
+    earlier one. A class folder may itself be a link anywhere (the root's entries are the user's
+    choice); links below the class folders follow the rules of the module docstring.
     """
     walk = _Walk(root, follow_links_outside)
+    root_info = _stat_dir(root)
+    if root_info is None:
+        raise DataError(f"{shown(root)}: not a folder")
     try:
         children = sorted(root.iterdir(), key=lambda p: os.fsencode(p.name))
     except OSError as err:
         raise DataError(f"{shown(root)}: cannot list the folder ({err.strerror})") from None
-    root_info = _stat_dir(root)
-    if root_info is None:
-        raise DataError(f"{shown(root)}: not a folder")
-    walk.enter(root, root_info)
     class_dirs = [(p, info) for p in children if not p.name.startswith(".") and (info := _stat_dir(p)) is not None]
     class_dirs.sort(key=lambda item: item[0].name)
     loose = [p for p in sorted(children) if _is_image(p.name) and p not in dict(class_dirs)]
     loose = [p for p in loose if _regular(walk, p)]
+    walk.owned.add((root_info.st_dev, root_info.st_ino))
     readable = {}
-    for path, info in class_dirs:  # registered first, so a link from one class into another is not followed
-        if path.is_symlink() and not follow_links_outside and not walk.inside(path):
-            walk.skip("links to folders out of the data root", path)
-        elif walk.enter(path, info):
+    # Every folder of the tree is registered before any is read, real class folders first, so that which
+    # folder is read as which class never depends on the order of the walk.
+    for linked in (False, True):
+        for path, info in class_dirs:
+            if path.is_symlink() != linked:
+                continue
+            if (info.st_dev, info.st_ino) in walk.owned:
+                walk.skip("class folders that are a folder of the tree already", path)
+                continue
+            walk.own(path, info)
+            walk.visited.add((info.st_dev, info.st_ino))
             readable[path.name] = path
-        else:
-            walk.skip("links to a folder read already (loops, other classes)", path)
     per_class = {p.name: (walk.images_under(readable[p.name])[:limit_per_class] if p.name in readable else [])
                  for p, _ in class_dirs}
     walk.report()

@@ -89,3 +89,16 @@ def test_non_utf8_file_names_are_read_and_a_non_utf8_data_path_is_one_line(tmp_p
     result = impq("evaluate", model, "--data", odd)
     assert_one_line_error(result, 2, "not valid UTF-8", "\\xff")
     assert digest(odd) == before
+
+
+def test_which_class_reads_a_linked_folder_does_not_depend_on_the_order(tmp_path):
+    root = image_tree(tmp_path / "data")
+    (root / "c3" / "sub").mkdir()
+    save_image(root / "c3" / "sub" / "s.png", seed=9)
+    os.symlink("../c3/sub", root / "c0" / "borrowed")  # c0 is walked before c3
+    (root / "c1").rename(tmp_path / "c1-real")
+    os.symlink(tmp_path / "c1-real", root / "c1")  # a class folder that is a link out of the root: read
+    os.symlink("c2", root / "c2-again")  # a second name for a class folder: no images of its own
+    data = open_dataset(root, RAW)
+    counts = {name: int(np.sum(data.labels == k)) for k, name in enumerate(data.classes)}
+    assert counts == {"c0": 2, "c1": 2, "c2": 2, "c2-again": 0, "c3": 3}
