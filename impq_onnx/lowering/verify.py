@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
 from impq_onnx.lowering.exact_codes import exact_mismatches
@@ -129,13 +130,15 @@ def _compare_outputs(result, model, simulated, input_name, batches, threads, max
         result.record_mismatches.append(_runtime_problem(exc))
         return
     simulated_run = inference_session(simulated.SerializeToString(), threads)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a refusal is reported as one line below, not as onnxruntime's log
     agree = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
         try:
-            a = lowered_run.run(None, {input_name: x})[0]
+            a = lowered_run.run(None, {input_name: x}, quiet)[0]
         except Exception as exc:  # as above: a corrupted lowered model may be refused only when run
             result.record_mismatches.append(_runtime_problem(exc))
             break
