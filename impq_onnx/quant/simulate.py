@@ -23,7 +23,8 @@ from onnx import helper
 
 from impq_onnx.errors import PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
-from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer, build_weight_quantizer
+from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["simulate", "calibrate_clips", "quantized_weight_name", "as_proto", "SIMULATION_PREFIX"]
@@ -83,12 +84,12 @@ def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bo
         if node is None:
             raise PlanError(f"weights: layer '{layer.node}' is not a node of the model")
         g = GraphBuilder(f"{SIMULATION_PREFIX}/{layer.node}", opset)
-        q = build_weight_quantizer(g, layer.weight, layer.weight_shape, layer.kernel_axis, bits, plan.weight_scheme)
+        q = weight_scheme(plan.weight_scheme).build_quantizer(g, layer.weight, layer.weight_shape, layer.kernel_axis, bits)
         final = quantized_weight_name(layer.node)
         g.nodes.append(helper.make_node("Identity", [q], [final], name=f"{final}/Identity"))
         builder.nodes.extend(g.nodes)
         builder.initializers.extend(g.initializers)
-        node.input[1] = final
+        node.input[layer.op.weight_input] = final
         exposed.append(final)
 
     for site in sites.activations:
@@ -105,9 +106,9 @@ def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bo
         builder.nodes.extend(g.nodes)
         builder.initializers.extend(g.initializers)
         for name in site.layers:
-            node = nodes[name]
-            if node.input[0] == site.tensor:
-                node.input[0] = q
+            node, index = nodes[name], sites.layer(name).op.activation_input
+            if node.input[index] == site.tensor:
+                node.input[index] = q
 
     # Quantizer nodes go first (they only read initializers and existing tensors); then restore a
     # topological order, since activation quantizers read tensors produced inside the graph.
