@@ -12,7 +12,10 @@ layer node (not the tensor names):
   > 0), the zero points (values and integer type), the stored values themselves, the float kernels
   added after the dequantization, and the quantizer's attributes (axis, widths, signedness, rounding);
 - per activation site: the scales and zero points of the QuantizeLinear and the DequantizeLinear (or
-  the ``Quant`` node, or the encoding), the Clip bounds that narrow the integer range, and the types.
+  the ``Quant`` node), the Clip bounds that narrow the integer range, and the types;
+- the sidecar and every attachment the target writes (the encodings JSON: per-channel scales,
+  offsets, widths), compared key by key. A target that stores on-grid float weights says where their
+  scales are (``Target.weight_scales``), and the codes are the values divided by them.
 
 Everything must be equal bit for bit. The first difference of each tensor is reported as one line
 naming the tensor, the layer, the channel and the index.
@@ -38,8 +41,9 @@ _QUANTIZERS = ("DequantizeLinear", "Quant")
 class _Graph:
     """Index of one ONNX graph: nodes by name, producers by output, initializers by name."""
 
-    def __init__(self, proto: onnx.ModelProto, encodings: dict | None) -> None:
-        self.encodings = encodings
+    def __init__(self, lowered: Any) -> None:
+        proto = lowered.proto
+        self.lowered = lowered
         self.nodes = {n.name: n for n in proto.graph.node}
         self.producers = {o: n for n in proto.graph.node for o in n.output}
         self.inits = {t.name: t for t in proto.graph.initializer}
@@ -77,16 +81,15 @@ def _weight_record(g: _Graph, layer: QuantLayer) -> dict[str, Any] | str:
     record: dict[str, Any] = {}
     producer = g.producers.get(name)
     if producer is not None and producer.op_type == "Add":
-        feeds = [i for i in producer.input if g.producers.get(i) is not None]
-        floats = [i for i in producer.input if i in g.inits]
-        if len(feeds) != 1 or len(floats) != 1:
-            return f"layer '{layer.node}': the Add before its weight is not quantizer + float kernels"
-        record["float_kernels"] = g.array(floats[0])
-        producer = g.producers[feeds[0]]
+        if len(producer.input) != 2 or producer.input[1] not in g.inits:
+            return f"layer '{layer.node}': the Add before its weight is not weight + float kernels"
+        record["float_kernels"] = g.array(producer.input[1])
+        name = producer.input[0]
+        producer = g.producers.get(name)
     if producer is None:
         if name not in g.inits:
             return f"layer '{layer.node}': its weight '{name}' is neither an initializer nor a quantizer output"
-        return _encoded_weight(g, layer, name, record)
+        return _folded_weight(g, layer, name, record)
     if (producer.op_type not in _QUANTIZERS or any(i not in g.inits for i in producer.input)
             or len(producer.input) < (4 if producer.op_type == "Quant" else 2)):
         return f"layer '{layer.node}': its weight comes from {producer.op_type} '{producer.name}', not a quantizer"
@@ -104,22 +107,24 @@ def _weight_record(g: _Graph, layer: QuantLayer) -> dict[str, Any] | str:
     return record
 
 
-def _encoded_weight(g: _Graph, layer: QuantLayer, name: str, record: dict[str, Any]) -> dict[str, Any] | str:
-    """A float weight with per-channel encodings (the encodings target), or a layer left float."""
+def _folded_weight(g: _Graph, layer: QuantLayer, name: str, record: dict[str, Any]) -> dict[str, Any] | str:
+    """A weight stored as on-grid float values (the encodings target, say) or left float; its per-kernel
+    scales are where the output target keeps them (``Target.weight_scales``), read through the sidecar."""
+    from impq_onnx.lowering.targets import get_target
+
     values = g.array(name)
     assert values is not None
-    entries = (g.encodings or {}).get("param_encodings", {}).get(name)
     record.update(op="initializer", tensor=name, values=values)
-    if entries is None:
+    entry = g.lowered.sidecar.get("weights", {}).get(layer.node)
+    if entry is None or all(b is None for b in entry["bits"]):
         return record
-    scale = np.array([e.get("scale", 1.0) if e.get("dtype") == "int" else 1.0 for e in entries], np.float32)
+    scale = np.asarray(get_target(g.lowered.format).weight_scales(g.lowered, entry, g.array), np.float32).reshape(-1)
     moved = np.moveaxis(values, layer.kernel_axis, 0)
-    if len(entries) != len(moved):
-        return f"encodings of '{name}': {len(entries)} channel entries for {len(moved)} kernels"
-    integer = np.array([e.get("dtype") == "int" for e in entries]).reshape([-1] + [1] * (moved.ndim - 1))
-    codes = np.where(integer, np.moveaxis(_codes_of(values, scale, layer.kernel_axis), layer.kernel_axis, 0), 0)
-    record.update(codes=np.moveaxis(codes, 0, layer.kernel_axis), scale=scale,
-                  zero_point=np.array([e.get("offset", 0) for e in entries], np.int64), encodings=entries)
+    if len(scale) != len(moved) or len(entry["bits"]) != len(moved):
+        return f"weight '{name}' (layer '{layer.node}'): {len(scale)} scales for {len(moved)} kernels"
+    quantized = np.array([b is not None for b in entry["bits"]]).reshape([-1] + [1] * (moved.ndim - 1))
+    codes = np.where(quantized, np.moveaxis(_codes_of(values, scale, layer.kernel_axis), layer.kernel_axis, 0), 0)
+    record.update(codes=np.moveaxis(codes, 0, layer.kernel_axis), scale=np.where(quantized.reshape(-1), scale, 1))
     return record
 
 
@@ -141,10 +146,6 @@ def _activation_record(g: _Graph, layer: str) -> dict[str, Any] | str:
     for position, step in enumerate(chain):
         constants = [g.array(i) if i in g.inits else i for i in step.input[1:]]
         record[f"{position}:{step.op_type}"] = (constants, _attrs(step))
-    if g.encodings is not None:
-        entry = g.encodings.get("activation_encodings", {}).get(name)
-        if entry is not None:
-            record["encoding"] = entry
     return record
 
 
@@ -203,7 +204,7 @@ def _compare_weight(layer: QuantLayer, got: dict[str, Any], want: dict[str, Any]
                         f"the float model and the plan give {b[index].item()!r}")
         return (f"{tensor}: {key.replace('_', ' ')} {a.dtype}{list(a.shape)} differs from the "
                 f"{b.dtype}{list(b.shape)} the float model and the plan give")
-    for key in ("axis", "attrs", "encodings"):
+    for key in ("axis", "attrs"):
         if _differ(got.get(key), want.get(key)):
             return f"{tensor}: {key} {got.get(key)!r}, the float model and the plan give {want.get(key)!r}"
     a, b = got.get("bitwidth"), want.get("bitwidth")
@@ -215,7 +216,7 @@ def _compare_weight(layer: QuantLayer, got: dict[str, Any], want: dict[str, Any]
 def _compare_activation(tensor: str, layer: str, got: dict[str, Any], want: dict[str, Any]) -> str | None:
     where = f"activation '{tensor}' (input of layer '{layer}')"
     for key, value in got.items():
-        if not key.endswith("Clip") and key != "encoding":
+        if not key.endswith("Clip"):
             scale = value[0][0]
             if isinstance(scale, np.ndarray) and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
                 return f"{where}: {key.split(':')[1]} scale {scale!r} is not a positive finite number"
@@ -225,8 +226,6 @@ def _compare_activation(tensor: str, layer: str, got: dict[str, Any], want: dict
     for key in want:
         if not _differ(got[key], want[key]):
             continue
-        if key == "encoding":
-            return f"{where}: encoding {got[key]!r}, the float model and the plan give {want[key]!r}"
         op = key.split(":")[1]
         names = {"Clip": ("min", "max"), "Quant": ("scale", "zero point", "bit width")}.get(op, ("scale", "zero point"))
         (got_consts, got_attrs), (want_consts, want_attrs) = got[key], want[key]
@@ -239,13 +238,38 @@ def _compare_activation(tensor: str, layer: str, got: dict[str, Any], want: dict
     return None
 
 
+def _json_difference(got: Any, want: Any, path: str) -> str | None:
+    """The first place (``a/b/3/scale``) where two JSON documents differ, with both values; None if equal."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        for key in sorted(set(got) | set(want), key=str):
+            if key not in got or key not in want:
+                return f"{path}/{key}: {'missing' if key not in got else 'unexpected'}"
+            found = _json_difference(got[key], want[key], f"{path}/{key}")
+            if found:
+                return found
+        return None
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return next((d for i, (a, b) in enumerate(zip(got, want)) if (d := _json_difference(a, b, f"{path}/{i}"))),
+                    None)
+    return None if not _differ(got, want) else f"{path}: {got!r}, the float model and the plan give {want!r}"
+
+
 def exact_mismatches(lowered, canonical, plan: PrecisionPlan, sites: SiteTable) -> list[str]:
-    """One line per weight or activation whose lowered constants differ from a fresh lowering of ``canonical``."""
+    """One line per weight, activation, sidecar or attachment whose lowered contents differ from a fresh
+    lowering of ``canonical`` under ``plan`` in the same format."""
     from impq_onnx.lowering.lower import lower
 
     expected = lower(canonical, plan, sites, format=lowered.format)
-    got, want = _Graph(lowered.proto, lowered.encodings), _Graph(expected.proto, expected.encodings)
+    got, want = _Graph(lowered), _Graph(expected)
     problems: list[str] = []
+    sidecar = {k: v for k, v in lowered.sidecar.items() if k != "model"}  # the file name is set when written
+    found = _json_difference(sidecar, {k: v for k, v in expected.sidecar.items() if k != "model"}, "sidecar")
+    if found:
+        problems.append(found)
+    for suffix in sorted(set(lowered.attachments) | set(expected.attachments)):
+        found = _json_difference(lowered.attachments.get(suffix), expected.attachments.get(suffix), f"'{suffix}'")
+        if found:
+            problems.append(found)
     for layer in sites.layers:
         a, b = _weight_record(got, layer), _weight_record(want, layer)
         problem = a if isinstance(a, str) else (b if isinstance(b, str) else _compare_weight(layer, a, b))

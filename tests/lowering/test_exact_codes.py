@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from impq_onnx.lowering.exact_codes import exact_mismatches
-from impq_onnx.lowering.lower import FORMATS, lower
+from impq_onnx.lowering.lower import lower
 from impq_onnx.lowering.verify import verify
 from lowering_cases import SCHEMES, inputs, mixed_plan, tiny
 from quant_models import tiny_cnn
+
+FORMATS = ("qdq", "qonnx", "encodings")  # the built-in targets: the tampering below knows how each stores weights
 
 
 @functools.cache
@@ -58,7 +60,7 @@ def _other_float(draw, old: float) -> np.float32:
     return np.float32(new) if np.float32(new).tobytes() != np.float32(old).tobytes() else np.float32(-old or 1.0)
 
 
-def _tamper_weight(draw, fmt: str, lowered, layer, what: str) -> str:
+def _tamper_weight(draw, fmt: str, lowered, layer, what: str) -> tuple[str, str]:
     """Change one code, scale or zero point of ``layer``; returns a description for the failure message."""
     proto = lowered.proto
     quantizer, stored = _weight_quantizer(proto, layer.node)
@@ -100,7 +102,7 @@ def _tamper_weight(draw, fmt: str, lowered, layer, what: str) -> str:
             if moved[k].flat[flat] == old:
                 moved[k].flat[flat] = np.float32(old) * np.float32(2) + np.float32(1)
         _put(proto, stored, values)
-    return f"{what} of '{stored}' kernel {k}"
+    return f"{what} of '{stored}' kernel {k}", stored
 
 
 @settings(max_examples=45, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -112,10 +114,11 @@ def test_any_single_changed_weight_code_scale_or_zero_point_fails(data):
     bad = copy.deepcopy(lowered)
     layer = data.draw(st.sampled_from(sites.layers))
     what = data.draw(st.sampled_from(["code", "scale", "zero_point"]))
-    changed = _tamper_weight(data.draw, fmt, bad, layer, what)
+    changed, stored = _tamper_weight(data.draw, fmt, bad, layer, what)
     result = verify(bad, canonical, plan, sites, [inputs()])
     assert not result.ok, changed
-    assert any(f"(layer '{layer.node}')" in m for m in result.record_mismatches), (changed, result.record_mismatches)
+    named = (f"(layer '{layer.node}')", f"/param_encodings/{stored}/")  # the graph, or the encodings JSON
+    assert any(n in m for m in result.record_mismatches for n in named), (changed, result.record_mismatches)
 
 
 @settings(max_examples=15, deadline=None)
