@@ -52,6 +52,10 @@ class _Graph:
         tensor = self.inits.get(name)
         return None if tensor is None else numpy_helper.to_array(tensor)
 
+    def stored(self, name: str) -> np.ndarray:
+        """An initializer that must exist (KeyError otherwise: verify reports the file as unreadable)."""
+        return numpy_helper.to_array(self.inits[name])
+
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -118,7 +122,7 @@ def _folded_weight(g: _Graph, layer: QuantLayer, name: str, record: dict[str, An
     entry = g.lowered.sidecar.get("weights", {}).get(layer.node)
     if entry is None or all(b is None for b in entry["bits"]):
         return record
-    scale = np.asarray(get_target(g.lowered.format).weight_scales(g.lowered, entry, g.array), np.float32).reshape(-1)
+    scale = np.asarray(get_target(g.lowered.format).weight_scales(g.lowered, entry, g.stored), np.float32).reshape(-1)
     moved = np.moveaxis(values, layer.kernel_axis, 0)
     if len(scale) != len(moved) or len(entry["bits"]) != len(moved):
         return f"weight '{name}' (layer '{layer.node}'): {len(scale)} scales for {len(moved)} kernels"
@@ -135,7 +139,7 @@ def _activation_record(g: _Graph, layer: str) -> dict[str, Any] | str:
         return f"layer '{layer}' is not in the lowered model"
     name = node.input[0]
     record: dict[str, Any] = {}
-    chain = []
+    chain: list[onnx.NodeProto] = []
     producer = g.producers.get(name)
     while (producer is not None and len(chain) < 3  # at most DQ <- Q <- Clip; also ends a cyclic graph
            and producer.op_type in ("DequantizeLinear", "QuantizeLinear", "Quant", "Clip") and producer.input):
