@@ -29,6 +29,11 @@ def _user_errors(func):
         except ImpqError as exc:
             click.echo(f"impq-onnx: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # read-only folder, full disk, a name too long...: one line naming the path
+            from impq_onnx.outputs import describe_os_error
+
+            click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -84,6 +89,10 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
+
+    from impq_onnx.option_checks import EVALUATE, check_numbers
+
+    check_numbers(dict(batch_size=batch_size, limit_per_class=limit_per_class, threads=threads), EVALUATE, cli=True)
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.engine import evaluate
@@ -159,6 +168,11 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
                         output_prefix, top, seed, threads):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
+
+    from impq_onnx.option_checks import SENSITIVITY, check_numbers
+
+    check_numbers(dict(samples=samples, runner_ups=runner_ups, top=top, seed=seed, threads=threads), SENSITIVITY,
+                  cli=True)
 
     from impq_onnx.files import write_all
     from impq_onnx.data.model_data import open_for_model, split_folders
@@ -240,6 +254,10 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     Exits 0 when everything agrees, 3 on any difference (the first of each tensor is printed), 2 on bad input.
     """
     import json
+
+    from impq_onnx.option_checks import VERIFY, check_numbers
+
+    check_numbers(dict(limit_per_class=limit_per_class, threads=threads), VERIFY, cli=True)
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.frontend.canonical import load
