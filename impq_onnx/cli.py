@@ -242,7 +242,7 @@ def lower_command(model, plan_path, output_path, format_, output):
 @click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
-@click.option("--logit-tolerance", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+@click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
               help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
                    "gives).")
 @click.option("--json", "as_json", is_flag=True)
@@ -257,7 +257,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
 
     from impq_onnx.option_checks import VERIFY, check_numbers
 
-    check_numbers(dict(limit_per_class=limit_per_class, threads=threads), VERIFY, cli=True)
+    check_numbers(dict(limit_per_class=limit_per_class, threads=threads, logit_tolerance=logit_tolerance), VERIFY,
+                  cli=True)
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.frontend.canonical import load
