@@ -1,7 +1,8 @@
 """The ``impq-onnx`` command: a thin click layer over the library.
 
 Options carry the same names as the library parameters they feed. User errors
-(:class:`~impq_onnx.errors.ImpqError`) print one line on stderr and exit with code 2.
+(:class:`~impq_onnx.errors.ImpqError`) print one line on stderr and exit with code 2; ``verify`` exits with
+:data:`EXIT_VERIFY_FAILED` (3) when it ran but the lowered model is not what the float model and plan give.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import click
 from impq_onnx.errors import ImpqError
 from impq_onnx.lowering.targets import target_help, target_names
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_VERIFY_FAILED"]
+
+EXIT_VERIFY_FAILED = 3  # distinct from 2 (bad input): the check ran and found a difference
 
 
 def _user_errors(func):
@@ -98,11 +101,15 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.engine import evaluate
+    from impq_onnx.engine.evaluation import nonfinite_initializers
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model, output=output)
+    for name, count in nonfinite_initializers(canonical)[:1]:
+        click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
+                   "its outputs will not be meaningful", err=True)
     train, held_out = split_folders(data)
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
     plan = sites = None
@@ -116,8 +123,11 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
         return
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     click.echo(f"{model} on {held_out or train} ({result.n} images){' under ' + plan_path if plan_path else ''}")
-    click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}"
-               + (f"   agreement with float {pct(result.agreement)}" if result.agreement is not None else ""))
+    agreement = f"agreement with float {pct(result.agreement)}" if result.agreement is not None else ""
+    if result.top1 is None:
+        click.echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
+    else:
+        click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}" + (f"   {agreement}" if agreement else ""))
     click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
 
 
@@ -239,16 +249,24 @@ def lower_command(model, plan_path, output_path, format_, output, input_shape):
 @click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
+@click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
+              help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
+                   "gives).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
-def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json, input_shape):
-    """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
+def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, logit_tolerance,
+                   as_json, input_shape):
+    """Check LOWERED against MODEL under PLAN: every code, scale and zero point, predictions, ranges, annotations.
+
+    Exits 0 when everything agrees, 3 on any difference (the first of each tensor is printed), 2 on bad input.
+    """
     import json
 
     from impq_onnx.option_checks import VERIFY, check_numbers
 
-    check_numbers(dict(limit_per_class=limit_per_class, threads=threads), VERIFY, cli=True)
+    check_numbers(dict(limit_per_class=limit_per_class, threads=threads, logit_tolerance=logit_tolerance), VERIFY,
+                  cli=True)
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.frontend.canonical import load
@@ -262,7 +280,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites)
-    result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads)
+    result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads,
+                    logit_tolerance=logit_tolerance)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
@@ -273,7 +292,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
                 + result.record_mismatches:
             click.echo(f"  {problem}")
     if not result.ok:
-        sys.exit(1)
+        sys.exit(EXIT_VERIFY_FAILED)
 
 
 @main.command("compress")

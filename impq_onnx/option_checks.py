@@ -95,7 +95,7 @@ COMPRESS = {
 EVALUATE = {"batch_size": _int(1, 2**16), "limit_per_class": _int(1), "threads": _int(1, 1024)}
 SENSITIVITY = {"samples": _int(1, 10**7), "runner_ups": _int(1, 10**5), "top": _int(0), "seed": _int(0, SEED_MAX),
                "threads": _int(1, 1024)}
-VERIFY = {"limit_per_class": _int(1), "threads": _int(1, 1024)}
+VERIFY = {"limit_per_class": _int(1), "threads": _int(1, 1024), "logit_tolerance": Bound(low=0.0)}
 
 
 def target_warnings(cfg) -> list[str]:

@@ -125,7 +125,7 @@ def test_verify_fails_against_a_different_plan(tmp_path):
     assert impq("lower", str(model), "--plan", str(tmp_path / "four.yaml"), "-o", str(tmp_path / "o.onnx")).returncode == 0
     result = impq("verify", str(tmp_path / "o.onnx"), "--model", str(model), "--plan", str(tmp_path / "two.yaml"),
                   "--data", str(BUNDLED))
-    assert result.returncode == 1 and "FAILED" in result.stdout
+    assert result.returncode == 3 and "FAILED" in result.stdout
 
 
 def test_sensitivity_writes_json_and_csv(tmp_path):

@@ -6,12 +6,14 @@ images become model input (``PRESETS``, :func:`preprocess_from_yaml`, :func:`inf
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from impq_onnx.data.dataset import Dataset, PixelSource
-from impq_onnx.data.imagefolder import ImageFiles, scan_image_folder
+from impq_onnx.data.imagefolder import ImageFiles, check_images, scan_image_folder
+from impq_onnx.data.limits import shown
 from impq_onnx.data.npz import ArrayImages, load_npz
 from impq_onnx.data.preprocess import (
     PRESETS,
@@ -67,19 +69,31 @@ def open_dataset(
     *,
     limit_per_class: int | None = None,
     workers: int = 1,
+    follow_links_outside: bool = False,
+    check: bool = True,
 ) -> Dataset:
     """Open an ImageFolder tree (``path/<class>/*.jpg``), a flat folder of unlabeled images, or an ``.npz``.
 
     ``limit_per_class`` keeps the first images of each class (in sorted file order, or array order).
     ``workers`` > 1 decodes each batch's image files on that many threads (same result, any order).
+    Links that lead out of the folder are followed only with ``follow_links_outside`` (see
+    :mod:`impq_onnx.data.imagefolder`). ``check`` decodes every image once, cheaply, now, so that a
+    broken file is a one-line error before any long run rather than in its middle or at its end.
     """
     path = Path(path)
     if limit_per_class is not None and limit_per_class < 1:
         raise DataError(f"limit per class {limit_per_class} must be at least 1")
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{shown(path)}: the data path is not valid UTF-8 and cannot be recorded in the outputs; "
+                        "rename it or link it under a UTF-8 name") from None
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder; pass an ImageFolder directory or an .npz file")
+        raise DataError(f"{shown(path)}: no such file or folder; pass an ImageFolder directory or an .npz file")
     if path.is_dir():
-        scan = scan_image_folder(path, limit_per_class)
+        scan = scan_image_folder(path, limit_per_class, follow_links_outside=follow_links_outside)
+        if check:
+            check_images(scan.paths)
         return Dataset(ImageFiles(scan.paths, workers), scan.labels, scan.classes, preprocess, name=str(path))
     if path.suffix.lower() == ".npz":
         contents = load_npz(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from impq_onnx.data.limits import check_npz_headers, open_regular, shown
 from impq_onnx.data.preprocess import Preprocess, fit_image
 from impq_onnx.errors import DataError
 
@@ -43,18 +44,23 @@ def _channels_last(x: np.ndarray, path: Path) -> np.ndarray:
 
 
 def load_npz(path: Path) -> NpzContents:
-    """Read and check ``x`` and ``y``; the whole file is loaded (npz arrays cannot be memory-mapped)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise DataError(
-                    f"{path}: no array named 'x' (found {', '.join(archive.files) or 'none'}); "
-                    "save images as np.savez(path, x=images, y=labels)"
-                )
-            x = archive["x"]
-            y = archive["y"] if "y" in archive.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path}: cannot read the .npz file ({err})") from None
+    """Read and check ``x`` and ``y``; the whole file is loaded (npz arrays cannot be memory-mapped), after
+    their headers were checked against :data:`impq_onnx.data.limits.MAX_ARRAY_BYTES`."""
+    # One descriptor for the checks and the load: a FIFO or device named *.npz is refused, not waited on.
+    with open_regular(path, 2**62, ".npz file") as file:
+        check_npz_headers(path, file)
+        file.seek(0)
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                if "x" not in archive.files:
+                    raise DataError(
+                        f"{shown(path)}: no array named 'x' (found {', '.join(archive.files) or 'none'}); "
+                        "save images as np.savez(path, x=images, y=labels)"
+                    )
+                x = archive["x"]
+                y = archive["y"] if "y" in archive.files else None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise DataError(f"{shown(path)}: cannot read the .npz file ({err})") from None
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: array 'x' has dtype {x.dtype}; use uint8 (0-255) or float (0-1)")
     images = _channels_last(x, path)

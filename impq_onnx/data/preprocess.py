@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from impq_onnx.data.limits import MAX_IMAGE_PIXELS, MAX_SAMPLE_PIXELS
 from impq_onnx.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class Preprocess:
             raise ConfigError(
                 f"preprocess resize {self.resize!r} must be an integer >= the crop size {min(size)}, or null"
             )
+        if size[0] * size[1] > MAX_SAMPLE_PIXELS or (self.resize is not None and self.resize**2 > MAX_SAMPLE_PIXELS):
+            raise ConfigError(f"preprocess size {list(size)} (resize {self.resize}) is over the limit of "
+                              f"{MAX_SAMPLE_PIXELS} pixels per image; use a smaller model input")
         if self.channels not in CHANNEL_ORDERS:
             raise ConfigError(f"preprocess channels {self.channels!r} must be one of {', '.join(CHANNEL_ORDERS)}")
         if self.layout not in LAYOUTS:
@@ -204,6 +208,11 @@ def infer_preprocess(input_shape: Sequence[Any], layout: str | None = None,
         size, resize = (h, w), round(min(h, w) / 0.875)
     else:
         size, resize = (h, w), None
+    if size[0] * size[1] > MAX_SAMPLE_PIXELS or (resize or 0) ** 2 > MAX_SAMPLE_PIXELS:
+        raise DataError(
+            f"model input shape {list(input_shape)}: {size[0]}x{size[1]} images are over the limit of "
+            f"{MAX_SAMPLE_PIXELS} pixels per image (one batch would take GBs); use a model with a smaller input"
+        )
     return stats.replace(size=size, resize=resize, layout=layout)
 
 
@@ -211,7 +220,12 @@ def fit_image(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     """Convert, resize and centre-crop one decoded image to ``uint8 [H, W, C]`` (C is 1 or 3, RGB order).
 
     Matches torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on PIL images (bilinear, antialiased).
+    16-bit grayscale (Pillow modes ``I;16*`` and ``I``, as 16-bit PNGs open) is scaled to 8 bits
+    (``v · 255 / 65535``, rounded), not clipped at 255 as Pillow's ``convert`` does.
     """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     image = image.convert("L" if preprocess.channels == "L" else "RGB")
     h, w = preprocess.size
     if preprocess.resize is None:
@@ -221,6 +235,9 @@ def fit_image(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
         width, height = image.size
         scale = preprocess.resize / min(width, height)
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if new_w * new_h > MAX_IMAGE_PIXELS:
+            raise DataError(f"a {width}x{height} image resized to a shorter side of {preprocess.resize} would have "
+                            f"{new_w}x{new_h} pixels; crop its extreme aspect ratio or delete it")
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.BILINEAR)
         left, top = round((new_w - w) / 2.0), round((new_h - h) / 2.0)

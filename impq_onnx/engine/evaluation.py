@@ -13,7 +13,7 @@ from impq_onnx.errors import DataError
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto, simulate
 
-__all__ = ["EvalResult", "evaluate", "predict_logits"]
+__all__ = ["EvalResult", "evaluate", "predict_logits", "nonfinite_initializers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,10 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         predicted = np.argmax(logits, axis=1)
         if y is not None:
             y = np.asarray(y, np.int64).reshape(-1)
-            top1 += int(np.sum(predicted == y))
-            top5 += _topk_hits(logits, y, 5)
-            labelled += len(y)
+            known = y >= 0  # -1: unlabelled (a flat image folder, an .npz without y); not counted as wrong
+            top1 += int(np.sum(predicted[known] == y[known]))
+            top5 += _topk_hits(logits[known], y[known], 5) if known.any() else 0
+            labelled += int(known.sum())
         if reference is not None:
             ref = _run(reference, reference.get_outputs()[0].name, reference.get_inputs()[0].name, x).reshape(len(x), -1)
             agree += int(np.sum(predicted == np.argmax(ref, axis=1)))
@@ -106,6 +107,20 @@ def _run(session, output: str, input_name: str, x: np.ndarray) -> np.ndarray:
             chunk = np.concatenate([chunk, np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)])
         parts.append(session.run([output], {input_name: chunk})[0])
     return np.concatenate(parts)[: len(x)]
+
+
+def nonfinite_initializers(model) -> list[tuple[str, int]]:
+    """``(name, count)`` of every float initializer holding NaN or infinite values, in graph order."""
+    from onnx import numpy_helper
+
+    found = []
+    for tensor in as_proto(model).graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.dtype.kind == "f":
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                found.append((tensor.name, bad))
+    return found
 
 
 def _stderr_line(message: str) -> None:

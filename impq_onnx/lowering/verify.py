@@ -10,7 +10,13 @@
 3. every stored integer lies in its annotated bit range: per kernel ``code_min <= code <= code_max``
    of its bits (odd codes only for the midrise grid, 0 for float kernels), per activation the integer
    range that Clip + QuantizeLinear (or ``Quant``, or the encoding) allows equals the B-bit range;
-4. the ``impq.*`` annotations, the sidecar and the graph agree (bits, scales, clips, signedness).
+4. the ``impq.*`` annotations, the sidecar and the graph agree (bits, scales, clips, signedness);
+5. every weight code, scale and zero point, and every activation scale, zero point and clip bound,
+   equals what lowering the float model under the plan gives, bit for bit, and every scale is > 0
+   (:func:`impq_onnx.lowering.exact_codes.exact_mismatches`; the first difference of each tensor is
+   reported with its channel and index, in ``record_mismatches``);
+6. the largest logit difference is at most ``logit_tolerance`` (default 0: the pinned onnxruntime
+   reproduces the simulation exactly, and a single changed code moves some logit by far more).
 
 Each output target (:mod:`impq_onnx.lowering.targets`) says how its model runs as standard ops
 (``as_standard_ops``: QONNX through :func:`~impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings
@@ -21,12 +27,14 @@ activation ranges are kept (``weight_scales``, ``activation_range``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
+from impq_onnx.lowering.exact_codes import exact_mismatches
 from impq_onnx.lowering.passes.annotate_bits import annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.targets import get_target
@@ -57,43 +65,84 @@ class VerifyResult:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
 
+# What a damaged or hand-edited lowered file (missing tensors or sidecar keys, wrong types) raises while read.
+_UNREADABLE = (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration)
+
+
+def _guarded(result: VerifyResult, what: str, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``, or None with a mismatch naming what could not be read."""
+    try:
+        return check(*args)
+    except _UNREADABLE as exc:
+        result.record_mismatches.append(f"{what}: the lowered model cannot be read as lowered ({type(exc).__name__}: "
+                                        f"{str(exc)[:200]}); lower it again")
+        return None
+
+
 def runnable(lowered) -> onnx.ModelProto:
     """A standard-op model that computes what ``lowered`` (any format) means."""
     return get_target(lowered.format).as_standard_ops(lowered)
 
 
 def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *,
-           threads: int = 2, max_batches: int | None = None) -> VerifyResult:
+           threads: int = 2, max_batches: int | None = None, logit_tolerance: float = 0.0) -> VerifyResult:
     """See the module docstring. ``batches`` yields ``x`` or ``(x, y)`` numpy batches."""
     result = VerifyResult()
     try:
         onnx.checker.check_model(lowered.proto)
     except Exception as exc:  # the checker raises ValidationError and C++ errors
         result.checker_error = str(exc).splitlines()[0]
-    standard = runnable(lowered)  # its initializers also hold what a target keeps packed (the packed target)
-    inits = {t.name: t for t in (*standard.graph.initializer, *lowered.proto.graph.initializer)}
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero or NaN scale is reported, not warned about
+        standard = _guarded(result, "runnable model", runnable, lowered)
+    # The runnable model's initializers also hold what a target keeps packed (the packed target).
+    unpacked = standard.graph.initializer if standard is not None else ()
+    inits = {t.name: t for t in (*unpacked, *lowered.proto.graph.initializer)}
     array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
     notes = annotations(lowered.proto)
-    _check_weights(result, lowered, plan, notes, array)
-    _check_activations(result, lowered, plan, notes, array)
-    _compare_outputs(result, standard, simulate(canonical, plan, sites), canonical.input_name, batches,
-                     threads, max_batches)
+    _guarded(result, "weights", _check_weights, result, lowered, plan, notes, array)
+    _guarded(result, "activations", _check_activations, result, lowered, plan, notes, array)
+    result.record_mismatches.extend(_guarded(result, "quantizers", exact_mismatches, lowered, canonical, plan, sites)
+                                    or [])
+    if standard is not None:
+        _compare_outputs(result, standard, simulate(canonical, plan, sites), canonical.input_name, batches,
+                         threads, max_batches)
+    if not result.max_logit_diff <= logit_tolerance:  # NaN logits fail too
+        result.record_mismatches.append(
+            f"logits: max difference {result.max_logit_diff:.3g} from the simulation exceeds the tolerance "
+            f"{logit_tolerance:g}")
     return result
 
 
+def _runtime_problem(exc: Exception) -> str:
+    """The first line of an onnxruntime refusal, without its C++ source location."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "onnxruntime cannot run the lowered model: " + text.split(" Status Message: ")[0][:300]
+
+
 def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches) -> None:
-    lowered_run = inference_session(model.SerializeToString(), threads)
+    try:
+        lowered_run = inference_session(model.SerializeToString(), threads)
+    except Exception as exc:  # onnxruntime raises its own exception types per status code
+        result.record_mismatches.append(_runtime_problem(exc))
+        return
     simulated_run = inference_session(simulated.SerializeToString(), threads)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a refusal is reported as one line below, not as onnxruntime's log
     agree = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
-        a = lowered_run.run(None, {input_name: x})[0]
+        try:
+            a = lowered_run.run(None, {input_name: x}, quiet)[0]
+        except Exception as exc:  # as above: a corrupted lowered model may be refused only when run
+            result.record_mismatches.append(_runtime_problem(exc))
+            break
         b = simulated_run.run(None, {input_name: x})[0]
         agree += int(np.sum(a.argmax(axis=1) == b.argmax(axis=1)))
         result.samples += len(x)
-        result.max_logit_diff = max(result.max_logit_diff, float(np.max(np.abs(a - b))))
+        diff = np.abs(a - b)
+        result.max_logit_diff = max(result.max_logit_diff, float(np.max(np.where(np.isnan(diff), np.inf, diff))))
     result.agreement = agree / result.samples if result.samples else 0.0
 
 
@@ -110,10 +159,12 @@ def _codes(lowered, entry: dict, array) -> tuple[np.ndarray, np.ndarray, list[st
     shape[axis] = -1
     quantized = np.array([b is not None for b in entry["bits"]]).reshape(shape)
     stored = np.where(quantized, stored, np.float32(0))  # float kernels are not on a grid (encodings)
-    codes = np.rint(stored / scale.reshape(shape))
-    if not np.array_equal((codes * scale.reshape(shape)).astype(np.float32), stored):
-        problems.append(f"weight '{name}': values are not integer multiples of their per-channel scale")
-    return codes.astype(np.int64), scale, problems
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # bad scales are reported below
+        codes = np.rint(stored / scale.reshape(shape))
+        if not np.array_equal((codes * scale.reshape(shape)).astype(np.float32), stored):
+            problems.append(f"weight '{name}': values are not integer multiples of their per-channel scale")
+        codes = np.nan_to_num(codes, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int64)
+    return codes, scale, problems
 
 
 def _check_weights(result: VerifyResult, lowered, plan: PrecisionPlan, notes: dict, array) -> None:

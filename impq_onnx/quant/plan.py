@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any, Iterable
 
 import yaml
@@ -41,6 +42,8 @@ __all__ = [
     "ACTIVATION_SCHEMES",
     "MIN_BITS",
     "MAX_BITS",
+    "MIN_CLIP",
+    "MAX_CLIP",
     "FLOAT_BITS",
     "ActivationClip",
     "PrecisionPlan",
@@ -49,6 +52,9 @@ __all__ = [
 SCHEMA_VERSION = 1
 ACTIVATION_SCHEMES = ("uniform-clip",)
 MIN_BITS, MAX_BITS = 1, 16
+# A clip c, its step c*2^-16 and the Clip bounds must all be normal, finite float32 numbers, or lowering
+# stores 0 or inf; this range keeps them so with room to spare (float32 normals: 1.2e-38 .. 3.4e38).
+MIN_CLIP, MAX_CLIP = 1e-30, 1e30
 FLOAT_BITS = 32  # what an unquantized tensor costs in the metrics
 
 
@@ -157,8 +163,14 @@ class PrecisionPlan:
             if tensor not in self.clips:
                 raise PlanError(f"activations['{tensor}'] has no entry in clips")
         for tensor, clip in self.clips.items():
-            if clip.value is not None and not (math.isfinite(clip.value) and clip.value > 0):
-                raise PlanError(f"clips['{tensor}']: value must be a positive number, not {clip.value!r}")
+            value = clip.value
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise PlanError(f"clips['{tensor}'].value must be a number or null, not {value!r}")
+            if value is not None and not (math.isfinite(value) and MIN_CLIP <= value <= MAX_CLIP):
+                raise PlanError(
+                    f"clips['{tensor}'].value {value!r} must be a finite number in {MIN_CLIP:g}..{MAX_CLIP:g}")
+            if not isinstance(clip.signed, bool):
+                raise PlanError(f"clips['{tensor}'].signed must be true or false, not {clip.signed!r}")
         return self
 
     def _validate_against(self, sites: SiteTable) -> None:

@@ -111,7 +111,10 @@ def test_missing_path_and_empty_folders_are_data_errors(tmp_path):
 def test_corrupt_image_is_named_and_batches_decode_lazily(tree):
     bad = tree / "b" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    data = open_dataset(tree, RAW)  # scanning does not decode
+    with pytest.raises(DataError, match=r"3\.png.*cannot decode") as info:
+        open_dataset(tree, RAW)  # every image is checked when the data is opened
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    data = open_dataset(tree, RAW, check=False)  # unchecked, scanning does not decode
     batches = data.batches(2)
     x, _ = next(batches)  # the first batches do not touch the corrupt file
     assert x.shape == (2, 3, 4, 4)

@@ -52,6 +52,8 @@ def test_the_same_checks_apply_to_the_yaml_config(ws: Workspace) -> None:
     (["sensitivity", "m.onnx", "--data", "d.npz", "--runner-ups", "0"], "--runner-ups"),
     (["verify", "x.onnx", "--model", "m.onnx", "--plan", "p.plan.yaml", "--data", "d.npz", "--threads", "0"],
      "--threads"),
+    (["verify", "x.onnx", "--model", "m.onnx", "--plan", "p.plan.yaml", "--data", "d.npz", "--logit-tolerance",
+      "nan"], "--logit-tolerance"),
 ])
 def test_other_commands_numeric_options(ws: Workspace, args: list[str], words: str) -> None:
     code, stderr = cli(*args, cwd=ws.root)

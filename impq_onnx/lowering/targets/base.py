@@ -55,6 +55,11 @@ class Target:
         """
         return {}
 
+    def quantizer_graph(self, lowered: Lowered) -> onnx.ModelProto:
+        """The graph in which verify reads every quantizer's codes, scales and zero points: the model itself,
+        unless the target keeps codes outside it (packed)."""
+        return lowered.proto
+
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         """A model with standard ops only that computes what ``lowered`` means (run by verify)."""
         return lowered.proto

@@ -156,6 +156,9 @@ class PackedTarget(QdqTarget):
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         return packed_as_standard_ops(lowered.proto, lowered.attachments.get(SUFFIX, b""))
 
+    def quantizer_graph(self, lowered: Lowered) -> onnx.ModelProto:
+        return self.as_standard_ops(lowered)  # the codes are in the .packed file
+
 
 def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
     """The QDQ model that ``proto`` with packed weights ``data`` stands for: every ``UnpackBits`` replaced
