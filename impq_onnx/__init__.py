@@ -10,7 +10,16 @@ Public API::
 from __future__ import annotations
 
 from impq_onnx.compression import CompressConfig, CompressResult, compress
-from impq_onnx.errors import ConfigError, DataError, ImpqError, ModelError, PlanError
+from impq_onnx.errors import (
+    ConfigError,
+    DataError,
+    ImpqError,
+    InternalError,
+    ModelError,
+    PlanError,
+    PlatformError,
+    UserError,
+)
 from impq_onnx.frontend.canonical import CanonicalModel, from_proto, load
 from impq_onnx.frontend.sites import ActivationSite, QuantLayer, SiteTable, WeightGroup
 from impq_onnx.frontend.site_analysis import find_sites
@@ -19,5 +28,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compress", "CompressConfig", "CompressResult", "load", "from_proto", "find_sites", "CanonicalModel", "SiteTable", "QuantLayer", "ActivationSite",
-    "WeightGroup", "ImpqError", "ModelError", "DataError", "PlanError", "ConfigError", "__version__",
+    "WeightGroup", "ImpqError", "UserError", "ModelError", "DataError", "PlanError", "ConfigError", "PlatformError",
+    "InternalError", "__version__",
 ]

@@ -1,7 +1,8 @@
 """The ``impq-onnx`` command: a thin click layer over the library.
 
-Options carry the same names as the library parameters they feed. User errors
-(:class:`~impq_onnx.errors.ImpqError`) print one line on stderr and exit with code 2.
+Options carry the same names as the library parameters they feed. Errors print one line on stderr
+and exit with the code of their cause (:mod:`impq_onnx.errors`: 2 user input, 3 environment, 1 a bug);
+``-vv`` adds the traceback of the error and of every exception that caused it.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import traceback
 
 import click
 
-from impq_onnx.errors import ImpqError
+from impq_onnx.errors import as_impq_error
 
 __all__ = ["main"]
 
@@ -22,9 +24,14 @@ def _user_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except ImpqError as exc:
-            click.echo(f"impq-onnx: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            error = as_impq_error(exc)
+            if click.get_current_context().find_root().params.get("verbose", 0) >= 2:
+                traceback.print_exception(error)  # with the chain of causes
+            click.echo(f"impq-onnx: error: {error}", err=True)
+            sys.exit(error.exit_code)
 
     return wrapper
 
@@ -34,8 +41,8 @@ def _parse_shape(ctx, param, value):
         return None
     try:
         shape = tuple(int(d) for d in value.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,3,224,224") from None
+    except ValueError as exc:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,3,224,224") from exc
     if not shape or any(d <= 0 for d in shape):
         raise click.BadParameter(f"'{value}' must contain positive sizes, e.g. 1,3,224,224")
     return shape

@@ -44,11 +44,11 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -107,8 +107,8 @@ def coerce(name: str, value: Any, tp, source: str = "option") -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as exc:
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(base, str(base))
         extra = " or none" if optional else ""
-        raise ConfigError(f"{source} '{name}': {value!r} is not {kind}{extra}") from None
+        raise ConfigError(f"{source} '{name}': {value!r} is not {kind}{extra}") from exc
     return value

@@ -94,7 +94,7 @@ class ImageFiles:
                 image.load()
                 return fit_image(image, preprocess)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(f"{path}: cannot decode the image ({err}); replace or delete the file") from None
+            raise DataError(f"{path}: cannot decode the image ({err}); replace or delete the file") from err
 
     def pixels(self, items: np.ndarray, preprocess: Preprocess) -> np.ndarray:
         """Decoded ``uint8 [B, H, W, C]`` pixels of the given items, in the order given."""

@@ -41,7 +41,7 @@ import onnx
 import onnx_ir as ir
 
 from impq_onnx.files import write_all
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import ConfigError, PlanError
 from impq_onnx.lowering.passes.annotate_bits import AnnotateBitsPass, read_plan_from_annotation
 from impq_onnx.lowering.passes.quantize_activations import QuantizeActivationsPass, activation_dtype, activation_names
 from impq_onnx.lowering.passes.quantize_weights import QuantizeWeightsPass, code_bounds, default_opset, weight_names
@@ -78,7 +78,7 @@ def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qd
           channel_bitwidth: bool = True) -> LoweredModel:
     """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``."""
     if format not in FORMATS:
-        raise PlanError(f"format {format!r} is unknown; use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"format {format!r} is unknown; use one of {', '.join(FORMATS)}")
     plan.validate(sites)
     source = canonical.model if hasattr(canonical, "model") else canonical
     model = source.clone()
@@ -200,7 +200,7 @@ def read_lowered(output_path) -> LoweredModel:
     try:
         sidecar = json.loads(side.read_text())
     except (OSError, ValueError) as exc:
-        raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from None
+        raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from exc
     if sidecar.get("schema") != SIDECAR_SCHEMA or sidecar.get("schema_version") != SIDECAR_VERSION:
         raise PlanError(f"{side}: not an {SIDECAR_SCHEMA} v{SIDECAR_VERSION} sidecar")
     fmt = sidecar.get("format", "qdq")
@@ -209,5 +209,5 @@ def read_lowered(output_path) -> LoweredModel:
         try:
             encodings = json.loads(encodings_path(output_path).read_text())
         except (OSError, ValueError) as exc:
-            raise PlanError(f"{encodings_path(output_path)}: cannot read the encodings ({exc})") from None
+            raise PlanError(f"{encodings_path(output_path)}: cannot read the encodings ({exc})") from exc
     return LoweredModel(proto, sidecar, fmt, encodings)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from impq_onnx.files import write_all
-from impq_onnx.errors import ImpqError
+from impq_onnx.errors import ConfigError
 from impq_onnx.report.run_data import RunData, read_run
 
 __all__ = ["RunData", "read_run", "write_report"]
@@ -41,10 +41,10 @@ def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
         work_dirs = [work_dirs]
     paths = [Path(p) for p in work_dirs]
     if not paths:
-        raise ImpqError("report needs at least one compress work dir")
+        raise ConfigError("report needs at least one compress work dir")
     output = Path(output_html)
     if output.suffix.lower() not in (".html", ".htm"):
-        raise ImpqError(f"report output {output}: the name must end in .html")
+        raise ConfigError(f"report output {output}: the name must end in .html")
     runs = [read_run(path, label) for path, label in zip(paths, _labels(paths))]
     several = len(runs) > 1
     stem = output.with_suffix("")
