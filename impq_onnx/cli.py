@@ -1,7 +1,7 @@
 """The ``impq-onnx`` command: a thin click layer over the library.
 
 Options carry the same names as the library parameters they feed. Errors print one line on stderr
-and exit with the code of their cause (:mod:`impq_onnx.errors`: 2 user input, 3 environment, 1 a bug);
+and exit with the code of their cause (:mod:`impq_onnx.errors`: 2 user input, 4 environment, 1 a bug);
 ``-vv`` adds the traceback of the error and of every exception that caused it.
 """
 

@@ -3,7 +3,7 @@
 | cause | class | exit code | what the user does |
 | --- | --- | --- | --- |
 | the user's input: model, data, plan, option, config file | :class:`UserError` (:class:`ModelError`, :class:`DataError`, :class:`PlanError`, :class:`ConfigError`) | 2 | fix the input the message names |
-| the environment: a missing package, a full disk, a permission, the OS | :class:`PlatformError` | 3 | fix the machine |
+| the environment: a missing package, a full disk, a permission, the OS | :class:`PlatformError` | 4 | fix the machine |
 | a bug in impq-onnx: an invariant of its own failed | :class:`InternalError` | 1 | report it (the message says so) |
 
 Every message names the file, node or key at fault and says what to do about it. The exception that
@@ -64,9 +64,9 @@ class ConfigError(UserError):
 
 
 class PlatformError(ImpqError):
-    """The machine cannot do what was asked (a missing package, a full disk, no permission): exit code 3."""
+    """The machine cannot do what was asked (a missing package, a full disk, no permission): exit code 4."""
 
-    exit_code = 3
+    exit_code = 4
 
 
 class InternalError(ImpqError):

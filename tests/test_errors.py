@@ -60,12 +60,12 @@ def test_vv_shows_the_cause_chain_then_the_one_line(garbage: Path) -> None:
     assert cause < lines.index("The above exception was the direct cause of the following exception:") < effect
 
 
-def test_a_missing_package_is_an_environment_error_exit_3(tmp_path: Path) -> None:
+def test_a_missing_package_is_an_environment_error_exit_4(tmp_path: Path) -> None:
     model = tmp_path / "tiny.onnx"
     onnx.save(build(Quirks()), model)
     (tmp_path / "images" / "a").mkdir(parents=True)
     result = impq("evaluate", str(model), "--data", str(tmp_path / "images"), blocked="PIL")
-    assert result.returncode == PlatformError.exit_code == 3
+    assert result.returncode == PlatformError.exit_code == 4
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("impq-onnx: error: cannot import PIL")
 
@@ -96,9 +96,9 @@ def _raise(error: BaseException) -> Callable[[], None]:
         (_raise(ConfigError("option 'lr': -1")), 2, "option 'lr': -1"),
         (_raise(ImpqError("an old-style user error")), 2, "an old-style user error"),
         (_open_a_missing_file, 2, "/nonexistent-impq/file.onnx: No such file or directory; check the path"),
-        (_raise(PlatformError("no training API")), 3, "no training API"),
-        (_fill_the_disk, 3, "No space left on device; free disk space and run again"),
-        (_raise(MemoryError()), 3, "out of memory; use a smaller batch size or fewer threads"),
+        (_raise(PlatformError("no training API")), 4, "no training API"),
+        (_fill_the_disk, 4, "No space left on device; free disk space and run again"),
+        (_raise(MemoryError()), 4, "out of memory; use a smaller batch size or fewer threads"),
         (_raise(InternalError("cycle in the graph")), 1, f"cycle in the graph; {REPORT_HINT}"),
         (_raise(KeyError("scale")), 1, f"unexpected KeyError: 'scale'; {REPORT_HINT}"),
     ],
@@ -134,3 +134,17 @@ def test_as_impq_error_keeps_the_original_as_cause() -> None:
     assert isinstance(error, InternalError) and error.__cause__ is original
     own = DataError("x")
     assert as_impq_error(own) is own
+
+
+def test_no_raise_in_the_package_drops_its_cause() -> None:
+    """``raise ... from None`` hides the cause that ``-vv`` shows; write ``from exc``."""
+    import ast
+
+    import impq_onnx
+
+    root = Path(impq_onnx.__file__).parent
+    dropped = [f"{path.relative_to(root.parent)}:{node.lineno}"
+               for path in sorted(root.rglob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text(), str(path)))
+               if isinstance(node, ast.Raise) and isinstance(node.cause, ast.Constant) and node.cause.value is None]
+    assert dropped == []
