@@ -22,12 +22,9 @@ import glob
 import json
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _batches(count: int, batch: int, seed: int = 0):

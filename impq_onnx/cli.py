@@ -88,15 +88,14 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
 
-    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model, output=output)
-    train, held_out = split_folders(data)
-    dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
     plan = sites = None
     if plan_path:
         sites = find_sites(canonical)
@@ -104,10 +103,10 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
                       float_model=canonical if plan is not None else None, threads=threads, progress=True)
     if as_json:
-        click.echo(json.dumps({"model": model, "data": str(held_out or train), "plan": plan_path, **result.to_dict()}))
+        click.echo(json.dumps({"model": model, "data": dataset.name, "plan": plan_path, **result.to_dict()}))
         return
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
-    click.echo(f"{model} on {held_out or train} ({result.n} images){' under ' + plan_path if plan_path else ''}")
+    click.echo(f"{model} on {dataset.name} ({result.n} images){' under ' + plan_path if plan_path else ''}")
     click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}"
                + (f"   agreement with float {pct(result.agreement)}" if result.agreement is not None else ""))
     click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
@@ -157,7 +156,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from pathlib import Path
 
     from impq_onnx.files import write_all
-    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.sensitivity import noise_gain
@@ -167,8 +166,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     canonical = load(model)
     sites = find_sites(canonical)
     plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
-    train, _ = split_folders(data)
-    dataset = open_for_model(canonical, train, preprocess)
+    dataset = open_model_data(canonical, data, preprocess).train_all
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
         import numpy as np
 
@@ -231,7 +229,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
     import json
 
-    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load
     from impq_onnx.lowering.lower import read_lowered
     from impq_onnx.quant.plan import PrecisionPlan
@@ -241,8 +239,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     canonical = load(model_path)
     sites = find_sites(canonical)
     plan = PrecisionPlan.load(plan_path).validate(sites)
-    train, held_out = split_folders(data)
-    dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
     result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

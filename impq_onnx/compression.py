@@ -205,49 +205,6 @@ def _verified(lowered, model, plan, sites, dataset) -> dict:
     return result.to_dict()
 
 
-def _preprocess(cfg: CompressConfig, canonical):
-    from impq_onnx.data import PRESETS, infer_preprocess, preprocess_from_yaml
-
-    if cfg.preprocess is None:
-        layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
-        return infer_preprocess(canonical.input_shape(), layout)
-    if cfg.preprocess in PRESETS:
-        return PRESETS[cfg.preprocess]
-    if cfg.preprocess.endswith((".yaml", ".yml")) or Path(cfg.preprocess).is_file():
-        return preprocess_from_yaml(cfg.preprocess)
-    raise ConfigError(f"option 'preprocess': {cfg.preprocess!r} is neither a preset nor a YAML file"
-                      f"{suggest(cfg.preprocess, PRESETS)}")
-
-
-def _datasets(cfg: CompressConfig, preprocess):
-    """(train, val, test or None).
-
-    ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
-    and ``test/`` (or ``val/``, ``validation/``; as ``evaluate`` and ``sensitivity`` read ``--data``): the
-    second is the test split and ``val_fraction`` of ``train/`` is held out for validation. Anything
-    else: one tree, split in two, and no test split.
-    """
-    from impq_onnx.data import open_dataset
-    from impq_onnx.data.model_data import split_folders
-
-    root = Path(cfg.data)
-    train_dir, held = split_folders(root)
-    if held is not None and (root / "val").is_dir() and (root / "test").is_dir():
-        train, val = open_dataset(train_dir, preprocess), open_dataset(root / "val", preprocess)
-        test = open_dataset(root / "test", preprocess)
-    else:
-        everything = open_dataset(train_dir, preprocess)
-        test = open_dataset(held, preprocess) if held is not None else None
-        train, val = everything.split(cfg.val_fraction, cfg.seed)
-    if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
-        from impq_onnx.search.impq import derive_seed
-
-        # A seeded subset in the split's order: ImageFolder splits are sorted by class.
-        chosen = np.random.default_rng(derive_seed(cfg.seed, 0, "validation")).permutation(len(val))
-        val = val.subset(np.sort(chosen[: cfg.max_val_samples]))
-    return train, val, test
-
-
 def _other_float_bytes(canonical, sites) -> float:
     quantized = {layer.weight for layer in sites.layers}
     return 4.0 * sum(int(np.prod(t.dims)) for t in canonical.to_proto().graph.initializer
@@ -263,6 +220,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
@@ -277,9 +235,10 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
     base = load(cfg.model)
-    preprocess = _preprocess(cfg, base)
-    sites = find_sites(base, (1, *preprocess.sample_shape))
-    train, val, test = _datasets(cfg, preprocess)
+    model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 max_val_samples=cfg.max_val_samples)
+    train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
+    sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     identity["model_sha256"] = digest

@@ -17,7 +17,6 @@ did not commit is not counted (the resumed process times that iteration afresh).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from impq_onnx.data.dataset import derive_seed
 from impq_onnx.engine import TrainedWeights
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import calibrate_clips, simulate
@@ -43,12 +43,6 @@ PHASE_ORDERS = {
     "activations": ("activations",),
 }
 EVAL_BATCH = 64
-
-
-def derive_seed(seed: int, iteration: int, purpose: str, extra: int = 0) -> int:
-    """A 31-bit seed that depends only on its arguments (never on the process or the clock)."""
-    digest = hashlib.sha256(f"{seed}/{iteration}/{purpose}/{extra}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def with_values(base, values: dict[str, np.ndarray]):
