@@ -40,9 +40,9 @@ from impq_onnx.compression import CompressConfig, compress
 from impq_onnx.data.model_data import ModelData, open_model_data
 from impq_onnx.engine import evaluate
 from impq_onnx.frontend.canonical import load
-from impq_onnx.search.density import output_site, activation_densities
-from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
 from impq_onnx.frontend.site_analysis import find_sites
+from impq_onnx.search.density import activation_densities, output_site
+from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("impq", "faq", "activation-density", "uniform-ptq", "ort-static")
@@ -143,7 +143,8 @@ def run_method(method: str, model: str, data: str, bits: float, act_bits: float,
             "activation_bits_effective": result.final["activation_bits_effective"], "gbitops": result.final["gbitops"],
             "top1": result.final[f"{split}_top1"], "agreement": result.final[f"{split}_agreement"],
             "seconds": seconds, "fine_tune_steps": sum(r["fine_tune_steps"] for r in result.iterations),
-            "split": split, "n": result.final.get(f"{split}_n"), "float_top1": result.reference.get(f"{split}_top1", result.reference.get("top1")),
+            "split": split, "n": result.final.get(f"{split}_n"),
+            "float_top1": result.reference.get(f"{split}_top1", result.reference.get("top1")),
             "options": {k: v for k, v in options.items()}}
 
 

@@ -50,7 +50,8 @@ def ensure_venv() -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "onnxruntime", "numpy"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "onnxruntime", "numpy"],
+                       check=True)
     return python
 
 

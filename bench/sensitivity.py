@@ -106,7 +106,7 @@ def part_resnet(args) -> None:
     if args.train_only:
         return
     print(f"ResNet-20 ({label}), {len(x)} CIFAR-10 test samples, {len(sites.layers)} layers, "
-          f"{sum(l.kernels for l in sites.layers)} kernels, {len(sites.activations)} activation sites")
+          f"{sum(layer.kernels for layer in sites.layers)} kernels, {len(sites.activations)} activation sites")
     t0 = time.perf_counter()
     exact = noise_gain(canonical, sites, [x], method="exact")
     t_exact = time.perf_counter() - t0
@@ -139,8 +139,8 @@ def part_resnet(args) -> None:
 
 
 def _mismatch(canonical, sites, plan, x, float_top) -> float:
-    from impq_onnx.runtime import inference_session
     from impq_onnx.quant.simulate import simulate
+    from impq_onnx.runtime import inference_session
 
     session = inference_session(simulate(canonical, plan, sites).SerializeToString())
     z = session.run(None, {session.get_inputs()[0].name: x})[0]
@@ -197,7 +197,8 @@ def part_mobilenet(args) -> None:
     t0 = time.perf_counter()
     table = noise_gain(canonical, sites, [x], method="fast", probes=args.probes, chunk=args.chunk)
     t = time.perf_counter() - t0
-    print(f"MobileNet-V1 224x224, 1000 classes: {len(sites.layers)} layers, {sum(l.kernels for l in sites.layers)} "
+    kernels = sum(layer.kernels for layer in sites.layers)
+    print(f"MobileNet-V1 224x224, 1000 classes: {len(sites.layers)} layers, {kernels} "
           f"kernels; fast path ({table.method}), {len(x)} samples in {t:.1f} s ({len(x) / t:.2f} samples/s); "
           f"peak RSS {max_rss_mib():.0f} MiB (before measuring {before:.0f} MiB)")
 

@@ -1,10 +1,12 @@
 """Errors the tool reports as one line, grouped by cause, each with its own exit code.
 
-| cause | class | exit code | what the user does |
-| --- | --- | --- | --- |
-| the user's input: model, data, plan, option, config file | :class:`UserError` (:class:`ModelError`, :class:`DataError`, :class:`PlanError`, :class:`ConfigError`) | 2 | fix the input the message names |
-| the environment: a missing package, a full disk, a permission, the OS | :class:`PlatformError` | 4 | fix the machine |
-| a bug in impq-onnx: an invariant of its own failed | :class:`InternalError` | 1 | report it (the message says so) |
+- the user's input (model, data, plan, option, config file): :class:`UserError` and its subclasses
+  :class:`ModelError`, :class:`DataError`, :class:`PlanError` and :class:`ConfigError`; exit code 2;
+  the user fixes the input the message names.
+- the environment (a missing package, a full disk, no permission, the OS): :class:`PlatformError`;
+  exit code 4; the user fixes the machine.
+- a bug in impq-onnx (an invariant of its own failed, whatever the input): :class:`InternalError`;
+  exit code 1; the message asks for a report.
 
 Every message names the file, node or key at fault and says what to do about it. The exception that
 caused an error is kept as ``__cause__`` (``raise ... from exc``); the CLI prints only the one line,

@@ -11,6 +11,7 @@ import click
 import onnx
 import pytest
 from click.testing import CliRunner
+from tiny_models import Quirks, build
 
 from impq_onnx.cli import _user_errors
 from impq_onnx.errors import (
@@ -25,7 +26,6 @@ from impq_onnx.errors import (
     UserError,
     as_impq_error,
 )
-from tiny_models import Quirks, build
 
 
 def impq(*args: str, blocked: str | None = None) -> subprocess.CompletedProcess:
