@@ -32,6 +32,7 @@ from impq_onnx.files import write_all
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.lower import output_files
+from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
@@ -39,7 +40,7 @@ _CHOICES = {
     "method": ("impq", "faq", "activation-density", "uniform-ptq"),
     "phases": ("weights-activations", "activations-weights", "weights", "activations"),
     "granularity": ("kernel", "layer", "network"),
-    "weight_scheme": ("midrise-max", "symmetric-rms", "pow2-std"),
+    "weight_scheme": SCHEMES,  # the live registry: a registered scheme is a valid option
     "optimizer": ("sgd", "adamw"),
     "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
@@ -74,7 +75,7 @@ class CompressConfig:
     max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
     phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
     granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
-    weight_scheme: str = _opt("midrise-max", "Weight quantizer: midrise-max (reference code), symmetric-rms (paper) or pow2-std (FAQ's power-of-two step).")
+    weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
     schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150.")

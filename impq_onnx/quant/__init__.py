@@ -1,7 +1,8 @@
 """Stage 2, quant: the precision plan, the quantizers, and the fake-quant simulation of a plan.
 
 :mod:`.plan` holds the bits of every group (the one object search changes and lowering reads);
-:mod:`.quantizers` the exact numpy references and ONNX subgraphs; :mod:`.simulate` builds the simulated
+:mod:`.schemes` the weight schemes (a registry, one module each); :mod:`.quantizers` the
+activation quantizer and the ONNX building blocks; :mod:`.simulate` builds the simulated
 model that training, sensitivity and verification run.
 """
 

@@ -9,7 +9,7 @@ sorted, fixed formatting), reading uses ``yaml.safe_load`` only.
 Bits are ints in 1..16, or ``None`` (written ``null``) for "keep float". For the cost model a float
 tensor counts as 32 bits.
 
-Weight schemes (exact definitions in :mod:`impq_onnx.quant.quantizers`):
+Weight schemes (exact definitions in :mod:`impq_onnx.quant.schemes`, one module each; these are built in):
 - ``midrise-max`` (the reference code): per kernel, step ``2*max|w_k| / 2^B``, levels
   ``±step/2, ±3*step/2, ...`` (no zero level).
 - ``symmetric-rms`` (the paper text): per kernel, zero level, clip ``±4*RMS(w_k)``.
@@ -34,10 +34,10 @@ import yaml
 
 from impq_onnx.errors import PlanError
 from impq_onnx.frontend.sites import GRANULARITIES, SiteTable, WeightGroup
+from impq_onnx.quant.schemes import weight_scheme
 
 __all__ = [
     "SCHEMA_VERSION",
-    "WEIGHT_SCHEMES",
     "ACTIVATION_SCHEMES",
     "MIN_BITS",
     "MAX_BITS",
@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-WEIGHT_SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
 ACTIVATION_SCHEMES = ("uniform-clip",)
 MIN_BITS, MAX_BITS = 1, 16
 FLOAT_BITS = 32  # what an unquantized tensor costs in the metrics
@@ -139,8 +138,7 @@ class PrecisionPlan:
     # ---- checks -------------------------------------------------------------------------------
     def validate(self, sites: SiteTable | None = None) -> "PrecisionPlan":
         """Raise :class:`PlanError` (one line, naming the key) unless the plan fits ``sites``."""
-        if self.weight_scheme not in WEIGHT_SCHEMES:
-            raise PlanError(f"weight_scheme {self.weight_scheme!r} is unknown; use one of {', '.join(WEIGHT_SCHEMES)}")
+        weight_scheme(self.weight_scheme)  # a PlanError naming the nearest registered scheme
         if self.activation_scheme not in ACTIVATION_SCHEMES:
             raise PlanError(
                 f"activation_scheme {self.activation_scheme!r} is unknown; use one of {', '.join(ACTIVATION_SCHEMES)}"

@@ -23,7 +23,8 @@ from onnx import helper
 
 from impq_onnx.errors import DataError, InternalError, PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
-from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer, build_weight_quantizer
+from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["simulate", "calibrate_clips", "quantized_weight_name", "as_proto", "SIMULATION_PREFIX"]
@@ -83,7 +84,7 @@ def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bo
         if node is None:
             raise PlanError(f"weights: layer '{layer.node}' is not a node of the model")
         g = GraphBuilder(f"{SIMULATION_PREFIX}/{layer.node}", opset)
-        q = build_weight_quantizer(g, layer.weight, layer.weight_shape, layer.kernel_axis, bits, plan.weight_scheme)
+        q = weight_scheme(plan.weight_scheme).build_quantizer(g, layer.weight, layer.weight_shape, layer.kernel_axis, bits)
         final = quantized_weight_name(layer.node)
         g.nodes.append(helper.make_node("Identity", [q], [final], name=f"{final}/Identity"))
         builder.nodes.extend(g.nodes)

@@ -16,7 +16,7 @@ way, keeping the poster's constant 4.12 at every B (the poster gives no other)::
 Activations are exact: the plan's clip of site s is set to ``Δ_a(s) * 2^B`` (``2^(B-1)`` signed),
 so the ``uniform-clip`` quantizer's step ``clip * 2^-B`` is the power of two ``Δ_a(s)``.
 
-Weights are exact too: the plan's weight scheme is ``pow2-std`` (:mod:`impq_onnx.quant.quantizers`), which
+Weights are exact too: the plan's weight scheme is ``pow2-std`` (:mod:`impq_onnx.quant.schemes.pow2_std`), which
 recomputes σ_l (population standard deviation of the layer's float shadow weights, float32) at every
 step and quantizes with ``Δ_w(l) = pow2(4.12 σ_l / 2^(B-1))``, ``2^B`` signed levels (1 bit: the
 mid-rise ``±Δ_w/2``), the lowered model bit-identical to the simulation. Each run records the initial
@@ -56,7 +56,7 @@ __all__ = [
     "run_faq",
 ]
 
-FAQ_WEIGHT_RANGE = 4.12  # the poster's weight clip in standard deviations (given for 4 bits); = quantizers.POW2_STD_RANGE
+FAQ_WEIGHT_RANGE = 4.12  # the poster's weight clip in standard deviations (given for 4 bits); = quant.schemes.pow2_std.POW2_STD_RANGE
 FAQ_FINAL_LR = 1e-6  # the poster's final learning rate
 FAQ_WEIGHT_SCHEME = "pow2-std"  # FAQ's per-layer power-of-two weight step, exactly (see the module docstring)
 
@@ -70,11 +70,11 @@ def pow2_ceil(x: float) -> float:
 
 def faq_weight_step(w: np.ndarray, bits: int) -> float:
     """FAQ's weight step of one layer: ``pow2(4.12 σ / 2^(B-1))``, as the ``pow2-std`` quantizer computes it."""
-    from impq_onnx.quant.quantizers import _kernel_stat, _step, weight_grid
+    from impq_onnx.quant.schemes import weight_scheme
 
+    scheme = weight_scheme(FAQ_WEIGHT_SCHEME)
     w = np.asarray(w, np.float32)
-    factor = np.float32(weight_grid(bits, FAQ_WEIGHT_SCHEME)[0])
-    return float(_step(_kernel_stat(w, 0, FAQ_WEIGHT_SCHEME), factor, FAQ_WEIGHT_SCHEME).reshape(-1)[0])
+    return float(scheme.step(scheme.statistic(w, 0), np.float32(scheme.grid(bits).factor)).reshape(-1)[0])
 
 
 def faq_activation_clip(y_max: float, bits: int, signed: bool) -> float:

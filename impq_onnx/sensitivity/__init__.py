@@ -195,25 +195,15 @@ def _weight_steps(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, n
     """Per layer, per kernel: the quantization step of the plan's scheme at the kernel's bits."""
     from onnx import numpy_helper
 
-    from impq_onnx.quant.quantizers import weight_grid
+    from impq_onnx.quant.schemes import weight_scheme
 
-    scheme = plan.weight_scheme if plan is not None else "midrise-max"
+    scheme = weight_scheme(plan.weight_scheme if plan is not None else "midrise-max")
     initializers = {t.name: t for t in proto.graph.initializer}
     result = {}
     for layer in sites.layers:
-        w = numpy_helper.to_array(initializers[layer.weight]).astype(np.float64)
-        axes = tuple(a for a in range(w.ndim) if a != layer.kernel_axis)
-        # the kernel statistic the scheme scales its step by (impq_onnx.quant.quantizers)
-        stat = np.max(np.abs(w), axis=axes) if scheme == "midrise-max" else np.sqrt(np.mean(w * w, axis=axes))
+        w = numpy_helper.to_array(initializers[layer.weight])
         bits = plan.weights[layer.node] if plan is not None else [None] * layer.kernels
-        factors = np.array([weight_grid(_bits(b, float_bits), scheme)[0] for b in bits])
-        if scheme == "pow2-std":  # one layer sigma, power-of-two steps (exactly the quantizer's)
-            from impq_onnx.quant.quantizers import _kernel_stat, _step
-
-            sigma = _kernel_stat(w.astype(np.float32), layer.kernel_axis, scheme).reshape(-1)
-            result[layer.node] = _step(sigma, factors.astype(np.float32), scheme).astype(np.float64)
-            continue
-        result[layer.node] = stat * factors
+        result[layer.node] = scheme.sensitivity_steps(w, layer.kernel_axis, [_bits(b, float_bits) for b in bits])
     return result
 
 
@@ -221,14 +211,14 @@ def _mean_abs_weights(sites: SiteTable, proto, plan) -> dict[str, np.ndarray]:
     """Per layer, per kernel ``mean|w_q|`` (quantized by the plan where it gives bits)."""
     from onnx import numpy_helper
 
-    from impq_onnx.quant.quantizers import quantize_weight
+    from impq_onnx.quant.schemes import weight_scheme
 
     initializers = {t.name: t for t in proto.graph.initializer}
     result = {}
     for layer in sites.layers:
         w = numpy_helper.to_array(initializers[layer.weight]).astype(np.float32)
         if plan is not None and any(b is not None for b in plan.weights[layer.node]):
-            w = quantize_weight(w, plan.weights[layer.node], layer.kernel_axis, plan.weight_scheme)
+            w = weight_scheme(plan.weight_scheme).quantize(w, plan.weights[layer.node], layer.kernel_axis)
         axes = tuple(a for a in range(w.ndim) if a != layer.kernel_axis)
         result[layer.node] = np.abs(w).astype(np.float64).mean(axis=axes)
     return result

@@ -11,6 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from impq_onnx.quant import quantizers
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.errors import PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.runtime import inference_session
@@ -53,7 +54,7 @@ def test_mixed_kernel_bits_take_at_most_2_to_the_b_values(tiny, scheme):
     for layer in sites.layers:
         q = outputs[quantized_weight_name(layer.node)]
         w = floats[layer.weight]
-        reference = quantizers.quantize_weight(w, plan.weights[layer.node], layer.kernel_axis, scheme)
+        reference = weight_scheme(scheme).quantize(w, plan.weights[layer.node], layer.kernel_axis)
         if scheme != "symmetric-rms":  # pow2-std: sigma may differ by 1 ulp, the power-of-two step does not
             np.testing.assert_array_equal(q, reference)
         else:  # RMS: onnxruntime and numpy sum in different orders (1 ulp)
@@ -68,20 +69,20 @@ def test_mixed_kernel_bits_take_at_most_2_to_the_b_values(tiny, scheme):
 
 def test_reference_grids_are_the_documented_ones():
     w = np.array([[-1.0, -0.3, 0.0, 0.2, 0.9]], np.float32)
-    assert set(quantizers.quantize_weight(w, [1], 0, "midrise-max").ravel()) == {-0.5, 0.5}
-    assert set(quantizers.quantize_weight(w, [2], 0, "midrise-max").ravel()) <= {-0.75, -0.25, 0.25, 0.75}
+    assert set(weight_scheme("midrise-max").quantize(w, [1], 0).ravel()) == {-0.5, 0.5}
+    assert set(weight_scheme("midrise-max").quantize(w, [2], 0).ravel()) <= {-0.75, -0.25, 0.25, 0.75}
     rms = float(np.sqrt(np.mean(w**2)))
-    np.testing.assert_allclose(sorted(set(quantizers.quantize_weight(w, [1], 0, "symmetric-rms").ravel())), [-rms, rms], rtol=1e-6)
-    q3 = quantizers.quantize_weight(w, [3], 0, "symmetric-rms")  # step 4 rms / 3, levels -3..3
+    np.testing.assert_allclose(sorted(set(weight_scheme("symmetric-rms").quantize(w, [1], 0).ravel())), [-rms, rms], rtol=1e-6)
+    q3 = weight_scheme("symmetric-rms").quantize(w, [3], 0)  # step 4 rms / 3, levels -3..3
     step = 4 * rms / 3
     np.testing.assert_allclose(q3 / step, np.rint(q3 / step), atol=1e-5)
     assert 0.0 in q3
     w4 = np.array([[-1.0, 1.0] * 4], np.float32)  # sigma = 1
     step = 2.0 ** math.ceil(math.log2(4.12 / 8))  # the poster's 4-bit rule: 1.0
-    assert set(quantizers.quantize_weight(w4, [4], 0, "pow2-std").ravel()) == {-step, step}
-    assert set(quantizers.quantize_weight(w4, [1], 0, "pow2-std").ravel()) == {-4.0, 4.0}  # ±pow2(4.12)/2
+    assert set(weight_scheme("pow2-std").quantize(w4, [4], 0).ravel()) == {-step, step}
+    assert set(weight_scheme("pow2-std").quantize(w4, [1], 0).ravel()) == {-4.0, 4.0}  # ±pow2(4.12)/2
     w2 = np.array([[-20.0, 20.0] + [0.0] * 6], np.float32)  # sigma = 10: step pow2(10 * 4.12 / 2) = 32
-    assert set(quantizers.quantize_weight(w2, [2], 0, "pow2-std").ravel()) == {-32.0, 0.0, 32.0}
+    assert set(weight_scheme("pow2-std").quantize(w2, [2], 0).ravel()) == {-32.0, 0.0, 32.0}
     x = np.linspace(-1, 5, 101).astype(np.float32)
     qa = quantizers.quantize_activation(x, 2, 4.0, signed=False)
     assert set(qa) == {0.0, 1.0, 2.0, 3.0}
@@ -93,7 +94,7 @@ def test_reference_grids_are_the_documented_ones():
 def _run_weight_quantizer(w: np.ndarray, bits, axis: int, scheme: str, opset: int = 17):
     """The ONNX weight quantizer alone on ``w`` (a graph input): returns its output."""
     g = quantizers.GraphBuilder("q", opset)
-    out = quantizers.build_weight_quantizer(g, "w", w.shape, axis, list(bits), scheme)
+    out = weight_scheme(scheme).build_quantizer(g, "w", w.shape, axis, list(bits))
     graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, list(w.shape))],
                               [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, list(w.shape))], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
@@ -124,7 +125,7 @@ def test_pow2_ceil_is_exact_in_numpy_and_onnx():
 
 def _sigma_hitting_a_power_of_two(bits: int) -> np.float32:
     """A float32 sigma whose ``sigma * factor`` rounds to exactly a power of two."""
-    factor = np.float32(quantizers.weight_grid(bits, "pow2-std")[0])
+    factor = np.float32(weight_scheme("pow2-std").grid(bits).factor)
     sigma = np.float32(0.125 / float(factor))
     for _ in range(64):
         if sigma * factor == np.float32(0.125):
@@ -139,7 +140,7 @@ def test_pow2_std_reference_equals_onnx_exactly(bits):
     w = (rng.standard_normal((6, 4, 3, 3)) * 0.3 + 0.05).astype(np.float32)
     kernel_bits = [bits, bits, max(1, bits - 1), None, min(8, bits + 1), bits]
     q = _run_weight_quantizer(w, kernel_bits, 0, "pow2-std")
-    reference = quantizers.quantize_weight(w, kernel_bits, 0, "pow2-std")
+    reference = weight_scheme("pow2-std").quantize(w, kernel_bits, 0)
     assert np.array_equal(q.view(np.int32), reference.view(np.int32))
     sigma = float(np.std(w.astype(np.float64)))
     for k, b in enumerate(kernel_bits):
@@ -158,9 +159,9 @@ def test_pow2_std_reference_equals_onnx_exactly(bits):
     # the trap: sigma * factor exactly a power of two gives that step (not twice it), in both
     sigma = _sigma_hitting_a_power_of_two(bits)
     w = np.array([[-sigma], [sigma]], np.float32)  # mean 0, population std exactly sigma
-    assert quantizers._kernel_stat(w, 0, "pow2-std").item() == sigma
+    assert weight_scheme("pow2-std").statistic(w, 0).item() == sigma
     q = _run_weight_quantizer(w, [bits, bits], 0, "pow2-std")
-    reference = quantizers.quantize_weight(w, [bits, bits], 0, "pow2-std")
+    reference = weight_scheme("pow2-std").quantize(w, [bits, bits], 0)
     assert np.array_equal(q.view(np.int32), reference.view(np.int32))
     expected = np.clip(np.rint(w / np.float32(0.125)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * np.float32(0.125)
     if bits == 1:

@@ -5,7 +5,8 @@ For a layer with at least one quantized kernel the float weight initializer ``W`
     W_quantized (int8 | int16 | int32) ─► DequantizeLinear(scale per kernel, zero point 0, axis) ─► layer
                                           [─► Add(W_float_kernels) when some kernels stay float]
 
-The codes are the exact integers of each kernel's ``B``-bit grid (:mod:`impq_onnx.quant.quantizers`):
+The codes are the exact integers of each kernel's ``B``-bit grid, from the plan's scheme
+(:meth:`impq_onnx.quant.schemes.WeightScheme.integer_codes`); for the built-in schemes:
 
 - ``midrise-max``: the levels are ``(r + 1/2)·step``, ``r`` in ``-2^(B-1) .. 2^(B-1)-1``. Stored as the
   odd integers ``c = 2r + 1`` in ``[-(2^B - 1), 2^B - 1]`` at scale ``step / 2``; ``c · (step/2)`` and
@@ -47,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from impq_onnx.errors import PlanError
-from impq_onnx.quant.quantizers import _kernel_stat, _step, weight_grid
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["QuantizeWeightsPass", "KernelCodes", "kernel_codes", "simulated_stats", "code_bounds", "storage_dtype",
@@ -57,16 +58,8 @@ logger = logging.getLogger(__name__)
 
 
 def code_bounds(bits: int | None, scheme: str) -> tuple[int, int, bool]:
-    """``(lo, hi, odd)``: the stored integer range of one kernel, and whether codes are odd only.
-
-    A float kernel (``None``) stores only 0.
-    """
-    if bits is None:
-        return 0, 0, False
-    _, offset, lo, hi = weight_grid(bits, scheme)
-    if offset:
-        return 2 * lo + 1, 2 * hi + 1, True
-    return lo, hi, False
+    """``(lo, hi, odd)`` of one kernel's stored codes: :meth:`impq_onnx.quant.schemes.WeightScheme.code_bounds`."""
+    return weight_scheme(scheme).code_bounds(bits)
 
 
 def storage_dtype(max_code: int, opset: int) -> np.dtype:
@@ -99,56 +92,44 @@ class KernelCodes:
 
 def kernel_codes(w: np.ndarray, bits: list[int | None], axis: int, scheme: str, opset: int = 13,
                  stat: np.ndarray | None = None) -> KernelCodes:
-    """The integer codes of :func:`impq_onnx.quant.quantizers.quantize_weight` (same float32 arithmetic).
+    """The integer codes of the scheme's ``quantize`` (same float32 arithmetic), stored in the narrowest type.
 
     ``stat`` (per kernel, or one value for ``pow2-std``) overrides the numpy statistic; see :func:`simulated_stats`.
     """
     w = np.asarray(w, np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = w.shape[axis]
-    grids = [weight_grid(b, scheme) if b is not None else (1.0, 0.0, 0, 0) for b in bits]
-    factor, offset, lo, hi = (np.array(v, np.float32).reshape(shape) for v in zip(*grids))
-    if stat is None:
-        stat = _kernel_stat(w, axis, scheme)
-    else:
-        stat = np.asarray(stat, np.float32)
-        stat = stat.reshape([1] * w.ndim if stat.size == 1 else shape)
-    step = _step(stat, factor, scheme)
-    r = np.clip(np.rint(w / step - offset), lo, hi)
-    odd = offset != 0
-    codes = np.where(odd, 2 * r + 1, r)
-    scale = np.where(odd, step / np.float32(2), step).astype(np.float32)
-    floating = np.array([b is None for b in bits]).reshape(shape)
+    codes, scale = weight_scheme(scheme).integer_codes(w, bits, axis, stat)
     residual = None
-    if floating.any():
-        codes = np.where(floating, 0, codes)
-        scale = np.where(floating, np.float32(1), scale)
+    if any(b is None for b in bits):
+        shape = [1] * w.ndim
+        shape[axis] = w.shape[axis]
+        floating = np.array([b is None for b in bits]).reshape(shape)
         residual = np.where(floating, w, np.float32(0)).astype(np.float32)
     max_code = max((max(-a - 1, b) for a, b, _ in (code_bounds(x, scheme) for x in bits)), default=0)
     codes = codes.astype(storage_dtype(max_code, opset))
-    return KernelCodes(codes, scale.reshape(-1), tuple(bits), axis, scheme, residual)
+    return KernelCodes(codes, scale, tuple(bits), axis, scheme, residual)
 
 
 def simulated_stats(weights: dict[str, tuple[np.ndarray, int]], scheme: str, opset: int) -> dict[str, np.ndarray]:
-    """Per-kernel (``pow2-std``: per-layer) statistics computed by the same onnxruntime ops the simulation uses.
+    """Per-kernel (``pow2-std``: per-layer) statistics computed by the same onnxruntime ops the simulation uses;
+    empty for a scheme whose numpy statistic is already exact (``exact_statistic``: ``midrise-max``).
 
     ``max|w|`` is exact in any order, so numpy gives the simulation's value. ``RMS(w)`` and the layer's
     standard deviation are sums, and numpy and onnxruntime sum in different orders (up to 1 ulp apart);
-    running the simulation's ops (:func:`impq_onnx.quant.quantizers.build_weight_stat`) in onnxruntime gives
+    running the simulation's ops (the scheme's ``build_statistic``) in onnxruntime gives
     the statistic the simulated model used, bit for bit.
     """
-    if scheme == "midrise-max" or not weights:
+    if not weights or weight_scheme(scheme).exact_statistic:
         return {}
     from onnx import TensorProto, helper
 
-    from impq_onnx.quant.quantizers import GraphBuilder, build_weight_stat
+    from impq_onnx.quant.quantizers import GraphBuilder
     from impq_onnx.runtime import inference_session
 
     g = GraphBuilder("stat", max(opset, 13))
     outputs = []
     for name, (w, axis) in weights.items():
         inp = g.const(w, "w")
-        outputs.append(helper.make_tensor_value_info(build_weight_stat(g, inp, w.ndim, axis, scheme),
+        outputs.append(helper.make_tensor_value_info(weight_scheme(scheme).build_statistic(g, inp, w.ndim, axis),
                                                      TensorProto.FLOAT, None))
     graph = helper.make_graph(g.nodes, "stats", [], outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])

@@ -32,9 +32,10 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.passes.quantize_activations import activation_names
-from impq_onnx.lowering.passes.quantize_weights import code_bounds, weight_names
+from impq_onnx.lowering.passes.quantize_weights import weight_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
@@ -43,9 +44,8 @@ QONNX_DOMAIN = "qonnx.custom_op.general"
 
 
 def container_bits(bits: int | None, scheme: str) -> int:
-    """Bit width of a signed narrow-range integer that holds the kernel's codes (at least 2)."""
-    lo, hi, _ = code_bounds(bits, scheme)
-    return max(2, max(abs(lo), abs(hi)).bit_length() + 1)
+    """Bit width of a signed narrow-range integer that holds the kernel's codes: the scheme's ``container_bits``."""
+    return weight_scheme(scheme).container_bits(bits)
 
 
 def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from impq_onnx.quant import quantizers
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.lowering.passes import QuantizeWeightsPass
 from impq_onnx.lowering.passes.quantize_weights import code_bounds, kernel_codes, storage_dtype
 from impq_onnx.quant.simulate import simulate
@@ -45,7 +45,7 @@ def test_codes_dequantize_to_the_reference_quantizer_bit_for_bit(scheme):
     w[3] = 0.0  # an all-zero kernel
     bits = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, None, 8, 3, 16, 12, 9]
     codes = kernel_codes(w, bits, 0, scheme)
-    reference = quantizers.quantize_weight(w, bits, 0, scheme)
+    reference = weight_scheme(scheme).quantize(w, bits, 0)
     assert np.array_equal(codes.dequantized().view(np.int32), reference.view(np.int32))
     for k, b in enumerate(bits):
         lo, hi, odd = code_bounds(b, scheme)
@@ -70,14 +70,14 @@ def test_pow2_std_codes_use_a_power_of_two_scale_and_the_simulated_sigma():
     mantissa, _ = np.frexp(codes.scale)
     assert np.all(mantissa == np.float32(0.5)) and codes.codes.dtype == np.int8
     assert codes.codes[7].min() >= -128 and codes.codes[0].min() >= -1
-    assert np.array_equal(codes.dequantized(), quantizers.quantize_weight(w, bits, 0, "pow2-std"))
+    assert np.array_equal(codes.dequantized(), weight_scheme("pow2-std").quantize(w, bits, 0))
 
 
 def test_gemm_and_matmul_kernels_are_output_columns():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((6, 4)).astype(np.float32)  # MatMul [K, N]: kernels along axis 1
     codes = kernel_codes(w, [1, 2, 3, 8], 1, "midrise-max")
-    np.testing.assert_array_equal(codes.dequantized(), quantizers.quantize_weight(w, [1, 2, 3, 8], 1, "midrise-max"))
+    np.testing.assert_array_equal(codes.dequantized(), weight_scheme("midrise-max").quantize(w, [1, 2, 3, 8], 1))
     assert codes.scale.shape == (4,)
 
 
