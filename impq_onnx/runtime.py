@@ -53,4 +53,5 @@ def check_runs(canonical) -> None:
                 f"{label}: node '{node}'{f' ({op})' if op else ''} cannot run in onnxruntime {ort.__version__}: "
                 f"{reason.strip()}; fix or re-export the model"
             ) from exc
-        raise ModelError(f"{label}: onnxruntime cannot run the model: {message.splitlines()[0] if message else exc}") from exc
+        first_line = message.splitlines()[0] if message else exc
+        raise ModelError(f"{label}: onnxruntime cannot run the model: {first_line}") from exc
