@@ -142,7 +142,7 @@ def run_method(method: str, model: str, data: str, bits: float, act_bits: float,
             "weight_bits_effective": result.final["weight_bits_effective"],
             "activation_bits_effective": result.final["activation_bits_effective"], "gbitops": result.final["gbitops"],
             "top1": result.final[f"{split}_top1"], "agreement": result.final[f"{split}_agreement"],
-            "seconds": seconds, "fine_tune_steps": sum(r["fine_tune_steps"] for r in result.iterations),
+            "seconds": seconds, "fine_tune_steps": sum(r.fine_tune_steps for r in result.iterations),
             "split": split, "n": result.final.get(f"{split}_n"),
             "float_top1": result.reference.get(f"{split}_top1", result.reference.get("top1")),
             "options": {k: v for k, v in options.items()}}

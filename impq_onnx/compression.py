@@ -33,11 +33,13 @@ from impq_onnx.config import check_keys, coerce, field_types, read_config, sugge
 from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.lower import output_files
 from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
+from impq_onnx.search.methods import METHODS
+from impq_onnx.search.state import IterationRecord
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
 
 _CHOICES = {
-    "method": ("impq", "faq", "activation-density", "uniform-ptq"),
+    "method": tuple(METHODS),
     "phases": ("weights-activations", "activations-weights", "weights", "activations"),
     "granularity": ("kernel", "layer", "network"),
     "weight_scheme": SCHEMES,  # the live registry: a registered scheme is a valid option
@@ -78,7 +80,8 @@ class CompressConfig:
     weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
-    schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150.")
+    schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150 (or "
+                                "NAME:ARGS of a registered schedule, e.g. fixed:400).")
     act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
     target_bits: float | None = _opt(4.0, "End the weight phase at this B_w,eff (none: no target).")
     target_act_bits: float | None = _opt(4.0, "End the activation phase at this B_a,eff (none: no target).")
@@ -176,7 +179,7 @@ class CompressConfig:
 class CompressResult:
     plan: Any  # PrecisionPlan of the output model
     final: dict  # metrics of the output model (validation, and test when there is a test split)
-    iterations: list[dict]  # one record per iteration
+    iterations: list[IterationRecord]  # one record per iteration
     reference: dict  # the float model's metrics
     stop_reason: str
     paths: dict[str, Path]
@@ -225,8 +228,8 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
-    from impq_onnx.search.impq import EVAL_BATCH, initial_state, labelled_batches, with_values
-    from impq_onnx.search.methods import strategy
+    from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches, with_values
+    from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
 
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
@@ -245,42 +248,40 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     identity["model_sha256"] = digest
     if cfg.resume and workdir.has_state():
         workdir.check_identity(identity)
-        state = workdir.load_state()
-        plan, values = workdir.load_iteration(state["iteration"])
+        state, reference_metrics = SearchState.resume(workdir)
         if report:
-            report(f"resuming {workdir.path} after iteration {state['iteration']}")
+            report(f"resuming {workdir.path} after iteration {state.iteration}")
     else:
         workdir.start(identity)
         from impq_onnx.quant.plan import PrecisionPlan
 
         reference = evaluate(base, labelled_batches(val, EVAL_BATCH), threads=cfg.threads)
-        state = initial_state({"top1": reference.top1, "top5": reference.top5, "n": reference.n})
-        plan = PrecisionPlan.uniform(sites, None, None, weight_scheme=cfg.weight_scheme, granularity=cfg.granularity)
-        values = {}
+        reference_metrics = {"top1": reference.top1, "top5": reference.top5, "n": reference.n}
+        state = SearchState(PrecisionPlan.uniform(sites, None, None, weight_scheme=cfg.weight_scheme,
+                                                  granularity=cfg.granularity))
         if report:
             top1 = "n/a" if reference.top1 is None else f"{100 * reference.top1:.1f}%"
             report(f"float model: validation top-1 {top1}, {len(train)} training / {len(val)} validation "
                    f"images; {len(sites.weight_groups(cfg.granularity))} weight groups, {len(sites.activations)} "
                    f"activation sites")
-    state = strategy(cfg.method)(cfg, base, sites, train, val, workdir, state, plan, values,
-                       other_float_bytes=_other_float_bytes(base, sites), progress=report)
+    context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
+                            other_float_bytes=_other_float_bytes(base, sites), progress=report)
+    state = METHODS[cfg.method](context, state)
 
-    plan, values = workdir.load_iteration(state["final"])
+    plan, values = workdir.load_iteration(state.final)
     final_model = with_values(base, values)
-    record = next(r for r in state["records"] if r["iteration"] == state["final"])
-    final = {k: record[k] for k in ("iteration", "weight_bits_effective", "activation_bits_effective", "gbitops",
-                                    "compression_ratio", "weight_bytes", "model_bytes", "val_top1", "val_top5",
-                                    "val_agreement")}
-    final["elapsed"] = state["elapsed"]
-    reference = dict(state["reference"])
+    final = state.record(state.final).final_metrics()
+    final["elapsed"] = state.elapsed
+    reference = dict(reference_metrics)
     if test is not None:
         final.update(_metrics(evaluate(final_model, labelled_batches(test, EVAL_BATCH), plan=plan, sites=sites,
                                        float_model=base, threads=cfg.threads), "test"))
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
-    document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state["stop"],
-                "reference": reference, "final": final, "verification": verification, "iterations": state["records"],
+    document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
+                "reference": reference, "final": final, "verification": verification,
+                "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict()}
     write_all({
         **output_files(lowered, paths["output"]),
@@ -296,10 +297,10 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
     if report:
         split = "test" if "test_top1" in final else "val"
         top1 = final[f"{split}_top1"]
-        report(f"done ({state['stop']}): iteration {final['iteration']}, B_w,eff {final['weight_bits_effective']:.3f}, "
+        report(f"done ({state.stop}): iteration {final['iteration']}, B_w,eff {final['weight_bits_effective']:.3f}, "
                f"B_a,eff {final['activation_bits_effective']:.3f}, {final['gbitops']:.4g} Gbit-OPs, {split} top-1 "
                f"{'n/a' if top1 is None else f'{100 * top1:.1f}%'} -> {paths['output']}")
-    return CompressResult(plan, final, state["records"], reference, state["stop"], paths, cfg)
+    return CompressResult(plan, final, state.records, reference, state.stop, paths, cfg)
 
 
 def _stderr_line(message: str) -> None:

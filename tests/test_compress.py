@@ -79,9 +79,9 @@ def test_weights_then_activations_end_to_end(tmp_path):
 def test_one_tree_is_split_and_activations_only(tmp_path):
     result = compress(MODEL, DATA / "train", output=tmp_path / "m.onnx", progress=False, phases="activations",
                       **dict(TINY, max_iterations=1, granularity="layer"))
-    assert [r["kind"] for r in result.iterations] == ["start", "lower"]
+    assert [r.kind for r in result.iterations] == ["start", "lower"]
     assert "test_top1" not in result.final and result.final["weight_bits_effective"] == 32.0
-    assert result.iterations[0]["val_n"] == 40
+    assert result.iterations[0].val_n == 40
 
 
 def test_config_file_unknown_key_suggests_the_nearest(tmp_path):
@@ -156,7 +156,7 @@ def test_unlabelled_images_distill_and_watch_agreement(tmp_path):
                       **dict(TINY, max_iterations=1))
     assert result.reference["top1"] is None and result.final["val_top1"] is None
     assert 0.0 <= result.final["val_agreement"] <= 1.0
-    assert all(r["within_accuracy_drop"] for r in result.iterations)
+    assert all(r.within_accuracy_drop for r in result.iterations)
 
 
 def test_train_val_test_folders_are_used_as_they_are(tmp_path):
@@ -205,7 +205,7 @@ def test_a_class_count_mismatch_is_one_line_before_any_work(tmp_path):
 def test_replicas_train_in_parallel_and_need_sgd(tmp_path):
     result = compress(MODEL, DATA, output=tmp_path / "r.onnx", progress=False, phases="weights", replicas=2,
                       **dict(TINY, max_iterations=1))
-    assert result.config.replicas == 2 and result.iterations[-1]["fine_tune_steps"] == TINY["steps"]
+    assert result.config.replicas == 2 and result.iterations[-1].fine_tune_steps == TINY["steps"]
     assert yaml.safe_load(result.paths["config"].read_text())["replicas"] == 2
     with pytest.raises(ConfigError, match="'replicas': 2 needs optimizer 'sgd'"):
         CompressConfig.resolve(model=str(MODEL), data=str(DATA), replicas=2, optimizer="adamw")
@@ -229,7 +229,7 @@ def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch)
     assert len(seen) == 2 and all(distill is True for _, distill, _ in seen)
     (first, _, teacher), (later, _, teacher2) = seen
     assert teacher is teacher2 and first is teacher and later is not teacher  # later: the fine-tuned weights
-    assert all(np.isfinite(r["fine_tune_loss"]) for r in result.iterations)
+    assert all(np.isfinite(r.fine_tune_loss) for r in result.iterations)
     assert yaml.safe_load(result.paths["config"].read_text())["distill"] is True
     seen.clear()
     compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", **dict(TINY, max_iterations=0))
@@ -241,7 +241,7 @@ def test_step_weighting_ranks_the_lowering(tmp_path):
     """--weighting step (the real quantization step², as `impq-onnx sensitivity` has it) drives the loop."""
     result = compress(MODEL, DATA, output=tmp_path / "s.onnx", progress=False, phases="weights", weighting="step",
                       **dict(TINY, max_iterations=1, start_bits=4, target_bits=3.5))
-    assert result.config.weighting == "step" and result.iterations[-1]["lowered"] > 0
+    assert result.config.weighting == "step" and result.iterations[-1].lowered > 0
     assert 3.4 < result.final["weight_bits_effective"] <= 3.5
     sensitivity = json.loads((tmp_path / "s.work" / "iterations" / "0001" / "sensitivity.json").read_text())
     assert sensitivity["weighting"] == "step"

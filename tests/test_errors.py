@@ -8,10 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-import onnx
 import pytest
 from click.testing import CliRunner
-from tiny_models import Quirks, build
 
 from impq_onnx.cli import _user_errors
 from impq_onnx.errors import (
@@ -61,13 +59,12 @@ def test_vv_shows_the_cause_chain_then_the_one_line(garbage: Path) -> None:
 
 
 def test_a_missing_package_is_an_environment_error_exit_4(tmp_path: Path) -> None:
-    model = tmp_path / "tiny.onnx"
-    onnx.save(build(Quirks()), model)
-    (tmp_path / "images" / "a").mkdir(parents=True)
-    result = impq("evaluate", str(model), "--data", str(tmp_path / "images"), blocked="PIL")
+    """matplotlib is imported when a report is drawn; without it the report command says so in one line."""
+    result = impq("report", str(tmp_path), "-o", str(tmp_path / "r.html"), blocked="matplotlib")
     assert result.returncode == PlatformError.exit_code == 4
     assert result.stderr.splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("impq-onnx: error: cannot import PIL")
+    assert result.stderr.startswith("impq-onnx: error: cannot import matplotlib")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _fill_the_disk() -> None:

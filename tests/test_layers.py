@@ -37,14 +37,6 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("cli", "__main__"),
 )
 
-# Cycles that exist on this branch and are being removed elsewhere; each entry names who removes it.
-# search/impq.py <-> search/iteration.py: helper D's branch `searchstate` (typed search state) removes
-# it; delete this entry once that branch is merged (test_known_cycles_still_exist says when).
-KNOWN_CYCLES: tuple[frozenset[str], ...] = (
-    frozenset({"impq_onnx.search.impq", "impq_onnx.search.iteration"}),
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class Import:
     source: str  # the importing module
@@ -157,14 +149,7 @@ def test_every_module_has_a_stage() -> None:
 
 
 def test_no_import_cycles() -> None:
-    unexpected = [sorted(c) for c in cycles(package_edges()) if c not in KNOWN_CYCLES]
-    assert unexpected == []
-
-
-def test_known_cycles_still_exist() -> None:
-    """An exception in KNOWN_CYCLES that no longer occurs is stale: delete it."""
-    found = cycles(package_edges())
-    assert [sorted(c) for c in KNOWN_CYCLES if c not in found] == []
+    assert [sorted(c) for c in cycles(package_edges())] == []
 
 
 def test_each_stage_imports_only_earlier_stages() -> None:

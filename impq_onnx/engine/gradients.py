@@ -8,9 +8,11 @@ inference mode the samples of a batch do not interact, so the gradient with resp
 per-sample tensor (an activation, a layer output) is, row by row, the per-sample gradient of
 ``s_n . Z_n``: one backward pass serves a whole batch.
 
-Convolutions with ``auto_pad`` (``SAME_UPPER``/``SAME_LOWER``/``VALID``) get explicit ``pads`` first
-(:func:`explicit_conv_pads`): onnxruntime-training 1.19's ``ConvGrad`` computes wrong gradients for
-``auto_pad`` convs (the forward is right; measured on a stride-2 ``SAME_UPPER`` depthwise conv).
+Per-op rewrites come from the layer-op registry (:mod:`impq_onnx.frontend.ops`): before the builder
+runs, convolutions with ``auto_pad`` get explicit ``pads`` (:func:`explicit_conv_pads`;
+onnxruntime-training 1.19's ``ConvGrad`` is wrong for ``auto_pad`` convs); after it, each op may
+rewrite what the builder made (a ``ConvGrad`` that only computes the input gradient becomes a
+``ConvTranspose``).
 
 Batch-norm: onnxruntime-training registers no gradient for ``BatchNormalization``, and the
 sensitivity needs inference mode anyway, so :func:`inference_batchnorm` rewrites every
@@ -32,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from impq_onnx.errors import ModelError
+from impq_onnx.frontend.ops import LAYER_OPS, layer_op
 
 __all__ = ["SEED_INPUT", "LOSS_OUTPUT", "inference_batchnorm", "explicit_conv_pads", "graph_input_name",
            "TensorGradients", "ForwardTensors"]
@@ -101,40 +104,19 @@ def inference_batchnorm(proto: onnx.ModelProto) -> int:
 
 
 def explicit_conv_pads(proto: onnx.ModelProto, input_shape: Sequence[int] | None = None) -> int:
-    """Rewrite (in place) every Conv's ``auto_pad`` into the explicit ``pads`` it stands for.
+    """Rewrite (in place) every layer whose op asks for it (Conv with ``auto_pad``) into explicit ``pads``.
 
-    Needs the spatial size of each such conv's input: from shape inference, with the image input
+    Needs the spatial size of each such layer's input: from shape inference, with the image input
     fixed to ``input_shape`` (per-sample shape, batch dimension included or not) when given.
-    Returns the number of convs rewritten.
+    Returns the number of nodes rewritten.
     """
-    todo = [n for n in proto.graph.node if n.op_type == "Conv" and _auto_pad(n) not in ("", "NOTSET")]
+    todo = [(n, op) for n in proto.graph.node if (op := layer_op(n)) is not None and op.needs_explicit_pads(n)]
     if not todo:
         return 0
     shapes = _shapes(proto, input_shape)
     weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    for node in todo:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        size = shapes.get(node.input[0], [None])[2:]
-        kernel = attrs.get("kernel_shape") or list(weights.get(node.input[1], ()))[2:]
-        if not size or None in size or not kernel:
-            raise ModelError(f"conv '{node.name}' uses auto_pad and its input size is unknown; pass a concrete input shape")
-        strides = attrs.get("strides", [1] * len(size))
-        dilations = attrs.get("dilations", [1] * len(size))
-        begin, end = [], []
-        for n, k, st, dl in zip(size, kernel, strides, dilations):
-            if _auto_pad(node) == "VALID":
-                begin.append(0)
-                end.append(0)
-                continue
-            out = -(-n // st)
-            total = max((out - 1) * st + (k - 1) * dl + 1 - n, 0)
-            low = total // 2 if _auto_pad(node) == "SAME_UPPER" else total - total // 2
-            begin.append(low)
-            end.append(total - low)
-        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        node.attribute.append(helper.make_attribute("pads", begin + end))
+    for node, op in todo:
+        op.make_pads_explicit(node, shapes, weights)
     return len(todo)
 
 
@@ -154,51 +136,6 @@ def _shapes(proto: onnx.ModelProto, input_shape: Sequence[int] | None) -> dict[s
     for info in list(inferred.graph.value_info) + list(inferred.graph.input):
         shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
     return shapes
-
-
-def conv_grad_as_transpose(grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
-    """Replace each ``ConvGrad`` that only computes the input gradient by the equivalent ``ConvTranspose``.
-
-    onnxruntime-training's ``ConvGrad`` takes ~1.4x the time of a ``ConvTranspose`` for the same
-    input gradient (ResNet-20 layer1 shapes, 2 threads): the sensitivity needs no weight gradients
-    from onnxruntime. ``shapes`` maps forward tensors to their shapes; convs whose input or
-    weight shape is unknown keep their ``ConvGrad``. Returns the number of nodes replaced.
-    """
-    replaced = 0
-    for index, node in enumerate(grad_model.graph.node):
-        if node.op_type != "ConvGrad" or any(out for out in node.output[1:]):
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        size = shapes.get(node.input[1], [])[2:]
-        kernel = attrs.get("kernel_shape") or shapes.get(node.input[2], [])[2:]
-        if not size or None in size or not kernel or None in kernel or len(size) != len(kernel):
-            continue
-        spatial = len(size)
-        strides = list(attrs.get("strides") or [1] * spatial)
-        dilations = list(attrs.get("dilations") or [1] * spatial)
-        pads = list(attrs.get("pads") or [0] * 2 * spatial)
-        extra = []
-        for i, (n, k, st, dl) in enumerate(zip(size, kernel, strides, dilations)):
-            span = (k - 1) * dl + 1
-            out = (n + pads[i] + pads[i + spatial] - span) // st + 1
-            extra.append(n - (st * (out - 1) + span - pads[i] - pads[i + spatial]))
-        if any(e < 0 or e >= max(st, dl) for e, st, dl in zip(extra, strides, dilations)):
-            continue
-        transpose = helper.make_node("ConvTranspose", [node.input[0], node.input[2]], [node.output[0]],
-                                     name=f"{node.name}/as_ConvTranspose", strides=strides, dilations=dilations,
-                                     pads=pads, group=int(attrs.get("group", 1)), kernel_shape=list(kernel),
-                                     output_padding=extra)
-        grad_model.graph.node[index].CopyFrom(transpose)
-        replaced += 1
-    return replaced
-
-
-def _auto_pad(node: onnx.NodeProto) -> str:
-    for a in node.attribute:
-        if a.name == "auto_pad":
-            value = helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return "NOTSET"
 
 
 def _rank_hint(node: onnx.NodeProto, graph: onnx.GraphProto) -> int:
@@ -273,7 +210,9 @@ class TensorGradients:
             reason = str(exc).strip().splitlines()[-1]
             raise ModelError(f"onnxruntime-training cannot differentiate the model: {reason}") from exc
         grad_model = onnx.load_from_string(builder.get_model())
-        conv_grad_as_transpose(grad_model, shapes)
+        for op in LAYER_OPS.values():
+            op.make_gradients_runnable(grad_model, shapes)
+            op.speed_up_gradients(grad_model, shapes)
         gradients = {name: f"{name}_grad" for name in self.wrt}
         self._keys = list(returned) if epilogue is not None else list(self.wrt)
         self._names = [gradients[name] for name in self._keys]

@@ -39,6 +39,7 @@ from onnx import helper
 
 from impq_onnx.engine import ort_training as _ort_training
 from impq_onnx.errors import ConfigError, DataError, ModelError
+from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
 from impq_onnx.frontend.sites import SiteTable
@@ -190,6 +191,16 @@ def _distillation_loss(onnxblock, temperature: float):
     return SoftCrossEntropy()
 
 
+def _make_gradients_runnable(path: str) -> int:
+    """Let each layer op replace gradient nodes the CPU build cannot run (ConvTransposeGrad); the file is
+    rewritten only when something changed."""
+    training_model = onnx.load(path)
+    changed = sum(op.make_gradients_runnable(training_model, {}) for op in LAYER_OPS.values())
+    if changed:
+        onnx.save(training_model, path)
+    return changed
+
+
 def _epochs(batches) -> Iterable:
     """Cycle over ``batches``: a factory (called once per epoch) or a re-iterable."""
     while True:
@@ -302,6 +313,7 @@ def fine_tune(
                 proto, requires_grad=trainable, frozen_params=frozen, loss=loss_block, optimizer=optim_block,
                 artifact_directory=tmp, loss_input_names=[logits], additional_output_names=list(running),
             )
+        _make_gradients_runnable(os.path.join(tmp, "training_model.onnx"))
         state = api.CheckpointState.load_checkpoint(os.path.join(tmp, "checkpoint"))
         module = opt = group = None
         if replicas == 1:

@@ -2,7 +2,8 @@
 
 ``load(path)`` reads an exported classifier as untrusted input (:mod:`.model_file`) and canonicalises it
 (:mod:`.canonical`, passes in :mod:`.passes`); ``find_sites`` (:mod:`.site_analysis`, data in :mod:`.sites`) lists the weight groups and
-activation sites that every later stage is keyed by; :mod:`.inspection` prints them.
+activation sites that every later stage is keyed by; :mod:`.inspection` prints them. :mod:`.ops` is the
+layer-op registry: what every stage needs to know about Conv, Gemm, MatMul, ConvTranspose (one module each).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from onnx_ir.passes.common import (
 
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model
+from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
 from impq_onnx.frontend.passes.strip_classifier_head import head_of, value_named
 
@@ -175,7 +176,8 @@ def _is_linear_output(value: ir.Value) -> bool:
     node = value.producer()
     if node is not None and node.op_type == "Add":
         node = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
-    return node is not None and node.op_type in ("Gemm", "MatMul")
+    op = layer_op(node) if node is not None else None
+    return op is not None and op.linear_output
 
 
 def _upgrade_opset(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:

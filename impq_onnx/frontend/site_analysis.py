@@ -14,12 +14,12 @@ import onnx
 import onnx_ir as ir
 
 from impq_onnx.errors import ModelError
+from impq_onnx.frontend.ops import LAYER_OPS, layer_op
 from impq_onnx.frontend.sites import ActivationSite, BatchNormStats, QuantLayer, SiteTable
 
 __all__ = ["find_sites", "analyse", "concrete_input_shape", "DEFAULT_IMAGE_SIZE"]
 
 DEFAULT_IMAGE_SIZE = 224
-_WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 # Ops through which a BatchNormalization still "produces" an activation for the clip rule, and
 # through which non-negativity survives.
 _PASS_THROUGH = {"Relu", "Clip", "Identity", "MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
@@ -143,22 +143,11 @@ def _is_non_negative(value: ir.Value, depth: int = 0) -> bool:
     return False
 
 
-def _bias_after_matmul(node: ir.Node) -> tuple[str | None, ir.Value]:
-    out = node.outputs[0]
-    consumers = list(out.consumers())
-    if len(consumers) == 1 and consumers[0].op_type == "Add":
-        add = consumers[0]
-        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-        if other is not None and other.const_value is not None:
-            return other.name, add.outputs[0]
-    return None, out
-
-
 def _layer(node: ir.Node, shapes: dict, label: str) -> QuantLayer | None:
-    index = _WEIGHT_INPUT.get(node.op_type)
-    if index is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= index:
+    op = layer_op(node)
+    if op is None or len(node.inputs) <= op.weight_input:
         return None
-    weight = node.inputs[index]
+    weight = node.inputs[op.weight_input]
     if weight is None or weight.const_value is None or weight.const_value.dtype != _FLOAT:
         return None
     wshape = tuple(int(d) for d in weight.const_value.shape)
@@ -166,29 +155,15 @@ def _layer(node: ir.Node, shapes: dict, label: str) -> QuantLayer | None:
     if out_shape is None:
         raise ModelError(f"{label}: node '{node.name}' ({node.op_type}) has no inferable output shape; "
                          "pass a concrete --input-shape")
-    groups, bias, after = 1, None, node.outputs[0]
-    if node.op_type == "Conv":
-        groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
-        axis, dot = 0, int(np.prod(wshape[1:]))
-        bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    elif node.op_type == "Gemm":
-        if len(wshape) != 2 or ("transA" in node.attributes and node.attributes["transA"].value):
-            return None
-        trans_b = "transB" in node.attributes and bool(node.attributes["transB"].value)
-        axis = 0 if trans_b else 1
-        dot = wshape[1 - axis]
-        bias = node.inputs[2].name if len(node.inputs) > 2 and _const(node.inputs[2]) is not None else None
-    else:
-        if len(wshape) != 2:
-            return None
-        axis, dot = 1, wshape[0]
-        bias, after = _bias_after_matmul(node)
-    kernels = wshape[axis]
-    macs = math.prod(out_shape[1:]) * dot
+    activation = node.inputs[op.activation_input]
+    found = op.analyse(node, wshape, shapes.get(activation.name), out_shape)
+    if found is None:
+        return None
     return QuantLayer(
-        node=node.name, op_type=node.op_type, weight=weight.name, weight_shape=wshape, kernel_axis=axis,
-        bias=bias, activation=node.inputs[0].name, output=after.name, kernels=kernels, conv_groups=groups,
-        dot_length=int(dot), macs=int(macs), batchnorm=_follow_batchnorm(node.outputs[0]) if node.op_type == "Conv" else None,
+        node=node.name, op_type=node.op_type, weight=weight.name, weight_shape=wshape, kernel_axis=found.kernel_axis,
+        bias=found.bias, activation=activation.name, output=found.output, kernels=found.kernels,
+        conv_groups=found.groups, dot_length=found.dot_length, macs=found.macs,
+        batchnorm=_follow_batchnorm(node.outputs[0]) if op.reads_batchnorm_after else None,
     )
 
 
@@ -197,13 +172,15 @@ def analyse(canonical, input_shape=None) -> SiteTable:
     shape = concrete_input_shape(canonical, input_shape)
     shapes = _shapes(canonical, shape)
     graph = canonical.model.graph
-    needed = [v.name for node in graph if node.op_type in _WEIGHT_INPUT for v in (node.inputs[0], node.outputs[0])]
+    needed = [v.name for node in graph if (op := layer_op(node)) is not None
+              for v in (node.inputs[op.activation_input], node.outputs[0])]
     missing = [name for name in dict.fromkeys(needed) if name not in shapes]
     if missing:
         shapes.update(_measured_shapes(canonical, shape, missing))
     layers = [layer for node in graph if (layer := _layer(node, shapes, label)) is not None]
     if not layers:
-        raise ModelError(f"{label}: no Conv, Gemm or MatMul with constant float weights; nothing to quantize")
+        *most, last = LAYER_OPS
+        raise ModelError(f"{label}: no {', '.join(most)} or {last} with constant float weights; nothing to quantize")
     by_tensor: dict[str, list[str]] = {}
     for layer in layers:
         by_tensor.setdefault(layer.activation, []).append(layer.node)

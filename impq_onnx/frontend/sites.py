@@ -5,9 +5,11 @@ This is an analysis, not a transform: ``find_sites`` reads a :class:`CanonicalMo
 simulation, sensitivity, lowering) consume the table; none of them re-derive it.
 
 Vocabulary
-- A *layer* is one Conv, Gemm or MatMul node whose weight is a constant float tensor.
-- A *kernel* is one output channel of a layer: ``W[k]`` for Conv (axis 0), one output column of
-  MatMul (``W[:, k]``, axis 1) or of Gemm (axis 0 when ``transB=1``, else 1).
+- A *layer* is a node of a registered layer op (:mod:`impq_onnx.frontend.ops`, e.g. Conv, Gemm,
+  MatMul) whose weight is a constant float tensor.
+- A *kernel* is a slice of a layer's weight along its op's kernel axis, one output channel where the
+  layout allows: e.g. ``W[k]`` for Conv (axis 0), one output column of MatMul (``W[:, k]``, axis 1)
+  or of Gemm (axis 0 when ``transB=1``, else 1).
 - A *weight group* is what gets one bit width: a kernel, a whole layer, or the whole network.
 - An *activation site* is the input tensor of one or more quantized layers; it gets one bit width.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Literal
+
+from impq_onnx.frontend.ops import LayerOp, layer_op
 
 __all__ = [
     "Granularity",
@@ -47,10 +51,10 @@ class BatchNormStats:
 
 @dataclasses.dataclass(frozen=True)
 class QuantLayer:
-    """One Conv/Gemm/MatMul node with a constant float weight."""
+    """One node of a registered layer op with a constant float weight."""
 
     node: str  # node name (unique in the canonical model)
-    op_type: str  # "Conv", "Gemm" or "MatMul"
+    op_type: str  # a key of impq_onnx.frontend.ops.LAYER_OPS: "Conv", "Gemm", "MatMul", ...
     weight: str  # initializer name of the weight
     weight_shape: tuple[int, ...]
     kernel_axis: int  # axis of ``weight`` that indexes kernels (output channels)
@@ -58,10 +62,18 @@ class QuantLayer:
     activation: str  # name of the input tensor (the activation site of this layer)
     output: str  # name of the output tensor
     kernels: int  # number of output channels
-    conv_groups: int  # Conv ``group`` attribute (1 for Gemm/MatMul); depthwise when == in channels
+    conv_groups: int  # the op's ``group`` attribute (1 for Gemm/MatMul); depthwise when == in channels
     dot_length: int  # M: length of one dot product (C_in/groups * kh * kw, or K)
     macs: int  # multiply-accumulates per sample, for the analysed input shape
     batchnorm: BatchNormStats | None  # the BatchNormalization that directly follows, if any
+
+    @property
+    def op(self) -> LayerOp:
+        """The layer op (which input is the weight, gradient rules, ...)."""
+        op = layer_op(self.op_type)
+        if op is None:
+            raise KeyError(f"layer '{self.node}': {self.op_type} is not a registered layer op")
+        return op
 
     @property
     def params(self) -> int:

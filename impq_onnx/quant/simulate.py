@@ -89,7 +89,7 @@ def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bo
         g.nodes.append(helper.make_node("Identity", [q], [final], name=f"{final}/Identity"))
         builder.nodes.extend(g.nodes)
         builder.initializers.extend(g.initializers)
-        node.input[1] = final
+        node.input[layer.op.weight_input] = final
         exposed.append(final)
 
     for site in sites.activations:
@@ -106,9 +106,9 @@ def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bo
         builder.nodes.extend(g.nodes)
         builder.initializers.extend(g.initializers)
         for name in site.layers:
-            node = nodes[name]
-            if node.input[0] == site.tensor:
-                node.input[0] = q
+            node, index = nodes[name], sites.layer(name).op.activation_input
+            if node.input[index] == site.tensor:
+                node.input[index] = q
 
     # Quantizer nodes go first (they only read initializers and existing tensors); then restore a
     # topological order, since activation quantizers read tensors produced inside the graph.

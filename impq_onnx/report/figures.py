@@ -50,7 +50,7 @@ def _pct(value):
 
 
 def has_accuracy(run: RunData) -> bool:
-    return any(r.get("val_top1") is not None for r in run.records)
+    return any(r.val_top1 is not None for r in run.records)
 
 
 def _accuracy_key(run: RunData) -> tuple[str, str]:
@@ -103,7 +103,7 @@ def bits_per_layer(run: RunData) -> bytes:
 # ---- Fig. 3: accuracy vs effective bits ----------------------------------------------------------
 def accuracy_vs_bits(run: RunData) -> bytes:
     key, label = _accuracy_key(run)
-    phases = [p for p in ("weights", "activations") if any(r["phase"] == p for r in run.records)]
+    phases = [p for p in ("weights", "activations") if any(r.phase == p for r in run.records)]
     # Other methods (faq, activation-density, uniform-ptq) have their own phase names: plot them
     # against the weight bits in one panel.
     grouped = bool(phases)
@@ -112,15 +112,15 @@ def accuracy_vs_bits(run: RunData) -> bytes:
     def draw(fig):
         axes = fig.subplots(1, len(phases), squeeze=False)[0]
         for ax, phase in zip(axes, phases):
-            records = [r for r in run.records if r["phase"] == phase or not grouped]
+            records = [r for r in run.records if r.phase == phase or not grouped]
             bits_key = "weight_bits_effective" if phase == "weights" else "activation_bits_effective"
-            xs = [r[bits_key] for r in records]
-            ax.plot(xs, [_pct(r[key]) for r in records], "o-", color=_WEIGHT, label=label.split(" [")[0])
+            xs = [getattr(r, bits_key) for r in records]
+            ax.plot(xs, [_pct(getattr(r, key)) for r in records], "o-", color=_WEIGHT, label=label.split(" [")[0])
             if key == "val_top1":
-                ax.plot(xs, [_pct(r["val_agreement"]) for r in records], "s--", color=_ACT, markersize=4,
+                ax.plot(xs, [_pct(r.val_agreement) for r in records], "s--", color=_ACT, markersize=4,
                         label="agreement with float")
             for x, r in zip(xs, records):
-                ax.annotate(str(r["iteration"]), (x, _pct(r[key])), textcoords="offset points", xytext=(0, 6),
+                ax.annotate(str(r.iteration), (x, _pct(getattr(r, key))), textcoords="offset points", xytext=(0, 6),
                             ha="center", fontsize=7)
             reference = run.reference.get("top1") if key == "val_top1" else 1.0
             if reference is not None:
@@ -145,8 +145,8 @@ def compression_vs_accuracy(runs: list[RunData]) -> bytes:
     def draw(fig):
         ax = fig.subplots()
         for run in runs:
-            records = [r for r in run.records if r["phase"] == "weights"] or list(run.records)
-            ax.plot([r["compression_ratio"] for r in records], [_pct(r[key]) for r in records],
+            records = [r for r in run.records if r.phase == "weights"] or list(run.records)
+            ax.plot([r.compression_ratio for r in records], [_pct(getattr(r, key)) for r in records],
                     marker=markers.get(run.granularity, "D"), label=f"{run.label} ({run.granularity})")
         references = {run.reference.get("top1") for run in runs} if labelled else {1.0}
         for reference in sorted(r for r in references if r is not None):

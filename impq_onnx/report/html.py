@@ -73,12 +73,12 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> s
 
 
 def _iterations_table(run: RunData) -> str:
-    rows = [[str(r["iteration"]), r["phase"], r["kind"] if r["kind"] == "start" else
-             f"-1 bit on {r['lowered']}/{r['reducible']}", _num(r["weight_bits_effective"]),
-             _num(r["activation_bits_effective"]), _num(r["gbitops"], 4), _num(r["compression_ratio"], 2, "x"),
-             _pct(r["val_top1"]), _pct(r["val_agreement"]), _num(r.get("seconds"), 1, " s"),
-             " ".join(x for x in (r.get("phase_end") and f"phase end: {r['phase_end']}",
-                                  r.get("stop") and f"stop: {r['stop']}") if x)]
+    rows = [[str(r.iteration), r.phase, r.kind if r.kind == "start" else
+             f"-1 bit on {r.lowered}/{r.reducible}", _num(r.weight_bits_effective),
+             _num(r.activation_bits_effective), _num(r.gbitops, 4), _num(r.compression_ratio, 2, "x"),
+             _pct(r.val_top1), _pct(r.val_agreement), _num(r.seconds, 1, " s"),
+             " ".join(x for x in (r.phase_end and f"phase end: {r.phase_end}",
+                                  r.stop and f"stop: {r.stop}") if x)]
             for r in run.records]
     return _table(["iter", "phase", "step", "B_w,eff", "B_a,eff", "C_C", "CR", "val top-1", "agreement", "time",
                    "note"], rows, text_columns=3)

@@ -19,13 +19,11 @@ from pathlib import Path
 
 from impq_onnx.errors import ImpqError, UserError
 from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.search.state import IterationRecord
 
 __all__ = ["RunData", "read_run"]
 
 logger = logging.getLogger(__name__)
-
-_FINAL_KEYS = ("iteration", "weight_bits_effective", "activation_bits_effective", "gbitops", "compression_ratio",
-               "weight_bytes", "model_bytes", "val_top1", "val_top5", "val_agreement")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +43,7 @@ class RunData:
     path: Path
     label: str
     granularity: str
-    records: tuple[dict, ...]
+    records: tuple[IterationRecord, ...]
     reference: dict
     final: dict
     stop_reason: str | None  # None: the run has not finished (the last committed iteration is shown)
@@ -71,7 +69,7 @@ def _not_a_work_dir(path: Path, why: str) -> UserError:
                      "(<output stem>.work by default)")
 
 
-def _report_beside(path: Path, records: tuple[dict, ...]) -> Path | None:
+def _report_beside(path: Path, records: tuple[IterationRecord, ...]) -> Path | None:
     """``<stem>.report.json`` of the run that used ``path`` as its work dir, if compress wrote one.
 
     Its ``config.work_dir`` may be relative to wherever compress ran, so a report in the same folder
@@ -92,8 +90,11 @@ def _report_beside(path: Path, records: tuple[dict, ...]) -> Path | None:
         work_dir = (document.get("config") or {}).get("work_dir")
         if work_dir is None or not (_same_folder(Path(work_dir), path) or Path(work_dir).name == path.name):
             continue
-        if tuple(document.get("iterations") or ()) == records:
-            return candidate
+        try:
+            if tuple(IterationRecord.from_dict(r) for r in document.get("iterations") or ()) == records:
+                return candidate
+        except (KeyError, TypeError, AttributeError):  # not a report of this version: not the one
+            continue
     return None
 
 
@@ -156,20 +157,24 @@ def read_run(work_dir: str | Path, label: str | None = None) -> RunData:
             raise _not_a_work_dir(path, f"no {name}")
     identity = _read_json(path / "run.json", "run identity")
     state = _read_json(path / "state.json", "run state")
-    records = tuple(state.get("records") or ())
+    try:
+        records = tuple(IterationRecord.from_dict(r) for r in state.get("records") or ())
+    except KeyError as exc:
+        raise UserError(f"{path / 'state.json'}: an iteration record lacks {exc}; it was written by another "
+                        "impq-onnx version, report it with that version") from exc
     if not records:
         raise UserError(f"{path}: the run has not finished an iteration yet; nothing to report")
-    last = state.get("final") if state.get("final") is not None else state.get("iteration", records[-1]["iteration"])
-    record = next((r for r in records if r["iteration"] == last), records[-1])
-    plan_file = path / "iterations" / f"{record['iteration']:04d}" / "plan.yaml"
+    last = state.get("final") if state.get("final") is not None else state.get("iteration", records[-1].iteration)
+    record = next((r for r in records if r.iteration == last), records[-1])
+    plan_file = path / "iterations" / f"{record.iteration:04d}" / "plan.yaml"
     if not plan_file.is_file():
         raise _not_a_work_dir(path, f"no {plan_file.relative_to(path)}")
     plan = PrecisionPlan.load(plan_file)
 
     report_path = _report_beside(path, records)
     document = _read_json(report_path, "compress report") if report_path else {}
-    final = dict(document.get("final") or {k: record.get(k) for k in _FINAL_KEYS})
-    final.setdefault("elapsed", state.get("elapsed", record.get("elapsed")))
+    final = dict(document.get("final") or record.final_metrics())
+    final.setdefault("elapsed", state.get("elapsed", record.elapsed))
     config = dict(document.get("config") or {k: v for k, v in identity.items() if k != "model_sha256"})
     layers, rest = _layers(plan, identity.get("model"))
     sensitivity, sensitivity_iteration = _sensitivity(path, int(state.get("iteration", last)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -31,9 +31,16 @@ from onnx import helper
 
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import as_proto, calibrate_clips, simulate
-from impq_onnx.search.checkpoint import WorkDir
-from impq_onnx.search.impq import EVAL_BATCH, PHASE_ORDERS, derive_seed, with_values
-from impq_onnx.search.iteration import commit_iteration, fine_tune_steps, run_fine_tune
+from impq_onnx.search.iteration import (
+    EVAL_BATCH,
+    derive_seed,
+    fine_tune_steps,
+    finish_iteration,
+    record_iteration,
+    run_fine_tune,
+    with_values,
+)
+from impq_onnx.search.state import SearchContext, SearchState
 
 __all__ = ["activation_densities", "density_bits", "density_plan", "output_site", "run_density"]
 
@@ -89,36 +96,33 @@ def density_plan(plan: PrecisionPlan, sites, densities: dict[str, float], *, wei
     return plan
 
 
-def run_density(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: PrecisionPlan, values: dict, *,
-                other_float_bytes: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:
+def run_density(context: SearchContext, state: SearchState) -> SearchState:
     """Measure densities, set bits, fine-tune; ``max_iterations`` times, each iteration checkpointed."""
-    phases = PHASE_ORDERS[cfg.phases]
-    weight_max = cfg.start_bits if "weights" in phases else None
-    act_max = cfg.start_act_bits if "activations" in phases else None
+    cfg, base, sites, train = context.config, context.base, context.sites, context.train
+    weight_max = cfg.start_bits if "weights" in context.phases else None
+    act_max = cfg.start_act_bits if "activations" in context.phases else None
     n = max(1, cfg.max_iterations)
-    inner = (lambda message: progress("  " + message)) if progress else None
     tensors = [s.tensor for s in sites.activations]
-    while state["stop"] is None:
+    while state.stop is None:
         started = time.perf_counter()
-        i = state["iteration"] + 1
-        model = with_values(base, values)
+        i = state.iteration + 1
+        model = with_values(base, state.values)
         if i == 0:
             plan = PrecisionPlan.uniform(sites, None, None, weight_scheme=cfg.weight_scheme,
                                          granularity=cfg.granularity)
             batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0, "calibrate"))
-            plan = calibrate_clips(base, plan, sites, batches, threads=cfg.threads,
-                                   seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
+            state.plan = calibrate_clips(base, plan, sites, batches, threads=cfg.threads,
+                                         seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
             measured = as_proto(base)
         else:
-            measured = simulate(model, plan, sites)
+            measured = simulate(model, state.plan, sites)
         batches = train.batches(EVAL_BATCH, shuffle=True, seed=derive_seed(cfg.seed, i, "density"))
         densities = activation_densities(measured, tensors, batches, threads=cfg.threads,
                                          max_batches=max(1, math.ceil(cfg.sensitivity_samples / EVAL_BATCH)))
-        plan = density_plan(plan, sites, densities, weight_max=weight_max, act_max=act_max)
-        trained = run_fine_tune(cfg, model, plan, sites, train, i, fine_tune_steps(cfg, train), lr=cfg.lr,
-                                teacher=base, progress=inner)
-        values = {**values, **trained.values}
-        commit_iteration(cfg, base, sites, val, workdir, state, plan, values, started=started, phase="density",
-                         kind="density", trained=trained, last=i + 1 >= n, other_float_bytes=other_float_bytes,
-                         extra={"densities": densities}, progress=progress)
+        state.plan = density_plan(state.plan, sites, densities, weight_max=weight_max, act_max=act_max)
+        trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train), lr=cfg.lr)
+        state.values = {**state.values, **trained.values}
+        record = record_iteration(context, state, started=started, phase="density", kind="density", trained=trained,
+                                  extra={"densities": densities})
+        finish_iteration(context, state, record, end=lambda: "max_iterations" if i + 1 >= n else None)
     return state

@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
-from impq_onnx.search.checkpoint import WorkDir
-from impq_onnx.search.impq import with_values
-from impq_onnx.search.iteration import commit_iteration, fine_tune_steps, run_fine_tune
+from impq_onnx.search.iteration import fine_tune_steps, finish_iteration, record_iteration, run_fine_tune, with_values
 from impq_onnx.search.ptq import calibrated_plan, uniform_bits
+from impq_onnx.search.state import SearchContext, SearchState
 
 __all__ = [
     "FAQ_FINAL_LR",
@@ -90,10 +89,10 @@ def faq_learning_rate(i: int, n: int, lr: float) -> float:
     return lr * (FAQ_FINAL_LR / lr) ** (i / n)
 
 
-def _faq_plan(cfg, base, sites, train) -> tuple[PrecisionPlan, dict]:
+def _faq_plan(cfg: Any, base: Any, sites: Any, train: Any) -> tuple[PrecisionPlan, dict[str, Any]]:
     weight_bits, act_bits = uniform_bits(cfg)
     plan = calibrated_plan(cfg, base, sites, train, weight_bits, act_bits, weight_scheme=FAQ_WEIGHT_SCHEME)
-    extra = {"faq_weight_steps": {}, "activation_steps": {}}
+    extra: dict[str, Any] = {"faq_weight_steps": {}, "activation_steps": {}}
     if act_bits is not None:
         for site in sites.activations:
             clip = plan.clips[site.tensor]
@@ -112,23 +111,22 @@ def _faq_plan(cfg, base, sites, train) -> tuple[PrecisionPlan, dict]:
     return plan, extra
 
 
-def run_faq(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: PrecisionPlan, values: dict, *,
-            other_float_bytes: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:
+def run_faq(context: SearchContext, state: SearchState) -> SearchState:
     """Quantize once, then the exponentially decaying fine-tune, one checkpointed iteration at a time."""
+    cfg = context.config
     n = max(1, cfg.max_iterations)
-    inner = (lambda message: progress("  " + message)) if progress else None
-    while state["stop"] is None:
+    while state.stop is None:
         started = time.perf_counter()
-        i = state["iteration"] + 1
-        extra = {}
+        i = state.iteration + 1
+        extra: dict[str, Any] = {}
         if i == 0:
-            plan, extra = _faq_plan(cfg, base, sites, train)
+            state.plan, extra = _faq_plan(cfg, context.base, context.sites, context.train)
         lr_start, lr_end = faq_learning_rate(i, n, cfg.lr), faq_learning_rate(i + 1, n, cfg.lr)
-        trained = run_fine_tune(cfg, with_values(base, values), plan, sites, train, i, fine_tune_steps(cfg, train),
-                                lr=lr_start, final_lr=lr_end, warmup_steps=0, lr_schedule="exponential" if lr_end > 0 else "cosine",
-                                teacher=base, progress=inner)
-        values = {**values, **trained.values}
-        commit_iteration(cfg, base, sites, val, workdir, state, plan, values, started=started, phase="fine-tune",
-                         kind="fine-tune", trained=trained, last=i + 1 >= n, other_float_bytes=other_float_bytes,
-                         extra={"lr_start": lr_start, "lr_end": lr_end, **extra}, progress=progress)
+        trained = run_fine_tune(context, state, with_values(context.base, state.values),
+                                fine_tune_steps(cfg, context.train), lr=lr_start, final_lr=lr_end, warmup_steps=0,
+                                lr_schedule="exponential" if lr_end > 0 else "cosine")
+        state.values = {**state.values, **trained.values}
+        record = record_iteration(context, state, started=started, phase="fine-tune", kind="fine-tune",
+                                  trained=trained, extra={"lr_start": lr_start, "lr_end": lr_end, **extra})
+        finish_iteration(context, state, record, end=lambda: "max_iterations" if i + 1 >= n else None)
     return state

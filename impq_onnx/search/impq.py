@@ -20,57 +20,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
 
-import numpy as np
-
-from impq_onnx.data.dataset import derive_seed
-from impq_onnx.engine import TrainedWeights
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import calibrate_clips, simulate
-from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.iteration import (
+    EVAL_BATCH,
+    derive_seed,
+    fine_tune_steps,
+    finish_iteration,
+    labelled_batches,
+    record_iteration,
+    run_fine_tune,
+    with_values,
+)
 from impq_onnx.search.schedule import parse_schedule
+from impq_onnx.search.state import PHASE_ORDERS, IterationRecord, SearchContext, SearchState
+from impq_onnx.sensitivity import noise_gain
 
-__all__ = ["PHASE_ORDERS", "derive_seed", "run_search", "with_values", "initial_state", "pick_least_sensitive",
-           "labelled_batches", "format_record"]
+# derive_seed, with_values, labelled_batches, EVAL_BATCH and PHASE_ORDERS live in .iteration and
+# .state; importing them from here keeps working.
+__all__ = ["EVAL_BATCH", "PHASE_ORDERS", "derive_seed", "labelled_batches", "pick_least_sensitive", "run_search",
+           "with_values"]
 
 logger = logging.getLogger(__name__)
-
-PHASE_ORDERS = {
-    "weights-activations": ("weights", "activations"),
-    "activations-weights": ("activations", "weights"),
-    "weights": ("weights",),
-    "activations": ("activations",),
-}
-EVAL_BATCH = 64
-
-
-def with_values(base, values: dict[str, np.ndarray]):
-    """``base`` (the float model) with the fine-tuned parameter ``values``; a copy."""
-    if not values:
-        return base
-    return TrainedWeights(values, [], 0, 0, 0.0).apply_to(base)
-
-
-def labelled_batches(dataset, batch_size: int, **kwargs):
-    """``dataset.batches(...)``; without labels the batches are ``(x, None)`` (distillation, agreement)."""
-    for x, y in dataset.batches(batch_size, **kwargs):
-        yield (x, y) if dataset.labelled else (x, None)
-
-
-def initial_state(reference: dict) -> dict:
-    return {
-        "iteration": -1,  # last committed iteration
-        "phase": 0,  # index into the phase order
-        "phase_started": False,
-        "phase_step": 0,  # lowering steps done in the current phase
-        "elapsed": 0.0,  # committed wall seconds
-        "last_good": None,  # latest iteration within max_accuracy_drop
-        "final": None,  # the iteration the outputs come from
-        "stop": None,  # why the run ended; None while it goes on
-        "reference": reference,  # the float model on the validation split
-        "records": [],
-    }
 
 
 # ---- groups --------------------------------------------------------------------------------------
@@ -120,32 +92,7 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
 
 
 # ---- one iteration -------------------------------------------------------------------------------
-def train_batches(cfg, train, iteration: int):
-    """The per-epoch batch factory of iteration ``iteration``: data order derives from (seed, iteration, epoch)."""
-    epoch = [0]
-
-    def factory():
-        seed = derive_seed(cfg.seed, iteration, "train", epoch[0])
-        epoch[0] += 1
-        return labelled_batches(train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment,
-                                drop_last=len(train) >= cfg.batch_size)
-
-    return factory
-
-
-def fine_tune_steps(cfg, train, start: bool = False) -> int:
-    """Steps of one iteration: ``start_steps`` at a phase start (when set), ``epochs`` over the training
-    split (when set), else ``steps``."""
-    if start and cfg.start_steps is not None:
-        return cfg.start_steps
-    if cfg.epochs is not None:
-        return max(1, math.ceil(cfg.epochs * max(1, len(train) // cfg.batch_size)))
-    return cfg.steps
-
-
 def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step):
-    from impq_onnx.sensitivity import noise_gain
-
     candidates = _reducible(plan, sites, phase, cfg.granularity)
     schedule = parse_schedule(cfg.schedule if phase == "weights" else cfg.act_schedule)
     n = schedule.groups(phase_step, len(candidates))
@@ -186,99 +133,52 @@ def _landing(plan: PrecisionPlan, phase: str, picked: list, groups: dict, sites,
     return picked[:hi]
 
 
-def _decide(state: dict, record: dict, cfg, plan, sites, phases) -> None:
-    """The stop rules; they read only the record and the committed wall time."""
-    from impq_onnx.search.iteration import within_accuracy_drop
-
-    iteration = record["iteration"]
-    within = within_accuracy_drop(cfg, record, state["reference"])
-    record["within_accuracy_drop"] = within
-    if within:
-        state["last_good"] = iteration
-    stop = None if within else "max_accuracy_drop"
-    if stop is None and cfg.target_gbitops is not None and record["gbitops"] <= cfg.target_gbitops:
-        stop = "target_gbitops"
-    if stop is None:
-        phase = phases[state["phase"]]
-        target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
-        bits = record["weight_bits_effective"] if phase == "weights" else record["activation_bits_effective"]
-        end = None
-        if target is not None and bits <= target + 1e-9:
-            end = "target_bits" if phase == "weights" else "target_act_bits"
-        elif not _reducible(plan, sites, phase, cfg.granularity):
-            end = "all_groups_at_1_bit"
-        elif state["phase_step"] >= cfg.max_iterations:
-            end = "max_iterations"
-        if end is not None:
-            record["phase_end"] = end
-            state.update(phase=state["phase"] + 1, phase_started=False, phase_step=0)
-            if state["phase"] >= len(phases):
-                stop = end
-    if stop is None and cfg.time_budget is not None and state["elapsed"] >= cfg.time_budget:
-        stop = "time_budget"
-    record["stop"] = stop
-    if stop is not None:
-        state["stop"] = stop
-        state["final"] = state["last_good"] if state["last_good"] is not None else iteration
+def _phase_end(context: SearchContext, state: SearchState, record: IterationRecord) -> str | None:
+    """IMPQ's own end rule for :func:`~impq_onnx.search.iteration.decide`: whether the phase ends here
+    (its target reached, nothing left to lower, or ``max_iterations`` steps done); the run ends with the
+    last phase."""
+    cfg, phases = context.config, context.phases
+    phase = phases[state.phase]
+    target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
+    bits = record.weight_bits_effective if phase == "weights" else record.activation_bits_effective
+    end = None
+    if target is not None and bits <= target + 1e-9:
+        end = "target_bits" if phase == "weights" else "target_act_bits"
+    elif not _reducible(state.plan, context.sites, phase, cfg.granularity):
+        end = "all_groups_at_1_bit"
+    elif state.phase_step >= cfg.max_iterations:
+        end = "max_iterations"
+    if end is None:
+        return None
+    record.phase_end = end
+    state.phase, state.phase_started, state.phase_step = state.phase + 1, False, 0
+    return end if state.phase >= len(phases) else None
 
 
-def run_search(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: PrecisionPlan,
-               values: dict[str, np.ndarray], *, other_float_bytes: float = 0.0,
-               progress: Callable[[str], None] | None = None) -> dict:
-    """Run iterations until a stop rule fires; return the final state (also committed in ``workdir``)."""
-    from impq_onnx.search.iteration import (  # iteration builds on this module
-        evaluate_record,
-        run_fine_tune,
-        save_record,
-    )
-
-    phases = PHASE_ORDERS[cfg.phases]
-    inner = (lambda message: progress("  " + message)) if progress else False
-    while state["stop"] is None:
+def run_search(context: SearchContext, state: SearchState) -> SearchState:
+    """Run iterations until a stop rule fires; return the final state (also committed in the work dir)."""
+    cfg, sites, train = context.config, context.sites, context.train
+    while state.stop is None:
         start = time.perf_counter()
-        iteration = state["iteration"] + 1
-        phase = phases[state["phase"]]
-        model = with_values(base, values)
+        iteration = state.iteration + 1
+        phase = context.phases[state.phase]
+        model = with_values(context.base, state.values)
         table = None  # the sensitivity measured this iteration, kept for reports
-        if not state["phase_started"]:
+        if not state.phase_started:
             kind, lowered, reducible = "start", 0, None
-            plan = _start_phase(plan, phase, cfg, model, sites, train, iteration)
+            state.plan = _start_phase(state.plan, phase, cfg, model, sites, train, iteration)
         else:
             kind = "lower"
-            plan, lowered, reducible, table = _lowering_step(cfg, plan, phase, model, sites, train, iteration,
-                                                             state["phase_step"])
+            state.plan, lowered, reducible, table = _lowering_step(cfg, state.plan, phase, model, sites, train,
+                                                                   iteration, state.phase_step)
         sensitivity_seconds = time.perf_counter() - start
-        steps = fine_tune_steps(cfg, train, kind == "start")
-        trained = run_fine_tune(cfg, model, plan, sites, train, iteration, steps, lr=cfg.lr, teacher=base,
-                                progress=inner)
-        values = {**values, **trained.values}
-        record = evaluate_record(cfg, base, sites, val, state, plan, values, started=start, phase=phase, kind=kind,
-                                 trained=trained, lowered=lowered, reducible=reducible,
-                                 sensitivity_seconds=sensitivity_seconds if kind == "lower" else 0.0,
-                                 other_float_bytes=other_float_bytes)
-        state.update(iteration=iteration, phase_started=True, elapsed=record["elapsed"])
+        trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train, kind == "start"), lr=cfg.lr)
+        state.values = {**state.values, **trained.values}
+        record = record_iteration(context, state, started=start, phase=phase, kind=kind, trained=trained,
+                                  lowered=lowered, reducible=reducible,
+                                  sensitivity_seconds=sensitivity_seconds if kind == "lower" else 0.0)
         if kind == "lower":
-            state["phase_step"] += 1
-        _decide(state, record, cfg, plan, sites, phases)
-        save_record(workdir, state, record, plan, values, sensitivity=table, progress=progress)
+            state.phase_step += 1
+        finish_iteration(context, state, record, end=lambda: _phase_end(context, state, record), early=True,
+                         sensitivity=table)
     return state
-
-
-def format_record(record: dict, reference: dict) -> str:
-    """The one-line summary of an iteration."""
-
-    def pct(value):
-        return "n/a" if value is None else f"{100 * value:.1f}%"
-
-    what = (f"-1 bit on {record['lowered']}/{record['reducible']}" if record["kind"] == "lower"
-            else record["kind"])  # the baseline strategies' kinds: fine-tune, density, calibrate
-    line = (f"iter {record['iteration']:3d} {record['phase']:<11s} {what:<16s} "
-            f"B_w {record['weight_bits_effective']:.2f}  B_a {record['activation_bits_effective']:.2f}  "
-            f"C_C {record['gbitops']:.4g} Gbit-OPs  CR {record['compression_ratio']:.2f}x  "
-            f"top-1 {pct(record['val_top1'])} (float {pct(reference.get('top1'))})  "
-            f"agree {pct(record['val_agreement'])}  {record['seconds']:.1f} s")
-    if record.get("phase_end"):
-        line += f"  [phase end: {record['phase_end']}]"
-    if record.get("stop"):
-        line += f"  [stop: {record['stop']}]"
-    return line

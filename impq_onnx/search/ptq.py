@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from typing import Any
 
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import calibrate_clips
-from impq_onnx.search.checkpoint import WorkDir
-from impq_onnx.search.impq import PHASE_ORDERS, derive_seed
-from impq_onnx.search.iteration import commit_iteration
+from impq_onnx.search.iteration import derive_seed, finish_iteration, record_iteration
+from impq_onnx.search.state import PHASE_ORDERS, SearchContext, SearchState
 
 __all__ = ["calibrated_plan", "run_ptq", "uniform_bits"]
 
 
-def uniform_bits(cfg) -> tuple[int | None, int | None]:
+def uniform_bits(cfg: Any) -> tuple[int | None, int | None]:
     """(weight bits, activation bits) of the uniform baselines: the targets rounded, None for float."""
     phases = PHASE_ORDERS[cfg.phases]
 
-    def bits(target, phase):
+    def bits(target: float | None, phase: str) -> int | None:
         if phase not in phases or target is None:
             return None
         return max(1, min(16, math.floor(target + 0.5)))
@@ -37,7 +36,8 @@ def uniform_bits(cfg) -> tuple[int | None, int | None]:
     return bits(cfg.target_bits, "weights"), bits(cfg.target_act_bits, "activations")
 
 
-def calibrated_plan(cfg, base, sites, train, weight_bits, act_bits, *, weight_scheme: str) -> PrecisionPlan:
+def calibrated_plan(cfg: Any, base: Any, sites: Any, train: Any, weight_bits: int | None, act_bits: int | None, *,
+                    weight_scheme: str) -> PrecisionPlan:
     """The uniform plan with every clip calibrated (99.9th percentile, 5 batches, ``batch_size`` images each)."""
     plan = PrecisionPlan.uniform(sites, weight_bits, act_bits, weight_scheme=weight_scheme,
                                  granularity=cfg.granularity)
@@ -46,15 +46,15 @@ def calibrated_plan(cfg, base, sites, train, weight_bits, act_bits, *, weight_sc
                            threads=cfg.threads, seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
 
 
-def run_ptq(cfg, base, sites, train, val, workdir: WorkDir, state: dict, plan: PrecisionPlan, values: dict, *,
-            other_float_bytes: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:
+def run_ptq(context: SearchContext, state: SearchState) -> SearchState:
     """The single calibration iteration (a resumed finished run returns its state unchanged)."""
-    if state["stop"] is not None:
+    if state.stop is not None:
         return state
     started = time.perf_counter()
+    cfg = context.config
     weight_bits, act_bits = uniform_bits(cfg)
-    plan = calibrated_plan(cfg, base, sites, train, weight_bits, act_bits, weight_scheme=cfg.weight_scheme)
-    commit_iteration(cfg, base, sites, val, workdir, state, plan, {}, started=started, phase="calibration",
-                     kind="calibrate", trained=None, last=True, stop_reason="calibrated",
-                     other_float_bytes=other_float_bytes, progress=progress)
+    state.plan = calibrated_plan(cfg, context.base, context.sites, context.train, weight_bits, act_bits,
+                                 weight_scheme=cfg.weight_scheme)
+    record = record_iteration(context, state, started=started, phase="calibration", kind="calibrate")
+    finish_iteration(context, state, record, end=lambda: "calibrated")
     return state

@@ -27,7 +27,8 @@ from onnx import helper
 from impq_onnx.engine.gradients import ForwardTensors, TensorGradients, explicit_conv_pads
 from impq_onnx.errors import ModelError
 from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
-from impq_onnx.sensitivity.per_sample import LayerGeometry, NormGraph, kernel_square_norms
+from impq_onnx.frontend.ops import LayerGeometry
+from impq_onnx.sensitivity.per_sample import NormGraph, kernel_square_norms
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["GradientSums", "Taps", "tapped_model", "exact_sums", "fast_sums", "sample_chunks"]
@@ -72,23 +73,25 @@ def tapped_model(proto: onnx.ModelProto, sites: SiteTable) -> tuple[onnx.ModelPr
         readers = [nodes.get(name) for name in site.layers]
         if any(r is None for r in readers):
             raise ModelError(f"activation site '{site.tensor}': a reading layer is not in the model")
-        sources = {r.input[0] for r in readers}
+        layers = [sites.layer(name) for name in site.layers]
+        sources = {r.input[layer.op.activation_input] for r, layer in zip(readers, layers)}
         if len(sources) != 1:
             raise ModelError(f"activation site '{site.tensor}': its layers read different tensors {sorted(sources)}")
         tap = f"{TAP_PREFIX}/a/{site.tensor}"
         first = min(readers, key=lambda r: list(graph.node).index(r))
         before.setdefault(first.name, []).append(helper.make_node("Identity", [sources.pop()], [tap], name=tap))
-        for r in readers:
-            r.input[0] = tap
+        for r, layer in zip(readers, layers):
+            r.input[layer.op.activation_input] = tap
         act[site.tensor] = tap
     for layer in sites.layers:
         node = nodes[layer.node]
         tap = f"{TAP_PREFIX}/w/{layer.node}"
-        before.setdefault(node.name, []).append(helper.make_node("Identity", [node.input[1]], [tap], name=tap))
-        node.input[1] = tap
+        index = layer.op.weight_input
+        before.setdefault(node.name, []).append(helper.make_node("Identity", [node.input[index]], [tap], name=tap))
+        node.input[index] = tap
         weight[layer.node] = tap
         output[layer.node] = node.output[0]
-        geometry[layer.node] = LayerGeometry.of(node, layer.weight_shape, layer.kernel_axis)
+        geometry[layer.node] = layer.op.geometry(node, layer.weight_shape, layer.kernel_axis)
     ordered = []
     for node in graph.node:
         ordered.extend(before.get(node.name, []))

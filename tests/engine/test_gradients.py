@@ -122,7 +122,7 @@ def test_auto_pad_convs_get_explicit_pads_and_right_gradients():
 
 
 def test_input_gradient_only_uses_conv_transpose():
-    from impq_onnx.engine.gradients import conv_grad_as_transpose
+    from impq_onnx.frontend.ops.conv import conv_grad_as_transpose
 
     model = _strided_conv(dict(pads=[1, 1, 1, 1]))
     rng = np.random.default_rng(6)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import impq_onnx.sensitivity as sensitivity
 from impq_onnx.architectures import fashion_net
 from impq_onnx.compression import CompressConfig
 from impq_onnx.data import PRESETS, dataset_from_arrays
@@ -19,6 +18,7 @@ from impq_onnx.frontend.canonical import from_proto
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search import impq, iteration
 from impq_onnx.search.checkpoint import WorkDir
+from impq_onnx.search.state import SearchContext, SearchState
 from impq_onnx.sensitivity import SensitivityTable
 from impq_onnx.frontend.site_analysis import find_sites
 
@@ -50,7 +50,7 @@ def stand_ins(monkeypatch):
 
     monkeypatch.setattr(iteration, "fine_tune", fake_fine_tune)
     monkeypatch.setattr(iteration, "evaluate", fake_evaluate)
-    monkeypatch.setattr(sensitivity, "noise_gain", fake_noise_gain)
+    monkeypatch.setattr(impq, "noise_gain", fake_noise_gain)
     return calls
 
 
@@ -63,20 +63,20 @@ def _run(net, tmp_path, **options):
                                 PRESETS["fashion-mnist"])
     work = WorkDir(tmp_path / "work")
     work.start({})
-    plan = PrecisionPlan.uniform(sites, None, None, granularity=cfg.granularity)
-    state = impq.run_search(cfg, base, sites, train, train, work, impq.initial_state({"top1": 0.9}), plan, {})
+    context = SearchContext(cfg, base, sites, train, train, work, {"top1": 0.9})
+    state = impq.run_search(context, SearchState(PrecisionPlan.uniform(sites, None, None, granularity=cfg.granularity)))
     return state, work
 
 
 def _bits(record):
-    return record["weight_bits_effective"]
+    return record.weight_bits_effective
 
 
 def test_target_bits_ends_the_phase_at_the_first_iteration_that_reaches_it(net, tmp_path, stand_ins):
     state, work = _run(net, tmp_path, target_bits=6.0)
-    assert [_bits(r) for r in state["records"]] == [8.0, 7.0, 6.0]
-    assert state["stop"] == "target_bits" and state["final"] == 2
-    assert state["records"][-1]["phase_end"] == "target_bits"
+    assert [_bits(r) for r in state.records] == [8.0, 7.0, 6.0]
+    assert state.stop == "target_bits" and state.final == 2
+    assert state.records[-1].phase_end == "target_bits"
     assert work.load_state()["final"] == 2
 
 
@@ -85,19 +85,19 @@ def test_the_lowering_that_passes_the_target_lands_on_it(net, tmp_path, stand_in
     options = dict(granularity="kernel", start_bits=4, schedule="50%", target_bits=3.4)
     on, _ = _run(net, tmp_path, **options)
     off, _ = _run(net, tmp_path / "off", land_on_target=False, **options)
-    landed, whole = [_bits(r) for r in on["records"]], [_bits(r) for r in off["records"]]
+    landed, whole = [_bits(r) for r in on.records], [_bits(r) for r in off.records]
     assert len(landed) == len(whole) == 3 and landed[:2] == whole[:2] and landed[1] > 3.4
     assert whole[-1] < 3.3  # without landing: a whole schedule step below the target
-    assert 3.35 < landed[-1] <= 3.4 and on["stop"] == off["stop"] == "target_bits"
-    assert 0 < on["records"][-1]["lowered"] < off["records"][-1]["lowered"]
+    assert 3.35 < landed[-1] <= 3.4 and on.stop == off.stop == "target_bits"
+    assert 0 < on.records[-1].lowered < off.records[-1].lowered
 
 
 def test_max_accuracy_drop_keeps_the_last_iteration_within_it(net, tmp_path, stand_ins):
     stand_ins["accuracy"] = lambda plan: 0.9 if plan.weights["conv1"][0] >= 6 else 0.5
     state, work = _run(net, tmp_path, max_accuracy_drop=10.0, target_bits=2.0)
-    assert [_bits(r) for r in state["records"]] == [8.0, 7.0, 6.0, 5.0]
-    assert [r["within_accuracy_drop"] for r in state["records"]] == [True, True, True, False]
-    assert state["stop"] == "max_accuracy_drop" and state["final"] == 2
+    assert [_bits(r) for r in state.records] == [8.0, 7.0, 6.0, 5.0]
+    assert [r.within_accuracy_drop for r in state.records] == [True, True, True, False]
+    assert state.stop == "max_accuracy_drop" and state.final == 2
     plan, _ = work.load_iteration(2)  # kept: its weights were not pruned
     assert plan.weights["conv1"][0] == 6
     assert not (work.iteration_dir(1) / "weights.npz").exists()
@@ -107,31 +107,31 @@ def test_stop_rules_combine_the_first_to_fire_wins(net, tmp_path, stand_ins):
     _, sites = net
     plan7 = PrecisionPlan.uniform(sites, 7, None)
     state, _ = _run(net, tmp_path, target_gbitops=plan7.bitops(sites) + 1e-12, target_bits=2.0)
-    assert state["stop"] == "target_gbitops" and state["final"] == 1
+    assert state.stop == "target_gbitops" and state.final == 1
 
 
 def test_time_budget_decision_is_recorded_in_the_commit(net, tmp_path, stand_ins):
     state, work = _run(net, tmp_path, time_budget=0.0, target_bits=2.0)
-    assert state["stop"] == "time_budget" and len(state["records"]) == 1
+    assert state.stop == "time_budget" and len(state.records) == 1
     assert work.load_state()["stop"] == "time_budget"
 
 
 def test_max_iterations_and_phase_order_activations_first(net, tmp_path, stand_ins):
     state, _ = _run(net, tmp_path, phases="activations-weights", max_iterations=2)
-    phases = [(r["phase"], r["kind"]) for r in state["records"]]
+    phases = [(r.phase, r.kind) for r in state.records]
     assert phases == [("activations", "start"), ("activations", "lower"), ("activations", "lower"),
                       ("weights", "start"), ("weights", "lower"), ("weights", "lower")]
-    first = state["records"][0]
-    assert first["weight_bits_effective"] == 32.0 and first["activation_bits_effective"] == 8.0
-    assert state["stop"] == "max_iterations"
+    first = state.records[0]
+    assert first.weight_bits_effective == 32.0 and first.activation_bits_effective == 8.0
+    assert state.stop == "max_iterations"
     # the stand-in ranking puts the first activation site first: N = round(50% of 5) = 3 per step
-    assert [r["lowered"] for r in state["records"][:3]] == [0, 3, 3]
+    assert [r.lowered for r in state.records[:3]] == [0, 3, 3]
 
 
 def test_a_phase_ends_when_every_group_is_at_one_bit(net, tmp_path, stand_ins):
     state, _ = _run(net, tmp_path, start_bits=2, max_iterations=10)
-    assert [_bits(r) for r in state["records"]] == [2.0, 1.0]
-    assert state["stop"] == "all_groups_at_1_bit"
+    assert [_bits(r) for r in state.records] == [2.0, 1.0]
+    assert state.stop == "all_groups_at_1_bit"
 
 
 def test_pick_least_sensitive_breaks_ties_by_name_and_skips_nan():
@@ -140,13 +140,14 @@ def test_pick_least_sensitive_breaks_ties_by_name_and_skips_nan():
 
 
 def test_derived_seeds_depend_only_on_their_arguments():
-    assert impq.derive_seed(0, 3, "train", 1) == impq.derive_seed(0, 3, "train", 1)
-    assert len({impq.derive_seed(0, i, p) for i in range(4) for p in ("train", "sensitivity")}) == 8
+    assert iteration.derive_seed(0, 3, "train", 1) == iteration.derive_seed(0, 3, "train", 1)
+    assert len({iteration.derive_seed(0, i, p) for i in range(4) for p in ("train", "sensitivity")}) == 8
 
 
 def test_steps_from_epochs_and_start_steps():
     train = list(range(100))  # only its length matters
     cfg = CompressConfig(steps=7, batch_size=16, start_steps=11)
-    assert impq.fine_tune_steps(cfg, train, start=False) == 7 and impq.fine_tune_steps(cfg, train, start=True) == 11
+    assert iteration.fine_tune_steps(cfg, train, start=False) == 7
+    assert iteration.fine_tune_steps(cfg, train, start=True) == 11
     cfg = CompressConfig(epochs=1.5, batch_size=16)
-    assert impq.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch
+    assert iteration.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch

@@ -73,8 +73,9 @@ def test_method_option_and_default_names():
     cfg = CompressConfig.resolve(model="m.onnx", data="d", method="faq")
     assert cfg.paths()["output"] == Path("m.faq.onnx")
     assert CompressConfig.resolve(model="m.onnx", data="d").paths()["output"] == Path("m.impq.onnx")
-    with pytest.raises(ConfigError, match="faq"):
+    with pytest.raises(ConfigError, match="faq") as info:
         CompressConfig.resolve(model="m.onnx", data="d", method="fqa")
+    assert f"is not one of {', '.join(METHODS)}" in str(info.value)  # the choices are the registry's keys
 
 
 @needs_model
@@ -154,7 +155,7 @@ def test_activation_density_bits_follow_measured_densities(tmp_path):
         assert plan.weights[layer.node] == [expected] * layer.kernels
     # Iteration 0 measures the float model: the input site's density is that of the images themselves.
     train, _ = open_dataset(DATA / "train", PRESETS["fashion-mnist"]).split(0.2, 1)
-    from impq_onnx.search.impq import EVAL_BATCH, derive_seed
+    from impq_onnx.search.iteration import EVAL_BATCH, derive_seed
 
     images = [x for _, (x, _y) in zip(range(1), train.batches(EVAL_BATCH, shuffle=True,
                                                               seed=derive_seed(1, 0, "density")))]

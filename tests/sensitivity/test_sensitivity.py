@@ -13,7 +13,7 @@ from impq_onnx.frontend.canonical import from_proto
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.sensitivity import SensitivityTable, noise_gain
 from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
-from impq_onnx.sensitivity.per_sample import LayerGeometry, kernel_square_norms
+from impq_onnx.sensitivity.per_sample import kernel_square_norms, layer_geometry
 from impq_onnx.frontend.site_analysis import find_sites
 from quant_models import CLASSES, SIZE, canonical_and_sites, linear_classifier, quadrant_batch, tiny_cnn
 
@@ -210,7 +210,7 @@ def test_per_sample_conv_weight_norms_match_onnxruntime(shape, kernel, attrs):
     seed = rng.standard_normal((shape[0], kernel[0])).astype(np.float32)
     grads = TensorGradients(model, "logits", ["W", "y"])
     dy = grads(x, seed)["y"]
-    norms = kernel_square_norms(LayerGeometry.of(node, kernel, 0), x, dy)
+    norms = kernel_square_norms(layer_geometry(node, kernel, 0), x, dy)
     for n in range(shape[0]):
         dw = grads(x[n : n + 1], seed[n : n + 1])["W"].astype(np.float64)
         np.testing.assert_allclose(norms[n], (dw**2).reshape(kernel[0], -1).sum(1), rtol=1e-4)

@@ -106,14 +106,14 @@ class QuantizeActivationsPass(PlanPass):
             value = values.get(site.tensor)
             if value is None:
                 raise PlanError(f"activations: tensor '{site.tensor}' is not in the model")
-            readers = [nodes[n] for n in site.layers if n in nodes]
-            readers = [n for n in readers if n.inputs[0] is value]
+            readers = [(nodes[n], self.sites.layer(n).op.activation_input) for n in site.layers if n in nodes]
+            readers = [(n, i) for n, i in readers if n.inputs[i] is value]
             if not readers:
                 continue  # already lowered
-            first = min(readers, key=lambda n: order[n.name])
+            first = min((n for n, _ in readers), key=lambda n: order[n.name])
             out = self._insert(graph, first, value, bits, clip.value, clip.signed, opset)
-            for reader in readers:
-                reader.replace_input_with(0, out)
+            for reader, index in readers:
+                reader.replace_input_with(index, out)
             modified = True
         return ir.passes.PassResult(model, modified)
 

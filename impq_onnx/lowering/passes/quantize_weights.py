@@ -175,7 +175,7 @@ class QuantizeWeightsPass(PlanPass):
             node = nodes.get(layer.node)
             if node is None:
                 raise PlanError(f"weights: layer '{layer.node}' is not a node of the model")
-            weight = node.inputs[1]
+            weight = node.inputs[layer.op.weight_input]
             if weight is None or weight.const_value is None or weight.const_value.dtype != ir.DataType.FLOAT:
                 continue  # already lowered
             todo.append((node, weight, bits, layer.kernel_axis))
@@ -211,7 +211,7 @@ class QuantizeWeightsPass(PlanPass):
         out.dtype = ir.DataType.FLOAT
         out.shape = ir.Shape(codes.codes.shape)
         graph.insert_before(node, new_nodes)
-        node.replace_input_with(1, out)
+        node.replace_input_with(list(node.inputs).index(weight), out)
         if not weight.uses() and weight.name in graph.initializers and not weight.is_graph_input():
             graph.initializers.pop(weight.name)
         logger.debug("%s: %s codes for %d kernels", node.name, codes.codes.dtype, len(bits))

@@ -1,4 +1,4 @@
-"""Move the float bias of a quantized Conv into an ``Add`` after it.
+"""Move the float bias of a quantized Conv (any layer op with ``float_bias_after_dequantize``) into an ``Add`` after it.
 
 A Conv whose input and weight are both DequantizeLinear outputs and that carries a float bias is
 rewritten by recent onnxruntime versions (``Conv(DQ(x), DQ(W), b)``: the bias is quantized to int32 at
@@ -34,18 +34,20 @@ class SplitConvBiasPass(PlanPass):
         nodes = {node.name: node for node in graph}
         modified = False
         for layer in self.sites.layers:
-            node = nodes.get(layer.node)
-            if node is None or node.op_type != "Conv" or len(node.inputs) < 3 or node.inputs[2] is None:
+            node, op = nodes.get(layer.node), layer.op
+            if node is None or not op.float_bias_after_dequantize or op.bias_input is None:
                 continue
-            bias = node.inputs[2]
-            if bias.const_value is None or not (_is_dequantized(node.inputs[0]) and _is_dequantized(node.inputs[1])):
+            bias = node.inputs[op.bias_input] if len(node.inputs) > op.bias_input else None
+            inputs_dequantized = (_is_dequantized(node.inputs[op.activation_input])
+                                  and _is_dequantized(node.inputs[op.weight_input]))
+            if bias is None or bias.const_value is None or not inputs_dequantized:
                 continue
-            self._split(graph, node, bias, len(layer.weight_shape))
+            self._split(graph, node, bias, op.bias_input, len(layer.weight_shape))
             modified = True
         return ir.passes.PassResult(model, modified)
 
     @staticmethod
-    def _split(graph: ir.Graph, node: ir.Node, bias: ir.Value, rank: int) -> None:
+    def _split(graph: ir.Graph, node: ir.Node, bias: ir.Value, index: int, rank: int) -> None:
         values = bias.const_value.numpy().astype(np.float32)
         name = f"{bias.name}_channels"
         channels = ir.Value(name=name, const_value=ir.tensor(values.reshape([1, -1] + [1] * (rank - 2)), name=name))
@@ -58,6 +60,6 @@ class SplitConvBiasPass(PlanPass):
         out.name = f"{original}_without_bias"
         add.outputs[0].name = original
         graph.insert_after(node, add)
-        node.resize_inputs(2)
+        node.resize_inputs(index)  # the bias is the op's last input
         if not bias.uses() and bias.name in graph.initializers:
             graph.initializers.pop(bias.name)
