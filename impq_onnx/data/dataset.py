@@ -62,7 +62,7 @@ class Dataset:
         preprocess: Preprocess,
         items: np.ndarray | None = None,
         name: str = "dataset",
-    ):
+    ) -> None:
         self.source = source
         self.items = np.arange(len(source), dtype=np.int64) if items is None else np.asarray(items, np.int64)
         self.labels = np.asarray(labels, np.int64)
