@@ -15,6 +15,7 @@ import traceback
 import click
 
 from impq_onnx.errors import as_impq_error
+from impq_onnx.lowering.targets import target_help, target_names
 
 __all__ = ["main"]
 
@@ -201,9 +202,8 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="Precision plan (YAML/JSON).")
 @click.option("-o", "--output-path", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
-@click.option("--format", "format_", type=click.Choice(["qdq", "qonnx", "encodings"]), default="qdq", show_default=True,
-              help="qdq: standard QuantizeLinear/DequantizeLinear; qonnx: QONNX Quant nodes; encodings: float "
-                   "model + per-channel encodings JSON for --quantization_overrides.")
+@click.option("--format", "format_", type=click.Choice(target_names()), default="qdq", show_default=True,
+              help=target_help())
 @click.option("--output", help="Name of the logits tensor when the model has several outputs.")
 @_user_errors
 def lower_command(model, plan_path, output_path, format_, output):

@@ -32,6 +32,7 @@ from impq_onnx.files import write_all
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.lower import output_files
+from impq_onnx.lowering.targets import TARGETS, target_help
 from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
@@ -46,7 +47,7 @@ _CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
-    "format": ("qdq", "qonnx", "encodings"),
+    "format": TARGETS,  # the live registry: a registered target is a valid option
 }
 # Options that do not change what the run computes: a resume may change them.
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
@@ -68,8 +69,7 @@ class CompressConfig:
                                "activations) or uniform-ptq (uniform bits, calibration only).")
     output: str | None = _opt(None, "Output model path [default: <model stem>.<method>.onnx in the current folder].")
     report: bool = _opt(True, "Also write <stem>.report.html with the paper's figures for this run.")
-    format: str = _opt("qdq", "Output format: qdq (QuantizeLinear/DequantizeLinear), qonnx (Quant nodes) or "
-                              "encodings (float model + per-channel encodings JSON).")
+    format: str = _opt("qdq", f"Output format: {target_help()}")
     work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
     resume: bool = _opt(False, "Continue the run in work_dir (same options), or re-emit a finished one.")
     preprocess: str | None = _opt(None, "Preset name or preprocess YAML file [default: inferred from the input shape].")

@@ -6,7 +6,7 @@ checks the written model against the simulation.
 
 from __future__ import annotations
 
-from impq_onnx.lowering.lower import FORMATS, lower, lower_file, write
+from impq_onnx.lowering.lower import lower, lower_file, target_names, write
 from impq_onnx.lowering.verify import VerifyResult, verify
 
-__all__ = ["lower", "lower_file", "write", "FORMATS", "verify", "VerifyResult"]
+__all__ = ["lower", "lower_file", "write", "target_names", "verify", "VerifyResult"]

@@ -6,9 +6,11 @@ shared, never copied or modified)::
     QuantizeWeightsPass -> QuantizeActivationsPass -> [SplitConvBiasPass (qdq) | ToQonnxPass | ToEncodingsPass]
     -> AnnotateBitsPass
 
-and returns a :class:`LoweredModel`: the ``onnx.ModelProto``, the sidecar dict and, for the encodings
-target, the encodings JSON. :func:`write` writes all files atomically (temporary files renamed into
-place only after every file was written; nothing is left behind on error). :func:`lower_file` is the
+(the middle step is the output target's rewrite, chosen by ``format`` from the registry in
+:mod:`impq_onnx.lowering.targets`) and returns a :class:`LoweredModel`: the ``onnx.ModelProto``, the
+sidecar dict and the target's attachments (for the encodings target, the encodings JSON). :func:`write`
+writes all files atomically (temporary files renamed into place only after every file was written;
+nothing is left behind on error). :func:`lower_file` is the
 library function behind ``impq-onnx lower``.
 
 Sidecar ``<out>.bits.json`` (schema ``impq-onnx/bits``, ``schema_version`` 1), readable without ONNX::
@@ -41,19 +43,19 @@ import onnx
 import onnx_ir as ir
 
 from impq_onnx.files import write_all
-from impq_onnx.errors import ConfigError, PlanError
+from impq_onnx.errors import PlanError
+from impq_onnx.lowering.naming import activation_names, weight_names
 from impq_onnx.lowering.passes.annotate_bits import AnnotateBitsPass, read_plan_from_annotation
-from impq_onnx.lowering.passes.quantize_activations import QuantizeActivationsPass, activation_dtype, activation_names
-from impq_onnx.lowering.passes.quantize_weights import QuantizeWeightsPass, code_bounds, default_opset, weight_names
-from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
+from impq_onnx.lowering.passes.quantize_activations import QuantizeActivationsPass, activation_dtype
+from impq_onnx.lowering.passes.quantize_weights import QuantizeWeightsPass, code_bounds, default_opset
+from impq_onnx.lowering.targets import Target, get_target, target_names
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.frontend.sites import SiteTable
 
-__all__ = ["FORMATS", "SIDECAR_SCHEMA", "SIDECAR_VERSION", "LoweredModel", "lower", "write", "lower_file",
-           "read_plan_from_annotation", "sidecar_path", "read_lowered"]
+__all__ = ["target_names", "SIDECAR_SCHEMA", "SIDECAR_VERSION", "LoweredModel", "lower", "convert", "write",
+           "lower_file", "read_plan_from_annotation", "sidecar_path", "read_lowered"]
 
-FORMATS = ("qdq", "qonnx", "encodings")
 SIDECAR_SCHEMA = "impq-onnx/bits"
 SIDECAR_VERSION = 1
 
@@ -63,44 +65,49 @@ class LoweredModel:
     proto: onnx.ModelProto
     sidecar: dict
     format: str = "qdq"
-    encodings: dict | None = None  # the encodings JSON (format "encodings" only)
+    attachments: dict[str, dict] = dataclasses.field(default_factory=dict)  # {file suffix: JSON}, per target
+
+    @property
+    def encodings(self) -> dict | None:
+        """The encodings JSON (format ``encodings`` only)."""
+        return self.attachments.get(".encodings")
 
 
 def sidecar_path(output_path) -> Path:
     return Path(str(output_path) + ".bits.json")
 
 
-def encodings_path(output_path) -> Path:
-    return Path(output_path).with_suffix(".encodings")
+def attachment_path(output_path, suffix: str) -> Path:
+    return Path(output_path).with_suffix(suffix)
 
 
 def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qdq",
           channel_bitwidth: bool = True) -> LoweredModel:
     """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``."""
-    if format not in FORMATS:
-        raise ConfigError(f"format {format!r} is unknown; use one of {', '.join(FORMATS)}")
+    target = get_target(format)
     plan.validate(sites)
     source = canonical.model if hasattr(canonical, "model") else canonical
     model = source.clone()
     # Called one by one, not through a PassManager, so a PlanError reaches the user unwrapped.
     QuantizeWeightsPass(plan, sites)(model)
     QuantizeActivationsPass(plan, sites)(model)
-    if format == "qdq":
-        SplitConvBiasPass(plan, sites)(model)
     sidecar = build_sidecar(model, plan, sites, format)
-    encodings = None
-    if format == "qonnx":
-        from impq_onnx.lowering.targets.qonnx import ToQonnxPass
-
-        ToQonnxPass(plan, sites, channel_bitwidth=channel_bitwidth)(model)
-    elif format == "encodings":
-        from impq_onnx.lowering.targets.encodings import ToEncodingsPass, encodings_of
-
-        encodings = encodings_of(model, plan, sites)
-        ToEncodingsPass(plan, sites)(model)
+    attachments = target.rewrite(model, plan, sites, channel_bitwidth=channel_bitwidth)
     AnnotateBitsPass(plan, sites, target=format)(model)
-    _retarget_sidecar(sidecar, model)
-    return LoweredModel(ir.serde.serialize_model(model), sidecar, format, encodings)
+    _retarget_sidecar(sidecar, model, target)
+    return LoweredModel(ir.serde.serialize_model(model), sidecar, format, attachments)
+
+
+def convert(qdq_model: onnx.ModelProto, format: str) -> LoweredModel:
+    """Convert a QDQ model made by any tool (onnxruntime's ``quantize_static``, say) into ``format``.
+
+    The target finds the quantizers by graph structure; with no plan, widths come from the stored integer
+    types. The result has no sidecar (``{}``): nothing says which bits the tool meant.
+    """
+    target = get_target(format)
+    model = ir.serde.deserialize_model(qdq_model)
+    attachments = target.rewrite(model, None, None)
+    return LoweredModel(ir.serde.serialize_model(model), {}, format, attachments)
 
 
 def _f(x) -> float:
@@ -146,7 +153,7 @@ def build_sidecar(model: ir.Model, plan: PrecisionPlan, sites: SiteTable, format
             "granularity": plan.granularity, "summary": summary, "weights": weights, "activations": activations}
 
 
-def _retarget_sidecar(sidecar: dict, model: ir.Model) -> None:
+def _retarget_sidecar(sidecar: dict, model: ir.Model, target: Target) -> None:
     """Point the sidecar's tensor names at what the target graph actually stores."""
     from impq_onnx.lowering.passes.annotate_bits import annotations
 
@@ -154,27 +161,27 @@ def _retarget_sidecar(sidecar: dict, model: ir.Model) -> None:
     by_site = {e["impq.site"]: t for t, e in annotations(model).items() if e["impq.kind"] == "activation"}
     for layer, entry in sidecar["weights"].items():
         entry["tensor"] = by_layer[layer]
-        if sidecar["format"] != "qdq" and entry["dtype"] != "float32":
-            entry["dtype"] = "float32"  # qonnx / encodings store on-grid float values; the codes are value/scale
+        if not target.stores_codes and entry["dtype"] != "float32":
+            entry["dtype"] = "float32"  # the target stores on-grid float values; the codes are value/scale
     for site, entry in sidecar["activations"].items():
         entry["tensor"] = by_site[site]
 
 
 def write(lowered: LoweredModel, output_path) -> list[Path]:
-    """Write the model, its sidecar (and the encodings JSON) atomically; returns the paths written."""
+    """Write the model, its sidecar (and the target's attachments) atomically; returns the paths written."""
     files = output_files(lowered, output_path)
     write_all(files)
     return list(files)
 
 
 def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
-    """What :func:`write` writes: the model, ``<out>.bits.json`` and, for encodings, ``<out>.encodings``."""
+    """What :func:`write` writes: the model, ``<out>.bits.json`` and the attachments (``<out>.encodings``)."""
     output_path = Path(output_path)
     sidecar = dict(lowered.sidecar, model=output_path.name)
     files = {output_path: lowered.proto.SerializeToString(),
              sidecar_path(output_path): (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()}
-    if lowered.encodings is not None:
-        files[encodings_path(output_path)] = (json.dumps(lowered.encodings, indent=1, sort_keys=True) + "\n").encode()
+    for suffix, content in lowered.attachments.items():
+        files[attachment_path(output_path, suffix)] = (json.dumps(content, indent=1, sort_keys=True) + "\n").encode()
     return files
 
 
@@ -191,7 +198,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
 
 
 def read_lowered(output_path) -> LoweredModel:
-    """Read back what :func:`write` wrote (the model, its sidecar and any encodings JSON)."""
+    """Read back what :func:`write` wrote (the model, its sidecar and the target's attachments)."""
     from impq_onnx.frontend.model_file import read_model
 
     output_path = Path(output_path)
@@ -204,10 +211,11 @@ def read_lowered(output_path) -> LoweredModel:
     if sidecar.get("schema") != SIDECAR_SCHEMA or sidecar.get("schema_version") != SIDECAR_VERSION:
         raise PlanError(f"{side}: not an {SIDECAR_SCHEMA} v{SIDECAR_VERSION} sidecar")
     fmt = sidecar.get("format", "qdq")
-    encodings = None
-    if fmt == "encodings":
+    attachments = {}
+    for suffix in get_target(fmt).attachments:
+        path = attachment_path(output_path, suffix)
         try:
-            encodings = json.loads(encodings_path(output_path).read_text())
+            attachments[suffix] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise PlanError(f"{encodings_path(output_path)}: cannot read the encodings ({exc})") from exc
-    return LoweredModel(proto, sidecar, fmt, encodings)
+            raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from exc
+    return LoweredModel(proto, sidecar, fmt, attachments)

@@ -12,8 +12,10 @@
    range that Clip + QuantizeLinear (or ``Quant``, or the encoding) allows equals the B-bit range;
 4. the ``impq.*`` annotations, the sidecar and the graph agree (bits, scales, clips, signedness).
 
-QONNX output runs through :func:`impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings output
-through :func:`impq_onnx.lowering.targets.encodings.apply_encodings` (the JSON applied as a converter would).
+Each output target (:mod:`impq_onnx.lowering.targets`) says how its model runs as standard ops
+(``as_standard_ops``: QONNX through :func:`~impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings
+through :func:`~impq_onnx.lowering.targets.encodings.apply_encodings`) and where its weight scales and
+activation ranges are kept (``weight_scales``, ``activation_range``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from onnx import numpy_helper
 
 from impq_onnx.lowering.passes.annotate_bits import annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
+from impq_onnx.lowering.targets import get_target
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
@@ -56,16 +59,7 @@ class VerifyResult:
 
 def runnable(lowered) -> onnx.ModelProto:
     """A standard-op model that computes what ``lowered`` (any format) means."""
-    if lowered.format == "qonnx":
-        from impq_onnx.lowering.targets.qonnx import qonnx_as_standard_ops
-
-        return qonnx_as_standard_ops(lowered.proto)
-    if lowered.format == "encodings":
-        from impq_onnx.lowering.targets.encodings import apply_encodings
-
-        axes = {e["tensor"]: e["axis"] for e in lowered.sidecar["weights"].values()}
-        return apply_encodings(lowered.proto, lowered.encodings, axes)
-    return lowered.proto
+    return get_target(lowered.format).as_standard_ops(lowered)
 
 
 def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *,
@@ -107,14 +101,10 @@ def _codes(lowered, entry: dict, array) -> tuple[np.ndarray, np.ndarray, list[st
     problems = []
     axis, name = entry["axis"], entry["tensor"]
     stored = array(name)
-    if lowered.format == "qdq":
-        scale = array(f"{entry['source']}_scale").reshape(-1)
+    target = get_target(lowered.format)
+    scale = target.weight_scales(lowered, entry, array)
+    if target.stores_codes:
         return stored, scale, problems
-    if lowered.format == "qonnx":
-        scale = array(f"{entry['source']}_scale").reshape(-1)
-    else:
-        params = lowered.encodings["param_encodings"].get(name, [])
-        scale = np.array([e.get("scale", 1.0) for e in params], np.float32)
     shape = [1] * stored.ndim
     shape[axis] = -1
     quantized = np.array([b is not None for b in entry["bits"]]).reshape(shape)
@@ -147,41 +137,11 @@ def _check_weights(result: VerifyResult, lowered, plan: PrecisionPlan, notes: di
             result.record_mismatches.append(f"sidecar: scales of '{entry['tensor']}' differ from the graph")
         moved = np.moveaxis(codes, entry["axis"], 0).reshape(len(bits), -1)
         for k, b in enumerate(bits):
-            if b is None and lowered.format == "encodings":
-                continue
             lo, hi, odd = code_bounds(b, plan.weight_scheme)
             row = moved[k].astype(np.int64)
             if row.min() < lo or row.max() > hi or (odd and np.any(row % 2 == 0)):
                 result.range_violations.append(
                     f"weight '{entry['tensor']}' kernel {k}: codes {row.min()}..{row.max()} outside the {b}-bit grid")
-
-
-def _activation_range(lowered, tensor: str, note: dict, array, graph) -> tuple[int, int, float] | None:
-    """``(lo, hi, scale)`` that the graph (or encoding) lets the annotated activation take."""
-    if lowered.format == "encodings":
-        entry = lowered.encodings["activation_encodings"].get(tensor)
-        entry = entry or lowered.encodings["activation_encodings"].get(f"{tensor}_layer_input")
-        if entry is None:
-            return None
-        e = entry[0]
-        return e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1, e["scale"]
-    producer = next((n for n in graph.node if tensor in n.output), None)
-    if producer is None:
-        return None
-    scale = float(array(producer.input[1]).reshape(()))
-    if lowered.format == "qonnx":
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
-        width = int(array(producer.input[3]).reshape(()))
-        if attrs.get("signed", 1):
-            return -(2 ** (width - 1)) + int(attrs.get("narrow", 0)), 2 ** (width - 1) - 1, scale
-        return 0, 2**width - 1 - int(attrs.get("narrow", 0)), scale
-    info = np.iinfo(array(producer.input[2]).dtype)
-    lo, hi = int(info.min), int(info.max)
-    clip = next((n for n in graph.node if producer.input[0] in n.output and n.op_type == "Clip"), None)
-    if clip is not None:
-        lo = max(lo, int(np.rint(array(clip.input[1]) / np.float32(scale))))
-        hi = min(hi, int(np.rint(array(clip.input[2]) / np.float32(scale))))
-    return lo, hi, scale
 
 
 def _check_activations(result: VerifyResult, lowered, plan: PrecisionPlan, notes: dict, array) -> None:
@@ -202,8 +162,7 @@ def _check_activations(result: VerifyResult, lowered, plan: PrecisionPlan, notes
         if bits is None:
             continue
         step, lo, hi = activation_grid(bits, clip.value, clip.signed)
-        found = _activation_range(lowered, entry["tensor"] if lowered.format != "encodings" else tensor, note,
-                                  array, lowered.proto.graph)
+        found = get_target(lowered.format).activation_range(lowered, tensor, entry, array)
         if found is None:
             result.record_mismatches.append(f"graph: no quantizer found for activation '{tensor}'")
             continue

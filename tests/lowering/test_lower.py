@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from impq_onnx.errors import ConfigError, PlanError
-from impq_onnx.lowering.lower import FORMATS, lower, lower_file, read_plan_from_annotation, sidecar_path, write
+from impq_onnx.lowering.lower import lower, lower_file, read_plan_from_annotation, sidecar_path, target_names, write
 from impq_onnx.lowering.verify import verify
 from lowering_cases import SCHEMES, inputs, mixed_plan, ops, tiny
 from quant_models import tiny_cnn
@@ -18,7 +18,7 @@ from tiny_models import Quirks, build
 
 @pytest.mark.parametrize("quirks", [Quirks(head="matmul"), Quirks(batchnorm=False)], ids=["bn-matmul", "bias-gemm"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", target_names())
 def test_every_format_matches_the_simulation_and_round_trips(format, scheme, quirks):
     canonical, sites = tiny(build(quirks))
     plan = mixed_plan(sites, scheme, seed=2)

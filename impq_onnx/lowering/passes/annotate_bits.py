@@ -37,8 +37,7 @@ import onnx_ir as ir
 from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.passes.quantize_activations import activation_names
-from impq_onnx.lowering.passes.quantize_weights import weight_names
+from impq_onnx.lowering.naming import BITS_VECTOR_SUFFIX, activation_names, bits_vector, weight_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "ANNOTATION_FIELD", "SUMMARY_KEY",
@@ -49,10 +48,6 @@ logger = logging.getLogger(__name__)
 ANNOTATION_FIELD = "quant_parameter_tensor_names"  # where onnx_ir keeps a value's TensorAnnotation
 SUMMARY_KEY = "impq.summary"
 ANNOTATION_VERSION = 1
-
-
-def _bits_name(tensor: str) -> str:
-    return f"{tensor}_impq_bits"
 
 
 def _all_values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -109,7 +104,7 @@ class AnnotateBitsPass(PlanPass):
     @staticmethod
     def _annotate(graph: ir.Graph, tensor: ir.Value, entries: dict[str, str], bits: list[int | None]) -> bool:
         modified = False
-        bits_name = _bits_name(tensor.name)
+        bits_name = bits_vector(tensor.name)
         vector = np.array([0 if b is None else b for b in bits], np.uint8)
         existing = graph.initializers.get(bits_name)
         if existing is None or not np.array_equal(existing.const_value.numpy(), vector):
@@ -164,8 +159,10 @@ def _initializer_arrays(model) -> dict[str, np.ndarray]:
     if isinstance(model, onnx.ModelProto):
         from onnx import numpy_helper
 
-        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_impq_bits")}
-    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if name.endswith("_impq_bits")}
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                if t.name.endswith(BITS_VECTOR_SUFFIX)}
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()
+            if name.endswith(BITS_VECTOR_SUFFIX)}
 
 
 def read_plan_from_annotation(model) -> PrecisionPlan:

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from impq_onnx.errors import PlanError
 from impq_onnx.quant.quantizers import activation_grid
+from impq_onnx.lowering.naming import activation_names, activation_nodes
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 from impq_onnx.lowering.passes.quantize_weights import default_opset
 
@@ -58,18 +59,6 @@ def activation_dtype(bits: int, signed: bool, opset: int, tensor: str = "?") -> 
 def needs_clip(bits: int, signed: bool, dtype: np.dtype) -> bool:
     _, lo, hi = activation_grid(bits, 1.0, signed)
     return (lo, hi) != _RANGES[np.dtype(dtype)]
-
-
-def activation_names(tensor: str) -> dict[str, str]:
-    return {
-        "clipped": f"{tensor}_clipped",
-        "clip_min": f"{tensor}_clip_min",
-        "clip_max": f"{tensor}_clip_max",
-        "scale": f"{tensor}_scale",
-        "zero_point": f"{tensor}_zero_point",
-        "quantized": f"{tensor}_quantized",
-        "dequantized": f"{tensor}_dequantized",
-    }
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -121,6 +110,7 @@ class QuantizeActivationsPass(PlanPass):
     def _insert(graph: ir.Graph, before: ir.Node, x: ir.Value, bits: int, clip: float, signed: bool,
                 opset: int) -> ir.Value:
         names = activation_names(x.name)
+        node_names = activation_nodes(x.name)
         step, lo, hi = activation_grid(bits, clip, signed)
         dtype = activation_dtype(bits, signed, opset, x.name)
         scale = _const(graph, names["scale"], np.array(step, np.float32))
@@ -130,13 +120,13 @@ class QuantizeActivationsPass(PlanPass):
         if needs_clip(bits, signed, dtype):
             low = _const(graph, names["clip_min"], np.array(np.float32(lo) * np.float32(step), np.float32))
             high = _const(graph, names["clip_max"], np.array(np.float32(hi) * np.float32(step), np.float32))
-            clip_node = ir.node("Clip", [x, low, high], name=f"{x.name}/clip")
+            clip_node = ir.node("Clip", [x, low, high], name=node_names["clip"])
             clip_node.outputs[0].name = names["clipped"]
             new_nodes.append(clip_node)
             source = clip_node.outputs[0]
-        q = ir.node("QuantizeLinear", [source, scale, zero], name=f"{x.name}/quantize")
+        q = ir.node("QuantizeLinear", [source, scale, zero], name=node_names["quantize"])
         q.outputs[0].name = names["quantized"]
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{x.name}/dequantize")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=node_names["dequantize"])
         dq.outputs[0].name = names["dequantized"]
         new_nodes += [q, dq]
         for node in new_nodes:

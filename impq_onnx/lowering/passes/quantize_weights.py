@@ -49,6 +49,7 @@ import onnx_ir as ir
 
 from impq_onnx.errors import PlanError
 from impq_onnx.quant.schemes import weight_scheme
+from impq_onnx.lowering.naming import weight_names, weight_nodes
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["QuantizeWeightsPass", "KernelCodes", "kernel_codes", "simulated_stats", "code_bounds", "storage_dtype",
@@ -138,18 +139,6 @@ def simulated_stats(weights: dict[str, tuple[np.ndarray, int]], scheme: str, ops
     return dict(zip(weights, values))
 
 
-def weight_names(weight: str) -> dict[str, str]:
-    """Names of the tensors the pass creates for weight initializer ``weight``."""
-    return {
-        "codes": f"{weight}_quantized",
-        "scale": f"{weight}_scale",
-        "zero_point": f"{weight}_zero_point",
-        "dequantized": f"{weight}_dequantized",
-        "float_kernels": f"{weight}_float_kernels",
-        "weight": f"{weight}_lowered",
-    }
-
-
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
 
@@ -188,6 +177,7 @@ class QuantizeWeightsPass(PlanPass):
                      stat: np.ndarray | None) -> None:
         codes = kernel_codes(weight.const_value.numpy(), bits, axis, self.plan.weight_scheme, opset, stat)
         names = weight_names(weight.name)
+        node_names = weight_nodes(node.name)
         inputs = [
             _initializer(graph, names["codes"], codes.codes),
             _initializer(graph, names["scale"], codes.scale),
@@ -199,12 +189,12 @@ class QuantizeWeightsPass(PlanPass):
             shape[axis] = codes.codes.shape[axis]
             residual = np.zeros(shape, np.float32)  # see the module docstring: keeps wide codes out of int8 kernels
         last_name = names["dequantized"] if residual is not None else names["weight"]
-        dq = ir.node("DequantizeLinear", inputs, {"axis": axis}, name=f"{node.name}/weight_dq")
+        dq = ir.node("DequantizeLinear", inputs, {"axis": axis}, name=node_names["dequantize"])
         dq.outputs[0].name = last_name
         new_nodes = [dq]
         if residual is not None:
             residual = _initializer(graph, names["float_kernels"], residual)
-            add = ir.node("Add", [dq.outputs[0], residual], name=f"{node.name}/weight_float_kernels")
+            add = ir.node("Add", [dq.outputs[0], residual], name=node_names["float_kernels"])
             add.outputs[0].name = names["weight"]
             new_nodes.append(add)
         out = new_nodes[-1].outputs[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from impq_onnx.lowering.naming import bias_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["SplitConvBiasPass"]
@@ -49,15 +50,16 @@ class SplitConvBiasPass(PlanPass):
     @staticmethod
     def _split(graph: ir.Graph, node: ir.Node, bias: ir.Value, index: int, rank: int) -> None:
         values = bias.const_value.numpy().astype(np.float32)
-        name = f"{bias.name}_channels"
+        out = node.outputs[0]
+        names = bias_names(bias.name, out.name, node.name)
+        name = names["channels"]
         channels = ir.Value(name=name, const_value=ir.tensor(values.reshape([1, -1] + [1] * (rank - 2)), name=name))
         graph.register_initializer(channels)
-        out = node.outputs[0]
-        with_bias = ir.Value(name=f"{out.name}_with_bias", type=out.type, shape=out.shape)
+        with_bias = ir.Value(name=names["with_bias"], type=out.type, shape=out.shape)
         out.replace_all_uses_with(with_bias, replace_graph_outputs=True)  # before the Add exists: it reads `out`
-        add = ir.node("Add", [out, channels], name=f"{node.name}/bias", outputs=[with_bias])
+        add = ir.node("Add", [out, channels], name=names["add"], outputs=[with_bias])
         original = out.name
-        out.name = f"{original}_without_bias"
+        out.name = names["without_bias"]
         add.outputs[0].name = original
         graph.insert_after(node, add)
         node.resize_inputs(index)  # the bias is the op's last input

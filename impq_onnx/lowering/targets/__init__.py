@@ -1,14 +1,25 @@
-"""Deployment targets other than plain QDQ, each derived from the QDQ-lowered graph.
+"""Output targets: the registry of formats ``lower`` can write, one module per format.
 
+- :mod:`.qdq`: standard QuantizeLinear / DequantizeLinear (the default).
 - :mod:`.qonnx`: QONNX ``Quant`` nodes (domain ``qonnx.custom_op.general``).
 - :mod:`.encodings`: a float model with on-grid weights plus a per-tensor / per-channel encodings JSON
   in the layout Qualcomm's converters read through ``--quantization_overrides``.
 
-What each keeps and loses is in its module docstring and in ``docs/lowering.md``.
+Each derives its output from the QDQ-lowered graph, whose quantizers it finds by structure
+(:mod:`impq_onnx.lowering.patterns`). A new format is a module with a :class:`Target` subclass and one
+``register`` line below. What each keeps and loses is in its module docstring and in ``docs/lowering.md``.
 """
 
-from impq_onnx.lowering.targets.encodings import ToEncodingsPass, apply_encodings, encodings_of
-from impq_onnx.lowering.targets.qonnx import QONNX_DOMAIN, ToQonnxPass, qonnx_as_standard_ops
+from impq_onnx.lowering.targets.base import (TARGETS, Target, get_target, register, target_help, target_names,
+                                             unregister)
+from impq_onnx.lowering.targets.encodings import EncodingsTarget, ToEncodingsPass, apply_encodings, encodings_of
+from impq_onnx.lowering.targets.qdq import QdqTarget
+from impq_onnx.lowering.targets.qonnx import QONNX_DOMAIN, QonnxTarget, ToQonnxPass, qonnx_as_standard_ops
 
-__all__ = ["ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN", "ToEncodingsPass", "encodings_of",
-           "apply_encodings"]
+__all__ = ["Target", "TARGETS", "register", "unregister", "get_target", "target_names", "target_help", "QdqTarget",
+           "QonnxTarget", "EncodingsTarget", "ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN",
+           "ToEncodingsPass", "encodings_of", "apply_encodings"]
+
+register(QdqTarget())
+register(QonnxTarget())
+register(EncodingsTarget())

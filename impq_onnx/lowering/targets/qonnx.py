@@ -31,14 +31,15 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from impq_onnx.errors import ModelError
+from impq_onnx.frontend.sites import SiteTable
+from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes
+from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
+from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
-from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.passes.quantize_activations import activation_names
-from impq_onnx.lowering.passes.quantize_weights import weight_names
-from impq_onnx.lowering.passes.plan_pass import PlanPass
 
-__all__ = ["ToQonnxPass", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
+__all__ = ["ToQonnxPass", "QonnxTarget", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 
@@ -56,79 +57,106 @@ def _register(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _node_named(graph: ir.Graph, name: str) -> ir.Node | None:
-    return next((n for n in graph if n.name == name), None)
-
-
 def _swap(graph: ir.Graph, old_nodes: list[ir.Node], new: ir.Node, old_out: ir.Value, name: str) -> None:
     graph.insert_before(old_nodes[0], new)
-    old_out.replace_all_uses_with(new.outputs[0])
+    output = old_out.is_graph_output()
+    old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
     graph.remove(list(reversed(old_nodes)), safe=True)
-    new.outputs[0].name = name
+    new.outputs[0].name = old_out.name if output else name  # a model output keeps its name
     new.outputs[0].dtype = ir.DataType.FLOAT
     new.outputs[0].shape = old_out.shape
 
 
-class ToQonnxPass(PlanPass):
-    """Rewrite the QDQ weight and activation quantizers of a lowered model as QONNX ``Quant`` nodes."""
+class ToQonnxPass(ir.passes.InPlacePass):
+    """Rewrite every QDQ weight and activation quantizer (found by structure) as a QONNX ``Quant`` node.
 
-    def __init__(self, plan: PrecisionPlan, sites: SiteTable, channel_bitwidth: bool = True):
-        super().__init__(plan, sites)
+    ``plan`` and ``sites`` (None for a model quantized by another tool) give each kernel's container
+    width and the float weight's name; without them the width is the stored integer type's.
+    """
+
+    def __init__(self, plan: PrecisionPlan | None = None, sites: SiteTable | None = None,
+                 channel_bitwidth: bool = True):
+        super().__init__()
+        self.plan, self.sites = plan, sites
         self.channel_bitwidth = channel_bitwidth
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        modified = False
-        for layer in self.sites.layers:
-            dq = _node_named(graph, f"{layer.node}/weight_dq")
-            if dq is not None and dq.op_type == "DequantizeLinear":
-                self._weight(graph, dq, layer)
-                modified = True
-        for site in self.sites.activations:
-            q = _node_named(graph, f"{site.tensor}/quantize")
-            if q is not None and q.op_type == "QuantizeLinear":
-                self._activation(graph, site.tensor, q)
-                modified = True
+        weights, activations = weight_quantizers(graph), activation_quantizers(graph)
+        for weight in weights:
+            self._weight(graph, weight)
+        for activation in activations:
+            self._activation(graph, activation)
+        modified = bool(weights or activations)
         if modified:
             model.opset_imports[QONNX_DOMAIN] = 1
         return ir.passes.PassResult(model, modified)
 
-    def _weight(self, graph: ir.Graph, dq: ir.Node, layer) -> None:
-        names = weight_names(layer.weight)
-        codes = graph.initializers[names["codes"]].const_value.numpy()
-        shape = [1] * codes.ndim
-        shape[layer.kernel_axis] = -1
-        scale = graph.initializers[names["scale"]].const_value.numpy().reshape(shape)
-        grid = (codes.astype(np.float32) * scale).astype(np.float32)
-        widths = [container_bits(b, self.plan.weight_scheme) for b in self.plan.weights[layer.node]]
-        bitwidth = (np.array(widths, np.float32).reshape(shape) if self.channel_bitwidth
-                    else np.array(max(widths), np.float32))
-        inputs = [_register(graph, names["codes"], grid), _register(graph, names["scale"], scale),
-                  _register(graph, names["zero_point"], np.array(0.0, np.float32)),
-                  _register(graph, f"{layer.weight}_bitwidth", bitwidth)]
-        quant = ir.node("Quant", inputs, {"signed": 1, "narrow": 1, "rounding_mode": "ROUND"},
-                        domain=QONNX_DOMAIN, name=f"{layer.node}/weight_quant")
+    def _weight(self, graph: ir.Graph, match: WeightQuantizer) -> None:
+        codes, scale, zero, shape = match.arrays()
+        values = codes.astype(np.float32)
+        if zero.any():  # as DequantizeLinear computes it: the integer difference, then float
+            values = (codes.astype(np.int64) - zero).astype(np.float32)
+        grid = (values * scale).astype(np.float32)
+        layer = planned_layer(self.sites, match.layer)
+        signed = bool(np.iinfo(codes.dtype).min < 0)
+        if layer is not None and self.plan is not None:
+            widths = [container_bits(b, self.plan.weight_scheme) for b in self.plan.weights[layer.node]]
+            narrow = 1
+        else:  # the stored type's range, narrow when the codes never reach its far end
+            widths = [codes.dtype.itemsize * 8] * codes.shape[match.axis]
+            narrow = int(codes.min() > -(2 ** (widths[0] - 1)) if signed else codes.max() < 2 ** widths[0] - 1)
+        width = (np.array(widths, np.float32).reshape(shape) if self.channel_bitwidth
+                 else np.array(max(widths), np.float32))
+        zero = zero.astype(np.float32) if zero.any() else np.array(0.0, np.float32)
+        inputs = [_register(graph, match.codes.name, grid), _register(graph, match.scale.name, scale),
+                  _register(graph, match.zero_point.name if match.zero_point is not None
+                            else weight_names(match.codes.name)["zero_point"], zero),
+                  _register(graph, bitwidth(layer.weight if layer is not None else match.codes.name), width)]
+        quant = ir.node("Quant", inputs, {"signed": int(signed), "narrow": narrow, "rounding_mode": "ROUND"},
+                        domain=QONNX_DOMAIN, name=weight_nodes(match.layer.name)["quant"])
+        dq = match.dequantize
         _swap(graph, [dq], quant, dq.outputs[0], dq.outputs[0].name)
 
-    def _activation(self, graph: ir.Graph, tensor: str, q: ir.Node) -> None:
-        names = activation_names(tensor)
-        chain = [q, *q.outputs[0].consumers()]
-        clip = q.inputs[0].producer()
-        if clip is not None and clip.name == f"{tensor}/clip":
-            chain.insert(0, clip)
-        x = chain[0].inputs[0]
-        dq = chain[-1]
-        bits = self.plan.activations[tensor]
-        signed = self.plan.clips[tensor].signed
-        inputs = [x, graph.initializers[names["scale"]],
-                  _register(graph, names["zero_point"], np.array(0.0, np.float32)),
-                  _register(graph, f"{tensor}_bitwidth", np.array(bits, np.float32))]
-        quant = ir.node("Quant", inputs, {"signed": int(signed), "narrow": 0, "rounding_mode": "ROUND"},
-                        domain=QONNX_DOMAIN, name=f"{tensor}/quant")
-        _swap(graph, chain, quant, dq.outputs[0], names["quantized"])
-        for key in ("clip_min", "clip_max"):
-            if names[key] in graph.initializers and not graph.initializers[names[key]].uses():
-                graph.initializers.pop(names[key])
+    @staticmethod
+    def _activation(graph: ir.Graph, match: ActivationQuantizer) -> None:
+        x, q, dq = match.input, match.quantize, match.dequantize
+        zero_name = q.inputs[2].name
+        inputs = [x, q.inputs[1], _register(graph, zero_name, np.array(float(match.zero_point), np.float32)),
+                  _register(graph, bitwidth(x.name), np.array(match.bits, np.float32))]
+        quant = ir.node("Quant", inputs, {"signed": int(match.signed), "narrow": 0, "rounding_mode": "ROUND"},
+                        domain=QONNX_DOMAIN, name=quant_node(x.name))
+        clip_bounds = match.clip.inputs[1:] if match.clip is not None else []
+        _swap(graph, match.nodes, quant, dq.outputs[0], q.outputs[0].name)
+        for value in clip_bounds:
+            if value is not None and value.name in graph.initializers and not value.uses():
+                graph.initializers.pop(value.name)
+
+
+class QonnxTarget(Target):
+    name = "qonnx"
+    help = "QONNX Quant nodes"
+    stores_codes = False
+
+    def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
+                **options: object) -> dict[str, dict]:
+        ToQonnxPass(plan, sites, channel_bitwidth=bool(options.get("channel_bitwidth", True)))(model)
+        return {}
+
+    def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
+        return qonnx_as_standard_ops(lowered.proto)
+
+    def activation_range(self, lowered: Lowered, site: str, entry: dict,
+                         array: Array) -> tuple[int, int, float] | None:
+        producer = next((n for n in lowered.proto.graph.node if entry["tensor"] in n.output), None)
+        if producer is None:
+            return None
+        scale = float(array(producer.input[1]).reshape(()))
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in producer.attribute}
+        width = int(array(producer.input[3]).reshape(()))
+        if attrs.get("signed", 1):
+            return -(2 ** (width - 1)) + int(attrs.get("narrow", 0)), 2 ** (width - 1) - 1, scale
+        return 0, 2**width - 1 - int(attrs.get("narrow", 0)), scale
 
 
 def qonnx_as_standard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -148,11 +176,12 @@ def qonnx_as_standard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         signed, narrow = attrs.get("signed", 1), attrs.get("narrow", 0)
         if attrs.get("rounding_mode", b"ROUND") not in (b"ROUND", "ROUND"):
-            raise ValueError(f"{node.name}: only rounding_mode ROUND is supported")
+            raise ModelError(f"QONNX Quant node '{node.name}': rounding_mode {attrs['rounding_mode']!r} is not "
+                             "supported; use ROUND")
         width = numpy_helper.to_array(inits[node.input[3]]).astype(np.float64)
         lo = np.where(signed, -(2.0 ** (width - 1)) + (1 if narrow else 0), 0.0).astype(np.float32)
         hi = np.where(signed, 2.0 ** (width - 1) - 1, 2.0**width - 1 - (1 if narrow else 0)).astype(np.float32)
-        p = f"{node.name}/std"
+        p = expansion_prefix(node.name, "std")
         graph.initializer.extend([numpy_helper.from_array(lo, f"{p}/lo"), numpy_helper.from_array(hi, f"{p}/hi")])
         x, scale, zp = node.input[0], node.input[1], node.input[2]
         nodes += [
