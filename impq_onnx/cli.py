@@ -31,7 +31,12 @@ def _user_errors(func):
             error = as_impq_error(exc)
             if click.get_current_context().find_root().params.get("verbose", 0) >= 2:
                 traceback.print_exception(error)  # with the chain of causes
-            click.echo(f"impq-onnx: error: {error}", err=True)
+            if isinstance(exc, OSError):  # read-only folder, full disk, a name too long...: one line naming the path
+                from impq_onnx.outputs import describe_os_error
+
+                click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
+            else:
+                click.echo(f"impq-onnx: error: {error}", err=True)
             sys.exit(error.exit_code)
 
     return wrapper
@@ -88,6 +93,10 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
+
+    from impq_onnx.option_checks import EVALUATE, check_numbers
+
+    check_numbers(dict(batch_size=batch_size, limit_per_class=limit_per_class, threads=threads), EVALUATE, cli=True)
 
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
@@ -155,6 +164,11 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
                         output_prefix, top, seed, threads):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
+
+    from impq_onnx.option_checks import SENSITIVITY, check_numbers
+
+    check_numbers(dict(samples=samples, runner_ups=runner_ups, top=top, seed=seed, threads=threads), SENSITIVITY,
+                  cli=True)
 
     from impq_onnx.files import write_all
     from impq_onnx.data.model_data import open_model_data
@@ -228,6 +242,10 @@ def lower_command(model, plan_path, output_path, format_, output):
 def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json):
     """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
     import json
+
+    from impq_onnx.option_checks import VERIFY, check_numbers
+
+    check_numbers(dict(limit_per_class=limit_per_class, threads=threads), VERIFY, cli=True)
 
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load

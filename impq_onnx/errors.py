@@ -3,7 +3,7 @@
 - the user's input (model, data, plan, option, config file): :class:`UserError` and its subclasses
   :class:`ModelError`, :class:`DataError`, :class:`PlanError` and :class:`ConfigError`; exit code 2;
   the user fixes the input the message names.
-- the environment (a missing package, a full disk, no permission, the OS): :class:`PlatformError`;
+- the environment (a missing package, a full disk, an I/O error, the OS): :class:`PlatformError`;
   exit code 4; the user fixes the machine.
 - a bug in impq-onnx (an invariant of its own failed, whatever the input): :class:`InternalError`;
   exit code 1; the message asks for a report.
@@ -28,6 +28,7 @@ __all__ = [
     "PlatformError",
     "InternalError",
     "as_impq_error",
+    "os_error_class",
 ]
 
 REPORT_HINT = "this is a bug in impq-onnx; please report it with the command and its output at -vv"
@@ -66,7 +67,7 @@ class ConfigError(UserError):
 
 
 class PlatformError(ImpqError):
-    """The machine cannot do what was asked (a missing package, a full disk, no permission): exit code 4."""
+    """The machine cannot do what was asked (a missing package, a full disk, an I/O error): exit code 4."""
 
     exit_code = 4
 
@@ -80,8 +81,16 @@ class InternalError(ImpqError):
         super().__init__(f"{message}; {REPORT_HINT}")
 
 
-# OSErrors the user fixes by changing the paths they gave; the rest (disk full, I/O error, ...) are the machine's.
-_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+# OSErrors the user fixes by changing the paths they gave (or their permissions); the rest (disk full, I/O
+# error, ...) are the machine's.
+_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EACCES,
+                errno.EPERM, errno.EROFS}
+
+
+def os_error_class(exc: OSError) -> type[ImpqError]:
+    """:class:`UserError` for a path the user can change (missing, wrong kind, not writable), else
+    :class:`PlatformError` (a full disk, an I/O error)."""
+    return UserError if exc.errno in _USER_ERRNOS else PlatformError
 
 
 def as_impq_error(exc: BaseException) -> ImpqError:
@@ -99,12 +108,12 @@ def as_impq_error(exc: BaseException) -> ImpqError:
     elif isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename is not None else ""
         reason = exc.strerror or str(exc)
-        if exc.errno in _USER_ERRNOS:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            error = UserError(f"{where}{reason}; check the permissions or choose another path")
+        elif exc.errno in _USER_ERRNOS:
             error = UserError(f"{where}{reason}; check the path")
         elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
             error = PlatformError(f"{where}{reason}; free disk space and run again")
-        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            error = PlatformError(f"{where}{reason}; check the permissions or choose another path")
         else:
             error = PlatformError(f"{where}{reason}; the operating system refused; check the machine and run again")
     elif isinstance(exc, MemoryError):

@@ -92,9 +92,9 @@ def _raise(error: BaseException) -> Callable[[], None]:
         (_raise(PlanError("plan.yaml: bad bits")), 2, "plan.yaml: bad bits"),
         (_raise(ConfigError("option 'lr': -1")), 2, "option 'lr': -1"),
         (_raise(ImpqError("an old-style user error")), 2, "an old-style user error"),
-        (_open_a_missing_file, 2, "/nonexistent-impq/file.onnx: No such file or directory; check the path"),
+        (_open_a_missing_file, 2, "/nonexistent-impq/file.onnx: no such file or folder"),
         (_raise(PlatformError("no training API")), 4, "no training API"),
-        (_fill_the_disk, 4, "No space left on device; free disk space and run again"),
+        (_fill_the_disk, 4, "No space left on device"),
         (_raise(MemoryError()), 4, "out of memory; use a smaller batch size or fewer threads"),
         (_raise(InternalError("cycle in the graph")), 1, f"cycle in the graph; {REPORT_HINT}"),
         (_raise(KeyError("scale")), 1, f"unexpected KeyError: 'scale'; {REPORT_HINT}"),
@@ -123,6 +123,15 @@ def test_every_user_class_is_a_user_error_and_keeps_its_name() -> None:
     for cls in (ModelError, DataError, PlanError, ConfigError):
         assert issubclass(cls, UserError) and issubclass(cls, ImpqError) and cls.exit_code == 2
     assert not issubclass(InternalError, UserError) and not issubclass(PlatformError, UserError)
+
+
+def test_os_errors_are_the_users_or_the_machines() -> None:
+    import errno
+
+    assert as_impq_error(OSError(errno.ENOSPC, "No space left on device", "out.onnx")).exit_code == 4
+    assert as_impq_error(OSError(errno.EACCES, "Permission denied", "out.onnx")).exit_code == 2
+    assert str(as_impq_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "m.onnx"))) == (
+        "m.onnx: No such file or directory; check the path")
 
 
 def test_as_impq_error_keeps_the_original_as_cause() -> None:

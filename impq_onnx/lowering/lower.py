@@ -185,16 +185,27 @@ def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
     return files
 
 
+def derived_paths(output_path, format: str) -> list[Path]:
+    """The files :func:`write` writes beside ``output_path``: the sidecar and the target's attachments."""
+    return [sidecar_path(output_path)] + [attachment_path(output_path, s) for s in get_target(format).attachments]
+
+
 def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, output: str | None = None,
                input_shape: tuple[int, ...] | None = None) -> list[Path]:
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.outputs import OutputSet, check_paths
 
-    canonical = load(model_path, output=output)
-    sites = find_sites(canonical, input_shape)
-    plan = PrecisionPlan.load(plan_path).validate(sites)
-    return write(lower(canonical, plan, sites, format=format), output_path)
+    output_path = Path(output_path)
+    derived = derived_paths(output_path, format)
+    check_paths([("-o/--output-path", output_path)] + [("the derived output", p) for p in derived],
+                {"the input model": Path(model_path), "the plan": Path(plan_path)}, flag="-o")
+    with OutputSet([output_path, *derived], locked=[output_path]) as outputs:  # locked, staged
+        canonical = load(model_path, output=output)
+        sites = find_sites(canonical, input_shape)
+        plan = PrecisionPlan.load(plan_path).validate(sites)
+        return outputs.commit(output_files(lower(canonical, plan, sites, format=format), output_path))
 
 
 def read_lowered(output_path) -> LoweredModel:

@@ -18,7 +18,7 @@ from impq_onnx.errors import ConfigError
 from impq_onnx.files import write_all
 from impq_onnx.report.run_data import RunData, read_run
 
-__all__ = ["RunData", "read_run", "write_report"]
+__all__ = ["RunData", "read_run", "write_report", "report_files"]
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -37,6 +37,20 @@ def write_report(work_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[
                  output_html: str | os.PathLike[str]) -> list[Path]:
     """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
     (the HTML first, then the PNGs)."""
+    files = report_files(work_dirs, output_html)
+    output = next(iter(files))
+    if output.parent != Path(""):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    write_all(files)
+    return list(files)
+
+
+def report_files(work_dirs, output_html: str | os.PathLike,
+                 reports: dict[Path, tuple[Path, dict]] | None = None) -> dict[Path, bytes]:
+    """The files of :func:`write_report` (the HTML first, then the PNGs) by path, not written.
+
+    ``reports`` gives a run's ``<stem>.report.json`` (path and document) by work dir, for a compress
+    that has not written it yet."""
     from impq_onnx.report.figures import FIGURES, compression_vs_accuracy
     from impq_onnx.report.html import render_html
 
@@ -48,7 +62,7 @@ def write_report(work_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[
     output = Path(output_html)
     if output.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"report output {output}: the name must end in .html")
-    runs = [read_run(path, label) for path, label in zip(paths, _labels(paths))]
+    runs = [read_run(path, label, (reports or {}).get(path)) for path, label in zip(paths, _labels(paths))]
     several = len(runs) > 1
     stem = output.with_suffix("")
 
@@ -74,7 +88,4 @@ def write_report(work_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[
                    "Fig. 4 (one line per granularity).")
         comparison = (data, caption, png.name)
     page = render_html(runs, run_figures, comparison).encode("utf-8")
-    if output.parent != Path(""):
-        output.parent.mkdir(parents=True, exist_ok=True)
-    write_all({output: page, **files})
-    return [output, *files]
+    return {output: page, **files}
