@@ -56,9 +56,9 @@ def _inputs(canonical, data: str | None, samples: int) -> np.ndarray:
     if data is None:
         shape = [samples] + list(canonical.input_shape()[1:])
         return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    from impq_onnx.data.model_data import open_for_model
+    from impq_onnx.data.model_data import open_model_data
 
-    dataset = open_for_model(canonical, data)
+    dataset = open_model_data(canonical, data).evaluation
     return dataset.load(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(np.int64))  # all classes
 
 

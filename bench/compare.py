@@ -31,20 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from impq_onnx.compression import CompressConfig, _datasets, _preprocess, compress
+from impq_onnx.compression import CompressConfig, compress
+from impq_onnx.data.model_data import ModelData, open_model_data
 from impq_onnx.engine import evaluate
 from impq_onnx.frontend.canonical import load
-from impq_onnx.search.density import output_site, activation_densities
-from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
 from impq_onnx.frontend.site_analysis import find_sites
+from impq_onnx.search.density import activation_densities, output_site
+from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("impq", "faq", "activation-density", "uniform-ptq", "ort-static")
@@ -68,14 +66,20 @@ def budget_options(budget: str) -> dict:
     return dict(yaml.safe_load(Path(budget).read_text()))
 
 
+def open_as_compress(model: str, data: str, seed: int) -> tuple:
+    """``(float model, sites, ModelData)`` as compress opens them with its default options."""
+    cfg = CompressConfig.resolve(model=model, data=data, seed=seed)
+    base = load(model)
+    model_data: ModelData = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction,
+                                            seed=cfg.seed, max_val_samples=cfg.max_val_samples)
+    return base, find_sites(base, (1, *model_data.preprocess.sample_shape)), model_data
+
+
 def weighted_density(model: str, data: str, seed: int, threads: int) -> tuple[float, float]:
     """Mean densities on the float model: of the layers' outputs weighted by parameters (classifier: 1),
     and of the activation sites weighted by elements."""
-    cfg = CompressConfig.resolve(model=model, data=data, seed=seed)
-    base = load(model)
-    pre = _preprocess(cfg, base)
-    sites = find_sites(base, (1, *pre.sample_shape))
-    train, _, _ = _datasets(cfg, pre)
+    base, sites, model_data = open_as_compress(model, data, seed)
+    train = model_data.train
     dens = activation_densities(base.to_proto(), [s.tensor for s in sites.activations],
                                 train.batches(EVAL_BATCH, shuffle=True, seed=seed), max_batches=4, threads=threads)
     num = den = 0.0
@@ -96,11 +100,8 @@ def ort_static(model: str, data: str, out: Path, seed: int, threads: int) -> dic
         quantize_static,
     )
 
-    cfg = CompressConfig.resolve(model=model, data=data, seed=seed)
-    base = load(model)
-    pre = _preprocess(cfg, base)
-    sites = find_sites(base, (1, *pre.sample_shape))
-    train, val, test = _datasets(cfg, pre)
+    base, sites, model_data = open_as_compress(model, data, seed)
+    train, val, test = model_data.train, model_data.val, model_data.test
     name = base.to_proto().graph.input[0].name
 
     class Reader(CalibrationDataReader):
@@ -142,7 +143,8 @@ def run_method(method: str, model: str, data: str, bits: float, act_bits: float,
             "activation_bits_effective": result.final["activation_bits_effective"], "gbitops": result.final["gbitops"],
             "top1": result.final[f"{split}_top1"], "agreement": result.final[f"{split}_agreement"],
             "seconds": seconds, "fine_tune_steps": sum(r.fine_tune_steps for r in result.iterations),
-            "split": split, "n": result.final.get(f"{split}_n"), "float_top1": result.reference.get(f"{split}_top1", result.reference.get("top1")),
+            "split": split, "n": result.final.get(f"{split}_n"),
+            "float_top1": result.reference.get(f"{split}_top1", result.reference.get("top1")),
             "options": {k: v for k, v in options.items()}}
 
 

@@ -159,8 +159,8 @@ def collect_rows(work: Path, previous: Path) -> list[dict]:
 def reference_gbitops(model: str, bits: int = 8) -> float:
     """C_C of the same model with every weight and activation at ``bits`` (the 8-bit reference point)."""
     from impq_onnx.frontend.canonical import load
-    from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.quant.plan import PrecisionPlan
 
     canonical = load(model)
     sites = find_sites(canonical, (1, *canonical.input_shape()[1:]))
@@ -169,12 +169,14 @@ def reference_gbitops(model: str, bits: int = 8) -> float:
 
 def markdown(rows: list[dict], gbitops8: float) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = ["| run | B_w,eff | B_a,eff | C_C (Gbit-OPs) | C_C / 8-bit | test top-1 % | float % | drop (points) | agreement % "
+    lines = ["| run | B_w,eff | B_a,eff | C_C (Gbit-OPs) | C_C / 8-bit | test top-1 % | float % | drop (points) "
+             "| agreement % "
              "| fine-tune epochs | search hours | stop |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         drop = "-" if r["test_drop"] is None else f"{r['test_drop']:.2f}"
         b_a = "float" if r["activation_bits_effective"] >= 32 else f"{r['activation_bits_effective']:.2f}"
-        lines.append(f"| {r['run']} | {r['weight_bits_effective']:.3f} | {b_a} | {r['gbitops']:.3f} | {r['gbitops'] / gbitops8:.3f} | "
+        lines.append(f"| {r['run']} | {r['weight_bits_effective']:.3f} | {b_a} | {r['gbitops']:.3f} | "
+                     f"{r['gbitops'] / gbitops8:.3f} | "
                      f"{pct(r['test_top1'])} | {pct(r['float_test_top1'])} | "
                      f"{drop} | "
                      f"{pct(r['test_agreement'])} | {r['fine_tune_epochs']:.1f} | {r['hours']:.2f} | {r['stop']} |")
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
               f"C_C at 8-bit weights and activations: {gbitops8:.3f} Gbit-OPs per image; float activations "
               f"count as 32 bits.\n\n")
     out.with_suffix(".md").write_text(header + markdown(rows, gbitops8))
-    out.with_suffix(".json").write_text(json.dumps({"common": COMMON, "runs": RUNS, "gbitops_8bit": gbitops8, "rows": rows}, indent=1) + "\n")
+    document = {"common": COMMON, "runs": RUNS, "gbitops_8bit": gbitops8, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     print(out.with_suffix(".md").read_text())
     return 0
 

@@ -97,10 +97,12 @@ def resnet50(classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
             x, cin = relu(f"{n}.sum", n), width * 4
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["features"], name="flatten"))
-    inits.append(numpy_helper.from_array((rng.standard_normal((classes, cin), dtype=np.float32) * np.float32(0.02)), "fc.w"))
+    fc_weight = rng.standard_normal((classes, cin), dtype=np.float32) * np.float32(0.02)
+    inits.append(numpy_helper.from_array(fc_weight, "fc.w"))
     inits.append(numpy_helper.from_array(np.zeros(classes, np.float32), "fc.b"))
     nodes.append(helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
-    graph = helper.make_graph(nodes, "resnet50", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 224, 224])],
+    graph = helper.make_graph(nodes, "resnet50",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 224, 224])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -114,14 +116,14 @@ def main() -> None:
     parser.add_argument("--format", default="qdq", choices=("qdq", "qonnx", "encodings"))
     parser.add_argument("--write", help="also write the lowered model here (timed separately)")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="run impq_onnx.lowering.verify on N random images (with --write, also save <out>.npz: x and the "
-                             "simulated logits, for bench/mainline_ort.py)")
+                        help="run impq_onnx.lowering.verify on N random images (with --write, also save <out>.npz: "
+                             "x and the simulated logits, for bench/mainline_ort.py)")
     args = parser.parse_args()
 
     from impq_onnx.frontend.canonical import from_proto
+    from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering.lower import lower, write
     from impq_onnx.quant.plan import PrecisionPlan
-    from impq_onnx.frontend.site_analysis import find_sites
 
     proto = resnet50()
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
@@ -159,9 +161,9 @@ def main() -> None:
         print(f"write(): {time.perf_counter() - start:.2f} s")
     ok = seconds < 10 and extra < 3 * weight_bytes
     if args.verify:
-        from impq_onnx.runtime import inference_session
-        from impq_onnx.quant.simulate import simulate
         from impq_onnx.lowering.verify import verify
+        from impq_onnx.quant.simulate import simulate
+        from impq_onnx.runtime import inference_session
 
         x = np.random.default_rng(1).standard_normal((args.verify, 3, 224, 224)).astype(np.float32)
         start = time.perf_counter()

@@ -4,7 +4,7 @@ simulated model's outputs.
 onnxruntime and onnxruntime-training cannot share an environment, so the mainline runtime goes into a
 throwaway virtual environment under /tmp (created on first use, reused after)::
 
-    python bench/mainline_ort.py                                  # build, lower and check the tiny models
+    python bench/mainline_ort.py                                  # build, lower and check the reference models
     python bench/mainline_ort.py --model out.onnx --reference ref.npz   # check a model you lowered
 
 ``ref.npz`` (written by the calling side, in the project environment) holds ``x`` (inputs) and
@@ -50,7 +50,8 @@ def ensure_venv() -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "onnxruntime", "numpy"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "onnxruntime", "numpy"],
+                       check=True)
     return python
 
 
@@ -60,29 +61,69 @@ def check(python: Path, model: Path, reference: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def prepare(workdir: Path) -> list[tuple[Path, Path]]:
-    """Lower the test suite's tiny models under mixed 1-8-bit plans; save each model and its reference."""
+def mixed_plan(sites, scheme: str, seed: int, top: int):
+    """Per-kernel weight bits drawn from 1..``top`` (both ends forced), one float kernel in the second layer,
+    activation bits 1..8 cycled."""
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from lowering_cases import inputs, mixed_plan, tiny  # noqa: E402
-    from quant_models import tiny_cnn  # noqa: E402
-    from tiny_models import Quirks, build  # noqa: E402
+    from impq_onnx.quant.plan import PrecisionPlan
 
+    plan = PrecisionPlan.uniform(sites, None, None, weight_scheme=scheme, default_clip=2.5)
+    rng = np.random.default_rng(seed)
+    for i, layer in enumerate(sites.layers):
+        bits = [int(b) for b in rng.integers(1, top + 1, layer.kernels)]
+        bits[0], bits[-1] = 1, top
+        if i == 1 and layer.kernels > 2:
+            bits[1] = None
+        plan.weights[layer.node] = bits
+    for i, site in enumerate(sites.activations):
+        plan.activations[site.tensor] = [3, 8, 1, 5, 2, 7, 4, 6][(i + seed) % 8]
+    return plan.validate(sites)
+
+
+def gemm_head_as_matmul(proto):
+    """The model with its ``Gemm(x, W, b, transB=1)`` classifier written as ``MatMul(x, W^T) + b``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    index, gemm = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gemm")
+    weights = {t.name: t for t in graph.initializer}
+    transposed = numpy_helper.to_array(weights[gemm.input[1]]).T.copy()
+    weights[gemm.input[1]].CopyFrom(numpy_helper.from_array(transposed, gemm.input[1]))
+    product = f"{gemm.name}/matmul_out"
+    nodes = [helper.make_node("MatMul", [gemm.input[0], gemm.input[1]], [product], name=f"{gemm.name}/matmul"),
+             helper.make_node("Add", [product, gemm.input[2]], list(gemm.output), name=f"{gemm.name}/bias")]
+    graph.node.pop(index)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    return proto
+
+
+def prepare(workdir: Path) -> list[tuple[Path, Path]]:
+    """Lower the package's reference architectures (random weights; one also with a MatMul + Add classifier)
+    under mixed 1-7 and 1-8-bit plans; save each model and its reference."""
+    import numpy as np
+
+    from impq_onnx.architectures import fashion_net, mobilenet_v1_cifar, resnet20
+    from impq_onnx.frontend.canonical import from_proto
+    from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering.lower import lower, write
-    from impq_onnx.runtime import inference_session
     from impq_onnx.quant.simulate import simulate
+    from impq_onnx.runtime import inference_session
 
     cases = []
-    for name, proto in (("cnn", tiny_cnn()), ("dw_matmul", build(Quirks(head="matmul"))), ("dw_gemm", build(Quirks())),
-                        ("bias_relu", build(Quirks(batchnorm=False)))):
-        canonical, sites = tiny(proto)
+    for name, proto, shape in (("fashion_gemm", fashion_net(), (1, 28, 28)),
+                               ("fashion_matmul", gemm_head_as_matmul(fashion_net()), (1, 28, 28)),
+                               ("resnet20", resnet20(), (3, 32, 32)),
+                               ("mobilenet_dw", mobilenet_v1_cifar(), (3, 32, 32))):
+        canonical = from_proto(proto)
+        sites = find_sites(canonical, (1, *shape))
         for scheme in ("midrise-max", "symmetric-rms"):
             for top in (7, 8):
-                plan = mixed_plan(sites, scheme, seed=top)
-                for node, bits in plan.weights.items():
-                    plan.weights[node] = [None if b is None else min(b, top) for b in bits]
-                x = inputs((256, 3, 8, 8), seed=top)
+                plan = mixed_plan(sites, scheme, seed=top, top=top)
+                x = (np.random.default_rng(top).standard_normal((256, *shape)) * 1.5).astype(np.float32)
                 logits = inference_session(simulate(canonical, plan, sites).SerializeToString()).run(
                     None, {canonical.input_name: x})[0]
                 stem = workdir / f"{name}_{scheme}_max{top}"

@@ -24,11 +24,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from impq_onnx.frontend.canonical import from_proto  # noqa: E402
-from impq_onnx.sensitivity import noise_gain  # noqa: E402
-from impq_onnx.frontend.sites import find_sites  # noqa: E402
+from impq_onnx.data.model_data import open_model_data
+from impq_onnx.frontend.canonical import from_proto
+from impq_onnx.frontend.site_analysis import find_sites
+from impq_onnx.sensitivity import noise_gain
 
 
 def spearman(a: dict, b: dict) -> float:
@@ -54,10 +53,8 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def cifar_subset(path: str, samples: int, seed: int = 0) -> np.ndarray:
-    from impq_onnx.data import PRESETS, open_dataset
-
-    data = open_dataset(path, PRESETS["cifar"])
+def cifar_subset(canonical, path: str, samples: int, seed: int = 0) -> np.ndarray:
+    data = open_model_data(canonical, path, "cifar").evaluation
     idx = np.sort(np.random.default_rng(seed).choice(len(data), samples, replace=False))
     return data.load(idx)
 
@@ -77,11 +74,10 @@ def trained_resnet20(args) -> object:
     cache = os.path.join(args.cache, f"resnet20_{args.train_steps}steps.onnx")
     if os.path.exists(cache):
         return from_proto(onnx.load(cache)), f"fine-tuned {args.train_steps} steps (cached {cache})"
-    from impq_onnx.data import PRESETS, open_dataset
     from impq_onnx.engine import evaluate, fine_tune
 
     sites = find_sites(canonical)
-    train = open_dataset(args.train_data, PRESETS["cifar"], workers=2)
+    train = open_model_data(canonical, args.train_data, "cifar", workers=2).train_all
     per_epoch = train.num_batches(128, drop_last=True)
 
     def batches():
@@ -96,7 +92,7 @@ def trained_resnet20(args) -> object:
     canonical = trained.apply_to(canonical)
     os.makedirs(args.cache, exist_ok=True)
     onnx.save(canonical.to_proto(), cache)
-    test = open_dataset(args.data, PRESETS["cifar"], limit_per_class=100)
+    test = open_model_data(canonical, args.data, "cifar", limit_per_class=100).evaluation
     result = evaluate(canonical, test.batches(250))
     print(f"trained {args.train_steps} steps ({args.train_steps / per_epoch:.2f} epochs) in {time.time() - t0:.0f} s: "
           f"{result}")
@@ -106,11 +102,11 @@ def trained_resnet20(args) -> object:
 def part_resnet(args) -> None:
     canonical, label = trained_resnet20(args)
     sites = find_sites(canonical)
-    x = cifar_subset(args.data, args.samples)
+    x = cifar_subset(canonical, args.data, args.samples)
     if args.train_only:
         return
     print(f"ResNet-20 ({label}), {len(x)} CIFAR-10 test samples, {len(sites.layers)} layers, "
-          f"{sum(l.kernels for l in sites.layers)} kernels, {len(sites.activations)} activation sites")
+          f"{sum(layer.kernels for layer in sites.layers)} kernels, {len(sites.activations)} activation sites")
     t0 = time.perf_counter()
     exact = noise_gain(canonical, sites, [x], method="exact")
     t_exact = time.perf_counter() - t0
@@ -143,8 +139,8 @@ def part_resnet(args) -> None:
 
 
 def _mismatch(canonical, sites, plan, x, float_top) -> float:
-    from impq_onnx.runtime import inference_session
     from impq_onnx.quant.simulate import simulate
+    from impq_onnx.runtime import inference_session
 
     session = inference_session(simulate(canonical, plan, sites).SerializeToString())
     z = session.run(None, {session.get_inputs()[0].name: x})[0]
@@ -201,7 +197,8 @@ def part_mobilenet(args) -> None:
     t0 = time.perf_counter()
     table = noise_gain(canonical, sites, [x], method="fast", probes=args.probes, chunk=args.chunk)
     t = time.perf_counter() - t0
-    print(f"MobileNet-V1 224x224, 1000 classes: {len(sites.layers)} layers, {sum(l.kernels for l in sites.layers)} "
+    kernels = sum(layer.kernels for layer in sites.layers)
+    print(f"MobileNet-V1 224x224, 1000 classes: {len(sites.layers)} layers, {kernels} "
           f"kernels; fast path ({table.method}), {len(x)} samples in {t:.1f} s ({len(x) / t:.2f} samples/s); "
           f"peak RSS {max_rss_mib():.0f} MiB (before measuring {before:.0f} MiB)")
 

@@ -22,12 +22,9 @@ import glob
 import json
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def _batches(count: int, batch: int, seed: int = 0):
@@ -139,8 +136,8 @@ def main() -> None:
     from impq_onnx.architectures import resnet20
     from impq_onnx.engine import fine_tune
     from impq_onnx.frontend.canonical import from_proto
-    from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.quant.plan import PrecisionPlan
 
     canonical = from_proto(resnet20())
     sites = find_sites(canonical, (1, 3, 32, 32))

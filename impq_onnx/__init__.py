@@ -15,7 +15,8 @@ from typing import Any
 # Loaded on first use, so that ``impq-onnx`` can install its signal handlers before numpy and onnx load.
 _EXPORTS = {
     "impq_onnx.compression": ("CompressConfig", "CompressResult", "compress"),
-    "impq_onnx.errors": ("ConfigError", "DataError", "ImpqError", "ModelError", "PlanError"),
+    "impq_onnx.errors": ("ConfigError", "DataError", "ImpqError", "InternalError", "ModelError", "PlanError",
+                         "PlatformError", "UserError"),
     "impq_onnx.frontend.canonical": ("CanonicalModel", "from_proto", "load"),
     "impq_onnx.frontend.sites": ("ActivationSite", "QuantLayer", "SiteTable", "WeightGroup"),
     "impq_onnx.frontend.site_analysis": ("find_sites",),
@@ -33,5 +34,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compress", "CompressConfig", "CompressResult", "load", "from_proto", "find_sites", "CanonicalModel", "SiteTable", "QuantLayer", "ActivationSite",
-    "WeightGroup", "ImpqError", "ModelError", "DataError", "PlanError", "ConfigError", "__version__",
+    "WeightGroup", "ImpqError", "UserError", "ModelError", "DataError", "PlanError", "ConfigError", "PlatformError",
+    "InternalError", "__version__",
 ]

@@ -1,8 +1,9 @@
 """The ``impq-onnx`` command: a thin click layer over the library.
 
-Options carry the same names as the library parameters they feed. User errors
-(:class:`~impq_onnx.errors.ImpqError`) print one line on stderr and exit with code 2; ``verify`` exits with
-:data:`EXIT_VERIFY_FAILED` (3) when it ran but the lowered model is not what the float model and plan give.
+Options carry the same names as the library parameters they feed. Errors print one line on stderr
+and exit with the code of their cause (:mod:`impq_onnx.errors`: 2 user input, 5 environment, 1 a bug);
+``verify`` exits with :data:`EXIT_VERIFY_FAILED` (3) when it ran but the lowered model is not what the float
+model and plan give. ``-vv`` adds the traceback of the error and of every exception that caused it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import traceback
 
 import click
 
-from impq_onnx.errors import ImpqError
+from impq_onnx.errors import as_impq_error
 from impq_onnx.lowering.targets import target_help, target_names
 
 __all__ = ["main", "EXIT_VERIFY_FAILED"]
@@ -26,14 +28,19 @@ def _user_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except ImpqError as exc:
-            click.echo(f"impq-onnx: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except OSError as exc:  # read-only folder, full disk, a name too long...: one line naming the path
-            from impq_onnx.outputs import describe_os_error
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            error = as_impq_error(exc)
+            if click.get_current_context().find_root().params.get("verbose", 0) >= 2:
+                traceback.print_exception(error)  # with the chain of causes
+            if isinstance(exc, OSError):  # read-only folder, full disk, a name too long...: one line naming the path
+                from impq_onnx.outputs import describe_os_error
 
-            click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
-            sys.exit(2)
+                click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
+            else:
+                click.echo(f"impq-onnx: error: {error}", err=True)
+            sys.exit(error.exit_code)
 
     return wrapper
 
@@ -43,8 +50,8 @@ def _parse_shape(ctx, param, value):
         return None
     try:
         shape = tuple(int(d) for d in value.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,3,224,224") from None
+    except ValueError as exc:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,3,224,224") from exc
     if not shape or any(d <= 0 for d in shape):
         raise click.BadParameter(f"'{value}' must contain positive sizes, e.g. 1,3,224,224")
     return shape
@@ -99,7 +106,7 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
 
     check_numbers(dict(batch_size=batch_size, limit_per_class=limit_per_class, threads=threads), EVALUATE, cli=True)
 
-    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.engine.evaluation import nonfinite_initializers
     from impq_onnx.frontend.canonical import load
@@ -110,8 +117,7 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     for name, count in nonfinite_initializers(canonical)[:1]:
         click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
                    "its outputs will not be meaningful", err=True)
-    train, held_out = split_folders(data)
-    dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
     plan = sites = None
     if plan_path:
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
@@ -119,10 +125,10 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
                       float_model=canonical if plan is not None else None, threads=threads, progress=True)
     if as_json:
-        click.echo(json.dumps({"model": model, "data": str(held_out or train), "plan": plan_path, **result.to_dict()}))
+        click.echo(json.dumps({"model": model, "data": dataset.name, "plan": plan_path, **result.to_dict()}))
         return
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
-    click.echo(f"{model} on {held_out or train} ({result.n} images){' under ' + plan_path if plan_path else ''}")
+    click.echo(f"{model} on {dataset.name} ({result.n} images){' under ' + plan_path if plan_path else ''}")
     agreement = f"agreement with float {pct(result.agreement)}" if result.agreement is not None else ""
     if result.top1 is None:
         click.echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
@@ -181,7 +187,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
                   cli=True)
 
     from impq_onnx.files import write_all
-    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.sensitivity import noise_gain
@@ -189,8 +195,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
-    train, _ = split_folders(data)
-    dataset = open_for_model(canonical, train, preprocess)
+    dataset = open_model_data(canonical, data, preprocess).train_all
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
@@ -268,7 +273,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     check_numbers(dict(limit_per_class=limit_per_class, threads=threads, logit_tolerance=logit_tolerance), VERIFY,
                   cli=True)
 
-    from impq_onnx.data.model_data import open_for_model, split_folders
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load
     from impq_onnx.lowering.lower import read_lowered
     from impq_onnx.quant.plan import PrecisionPlan
@@ -276,8 +281,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     from impq_onnx.lowering.verify import verify
 
     canonical = load(model_path)
-    train, held_out = split_folders(data)
-    dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites)
     result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads,

@@ -187,7 +187,7 @@ def export_model(model, plan, sites, format: str = "qdq"):
 
 def _verified(lowered, model, plan, sites, dataset) -> dict:
     """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs."""
-    from impq_onnx.errors import ImpqError
+    from impq_onnx.errors import InternalError
     from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
     from impq_onnx.lowering.verify import verify
 
@@ -195,58 +195,10 @@ def _verified(lowered, model, plan, sites, dataset) -> dict:
     if not result.ok:
         problems = [result.checker_error] if result.checker_error else []
         problems += result.range_violations + result.record_mismatches
-        raise ImpqError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
-                        f"difference {result.max_logit_diff:.3g}{'; ' + problems[0] if problems else ''}); "
-                        "please report this with the plan")
+        raise InternalError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
+                            f"difference {result.max_logit_diff:.3g}{'; ' + problems[0] if problems else ''}); "
+                            "include the plan")
     return result.to_dict()
-
-
-def _preprocess(cfg: CompressConfig, canonical):
-    from impq_onnx.data import PRESETS, infer_preprocess, preprocess_from_yaml
-
-    if cfg.preprocess is None:
-        layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
-        from impq_onnx.data.imagefolder import first_image_size
-        from impq_onnx.data.model_data import split_folders
-
-        dynamic = any(not isinstance(d, int) for d in canonical.input_shape()[1:])
-        data_size = first_image_size(split_folders(cfg.data)[0]) if dynamic and cfg.data else None
-        return infer_preprocess(canonical.input_shape(), layout, data_size)
-    if cfg.preprocess in PRESETS:
-        return PRESETS[cfg.preprocess]
-    if cfg.preprocess.endswith((".yaml", ".yml")) or Path(cfg.preprocess).is_file():
-        return preprocess_from_yaml(cfg.preprocess)
-    raise ConfigError(f"option 'preprocess': {cfg.preprocess!r} is neither a preset nor a YAML file"
-                      f"{suggest(cfg.preprocess, PRESETS)}")
-
-
-def _datasets(cfg: CompressConfig, preprocess):
-    """(train, val, test or None).
-
-    ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
-    and ``test/`` (or ``val/``, ``validation/``; as ``evaluate`` and ``sensitivity`` read ``--data``): the
-    second is the test split and ``val_fraction`` of ``train/`` is held out for validation. Anything
-    else: one tree, split in two, and no test split.
-    """
-    from impq_onnx.data import open_dataset
-    from impq_onnx.data.model_data import split_folders
-
-    root = Path(cfg.data)
-    train_dir, held = split_folders(root)
-    if held is not None and (root / "val").is_dir() and (root / "test").is_dir():
-        train, val = open_dataset(train_dir, preprocess), open_dataset(root / "val", preprocess)
-        test = open_dataset(root / "test", preprocess)
-    else:
-        everything = open_dataset(train_dir, preprocess)
-        test = open_dataset(held, preprocess) if held is not None else None
-        train, val = everything.split(cfg.val_fraction, cfg.seed)
-    if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
-        from impq_onnx.search.impq import derive_seed
-
-        # A seeded subset in the split's order: ImageFolder splits are sorted by class.
-        chosen = np.random.default_rng(derive_seed(cfg.seed, 0, "validation")).permutation(len(val))
-        val = val.subset(np.sort(chosen[: cfg.max_val_samples]))
-    return train, val, test
 
 
 def _other_float_bytes(canonical, sites) -> float:
@@ -277,6 +229,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
 
 def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
               progress: bool | Callable[[str], None]) -> CompressResult:
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
@@ -292,9 +245,10 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         from impq_onnx.engine.differentiable import check_trainable
 
         check_trainable(base)
-    preprocess = _preprocess(cfg, base)
-    sites = find_sites(base, (1, *preprocess.sample_shape))
-    train, val, test = _datasets(cfg, preprocess)
+    model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 max_val_samples=cfg.max_val_samples)
+    train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
+    sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     identity["model_sha256"] = digest

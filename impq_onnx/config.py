@@ -50,22 +50,22 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
                 raise ConfigError(f"{shown}: the {what} is not a regular file")
             raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read the {what} ({exc.strerror or exc})") from None
+        raise ConfigError(f"{shown}: cannot read the {what} ({exc.strerror or exc})") from exc
     if len(raw) > MAX_YAML_BYTES:
         raise ConfigError(f"{shown}: the {what} is larger than {MAX_YAML_BYTES // 1024} KiB; is it the right file?")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{shown}: the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                          f"{exc.start}); save it as UTF-8") from None
+                          f"{exc.start}); save it as UTF-8") from exc
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{shown}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     except ValueError as exc:
-        raise ConfigError(f"{shown}: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{shown}: the {what} is nested too deeply to be a {what}") from None
+        raise ConfigError(f"{shown}: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{shown}: the {what} is nested too deeply to be a {what}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -154,8 +154,8 @@ def coerce(name: str, value: Any, tp, source: str = "option") -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as exc:
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(base, str(base))
         extra = " or none" if optional else ""
-        raise ConfigError(f"{source} '{name}': {value!r} is not {kind}{extra}") from None
+        raise ConfigError(f"{source} '{name}': {value!r} is not {kind}{extra}") from exc
     return value

@@ -38,7 +38,7 @@ def write_temporary(path: str | os.PathLike, data: bytes | str) -> str:
     except OSError as exc:  # a full disk says nothing of the file: name it
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise OSError(exc.errno, exc.strerror, exc.filename or os.fspath(path)) from None
+        raise OSError(exc.errno, exc.strerror, exc.filename or os.fspath(path)) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

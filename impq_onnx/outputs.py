@@ -26,14 +26,19 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from impq_onnx.errors import ImpqError
+from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
 from impq_onnx.run_lock import RunLock
 
 __all__ = ["PathError", "show", "describe_os_error", "check_paths", "OutputSet", "deferred_signals"]
 
 
-class PathError(ImpqError):
+class PathError(UserError):
     """A file or folder the command needs cannot be used as asked (clash with an input, wrong kind, OS error)."""
+
+
+def _os_failure(exc: OSError) -> type[ImpqError]:
+    """PathError for a path the user can change; PlatformError (exit 5) for a full disk or an I/O error."""
+    return PathError if os_error_class(exc) is not PlatformError else PlatformError
 
 
 def show(path: str | os.PathLike) -> str:
@@ -75,8 +80,8 @@ def _name_max(path: Path) -> int:
 def _check_name(path: Path, what: str) -> None:
     try:
         os.fspath(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise PathError(f"{what} {show(path)}: the name is not valid UTF-8; rename it") from None
+    except UnicodeEncodeError as exc:
+        raise PathError(f"{what} {show(path)}: the name is not valid UTF-8; rename it") from exc
     limit = _name_max(path)
     for part in path.parts:
         if len(os.fsencode(part)) > limit:
@@ -142,7 +147,7 @@ def _check_writable_file(path: Path, what: str) -> None:
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise PathError(f"{what}: {describe_os_error(exc, path)}") from None
+        raise _os_failure(exc)(f"{what}: {describe_os_error(exc, path)}") from exc
     if st is not None and not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
         raise PathError(f"{what} {show(path)} is {kind}; outputs are regular files only: give a file name")
@@ -233,7 +238,8 @@ class OutputSet:
             folder.mkdir(parents=True, exist_ok=True)
             return Path(tempfile.mkdtemp(prefix=f".impq-staging-{self.tag}-", dir=folder))
         except OSError as exc:
-            raise PathError(f"cannot write the outputs: {describe_os_error(exc, exc.filename or folder)}") from None
+            raise _os_failure(exc)(f"cannot write the outputs: {describe_os_error(exc, exc.filename or folder)}") \
+                from exc
 
     def close(self) -> None:
         with deferred_signals():
@@ -261,7 +267,8 @@ class OutputSet:
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as exc:
-                raise PathError(f"cannot write {describe_os_error(exc, target)}; no output was written") from None
+                raise _os_failure(exc)(f"cannot write {describe_os_error(exc, target)}; no output was written") \
+                    from exc
             staged.append((temp, target))
         with deferred_signals():
             self._rename_all(staged)
@@ -287,8 +294,8 @@ class OutputSet:
                         os.replace(backup, target)
                     else:
                         os.unlink(target)
-            raise PathError(f"cannot write {show(exc.filename or target)}: {describe_os_error(exc)}; the "
-                            "earlier outputs were put back") from None
+            raise _os_failure(exc)(f"cannot write {show(exc.filename or target)}: {describe_os_error(exc)}; the "
+                            "earlier outputs were put back") from exc
         for folder in self.staging:
             with contextlib.suppress(OSError):
                 fd = os.open(folder, os.O_RDONLY)

@@ -13,12 +13,12 @@ import fcntl
 import os
 from pathlib import Path
 
-from impq_onnx.errors import ImpqError
+from impq_onnx.errors import UserError
 
 __all__ = ["RunLock", "LockedError"]
 
 
-class LockedError(ImpqError):
+class LockedError(UserError):
     """Another run holds the lock on an output or a work dir."""
 
 
@@ -42,7 +42,7 @@ class RunLock:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; "
-                                  "choose a writable folder") from None
+                                  "choose a writable folder") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -53,7 +53,7 @@ class RunLock:
             except OSError as exc:
                 os.close(fd)
                 raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; "
-                                  "choose a writable folder") from None
+                                  "choose a writable folder") from exc
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.file, follow_symlinks=False).st_ino
             except FileNotFoundError:

@@ -36,7 +36,7 @@ def check_runs(canonical) -> None:
             raise ModelError(
                 f"{label}: node '{node}' ({op}, opset {version}) cannot run in onnxruntime {ort.__version__}; "
                 "re-export without it or replace it with standard ops"
-            ) from None
+            ) from exc
         found = _UNKNOWN_OP.search(message)
         if found:
             domain, op, _ = found.groups()
@@ -44,7 +44,7 @@ def check_runs(canonical) -> None:
             raise ModelError(
                 f"{label}: node '{nodes[0]}' uses op {domain + ':' if domain else ''}{op}, which onnxruntime "
                 f"{ort.__version__} does not know; re-export without it or register its custom-op library"
-            ) from None
+            ) from exc
         found = _BAD_NODE.search(message)
         if found:
             op, node = found.groups()
@@ -52,5 +52,6 @@ def check_runs(canonical) -> None:
             raise ModelError(
                 f"{label}: node '{node}'{f' ({op})' if op else ''} cannot run in onnxruntime {ort.__version__}: "
                 f"{reason.strip()}; fix or re-export the model"
-            ) from None
-        raise ModelError(f"{label}: onnxruntime cannot run the model: {message.splitlines()[0] if message else exc}") from None
+            ) from exc
+        first_line = message.splitlines()[0] if message else exc
+        raise ModelError(f"{label}: onnxruntime cannot run the model: {first_line}") from exc

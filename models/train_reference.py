@@ -45,7 +45,8 @@ from impq_onnx import architectures, find_sites, from_proto
 from impq_onnx.data import PRESETS, open_dataset
 from impq_onnx.engine import evaluate, fine_tune, recompute_batchnorm
 
-ARCHITECTURES = {"resnet20": ("cifar", architectures.resnet20), "fashion_net": ("fashion-mnist", architectures.fashion_net),
+ARCHITECTURES = {"resnet20": ("cifar", architectures.resnet20),
+                 "fashion_net": ("fashion-mnist", architectures.fashion_net),
                  "mobilenet_v1_cifar": ("cifar", architectures.mobilenet_v1_cifar)}
 WIDTH_MULTIPLIER = {"mobilenet_v1_cifar"}  # builders that take --width
 

@@ -14,7 +14,7 @@ import yaml
 
 from impq_onnx.compression import CompressConfig, compress
 from impq_onnx.data import PRESETS, open_dataset
-from impq_onnx.errors import ConfigError
+from impq_onnx.errors import ConfigError, DataError
 from impq_onnx.frontend.canonical import load
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.frontend.site_analysis import find_sites
@@ -161,25 +161,44 @@ def test_unlabelled_images_distill_and_watch_agreement(tmp_path):
 
 def test_train_val_test_folders_are_used_as_they_are(tmp_path):
     """With train/, val/ and test/ the validation split is val/ (unseen by the float model), not a part of train/."""
-    from impq_onnx.compression import _datasets
+    from impq_onnx.data.model_data import open_model_data
 
     root = tmp_path / "three"
     for split, count in (("train", 5), ("val", 3), ("test", 2)):
-        for folder in sorted((DATA / "train").iterdir())[:2]:
+        for folder in sorted((DATA / "train").iterdir()):
             (root / split / folder.name).mkdir(parents=True)
             for image in sorted(folder.glob("*.png"))[:count]:
                 (root / split / folder.name / image.name).symlink_to(image)
-    cfg = CompressConfig(model=str(MODEL), data=str(root))
-    train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
-    assert (len(train), len(val), len(test)) == (10, 6, 4)
-    (root / "val").rename(root / "other")  # train/ + test/: validation is held out of train/
-    train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
-    assert len(train) + len(val) == 10 and len(val) == 2 and len(test) == 4
+    model = load(MODEL)
+
+    def sizes():
+        data = open_model_data(model, root, "fashion-mnist")
+        return len(data.train), len(data.val), None if data.test is None else len(data.test)
+
+    assert sizes() == (50, 30, 20)
+    (root / "val").rename(root / "other")  # train/ + test/: validation is held out of train/ (one per class)
+    assert sizes() == (40, 10, 20)
     (root / "test").rename(root / "validation")  # the name `evaluate` also takes for the held-out folder
-    train, val, test = _datasets(cfg, PRESETS["fashion-mnist"])
-    assert len(train) + len(val) == 10 and len(test) == 4
-    (root / "validation").rename(root / "elsewhere")  # one tree: train/ and elsewhere/ are classes, no test
-    assert _datasets(cfg, PRESETS["fashion-mnist"])[2] is None
+    assert sizes() == (40, 10, 20)
+    (root / "validation").rename(root / "elsewhere")  # one tree: train/, other/ and elsewhere/ are its classes
+    with pytest.raises(DataError, match=f"^{root}: 3 class folders, but {MODEL} has 10 outputs"):
+        sizes()
+
+
+def test_a_class_count_mismatch_is_one_line_before_any_work(tmp_path):
+    """compress checks the data against the model first: a one-line error naming both, exit 2, no work dir."""
+    data = tmp_path / "three-classes"
+    for folder in sorted((DATA / "train").iterdir())[:3]:
+        (data / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.png"))[:4]:
+            (data / folder.name / image.name).symlink_to(image)
+    result = subprocess.run([sys.executable, "-m", "impq_onnx", "compress", str(MODEL), "--data", str(data),
+                             "--output", str(tmp_path / "m.onnx"), "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"impq-onnx: error: {data}: 3 class folders, but {MODEL} has 10 outputs; "
+                                          "point --data at a folder with one subfolder per model class"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["three-classes"]  # no work dir, no output
 
 
 @needs_model

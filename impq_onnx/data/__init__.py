@@ -85,9 +85,9 @@ def open_dataset(
         raise DataError(f"limit per class {limit_per_class} must be at least 1")
     try:
         os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
         raise DataError(f"{shown(path)}: the data path is not valid UTF-8 and cannot be recorded in the outputs; "
-                        "rename it or link it under a UTF-8 name") from None
+                        "rename it or link it under a UTF-8 name") from exc
     if not path.exists():
         raise DataError(f"{shown(path)}: no such file or folder; pass an ImageFolder directory or an .npz file")
     if path.is_dir():

@@ -8,6 +8,7 @@ the batch size whatever the dataset size. Shuffling and augmentation draw from o
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -16,9 +17,15 @@ import numpy as np
 from impq_onnx.data.preprocess import Preprocess, to_model_input
 from impq_onnx.errors import DataError
 
-__all__ = ["PixelSource", "Dataset", "AUGMENT_PADDING", "random_crop_flip"]
+__all__ = ["PixelSource", "Dataset", "AUGMENT_PADDING", "random_crop_flip", "derive_seed"]
 
 AUGMENT_PADDING = 4  # pixels of zero padding before the random crop (the CIFAR recipe)
+
+
+def derive_seed(seed: int, iteration: int, purpose: str, extra: int = 0) -> int:
+    """A 31-bit seed that depends only on its arguments (never on the process or the clock)."""
+    digest = hashlib.sha256(f"{seed}/{iteration}/{purpose}/{extra}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 class PixelSource(Protocol):
@@ -55,7 +62,7 @@ class Dataset:
         preprocess: Preprocess,
         items: np.ndarray | None = None,
         name: str = "dataset",
-    ):
+    ) -> None:
         self.source = source
         self.items = np.arange(len(source), dtype=np.int64) if items is None else np.asarray(items, np.int64)
         self.labels = np.asarray(labels, np.int64)

@@ -86,7 +86,7 @@ class _Walk:
             with os.scandir(folder) as entries:
                 return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
         except OSError as err:
-            raise DataError(f"{shown(folder)}: cannot list the folder ({err.strerror})") from None
+            raise DataError(f"{shown(folder)}: cannot list the folder ({err.strerror})") from err
 
     def own(self, top: Path, info: os.stat_result) -> None:
         """Register ``top`` and every real folder below it, without following links: a link to one of
@@ -210,7 +210,7 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
     try:
         children = sorted(root.iterdir(), key=lambda p: os.fsencode(p.name))
     except OSError as err:
-        raise DataError(f"{shown(root)}: cannot list the folder ({err.strerror})") from None
+        raise DataError(f"{shown(root)}: cannot list the folder ({err.strerror})") from err
     class_dirs = [(p, info) for p in children if not p.name.startswith(".") and (info := _stat_dir(p)) is not None]
     infos = dict(class_dirs)
     class_dirs = [(path, infos[path]) for path in _class_order(root, list(infos))]
@@ -296,9 +296,9 @@ class ImageFiles:
                 image.load()
                 return fit_image(image, preprocess)
             except (OSError, SyntaxError, ValueError, EOFError) as err:
-                raise DataError(f"{shown(path)}: cannot decode the image ({err}); replace or delete the file") from None
+                raise DataError(f"{shown(path)}: cannot decode the image ({err}); replace or delete the file") from err
             except DataError as err:
-                raise DataError(f"{shown(path)}: {err}") from None
+                raise DataError(f"{shown(path)}: {err}") from err
 
     def pixels(self, items: np.ndarray, preprocess: Preprocess) -> np.ndarray:
         """Decoded ``uint8 [B, H, W, C]`` pixels of the given items, in the order given."""

@@ -55,7 +55,7 @@ def open_regular(path: Path, limit: int, what: str) -> BinaryIO:
             raise DataError(not_regular)
         fd = os.open(path, flags)
     except OSError as err:
-        raise DataError(f"{shown(path)}: cannot open the {what} ({err.strerror})") from None
+        raise DataError(f"{shown(path)}: cannot open the {what} ({err.strerror})") from err
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -70,11 +70,11 @@ def open_image(path: Path, file: BinaryIO) -> Image.Image:
     """Pillow's lazy image over ``file``; the header is read and its pixel count checked, nothing decoded."""
     try:
         image = Image.open(file)
-    except UnidentifiedImageError:
+    except UnidentifiedImageError as exc:
         raise DataError(f"{shown(path)}: cannot decode the image (not a format Pillow reads, or a damaged header); "
-                        "replace or delete the file") from None
+                        "replace or delete the file") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{shown(path)}: cannot decode the image ({err}); replace or delete the file") from None
+        raise DataError(f"{shown(path)}: cannot decode the image ({err}); replace or delete the file") from err
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
@@ -95,7 +95,7 @@ def check_image(path: Path) -> None:
                     image.draft(image.mode, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
                 image.load()
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-            raise DataError(f"{shown(path)}: cannot decode the image ({err}); replace or delete the file") from None
+            raise DataError(f"{shown(path)}: cannot decode the image ({err}); replace or delete the file") from err
 
 
 def _npy_header(member: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -132,4 +132,4 @@ def check_npz_headers(path: Path, file: BinaryIO, names: tuple[str, ...] = ("x",
                     raise DataError(f"{shown(path)}: array '{name}' header claims {nbytes} bytes, the file holds "
                                     f"{max(0, info.file_size - offset)}; the .npz is damaged")
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{shown(path)}: cannot read the .npz file ({err})") from None
+        raise DataError(f"{shown(path)}: cannot read the .npz file ({err})") from err

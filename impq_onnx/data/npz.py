@@ -60,7 +60,7 @@ def load_npz(path: Path) -> NpzContents:
                 x = archive["x"]
                 y = archive["y"] if "y" in archive.files else None
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise DataError(f"{shown(path)}: cannot read the .npz file ({err})") from None
+            raise DataError(f"{shown(path)}: cannot read the .npz file ({err})") from err
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: array 'x' has dtype {x.dtype}; use uint8 (0-255) or float (0-1)")
     images = _channels_last(x, path)

@@ -147,9 +147,9 @@ def preprocess_from_mapping(config: Mapping[str, Any], source: str = "preprocess
     try:
         return Preprocess(**values)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{source}: {err}") from err
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: bad preprocess value ({err})") from None
+        raise ConfigError(f"{source}: bad preprocess value ({err})") from err
 
 
 def preprocess_from_yaml(path: str | Path) -> Preprocess:

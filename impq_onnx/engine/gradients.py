@@ -89,7 +89,7 @@ def inference_batchnorm(proto: onnx.ModelProto) -> int:
         try:
             gamma, beta, mean, var = (numpy_helper.to_array(initializers[n]).astype(np.float64) for n in node.input[1:5])
         except KeyError as exc:
-            raise ModelError(f"batch-norm '{node.name}': parameter {exc} is not an initializer") from None
+            raise ModelError(f"batch-norm '{node.name}': parameter {exc} is not an initializer") from exc
         scale = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
         shift = beta - mean * scale
         base = f"{_PREFIX}/{node.name or node.output[0]}"
@@ -211,7 +211,7 @@ class TensorGradients:
                 builder.build()
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1]
-            raise ModelError(f"onnxruntime-training cannot differentiate the model: {reason}") from None
+            raise ModelError(f"onnxruntime-training cannot differentiate the model: {reason}") from exc
         grad_model = onnx.load_from_string(builder.get_model())
         for op in LAYER_OPS.values():
             op.make_gradients_runnable(grad_model, shapes)

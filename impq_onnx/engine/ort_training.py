@@ -26,9 +26,9 @@ def _register_torchless_package() -> None:
 
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        from impq_onnx.errors import ImpqError
+        from impq_onnx.errors import PlatformError
 
-        raise ImpqError(
+        raise PlatformError(
             f"onnxruntime {onnxruntime.__version__} has no training API: install "
             "onnxruntime-training-cpu==1.19.2 (and uninstall plain onnxruntime, which owns the same module)"
         )

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import InternalError
 
 __all__ = ["Replicas", "gradient_graph", "sgd_update"]
 
@@ -66,7 +66,7 @@ def gradient_graph(path: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     for node in accumulators:
         buffer, gradient, reset = node.input[0], node.input[1], node.input[2]
         if not buffer.endswith(_BUFFER_SUFFIX):
-            raise PlanError(f"unexpected gradient buffer name '{buffer}' in the training artifact")
+            raise InternalError(f"unexpected gradient buffer name '{buffer}' in the training artifact")
         gradients[buffer[: -len(_BUFFER_SUFFIX)]] = gradient
         dropped_inputs.update((buffer, reset))
         replaced_outputs[node.output[0]] = gradient
@@ -100,7 +100,7 @@ class Replicas:
                        for name in trainable + sorted(set(running.values()))}
         self.user_inputs = [i.name for i in proto.graph.input if i.name not in self.params]
         if len(self.user_inputs) != 2:
-            raise PlanError(f"the training graph has inputs {self.user_inputs}, expected the model input and the target")
+            raise InternalError(f"the training graph has inputs {self.user_inputs}, expected the model input and the target")
         self.outputs = [proto.graph.output[0].name] + list(running) + [gradients[name] for name in self.trainable]
         self.stat_feeds = sorted(set(running.values()))
         blob = proto.SerializeToString()

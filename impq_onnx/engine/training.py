@@ -39,7 +39,7 @@ from onnx import helper
 
 from impq_onnx.engine import ort_training as _ort_training
 from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
-from impq_onnx.errors import DataError, PlanError
+from impq_onnx.errors import ConfigError, DataError, ModelError
 from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
@@ -78,7 +78,7 @@ class TrainedWeights:
                 found.add(tensor.name)
         missing = sorted(set(self.values) - found)
         if missing:
-            raise PlanError(f"the model has no initializer '{missing[0]}' to receive the fine-tuned value")
+            raise ModelError(f"the model has no initializer '{missing[0]}' to receive the fine-tuned value")
         if isinstance(model, onnx.ModelProto):
             return proto
         import onnx_ir as ir
@@ -262,19 +262,19 @@ def fine_tune(
     import onnxruntime as ort
 
     if optimizer not in OPTIMIZERS:
-        raise PlanError(f"optimizer {optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"optimizer {optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
     if steps < 1:
-        raise PlanError(f"steps must be at least 1, not {steps}")
+        raise ConfigError(f"steps must be at least 1, not {steps}")
     if lr_schedule not in SCHEDULES:
-        raise PlanError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if lr_schedule == "exponential" and not (lr > 0 and final_lr > 0):
-        raise PlanError(f"an exponential learning-rate schedule needs lr and final_lr above 0 (got {lr}, {final_lr})")
+        raise ConfigError(f"an exponential learning-rate schedule needs lr and final_lr above 0 (got {lr}, {final_lr})")
     if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)) or replicas < 1:
-        raise PlanError(f"replicas must be a whole number of at least 1, not {replicas!r}")
+        raise ConfigError(f"replicas must be a whole number of at least 1, not {replicas!r}")
     replicas = int(replicas)
     if replicas > 1 and optimizer != "sgd":
-        raise PlanError(f"replicas > 1 needs optimizer 'sgd' (onnxruntime's {optimizer} steps one training module); "
-                        f"use replicas=1 with {optimizer}")
+        raise ConfigError(f"replicas > 1 needs optimizer 'sgd' (onnxruntime's {optimizer} steps one training module); "
+                          f"use replicas=1 with {optimizer}")
     replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     artifacts, api, onnxblock = _ort_training.load()
     ort.capi._pybind_state.set_seed(seed)

@@ -95,7 +95,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises several types on malformed graphs
-        raise ModelError(f"{label}: cannot read the graph ({exc}); check it with onnx.checker") from None
+        raise ModelError(f"{label}: cannot read the graph ({exc}); check it with onnx.checker") from exc
     inputs = [v for v in model.graph.inputs if v.const_value is None and v.name not in model.graph.initializers]
     if len(inputs) != 1:
         names = ", ".join(v.name for v in inputs) or "none"
@@ -193,8 +193,8 @@ def _choose_output(model: ir.Model, output: str | None, label: str) -> str:
     if output is not None:
         try:
             value_named(model.graph, output)
-        except KeyError:
-            raise ModelError(f"{label}: no tensor named '{output}'; the outputs are: {names}") from None
+        except KeyError as exc:
+            raise ModelError(f"{label}: no tensor named '{output}'; the outputs are: {names}") from exc
         return output
     if len(outputs) == 1:
         return outputs[0].name
@@ -231,14 +231,14 @@ def _upgrade_opset(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
         raise ModelError(
             f"{label}: cannot convert opset {check_opset(proto, label)} to {CANONICAL_MIN_OPSET} ({exc}); "
             f"re-export with opset >= {CANONICAL_MIN_OPSET}"
-        ) from None
+        ) from exc
 
 
 def _infer_shapes(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise ModelError(f"{label}: shape inference failed ({exc}); check the model with onnx.checker") from None
+        raise ModelError(f"{label}: shape inference failed ({exc}); check the model with onnx.checker") from exc
 
 
 def _guess_layout(value: ir.Value) -> str:

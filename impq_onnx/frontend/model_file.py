@@ -51,7 +51,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         hint = "the file looks truncated; copy or export it again" if data[:1] == b"\x08" else "is it an .onnx file?"
-        raise ModelError(f"{path}: not a readable ONNX model ({exc}); {hint}") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({exc}); {hint}") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelError(f"{path}: not an ONNX model (no IR version or empty graph); is it an .onnx file?")
     check_opset(proto, path)

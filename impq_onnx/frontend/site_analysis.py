@@ -73,7 +73,7 @@ def _shapes(canonical, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     except Exception as exc:
         raise ModelError(
             f"{canonical.label}: the model cannot take input shape {_fmt(shape)} ({exc}); pass --input-shape"
-        ) from None
+        ) from exc
     result = {}
     for info in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         t = info.type.tensor_type
@@ -97,7 +97,7 @@ def _measured_shapes(canonical, shape: tuple[int, ...], names: list[str]) -> dic
         values = session.run(names, {canonical.input_name: np.zeros(shape, np.float32)})
     except Exception as exc:
         raise ModelError(f"{canonical.label}: the model does not run on input shape {_fmt(shape)} ({exc}); "
-                         "pass --input-shape") from None
+                         "pass --input-shape") from exc
     return {name: tuple(v.shape) for name, v in zip(names, values)}
 
 

@@ -225,7 +225,7 @@ def read_lowered(output_path) -> LoweredModel:
     try:
         sidecar = json.loads(side.read_text())
     except (OSError, ValueError) as exc:
-        raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from None
+        raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from exc
     if sidecar.get("schema") != SIDECAR_SCHEMA or sidecar.get("schema_version") != SIDECAR_VERSION:
         raise PlanError(f"{side}: not an {SIDECAR_SCHEMA} v{SIDECAR_VERSION} sidecar")
     fmt = sidecar.get("format", "qdq")
@@ -236,5 +236,5 @@ def read_lowered(output_path) -> LoweredModel:
             binary = suffix in get_target(fmt).binary_attachments
             attachments[suffix] = path.read_bytes() if binary else json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from None
+            raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from exc
     return LoweredModel(proto, sidecar, fmt, attachments)

@@ -299,7 +299,7 @@ class PrecisionPlan:
         try:
             return plan.validate()
         except PlanError as exc:
-            raise PlanError(f"{source}: {exc}") from None
+            raise PlanError(f"{source}: {exc}") from exc
 
     def to_json(self) -> str:
         return _json_dump(self.to_dict()) + "\n"
@@ -309,7 +309,7 @@ class PrecisionPlan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise PlanError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         return cls.from_dict(data, source)
 
     def to_yaml(self) -> str:
@@ -320,7 +320,7 @@ class PrecisionPlan:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PlanError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise PlanError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from exc
         return cls.from_dict(data, source)
 
     def save(self, path) -> None:
@@ -336,7 +336,7 @@ class PrecisionPlan:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except OSError as exc:
-            raise PlanError(f"{path}: cannot read the plan ({exc.strerror})") from None
+            raise PlanError(f"{path}: cannot read the plan ({exc.strerror})") from exc
         return cls.from_json(text, path) if path.endswith(".json") else cls.from_yaml(text, path)
 
 

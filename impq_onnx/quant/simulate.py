@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import DataError, InternalError, PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer
 from impq_onnx.quant.schemes import weight_scheme
@@ -146,7 +146,7 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
             if waiting[u] == 0:
                 heapq.heappush(ready, u)
     if len(order) != len(nodes):
-        raise PlanError("the simulated graph has a cycle; this is a bug in impq_onnx.quant.simulate")
+        raise InternalError("the simulated graph has a cycle (impq_onnx.quant.simulate)")
     return order
 
 
@@ -187,7 +187,7 @@ def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Itera
             values[name].append(flat)
         seen += 1
     if seen == 0:
-        raise PlanError("calibrating activation clips needs at least one batch of data")
+        raise DataError("calibrating activation clips needs at least one batch of data")
     for site in todo:
         data = np.concatenate(values[site.tensor])
         signed = result.clips[site.tensor].signed

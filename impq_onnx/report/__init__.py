@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
+from impq_onnx.errors import ConfigError
 from impq_onnx.files import write_all
-from impq_onnx.errors import ImpqError
 from impq_onnx.report.run_data import RunData, read_run
 
 __all__ = ["RunData", "read_run", "write_report", "report_files"]
@@ -22,7 +23,8 @@ __all__ = ["RunData", "read_run", "write_report", "report_files"]
 
 def _labels(paths: list[Path]) -> list[str]:
     """One file-name-safe label per run: the work dir name without ``.work``, made unique."""
-    labels, seen = [], {}
+    labels: list[str] = []
+    seen: dict[str, int] = {}
     for path in paths:
         base = path.name.removesuffix(".work")
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._") or "run"
@@ -31,7 +33,8 @@ def _labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
+def write_report(work_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+                 output_html: str | os.PathLike[str]) -> list[Path]:
     """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
     (the HTML first, then the PNGs)."""
     files = report_files(work_dirs, output_html)
@@ -55,10 +58,10 @@ def report_files(work_dirs, output_html: str | os.PathLike,
         work_dirs = [work_dirs]
     paths = [Path(p) for p in work_dirs]
     if not paths:
-        raise ImpqError("report needs at least one compress work dir")
+        raise ConfigError("report needs at least one compress work dir")
     output = Path(output_html)
     if output.suffix.lower() not in (".html", ".htm"):
-        raise ImpqError(f"report output {output}: the name must end in .html")
+        raise ConfigError(f"report output {output}: the name must end in .html")
     runs = [read_run(path, label, (reports or {}).get(path)) for path, label in zip(paths, _labels(paths))]
     several = len(runs) > 1
     stem = output.with_suffix("")

@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from impq_onnx.errors import ImpqError
+from impq_onnx.errors import ImpqError, UserError
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.state import IterationRecord
 
@@ -61,11 +61,11 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ImpqError(f"{path}: cannot read the {what} ({exc})") from None
+        raise UserError(f"{path}: cannot read the {what} ({exc})") from exc
 
 
-def _not_a_work_dir(path: Path, why: str) -> ImpqError:
-    return ImpqError(f"{path} is not a compress work dir ({why}); give the folder compress checkpoints into "
+def _not_a_work_dir(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a compress work dir ({why}); give the folder compress checkpoints into "
                      "(<output stem>.work by default)")
 
 
@@ -162,10 +162,10 @@ def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path,
     try:
         records = tuple(IterationRecord.from_dict(r) for r in state.get("records") or ())
     except KeyError as exc:
-        raise ImpqError(f"{path / 'state.json'}: an iteration record lacks {exc}; it was written by another "
+        raise UserError(f"{path / 'state.json'}: an iteration record lacks {exc}; it was written by another "
                         "impq-onnx version, report it with that version") from exc
     if not records:
-        raise ImpqError(f"{path}: the run has not finished an iteration yet; nothing to report")
+        raise UserError(f"{path}: the run has not finished an iteration yet; nothing to report")
     last = state.get("final") if state.get("final") is not None else state.get("iteration", records[-1].iteration)
     record = next((r for r in records if r.iteration == last), records[-1])
     plan_file = path / "iterations" / f"{record.iteration:04d}" / "plan.yaml"

@@ -84,8 +84,8 @@ class WorkDir:
         """On resume: the run must be the same run (same config and input model)."""
         try:
             saved = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise ConfigError(f"work_dir {self.path}: run.json is missing or unreadable; cannot resume") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"work_dir {self.path}: run.json is missing or unreadable; cannot resume") from exc
         for key in sorted(set(saved) | set(identity)):
             if key not in saved:
                 raise ConfigError(
@@ -103,7 +103,7 @@ class WorkDir:
         try:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"work_dir {self.path}: state.json is unreadable ({exc}); cannot resume") from None
+            raise ConfigError(f"work_dir {self.path}: state.json is unreadable ({exc}); cannot resume") from exc
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"work_dir {self.path}: state version {state.get('version')!r} is not {STATE_VERSION}")
         return state

@@ -16,7 +16,6 @@ run had. The only wall-clock input is ``time_budget``; its decision is committed
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from impq_onnx.data.dataset import derive_seed  # one definition: compress's validation subset uses it too
 from impq_onnx.engine import TrainedWeights, evaluate, fine_tune
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
@@ -32,12 +32,6 @@ __all__ = ["EVAL_BATCH", "decide", "derive_seed", "fine_tune_steps", "finish_ite
            "within_accuracy_drop"]
 
 EVAL_BATCH = 64
-
-
-def derive_seed(seed: int, iteration: int, purpose: str, extra: int = 0) -> int:
-    """A 31-bit seed that depends only on its arguments (never on the process or the clock)."""
-    digest = hashlib.sha256(f"{seed}/{iteration}/{purpose}/{extra}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def with_values(base: Any, values: dict[str, np.ndarray]) -> Any:

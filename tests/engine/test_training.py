@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from impq_onnx.engine import evaluate, fine_tune, warmup_cosine, warmup_exponential
-from impq_onnx.errors import DataError, PlanError
+from impq_onnx.errors import ConfigError, DataError
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto, calibrate_clips
@@ -120,7 +120,7 @@ def test_fixed_seed_is_deterministic(tiny):
 
 def test_errors_are_one_line(tiny):
     canonical, sites = tiny
-    with pytest.raises(PlanError, match="optimizer 'lbfgs' is unknown"):
+    with pytest.raises(ConfigError, match="optimizer 'lbfgs' is unknown"):
         _train(canonical, None, sites, optimizer="lbfgs")
     with pytest.raises(DataError, match="no batches"):
         fine_tune(canonical, None, sites, [], steps=3, lr=0.1, progress=False)
@@ -163,9 +163,9 @@ def test_warmup_exponential_is_a_constant_factor_per_step_and_segments_join():
 
 def test_fine_tune_rejects_an_unknown_or_impossible_schedule(tiny):
     canonical, sites = tiny
-    with pytest.raises(PlanError, match="schedule 'linear' is unknown"):
+    with pytest.raises(ConfigError, match="schedule 'linear' is unknown"):
         _train(canonical, None, sites, steps=2, lr_schedule="linear")
-    with pytest.raises(PlanError, match="exponential"):
+    with pytest.raises(ConfigError, match="exponential"):
         _train(canonical, None, sites, steps=2, lr_schedule="exponential", final_lr=0.0)
 
 
@@ -278,8 +278,8 @@ def test_replicas_batchnorm_uses_each_parts_statistics(tiny):
 
 def test_replicas_need_sgd_and_a_positive_count(tiny):
     canonical, sites = tiny
-    with pytest.raises(PlanError, match="replicas > 1 needs optimizer 'sgd'"):
+    with pytest.raises(ConfigError, match="replicas > 1 needs optimizer 'sgd'"):
         _train(canonical, None, sites, steps=2, optimizer="adamw", replicas=2)
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(PlanError, match="replicas must be"):
+        with pytest.raises(ConfigError, match="replicas must be"):
             _train(canonical, None, sites, steps=2, replicas=bad)

@@ -99,7 +99,7 @@ def test_full_output_disk_leaves_no_output_set(ws: Workspace) -> None:
         before = ws.digests()
         code, stderr = run("compress", "m.onnx", "--data", "d.npz", "--output", str(folder / "o.onnx"),
                            "--work-dir", "w", *TINY, cwd=ws.root)
-        one_line_error(code, stderr, 2, "no space left", "no output was written")
+        one_line_error(code, stderr, 5, "no space left", "no output was written")  # 5: the machine's problem
         assert no_partial_set(folder, "o") and list(folder.iterdir()) == []
         assert {k: v for k, v in ws.digests().items() if not k.startswith("w/")} == before
 
@@ -108,5 +108,5 @@ def test_full_work_dir_disk_is_one_line(ws: Workspace) -> None:
     with _small_fs(ws.root / "full", "16k") as folder:
         code, stderr = run("compress", "m.onnx", "--data", "d.npz", "--output", "o.onnx",
                            "--work-dir", str(folder / "w"), *TINY, cwd=ws.root)
-        one_line_error(code, stderr, 2, "no space left", str(folder / "w"))
+        one_line_error(code, stderr, 5, "no space left", str(folder / "w"))
     assert no_partial_set(ws.root, "o")

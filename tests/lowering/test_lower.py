@@ -8,7 +8,7 @@ import os
 import onnx
 import pytest
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import ConfigError, PlanError
 from impq_onnx.lowering.lower import lower, lower_file, read_plan_from_annotation, sidecar_path, target_names, write
 from impq_onnx.lowering.verify import verify
 from lowering_cases import SCHEMES, inputs, mixed_plan, ops, tiny
@@ -89,7 +89,7 @@ def test_lower_file(tmp_path):
 def test_unknown_format_and_wide_activation_are_plan_errors():
     canonical, sites = tiny(tiny_cnn(opset=17))
     plan = mixed_plan(sites, "midrise-max")
-    with pytest.raises(PlanError, match="format 'tflite' is unknown"):
+    with pytest.raises(ConfigError, match="format 'tflite' is unknown"):
         lower(canonical, plan, sites, format="tflite")
     plan.activations["f"] = 9
     with pytest.raises(PlanError, match=r"activations\['f'\]: 9 bits"):

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from impq_onnx.compression import CompressConfig, _preprocess
-from impq_onnx.data.model_data import open_for_model, resolve_preprocess
+from impq_onnx.data.model_data import open_model_data, resolve_preprocess
 from impq_onnx.frontend.canonical import from_proto
 from tiny_models import Quirks, build
 from zoo_models import image_folder
@@ -19,11 +18,9 @@ def test_dynamic_hw_takes_the_data_size(tmp_path: Path, caplog: pytest.LogCaptur
     canonical = from_proto(build(Quirks(dynamic_hw=True)))
     data = image_folder(tmp_path / "data", per_class=2)  # 8x8 images
     with caplog.at_level(logging.WARNING):
-        dataset = open_for_model(canonical, data)
+        dataset = open_model_data(canonical, data).train_all
     assert dataset.preprocess.size == (8, 8) and dataset.preprocess.resize is None
     assert "images are fed at 8x8, the data's size" in caplog.text
-    cfg = CompressConfig(model="m.onnx", data=str(data))
-    assert _preprocess(cfg, canonical).size == (8, 8)
 
 
 def test_dynamic_hw_without_data_says_224(caplog: pytest.LogCaptureFixture) -> None:

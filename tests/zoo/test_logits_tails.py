@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from impq_onnx.compression import compress
-from impq_onnx.data.model_data import open_for_model
+from impq_onnx.data.model_data import open_model_data
 from impq_onnx.frontend.canonical import from_proto, load
 from impq_onnx.runtime import inference_session
 from zoo_models import CLASSES, image_folder, with_fixed_batch_output, with_tail
@@ -57,7 +57,7 @@ def test_four_d_logits_match_class_folders(tmp_path: Path) -> None:
     path = tmp_path / "conv_head.onnx"
     onnx.save(with_tail([], logits_4d=True), path)
     data = image_folder(tmp_path / "data", per_class=2)
-    dataset = open_for_model(load(path), data)  # was "5 class folders, but the model has 1 outputs"
+    dataset = open_model_data(load(path), data).train_all  # was "5 class folders, but the model has 1 outputs"
     assert len(dataset.classes) == CLASSES
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import BITS_VECTOR_SUFFIX, activation_names, bits_vector, weight_names
@@ -75,7 +75,7 @@ class AnnotateBitsPass(PlanPass):
             names = weight_names(layer.weight)
             tensor = values.get(names["codes"]) or values.get(layer.weight)
             if tensor is None:
-                raise PlanError(f"weights: neither '{names['codes']}' nor '{layer.weight}' is in the lowered model")
+                raise InternalError(f"weights: neither '{names['codes']}' nor '{layer.weight}' is in the lowered model")
             entries = {"impq.kind": "weight", "impq.layer": layer.node, "impq.axis": str(layer.kernel_axis),
                        "impq.scheme": self.plan.weight_scheme}
             if tensor.name == names["codes"]:
@@ -88,7 +88,7 @@ class AnnotateBitsPass(PlanPass):
             tensor = values.get(names["quantized"]) if bits is not None else None
             tensor = tensor or values.get(site.tensor)
             if tensor is None:
-                raise PlanError(f"activations: tensor '{site.tensor}' is not in the lowered model")
+                raise InternalError(f"activations: tensor '{site.tensor}' is not in the lowered model")
             entries = {"impq.kind": "activation", "impq.site": site.tensor, "impq.scheme": self.plan.activation_scheme,
                        "impq.clip": "null" if clip.value is None else repr(float(clip.value)),
                        "impq.signed": "true" if clip.signed else "false"}
@@ -170,14 +170,14 @@ def read_plan_from_annotation(model) -> PrecisionPlan:
     metadata = ({p.key: p.value for p in model.metadata_props} if isinstance(model, onnx.ModelProto)
                 else dict(model.metadata_props))
     if SUMMARY_KEY not in metadata:
-        raise PlanError(f"the model has no '{SUMMARY_KEY}' metadata; it was not lowered by impq-onnx")
+        raise ModelError(f"the model has no '{SUMMARY_KEY}' metadata; it was not lowered by impq-onnx")
     summary = json.loads(metadata[SUMMARY_KEY])
     bit_vectors = _initializer_arrays(model)
     weights, activations, clips = {}, {}, {}
     for tensor, entries in annotations(model).items():
         vector = bit_vectors.get(entries.get("impq.bits", ""))
         if vector is None:
-            raise PlanError(f"annotation of '{tensor}': bit vector '{entries.get('impq.bits')}' is missing")
+            raise ModelError(f"annotation of '{tensor}': bit vector '{entries.get('impq.bits')}' is missing")
         bits = [None if int(b) == 0 else int(b) for b in vector.reshape(-1)]
         if entries["impq.kind"] == "weight":
             weights[entries["impq.layer"]] = bits

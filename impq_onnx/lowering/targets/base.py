@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.naming import weight_names
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def unregister(name: str) -> None:
 def get_target(name: str) -> Target:
     target = TARGETS.get(name)
     if target is None:
-        raise PlanError(f"format {name!r} is unknown; use one of {', '.join(TARGETS)}")
+        raise ConfigError(f"format {name!r} is unknown; use one of {', '.join(TARGETS)}")
     return target
 
 

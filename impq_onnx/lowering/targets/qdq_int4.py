@@ -55,7 +55,7 @@ def _to_opset(model: ir.Model, opset: int) -> None:
             version_converter.convert_version(ir.serde.serialize_model(model), opset))
     except Exception as exc:  # the converter raises C++ errors of several types
         raise PlanError(f"format qdq-int4: cannot convert the model to opset {opset} for int4 weights "
-                        f"({str(exc).splitlines()[0]}); use --format qdq") from None
+                        f"({str(exc).splitlines()[0]}); use --format qdq") from exc
     model.graph = converted.graph  # the opset imports are the graph's
 
 

@@ -31,6 +31,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from impq_onnx.errors import ModelError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes
 from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
@@ -175,7 +176,8 @@ def qonnx_as_standard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         signed, narrow = attrs.get("signed", 1), attrs.get("narrow", 0)
         if attrs.get("rounding_mode", b"ROUND") not in (b"ROUND", "ROUND"):
-            raise ValueError(f"{node.name}: only rounding_mode ROUND is supported")
+            raise ModelError(f"QONNX Quant node '{node.name}': rounding_mode {attrs['rounding_mode']!r} is not "
+                             "supported; use ROUND")
         width = numpy_helper.to_array(inits[node.input[3]]).astype(np.float64)
         lo = np.where(signed, -(2.0 ** (width - 1)) + (1 if narrow else 0), 0.0).astype(np.float32)
         hi = np.where(signed, 2.0 ** (width - 1) - 1, 2.0**width - 1 - (1 if narrow else 0)).astype(np.float32)

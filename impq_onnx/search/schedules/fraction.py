@@ -27,8 +27,8 @@ def parse_fraction(arguments: str, source: str) -> Fraction:
     """``50%`` or ``0.5``: a fraction in (0, 1]."""
     try:
         fraction = float(arguments[:-1]) / 100.0 if arguments.endswith("%") else float(arguments)
-    except ValueError:
-        raise ConfigError(f"{source}: '{arguments}' is not a percentage (50%) or a fraction (0.5)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: '{arguments}' is not a percentage (50%) or a fraction (0.5)") from exc
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"{source}: '{arguments}' must be a fraction in (0, 1] or a percentage in (0%, 100%]")
     return Fraction(fraction)

@@ -55,9 +55,9 @@ def _value(text: str, source: str) -> FixedCount | Fraction:
             if count < 1:
                 raise ValueError
             return FixedCount(count)
-    except ValueError:
+    except ValueError as exc:
         raise ConfigError(
-            f"{source}: '{text}' is not a group count (400), a percentage (50%) or a fraction (0.5)") from None
+            f"{source}: '{text}' is not a group count (400), a percentage (50%) or a fraction (0.5)") from exc
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"{source}: '{text}' must be a fraction in (0, 1] or a percentage in (0%, 100%]")
     return Fraction(fraction)

@@ -15,7 +15,7 @@ import pytest
 
 from impq_onnx import compression
 from impq_onnx.cli import lower_command
-from impq_onnx.errors import ConfigError, PlanError
+from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.lower import lower, read_lowered, write
 from impq_onnx.lowering.patterns import weight_quantizers
 from impq_onnx.lowering.targets import QdqTarget, Target, get_target, register, target_names, unregister
@@ -97,7 +97,7 @@ def test_choices_come_from_the_registry():
     assert isinstance(option.type, click.Choice)
     assert tuple(option.type.choices) == tuple(compression._CHOICES["format"]) == target_names()
     assert target_names()[:3] == ("qdq", "qonnx", "encodings") and {"packed", "qdq-int4"} <= set(target_names())
-    with pytest.raises(PlanError, match="format 'tflite' is unknown; use one of qdq, qonnx, encodings"):
+    with pytest.raises(ConfigError, match="format 'tflite' is unknown; use one of qdq, qonnx, encodings"):
         get_target("tflite")
     with pytest.raises(ValueError, match="registered already"):
         register(QdqTarget())
