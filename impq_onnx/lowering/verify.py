@@ -33,7 +33,6 @@ from impq_onnx.lowering.targets import get_target
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
-from impq_onnx.quant.simulate import simulate
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["VerifyResult", "verify", "runnable"]
@@ -75,14 +74,15 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     notes = annotations(lowered.proto)
     _check_weights(result, lowered, plan, notes, array)
     _check_activations(result, lowered, plan, notes, array)
-    _compare_outputs(result, runnable(lowered), simulate(canonical, plan, sites), canonical.input_name, batches,
-                     threads, max_batches)
+    target = get_target(lowered.format)
+    _compare_outputs(result, runnable(lowered), target.reference(canonical, plan, sites, lowered), canonical.input_name,
+                     batches, threads, max_batches, target.optimize_when_verifying)
     return result
 
 
-def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches) -> None:
-    lowered_run = inference_session(model.SerializeToString(), threads)
-    simulated_run = inference_session(simulated.SerializeToString(), threads)
+def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches, optimize=True) -> None:
+    lowered_run = inference_session(model.SerializeToString(), threads, optimize=optimize)
+    simulated_run = inference_session(simulated.SerializeToString(), threads, optimize=optimize)
     agree = 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:

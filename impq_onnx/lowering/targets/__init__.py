@@ -13,6 +13,7 @@ Each derives its output from the QDQ-lowered graph, whose quantizers it finds by
 from impq_onnx.lowering.targets.base import (TARGETS, Target, get_target, register, target_help, target_names,
                                              unregister)
 from impq_onnx.lowering.targets.encodings import EncodingsTarget, ToEncodingsPass, apply_encodings, encodings_of
+from impq_onnx.lowering.targets.ort import OrtTarget
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.lowering.targets.qonnx import QONNX_DOMAIN, QonnxTarget, ToQonnxPass, qonnx_as_standard_ops
 
@@ -23,3 +24,4 @@ __all__ = ["Target", "TARGETS", "register", "unregister", "get_target", "target_
 register(QdqTarget())
 register(QonnxTarget())
 register(EncodingsTarget())
+register(OrtTarget())
