@@ -172,14 +172,14 @@ def _refuse_unfusable(model: ir.Model, plan: PrecisionPlan | None) -> None:
                                 f"need {ACTIVATION_BITS}-bit activations (plan them at 8 or use --format qdq)")
     for match in weight_quantizers(model.graph):
         layer = match.layer.name
-        if match.residual is not None:
-            raise PlanError(f"format 'ort': layer '{layer}' mixes float and quantized kernels; quantize all of its "
-                            "kernels or none, or use --format qdq")
         dtype = match.codes.const_value.numpy().dtype
         if dtype != np.int8:
             raise PlanError(f"format 'ort': weights of layer '{layer}' need {dtype} codes (midrise-max at 8 bits has odd "
                             "codes up to ±255); onnxruntime fuses int8 only: plan midrise-max at <= 7 bits or use "
                             "symmetric-rms / pow2-std")
+        if match.residual is not None:
+            raise PlanError(f"format 'ort': layer '{layer}' mixes float and quantized kernels; quantize all of its "
+                            "kernels or none, or use --format qdq")
 
 
 class OrtTarget(QdqTarget):

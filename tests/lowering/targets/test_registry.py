@@ -96,8 +96,8 @@ def test_choices_come_from_the_registry():
     option = next(p for p in lower_command.params if p.name == "format_")
     assert isinstance(option.type, click.Choice)
     assert tuple(option.type.choices) == tuple(compression._CHOICES["format"]) == target_names() == (
-        "qdq", "qonnx", "encodings")
-    with pytest.raises(PlanError, match="format 'tflite' is unknown; use one of qdq, qonnx, encodings"):
+        "qdq", "qonnx", "encodings", "ort")
+    with pytest.raises(PlanError, match="format 'tflite' is unknown; use one of qdq, qonnx, encodings, ort"):
         get_target("tflite")
     with pytest.raises(ValueError, match="registered already"):
         register(QdqTarget())

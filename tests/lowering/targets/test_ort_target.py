@@ -1,0 +1,137 @@
+"""ort target: batch-norm folded, int8 weights, int32 biases, 8-bit activations; exact against the folded simulation."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from impq_onnx.errors import PlanError
+from impq_onnx.lowering.lower import lower, read_lowered, read_plan_from_annotation, write
+from impq_onnx.lowering.passes import QuantizeActivationsPass, QuantizeWeightsPass
+from impq_onnx.lowering.targets.ort import FoldBatchNormPass, QuantizeBiasPass, fold_factors
+from impq_onnx.lowering.verify import verify
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.simulate import simulate
+from lowering_cases import SCHEMES, inputs, ops, run, tiny
+from tiny_models import Quirks, build, weights
+
+
+def _plan(sites, scheme: str, seed: int = 0, top: int = 7) -> PrecisionPlan:
+    """Per-kernel weight bits 1..top (both ends present), every activation at 8 bits."""
+    plan = PrecisionPlan.uniform(sites, None, 8, weight_scheme=scheme, default_clip=2.5)
+    rng = np.random.default_rng(seed)
+    for layer in sites.layers:
+        bits = [int(b) for b in rng.integers(1, top + 1, layer.kernels)]
+        bits[0], bits[-1] = 1, top
+        plan.weights[layer.node] = bits
+    return plan.validate(sites)
+
+
+def _inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_graph_shape_and_exact_against_the_folded_simulation(scheme):
+    canonical, sites = tiny(build(Quirks()))
+    plan = _plan(sites, scheme, top=8 if scheme != "midrise-max" else 7)
+    lowered = lower(canonical, plan, sites, format="ort")
+    counts = ops(lowered.proto)
+    assert "BatchNormalization" not in counts and "Clip" not in counts and "Add" not in counts
+    assert counts["QuantizeLinear"] == len(sites.activations)
+    # one per weight, per activation, and per bias of a layer with quantized input (conv1 and fc; dw has none)
+    assert counts["DequantizeLinear"] == len(sites.layers) + len(sites.activations) + 2
+    inits = _inits(lowered.proto)
+    for entry in lowered.sidecar["weights"].values():
+        assert inits[entry["tensor"]].dtype == np.int8
+    consumers = collections.defaultdict(list)
+    for node in lowered.proto.graph.node:
+        for name in node.input:
+            consumers[name].append(node.op_type)
+    for node in lowered.proto.graph.node:
+        if node.op_type == "Relu" and node.output[0] in consumers:
+            assert "QuantizeLinear" in consumers[node.output[0]] or consumers[node.output[0]] == ["GlobalAveragePool"]
+    biases = [n for n in lowered.proto.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] in inits and inits[n.input[0]].dtype == np.int32]
+    assert len(biases) == 2
+    result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
+    assert result.ok, result.to_dict()
+    assert result.max_logit_diff == 0.0
+    assert read_plan_from_annotation(lowered.proto) == plan
+    assert "bn.scale" in canonical.model.graph.initializers  # the input model is untouched
+
+
+def test_fold_keeps_codes_and_scales_the_kernel_scale():
+    canonical, sites = tiny(build(Quirks()))
+    plan = _plan(sites, "symmetric-rms")
+    qdq = lower(canonical, plan, sites, format="qdq")
+    folded = lower(canonical, plan, sites, format="ort")
+    w = weights()
+    m, b = fold_factors(w["bn.scale"], w["bn.bias"], w["bn.mean"], w["bn.var"], 1e-5, w["conv1.b"])
+    before, after = qdq.sidecar["weights"]["conv1"], folded.sidecar["weights"]["conv1"]
+    np.testing.assert_array_equal(_inits(qdq.proto)[before["tensor"]], _inits(folded.proto)[after["tensor"]])
+    np.testing.assert_array_equal(np.float32(after["scale"]), (np.float32(before["scale"]) * m).astype(np.float32))
+    assert after["scheme_scale"] == before["scale"]
+    # the folded model is not the unfolded simulation: folding moves float rounding (and the bias grid)
+    x = inputs()
+    assert np.max(np.abs(run(folded.proto, x) - run(simulate(canonical, plan, sites), x))) < 0.5
+
+
+def test_written_files_read_back_and_verify(tmp_path):
+    canonical, sites = tiny(build(Quirks(head="matmul")))
+    plan = _plan(sites, "pow2-std", seed=1)
+    write(lower(canonical, plan, sites, format="ort"), tmp_path / "m.onnx")
+    back = read_lowered(tmp_path / "m.onnx")
+    assert back.format == "ort"
+    result = verify(back, canonical, plan, sites, [inputs()])
+    assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
+    back.sidecar["weights"]["conv1"]["scale"][0] *= 2  # the unfolded scale would be a wrong record
+    assert not verify(back, canonical, plan, sites, [inputs()]).ok
+
+
+def test_passes_change_nothing_on_a_second_run():
+    canonical, sites = tiny(build(Quirks()))
+    plan = _plan(sites, "midrise-max")
+    model = canonical.model.clone()
+    QuantizeWeightsPass(plan, sites)(model)
+    QuantizeActivationsPass(plan, sites)(model)
+    assert FoldBatchNormPass()(model).modified and QuantizeBiasPass()(model).modified
+    proto = ir.serde.serialize_model(model).SerializeToString()
+    assert not FoldBatchNormPass()(model).modified and not QuantizeBiasPass()(model).modified
+    assert ir.serde.serialize_model(model).SerializeToString() == proto
+
+
+def test_onnxruntime_fuses_integer_kernels(tmp_path):
+    canonical, sites = tiny(build(Quirks()))
+    lowered = lower(canonical, _plan(sites, "midrise-max"), sites, format="ort")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    # conv1 -> Relu -> QuantizeLinear fuses; the depthwise conv's output goes to GlobalAveragePool unquantized
+    assert fused["QLinearConv"] == 1 and fused["QGemm"] == 1, fused
+    qdq = lower(canonical, _plan(sites, "midrise-max"), sites, format="qdq")
+    ort.InferenceSession(qdq.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert not {"QLinearConv", "QGemm"} & set(ops(onnx.load(tmp_path / "optimized.onnx")))  # BN blocks it
+
+
+def test_refuses_what_onnxruntime_cannot_fuse():
+    canonical, sites = tiny(build(Quirks()))
+    low_activation = _plan(sites, "midrise-max")
+    low_activation.activations[sites.activations[1].tensor] = 4
+    with pytest.raises(PlanError, match=f"format 'ort': activation '{sites.activations[1].tensor}' has 4 bits"):
+        lower(canonical, low_activation, sites, format="ort")
+    wide = _plan(sites, "midrise-max", top=8)
+    with pytest.raises(PlanError, match="format 'ort': weights of layer 'conv1' need int32 codes"):
+        lower(canonical, wide, sites, format="ort")
+    mixed = _plan(sites, "symmetric-rms")
+    mixed.weights["dwconv"][1] = None
+    with pytest.raises(PlanError, match="format 'ort': layer 'dwconv' mixes float and quantized kernels"):
+        lower(canonical, mixed, sites, format="ort")
