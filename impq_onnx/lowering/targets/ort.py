@@ -24,19 +24,22 @@ kernels requantize in their own rounding order).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from impq_onnx.errors import PlanError
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.naming import folded_names, weight_names
+from impq_onnx.lowering.naming import activation_names, activation_nodes, folded_names, weight_names
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
-__all__ = ["OrtTarget", "FoldBatchNormPass", "fold_factors", "bias_codes", "folded_reference", "ACTIVATION_BITS"]
+__all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
+           "output_quantizers", "folded_reference", "ACTIVATION_BITS"]
 
 ACTIVATION_BITS = 8
 _INT32 = np.iinfo(np.int32)
@@ -58,6 +61,33 @@ def bias_codes(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -
     if not np.all(np.isfinite(codes)) or codes.min() < _INT32.min or codes.max() > _INT32.max:
         return None
     return codes.astype(np.int32), scale
+
+
+def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable[[str], str],
+                      consumers: Callable[[str], list[tuple[str, str]]]) -> list[tuple[str, float, bool]]:
+    """``(tensor, clip, signed)`` of the 8-bit quantizers added behind folded Convs (module docstring, 4).
+
+    Read from the graph *after* folding: ``output_of(layer)`` is the layer's output tensor,
+    ``consumers(tensor)`` the ``(op_type, output)`` of the nodes reading it (a graph output counts as
+    ``("", "")``). A Conv qualifies when its weights and input are quantized and a folded batch-norm
+    gives the range; the quantizer goes behind a sole Relu (unsigned, clip ``max_c(beta + 6|gamma|)``)
+    or on the output itself (signed, clip ``max_c(|beta| + 6|gamma|)``), unless a site already is there.
+    """
+    found = []
+    for layer in sites.layers:
+        if (layer.op_type != "Conv" or layer.batchnorm is None or plan.activations.get(layer.activation) is None
+                or any(b is None for b in plan.weights[layer.node])):
+            continue
+        out = output_of(layer.node)
+        users = consumers(out)
+        tensor, signed = (users[0][1], False) if [u[0] for u in users] == ["Relu"] else (out, True)
+        if (tensor in plan.activations or not consumers(tensor) or ("", "") in consumers(tensor)
+                or (not signed and ("", "") in users)):
+            continue
+        stats = layer.batchnorm
+        clip = (max(abs(b) + 6.0 * abs(g) for b, g in zip(stats.beta, stats.gamma)) if signed else stats.clip)
+        found.append((tensor, float(clip), signed))
+    return found
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
@@ -127,6 +157,50 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 graph.initializers.pop(value.name)
 
 
+class OutputQuantizersPass(ir.passes.InPlacePass):
+    """``tensor -> QuantizeLinear -> DequantizeLinear -> every consumer`` at 8 bits for :func:`output_quantizers`."""
+
+    def __init__(self, plan: PrecisionPlan, sites: SiteTable):
+        super().__init__()
+        self.plan, self.sites = plan, sites
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from impq_onnx.quant.quantizers import activation_grid
+
+        graph = model.graph
+        nodes = {n.name: n for n in graph}
+        values = {v.name: v for n in graph for v in n.outputs}
+
+        def consumers(name: str) -> list[tuple[str, str]]:
+            value = values.get(name)
+            if value is None:
+                return []
+            users = [(n.op_type, n.outputs[0].name) for n, _ in value.uses()]
+            return users + ([("", "")] if value.is_graph_output() else [])
+
+        modified = False
+        for tensor, clip, signed in output_quantizers(self.plan, self.sites, lambda n: nodes[n].outputs[0].name,
+                                                      consumers):
+            x = values[tensor]
+            if any(n.op_type == "QuantizeLinear" for n, _ in x.uses()):
+                continue  # quantized on an earlier run
+            users = list(x.uses())  # before the QuantizeLinear below becomes one
+            step = activation_grid(ACTIVATION_BITS, clip, signed)[0]
+            names, node_names = activation_names(tensor), activation_nodes(tensor)
+            scale = _replace_initializer(graph, names["scale"], np.array(step, np.float32))
+            zero = _replace_initializer(graph, names["zero_point"], np.zeros((), np.int8 if signed else np.uint8))
+            q = ir.node("QuantizeLinear", [x, scale, zero], name=node_names["quantize"])
+            dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=node_names["dequantize"])
+            q.outputs[0].name, dq.outputs[0].name = names["quantized"], names["dequantized"]
+            q.outputs[0].dtype = ir.DataType.INT8 if signed else ir.DataType.UINT8
+            dq.outputs[0].dtype, q.outputs[0].shape, dq.outputs[0].shape = x.dtype, x.shape, x.shape
+            graph.insert_after(x.producer(), [q, dq])
+            for user, index in users:
+                user.replace_input_with(index, dq.outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 class QuantizeBiasPass(ir.passes.InPlacePass):
     """Store the float bias of each layer with dequantized input and weight as int32 codes + DequantizeLinear."""
 
@@ -192,6 +266,8 @@ class OrtTarget(QdqTarget):
                 **options: object) -> dict[str, dict]:
         _refuse_unfusable(model, plan)
         FoldBatchNormPass()(model)
+        if plan is not None and sites is not None:
+            OutputQuantizersPass(plan, sites)(model)
         QuantizeBiasPass()(model)
         return {}
 
@@ -209,71 +285,7 @@ class OrtTarget(QdqTarget):
 
 
 def folded_reference(canonical, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
-    """The simulation of the folded graph, built from the canonical model without the target's graph rewrite.
+    """The simulation of the folded graph (:func:`impq_onnx.lowering.targets.ort_reference.folded_simulation`)."""
+    from impq_onnx.lowering.targets.ort_reference import folded_simulation
 
-    Weight codes and scheme scales come from :class:`QuantizeWeightsPass` (tested bit for bit against the
-    schemes); batch-norm is folded in numpy (:func:`fold_factors`), weights become ``code · (scale · m)``
-    and the biases of layers with quantized input and weight their int32-grid values (:func:`bias_codes`),
-    as float initializers of the same names; then :func:`~impq_onnx.quant.simulate.simulate` fake-quantizes
-    the plan's activations (weights float: they are on their grids already).
-    """
-    from impq_onnx.lowering.passes.quantize_weights import QuantizeWeightsPass
-    from impq_onnx.quant.quantizers import activation_grid
-    from impq_onnx.quant.simulate import as_proto, simulate
-
-    source = canonical.model if hasattr(canonical, "model") else canonical
-    quantized = source.clone()
-    QuantizeWeightsPass(plan, sites)(quantized)
-    proto = as_proto(source)
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    array = lambda name: onnx.numpy_helper.to_array(inits[name])  # noqa: E731
-    nodes = {n.name: n for n in graph.node}
-
-    def put(name: str, values: np.ndarray) -> None:
-        tensor = onnx.numpy_helper.from_array(values.astype(np.float32), name)
-        if name in inits:
-            inits[name].CopyFrom(tensor)
-        else:
-            graph.initializer.append(tensor)
-            inits[name] = graph.initializer[-1]
-
-    for layer in sites.layers:
-        node = nodes[layer.node]
-        quantized_layer = all(b is not None for b in plan.weights[layer.node])
-        scale = None
-        if quantized_layer:
-            names = weight_names(layer.weight)
-            codes = quantized.graph.initializers[names["codes"]].const_value.numpy()
-            scale = quantized.graph.initializers[names["scale"]].const_value.numpy().reshape(-1)
-        bn = next((n for n in graph.node if n.op_type == "BatchNormalization" and n.input[0] == layer.output), None)
-        users = [n for n in graph.node if layer.output in n.input]
-        bias = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if (bn is not None and layer.op_type == "Conv" and users == [bn]
-                and layer.output not in {o.name for o in graph.output}):
-            eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-            m, bias = fold_factors(*(array(name) for name in bn.input[1:5]), eps, bias)
-            if scale is None:
-                put(layer.weight, (array(layer.weight) * m.reshape(-1, 1, 1, 1)).astype(np.float32))
-            else:
-                scale = (scale * m).astype(np.float32)
-            if len(node.input) < 3:
-                node.input.append(folded_names(layer.node)["bias"])
-            node.output[0] = bn.output[0]
-            graph.node.remove(bn)
-        if scale is not None:
-            shape = [1] * codes.ndim
-            shape[layer.kernel_axis] = -1
-            put(layer.weight, (codes.astype(np.float32) * scale.reshape(shape)).astype(np.float32))
-        bits = plan.activations.get(layer.activation)
-        if (scale is not None and bias is not None and bits is not None and layer.op_type in ("Conv", "Gemm")
-                and bias.size == scale.size):
-            clip = plan.clips[layer.activation]
-            found = bias_codes(bias, activation_grid(bits, clip.value, clip.signed)[0], scale)
-            if found is not None:
-                bias = (found[0].astype(np.float32) * found[1]).astype(np.float32)
-        if bias is not None and len(node.input) > 2:
-            put(node.input[2], bias)
-    float_weights = plan.copy()
-    float_weights.weights = {node: [None] * len(bits) for node, bits in plan.weights.items()}
-    return simulate(proto, float_weights, sites)
+    return folded_simulation(canonical, plan, sites)

@@ -1,0 +1,115 @@
+"""The simulation the ort target is verified against: the float model with batch-norm folded, on-grid weights
+and biases, and 8-bit fake-quantized activations (the plan's sites and the target's output quantizers).
+
+Built from the canonical model with numpy and protobuf edits, not with the target's graph rewrite; only
+the formulas (:func:`~impq_onnx.lowering.targets.ort.fold_factors`, :func:`~impq_onnx.lowering.targets.ort.bias_codes`)
+and the choice of output quantizers (:func:`~impq_onnx.lowering.targets.ort.output_quantizers`) are shared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from impq_onnx.frontend.sites import SiteTable
+from impq_onnx.lowering.naming import folded_names, weight_names
+from impq_onnx.lowering.targets.ort import ACTIVATION_BITS, bias_codes, fold_factors, output_quantizers
+from impq_onnx.quant.plan import PrecisionPlan
+
+__all__ = ["folded_simulation"]
+
+
+def folded_simulation(canonical, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
+    """The simulation of the folded graph, built from the canonical model without the target's graph rewrite.
+
+    Weight codes and scheme scales come from :class:`QuantizeWeightsPass` (tested bit for bit against the
+    schemes); batch-norm is folded in numpy (:func:`fold_factors`), weights become ``code · (scale · m)``
+    and the biases of layers with quantized input and weight their int32-grid values (:func:`bias_codes`),
+    as float initializers of the same names; then :func:`~impq_onnx.quant.simulate.simulate` fake-quantizes
+    the plan's activations (weights float: they are on their grids already).
+    """
+    from impq_onnx.lowering.passes.quantize_weights import QuantizeWeightsPass
+    from impq_onnx.quant.quantizers import activation_grid
+    from impq_onnx.quant.simulate import as_proto, simulate
+
+    source = canonical.model if hasattr(canonical, "model") else canonical
+    quantized = source.clone()
+    QuantizeWeightsPass(plan, sites)(quantized)
+    proto = as_proto(source)
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    array = lambda name: onnx.numpy_helper.to_array(inits[name])  # noqa: E731
+    nodes = {n.name: n for n in graph.node}
+
+    def put(name: str, values: np.ndarray) -> None:
+        tensor = onnx.numpy_helper.from_array(values.astype(np.float32), name)
+        if name in inits:
+            inits[name].CopyFrom(tensor)
+        else:
+            graph.initializer.append(tensor)
+            inits[name] = graph.initializer[-1]
+
+    for layer in sites.layers:
+        node = nodes[layer.node]
+        quantized_layer = all(b is not None for b in plan.weights[layer.node])
+        scale = None
+        if quantized_layer:
+            names = weight_names(layer.weight)
+            codes = quantized.graph.initializers[names["codes"]].const_value.numpy()
+            scale = quantized.graph.initializers[names["scale"]].const_value.numpy().reshape(-1)
+        bn = next((n for n in graph.node if n.op_type == "BatchNormalization" and n.input[0] == layer.output), None)
+        users = [n for n in graph.node if layer.output in n.input]
+        bias = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if (bn is not None and layer.op_type == "Conv" and users == [bn]
+                and layer.output not in {o.name for o in graph.output}):
+            eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+            m, bias = fold_factors(*(array(name) for name in bn.input[1:5]), eps, bias)
+            if scale is None:
+                put(layer.weight, (array(layer.weight) * m.reshape(-1, 1, 1, 1)).astype(np.float32))
+            else:
+                scale = (scale * m).astype(np.float32)
+            if len(node.input) < 3:
+                node.input.append(folded_names(layer.node)["bias"])
+            node.output[0] = bn.output[0]
+            graph.node.remove(bn)
+        if scale is not None:
+            shape = [1] * codes.ndim
+            shape[layer.kernel_axis] = -1
+            put(layer.weight, (codes.astype(np.float32) * scale.reshape(shape)).astype(np.float32))
+        bits = plan.activations.get(layer.activation)
+        if (scale is not None and bias is not None and bits is not None and layer.op_type in ("Conv", "Gemm")
+                and bias.size == scale.size):
+            clip = plan.clips[layer.activation]
+            found = bias_codes(bias, activation_grid(bits, clip.value, clip.signed)[0], scale)
+            if found is not None:
+                bias = (found[0].astype(np.float32) * found[1]).astype(np.float32)
+        if bias is not None and len(node.input) > 2:
+            put(node.input[2], bias)
+    _add_output_quantizers(proto, plan, sites)
+    float_weights = plan.copy()
+    float_weights.weights = {node: [None] * len(bits) for node, bits in plan.weights.items()}
+    return simulate(proto, float_weights, sites)
+
+
+def _add_output_quantizers(proto: onnx.ModelProto, plan: PrecisionPlan, sites: SiteTable) -> None:
+    """Fake-quantize the target's output quantizer tensors at 8 bits, for every consumer."""
+    from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer
+    from impq_onnx.quant.simulate import SIMULATION_PREFIX
+
+    graph = proto.graph
+    nodes = {n.name: n for n in graph.node}
+    outputs = {o.name for o in graph.output}
+
+    def consumers(name: str) -> list[tuple[str, str]]:
+        users = [(n.op_type, n.output[0]) for n in graph.node if name in n.input]
+        return users + ([("", "")] if name in outputs else [])
+
+    opset = next(e.version for e in proto.opset_import if e.domain in ("", "ai.onnx"))
+    for tensor, clip, signed in output_quantizers(plan, sites, lambda n: nodes[n].output[0], consumers):
+        users = [n for n in graph.node if tensor in n.input]
+        g = GraphBuilder(f"{SIMULATION_PREFIX}/{tensor}", opset)
+        q = build_activation_quantizer(g, tensor, ACTIVATION_BITS, clip, signed)
+        for node in users:
+            node.input[:] = [q if name == tensor else name for name in node.input]
+        graph.node.extend(g.nodes)
+        graph.initializer.extend(g.initializers)
