@@ -15,10 +15,16 @@ From the QDQ-lowered graph (:mod:`impq_onnx.lowering.targets.qdq`'s input) it
    ``s_x · s_w'_k`` behind a DequantizeLinear (what onnxruntime's QLinearConv / QGemm accumulate; a float
    bias is left out of fusion by onnxruntime 1.19 and re-quantized silently by >= 1.20).
 
+4. adds an 8-bit ``QuantizeLinear -> DequantizeLinear`` (read by every consumer) behind each folded Conv
+   with quantized input and weights whose output no site quantizes (a Conv before a residual ``Add`` or a
+   ``GlobalAveragePool``): onnxruntime fuses a Conv only when a QuantizeLinear follows it (through a
+   Relu). The range comes from the folded batch-norm, as ``PrecisionPlan.uniform`` takes site clips
+   (:func:`output_quantizers`); the sidecar lists them under ``output_quantizers``.
+
 Activations keep the ``QuantizeLinear -> DequantizeLinear`` pair of the QDQ form (uint8 after Relu,
 int8 otherwise, zero point 0). The result means exactly :func:`folded_reference`: the float model with
 batch-norm folded, weights ``code · scale'`` and biases on their int32 grid, activations fake-quantized
-at 8 bits. ``verify`` compares the two with graph optimizations off (onnxruntime's fused integer
+at 8 bits (the plan's sites and the output quantizers). ``verify`` compares the two with graph optimizations off (onnxruntime's fused integer
 kernels requantize in their own rounding order).
 """
 
@@ -274,6 +280,19 @@ class OrtTarget(QdqTarget):
     def finish_sidecar(self, sidecar: dict, model: ir.Model) -> None:
         """Scales in the sidecar are the folded ones; the scheme's own scale stays as ``scheme_scale``."""
         graph = model.graph
+        sites = sidecar.get("activations", {})
+        added = {}
+        for node in graph:
+            x = node.inputs[0] if node.op_type == "QuantizeLinear" else None
+            if x is None or x.name in sites or x.name in {e["tensor"] for e in sites.values()}:
+                continue
+            step = float(node.inputs[1].const_value.numpy())
+            signed = node.inputs[2].const_value.numpy().dtype == np.int8
+            lo, hi = (-128, 127) if signed else (0, 255)
+            added[x.name] = {"bits": ACTIVATION_BITS, "clip": float(np.float32(step) * np.float32(hi + 1)), "signed": bool(signed),
+                             "scale": step, "zero_point": 0, "dtype": "int8" if signed else "uint8",
+                             "code_min": lo, "code_max": hi}
+        sidecar["output_quantizers"] = added  # not in the plan: added so the layer in front fuses
         for entry in sidecar.get("weights", {}).values():
             scale = graph.initializers.get(weight_names(entry["source"])["scale"])
             if scale is not None:

@@ -11,15 +11,23 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from pathlib import Path
+
+from impq_onnx.data import open_dataset
+from impq_onnx.data.preprocess import PRESETS
 from impq_onnx.errors import PlanError
+from impq_onnx.frontend.canonical import load
+from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.lowering.lower import lower, read_lowered, read_plan_from_annotation, write
 from impq_onnx.lowering.passes import QuantizeActivationsPass, QuantizeWeightsPass
 from impq_onnx.lowering.targets.ort import FoldBatchNormPass, QuantizeBiasPass, fold_factors
 from impq_onnx.lowering.verify import verify
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.simulate import simulate
+from impq_onnx.quant.simulate import calibrate_clips, simulate
 from lowering_cases import SCHEMES, inputs, ops, run, tiny
 from tiny_models import Quirks, build, weights
+
+BUNDLED = Path(__file__).resolve().parents[3] / "models" / "fashion-mnist"
 
 
 def _plan(sites, scheme: str, seed: int = 0, top: int = 7) -> PrecisionPlan:
@@ -135,3 +143,23 @@ def test_refuses_what_onnxruntime_cannot_fuse():
     mixed.weights["dwconv"][1] = None
     with pytest.raises(PlanError, match="format 'ort': layer 'dwconv' mixes float and quantized kernels"):
         lower(canonical, mixed, sites, format="ort")
+
+
+def test_bundled_model_fuses_every_conv_and_equals_its_folded_simulation(tmp_path):
+    """Fashion-MNIST: the last Conv's output goes to GlobalAveragePool, so an output quantizer makes it fuse."""
+    canonical = load(BUNDLED / "model.onnx")
+    sites = find_sites(canonical)
+    test = open_dataset(BUNDLED / "test", PRESETS["fashion-mnist"])
+    plan = PrecisionPlan.uniform(sites, 4, 8)
+    plan = calibrate_clips(canonical.model, plan, sites, test.batches(50), max_batches=2)
+    lowered = lower(canonical, plan, sites, format="ort")
+    added = [n for n in lowered.proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(added) == len(sites.activations) + 1 and "relu4.out" in lowered.sidecar["output_quantizers"]
+    result = verify(lowered, canonical, plan, sites, test.batches(100))
+    assert result.ok and result.samples == 200 and result.max_logit_diff == 0.0, result.to_dict()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    assert fused["QLinearConv"] == 4 and fused["QGemm"] == 1 and "FusedConv" not in fused and "Conv" not in fused
