@@ -19,7 +19,10 @@ From the QDQ-lowered graph (:mod:`impq_onnx.lowering.targets.qdq`'s input) it
    with quantized input and weights whose output no site quantizes (a Conv before a residual ``Add`` or a
    ``GlobalAveragePool``): onnxruntime fuses a Conv only when a QuantizeLinear follows it (through a
    Relu). The range comes from the folded batch-norm, as ``PrecisionPlan.uniform`` takes site clips
-   (:func:`output_quantizers`); the sidecar lists them under ``output_quantizers``.
+   (:func:`output_quantizers`); the sidecar lists them under ``output_quantizers``;
+5. lets every consumer of a quantized activation read its dequantized value, not only the site's layers
+   (a residual ``Add`` then has quantized inputs and fuses to QLinearAdd; a Conv whose Relu also fed the
+   shortcut fuses). Graph outputs stay float.
 
 Activations keep the ``QuantizeLinear -> DequantizeLinear`` pair of the QDQ form (uint8 after Relu,
 int8 otherwise, zero point 0). The result means exactly :func:`folded_reference`: the float model with
@@ -45,7 +48,7 @@ from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
-           "output_quantizers", "folded_reference", "ACTIVATION_BITS"]
+           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass"]
 
 ACTIVATION_BITS = 8
 _INT32 = np.iinfo(np.int32)
@@ -207,6 +210,20 @@ class OutputQuantizersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class ShareSiteQuantizersPass(ir.passes.InPlacePass):
+    """Every consumer of a quantized activation reads its dequantized value (module docstring, 5)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for match in activation_quantizers(model.graph):
+            x, out = match.input, match.dequantize.outputs[0]
+            for user, index in list(x.uses()):
+                if user not in match.nodes:
+                    user.replace_input_with(index, out)
+                    modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 class QuantizeBiasPass(ir.passes.InPlacePass):
     """Store the float bias of each layer with dequantized input and weight as int32 codes + DequantizeLinear."""
 
@@ -274,6 +291,7 @@ class OrtTarget(QdqTarget):
         FoldBatchNormPass()(model)
         if plan is not None and sites is not None:
             OutputQuantizersPass(plan, sites)(model)
+        ShareSiteQuantizersPass()(model)
         QuantizeBiasPass()(model)
         return {}
 

@@ -88,7 +88,9 @@ def folded_simulation(canonical, plan: PrecisionPlan, sites: SiteTable) -> onnx.
     _add_output_quantizers(proto, plan, sites)
     float_weights = plan.copy()
     float_weights.weights = {node: [None] * len(bits) for node, bits in plan.weights.items()}
-    return simulate(proto, float_weights, sites)
+    simulated = simulate(proto, float_weights, sites)
+    _share_site_quantizers(simulated, plan, sites)
+    return simulated
 
 
 def _add_output_quantizers(proto: onnx.ModelProto, plan: PrecisionPlan, sites: SiteTable) -> None:
@@ -113,3 +115,19 @@ def _add_output_quantizers(proto: onnx.ModelProto, plan: PrecisionPlan, sites: S
             node.input[:] = [q if name == tensor else name for name in node.input]
         graph.node.extend(g.nodes)
         graph.initializer.extend(g.initializers)
+
+
+def _share_site_quantizers(proto: onnx.ModelProto, plan: PrecisionPlan, sites: SiteTable) -> None:
+    """Every consumer of a quantized site reads the fake-quantized value its layers read (graph outputs stay)."""
+    from impq_onnx.quant.simulate import SIMULATION_PREFIX
+
+    nodes = {n.name: n for n in proto.graph.node}
+    for site in sites.activations:
+        if plan.activations.get(site.tensor) is None:
+            continue
+        layer = sites.layer(site.layers[0])
+        quantized = nodes[layer.node].input[layer.op.activation_input]
+        own = f"{SIMULATION_PREFIX}/{site.tensor}/"
+        for node in proto.graph.node:
+            if not node.name.startswith(own):
+                node.input[:] = [quantized if name == site.tensor else name for name in node.input]
