@@ -163,3 +163,51 @@ def test_bundled_model_fuses_every_conv_and_equals_its_folded_simulation(tmp_pat
     ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     fused = ops(onnx.load(tmp_path / "optimized.onnx"))
     assert fused["QLinearConv"] == 4 and fused["QGemm"] == 1 and "FusedConv" not in fused and "Conv" not in fused
+
+
+def _residual_block() -> onnx.ModelProto:
+    """x -> conv1+bn1 -> relu1 (r) -> conv2+bn2 -> Add(r) -> relu2 -> GlobalAveragePool -> Flatten -> Gemm."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    f = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)  # noqa: E731
+    inits = {"w1": f(4, 3, 3, 3), "w2": f(4, 4, 3, 3), "fc.w": f(5, 4, s=0.5), "fc.b": f(5, s=0.1)}
+    nodes = []
+    for i, (conv_in, out) in enumerate((("x", "r"), ("r", "c2")), start=1):
+        inits.update({f"g{i}": rng.uniform(0.5, 1.5, 4).astype(np.float32), f"b{i}": f(4, s=0.2),
+                      f"m{i}": f(4, s=0.1), f"v{i}": rng.uniform(0.5, 1.5, 4).astype(np.float32)})
+        nodes.append(helper.make_node("Conv", [conv_in, f"w{i}"], [f"conv{i}.out"], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        bn_out = f"bn{i}.out"
+        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}.out", f"g{i}", f"b{i}", f"m{i}", f"v{i}"],
+                                      [bn_out], name=f"bn{i}"))
+        if i == 1:
+            nodes.append(helper.make_node("Relu", [bn_out], [out], name="relu1"))
+    nodes += [helper.make_node("Add", ["bn2.out", "r"], ["sum"], name="add"),
+              helper.make_node("Relu", ["sum"], ["s"], name="relu2"),
+              helper.make_node("GlobalAveragePool", ["s"], ["pool"], name="pool"),
+              helper.make_node("Flatten", ["pool"], ["features"], name="flatten"),
+              helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_residual_add_reads_quantized_inputs_and_both_convs_fuse(tmp_path):
+    """conv2 fuses through its output quantizer; the Add stays float here (nothing quantizes its output; in
+    ResNet-20 a site follows it and it fuses to QLinearAdd, bench/results/deploy.md)."""
+    canonical, sites = tiny(_residual_block())
+    plan = _plan(sites, "symmetric-rms", top=8)
+    lowered = lower(canonical, plan, sites, format="ort")
+    producers = {o: n.op_type for n in lowered.proto.graph.node for o in n.output}
+    add = next(n for n in lowered.proto.graph.node if n.op_type == "Add")
+    assert [producers[i] for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]  # conv2's output quantizer, r
+    assert list(lowered.sidecar["output_quantizers"]) == ["bn2.out"] and lowered.sidecar["output_quantizers"]["bn2.out"]["signed"]
+    result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
+    assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    assert fused["QLinearConv"] == 2 and fused["QGemm"] == 1 and "Conv" not in fused and "FusedConv" not in fused, fused
