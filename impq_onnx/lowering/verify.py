@@ -80,7 +80,7 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     return result
 
 
-def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches, optimize=True) -> None:
+def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches, optimize: bool = True) -> None:
     lowered_run = inference_session(model.SerializeToString(), threads, optimize=optimize)
     simulated_run = inference_session(simulated.SerializeToString(), threads, optimize=optimize)
     agree = 0

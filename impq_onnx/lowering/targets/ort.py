@@ -33,8 +33,6 @@ kernels requantize in their own rounding order).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -44,59 +42,14 @@ from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import activation_names, activation_nodes, folded_names, weight_names
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
+from impq_onnx.lowering.targets.ort_reference import (ACTIVATION_BITS, bias_codes, fold_factors, folded_simulation,
+                                                       output_quantizers)
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
            "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass"]
 
-ACTIVATION_BITS = 8
-_INT32 = np.iinfo(np.int32)
-
-
-def fold_factors(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
-                 bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(m, b')`` of a batch-norm folded into the layer before it, in float32 (module docstring)."""
-    f = np.float32
-    m = (gamma.astype(f) / np.sqrt(var.astype(f) + f(eps))).astype(f)
-    b = np.zeros_like(m) if bias is None else bias.astype(f)
-    return m, ((b - mean.astype(f)) * m + beta.astype(f)).astype(f)
-
-
-def bias_codes(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(int32 codes, float32 scale)`` of ``bias`` on the accumulator grid ``s_x · s_w``; None when out of int32."""
-    scale = (np.float32(input_scale) * weight_scale.reshape(-1).astype(np.float32)).astype(np.float32)
-    codes = np.rint(bias.astype(np.float32) / scale)
-    if not np.all(np.isfinite(codes)) or codes.min() < _INT32.min or codes.max() > _INT32.max:
-        return None
-    return codes.astype(np.int32), scale
-
-
-def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable[[str], str],
-                      consumers: Callable[[str], list[tuple[str, str]]]) -> list[tuple[str, float, bool]]:
-    """``(tensor, clip, signed)`` of the 8-bit quantizers added behind folded Convs (module docstring, 4).
-
-    Read from the graph *after* folding: ``output_of(layer)`` is the layer's output tensor,
-    ``consumers(tensor)`` the ``(op_type, output)`` of the nodes reading it (a graph output counts as
-    ``("", "")``). A Conv qualifies when its weights and input are quantized and a folded batch-norm
-    gives the range; the quantizer goes behind a sole Relu (unsigned, clip ``max_c(beta + 6|gamma|)``)
-    or on the output itself (signed, clip ``max_c(|beta| + 6|gamma|)``), unless a site already is there.
-    """
-    found = []
-    for layer in sites.layers:
-        if (layer.op_type != "Conv" or layer.batchnorm is None or plan.activations.get(layer.activation) is None
-                or any(b is None for b in plan.weights[layer.node])):
-            continue
-        out = output_of(layer.node)
-        users = consumers(out)
-        tensor, signed = (users[0][1], False) if [u[0] for u in users] == ["Relu"] else (out, True)
-        if (tensor in plan.activations or not consumers(tensor) or ("", "") in consumers(tensor)
-                or (not signed and ("", "") in users)):
-            continue
-        stats = layer.batchnorm
-        clip = (max(abs(b) + 6.0 * abs(g) for b, g in zip(stats.beta, stats.gamma)) if signed else stats.clip)
-        found.append((tensor, float(clip), signed))
-    return found
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
@@ -317,12 +270,10 @@ class OrtTarget(QdqTarget):
                 entry["scheme_scale"] = entry["scale"]
                 entry["scale"] = [float(s) for s in scale.const_value.numpy().reshape(-1)]
 
-    def reference(self, canonical, plan: PrecisionPlan, sites: SiteTable, lowered: Lowered) -> onnx.ModelProto:
+    def reference(self, canonical: object, plan: PrecisionPlan, sites: SiteTable, lowered: Lowered) -> onnx.ModelProto:
         return folded_reference(canonical, plan, sites)
 
 
-def folded_reference(canonical, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
+def folded_reference(canonical: object, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
     """The simulation of the folded graph (:func:`impq_onnx.lowering.targets.ort_reference.folded_simulation`)."""
-    from impq_onnx.lowering.targets.ort_reference import folded_simulation
-
     return folded_simulation(canonical, plan, sites)

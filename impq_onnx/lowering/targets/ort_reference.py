@@ -2,24 +2,74 @@
 and biases, and 8-bit fake-quantized activations (the plan's sites and the target's output quantizers).
 
 Built from the canonical model with numpy and protobuf edits, not with the target's graph rewrite; only
-the formulas (:func:`~impq_onnx.lowering.targets.ort.fold_factors`, :func:`~impq_onnx.lowering.targets.ort.bias_codes`)
-and the choice of output quantizers (:func:`~impq_onnx.lowering.targets.ort.output_quantizers`) are shared.
+the formulas (:func:`fold_factors`, :func:`bias_codes`)
+and the choice of output quantizers (:func:`output_quantizers`), defined here, are shared with the target.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import folded_names, weight_names
-from impq_onnx.lowering.targets.ort import ACTIVATION_BITS, bias_codes, fold_factors, output_quantizers
 from impq_onnx.quant.plan import PrecisionPlan
 
-__all__ = ["folded_simulation"]
+__all__ = ["folded_simulation", "fold_factors", "bias_codes", "output_quantizers", "ACTIVATION_BITS"]
+
+ACTIVATION_BITS = 8
+_INT32 = np.iinfo(np.int32)
 
 
-def folded_simulation(canonical, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
+def fold_factors(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
+                 bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(m, b')`` of a batch-norm folded into the layer before it, in float32 (module docstring)."""
+    f = np.float32
+    m = (gamma.astype(f) / np.sqrt(var.astype(f) + f(eps))).astype(f)
+    b = np.zeros_like(m) if bias is None else bias.astype(f)
+    return m, ((b - mean.astype(f)) * m + beta.astype(f)).astype(f)
+
+
+def bias_codes(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(int32 codes, float32 scale)`` of ``bias`` on the accumulator grid ``s_x · s_w``; None when out of int32."""
+    scale = (np.float32(input_scale) * weight_scale.reshape(-1).astype(np.float32)).astype(np.float32)
+    codes = np.rint(bias.astype(np.float32) / scale)
+    if not np.all(np.isfinite(codes)) or codes.min() < _INT32.min or codes.max() > _INT32.max:
+        return None
+    return codes.astype(np.int32), scale
+
+
+def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable[[str], str],
+                      consumers: Callable[[str], list[tuple[str, str]]]) -> list[tuple[str, float, bool]]:
+    """``(tensor, clip, signed)`` of the 8-bit quantizers added behind folded Convs (the ort target docstring, 4).
+
+    Read from the graph *after* folding: ``output_of(layer)`` is the layer's output tensor,
+    ``consumers(tensor)`` the ``(op_type, output)`` of the nodes reading it (a graph output counts as
+    ``("", "")``). A Conv qualifies when its weights and input are quantized and a folded batch-norm
+    gives the range; the quantizer goes behind a sole Relu (unsigned, clip ``max_c(beta + 6|gamma|)``)
+    or on the output itself (signed, clip ``max_c(|beta| + 6|gamma|)``), unless a site already is there.
+    """
+    found = []
+    for layer in sites.layers:
+        if (layer.op_type != "Conv" or layer.batchnorm is None or plan.activations.get(layer.activation) is None
+                or any(b is None for b in plan.weights[layer.node])):
+            continue
+        out = output_of(layer.node)
+        users = consumers(out)
+        tensor, signed = (users[0][1], False) if [u[0] for u in users] == ["Relu"] else (out, True)
+        if (tensor in plan.activations or not consumers(tensor) or ("", "") in consumers(tensor)
+                or (not signed and ("", "") in users)):
+            continue
+        stats = layer.batchnorm
+        clip = (max(abs(b) + 6.0 * abs(g) for b, g in zip(stats.beta, stats.gamma)) if signed else stats.clip)
+        found.append((tensor, float(clip), signed))
+    return found
+
+
+
+def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
     """The simulation of the folded graph, built from the canonical model without the target's graph rewrite.
 
     Weight codes and scheme scales come from :class:`QuantizeWeightsPass` (tested bit for bit against the
