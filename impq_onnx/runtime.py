@@ -15,8 +15,12 @@ _BAD_NODE = re.compile(r"(?:of operator \((\w+)\) )?in node \(([^)]*)\)")
 _UNKNOWN_OP = re.compile(r"(?:Fatal error: )?([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
 
 
-def inference_session(model_bytes: bytes, threads: int = 2) -> ort.InferenceSession:
+def inference_session(model_bytes: bytes, threads: int = 2, *, optimize: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if not optimize:  # the model exactly as written: no fusion into integer kernels, and no pre-packed
+        # constant weights (a Gemm with a constant B sums in another blocking order than one with a computed B)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3

@@ -95,6 +95,7 @@ def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qd
     attachments = target.rewrite(model, plan, sites, channel_bitwidth=channel_bitwidth)
     AnnotateBitsPass(plan, sites, target=format)(model)
     _retarget_sidecar(sidecar, model, target)
+    target.finish_sidecar(sidecar, model)
     return LoweredModel(ir.serde.serialize_model(model), sidecar, format, attachments)
 
 

@@ -10,7 +10,8 @@ tool. Changing a spelling here changes the bytes of every lowered model.
 from __future__ import annotations
 
 __all__ = ["weight_names", "weight_nodes", "activation_names", "activation_nodes", "bias_names", "bits_vector",
-           "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "quant_node", "layer_input", "expansion_prefix"]
+           "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "quant_node", "layer_input", "expansion_prefix",
+           "folded_names"]
 
 BITS_VECTOR_SUFFIX = "_impq_bits"
 
@@ -87,3 +88,11 @@ def expansion_prefix(name: str, kind: str) -> str:
     """Prefix of the standard ops that stand in for a node or encoding ``name`` when verifying (``kind``:
     ``std`` for a QONNX Quant, ``encoding`` for an applied encoding)."""
     return f"{name}/{kind}"
+
+
+def folded_names(layer: str) -> dict[str, str]:
+    """Tensors and nodes made for layer node ``layer`` by the onnxruntime target: the batch-norm-folded float
+    bias, and its int32 codes with their DequantizeLinear."""
+    return {"bias": f"{layer}_folded_bias", "bias_codes": f"{layer}_bias_quantized",
+            "bias_scale": f"{layer}_bias_scale", "bias_zero_point": f"{layer}_bias_zero_point",
+            "bias_dequantized": f"{layer}_bias_dequantized", "bias_dequantize": f"{layer}/bias_dq"}

@@ -41,7 +41,6 @@ from impq_onnx.lowering.targets import get_target
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
-from impq_onnx.quant.simulate import simulate
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["VerifyResult", "verify", "runnable"]
@@ -103,9 +102,10 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     _guarded(result, "activations", _check_activations, result, lowered, plan, notes, array)
     result.record_mismatches.extend(_guarded(result, "quantizers", exact_mismatches, lowered, canonical, plan, sites)
                                     or [])
+    target = get_target(lowered.format)
     if standard is not None:
-        _compare_outputs(result, standard, simulate(canonical, plan, sites), canonical.input_name, batches,
-                         threads, max_batches)
+        _compare_outputs(result, standard, target.reference(canonical, plan, sites, lowered), canonical.input_name,
+                         batches, threads, max_batches, target.optimize_when_verifying)
     if not result.max_logit_diff <= logit_tolerance:  # NaN logits fail too
         result.record_mismatches.append(
             f"logits: max difference {result.max_logit_diff:.3g} from the simulation exceeds the tolerance "
@@ -119,13 +119,14 @@ def _runtime_problem(exc: Exception) -> str:
     return "onnxruntime cannot run the lowered model: " + text.split(" Status Message: ")[0][:300]
 
 
-def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches) -> None:
+def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches,
+                     optimize: bool = True) -> None:
     try:
-        lowered_run = inference_session(model.SerializeToString(), threads)
+        lowered_run = inference_session(model.SerializeToString(), threads, optimize=optimize)
     except Exception as exc:  # onnxruntime raises its own exception types per status code
         result.record_mismatches.append(_runtime_problem(exc))
         return
-    simulated_run = inference_session(simulated.SerializeToString(), threads)
+    simulated_run = inference_session(simulated.SerializeToString(), threads, optimize=optimize)
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a refusal is reported as one line below, not as onnxruntime's log
     agree = 0

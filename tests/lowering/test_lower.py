@@ -18,7 +18,7 @@ from tiny_models import Quirks, build
 
 @pytest.mark.parametrize("quirks", [Quirks(head="matmul"), Quirks(batchnorm=False)], ids=["bn-matmul", "bias-gemm"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("format", target_names())
+@pytest.mark.parametrize("format", [f for f in target_names() if f != "ort"])  # ort: 8-bit plans (test_ort_target)
 def test_every_format_matches_the_simulation_and_round_trips(format, scheme, quirks):
     canonical, sites = tiny(build(quirks))
     plan = mixed_plan(sites, scheme, seed=2)

@@ -16,6 +16,7 @@ from impq_onnx.lowering.targets.base import (TARGETS, Target, get_target, regist
                                              unregister)
 from impq_onnx.lowering.targets.encodings import EncodingsTarget, ToEncodingsPass, apply_encodings, encodings_of
 from impq_onnx.lowering.targets.packed import PackedTarget
+from impq_onnx.lowering.targets.ort import OrtTarget
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.lowering.targets.qdq_int4 import QdqInt4Target
 from impq_onnx.lowering.targets.qonnx import QONNX_DOMAIN, QonnxTarget, ToQonnxPass, qonnx_as_standard_ops
@@ -30,3 +31,4 @@ register(QonnxTarget())
 register(EncodingsTarget())
 register(PackedTarget())
 register(QdqInt4Target())
+register(OrtTarget())

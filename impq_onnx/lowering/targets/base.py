@@ -46,6 +46,7 @@ class Target:
     stores_codes: ClassVar[bool] = True  # weights stay integer tensors (else on-grid float values)
     attachments: ClassVar[tuple[str, ...]] = ()  # JSON files beside the model: output path with this suffix
     binary_attachments: ClassVar[tuple[str, ...]] = ()  # those of them that are bytes, not JSON
+    optimize_when_verifying: ClassVar[bool] = True  # False: verify runs both models with graph optimizations off
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict]:
@@ -59,6 +60,15 @@ class Target:
         """The graph in which verify reads every quantizer's codes, scales and zero points: the model itself,
         unless the target keeps codes outside it (packed)."""
         return lowered.proto
+
+    def finish_sidecar(self, sidecar: dict, model: ir.Model) -> None:
+        """Update the sidecar of the rewritten ``model`` where the rewrite changed recorded values (scales)."""
+
+    def reference(self, canonical: object, plan: PrecisionPlan, sites: SiteTable, lowered: Lowered) -> onnx.ModelProto:
+        """The model ``verify`` compares ``lowered`` with: by default the simulation of the plan."""
+        from impq_onnx.quant.simulate import simulate
+
+        return simulate(canonical, plan, sites)
 
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         """A model with standard ops only that computes what ``lowered`` means (run by verify)."""
