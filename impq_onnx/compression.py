@@ -268,12 +268,14 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
     from impq_onnx.engine import evaluate
+    from impq_onnx.engine.ort_training import require_training_runtime
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
     from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches, with_values
     from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
 
+    require_training_runtime()  # before any work: a plain onnxruntime shadowing the training build
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
     cfg = CompressConfig.resolve(config, **given, **options)
     report = progress if callable(progress) else (_stderr_line if progress else None)

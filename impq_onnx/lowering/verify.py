@@ -34,6 +34,7 @@ from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import simulate
+from impq_onnx.quant.standard_rounding import for_inference
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["VerifyResult", "verify", "runnable"]
@@ -75,7 +76,7 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
     notes = annotations(lowered.proto)
     _check_weights(result, lowered, plan, notes, array)
     _check_activations(result, lowered, plan, notes, array)
-    _compare_outputs(result, runnable(lowered), simulate(canonical, plan, sites), canonical.input_name, batches,
+    _compare_outputs(result, runnable(lowered), for_inference(simulate(canonical, plan, sites)), canonical.input_name, batches,
                      threads, max_batches)
     return result
 
