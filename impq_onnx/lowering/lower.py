@@ -82,8 +82,11 @@ def attachment_path(output_path, suffix: str) -> Path:
 
 
 def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qdq",
-          channel_bitwidth: bool = True) -> LoweredModel:
-    """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``."""
+          channel_bitwidth: bool = True, **options: object) -> LoweredModel:
+    """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``.
+
+    ``options`` go to the target's ``rewrite`` (``encodings_version``, ``static_batch``, ...).
+    """
     target = get_target(format)
     plan.validate(sites)
     source = canonical.model if hasattr(canonical, "model") else canonical
@@ -92,7 +95,7 @@ def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qd
     QuantizeWeightsPass(plan, sites)(model)
     QuantizeActivationsPass(plan, sites)(model)
     sidecar = build_sidecar(model, plan, sites, format)
-    attachments = target.rewrite(model, plan, sites, channel_bitwidth=channel_bitwidth)
+    attachments = target.rewrite(model, plan, sites, channel_bitwidth=channel_bitwidth, **options)
     AnnotateBitsPass(plan, sites, target=format)(model)
     _retarget_sidecar(sidecar, model, target)
     return LoweredModel(ir.serde.serialize_model(model), sidecar, format, attachments)
@@ -186,7 +189,7 @@ def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
 
 
 def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, output: str | None = None,
-               input_shape: tuple[int, ...] | None = None) -> list[Path]:
+               input_shape: tuple[int, ...] | None = None, **options: object) -> list[Path]:
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
@@ -194,7 +197,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
     canonical = load(model_path, output=output)
     sites = find_sites(canonical, input_shape)
     plan = PrecisionPlan.load(plan_path).validate(sites)
-    return write(lower(canonical, plan, sites, format=format), output_path)
+    return write(lower(canonical, plan, sites, format=format, **options), output_path)
 
 
 def read_lowered(output_path) -> LoweredModel:
