@@ -10,7 +10,7 @@ tool. Changing a spelling here changes the bytes of every lowered model.
 from __future__ import annotations
 
 __all__ = ["weight_names", "weight_nodes", "activation_names", "activation_nodes", "bias_names", "bits_vector",
-           "BITS_VECTOR_SUFFIX", "bitwidth", "quant_node", "layer_input", "expansion_prefix"]
+           "BITS_VECTOR_SUFFIX", "bitwidth", "quant_node", "layer_input", "expansion_prefix", "width_group"]
 
 BITS_VECTOR_SUFFIX = "_impq_bits"
 
@@ -82,3 +82,11 @@ def expansion_prefix(name: str, kind: str) -> str:
     """Prefix of the standard ops that stand in for a node or encoding ``name`` when verifying (``kind``:
     ``std`` for a QONNX Quant, ``encoding`` for an applied encoding)."""
     return f"{name}/{kind}"
+
+
+def width_group(layer: str, bits: int) -> dict[str, str]:
+    """Nodes and tensors of the kernels of layer node ``layer`` that share the container width ``bits`` (QONNX)."""
+    p = f"{layer}/weight_w{bits}"
+    return {"indices": f"{p}_indices", "gather": f"{p}_gather", "scale_gather": f"{p}_scale_gather",
+            "bitwidth": f"{p}_bitwidth", "quant": f"{p}_quant", "concat": f"{layer}/weight_concat",
+            "order": f"{layer}/weight_order", "reorder": f"{layer}/weight_reorder"}
