@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,8 @@ from impq_onnx.quant.plan import PrecisionPlan
 
 MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
 DATA = ROOT / "models" / "fashion-mnist"
-PACKAGES = ["onnxruntime", "onnx>=1.16,<1.18", "onnx-ir>=0.1.10", "numpy>=1.24", "click>=8.1", "pyyaml>=6", "pillow>=10"]
+PACKAGES = ["onnxruntime", "onnx>=1.16,<1.18", "onnx-ir>=0.1.10", "numpy>=1.24", "click>=8.1", "pyyaml>=6",
+            "pillow>=10"]
 
 
 @pytest.fixture(scope="module")

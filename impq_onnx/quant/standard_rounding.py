@@ -40,8 +40,8 @@ def fake_quant_as_standard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         p = f"{node.name or node.output[0]}/std"
-        graph.initializer.extend([numpy_helper.from_array(np.array(attrs.get("quant_min", 0), np.float32), f"{p}/lo"),
-                                  numpy_helper.from_array(np.array(attrs.get("quant_max", 255), np.float32), f"{p}/hi")])
+        bounds = (("lo", attrs.get("quant_min", 0)), ("hi", attrs.get("quant_max", 255)))
+        graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), f"{p}/{k}") for k, v in bounds])
         x, scale, zero = node.input[0], node.input[1], node.input[2]
         nodes += [helper.make_node("Div", [x, scale], [f"{p}/div"], name=f"{p}/Div"),
                   helper.make_node("Add", [f"{p}/div", zero], [f"{p}/shift"], name=f"{p}/Add"),

@@ -66,13 +66,13 @@ def _kernels(match: WeightQuantizer, plan: PrecisionPlan | None, sites: SiteTabl
     layer = planned_layer(sites, match.layer)
     if layer is not None and plan is not None:
         kernels: list[KernelGrid | None] = []
-        for b, s in zip(plan.weights[layer.node], scales):
+        for b, s in zip(plan.weights[layer.node], scales, strict=True):
             lo, hi, odd = code_bounds(b, plan.weight_scheme)
             kernels.append(None if b is None else KernelGrid(float(s), lo, hi, odd))
         return kernels
     info = np.iinfo(codes.dtype)
     return [KernelGrid(float(s), int(info.min) - int(z), int(info.max) - int(z), stored_bits=info.bits,
-                       stored_signed=bool(info.min < 0)) for s, z in zip(scales, zeros)]
+                       stored_signed=bool(info.min < 0)) for s, z in zip(scales, zeros, strict=True)]
 
 
 def encodings_of(qdq_model: ir.Model, plan: PrecisionPlan | None = None, sites: SiteTable | None = None,
@@ -84,8 +84,8 @@ def encodings_of(qdq_model: ir.Model, plan: PrecisionPlan | None = None, sites: 
     """
     graph = qdq_model.graph
     params = {_folded_name(graph, m, sites): (_kernels(m, plan, sites), m.axis) for m in weight_quantizers(graph)}
-    activations = {layer_input_name(m, version): ActivationGrid(m.scale, m.lo - m.zero_point, m.hi - m.zero_point, m.bits,
-                                                       m.signed, m.zero_point)
+    activations = {layer_input_name(m, version): ActivationGrid(m.scale, m.lo - m.zero_point, m.hi - m.zero_point,
+                                                                m.bits, m.signed, m.zero_point)
                    for m in activation_quantizers(graph)}
     kernels = [k for ks, _ in params.values() for k in ks if k is not None]
     args = {"activation_bitwidth": max((a.bits for a in activations.values()), default=0),

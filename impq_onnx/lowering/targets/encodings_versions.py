@@ -40,7 +40,8 @@ import numpy as np
 
 from impq_onnx.errors import PlanError
 
-__all__ = ["activation_width", "KernelGrid", "ActivationGrid", "Encoding", "VERSIONS", "write_version", "read_version", "signed_width"]
+__all__ = ["activation_width", "KernelGrid", "ActivationGrid", "Encoding", "VERSIONS", "write_version", "read_version",
+           "signed_width"]
 
 VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 _V2_WIDTHS = (2, 4, 8, 16, 32)
@@ -133,7 +134,7 @@ def _v061(params: dict, activations: dict, quantizer_args: dict) -> dict:
     for name, (kernels, _) in params.items():
         param_encodings[name] = [
             {"bitwidth": 32, "dtype": "float"} if k is None
-            else _v061_entry(max(4, k.width) if k.symmetric else k.width, k.offset(max(4, k.width)), k.scale, k.symmetric)
+            else _v061_entry(bw := max(4, k.width) if k.symmetric else k.width, k.offset(bw), k.scale, k.symmetric)
             for k in kernels]
     activation_encodings = {}
     for name, a in activations.items():
@@ -234,7 +235,7 @@ def _v2_encodings(entry: dict) -> list[Encoding]:
     zeros = np.broadcast_to(np.asarray(entry.get("y_zero_point", 0), np.float64), (len(scales),)).tolist()
     qmin, qmax = _dtype_range(entry["output_dtype"])
     result = []
-    for s, z in zip(scales, zeros):
+    for s, z in zip(scales, zeros, strict=True):
         if float(z).is_integer():
             result.append(Encoding(s, qmin - int(z), qmax - int(z)))
         else:  # value = (q - z) · s with a fractional z: n = q, shift = -z
@@ -249,10 +250,13 @@ def read_version(encodings: dict) -> dict[str, list[Encoding | None]]:
     if version == "2.0.0":
         return {e["name"]: list(_v2_encodings(e)) for e in encodings["encodings"]}
     if version == "1.0.0":
-        return {e["name"]: [Encoding(sc, o, o + 2 ** e["bw"] - 1) for sc, o in zip(e["scale"], e["offset"])]
+        return {e["name"]: [Encoding(sc, o, o + 2 ** e["bw"] - 1)
+                            for sc, o in zip(e["scale"], e["offset"], strict=True)]
                 for e in encodings["activation_encodings"] + encodings["param_encodings"]}
 
     def entry(e: dict) -> Encoding | None:
-        return Encoding(e["scale"], e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1) if e.get("dtype") == "int" else None
+        if e.get("dtype") != "int":
+            return None
+        return Encoding(e["scale"], e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1)
     return {n: [entry(e) for e in es]
             for n, es in {**encodings["activation_encodings"], **encodings["param_encodings"]}.items()}

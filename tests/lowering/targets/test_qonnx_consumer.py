@@ -37,8 +37,9 @@ def test_qonnx_executes_the_cli_output_equal_to_the_simulation(qonnx_python, tmp
     plan = mixed_plan(sites, scheme, float_kernel=False)  # per-kernel bits 1..8 in every layer
     plan.save(tmp_path / "plan.yaml")
     out = tmp_path / "model.qonnx.onnx"
-    done = subprocess.run([sys.executable, "-m", "impq_onnx", "lower", str(MODEL), "--plan", str(tmp_path / "plan.yaml"),
-                           "-o", str(out), "--format", "qonnx", "--static-batch", "1"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "impq_onnx", "lower", str(MODEL), "--plan",
+                           str(tmp_path / "plan.yaml"), "-o", str(out), "--format", "qonnx", "--static-batch", "1"],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim][0] == 1
     x = np.concatenate([b[0] for b in open_for_model(canonical, MODEL.parent / "test", None,
