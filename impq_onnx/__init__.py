@@ -9,11 +9,25 @@ Public API::
 
 from __future__ import annotations
 
-from impq_onnx.compression import CompressConfig, CompressResult, compress
-from impq_onnx.errors import ConfigError, DataError, ImpqError, ModelError, PlanError
-from impq_onnx.frontend.canonical import CanonicalModel, from_proto, load
-from impq_onnx.frontend.sites import ActivationSite, QuantLayer, SiteTable, WeightGroup
-from impq_onnx.frontend.site_analysis import find_sites
+import importlib
+from typing import Any
+
+# Loaded on first use, so that ``impq-onnx`` can install its signal handlers before numpy and onnx load.
+_EXPORTS = {
+    "impq_onnx.compression": ("CompressConfig", "CompressResult", "compress"),
+    "impq_onnx.errors": ("ConfigError", "DataError", "ImpqError", "ModelError", "PlanError"),
+    "impq_onnx.frontend.canonical": ("CanonicalModel", "from_proto", "load"),
+    "impq_onnx.frontend.sites": ("ActivationSite", "QuantLayer", "SiteTable", "WeightGroup"),
+    "impq_onnx.frontend.site_analysis": ("find_sites",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'impq_onnx' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+
 
 __version__ = "0.1.0"
 

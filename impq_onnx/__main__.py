@@ -1,3 +1,3 @@
-from impq_onnx.cli import main
+from impq_onnx.interrupts import run
 
-main()
+run()

@@ -26,6 +26,11 @@ def _user_errors(func):
         except ImpqError as exc:
             click.echo(f"impq-onnx: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # read-only folder, full disk, a name too long...: one line naming the path
+            from impq_onnx.outputs import describe_os_error
+
+            click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -49,6 +54,9 @@ def main(verbose: int) -> None:
     """impq-onnx: mixed-precision quantization of ONNX image classifiers (IMPQ)."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+_SHAPE_HELP = "Concrete input shape for MACs and padding, e.g. 1,3,224,224 [default: the data's]."
 
 
 @main.command("inspect")
@@ -77,10 +85,16 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
-def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json):
+def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json,
+                     input_shape):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
+
+    from impq_onnx.option_checks import EVALUATE, check_numbers
+
+    check_numbers(dict(batch_size=batch_size, limit_per_class=limit_per_class, threads=threads), EVALUATE, cli=True)
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.engine import evaluate
@@ -93,7 +107,7 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
     plan = sites = None
     if plan_path:
-        sites = find_sites(canonical)
+        sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
         plan = PrecisionPlan.load(plan_path).validate(sites)
     result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
                       float_model=canonical if plan is not None else None, threads=threads, progress=True)
@@ -144,11 +158,17 @@ def _compress_options(func):
 @click.option("--top", default=5, show_default=True, help="How many layers to print at each end.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
-                        output_prefix, top, seed, threads):
+                        output_prefix, top, seed, threads, input_shape):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
+
+    from impq_onnx.option_checks import SENSITIVITY, check_numbers
+
+    check_numbers(dict(samples=samples, runner_ups=runner_ups, top=top, seed=seed, threads=threads), SENSITIVITY,
+                  cli=True)
 
     from impq_onnx.files import write_all
     from impq_onnx.data.model_data import open_for_model, split_folders
@@ -159,10 +179,10 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
-    sites = find_sites(canonical)
-    plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     train, _ = split_folders(data)
     dataset = open_for_model(canonical, train, preprocess)
+    sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+    plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
         import numpy as np
 
@@ -200,16 +220,17 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 @click.option("--format", "format_", type=click.Choice(target_names()), default="qdq", show_default=True,
               help=target_help())
 @click.option("--output", help="Name of the logits tensor when the model has several outputs.")
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP.replace("the data's", "224 for a dynamic size"))
 @click.option("--encodings-version", type=click.Choice(["0.6.1", "1.0.0", "2.0.0"]), default="0.6.1", show_default=True,
               help="AIMET encodings version (--format encodings).")
 @click.option("--static-batch", type=click.IntRange(min=1), help="Fix the batch dimension of the model's input and "
               "output to N (QONNX tools need static shapes).")
 @_user_errors
-def lower_command(model, plan_path, output_path, format_, output, encodings_version, static_batch):
+def lower_command(model, plan_path, output_path, format_, output, input_shape, encodings_version, static_batch):
     """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
     from impq_onnx.lowering.lower import lower_file
 
-    for path in lower_file(model, plan_path, output_path, format_, output=output,
+    for path in lower_file(model, plan_path, output_path, format_, output=output, input_shape=input_shape,
                            encodings_version=encodings_version, static_batch=static_batch):
         click.echo(f"wrote {path}")
 
@@ -224,10 +245,15 @@ def lower_command(model, plan_path, output_path, format_, output, encodings_vers
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
-def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json):
+def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, as_json, input_shape):
     """Check LOWERED against the simulation of MODEL under PLAN: predictions, integer ranges, annotations."""
     import json
+
+    from impq_onnx.option_checks import VERIFY, check_numbers
+
+    check_numbers(dict(limit_per_class=limit_per_class, threads=threads), VERIFY, cli=True)
 
     from impq_onnx.data.model_data import open_for_model, split_folders
     from impq_onnx.frontend.canonical import load
@@ -237,10 +263,10 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     from impq_onnx.lowering.verify import verify
 
     canonical = load(model_path)
-    sites = find_sites(canonical)
-    plan = PrecisionPlan.load(plan_path).validate(sites)
     train, held_out = split_folders(data)
     dataset = open_for_model(canonical, held_out or train, preprocess, limit_per_class=limit_per_class)
+    sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+    plan = PrecisionPlan.load(plan_path).validate(sites)
     result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

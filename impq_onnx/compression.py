@@ -7,7 +7,8 @@ m.onnx --data images/ --target-bits 5`` take the same options (:class:`CompressC
 and outputs (:mod:`impq_onnx.search.methods`: faq, activation-density, uniform-ptq); this module
 resolves options, data and outputs.
 
-Outputs (each written to a temporary name and renamed at the end, so an error leaves none):
+Outputs (checked against the inputs before any work, locked, staged beside the target and renamed
+into place together at the end, so an error or a signal leaves none; :mod:`impq_onnx.outputs`):
 ``output`` (the model), ``<stem>.plan.yaml``, ``<stem>.report.json`` (every iteration and the final
 metrics) and ``<stem>.config.yaml`` (the resolved options; ``--config`` it to reproduce the run).
 The work directory (default ``<stem>.work``) holds a checkpoint per iteration; ``resume`` continues
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,11 +30,11 @@ import numpy as np
 import onnx
 import yaml
 
-from impq_onnx.files import write_all
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
-from impq_onnx.lowering.lower import output_files
+from impq_onnx.lowering.lower import derived_paths, output_files
 from impq_onnx.lowering.targets import TARGETS, target_help
+from impq_onnx.outputs import OutputSet, check_paths
 from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
@@ -141,21 +143,11 @@ class CompressConfig:
 
         parse_schedule(self.schedule, "schedule")
         parse_schedule(self.act_schedule, "act_schedule")
-        for name in ("start_bits", "start_act_bits"):
-            if not 1 <= getattr(self, name) <= 16:
-                raise ConfigError(f"option '{name}': {getattr(self, name)} must be within 1..16")
-        for name in ("steps", "batch_size", "sensitivity_samples", "runner_ups", "threads", "start_steps",
-                     "max_val_samples", "replicas"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"option '{name}': {getattr(self, name)} must be at least 1")
-        for name in ("max_iterations", "lr", "epochs", "time_budget", "max_accuracy_drop", "target_gbitops",
-                     "target_bits", "target_act_bits", "weight_decay", "momentum"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"option '{name}': {getattr(self, name)} must not be negative")
+        from impq_onnx import option_checks
+
+        option_checks.check_numbers(dataclasses.asdict(self), option_checks.COMPRESS)
         if self.replicas > 1 and self.optimizer != "sgd":
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"option 'val_fraction': {self.val_fraction} must be between 0 and 1 (exclusive)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +206,12 @@ def _preprocess(cfg: CompressConfig, canonical):
 
     if cfg.preprocess is None:
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
-        return infer_preprocess(canonical.input_shape(), layout)
+        from impq_onnx.data.imagefolder import first_image_size
+        from impq_onnx.data.model_data import split_folders
+
+        dynamic = any(not isinstance(d, int) for d in canonical.input_shape()[1:])
+        data_size = first_image_size(split_folders(cfg.data)[0]) if dynamic and cfg.data else None
+        return infer_preprocess(canonical.input_shape(), layout, data_size)
     if cfg.preprocess in PRESETS:
         return PRESETS[cfg.preprocess]
     if cfg.preprocess.endswith((".yaml", ".yml")) or Path(cfg.preprocess).is_file():
@@ -267,22 +264,38 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
              config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    from impq_onnx.option_checks import target_warnings
+
+    given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
+    cfg = CompressConfig.resolve(config, **given, **options)
+    if cfg.method != "uniform-ptq":  # before any work: a plain onnxruntime shadowing the training build
+        from impq_onnx.engine.ort_training import require_training_runtime
+
+        require_training_runtime()
+    for line in target_warnings(cfg):
+        logging.getLogger(__name__).warning(line)
+    paths = cfg.paths()
+    with _outputs(cfg, paths, config) as outputs:  # checked against the inputs, locked, staged
+        return _compress(cfg, paths, outputs, progress)
+
+
+def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
+              progress: bool | Callable[[str], None]) -> CompressResult:
     from impq_onnx.engine import evaluate
-    from impq_onnx.engine.ort_training import require_training_runtime
     from impq_onnx.frontend.canonical import load
     from impq_onnx.search.checkpoint import WorkDir
     from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches, with_values
     from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
 
-    require_training_runtime()  # before any work: a plain onnxruntime shadowing the training build
-    given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
-    cfg = CompressConfig.resolve(config, **given, **options)
     report = progress if callable(progress) else (_stderr_line if progress else None)
-    paths = cfg.paths()
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
     base = load(cfg.model)
+    if cfg.method != "uniform-ptq":  # every other method fine-tunes or measures gradients: refuse now, not mid-run
+        from impq_onnx.engine.differentiable import check_trainable
+
+        check_trainable(base)
     preprocess = _preprocess(cfg, base)
     sites = find_sites(base, (1, *preprocess.sample_shape))
     train, val, test = _datasets(cfg, preprocess)
@@ -322,21 +335,27 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
+    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
+
+    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)  # verified at batch N, written as declared
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict()}
-    write_all({
+    report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()
+    files = {
         **output_files(lowered, paths["output"]),
         paths["float"]: final_model.to_bytes(),
         paths["plan"]: plan.to_yaml().encode(),
-        paths["report"]: (json.dumps(document, indent=1, allow_nan=True) + "\n").encode(),
+        paths["report"]: report_json,
         paths["config"]: yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(),
-    })
-    if cfg.report:  # after the outputs: the HTML report reads <stem>.report.json
-        from impq_onnx.report import write_report
+    }
+    if cfg.report:  # the HTML report reads <stem>.report.json, handed over before it is written
+        from impq_onnx.report import report_files
 
-        write_report([paths["work_dir"]], paths["report_html"])
+        files.update(report_files([paths["work_dir"]], paths["report_html"],
+                                  {paths["work_dir"]: (paths["report"], json.loads(report_json))}))
+    outputs.commit(files)
     if report:
         split = "test" if "test_top1" in final else "val"
         top1 = final[f"{split}_top1"]
@@ -348,3 +367,24 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
 
 def _stderr_line(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _input_file(path: str | os.PathLike | None) -> Path | None:
+    return Path(path) if path is not None and Path(path).exists() else None
+
+
+def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathLike | None) -> OutputSet:
+    """Every file the run writes, checked against every input (:func:`check_paths`), as a locked OutputSet."""
+    output = paths["output"]
+    derived = derived_paths(output, cfg.format) + [paths["float"], paths["plan"], paths["report"], paths["config"]]
+    if cfg.report:
+        from impq_onnx.report.figures import FIGURES
+
+        derived += [paths["report_html"]] + [Path(f"{paths['report_html'].with_suffix('')}.{name}.png")
+                                             for name in FIGURES]
+    data = Path(cfg.data)
+    check_paths([("--output", output)] + [("the derived output", p) for p in derived],
+                {"the input model": Path(cfg.model), "the config file": _input_file(config),
+                 "the preprocess file": _input_file(cfg.preprocess), "the data file": data if data.is_file() else None},
+                trees={"the data folder": data if data.is_dir() else None}, work_dir=paths["work_dir"])
+    return OutputSet([output, *derived], locked=[output, paths["work_dir"]])

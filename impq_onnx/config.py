@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import stat
 import types
 import typing
 from pathlib import Path
@@ -19,7 +21,7 @@ import yaml
 
 from impq_onnx.errors import ConfigError
 
-__all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types"]
+__all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types", "load_yaml", "read_yaml_mapping"]
 
 _NONE_WORDS = ("none", "null", "~", "")
 
@@ -41,20 +43,65 @@ def check_keys(mapping: Mapping[str, Any], valid: Iterable[str], source: str) ->
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """The mapping in YAML file ``path`` (safe loader; an empty file is an empty mapping)."""
     path = Path(path)
+    shown = os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{shown}: the {what} is not a regular file")
+            raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+        raise ConfigError(f"{shown}: cannot read the {what} ({exc.strerror or exc})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{shown}: the {what} is larger than {MAX_YAML_BYTES // 1024} KiB; is it the right file?")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    try:
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{shown}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{shown}: the {what} is nested too deeply to be a {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values in the {what}, "
                           f"got {type(data).__name__}")
     return data
+
+
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # counted with every alias expanded: an "alias bomb" of 370 bytes stops here
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents of more than MAX_YAML_NODES nodes once aliases are
+    expanded (ValueError), before anything is built from them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:  # the expanded size; aliases share the node they point to
+            if id(n) not in sizes:
+                sizes[id(n)] = 1  # a recursive alias counts once instead of looping
+                children = (n.value if isinstance(n, yaml.SequenceNode) else
+                            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else [])
+                sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_NODES + 1)
+            return sizes[id(n)]
+
+        if size(node) > MAX_YAML_NODES:
+            raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases are expanded (an alias bomb?); "
+                             "write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_config(path: str | Path, valid: Iterable[str]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ an error leaves none of them behind (the outputs of compress and lower rely on t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -33,6 +35,10 @@ def write_temporary(path: str | os.PathLike, data: bytes | str) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
+    except OSError as exc:  # a full disk says nothing of the file: name it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise OSError(exc.errno, exc.strerror, exc.filename or os.fspath(path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -47,6 +53,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
 
 def write_all(files: dict[Path, bytes | str]) -> None:
     """Write every file to a temporary name first, then rename them all; on error, none is left."""
+    for path in files:  # never replace a device, FIFO or folder with a file
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file (a folder, device or FIFO); outputs are regular "
+                              "files only: give a file name", os.fspath(path))
     temps: list[tuple[str, Path]] = []
     try:
         for path, data in files.items():

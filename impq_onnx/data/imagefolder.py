@@ -17,7 +17,7 @@ from PIL import Image
 from impq_onnx.data.preprocess import Preprocess, fit_image
 from impq_onnx.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderScan", "ImageFiles", "scan_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderScan", "ImageFiles", "scan_image_folder", "first_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,50 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def first_image_size(root: str | os.PathLike) -> tuple[int, int] | None:
+    """``(height, width)`` of the first image of an image folder (header only), or None (no folder or image)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d.name for d in _class_order(Path(dirpath), [Path(dirpath) / d for d in dirnames
+                                                                      if not d.startswith(".")])]
+        for name in sorted(f for f in filenames if _is_image(f)):
+            try:
+                with Image.open(Path(dirpath) / name) as image:
+                    return image.height, image.width
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                continue
+    return None
+
+
+def _class_order(root: Path, dirs: list[Path]) -> list[Path]:
+    """Class folders by name, or by number when every name is a distinct integer (``0 90 180 270``,
+    ``0 .. 11``: exporters number classes, and string order would put 10 before 2); said once when
+    the two orders differ."""
+    by_name = sorted(dirs)
+    try:
+        numbers = [int(p.name) for p in by_name]
+    except ValueError:
+        return by_name
+    if len(set(numbers)) != len(numbers):
+        logger.warning("%s: class folders %s name the same number twice; ordered as text", root,
+                       ", ".join(p.name for p in by_name))
+        return by_name
+    by_number = [p for _, p in sorted(zip(numbers, by_name))]
+    if by_number != by_name:
+        logger.warning("%s: class folders are numbers, ordered numerically (%s = labels 0..%d)", root,
+                       " ".join(p.name for p in by_number), len(by_number) - 1)
+    return by_number
+
+
 def scan_image_folder(root: Path, limit_per_class: int | None = None) -> ImageFolderScan:
-    """List ``root/<class>/...`` images (classes sorted by name), or ``root/*`` images as unlabeled.
+    """List ``root/<class>/...`` images (classes sorted by name, or by number), or ``root/*`` images as unlabeled.
 
     A class folder without images keeps its name (and so the label numbering of the others) but
     contributes no samples, with a warning.
     """
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _class_order(root, [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")])
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
     paths: list[Path] = []
     labels: list[int] = []

@@ -19,17 +19,26 @@ __all__ = ["resolve_preprocess", "split_folders", "open_for_model"]
 EVAL_FOLDERS = ("test", "val", "validation")
 
 
-def resolve_preprocess(canonical, preprocess: str | Preprocess | None = None) -> Preprocess:
-    """A preset name, a YAML file path, a ready Preprocess, or None (inferred from the input shape)."""
+def resolve_preprocess(canonical, preprocess: str | Preprocess | None = None,
+                       data: str | Path | None = None) -> Preprocess:
+    """A preset name, a YAML file path, a ready Preprocess, or None (inferred from the input shape; a
+    dynamic height/width takes the size of the first image under ``data``)."""
     if isinstance(preprocess, Preprocess):
         return preprocess
     if preprocess is None:
-        return infer_preprocess(canonical.input_shape(), None if canonical.input_layout == "other" else canonical.input_layout)
+        from impq_onnx.data.imagefolder import first_image_size
+
+        return infer_preprocess(canonical.input_shape(), None if canonical.input_layout == "other" else canonical.input_layout,
+                                first_image_size(data) if data is not None and _dynamic_hw(canonical) else None)
     if preprocess in PRESETS:
         return PRESETS[preprocess]
     if Path(preprocess).suffix.lower() in (".yaml", ".yml"):
         return preprocess_from_yaml(preprocess)
     raise DataError(f"--preprocess '{preprocess}' is neither a preset ({', '.join(sorted(PRESETS))}) nor a .yaml file")
+
+
+def _dynamic_hw(canonical) -> bool:
+    return any(not isinstance(d, int) for d in canonical.input_shape()[1:])
 
 
 def split_folders(path: str | Path) -> tuple[Path, Path | None]:
@@ -47,7 +56,7 @@ def open_for_model(canonical, path: str | Path, preprocess: str | Preprocess | N
     """Open ``path`` with the model's preprocessing and check it fits the model."""
     from impq_onnx.data import open_dataset
 
-    dataset = open_dataset(path, resolve_preprocess(canonical, preprocess), limit_per_class=limit_per_class)
+    dataset = open_dataset(path, resolve_preprocess(canonical, preprocess, path), limit_per_class=limit_per_class)
     check_fits(canonical, dataset)
     return dataset
 

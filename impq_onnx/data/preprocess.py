@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from impq_onnx.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Preprocess",
@@ -156,13 +159,15 @@ def _static(dim: Any) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
-def infer_preprocess(input_shape: Sequence[Any], layout: str | None = None) -> Preprocess:
+def infer_preprocess(input_shape: Sequence[Any], layout: str | None = None,
+                     data_size: tuple[int, int] | None = None) -> Preprocess:
     """Guess the preprocessing from a model input shape such as ``[N, 3, 32, 32]``.
 
     Dimensions that are not positive integers (``"N"``, ``None``, ``-1``) are dynamic. The layout is
     NCHW when dimension 1 is 1 or 3, else NHWC when the last dimension is; pass ``layout`` to decide.
     3 channels at 32x32 is CIFAR, 1 channel is Fashion-MNIST statistics, anything else ImageNet's;
-    a dynamic height or width gives the ImageNet preset (resize 256, crop 224).
+    a dynamic height or width takes ``data_size`` (the data's image size, no resize) when given, else
+    the ImageNet preset (resize 256, crop 224); either is said in a warning.
     """
     if len(input_shape) != 4:
         raise DataError(
@@ -186,8 +191,14 @@ def infer_preprocess(input_shape: Sequence[Any], layout: str | None = None) -> P
         stats = PRESETS["cifar"]
     else:
         stats = PRESETS["imagenet"]
-    if h is None or w is None:
+    if (h is None or w is None) and data_size is not None:
+        size, resize = (h or data_size[0], w or data_size[1]), None
+        logger.warning("model input %s has a dynamic height/width: images are fed at %dx%d, the data's size "
+                       "(first image); set --preprocess to choose another", list(input_shape), *size)
+    elif h is None or w is None:
         size, resize = PRESETS["imagenet"].size, PRESETS["imagenet"].resize
+        logger.warning("model input %s has a dynamic height/width and the data gives no size: images are resized "
+                       "to 256 and cropped to 224x224; set --preprocess to choose another", list(input_shape))
     elif min(h, w) >= 64:
         # The ImageNet convention: resize, then crop the central 87.5%.
         size, resize = (h, w), round(min(h, w) / 0.875)

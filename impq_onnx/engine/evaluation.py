@@ -58,7 +58,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
         x = np.ascontiguousarray(x, np.float32)
         start = time.perf_counter()
-        logits = session.run([output_name], {input_name: x})[0]
+        logits = _run(session, output_name, input_name, x)
         seconds += time.perf_counter() - start
         logits = logits.reshape(len(x), -1)
         predicted = np.argmax(logits, axis=1)
@@ -68,7 +68,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
             top5 += _topk_hits(logits, y, 5)
             labelled += len(y)
         if reference is not None:
-            ref = reference.run(None, {reference.get_inputs()[0].name: x})[0].reshape(len(x), -1)
+            ref = _run(reference, reference.get_outputs()[0].name, reference.get_inputs()[0].name, x).reshape(len(x), -1)
             agree += int(np.sum(predicted == np.argmax(ref, axis=1)))
         n += len(x)
         if report and time.perf_counter() - last >= 2.0:
@@ -92,6 +92,21 @@ def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int 
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)
     return session.run(None, {session.get_inputs()[0].name: np.asarray(x, np.float32)})[0]
+
+
+def _run(session, output: str, input_name: str, x: np.ndarray) -> np.ndarray:
+    """One batch; a model whose batch stays static (its graph bakes it in) runs in chunks of that size,
+    the last one padded with zeros whose outputs are dropped."""
+    fixed = session.get_inputs()[0].shape[0]
+    if not isinstance(fixed, int) or fixed < 1 or fixed == len(x):
+        return session.run([output], {input_name: x})[0]
+    parts = []
+    for start in range(0, len(x), fixed):
+        chunk = x[start : start + fixed]
+        if len(chunk) < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - len(chunk), *x.shape[1:]), x.dtype)])
+        parts.append(session.run([output], {input_name: chunk})[0])
+    return np.concatenate(parts)[: len(x)]
 
 
 def _stderr_line(message: str) -> None:

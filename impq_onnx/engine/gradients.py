@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.ops import LAYER_OPS, layer_op
 
@@ -194,6 +195,8 @@ class TensorGradients:
         model.CopyFrom(proto)
         inference_batchnorm(model)
         explicit_conv_pads(model, input_shape)
+        make_differentiable(model)
+        check_differentiable(model)
         shapes = _shapes(model, input_shape)
         self.input_name = graph_input_name(model)
         self.wrt = list(dict.fromkeys(wrt))

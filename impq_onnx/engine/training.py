@@ -38,6 +38,7 @@ import onnx
 from onnx import helper
 
 from impq_onnx.engine import ort_training as _ort_training
+from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
 from impq_onnx.errors import DataError, PlanError
 from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
@@ -289,6 +290,8 @@ def fine_tune(
     proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
     running = _batchnorm_to_training(proto, batchnorm_momentum)
     _relu_as_clip(proto)
+    make_differentiable(proto)
+    check_differentiable(proto, getattr(model, "label", "the model"))
     trainable = _trainable_names(proto, sites)
     frozen = sorted(set(running.values()))
     logits = sites.logits

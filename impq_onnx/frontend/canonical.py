@@ -27,6 +27,8 @@ from impq_onnx.errors import ModelError
 from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model
 from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
+from impq_onnx.frontend.passes.fold_constant_weights import FoldConstantWeightsPass
+from impq_onnx.frontend.passes.dynamic_batch import DynamicBatchPass, batch_is_free, declared_batch
 from impq_onnx.frontend.passes.strip_classifier_head import head_of, value_named
 
 __all__ = ["CanonicalModel", "load", "from_proto", "CANONICAL_MIN_OPSET"]
@@ -51,6 +53,7 @@ class CanonicalModel:
     input_layout: str  # "NCHW", "NHWC" or "other" (guessed from the input shape)
     original_opset: int
     label: str = "<model>"  # how errors name the model: its path, or what the caller passed
+    declared_batch: int | None = None  # the static batch the file declares (the canonical form's batch is N)
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.model)
@@ -104,6 +107,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         [
             RemoveInitializersFromInputsPass(),
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
+            FoldConstantWeightsPass(),
             Float16ToFloat32Pass(),
             StripClassifierHeadPass(logits_name),
             RemoveUnusedNodesPass(),
@@ -121,6 +125,10 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         proto = _upgrade_opset(proto, label)
     proto = _infer_shapes(proto, label)
     model = ir.serde.deserialize_model(proto)
+    batch = declared_batch(model.graph.inputs[0])
+    if batch is not None:
+        model, batch = _free_batch(model, batch, label)
+    logits = _flatten_logits(model) or logits
     input_value = model.graph.inputs[0]
     canonical = CanonicalModel(
         model=model,
@@ -131,6 +139,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         input_layout=_guess_layout(input_value),
         original_opset=original_opset,
         label=label,
+        declared_batch=batch,
     )
     if check_runtime:
         from impq_onnx.runtime import check_runs
@@ -138,6 +147,39 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         check_runs(canonical)
     logger.info("loaded %s: logits %r, head %s, opset %d", label, logits, canonical.head, original_opset)
     return canonical
+
+
+def _free_batch(model: ir.Model, batch: int, label: str) -> tuple[ir.Model, int | None]:
+    """The model with its batch declared ``N`` where that is numerically safe, else unchanged.
+
+    Returns ``(model, batch)`` on success (the batch to restore on output) and ``(model, None)``
+    when the static batch stays.
+    """
+    freed = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    DynamicBatchPass()(freed)
+    proto = ir.serde.serialize_model(freed)
+    _drop_value_info(proto)
+    proto = _infer_shapes(proto, label)
+    if batch_is_free(proto, batch):
+        return ir.serde.deserialize_model(proto), batch
+    logger.warning("%s: the batch stays fixed at %d (the graph bakes it into shapes); evaluation runs in chunks "
+                   "of it, fine-tuning and sensitivity need a model exported with a dynamic batch", label, batch)
+    return model, None
+
+
+def _flatten_logits(model: ir.Model) -> str | None:
+    """Give ``[N, C, 1, 1]`` logits (a 1x1-conv classifier without a Flatten) a Flatten to ``[N, C]``;
+    returns the new logits name, or None where the logits are already 2-D."""
+    logits = model.graph.outputs[0]
+    shape = logits.shape
+    if shape is None or len(shape) <= 2 or any(d != 1 for d in list(shape)[2:]):
+        return None
+    flatten = ir.node("Flatten", [logits], attributes={"axis": 1}, name=f"{logits.name}/flatten",
+                      outputs=[ir.Value(name=f"{logits.name}/flat", shape=ir.Shape(list(shape)[:2]), type=logits.type)])
+    model.graph.append(flatten)
+    model.graph.outputs[0] = flatten.outputs[0]
+    logger.info("logits %r are %s; flattened to [N, C]", logits.name, list(shape))
+    return flatten.outputs[0].name
 
 
 def _drop_value_info(proto: onnx.ModelProto) -> None:

@@ -33,6 +33,11 @@ _ITEMSIZE = {
     TensorProto.BOOL: 1,
 }
 _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+_PACKED_4BIT = {TensorProto.INT4, TensorProto.UINT4}  # two elements per byte (and per int32_data entry)
+
+
+def _nbytes(count: int, data_type: int) -> int:
+    return (count + 1) // 2 if data_type in _PACKED_4BIT else count * _ITEMSIZE.get(data_type, 8)
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -95,7 +100,7 @@ def _claimed_elements(tensor: TensorProto, path) -> int:
         if d < 0:
             raise ModelError(f"{path}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
         count *= d
-    nbytes = count * _ITEMSIZE.get(tensor.data_type, 8)
+    nbytes = _nbytes(count, tensor.data_type)
     if nbytes > MAX_TENSOR_BYTES:
         raise ModelError(
             f"{path}: tensor '{tensor.name}' claims {count} elements ({nbytes / 2**30:.1f} GiB), "
@@ -111,10 +116,11 @@ def check_tensor_sizes(proto: onnx.ModelProto, path) -> None:
         if tensor.data_location == TensorProto.EXTERNAL or tensor.data_type in (0, TensorProto.STRING):
             continue
         if tensor.HasField("raw_data"):
-            stored, expected, unit = len(tensor.raw_data), count * _ITEMSIZE.get(tensor.data_type, 8), "bytes"
+            stored, expected, unit = len(tensor.raw_data), _nbytes(count, tensor.data_type), "bytes"
         else:
             # Typed fields hold one entry per element (float16 and int8 are widened into int32_data).
-            stored, expected, unit = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS), count, "values"
+            stored, unit = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS), "values"
+            expected = (count + 1) // 2 if tensor.data_type in _PACKED_4BIT else count
         if stored != expected:
             raise ModelError(
                 f"{path}: tensor '{tensor.name}' with shape {list(tensor.dims)} stores {stored} {unit} "
@@ -139,7 +145,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         size = target.stat().st_size
         offset = int(info.offset or 0)
         length = int(info.length) if info.length else size - offset
-        if offset < 0 or offset + length > size or length != _claimed_elements(tensor, path) * _ITEMSIZE.get(tensor.data_type, 8):
+        if offset < 0 or offset + length > size or length != _nbytes(_claimed_elements(tensor, path), tensor.data_type):
             raise ModelError(
                 f"{path}: tensor '{tensor.name}' claims bytes {offset}..{offset + length} of '{location}' "
                 f"({size} bytes) for shape {list(tensor.dims)}; the external data does not match"

@@ -7,6 +7,7 @@ the user states. Nothing here edits the model.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -15,9 +16,11 @@ import onnx_ir as ir
 
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.ops import LAYER_OPS, layer_op
-from impq_onnx.frontend.sites import ActivationSite, BatchNormStats, QuantLayer, SiteTable
+from impq_onnx.frontend.sites import ActivationSite, BatchNormStats, FloatLayer, QuantLayer, SiteTable
 
 __all__ = ["find_sites", "analyse", "concrete_input_shape", "DEFAULT_IMAGE_SIZE"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 224
 # Ops through which a BatchNormalization still "produces" an activation for the clip rule, and
@@ -196,7 +199,39 @@ def analyse(canonical, input_shape=None) -> SiteTable:
             producer=producer.op_type if producer is not None else None,
             batchnorm=_producing_batchnorm(value), unsigned=_is_non_negative(value),
         ))
-    return SiteTable(canonical.input_name, shape, canonical.logits, tuple(layers), tuple(activations))
+    found = {layer.node for layer in layers}
+    floating = [f for node in graph if node.name not in found and (f := _float_layer(node, shapes)) is not None]
+    if floating:
+        logger.warning("%s: %s keep float weights (computed in the graph, not stored); they count 32 bits in "
+                       "B_w,eff and CR", label, ", ".join(f"'{f.node}' ({f.op_type})" for f in floating))
+    return SiteTable(canonical.input_name, shape, canonical.logits, tuple(layers), tuple(activations),
+                     tuple(floating))
+
+
+def _float_layer(node: ir.Node, shapes: dict) -> FloatLayer | None:
+    """A layer op whose weight is computed from constants only (so it looks quantizable) but is no initializer."""
+    op = layer_op(node)
+    if op is None or len(node.inputs) <= op.weight_input:
+        return None
+    weight = node.inputs[op.weight_input]
+    if weight is None or weight.const_value is not None or weight.name not in shapes or _reads_input(weight):
+        return None
+    return FloatLayer(node.name, node.op_type, weight.name, int(math.prod(shapes[weight.name])))
+
+
+def _reads_input(value: ir.Value) -> bool:
+    """True when ``value`` depends on a graph input (an activation, not a weight)."""
+    stack, seen = [value], set()
+    while stack:
+        current = stack.pop()
+        if current.is_graph_input():
+            return True
+        node = current.producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(v for v in node.inputs if v is not None)
+    return False
 
 
 def find_sites(model, input_shape: tuple[int, ...] | None = None) -> SiteTable:

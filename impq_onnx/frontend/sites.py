@@ -27,6 +27,7 @@ __all__ = [
     "QuantLayer",
     "ActivationSite",
     "WeightGroup",
+    "FloatLayer",
     "SiteTable",
     
 ]
@@ -115,6 +116,17 @@ class WeightGroup:
 
 
 @dataclasses.dataclass(frozen=True)
+class FloatLayer:
+    """A layer whose weight the graph computes (not a foldable constant path): it stays float and
+    counts 32 bits in ``B_w,eff`` and CR, so a report never claims it was quantized."""
+
+    node: str
+    op_type: str
+    weight: str  # the tensor the layer reads as its weight
+    params: int
+
+
+@dataclasses.dataclass(frozen=True)
 class SiteTable:
     """Everything later stages need to know about where quantization happens."""
 
@@ -123,6 +135,7 @@ class SiteTable:
     logits: str
     layers: tuple[QuantLayer, ...]
     activations: tuple[ActivationSite, ...]
+    float_layers: tuple[FloatLayer, ...] = ()  # layers left in float (see FloatLayer)
 
     def layer(self, node: str) -> QuantLayer:
         for layer in self.layers:

@@ -65,7 +65,7 @@ class LoweredModel:
     proto: onnx.ModelProto
     sidecar: dict
     format: str = "qdq"
-    attachments: dict[str, dict] = dataclasses.field(default_factory=dict)  # {file suffix: JSON}, per target
+    attachments: dict[str, dict | bytes] = dataclasses.field(default_factory=dict)  # {file suffix: JSON | bytes}
 
     @property
     def encodings(self) -> dict | None:
@@ -164,6 +164,9 @@ def _retarget_sidecar(sidecar: dict, model: ir.Model, target: Target) -> None:
     by_site = {e["impq.site"]: t for t, e in annotations(model).items() if e["impq.kind"] == "activation"}
     for layer, entry in sidecar["weights"].items():
         entry["tensor"] = by_layer[layer]
+        stored = model.graph.initializers.get(entry["tensor"])
+        if target.stores_codes and stored is not None and stored.const_value is not None:
+            entry["dtype"] = str(np.dtype(stored.const_value.dtype.numpy()))  # a target may narrow it (int4)
         if not target.stores_codes and entry["dtype"] != "float32":
             entry["dtype"] = "float32"  # the target stores on-grid float values; the codes are value/scale
     for site, entry in sidecar["activations"].items():
@@ -184,20 +187,35 @@ def output_files(lowered: LoweredModel, output_path) -> dict[Path, bytes]:
     files = {output_path: lowered.proto.SerializeToString(),
              sidecar_path(output_path): (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode()}
     for suffix, content in lowered.attachments.items():
-        files[attachment_path(output_path, suffix)] = (json.dumps(content, indent=1, sort_keys=True) + "\n").encode()
+        files[attachment_path(output_path, suffix)] = (
+            content if isinstance(content, bytes) else (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
     return files
+
+
+def derived_paths(output_path, format: str) -> list[Path]:
+    """The files :func:`write` writes beside ``output_path``: the sidecar and the target's attachments."""
+    return [sidecar_path(output_path)] + [attachment_path(output_path, s) for s in get_target(format).attachments]
 
 
 def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, output: str | None = None,
                input_shape: tuple[int, ...] | None = None, **options: object) -> list[Path]:
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
+    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.outputs import OutputSet, check_paths
 
-    canonical = load(model_path, output=output)
-    sites = find_sites(canonical, input_shape)
-    plan = PrecisionPlan.load(plan_path).validate(sites)
-    return write(lower(canonical, plan, sites, format=format, **options), output_path)
+    output_path = Path(output_path)
+    derived = derived_paths(output_path, format)
+    check_paths([("-o/--output-path", output_path)] + [("the derived output", p) for p in derived],
+                {"the input model": Path(model_path), "the plan": Path(plan_path)}, flag="-o")
+    with OutputSet([output_path, *derived], locked=[output_path]) as outputs:  # locked, staged
+        canonical = load(model_path, output=output)
+        sites = find_sites(canonical, input_shape)
+        plan = PrecisionPlan.load(plan_path).validate(sites)
+        lowered = lower(canonical, plan, sites, format=format, **options)
+        lowered.proto = restore_declared_batch(lowered.proto, canonical.declared_batch)  # the interface as declared
+        return outputs.commit(output_files(lowered, output_path))
 
 
 def read_lowered(output_path) -> LoweredModel:
@@ -218,7 +236,8 @@ def read_lowered(output_path) -> LoweredModel:
     for suffix in get_target(fmt).attachments:
         path = attachment_path(output_path, suffix)
         try:
-            attachments[suffix] = json.loads(path.read_text())
+            binary = suffix in get_target(fmt).binary_attachments
+            attachments[suffix] = path.read_bytes() if binary else json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from None
     return LoweredModel(proto, sidecar, fmt, attachments)

@@ -10,7 +10,8 @@ tool. Changing a spelling here changes the bytes of every lowered model.
 from __future__ import annotations
 
 __all__ = ["weight_names", "weight_nodes", "activation_names", "activation_nodes", "bias_names", "bits_vector",
-           "BITS_VECTOR_SUFFIX", "bitwidth", "quant_node", "layer_input", "expansion_prefix", "width_group"]
+           "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "quant_node", "layer_input", "expansion_prefix",
+           "width_group"]
 
 BITS_VECTOR_SUFFIX = "_impq_bits"
 
@@ -32,6 +33,11 @@ def weight_nodes(layer: str) -> dict[str, str]:
     """Nodes made for the weight of layer node ``layer``."""
     return {"dequantize": f"{layer}/weight_dq", "float_kernels": f"{layer}/weight_float_kernels",
             "quant": f"{layer}/weight_quant"}
+
+
+def packed_names(weight: str, layer: str) -> dict[str, str]:
+    """The bit-packed codes of weight ``weight`` (packed target): their per-kernel table and unpacking node."""
+    return {"table": f"{weight}_packed_table", "node": f"{layer}/weight_unpack"}
 
 
 def activation_names(tensor: str) -> dict[str, str]:

@@ -71,12 +71,13 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
         onnx.checker.check_model(lowered.proto)
     except Exception as exc:  # the checker raises ValidationError and C++ errors
         result.checker_error = str(exc).splitlines()[0]
-    inits = {t.name: t for t in lowered.proto.graph.initializer}
+    standard = runnable(lowered)  # its initializers also hold what a target keeps packed (the packed target)
+    inits = {t.name: t for t in (*standard.graph.initializer, *lowered.proto.graph.initializer)}
     array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
     notes = annotations(lowered.proto)
     _check_weights(result, lowered, plan, notes, array)
     _check_activations(result, lowered, plan, notes, array)
-    _compare_outputs(result, runnable(lowered), for_inference(simulate(canonical, plan, sites)), canonical.input_name, batches,
+    _compare_outputs(result, standard, for_inference(simulate(canonical, plan, sites)), canonical.input_name, batches,
                      threads, max_batches)
     return result
 

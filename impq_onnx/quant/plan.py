@@ -190,6 +190,8 @@ class PrecisionPlan:
             for b in self.weights[layer.node]:
                 num += _cost_bits(b) * layer.kernel_params
                 den += layer.kernel_params
+        num += 32 * sum(layer.params for layer in sites.float_layers)
+        den += sum(layer.params for layer in sites.float_layers)
         return num / den if den else 0.0
 
     def activation_bits_effective(self, sites: SiteTable) -> float:
@@ -208,7 +210,7 @@ class PrecisionPlan:
         """Packed size of all quantized-layer weights in bytes (float kernels at 4 bytes/param)."""
         return sum(
             _cost_bits(b) * layer.kernel_params for layer in sites.layers for b in self.weights[layer.node]
-        ) / 8.0
+        ) / 8.0 + 4.0 * sum(layer.params for layer in sites.float_layers)
 
     def bitops(self, sites: SiteTable) -> float:
         """Compute cost C_C (paper eq. 7) in Gbit-OPs per sample.

@@ -17,7 +17,7 @@ from impq_onnx.files import write_all
 from impq_onnx.errors import ImpqError
 from impq_onnx.report.run_data import RunData, read_run
 
-__all__ = ["RunData", "read_run", "write_report"]
+__all__ = ["RunData", "read_run", "write_report", "report_files"]
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -34,6 +34,20 @@ def _labels(paths: list[Path]) -> list[str]:
 def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
     """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
     (the HTML first, then the PNGs)."""
+    files = report_files(work_dirs, output_html)
+    output = next(iter(files))
+    if output.parent != Path(""):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    write_all(files)
+    return list(files)
+
+
+def report_files(work_dirs, output_html: str | os.PathLike,
+                 reports: dict[Path, tuple[Path, dict]] | None = None) -> dict[Path, bytes]:
+    """The files of :func:`write_report` (the HTML first, then the PNGs) by path, not written.
+
+    ``reports`` gives a run's ``<stem>.report.json`` (path and document) by work dir, for a compress
+    that has not written it yet."""
     from impq_onnx.report.figures import FIGURES, compression_vs_accuracy
     from impq_onnx.report.html import render_html
 
@@ -45,7 +59,7 @@ def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
     output = Path(output_html)
     if output.suffix.lower() not in (".html", ".htm"):
         raise ImpqError(f"report output {output}: the name must end in .html")
-    runs = [read_run(path, label) for path, label in zip(paths, _labels(paths))]
+    runs = [read_run(path, label, (reports or {}).get(path)) for path, label in zip(paths, _labels(paths))]
     several = len(runs) > 1
     stem = output.with_suffix("")
 
@@ -71,7 +85,4 @@ def write_report(work_dirs, output_html: str | os.PathLike) -> list[Path]:
                    "Fig. 4 (one line per granularity).")
         comparison = (data, caption, png.name)
     page = render_html(runs, run_figures, comparison).encode("utf-8")
-    if output.parent != Path(""):
-        output.parent.mkdir(parents=True, exist_ok=True)
-    write_all({output: page, **files})
-    return [output, *files]
+    return {output: page, **files}

@@ -147,8 +147,10 @@ def _sensitivity(path: Path, last: int) -> tuple[dict | None, int | None]:
     return None, None
 
 
-def read_run(work_dir: str | Path, label: str | None = None) -> RunData:
-    """Read one compress work directory; an :class:`ImpqError` naming it when it is not one."""
+def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path, dict] | None = None) -> RunData:
+    """Read one compress work directory; an :class:`ImpqError` naming it when it is not one.
+
+    ``report``: the run's compress report (path, document) when it is not on disk yet."""
     path = Path(work_dir)
     if not path.is_dir():
         raise _not_a_work_dir(path, "no such folder" if not path.exists() else "not a folder")
@@ -171,8 +173,11 @@ def read_run(work_dir: str | Path, label: str | None = None) -> RunData:
         raise _not_a_work_dir(path, f"no {plan_file.relative_to(path)}")
     plan = PrecisionPlan.load(plan_file)
 
-    report_path = _report_beside(path, records)
-    document = _read_json(report_path, "compress report") if report_path else {}
+    if report is not None:
+        report_path, document = report
+    else:
+        report_path = _report_beside(path, records)
+        document = _read_json(report_path, "compress report") if report_path else {}
     final = dict(document.get("final") or record.final_metrics())
     final.setdefault("elapsed", state.get("elapsed", record.elapsed))
     config = dict(document.get("config") or {k: v for k, v in identity.items() if k != "model_sha256"})

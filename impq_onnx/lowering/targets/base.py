@@ -45,6 +45,7 @@ class Target:
     help: ClassVar[str] = ""  # one line for --help
     stores_codes: ClassVar[bool] = True  # weights stay integer tensors (else on-grid float values)
     attachments: ClassVar[tuple[str, ...]] = ()  # JSON files beside the model: output path with this suffix
+    binary_attachments: ClassVar[tuple[str, ...]] = ()  # those of them that are bytes, not JSON
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict]:

@@ -1,0 +1,194 @@
+"""Make a classifier graph differentiable by onnxruntime-training 1.19, or say in one line why not.
+
+onnxruntime-training 1.19.2's gradient builder has no gradient for several ops that image classifiers
+export (measured on the installed build, see ``tests/engine/test_differentiable.py``): HardSigmoid and
+HardSwish (MobileNetV3, PP-LCNet), PRelu, variadic Sum; it refuses Dropout and LayerNormalization
+without their optional outputs (``GradientBuilderBase::O ... i < node_->OutputDefs().size()``), and it
+fails with a native traceback deep in training. :func:`make_differentiable` rewrites each such node,
+in the training and gradient graphs only, into exact equivalents it can differentiate:
+
+- ``HardSigmoid(x) = Clip(alpha*x + beta, 0, 1)``; ``HardSwish(x) = x * HardSigmoid_{1/6, 1/2}(x)``;
+- ``Dropout`` (every opset, inference mode) is the identity;
+- ``PRelu(x, s) = Max(x, 0) + s * Min(x, 0)``;
+- ``Sum(a, b, c) = (a + b) + c``;
+- ``LayerNormalization`` gets its ``Mean`` and ``InvStdDev`` outputs (values unchanged).
+
+The written model keeps the original ops. :func:`check_differentiable` then checks every node on the
+path from the image input against :data:`DIFFERENTIABLE_OPS` (the ops whose gradient the installed
+build was seen to build) and raises a one-line :class:`ModelError` naming the first that is not.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from impq_onnx.errors import ModelError
+
+__all__ = ["DIFFERENTIABLE_OPS", "REWRITES", "make_differentiable", "check_differentiable", "check_trainable"]
+
+_PREFIX = "impq.grad"
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+# Default-domain ops whose gradient onnxruntime-training 1.19.2 builds (each was built on a small graph).
+# BatchNormalization is handled before the builder (training: BatchNormInternal; sensitivity:
+# inference_batchnorm). Nodes whose outputs are not float (Shape, comparisons) end the gradient path.
+DIFFERENTIABLE_OPS = frozenset({
+    "Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Conv", "ConvTranspose", "Cos",
+    "Div", "Erf", "Exp", "Expand", "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "Identity",
+    "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Pad",
+    "Pow", "Reciprocal", "ReduceL2", "ReduceLogSumExp", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize",
+    "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose",
+    "Unsqueeze", "Where",
+})
+
+
+def _scalar(graph: onnx.GraphProto, name: str, value: float) -> str:
+    if not any(t.name == name for t in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+    return name
+
+
+def _hard_sigmoid_nodes(graph: onnx.GraphProto, x: str, out: str, alpha: float, beta: float, base: str
+                        ) -> list[onnx.NodeProto]:
+    a = _scalar(graph, f"{base}/alpha", alpha)
+    b = _scalar(graph, f"{base}/beta", beta)
+    zero, one = _scalar(graph, f"{_PREFIX}/zero", 0.0), _scalar(graph, f"{_PREFIX}/one", 1.0)
+    return [helper.make_node("Mul", [x, a], [f"{base}/ax"], name=f"{base}/Mul"),
+            helper.make_node("Add", [f"{base}/ax", b], [f"{base}/axb"], name=f"{base}/Add"),
+            helper.make_node("Clip", [f"{base}/axb", zero, one], [out], name=f"{base}/Clip")]
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: float) -> float:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _hard_sigmoid(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto]:
+    return _hard_sigmoid_nodes(graph, node.input[0], node.output[0], _attribute(node, "alpha", 0.2),
+                               _attribute(node, "beta", 0.5), base)
+
+
+def _hard_swish(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto]:
+    gate = _hard_sigmoid_nodes(graph, node.input[0], f"{base}/gate", 1.0 / 6.0, 0.5, base)
+    return gate + [helper.make_node("Mul", [node.input[0], f"{base}/gate"], [node.output[0]], name=f"{base}/Mul_x")]
+
+
+def _dropout(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    if len(node.output) > 1 and node.output[1] and node.output[1] in used:
+        return None  # a mask someone reads: leave the node to the builder
+    return [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=f"{base}/Identity")]
+
+
+def _prelu(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto]:
+    zero = _scalar(graph, f"{_PREFIX}/zero", 0.0)
+    x, slope = node.input[0], node.input[1]
+    return [helper.make_node("Max", [x, zero], [f"{base}/pos"], name=f"{base}/Max"),
+            helper.make_node("Min", [x, zero], [f"{base}/neg"], name=f"{base}/Min"),
+            helper.make_node("Mul", [f"{base}/neg", slope], [f"{base}/scaled"], name=f"{base}/Mul"),
+            helper.make_node("Add", [f"{base}/pos", f"{base}/scaled"], [node.output[0]], name=f"{base}/Add")]
+
+
+def _sum(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto]:
+    inputs = list(node.input)
+    if len(inputs) == 1:
+        return [helper.make_node("Identity", inputs, [node.output[0]], name=f"{base}/Identity")]
+    nodes, current = [], inputs[0]
+    for i, name in enumerate(inputs[1:], start=1):
+        out = node.output[0] if i == len(inputs) - 1 else f"{base}/partial{i}"
+        nodes.append(helper.make_node("Add", [current, name], [out], name=f"{base}/Add{i}"))
+        current = out
+    return nodes
+
+
+def _layer_norm(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
+    if len(node.output) >= 3 and all(node.output[:3]):
+        return None
+    rewritten = onnx.NodeProto()
+    rewritten.CopyFrom(node)
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    outputs[1] = outputs[1] or f"{base}/mean"
+    outputs[2] = outputs[2] or f"{base}/inv_std"
+    del rewritten.output[:]
+    rewritten.output.extend(outputs)
+    return [rewritten]
+
+
+# op type -> rewrite(graph, node, name prefix) -> replacement nodes (None: leave the node as it is)
+REWRITES: dict[str, Callable[[onnx.GraphProto, onnx.NodeProto, str], list[onnx.NodeProto] | None]] = {
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish,
+    "Dropout": _dropout,
+    "PRelu": _prelu,
+    "Sum": _sum,
+    "LayerNormalization": _layer_norm,
+}
+
+
+def make_differentiable(proto: onnx.ModelProto) -> int:
+    """Rewrite (in place) every node of :data:`REWRITES` into its exact equivalent; returns how many."""
+    graph = proto.graph
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for position, node in enumerate(graph.node):
+        rewrite = REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        replacement = rewrite(graph, node, f"{_PREFIX}/{node.name or position}") if rewrite else None
+        if replacement is None:
+            nodes.append(node)
+            continue
+        nodes.extend(replacement)
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _float_values(proto: onnx.ModelProto) -> Callable[[str], bool]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
+    except Exception:  # types only narrow the check; without them every tensor counts as float
+        return lambda name: True
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    return lambda name: types.get(name, TensorProto.FLOAT) in _FLOAT_TYPES or types.get(name) == 0
+
+
+def check_differentiable(proto: onnx.ModelProto, label: str = "the model", skip_prefix: str = "impq") -> None:
+    """Raise a one-line ModelError naming the first node on the image input's float path whose op the
+    gradient builder lacks. Nodes named ``skip_prefix...`` (the tool's own) and other domains are not checked."""
+    initializers = {t.name for t in proto.graph.initializer}
+    reached = {i.name for i in proto.graph.input if i.name not in initializers}
+    is_float = _float_values(proto)
+    missing: list[onnx.NodeProto] = []
+    for node in proto.graph.node:
+        if not any(name in reached for name in node.input):
+            continue
+        outputs = [name for name in node.output if name and is_float(name)]
+        if not outputs:
+            continue  # Shape, comparisons, ArgMax: no gradient flows through
+        reached.update(outputs)
+        if node.name.startswith(skip_prefix) or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type not in DIFFERENTIABLE_OPS:
+            missing.append(node)
+    if missing:
+        first = missing[0]
+        others = sorted({n.op_type for n in missing} - {first.op_type})
+        more = f" (also: {', '.join(others)})" if others else ""
+        raise ModelError(
+            f"{label}: onnxruntime-training 1.19 cannot differentiate node '{first.name}' ({first.op_type}): it has "
+            f"no gradient, so fine-tuning and sensitivity cannot run{more}; re-export with supported ops"
+        )
+
+
+def check_trainable(model, label: str | None = None) -> None:
+    """:func:`check_differentiable` on a copy of ``model`` (CanonicalModel or ModelProto) after the rewrites."""
+    from impq_onnx.quant.simulate import as_proto
+
+    proto = as_proto(model)
+    make_differentiable(proto)
+    check_differentiable(proto, label or getattr(model, "label", "the model"))

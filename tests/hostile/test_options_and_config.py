@@ -1,0 +1,95 @@
+"""Class: options and config. Every numeric option of compress, evaluate and sensitivity is checked (finite,
+range, integer) before any work, with the option named; a bit target that the start already meets is a
+one-line warning; a YAML alias bomb, an oversized or non-UTF-8 config is one line naming the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Workspace, cli, one_line_error
+from impq_onnx.compression import CompressConfig
+from impq_onnx.option_checks import target_warnings
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--target-bits", "nan", "option 'target_bits': nan is not a finite number"),
+    ("--target-bits", "inf", "option 'target_bits': inf is not a finite number"),
+    ("--target-bits", "0", "option 'target_bits': 0.0 must be within 1..16"),
+    ("--target-bits", "17", "option 'target_bits': 17.0 must be within 1..16"),
+    ("--target-act-bits", "-inf", "option 'target_act_bits'"),
+    ("--seed", "-1", "option 'seed': -1 must be within 0..4294967295"),
+    ("--seed", str(2**70), "option 'seed'"),
+    ("--batch-size", "0", "option 'batch_size': 0 must be within 1..65536"),
+    ("--lr", "nan", "option 'lr': nan is not a finite number"),
+    ("--lr", "0", "option 'lr': 0.0 must be greater than 0"),
+    ("--epochs", "0", "option 'epochs': 0.0 must be greater than 0"),
+    ("--steps", "0", "option 'steps': 0 must be within 1"),
+    ("--momentum", "1", "option 'momentum'"),
+    ("--time-budget", "nan", "option 'time_budget'"),
+    ("--max-accuracy-drop", "-1", "option 'max_accuracy_drop'"),
+    ("--threads", "0", "option 'threads'"),
+    ("--val-fraction", "nan", "option 'val_fraction'"),
+])
+def test_compress_numeric_options(ws: Workspace, option: str, value: str, words: str) -> None:
+    before, names = ws.digests(), ws.names()
+    code, stderr = cli("compress", "m.onnx", "--data", "d.npz", "--output", "o.onnx", option, value, cwd=ws.root)
+    one_line_error(code, stderr, 2, words)
+    assert ws.digests() == before and ws.names() == names
+
+
+def test_the_same_checks_apply_to_the_yaml_config(ws: Workspace) -> None:
+    (ws.root / "c.yaml").write_text("target_bits: .nan\n")
+    code, stderr = cli("compress", "m.onnx", "--data", "d.npz", "--config", "c.yaml", cwd=ws.root)
+    one_line_error(code, stderr, 2, "option 'target_bits': nan is not a finite number")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["evaluate", "m.onnx", "--data", "d.npz", "--batch-size", "0"], "--batch-size: 0 must be within 1..65536"),
+    (["evaluate", "m.onnx", "--data", "d.npz", "--limit-per-class", "0"], "--limit-per-class"),
+    (["evaluate", "m.onnx", "--data", "d.npz", "--threads", "0"], "--threads"),
+    (["sensitivity", "m.onnx", "--data", "d.npz", "--seed", "-1"], "--seed: -1 must be within"),
+    (["sensitivity", "m.onnx", "--data", "d.npz", "--samples", "0"], "--samples"),
+    (["sensitivity", "m.onnx", "--data", "d.npz", "--runner-ups", "0"], "--runner-ups"),
+    (["verify", "x.onnx", "--model", "m.onnx", "--plan", "p.plan.yaml", "--data", "d.npz", "--threads", "0"],
+     "--threads"),
+])
+def test_other_commands_numeric_options(ws: Workspace, args: list[str], words: str) -> None:
+    code, stderr = cli(*args, cwd=ws.root)
+    one_line_error(code, stderr, 2, words)
+
+
+def test_a_target_already_met_is_a_warning_and_an_unreachable_one_an_error() -> None:
+    met = CompressConfig.resolve(model="m.onnx", data="d", target_bits=9, target_act_bits=8)
+    assert target_warnings(met) == [
+        "option 'target_bits': 9 is already met by start_bits 8; the weights phase ends at its start without "
+        "lowering any bits (lower target_bits to search)",
+        "option 'target_act_bits': 8 is already met by start_act_bits 8; the activations phase ends at its start "
+        "without lowering any bits (lower target_act_bits to search)"]
+    assert target_warnings(CompressConfig.resolve(model="m.onnx", data="d", target_bits=4)) == []
+    assert target_warnings(CompressConfig.resolve(model="m.onnx", data="d", target_bits=9, method="faq")) == []
+
+
+def _alias_bomb() -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_fails_before_expanding(ws: Workspace) -> None:
+    bomb = _alias_bomb()
+    assert len(bomb) < 400  # 9^9 = 387 million strings once expanded
+    (ws.root / "bomb.yaml").write_text(bomb)
+    code, stderr = cli("compress", "--config", "bomb.yaml", cwd=ws.root)
+    one_line_error(code, stderr, 2, "bomb.yaml", "aliases are expanded")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"steps: 3\nmodel: m\xff.onnx\n", "not UTF-8 text (byte 0xff at offset 17)"),
+    (b"steps: 3\n" + b"#" * (1 << 20), "larger than 1024 KiB"),
+    (b"[" * 5000, "c.yaml"),
+])
+def test_bad_config_files_are_one_line(ws: Workspace, content: bytes, words: str) -> None:
+    (ws.root / "c.yaml").write_bytes(content)
+    code, stderr = cli("compress", "--config", "c.yaml", cwd=ws.root)
+    one_line_error(code, stderr, 2, "c.yaml", words)

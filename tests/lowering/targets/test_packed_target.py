@@ -1,0 +1,134 @@
+"""Packed target: codes bit-packed at their true width reproduce the QDQ model's codes and weights exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+from impq_onnx.lowering.lower import convert, lower, read_lowered, write
+from impq_onnx.lowering.targets import PackedTarget
+from impq_onnx.lowering.targets.packed import PACKED_DOMAIN, SUFFIX, kernel_table, pack, unpack
+from impq_onnx.lowering.verify import runnable, verify
+from impq_onnx.quant.schemes import weight_scheme
+from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
+from tiny_models import Quirks, build
+
+TOOLS = Path(__file__).parents[3] / "tools" / "impq_unpack.py"
+
+
+def _standalone() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("impq_unpack", TOOLS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("step", [1, 2])
+def test_random_codes_round_trip_at_every_width(bits, step):
+    rng = np.random.default_rng(bits * 10 + step)
+    shape, axis = (5, 3, 3, 7), 1 if step == 2 else 0
+    lo = -(1 << (bits - 1)) * step + (1 if step == 2 else 0)
+    u = rng.integers(0, 1 << bits, size=shape)
+    codes = (lo + step * u).astype(np.int32)
+    table = np.array([(bits, 0, lo, step)] * shape[axis], np.int32)
+    blob, table = pack(codes, axis, table)
+    n = codes.size // shape[axis]
+    assert len(blob) == shape[axis] * ((n * bits + 7) // 8)  # the size tracks the bits (one byte pad per kernel)
+    np.testing.assert_array_equal(unpack(blob, table, shape, axis), codes)
+    np.testing.assert_array_equal(_standalone().unpack(blob.tobytes(), table, shape, axis), codes)
+
+
+def test_layout_is_lsb_first_from_each_kernel_byte():
+    codes = np.array([[1, 2, 3, 4, 5], [-1, 1, 1, -1, 1]], np.int8)  # kernel 0: 3-bit unsigned; kernel 1: 1-bit odd
+    blob, table = pack(codes, 0, np.array([(3, 0, 0, 1), (1, 0, -1, 2)], np.int32))
+    # kernel 0, stream 100 010 110 001 101 (each value LSB first): bytes 0b11010001, 0b01011000 (one pad bit);
+    # kernel 1 starts on the next byte: u = 0,1,1,0,1 -> 0b10110
+    assert blob.tolist() == [0b11010001, 0b01011000, 0b00010110]
+    assert table[:, 1].tolist() == [0, 2]
+
+
+def test_off_grid_code_is_refused_naming_the_kernel():
+    with pytest.raises(ValueError, match="kernel 1: codes"):
+        pack(np.array([[1, 3], [2, 3]], np.int8), 0, np.array([(2, 0, -3, 2)] * 2, np.int32))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_table_widths_are_the_true_bits(scheme):
+    table = kernel_table([weight_scheme(scheme).code_bounds(b) for b in [1, 2, 3, 4, 5, 6, 7, 8, None]])
+    assert table[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_packed_model_unpacks_to_the_qdq_model_bit_for_bit(scheme, tmp_path):
+    canonical, sites = tiny(build(Quirks(head="matmul")))
+    plan = mixed_plan(sites, scheme, seed=4)
+    qdq = lower(canonical, plan, sites)
+    packed = lower(canonical, plan, sites, format="packed")
+    counts = ops(packed.proto)
+    assert counts["UnpackBits"] == len(sites.layers)
+    assert counts["DequantizeLinear"] == ops(qdq.proto)["DequantizeLinear"]
+    assert all(t.data_type != onnx.TensorProto.INT8 or t.name.endswith("zero_point")
+               for t in packed.proto.graph.initializer)  # no int8 codes left in the model
+    codes = {e["tensor"] for e in qdq.sidecar["weights"].values()}
+    assert not codes & {t.name for t in packed.proto.graph.initializer}  # codes only in the .packed data
+    total_bits = sum(int(np.prod(layer.weight_shape)) // layer.kernels * (b or 0)
+                     for layer in sites.layers for b in plan.weights[layer.node])
+    data = packed.attachments[SUFFIX]
+    assert total_bits / 8 <= len(data) < total_bits / 8 + sum(layer.kernels for layer in sites.layers)
+    standard = runnable(packed)
+    assert not [n for n in standard.graph.node if n.domain == PACKED_DOMAIN]
+    ours = {t.name: numpy_helper.to_array(t) for t in standard.graph.initializer}
+    for t in qdq.proto.graph.initializer:  # codes, scales, zero points, residuals: same dtype, same bits
+        assert ours[t.name].dtype == numpy_helper.to_array(t).dtype
+        np.testing.assert_array_equal(ours[t.name], numpy_helper.to_array(t))
+    x = inputs()
+    np.testing.assert_array_equal(run(standard, x), run(qdq.proto, x))
+    paths = write(packed, tmp_path / "m.onnx")
+    assert [p.name for p in paths] == ["m.onnx", "m.onnx.bits.json", "m.packed"]
+    assert (tmp_path / "m.packed").read_bytes() == data
+    again = read_lowered(tmp_path / "m.onnx")
+    result = verify(again, canonical, plan, sites, [x])
+    assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
+
+
+def test_rewrite_twice_changes_nothing():
+    canonical, sites = tiny(build(Quirks()))
+    plan = mixed_plan(sites, "midrise-max", seed=5)
+    model = ir.serde.deserialize_model(lower(canonical, plan, sites, format="packed").proto)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    assert PackedTarget().rewrite(model, plan, sites) == {SUFFIX: b""}
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_all_float_plan_writes_an_empty_packed_file_that_reads_back(tmp_path):
+    canonical, sites = tiny(build(Quirks()))
+    plan = mixed_plan(sites, "midrise-max", weights=False, activations=True)
+    write(lower(canonical, plan, sites, format="packed"), tmp_path / "m.onnx")
+    assert (tmp_path / "m.packed").read_bytes() == b""
+    assert verify(read_lowered(tmp_path / "m.onnx"), canonical, plan, sites, [inputs()]).ok
+
+
+def test_foreign_qdq_model_packs_at_its_stored_ranges():
+    canonical, sites = tiny(build(Quirks()))
+    plan = mixed_plan(sites, "symmetric-rms", seed=6, activations=False)
+    qdq = lower(canonical, plan, sites)
+    packed = convert(qdq.proto, "packed")
+    assert packed.sidecar == {} and ops(packed.proto)["UnpackBits"] == len(sites.layers)
+    x = inputs()
+    np.testing.assert_array_equal(run(runnable(packed), x), run(qdq.proto, x))
+
+
+def test_standalone_script_reads_a_written_model(tmp_path, capsys):
+    canonical, sites = tiny(build(Quirks()))
+    write(lower(canonical, mixed_plan(sites, "midrise-max"), sites, format="packed"), tmp_path / "m.onnx")
+    _standalone().main(str(tmp_path / "m.onnx"))
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(sites.layers) and all("bits [" in line for line in printed)
