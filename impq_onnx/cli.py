@@ -236,12 +236,17 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
               help=target_help())
 @click.option("--output", help="Name of the logits tensor when the model has several outputs.")
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP.replace("the data's", "224 for a dynamic size"))
+@click.option("--encodings-version", type=click.Choice(["0.6.1", "1.0.0", "2.0.0"]), default="0.6.1", show_default=True,
+              help="AIMET encodings version (--format encodings).")
+@click.option("--static-batch", type=click.IntRange(min=1), help="Fix the batch dimension of the model's input and "
+              "output to N (QONNX tools need static shapes).")
 @_user_errors
-def lower_command(model, plan_path, output_path, format_, output, input_shape):
+def lower_command(model, plan_path, output_path, format_, output, input_shape, encodings_version, static_batch):
     """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
     from impq_onnx.lowering.lower import lower_file
 
-    for path in lower_file(model, plan_path, output_path, format_, output=output, input_shape=input_shape):
+    for path in lower_file(model, plan_path, output_path, format_, output=output, input_shape=input_shape,
+                           encodings_version=encodings_version, static_batch=static_batch):
         click.echo(f"wrote {path}")
 
 

@@ -220,6 +220,10 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
 
     given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
     cfg = CompressConfig.resolve(config, **given, **options)
+    if cfg.method != "uniform-ptq":  # before any work: a plain onnxruntime shadowing the training build
+        from impq_onnx.engine.ort_training import require_training_runtime
+
+        require_training_runtime()
     for line in target_warnings(cfg):
         logging.getLogger(__name__).warning(line)
     paths = cfg.paths()

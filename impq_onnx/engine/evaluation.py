@@ -12,6 +12,7 @@ import numpy as np
 from impq_onnx.errors import DataError
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto, simulate
+from impq_onnx.quant.standard_rounding import for_inference
 
 __all__ = ["EvalResult", "evaluate", "predict_logits", "nonfinite_initializers"]
 
@@ -43,7 +44,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     ``float_model`` (when given) runs on the same batches for the agreement figure; its time is not
     counted in ``images_per_second``. ``y`` may be None (unlabelled): top-1/top-5 are then None.
     """
-    proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)
     reference = inference_session(as_proto(float_model).SerializeToString(), threads) if float_model is not None else None
     input_name = session.get_inputs()[0].name
@@ -89,7 +90,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
 
 def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int = 2) -> np.ndarray:
     """Logits of one batch (a convenience for tests and checks)."""
-    proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)
     return session.run(None, {session.get_inputs()[0].name: np.asarray(x, np.float32)})[0]
 

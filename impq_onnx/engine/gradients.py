@@ -203,7 +203,10 @@ class TensorGradients:
         _with_seeded_loss(model, logits)
         from onnxruntime.capi import _pybind_state as C
 
+        from impq_onnx.engine.ort_training import require_training_runtime
         from impq_onnx.engine.training import _native_stderr_silenced
+
+        require_training_runtime()
 
         try:
             with _native_stderr_silenced():  # the builder logs every unused initializer and transformer

@@ -82,8 +82,11 @@ def attachment_path(output_path, suffix: str) -> Path:
 
 
 def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qdq",
-          channel_bitwidth: bool = True) -> LoweredModel:
-    """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``."""
+          channel_bitwidth: bool = True, **options: object) -> LoweredModel:
+    """Lower ``canonical`` (a CanonicalModel or onnx_ir.Model, not modified) under ``plan``.
+
+    ``options`` go to the target's ``rewrite`` (``encodings_version``, ``static_batch``, ...).
+    """
     target = get_target(format)
     plan.validate(sites)
     source = canonical.model if hasattr(canonical, "model") else canonical
@@ -92,7 +95,7 @@ def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qd
     QuantizeWeightsPass(plan, sites)(model)
     QuantizeActivationsPass(plan, sites)(model)
     sidecar = build_sidecar(model, plan, sites, format)
-    attachments = target.rewrite(model, plan, sites, channel_bitwidth=channel_bitwidth)
+    attachments = target.rewrite(model, plan, sites, channel_bitwidth=channel_bitwidth, **options)
     AnnotateBitsPass(plan, sites, target=format)(model)
     _retarget_sidecar(sidecar, model, target)
     target.finish_sidecar(sidecar, model)
@@ -196,7 +199,7 @@ def derived_paths(output_path, format: str) -> list[Path]:
 
 
 def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, output: str | None = None,
-               input_shape: tuple[int, ...] | None = None) -> list[Path]:
+               input_shape: tuple[int, ...] | None = None, **options: object) -> list[Path]:
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
@@ -211,7 +214,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
         canonical = load(model_path, output=output)
         sites = find_sites(canonical, input_shape)
         plan = PrecisionPlan.load(plan_path).validate(sites)
-        lowered = lower(canonical, plan, sites, format=format)
+        lowered = lower(canonical, plan, sites, format=format, **options)
         lowered.proto = restore_declared_batch(lowered.proto, canonical.declared_batch)  # the interface as declared
         return outputs.commit(output_files(lowered, output_path))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["weight_names", "weight_nodes", "activation_names", "activation_nodes", "bias_names", "bits_vector",
            "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "quant_node", "layer_input", "expansion_prefix",
-           "folded_names"]
+           "folded_names", "width_group"]
 
 BITS_VECTOR_SUFFIX = "_impq_bits"
 
@@ -96,3 +96,11 @@ def folded_names(layer: str) -> dict[str, str]:
     return {"bias": f"{layer}_folded_bias", "bias_codes": f"{layer}_bias_quantized",
             "bias_scale": f"{layer}_bias_scale", "bias_zero_point": f"{layer}_bias_zero_point",
             "bias_dequantized": f"{layer}_bias_dequantized", "bias_dequantize": f"{layer}/bias_dq"}
+
+
+def width_group(layer: str, bits: int) -> dict[str, str]:
+    """Nodes and tensors of the kernels of layer node ``layer`` that share the container width ``bits`` (QONNX)."""
+    p = f"{layer}/weight_w{bits}"
+    return {"indices": f"{p}_indices", "gather": f"{p}_gather", "scale_gather": f"{p}_scale_gather",
+            "bitwidth": f"{p}_bitwidth", "quant": f"{p}_quant", "concat": f"{layer}/weight_concat",
+            "order": f"{layer}/weight_order", "reorder": f"{layer}/weight_reorder"}

@@ -35,12 +35,13 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from impq_onnx.lowering.exact_codes import exact_mismatches
-from impq_onnx.lowering.passes.annotate_bits import annotations
+from impq_onnx.lowering.passes.annotate_bits import annotated_bits, annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.targets import get_target
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
+from impq_onnx.quant.standard_rounding import for_inference
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["VerifyResult", "verify", "runnable"]
@@ -104,8 +105,8 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
                                     or [])
     target = get_target(lowered.format)
     if standard is not None:
-        _compare_outputs(result, standard, target.reference(canonical, plan, sites, lowered), canonical.input_name,
-                         batches, threads, max_batches, target.optimize_when_verifying)
+        _compare_outputs(result, standard, for_inference(target.reference(canonical, plan, sites, lowered)),
+                         canonical.input_name, batches, threads, max_batches, target.optimize_when_verifying)
     if not result.max_logit_diff <= logit_tolerance:  # NaN logits fail too
         result.record_mismatches.append(
             f"logits: max difference {result.max_logit_diff:.3g} from the simulation exceeds the tolerance "
@@ -179,7 +180,7 @@ def _check_weights(result: VerifyResult, lowered, plan: PrecisionPlan, notes: di
         if note is None or note.get("impq.layer") != node or note.get("impq.scheme") != plan.weight_scheme:
             result.record_mismatches.append(f"annotation: '{entry['tensor']}' does not name layer '{node}'")
             continue
-        annotated = [None if b == 0 else int(b) for b in array(note["impq.bits"]).reshape(-1)]
+        annotated = annotated_bits(note)
         if annotated != list(bits):
             result.record_mismatches.append(f"annotation: bits of '{entry['tensor']}' differ from the sidecar")
         if all(b is None for b in bits):
@@ -208,7 +209,7 @@ def _check_activations(result: VerifyResult, lowered, plan: PrecisionPlan, notes
         if note is None or note.get("impq.site") != tensor:
             result.record_mismatches.append(f"annotation: activation '{tensor}' is not annotated")
             continue
-        annotated = int(array(note["impq.bits"]).reshape(-1)[0])
+        annotated = annotated_bits(note)[0] or 0
         recorded_clip = None if note["impq.clip"] == "null" else float(note["impq.clip"])
         if annotated != (bits or 0) or recorded_clip != clip.value or (note["impq.signed"] == "true") != clip.signed:
             result.record_mismatches.append(f"annotation: activation '{tensor}' differs from the sidecar")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 from onnx import numpy_helper
 
 from impq_onnx.lowering.lower import lower
+from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY
 from impq_onnx.lowering.verify import verify
 from lowering_cases import inputs, mixed_plan, tiny
 from quant_models import tiny_cnn
@@ -62,7 +64,11 @@ def test_sidecar_and_annotation_disagreement_is_reported():
     bad.sidecar["weights"]["fc"]["scale"][0] *= 2
     assert any("scales of 'fc.w_quantized'" in m for m in verify(bad, canonical, plan, sites, [inputs()]).record_mismatches)
     bad = copy.deepcopy(lowered)
-    _set(bad.proto, "conv2.w_quantized_impq_bits", lambda v: np.minimum(v + 1, 8).astype(np.uint8))
+    meta = next(p for p in bad.proto.metadata_props if p.key == ANNOTATION_KEY)
+    record = json.loads(meta.value)
+    record["conv2.w_quantized"]["impq.bits"] = ",".join(str(min(int(b) + 1, 8)) for b in
+                                                         record["conv2.w_quantized"]["impq.bits"].split(","))
+    meta.value = json.dumps(record)
     assert any("bits of 'conv2.w_quantized'" in m for m in verify(bad, canonical, plan, sites, [inputs()]).record_mismatches)
 
 

@@ -7,8 +7,8 @@ those that stay float, so a toolchain learns every width). Keys are namespaced `
 key                     value
 ======================  ===================================================================================
 ``impq.kind``           ``weight`` or ``activation`` (literal)
-``impq.bits``           name of a uint8 initializer: bits per kernel (weights, along ``impq.axis``) or one
-                        value (activations); ``0`` means float (not quantized)
+``impq.bits``           bits per kernel (weights, along ``impq.axis``) or one value (activations), as
+                        comma-separated decimal integers (``"4,3,0,8"``); ``0`` means float (not quantized)
 ``impq.scale``          name of the per-channel / per-tensor scale initializer (quantized tensors only)
 ``impq.zero_point``     name of the zero-point initializer (quantized tensors only)
 ``impq.layer``          weights: the Conv/Gemm/MatMul node name the plan uses (literal)
@@ -20,9 +20,15 @@ key                     value
 ======================  ===================================================================================
 
 The annotated tensor is the stored integer tensor (``<weight>_quantized``, ``<tensor>_quantized``) when
-the lowering created one, else the float tensor itself. ``metadata_props["impq.summary"]`` holds a JSON
-summary (schema version, schemes, granularity, counts, effective bits). :func:`read_plan_from_annotation`
-reads a :class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
+the lowering created one, else the float tensor itself. The same entries, keyed by tensor, are also the
+JSON of ``metadata_props["impq.annotation"]``: onnxruntime's optimized-model output
+(``SessionOptions.optimized_model_filepath``) and ``onnx.version_converter`` drop
+``graph.quantization_annotation`` but keep ``metadata_props`` (measured with onnxruntime 1.19.2 and 1.32,
+onnx 1.17 and 1.23), so :func:`annotations` reads the metadata copy first. Every value is a literal:
+no initializer is added (an initializer that no node reads makes onnxruntime log "Removing initializer"
+and is stripped by its optimizer). ``metadata_props["impq.summary"]`` holds a JSON summary (annotation
+version, schemes, granularity, counts, effective bits). :func:`read_plan_from_annotation` reads a
+:class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
 """
 
 from __future__ import annotations
@@ -30,24 +36,24 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.naming import BITS_VECTOR_SUFFIX, activation_names, bits_vector, weight_names
+from impq_onnx.lowering.naming import activation_names, weight_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
-__all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "ANNOTATION_FIELD", "SUMMARY_KEY",
-           "ANNOTATION_VERSION"]
+__all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "annotated_bits", "ANNOTATION_FIELD",
+           "SUMMARY_KEY", "ANNOTATION_KEY", "ANNOTATION_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 ANNOTATION_FIELD = "quant_parameter_tensor_names"  # where onnx_ir keeps a value's TensorAnnotation
 SUMMARY_KEY = "impq.summary"
-ANNOTATION_VERSION = 1
+ANNOTATION_KEY = "impq.annotation"  # metadata_props copy of every tensor's entries (survives graph rewriters)
+ANNOTATION_VERSION = 2  # 2: impq.bits is a literal list, no bit-vector initializers; metadata copy
 
 
 def _all_values(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -70,6 +76,7 @@ class AnnotateBitsPass(PlanPass):
         graph = model.graph
         values = _all_values(graph)
         modified = False
+        self._record: dict[str, dict[str, str]] = {}
         for layer in self.sites.layers:
             bits = self.plan.weights[layer.node]
             names = weight_names(layer.weight)
@@ -95,24 +102,17 @@ class AnnotateBitsPass(PlanPass):
             if tensor.name == names["quantized"]:
                 entries.update({"impq.scale": names["scale"], "impq.zero_point": names["zero_point"]})
             modified |= self._annotate(graph, tensor, entries, [bits])
-        summary = json.dumps(self._summary(), sort_keys=True)
-        if model.metadata_props.get(SUMMARY_KEY) != summary:
-            model.metadata_props[SUMMARY_KEY] = summary
-            modified = True
+        for key, text in ((ANNOTATION_KEY, json.dumps(self._record, sort_keys=True, separators=(",", ":"))),
+                          (SUMMARY_KEY, json.dumps(self._summary(), sort_keys=True))):
+            if model.metadata_props.get(key) != text:
+                model.metadata_props[key] = text
+                modified = True
         return ir.passes.PassResult(model, modified)
 
-    @staticmethod
-    def _annotate(graph: ir.Graph, tensor: ir.Value, entries: dict[str, str], bits: list[int | None]) -> bool:
+    def _annotate(self, graph: ir.Graph, tensor: ir.Value, entries: dict[str, str], bits: list[int | None]) -> bool:
         modified = False
-        bits_name = bits_vector(tensor.name)
-        vector = np.array([0 if b is None else b for b in bits], np.uint8)
-        existing = graph.initializers.get(bits_name)
-        if existing is None or not np.array_equal(existing.const_value.numpy(), vector):
-            if existing is not None:
-                graph.initializers.pop(bits_name)
-            graph.register_initializer(ir.Value(name=bits_name, const_value=ir.tensor(vector, name=bits_name)))
-            modified = True
-        entries = {**entries, "impq.bits": bits_name}
+        entries = {**entries, "impq.bits": ",".join(str(0 if b is None else b) for b in bits)}
+        self._record[tensor.name] = entries
         current = dict(tensor.meta.get(ANNOTATION_FIELD) or {})
         merged = {k: v for k, v in current.items() if not k.startswith("impq.")} | entries
         if merged != current:
@@ -142,7 +142,14 @@ class AnnotateBitsPass(PlanPass):
 
 
 def annotations(model) -> dict[str, dict[str, str]]:
-    """``{tensor: {key: value}}`` of the ``impq.*`` annotations of an ``onnx.ModelProto`` or ``ir.Model``."""
+    """``{tensor: {key: value}}`` of the ``impq.*`` annotations of an ``onnx.ModelProto`` or ``ir.Model``.
+
+    Read from ``metadata_props["impq.annotation"]`` (kept by graph rewriters), else from
+    ``graph.quantization_annotation``.
+    """
+    metadata = _metadata(model)
+    if ANNOTATION_KEY in metadata:
+        return json.loads(metadata[ANNOTATION_KEY])
     if isinstance(model, onnx.ModelProto):
         return {a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}
                 for a in model.graph.quantization_annotation
@@ -155,30 +162,30 @@ def annotations(model) -> dict[str, dict[str, str]]:
     return result
 
 
-def _initializer_arrays(model) -> dict[str, np.ndarray]:
+def _metadata(model) -> dict[str, str]:
     if isinstance(model, onnx.ModelProto):
-        from onnx import numpy_helper
+        return {p.key: p.value for p in model.metadata_props}
+    return dict(model.metadata_props)
 
-        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-                if t.name.endswith(BITS_VECTOR_SUFFIX)}
-    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()
-            if name.endswith(BITS_VECTOR_SUFFIX)}
+
+def annotated_bits(entries: dict[str, str]) -> list[int | None]:
+    """The bit widths of one annotation entry (``None`` = float)."""
+    try:
+        return [None if int(b) == 0 else int(b) for b in entries["impq.bits"].split(",")]
+    except (KeyError, ValueError):
+        raise PlanError(f"annotation: 'impq.bits' {entries.get('impq.bits')!r} is not a comma-separated list "
+                        "of integers; lower the model again") from None
 
 
 def read_plan_from_annotation(model) -> PrecisionPlan:
     """The :class:`PrecisionPlan` recorded in a lowered model's annotations and summary."""
-    metadata = ({p.key: p.value for p in model.metadata_props} if isinstance(model, onnx.ModelProto)
-                else dict(model.metadata_props))
+    metadata = _metadata(model)
     if SUMMARY_KEY not in metadata:
         raise ModelError(f"the model has no '{SUMMARY_KEY}' metadata; it was not lowered by impq-onnx")
     summary = json.loads(metadata[SUMMARY_KEY])
-    bit_vectors = _initializer_arrays(model)
     weights, activations, clips = {}, {}, {}
-    for tensor, entries in annotations(model).items():
-        vector = bit_vectors.get(entries.get("impq.bits", ""))
-        if vector is None:
-            raise ModelError(f"annotation of '{tensor}': bit vector '{entries.get('impq.bits')}' is missing")
-        bits = [None if int(b) == 0 else int(b) for b in vector.reshape(-1)]
+    for entries in annotations(model).values():
+        bits = annotated_bits(entries)
         if entries["impq.kind"] == "weight":
             weights[entries["impq.layer"]] = bits
         else:

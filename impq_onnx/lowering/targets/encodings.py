@@ -1,31 +1,23 @@
-"""Encodings target: a float model whose weights lie on their grids, plus an encodings JSON.
+"""Encodings target: a float model whose weights lie on their grids, plus an AIMET encodings JSON.
 
-The JSON follows the layout Qualcomm's converters read through ``--quantization_overrides``
-(AIMET "0.6.1" style)::
-
-    {"version": "0.6.1",
-     "activation_encodings": {tensor: [{bitwidth, dtype, is_symmetric, min, max, offset, scale}]},
-     "param_encodings":      {weight: [one entry per output channel, same keys]},
-     "excluded_layers": [], "quantizer_args": {...}}
-
-with ``real = (q + offset) · scale`` for ``q`` in ``0 .. 2^bitwidth - 1``, ``min = offset · scale`` and
-``max = (offset + 2^bitwidth - 1) · scale``. Weights are symmetric signed integers (``offset =
--2^(bitwidth-1)``) of the container width (``B+1`` for ``midrise-max`` and ``pow2-std``, ``B`` for ``symmetric-rms``, see
-:func:`impq_onnx.lowering.targets.qonnx.container_bits`); the model's float weights are exactly ``code · scale``,
-so a converter that re-quantizes them with these encodings recovers the codes exactly. Activations:
-unsigned sites ``offset 0, [0, (2^B-1)·step]``; signed sites ``offset -2^(B-1)``; scale = the step.
+The JSON is what Qualcomm's converters read through ``--quantization_overrides``, in AIMET's version
+0.6.1 (default), 1.0.0 or 2.0.0 (target option ``encodings_version``); the three layouts, how each
+kernel's grid is stated in each, what is widened (weights, exactly) and what is refused (activation
+widths a version cannot state, float kernels in a per-tensor encoding) are in
+:mod:`impq_onnx.lowering.targets.encodings_versions`. The model's float weights are exactly
+``code · scale``, so a converter that re-quantizes them with these encodings recovers them exactly.
+Activations: unsigned sites ``[0, (2^B-1)·step]``, signed sites ``[-2^(B-1)·step, (2^(B-1)-1)·step]``;
+scale = the step.
 
 An activation site that also feeds something other than its quantized layers (a residual ``Add``, a
 graph output) is split by an ``Identity`` named ``<tensor>_layer_input``, and the encoding is keyed by
 that name, so only the layers see quantized values, as in the simulation.
 
-Kept: all values (as encodings), per-channel scales and container widths. Lost: the midrise odd-code
-property and the per-kernel ``B`` itself (the container width is ``B+1``; ``B`` is in the sidecar);
-float kernels inside a quantized layer get ``{"dtype": "float", "bitwidth": 32}`` channel entries,
-which converters may not accept in a per-channel list; converters generally support only some widths
-(for example 4, 8, 16) and may widen others, and a tool that recomputes the scale from ``min``/``max``
-may differ from the exact step by one float32 rounding. The graph has no quantization nodes: it is
-exact only together with the JSON (:func:`apply_encodings` applies it for verification).
+Kept: all values (as encodings), per-channel scales. Lost: per-kernel ``B`` where a version widens it
+(it is in the sidecar). Converters generally support only some widths (for example 4, 8, 16) and may
+widen others; a tool that recomputes the scale from ``min``/``max`` (0.6.1) may differ from the exact
+step by one float32 rounding. The graph has no quantization nodes: it is exact only together with the
+JSON (:func:`apply_encodings` applies it for verification).
 """
 
 from __future__ import annotations
@@ -39,66 +31,68 @@ from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import expansion_prefix, layer_input, weight_names
 from impq_onnx.lowering.patterns import (ActivationQuantizer, NoMatch, WeightQuantizer, activation_quantizers,
                                          constant_dequantizers, dequantized_constant, weight_quantizers)
+from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
-from impq_onnx.lowering.targets.qonnx import container_bits
+from impq_onnx.lowering.targets.encodings_versions import (ActivationGrid, Encoding, KernelGrid, activation_width,
+                                                           read_version, write_version)
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["ToEncodingsPass", "EncodingsTarget", "encodings_of", "apply_encodings", "ENCODINGS_VERSION",
-           "layer_input_name", "weight_axes"]
+           "layer_input_name", "keeps_clip", "weight_axes"]
 
 ENCODINGS_VERSION = "0.6.1"
 SUFFIX = ".encodings"
 
 
-def layer_input_name(match: ActivationQuantizer) -> str:
+def keeps_clip(match: ActivationQuantizer, version: str = ENCODINGS_VERSION) -> bool:
+    """Whether ``version`` widens this activation, so the model keeps its B-bit Clip (see encodings_versions)."""
+    return match.clip is not None and activation_width(version, match.bits) != match.bits
+
+
+def layer_input_name(match: ActivationQuantizer, version: str = ENCODINGS_VERSION) -> str:
     """The tensor an activation encoding is keyed by (see the module docstring); QDQ-lowered graph."""
     x, head, out = match.input, match.nodes[0], match.dequantize.outputs[0]
     if out.is_graph_output():  # a quantized model output: the output itself carries the encoding
         return out.name
+    if keeps_clip(match, version):  # the kept Clip's output, which only the layers read
+        return layer_input(x.name)["value"]
     others = [n for n in x.consumers() if n is not head]
     return layer_input(x.name)["value"] if others or x.is_graph_output() else x.name
 
 
-def _entry(bitwidth: int, offset: int, scale: float, symmetric: bool) -> dict:
-    s = np.float32(scale)
-    return {"bitwidth": int(bitwidth), "dtype": "int", "is_symmetric": str(symmetric),
-            "min": float(np.float32(offset) * s), "max": float(np.float32(offset + 2**bitwidth - 1) * s),
-            "offset": int(offset), "scale": float(s)}
-
-
-def _weight_entries(match: WeightQuantizer, plan: PrecisionPlan | None, sites: SiteTable | None) -> list[dict]:
+def _kernels(match: WeightQuantizer, plan: PrecisionPlan | None, sites: SiteTable | None) -> list[KernelGrid | None]:
     codes, scale, zero, _ = match.arrays()
     scales, zeros = scale.reshape(-1), np.broadcast_to(zero.reshape(-1), scale.reshape(-1).shape)
     layer = planned_layer(sites, match.layer)
     if layer is not None and plan is not None:
-        entries = []
-        for b, s in zip(plan.weights[layer.node], scales):
-            if b is None:
-                entries.append({"bitwidth": 32, "dtype": "float"})
-            else:
-                width = container_bits(b, plan.weight_scheme)
-                entries.append(_entry(width, -(2 ** (width - 1)), s, True))
-        return entries
-    width, signed = codes.dtype.itemsize * 8, bool(np.iinfo(codes.dtype).min < 0)
-    low = -(2 ** (width - 1)) if signed else 0
-    return [_entry(width, low - int(z), s, signed and z == 0) for s, z in zip(scales, zeros)]
+        kernels: list[KernelGrid | None] = []
+        for b, s in zip(plan.weights[layer.node], scales, strict=True):
+            lo, hi, odd = code_bounds(b, plan.weight_scheme)
+            kernels.append(None if b is None else KernelGrid(float(s), lo, hi, odd))
+        return kernels
+    info = np.iinfo(codes.dtype)
+    return [KernelGrid(float(s), int(info.min) - int(z), int(info.max) - int(z), stored_bits=info.bits,
+                       stored_signed=bool(info.min < 0)) for s, z in zip(scales, zeros, strict=True)]
 
 
-def encodings_of(qdq_model: ir.Model, plan: PrecisionPlan | None = None, sites: SiteTable | None = None) -> dict:
-    """The encodings JSON (as a dict) of a QDQ model; call before :class:`ToEncodingsPass`.
+def encodings_of(qdq_model: ir.Model, plan: PrecisionPlan | None = None, sites: SiteTable | None = None,
+                 version: str = ENCODINGS_VERSION) -> dict:
+    """The encodings JSON (as a dict) of a QDQ model in AIMET ``version``; call before :class:`ToEncodingsPass`.
 
-    With ``plan`` and ``sites`` a kernel's width is its container width (float kernels get float
-    entries); without them (a model from another tool) it is the stored integer type's.
+    With ``plan`` and ``sites`` a kernel's grid is its scheme's; without them (a model from another
+    tool) it is the stored integer type with its zero point.
     """
     graph = qdq_model.graph
-    params = {_folded_name(graph, m, sites): _weight_entries(m, plan, sites) for m in weight_quantizers(graph)}
-    activations = {}
-    for m in activation_quantizers(graph):
-        activations[layer_input_name(m)] = [_entry(m.bits, m.lo - m.zero_point, m.scale,
-                                                   m.signed and m.zero_point == 0)]
-    return {"version": ENCODINGS_VERSION, "activation_encodings": activations, "param_encodings": params,
-            "excluded_layers": [], "quantizer_args": {"activation_bitwidth": "per-tensor", "param_bitwidth": "per-channel",
-                                                      "dtype": "int", "per_channel_quantization": True}}
+    params = {_folded_name(graph, m, sites): (_kernels(m, plan, sites), m.axis) for m in weight_quantizers(graph)}
+    activations = {layer_input_name(m, version): ActivationGrid(m.scale, m.lo - m.zero_point, m.hi - m.zero_point,
+                                                                m.bits, m.signed, m.zero_point)
+                   for m in activation_quantizers(graph)}
+    kernels = [k for ks, _ in params.values() for k in ks if k is not None]
+    args = {"activation_bitwidth": max((a.bits for a in activations.values()), default=0),
+            "param_bitwidth": max((k.width for k in kernels), default=0),
+            "is_symmetric": all(k.symmetric for k in kernels),
+            "quant_scheme": plan.weight_scheme if plan is not None else "qdq"}
+    return write_version(version, params, activations, args)
 
 
 def _folded_name(graph: ir.Graph, match: WeightQuantizer, sites: SiteTable | None) -> str:
@@ -118,9 +112,10 @@ def _pop(graph: ir.Graph, *values: ir.Value | None) -> None:
 class ToEncodingsPass(ir.passes.InPlacePass):
     """Fold weight DequantizeLinear into on-grid float weights and drop the activation Q/DQ chains."""
 
-    def __init__(self, plan: PrecisionPlan | None = None, sites: SiteTable | None = None):
+    def __init__(self, plan: PrecisionPlan | None = None, sites: SiteTable | None = None,
+                 version: str = ENCODINGS_VERSION):
         super().__init__()
-        self.plan, self.sites = plan, sites
+        self.plan, self.sites, self.version = plan, sites, version
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -163,14 +158,17 @@ class ToEncodingsPass(ir.passes.InPlacePass):
         graph.register_initializer(value)
         _pop(graph, match.codes, match.scale, match.zero_point, residual)
 
-    @staticmethod
-    def _activation(graph: ir.Graph, match: ActivationQuantizer) -> None:
-        key = layer_input_name(match)
+    def _activation(self, graph: ir.Graph, match: ActivationQuantizer) -> None:
+        key = layer_input_name(match, self.version)
         chain, x = match.nodes, match.input
         scale, zero = match.quantize.inputs[1], match.quantize.inputs[2]
         bounds = match.clip.inputs[1:] if match.clip is not None else []
         replacement, out = x, chain[-1].outputs[0]
-        if key != x.name:
+        if keeps_clip(match, self.version):
+            assert match.clip is not None
+            chain, bounds, replacement = [match.quantize, match.dequantize], [], match.clip.outputs[0]
+            replacement.dtype, replacement.shape = out.dtype, out.shape
+        elif key != x.name:
             identity = ir.node("Identity", [x], name=layer_input(x.name)["node"])
             typed = out if key == out.name else x  # a model output has a declared type
             identity.outputs[0].dtype, identity.outputs[0].shape = typed.dtype, typed.shape
@@ -192,8 +190,9 @@ class EncodingsTarget(Target):
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict]:
-        encodings = encodings_of(model, plan, sites)
-        ToEncodingsPass(plan, sites)(model)
+        version = str(options.get("encodings_version") or ENCODINGS_VERSION)
+        encodings = encodings_of(model, plan, sites, version)
+        ToEncodingsPass(plan, sites, version)(model)
         return {SUFFIX: encodings}
 
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
@@ -203,17 +202,24 @@ class EncodingsTarget(Target):
         return apply_encodings(lowered.proto, lowered.attachments[SUFFIX], axes)
 
     def weight_scales(self, lowered: Lowered, entry: dict, array: Array) -> np.ndarray:
-        params = lowered.attachments[SUFFIX]["param_encodings"].get(entry["tensor"], [])
-        return np.array([e.get("scale", 1.0) for e in params], np.float32)
+        found = read_version(lowered.attachments[SUFFIX]).get(entry["tensor"], [])
+        # the sidecar's convention: codes · scale; a half-step grid (2.0.0 int2 midrise) has odd codes at step/2
+        return np.array([1.0 if e is None else e.scale / 2 if e.shift else e.scale for e in found], np.float32)
 
     def activation_range(self, lowered: Lowered, site: str, entry: dict,
                          array: Array) -> tuple[int, int, float] | None:
-        encodings = lowered.attachments[SUFFIX]["activation_encodings"]
-        found = encodings.get(site) or encodings.get(layer_input(site)["value"])
-        if found is None:
+        encodings = read_version(lowered.attachments[SUFFIX])
+        key = site if site in encodings else layer_input(site)["value"]
+        found = encodings.get(key)
+        if not found or found[0] is None:
             return None
         e = found[0]
-        return e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1, e["scale"]
+        lo, hi = e.lo, e.hi
+        clip = next((n for n in lowered.proto.graph.node if key in n.output and n.op_type == "Clip"), None)
+        if clip is not None:  # a widened activation keeps its B-bit Clip: the range is where both allow
+            lo = max(lo, int(np.rint(float(array(clip.input[1]).reshape(())) / e.scale)))
+            hi = min(hi, int(np.rint(float(array(clip.input[2]).reshape(())) / e.scale)))
+        return lo, hi, e.scale
 
 
 def weight_axes(proto: onnx.ModelProto) -> dict[str, int]:
@@ -230,33 +236,42 @@ def weight_axes(proto: onnx.ModelProto) -> dict[str, int]:
     return axes
 
 
+def _quantize(w: np.ndarray, e: Encoding) -> np.ndarray:
+    s = np.float32(e.scale)
+    if not e.shift:  # integer offsets: clamp the rounded ratio itself (no float shift to round)
+        return np.clip(np.rint(w / s), e.lo, e.hi) * s
+    shift = np.float32(e.shift)
+    return (np.clip(np.rint(w / s - shift), e.lo, e.hi) + shift) * s
+
+
 def apply_encodings(proto: onnx.ModelProto, encodings: dict, axes: dict[str, int]) -> onnx.ModelProto:
     """A copy of ``proto`` with ``encodings`` applied as a converter would (for verification).
 
-    Activations: ``x -> clamp(round(x/scale), offset, offset + 2^bw - 1) · scale`` for every consumer.
-    Weights (``axes[weight]`` = channel axis): the same per channel, in numpy; float entries stay float.
+    Any of the versions of :mod:`.encodings_versions`; each encoding is ``(n + shift) · scale`` with
+    ``n = clamp(round(x/scale - shift), lo, hi)``. Activations: in the graph, for every consumer (shift 0).
+    Weights (``axes[weight]`` = channel axis): per channel, in numpy; float entries stay float.
     """
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
+    found = read_version(encodings)
     for init in graph.initializer:
-        entries = encodings["param_encodings"].get(init.name)
+        entries = found.pop(init.name, None)
         if entries is None:
             continue
         w = numpy_helper.to_array(init).astype(np.float32)
         moved = np.moveaxis(w, axes[init.name], 0).copy()
         for k, e in enumerate(entries):
-            if e.get("dtype") == "int":
-                s = np.float32(e["scale"])
-                moved[k] = np.clip(np.rint(moved[k] / s), e["offset"], e["offset"] + 2 ** e["bitwidth"] - 1) * s
+            if e is not None:
+                moved[k] = _quantize(moved[k], e)
         init.CopyFrom(numpy_helper.from_array(np.moveaxis(moved, 0, axes[init.name]).astype(np.float32), init.name))
     nodes = list(graph.node)
     outputs = {o.name for o in graph.output}
-    for tensor, (e,) in encodings["activation_encodings"].items():
+    for tensor, (e,) in found.items():
         p = expansion_prefix(tensor, "encoding")
-        lo, hi = float(e["offset"]), float(e["offset"] + 2 ** e["bitwidth"] - 1)
+        lo, hi = float(e.lo), float(e.hi)
         graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), f"{p}/{k}")
-                                  for k, v in (("scale", e["scale"]), ("lo", lo), ("hi", hi))])
+                                  for k, v in (("scale", e.scale), ("lo", lo), ("hi", hi))])
         source, result = tensor, f"{p}/out"
         if tensor in outputs:  # a quantized model output keeps its name: the last new node writes it
             source, result = f"{p}/in", tensor

@@ -6,11 +6,21 @@
 Weights: the initializer ``<weight>_quantized`` holds the float values already on each kernel's grid
 (``code · scale``, bit-identical to the QDQ DequantizeLinear output), followed by ``Quant`` with the
 per-channel scale (shape broadcast along the kernel axis), zero point 0, ``signed=1, narrow=1`` and a
-bit width per channel (``channel_bitwidth=True``, the op allows tensors) or the layer's largest
-(``channel_bitwidth=False``, for consumers such as FINN that need a scalar). The width is the integer
+scalar bit width: qonnx 1.0.0's ``execute_onnx`` and datatype inference need a scalar. Per-kernel widths
+(``channel_bitwidth=True``, the default): the kernels of each width are gathered (``Gather`` of the
+grid and of the scale along the kernel axis, constant indices), quantized by one ``Quant`` of that width
+each, concatenated and put back in their order by one more ``Gather``; all of it moves values without
+arithmetic, so the output is the QDQ weight bit for bit, and each group's Quant gets its own datatype
+(``INT<w>``) in qonnx's inference. A layer whose kernels share one width has a single Quant. With
+``channel_bitwidth=False`` the layer's largest width is the one scalar (a single Quant, for consumers
+such as FINN that want one per layer); the values are the same. The width is the integer
 *container*: ``B+1`` for ``midrise-max`` (odd codes up to ``±(2^B - 1)``), ``B`` for ``symmetric-rms``
 (``2`` for its 1-bit ``±step/2`` grid), ``B+1`` for ``pow2-std`` (codes down to ``-2^(B-1)``, outside a
 narrow ``B``-bit range; ``2`` at 1 bit). Quant re-quantizing on-grid values returns them exactly.
+
+Static batch (target option ``static_batch``, ``impq-onnx lower --static-batch N``): the model's input and
+output batch dimension become ``N`` (qonnx's cleanup and execution need static shapes; without it
+``qonnx-cleanup --override-inpsize`` is needed).
 
 Activations: ``Quant(x, step, 0, B; signed, narrow=0, rounding_mode="ROUND")``; ROUND is half to even,
 and clamping before rounding to integer bounds equals rounding then clamping, so this is the
@@ -33,13 +43,13 @@ from onnx import helper, numpy_helper
 
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes
+from impq_onnx.lowering.naming import bitwidth, expansion_prefix, quant_node, weight_names, weight_nodes, width_group
 from impq_onnx.lowering.patterns import ActivationQuantizer, WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Array, Lowered, Target, planned_layer
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
-__all__ = ["ToQonnxPass", "QonnxTarget", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits"]
+__all__ = ["ToQonnxPass", "QonnxTarget", "qonnx_as_standard_ops", "QONNX_DOMAIN", "container_bits", "static_batch"]
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 
@@ -106,17 +116,19 @@ class ToQonnxPass(ir.passes.InPlacePass):
         else:  # the stored type's range, narrow when the codes never reach its far end
             widths = [codes.dtype.itemsize * 8] * codes.shape[match.axis]
             narrow = int(codes.min() > -(2 ** (widths[0] - 1)) if signed else codes.max() < 2 ** widths[0] - 1)
-        width = (np.array(widths, np.float32).reshape(shape) if self.channel_bitwidth
-                 else np.array(max(widths), np.float32))
         zero = zero.astype(np.float32) if zero.any() else np.array(0.0, np.float32)
         inputs = [_register(graph, match.codes.name, grid), _register(graph, match.scale.name, scale),
                   _register(graph, match.zero_point.name if match.zero_point is not None
-                            else weight_names(match.codes.name)["zero_point"], zero),
-                  _register(graph, bitwidth(layer.weight if layer is not None else match.codes.name), width)]
-        quant = ir.node("Quant", inputs, {"signed": int(signed), "narrow": narrow, "rounding_mode": "ROUND"},
-                        domain=QONNX_DOMAIN, name=weight_nodes(match.layer.name)["quant"])
+                            else weight_names(match.codes.name)["zero_point"], zero)]
+        attrs = {"signed": int(signed), "narrow": narrow, "rounding_mode": "ROUND"}
         dq = match.dequantize
-        _swap(graph, [dq], quant, dq.outputs[0], dq.outputs[0].name)
+        if self.channel_bitwidth and len(set(widths)) > 1 and not zero.shape:
+            last = _width_groups(graph, dq, match, inputs, widths, attrs)
+        else:
+            width = np.array(max(widths), np.float32)
+            inputs.append(_register(graph, bitwidth(layer.weight if layer is not None else match.codes.name), width))
+            last = ir.node("Quant", inputs, attrs, domain=QONNX_DOMAIN, name=weight_nodes(match.layer.name)["quant"])
+        _swap(graph, [dq], last, dq.outputs[0], dq.outputs[0].name)
 
     @staticmethod
     def _activation(graph: ir.Graph, match: ActivationQuantizer) -> None:
@@ -133,6 +145,49 @@ class ToQonnxPass(ir.passes.InPlacePass):
                 graph.initializers.pop(value.name)
 
 
+def _width_groups(graph: ir.Graph, dq: ir.Node, match: WeightQuantizer, inputs: list[ir.Value], widths: list[int],
+                  attrs: dict) -> ir.Node:
+    """One scalar-width Quant per group of kernels of equal width, concatenated and reordered; returns the last node."""
+    grid, scale, zero = inputs
+    axis, order, parts = match.axis, [], []
+    for width in sorted(set(widths)):
+        names = width_group(match.layer.name, width)
+        kernels = [k for k, w in enumerate(widths) if w == width]
+        order += kernels
+        indices = _register(graph, names["indices"], np.array(kernels, np.int64))
+        values = ir.node("Gather", [grid, indices], {"axis": axis}, name=names["gather"])
+        scales = ir.node("Gather", [scale, indices], {"axis": axis}, name=names["scale_gather"])
+        quant = ir.node("Quant", [values.outputs[0], scales.outputs[0], zero,
+                                  _register(graph, names["bitwidth"], np.array(width, np.float32))],
+                        attrs, domain=QONNX_DOMAIN, name=names["quant"])
+        for node in (values, scales, quant):
+            graph.insert_before(dq, node)
+        parts.append(quant.outputs[0])
+    names = width_group(match.layer.name, 0)
+    concat = ir.node("Concat", parts, {"axis": axis}, name=names["concat"])
+    graph.insert_before(dq, concat)
+    inverse = _register(graph, names["order"], np.argsort(np.array(order, np.int64)).astype(np.int64))
+    return ir.node("Gather", [concat.outputs[0], inverse], {"axis": axis}, name=names["reorder"])
+
+
+def static_batch(model: ir.Model, batch: int) -> None:
+    """Fix the first dimension of the graph inputs and outputs to ``batch`` (qonnx needs static shapes)."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is not None and len(value.shape) > 0:
+            value.shape = ir.Shape([batch, *list(value.shape)[1:]])
+
+
+def _dynamic_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The batch dimension symbolic again (verify feeds batches of any size); intermediate shapes dropped."""
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) > 0:
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    del proto.graph.value_info[:]
+    return proto
+
+
 class QonnxTarget(Target):
     name = "qonnx"
     help = "QONNX Quant nodes"
@@ -141,10 +196,12 @@ class QonnxTarget(Target):
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict]:
         ToQonnxPass(plan, sites, channel_bitwidth=bool(options.get("channel_bitwidth", True)))(model)
+        if options.get("static_batch"):
+            static_batch(model, int(options["static_batch"]))  # type: ignore[call-overload]
         return {}
 
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
-        return qonnx_as_standard_ops(lowered.proto)
+        return _dynamic_batch(qonnx_as_standard_ops(lowered.proto))
 
     def activation_range(self, lowered: Lowered, site: str, entry: dict,
                          array: Array) -> tuple[int, int, float] | None:

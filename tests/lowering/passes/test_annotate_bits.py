@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from impq_onnx.lowering.passes import AnnotateBitsPass, QuantizeActivationsPass, QuantizeWeightsPass
-from impq_onnx.lowering.passes.annotate_bits import SUMMARY_KEY, annotations, read_plan_from_annotation
+from impq_onnx.lowering.passes.annotate_bits import SUMMARY_KEY, annotated_bits, annotations, read_plan_from_annotation
 from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
 from quant_models import tiny_cnn
 from tiny_models import Quirks, build
@@ -42,7 +42,7 @@ def test_annotation_round_trip(model, scheme):
     assert not AnnotateBitsPass(plan, sites)(lowered).modified
 
 
-def test_annotation_points_at_stored_integers_and_bit_vectors():
+def test_annotation_points_at_stored_integers_with_literal_bits():
     canonical, sites = tiny(tiny_cnn())
     plan = mixed_plan(sites, "midrise-max")
     lowered = _lowered(canonical, sites, plan)
@@ -50,8 +50,8 @@ def test_annotation_points_at_stored_integers_and_bit_vectors():
     notes = annotations(lowered)
     entry = notes["conv2.w_quantized"]
     assert entry["impq.kind"] == "weight" and entry["impq.layer"] == "conv2" and entry["impq.axis"] == "0"
-    bits = lowered.graph.initializers[entry["impq.bits"]].const_value.numpy()
-    assert [None if b == 0 else int(b) for b in bits] == plan.weights["conv2"]
+    assert annotated_bits(entry) == plan.weights["conv2"]
+    assert not any("impq" in name for name in lowered.graph.initializers)  # literals only: no unused initializer
     assert entry["impq.scale"] == "conv2.w_scale"
     act = notes["r1_quantized"]
     assert act["impq.site"] == "r1" and act["impq.signed"] == "false" and float(act["impq.clip"]) == plan.clips["r1"].value
