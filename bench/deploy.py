@@ -123,7 +123,7 @@ def prepare(name: str, out: Path, args) -> dict:
     """Lower, verify and evaluate one model in the project environment; write what the child needs."""
     import onnx
 
-    from impq_onnx.data.model_data import open_for_model
+    from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering.lower import lower
@@ -140,8 +140,8 @@ def prepare(name: str, out: Path, args) -> dict:
         train_dir, test_dir = ROOT / "models/fashion-mnist/train", ROOT / "models/fashion-mnist/test"
     else:
         train_dir, test_dir = Path(args.cifar) / "train", Path(args.cifar) / "test"
-    train = open_for_model(canonical, train_dir, preprocess, limit_per_class=args.calibration_per_class)
-    test = open_for_model(canonical, test_dir, preprocess, limit_per_class=args.test_per_class)
+    train = open_model_data(canonical, train_dir, preprocess, limit_per_class=args.calibration_per_class).train_all
+    test = open_model_data(canonical, test_dir, preprocess, limit_per_class=args.test_per_class).train_all
     calib_x = np.concatenate([x for x, _ in train.batches(64, shuffle=True, seed=0)])
     plan = PrecisionPlan.uniform(sites, args.weight_bits, 8, weight_scheme=args.scheme)
     plan = calibrate_clips(canonical.model, plan, sites, [(calib_x[i:i + 64], None) for i in range(0, len(calib_x), 64)],

@@ -22,7 +22,10 @@ from impq_onnx.lowering.verify import verify
 from lowering_cases import SCHEMES, inputs, mixed_plan, tiny
 from quant_models import tiny_cnn
 
-FORMATS = ("qdq", "qonnx", "encodings")  # the built-in targets: the tampering below knows how each stores weights
+FORMATS = ("qdq", "qonnx", "encodings")  # the built-in targets
+# The weight tampering below follows a layer's weight input to its quantizer; qonnx's width groups (Gather,
+# Concat, one Quant per group) are tampered by initializer instead (test_any_changed_qonnx_initializer_fails).
+WALKED_FORMATS = ("qdq", "encodings")
 
 
 @functools.cache
@@ -108,7 +111,7 @@ def _tamper_weight(draw, fmt: str, lowered, layer, what: str) -> tuple[str, str]
 @settings(max_examples=45, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_single_changed_weight_code_scale_or_zero_point_fails(data):
-    fmt = data.draw(st.sampled_from(FORMATS))
+    fmt = data.draw(st.sampled_from(WALKED_FORMATS))
     scheme = data.draw(st.sampled_from(SCHEMES))
     canonical, sites, plan, lowered = _case(fmt, scheme)
     bad = copy.deepcopy(lowered)
@@ -119,6 +122,23 @@ def test_any_single_changed_weight_code_scale_or_zero_point_fails(data):
     assert not result.ok, changed
     named = (f"(layer '{layer.node}')", f"/param_encodings/{stored}/")  # the graph, or the encodings JSON
     assert any(n in m for m in result.record_mismatches for n in named), (changed, result.record_mismatches)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_changed_qonnx_initializer_fails(data):
+    """Every weight code, scale, zero point and bit width of a qonnx model is an initializer: change one value."""
+    canonical, sites, plan, lowered = _case("qonnx", data.draw(st.sampled_from(SCHEMES)))
+    bad = copy.deepcopy(lowered)
+    tensor = data.draw(st.sampled_from([t for t in bad.proto.graph.initializer if numpy_helper.to_array(t).size]))
+    values = numpy_helper.to_array(tensor).copy()
+    index = tuple(data.draw(st.integers(0, n - 1)) for n in values.shape)
+    old = values[index]
+    values[index] = (_other_float(data.draw, float(old)) if values.dtype.kind == "f"
+                     else _other_int(data.draw, int(old), values.dtype))
+    _put(bad.proto, tensor.name, values)
+    result = verify(bad, canonical, plan, sites, [inputs()])
+    assert not result.ok, (tensor.name, index, old, values[index])
 
 
 @settings(max_examples=15, deadline=None)

@@ -172,9 +172,9 @@ def annotated_bits(entries: dict[str, str]) -> list[int | None]:
     """The bit widths of one annotation entry (``None`` = float)."""
     try:
         return [None if int(b) == 0 else int(b) for b in entries["impq.bits"].split(",")]
-    except (KeyError, ValueError):
-        raise PlanError(f"annotation: 'impq.bits' {entries.get('impq.bits')!r} is not a comma-separated list "
-                        "of integers; lower the model again") from None
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"annotation: 'impq.bits' {entries.get('impq.bits')!r} is not a comma-separated list "
+                         "of integers; lower the model again") from exc
 
 
 def read_plan_from_annotation(model) -> PrecisionPlan:

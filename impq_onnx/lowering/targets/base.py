@@ -56,6 +56,11 @@ class Target:
         """
         return {}
 
+    def options_of(self, lowered: Lowered) -> dict[str, object]:
+        """The target options (``rewrite``'s keywords) a written ``lowered`` was made with, read back from it,
+        so that verify can lower again exactly as the file was lowered."""
+        return {}
+
     def quantizer_graph(self, lowered: Lowered) -> onnx.ModelProto:
         """The graph in which verify reads every quantizer's codes, scales and zero points: the model itself,
         unless the target keeps codes outside it (packed)."""

@@ -195,6 +195,10 @@ class EncodingsTarget(Target):
         ToEncodingsPass(plan, sites, version)(model)
         return {SUFFIX: encodings}
 
+    def options_of(self, lowered: Lowered) -> dict[str, object]:
+        version = (lowered.attachments.get(SUFFIX) or {}).get("version")
+        return {"encodings_version": version} if isinstance(version, str) else {}
+
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         weights = (lowered.sidecar or {}).get("weights")
         axes = ({e["tensor"]: e["axis"] for e in weights.values()} if weights is not None

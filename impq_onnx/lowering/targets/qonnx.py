@@ -200,6 +200,10 @@ class QonnxTarget(Target):
             static_batch(model, int(options["static_batch"]))  # type: ignore[call-overload]
         return {}
 
+    def options_of(self, lowered: Lowered) -> dict[str, object]:
+        dims = lowered.proto.graph.input[0].type.tensor_type.shape.dim if lowered.proto.graph.input else []
+        return {"static_batch": dims[0].dim_value} if dims and dims[0].dim_value > 0 else {}
+
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         return _dynamic_batch(qonnx_as_standard_ops(lowered.proto))
 

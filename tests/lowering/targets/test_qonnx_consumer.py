@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from consumer_venvs import ROOT, consumer_venv
-from impq_onnx.data.model_data import open_for_model
+from impq_onnx.data.model_data import open_model_data
 from impq_onnx.frontend.canonical import load
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.simulate import simulate
@@ -42,8 +42,8 @@ def test_qonnx_executes_the_cli_output_equal_to_the_simulation(qonnx_python, tmp
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim][0] == 1
-    x = np.concatenate([b[0] for b in open_for_model(canonical, MODEL.parent / "test", None,
-                                                     limit_per_class=1).batches(10)])
+    x = np.concatenate([b[0] for b in open_model_data(canonical, MODEL.parent / "test", None,
+                                                      limit_per_class=1).train_all.batches(10)])
     qdq = lower(canonical, plan, sites)
     assert verify(qdq, canonical, plan, sites, [x]).ok  # the reference equals the simulation here
     onnx.save(qdq.proto, tmp_path / "reference.onnx")
