@@ -291,7 +291,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
     from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
 
-    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)  # verified at batch N, written as declared
+    # Verified at batch N, written as declared.
+    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],

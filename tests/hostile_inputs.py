@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from PIL import Image
-
 from quant_models import CLASSES, tiny_cnn
 
 __all__ = ["impq", "digest", "image_tree", "tiny_model", "assert_one_line_error"]

@@ -11,8 +11,8 @@ import os
 import subprocess
 
 import pytest
-
 from consumer_venvs import ROOT, consumer_venv
+
 from impq_onnx.frontend.canonical import load
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan

@@ -51,7 +51,7 @@ def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess |
                       f"nor a YAML file{suggest(preprocess, PRESETS)}")
 
 
-def _dynamic_hw(canonical) -> bool:
+def _dynamic_hw(canonical: CanonicalModel) -> bool:
     return any(not isinstance(d, int) for d in canonical.input_shape()[1:])
 
 
@@ -166,5 +166,6 @@ def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | P
     train_dir, held = split_folders(root)
     val_dir = root / "val" if held is not None and (root / "val").is_dir() and (root / "test").is_dir() else None
     test_dir = root / "test" if val_dir is not None else held
-    return ModelData(model, resolve_preprocess(model, preprocess, train_dir), train_dir, val_dir, test_dir, val_fraction, seed,
-                     max_val_samples, limit_per_class, workers)
+    preprocessing = resolve_preprocess(model, preprocess, train_dir)
+    return ModelData(model, preprocessing, train_dir, val_dir, test_dir, val_fraction, seed, max_val_samples,
+                     limit_per_class, workers)

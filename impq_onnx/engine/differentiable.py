@@ -20,7 +20,7 @@ build was seen to build) and raises a one-line :class:`ModelError` naming the fi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -191,4 +191,4 @@ def check_trainable(model, label: str | None = None) -> None:
 
     proto = as_proto(model)
     make_differentiable(proto)
-    check_differentiable(proto, label or getattr(model, "label", "the model"))
+    check_differentiable(proto, label or str(getattr(model, "label", None) or "the model"))

@@ -27,8 +27,8 @@ from impq_onnx.errors import ModelError
 from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model
 from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
-from impq_onnx.frontend.passes.fold_constant_weights import FoldConstantWeightsPass
 from impq_onnx.frontend.passes.dynamic_batch import DynamicBatchPass, batch_is_free, declared_batch
+from impq_onnx.frontend.passes.fold_constant_weights import FoldConstantWeightsPass
 from impq_onnx.frontend.passes.strip_classifier_head import head_of, value_named
 
 __all__ = ["CanonicalModel", "load", "from_proto", "CANONICAL_MIN_OPSET"]

@@ -264,7 +264,8 @@ def exact_mismatches(lowered, canonical, plan: PrecisionPlan, sites: SiteTable) 
     lowering of ``canonical`` under ``plan`` in the same format."""
     from impq_onnx.lowering.lower import lower
 
-    expected = lower(canonical, plan, sites, format=lowered.format, **get_target(lowered.format).options_of(lowered))
+    options = get_target(lowered.format).options_of(lowered)
+    expected = lower(canonical, plan, sites, format=lowered.format, channel_bitwidth=True, **options)
     got, want = _Graph(lowered), _Graph(expected)
     problems: list[str] = []
     sidecar = {k: v for k, v in lowered.sidecar.items() if k != "model"}  # the file name is set when written

@@ -42,9 +42,11 @@ CASES = {
     "Dropout-opset7": dict(op="Dropout", attrs=dict(ratio=0.3), opset=7),
     "Dropout-mask-opset13": dict(op="Dropout", outputs=2, opset=13),
     "PRelu": dict(op="PRelu", extra={"slope": np.linspace(-0.5, 0.5, X.shape[1]).astype(np.float32)}),
-    "Sum": dict(op="Sum", extra={"b": np.full(X.shape[1], 0.25, np.float32), "c": np.full(X.shape[1], -1.5, np.float32)}),
-    "LayerNormalization": dict(op="LayerNormalization", extra={"s": np.linspace(0.5, 1.5, X.shape[1]).astype(np.float32),
-                                                               "b": np.full(X.shape[1], 0.1, np.float32)}),
+    "Sum": dict(op="Sum", extra={"b": np.full(X.shape[1], 0.25, np.float32),
+                                 "c": np.full(X.shape[1], -1.5, np.float32)}),
+    "LayerNormalization": dict(op="LayerNormalization",
+                               extra={"s": np.linspace(0.5, 1.5, X.shape[1]).astype(np.float32),
+                                      "b": np.full(X.shape[1], 0.1, np.float32)}),
 }
 
 

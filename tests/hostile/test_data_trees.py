@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 import pytest
-
 from hostile_inputs import assert_one_line_error, digest, image_tree, impq, save_image, tiny_model
+
 from impq_onnx.data import PRESETS, open_dataset
 from impq_onnx.data.imagefolder import ImageFiles
 from impq_onnx.errors import DataError

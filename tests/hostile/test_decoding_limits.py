@@ -11,12 +11,11 @@ import zlib
 import numpy as np
 import onnx
 import pytest
+from hostile_inputs import assert_one_line_error, digest, image_tree, impq, tiny_model
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from hostile_inputs import assert_one_line_error, digest, image_tree, impq, tiny_model
-from impq_onnx.data import PRESETS, open_dataset
-from impq_onnx.data import limits
+from impq_onnx.data import PRESETS, limits, open_dataset
 from impq_onnx.data.preprocess import fit_image
 from impq_onnx.errors import DataError
 

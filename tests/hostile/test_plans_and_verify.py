@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from hostile_inputs import assert_one_line_error, digest, image_tree, impq, tiny_model
 from onnx import numpy_helper
 
-from hostile_inputs import assert_one_line_error, digest, image_tree, impq, tiny_model
 from impq_onnx.cli import EXIT_VERIFY_FAILED
+from impq_onnx.errors import PlanError
 from impq_onnx.frontend.canonical import load
 from impq_onnx.frontend.site_analysis import find_sites
-from impq_onnx.errors import PlanError
 from impq_onnx.quant.plan import PrecisionPlan
 
 

@@ -14,13 +14,13 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lowering_cases import SCHEMES, inputs, mixed_plan, tiny
 from onnx import numpy_helper
+from quant_models import tiny_cnn
 
 from impq_onnx.lowering.exact_codes import exact_mismatches
 from impq_onnx.lowering.lower import lower
 from impq_onnx.lowering.verify import verify
-from lowering_cases import SCHEMES, inputs, mixed_plan, tiny
-from quant_models import tiny_cnn
 
 FORMATS = ("qdq", "qonnx", "encodings")  # the built-in targets
 # The weight tampering below follows a layer's weight input to its quantizer; qonnx's width groups (Gather,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from impq_onnx.quant.simulate import simulate
-from impq_onnx.quant.standard_rounding import fake_quant_as_standard_ops, for_inference, runtime_has_fake_quant
 from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
 from quant_models import tiny_cnn
 from tiny_models import Quirks, build
+
+from impq_onnx.quant.simulate import simulate
+from impq_onnx.quant.standard_rounding import fake_quant_as_standard_ops, for_inference, runtime_has_fake_quant
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from zoo_models import image_folder
 
 from impq_onnx.data.imagefolder import scan_image_folder
-from zoo_models import image_folder
 
 
 @pytest.mark.parametrize(("names", "expected", "warns"), [

@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 
 import pytest
+from tiny_models import Quirks, build
+from zoo_models import image_folder
 
 from impq_onnx.data.model_data import open_model_data, resolve_preprocess
 from impq_onnx.frontend.canonical import from_proto
-from tiny_models import Quirks, build
-from zoo_models import image_folder
 
 
 def test_dynamic_hw_takes_the_data_size(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
+from tiny_models import Quirks, build
+from zoo_models import image_folder
 
 from impq_onnx.cli import main
 from impq_onnx.frontend.canonical import load
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
-from tiny_models import Quirks, build
-from zoo_models import image_folder
 
 
 @pytest.fixture(scope="module")

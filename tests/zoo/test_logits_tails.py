@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from zoo_models import CLASSES, image_folder, with_fixed_batch_output, with_tail
 
 from impq_onnx.compression import compress
 from impq_onnx.data.model_data import open_model_data
 from impq_onnx.frontend.canonical import from_proto, load
 from impq_onnx.runtime import inference_session
-from zoo_models import CLASSES, image_folder, with_fixed_batch_output, with_tail
 
 X = np.random.default_rng(5).standard_normal((7, 3, 8, 8)).astype(np.float32)
 

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from tiny_models import Quirks, build
+from zoo_models import image_folder, static_batch
 
 from impq_onnx.compression import compress
 from impq_onnx.data import open_dataset
@@ -18,8 +20,6 @@ from impq_onnx.frontend.canonical import from_proto, load
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.runtime import inference_session
 from impq_onnx.sensitivity import noise_gain
-from tiny_models import Quirks, build
-from zoo_models import image_folder, static_batch
 
 
 def _logits(model: onnx.ModelProto | bytes, x: np.ndarray) -> np.ndarray:

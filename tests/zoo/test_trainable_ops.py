@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from zoo_models import image_folder, with_activation, with_dropout7
 
 from impq_onnx.compression import compress
 from impq_onnx.errors import ModelError
 from impq_onnx.runtime import inference_session
-from zoo_models import image_folder, with_activation, with_dropout7
 
 TINY = dict(steps=2, start_steps=2, sensitivity_samples=16, batch_size=8, max_iterations=1, target_bits=None,
             target_act_bits=None, threads=1, progress=False)

@@ -8,12 +8,12 @@ import logging
 
 import numpy as np
 import pytest
+from zoo_models import with_folded_fc_weight
 
 from impq_onnx.frontend.canonical import from_proto
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
-from zoo_models import with_folded_fc_weight
 
 X = np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float32)
 CONV_PARAMS = 4 * 3 * 9 + 4 * 9

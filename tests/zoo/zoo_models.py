@@ -14,8 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-
-from tiny_models import CLASSES, H, W, Quirks, build
+from tiny_models import CLASSES, H, Quirks, W, build
 
 __all__ = ["static_batch", "with_activation", "with_dropout7", "with_tail", "with_fixed_batch_output",
            "with_folded_fc_weight", "image_folder", "CLASSES", "H", "W"]
@@ -31,9 +30,9 @@ def _set_batch(value: onnx.ValueInfoProto, batch: int) -> None:
     dim.dim_value = batch
 
 
-def static_batch(batch: int = 1, reshape: bool = True, quirks: Quirks = Quirks()) -> onnx.ModelProto:
+def static_batch(batch: int = 1, reshape: bool = True, quirks: Quirks | None = None) -> onnx.ModelProto:
     """Input ``[batch, 3, 8, 8]``; with ``reshape`` the Flatten is ``Reshape(pool, [batch, 4])`` (torch's view)."""
-    model = build(quirks)
+    model = build(quirks if quirks is not None else Quirks())
     _set_batch(model.graph.input[0], batch)
     _set_batch(model.graph.output[0], batch)
     if reshape:

@@ -48,9 +48,9 @@ class DynamicBatchPass(ir.passes.InPlacePass):
         if batch is None:
             return ir.passes.PassResult(model, False)
         for value in [graph.inputs[0], *graph.outputs]:
-            if declared_batch(value) == batch:
+            if declared_batch(value) == batch and value.shape is not None:
                 value.shape = ir.Shape([BATCH_SYMBOL, *list(value.shape)[1:]])
-        rewritten = [node.name for node in graph if _copy_batch_in_reshape(graph, node, batch)]
+        rewritten = [node.name or node.op_type for node in graph if _copy_batch_in_reshape(graph, node, batch)]
         if rewritten:
             logger.debug("reshape shapes with the batch %d baked in now copy it: %s", batch, ", ".join(rewritten))
         return ir.passes.PassResult(model, True)

@@ -11,7 +11,7 @@ initializers before this pass.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -114,7 +114,7 @@ class FoldConstantWeightsPass(ir.passes.InPlacePass):
             value.name = name
             value.const_value.name = name  # type: ignore[union-attr]
             graph.register_initializer(value)
-            folded.append(node.name or name)
+            folded.append(node.name or name or node.op_type)
         if folded:
             logger.info("folded %d constant weight paths into initializers: %s", len(folded), ", ".join(folded))
         return ir.passes.PassResult(model, bool(folded))

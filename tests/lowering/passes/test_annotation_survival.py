@@ -9,11 +9,11 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 import pytest
+from lowering_cases import SCHEMES, mixed_plan, tiny
 from onnx import version_converter
+from quant_models import tiny_cnn
 
 from impq_onnx.lowering.lower import lower, read_plan_from_annotation
-from lowering_cases import SCHEMES, mixed_plan, tiny
-from quant_models import tiny_cnn
 
 
 def _lowered(scheme: str, format: str = "qdq"):

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_datatypes import InferDataTypes
-
-import onnxruntime as ort
 
 model_path, npz_path, simulation_path, workdir = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
 clean = workdir / "clean.onnx"

@@ -9,14 +9,14 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from lowering_cases import SCHEMES, inputs, mixed_plan, tiny
+from test_encodings_target import residual_model
+from tiny_models import Quirks, build
 
 from impq_onnx.errors import PlanError
 from impq_onnx.lowering.lower import lower, read_lowered, write
 from impq_onnx.lowering.verify import verify
 from impq_onnx.quant.plan import PrecisionPlan
-from lowering_cases import SCHEMES, inputs, mixed_plan, tiny
-from test_encodings_target import residual_model
-from tiny_models import Quirks, build
 
 SCHEMAS = Path(__file__).parent / "schemas"
 VERSIONS = ("0.6.1", "1.0.0", "2.0.0")

@@ -10,15 +10,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
 from onnx import numpy_helper
+from tiny_models import Quirks, build
 
 from impq_onnx.lowering.lower import convert, lower, read_lowered, write
 from impq_onnx.lowering.targets import PackedTarget
 from impq_onnx.lowering.targets.packed import PACKED_DOMAIN, SUFFIX, kernel_table, pack, unpack
 from impq_onnx.lowering.verify import runnable, verify
 from impq_onnx.quant.schemes import weight_scheme
-from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
-from tiny_models import Quirks, build
 
 TOOLS = Path(__file__).parents[3] / "tools" / "impq_unpack.py"
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from lowering_cases import inputs, mixed_plan, run, tiny
 from onnx import numpy_helper
+from tiny_models import Quirks, build
 
 from impq_onnx.lowering.lower import convert, lower, read_lowered, write
 from impq_onnx.lowering.verify import verify
 from impq_onnx.quant.simulate import simulate
-from lowering_cases import inputs, mixed_plan, run, tiny
-from tiny_models import Quirks, build
 
 
 def _plan(sites, scheme: str, low_layer_bits: list[int | None]):

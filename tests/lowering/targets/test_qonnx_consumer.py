@@ -10,16 +10,16 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
 from consumer_venvs import ROOT, consumer_venv
+from lowering_cases import mixed_plan
+
 from impq_onnx.data.model_data import open_model_data
 from impq_onnx.frontend.canonical import load
 from impq_onnx.frontend.site_analysis import find_sites
-from impq_onnx.quant.simulate import simulate
 from impq_onnx.lowering.lower import lower
 from impq_onnx.lowering.verify import verify
+from impq_onnx.quant.simulate import simulate
 from impq_onnx.runtime import inference_session
-from lowering_cases import mixed_plan
 
 MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
 CHECK = ROOT / "tests" / "lowering" / "targets" / "qonnx_check.py"
