@@ -144,8 +144,8 @@ def prepare(name: str, out: Path, args) -> dict:
     test = open_model_data(canonical, test_dir, preprocess, limit_per_class=args.test_per_class).train_all
     calib_x = np.concatenate([x for x, _ in train.batches(64, shuffle=True, seed=0)])
     plan = PrecisionPlan.uniform(sites, args.weight_bits, 8, weight_scheme=args.scheme)
-    plan = calibrate_clips(canonical.model, plan, sites, [(calib_x[i:i + 64], None) for i in range(0, len(calib_x), 64)],
-                           threads=args.threads)
+    calib_batches = [(calib_x[i:i + 64], None) for i in range(0, len(calib_x), 64)]
+    plan = calibrate_clips(canonical.model, plan, sites, calib_batches, threads=args.threads)
     ort_model = lower(canonical, plan, sites, format="ort")
     qdq_model = lower(canonical, plan, sites, format="qdq")
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,8 @@ def prepare(name: str, out: Path, args) -> dict:
     y = np.concatenate([b for _, b in test_batches])
     x = np.concatenate([b for b, _ in test_batches])
     logits = {}
-    for key, proto, optimize in (("float", canonical.to_proto(), True), ("simulation", simulate(canonical, plan, sites), True),
+    for key, proto, optimize in (("float", canonical.to_proto(), True),
+                                 ("simulation", simulate(canonical, plan, sites), True),
                                  ("folded simulation", folded_reference(canonical, plan, sites), False),
                                  ("ort (1.19.2, optimizations off)", ort_model.proto, False)):
         run = inference_session(proto.SerializeToString(), args.threads, optimize=optimize)
@@ -198,7 +199,8 @@ def table(prepared: list[dict], child: dict, args, load: tuple) -> str:
                          f"{100 * r['top1']:.2f} % | {r['ms_b1']:.3f} | {r['ms_b64']:.2f} | "
                          f"{rows['float']['ms_b64'] / r['ms_b64']:.2f} |")
     lines += ["", "Exactness and the accuracy cost of folding (project environment, onnxruntime-training 1.19.2):", "",
-              "| model | test images | verify (records + first 250 images; logits of all images: ort vs folded simulation, opts off) | float | simulation (BN unfolded) "
+              "| model | test images | verify (records + first 250 images; logits of all images: ort vs folded "
+              "simulation, opts off) | float | simulation (BN unfolded) "
               "| folded simulation | ort (1.19.2, opts off) | ort in mainline (all opts) vs folded simulation |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]
     for p in prepared:
@@ -206,7 +208,8 @@ def table(prepared: list[dict], child: dict, args, load: tuple) -> str:
         agree = child["models"][p["name"]]["ort"].get("agree_reference")
         lines.append(f"| {p['name']} | {p['test_images']} | {'ok' if v['ok'] else 'FAILED'}: agreement "
                      f"{100 * v['agreement']:.2f} %, max logit diff {v['max_logit_diff']:g} | "
-                     f"{100 * t['float']:.2f} % | {100 * t['simulation']:.2f} % | {100 * t['folded simulation']:.2f} % | "
+                     f"{100 * t['float']:.2f} % | {100 * t['simulation']:.2f} % | "
+                     f"{100 * t['folded simulation']:.2f} % | "
                      f"{100 * t['ort (1.19.2, optimizations off)']:.2f} % | top-1 agreement {100 * agree:.2f} % |")
     return "\n".join(lines) + "\n"
 

@@ -27,8 +27,8 @@ From the QDQ-lowered graph (:mod:`impq_onnx.lowering.targets.qdq`'s input) it
 Activations keep the ``QuantizeLinear -> DequantizeLinear`` pair of the QDQ form (uint8 after Relu,
 int8 otherwise, zero point 0). The result means exactly :func:`folded_reference`: the float model with
 batch-norm folded, weights ``code · scale'`` and biases on their int32 grid, activations fake-quantized
-at 8 bits (the plan's sites and the output quantizers). ``verify`` compares the two with graph optimizations off (onnxruntime's fused integer
-kernels requantize in their own rounding order).
+at 8 bits (the plan's sites and the output quantizers). ``verify`` compares the two with graph optimizations
+off (onnxruntime's fused integer kernels requantize in their own rounding order).
 """
 
 from __future__ import annotations
@@ -37,13 +37,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import InternalError, PlanError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import activation_names, activation_nodes, folded_names, weight_names
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
-from impq_onnx.lowering.targets.ort_reference import (ACTIVATION_BITS, bias_codes, fold_factors, folded_simulation,
-                                                       output_quantizers)
+from impq_onnx.lowering.targets.ort_reference import (
+    ACTIVATION_BITS,
+    bias_codes,
+    fold_factors,
+    folded_simulation,
+    output_quantizers,
+)
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
@@ -56,6 +61,22 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
+def _array(value: ir.Value | None) -> np.ndarray:
+    """The constant array of ``value``, which the matched pattern guarantees is an initializer."""
+    array = _constant(value)
+    if array is None:
+        raise InternalError(f"format 'ort': tensor '{value.name if value is not None else ''}' has no constant "
+                            "value where the matched pattern guarantees one")
+    return array
+
+
+def _name(item: ir.Value | ir.Node) -> str:
+    """The name of a value or node in the graph (the graph names every one it holds)."""
+    if item.name is None:
+        raise InternalError(f"format 'ort': an unnamed {type(item).__name__} in the graph")
+    return item.name
+
+
 def _replace_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Initializer ``name`` holding ``array``: a new tensor on the existing value (the input model's tensors
     are shared with the clone, never written), or a new initializer."""
@@ -64,7 +85,7 @@ def _replace_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Va
     if value is None:
         value = ir.Value(name=name, const_value=tensor)
         graph.register_initializer(value)
-    value.const_value, value.dtype, value.shape = tensor, tensor.dtype, ir.Shape(tensor.shape)
+    value.const_value, value.dtype, value.shape = tensor, tensor.dtype, ir.Shape(array.shape)
     return value
 
 
@@ -76,34 +97,39 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         weights = {m.layer.name: m for m in weight_quantizers(graph)}
         folded = False
         for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
-            conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+            x = bn.inputs[0]
+            conv = x.producer() if x is not None else None
             params = [_constant(v) for v in bn.inputs[1:5]]
-            if (conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1 or any(p is None for p in params)
-                    or len(bn.inputs[0].uses()) != 1 or bn.inputs[0].is_graph_output()):
+            if (x is None or conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1
+                    or any(p is None for p in params) or len(x.uses()) != 1 or x.is_graph_output()):
                 continue
-            self._fold(graph, conv, bn, params, weights.get(conv.name))
+            self._fold(graph, conv, bn, [p for p in params if p is not None], weights.get(conv.name))
             folded = True
         return ir.passes.PassResult(model, folded)
 
     @staticmethod
-    def _fold(graph: ir.Graph, conv: ir.Node, bn: ir.Node, params: list, match: WeightQuantizer | None) -> None:
+    def _fold(graph: ir.Graph, conv: ir.Node, bn: ir.Node, params: list[np.ndarray],
+              match: WeightQuantizer | None) -> None:
         eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
         bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-        m, b = fold_factors(*params, eps, _constant(bias))
+        gamma, beta, mean, var = params
+        m, b = fold_factors(gamma, beta, mean, var, eps, _constant(bias))
         if match is not None:
-            scale = match.scale.const_value.numpy()
-            _replace_initializer(graph, match.scale.name, (scale.reshape(-1) * m).astype(np.float32).reshape(scale.shape))
+            scale = _array(match.scale)
+            folded_scale = (scale.reshape(-1) * m).astype(np.float32).reshape(scale.shape)
+            _replace_initializer(graph, _name(match.scale), folded_scale)
         else:
-            w = _constant(conv.inputs[1])
-            if w is None:
+            old = conv.inputs[1]
+            w = _constant(old)
+            if old is None or w is None:
                 raise PlanError(f"format 'ort': Conv '{conv.name}' has a weight that is not constant; cannot fold "
                                 f"BatchNormalization '{bn.name}'")
-            name = weight_names(conv.inputs[1].name)["weight"]
-            old = conv.inputs[1]
-            conv.replace_input_with(1, _replace_initializer(graph, name, (w * m.reshape(-1, 1, 1, 1)).astype(np.float32)))
-            if old.name in graph.initializers and not old.uses():
+            name = weight_names(_name(old))["weight"]
+            folded_weight = (w * m.reshape(-1, 1, 1, 1)).astype(np.float32)
+            conv.replace_input_with(1, _replace_initializer(graph, name, folded_weight))
+            if old.name is not None and old.name in graph.initializers and not old.uses():
                 graph.initializers.pop(old.name)
-        names = folded_names(conv.name)
+        names = folded_names(_name(conv))
         new_bias = _replace_initializer(graph, names["bias"], b)
         if bias is None:
             conv.resize_inputs(3)
@@ -115,7 +141,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         graph.remove(bn, safe=True)
         result.name = out_name
         for value in removed:
-            if value.name in graph.initializers and not value.uses():
+            if value.name is not None and value.name in graph.initializers and not value.uses():
                 graph.initializers.pop(value.name)
 
 
@@ -137,11 +163,11 @@ class OutputQuantizersPass(ir.passes.InPlacePass):
             value = values.get(name)
             if value is None:
                 return []
-            users = [(n.op_type, n.outputs[0].name) for n, _ in value.uses()]
+            users = [(n.op_type, _name(n.outputs[0])) for n, _ in value.uses()]
             return users + ([("", "")] if value.is_graph_output() else [])
 
         modified = False
-        for tensor, clip, signed in output_quantizers(self.plan, self.sites, lambda n: nodes[n].outputs[0].name,
+        for tensor, clip, signed in output_quantizers(self.plan, self.sites, lambda n: _name(nodes[n].outputs[0]),
                                                       consumers):
             x = values[tensor]
             if any(n.op_type == "QuantizeLinear" for n, _ in x.uses()):
@@ -155,8 +181,13 @@ class OutputQuantizersPass(ir.passes.InPlacePass):
             dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=node_names["dequantize"])
             q.outputs[0].name, dq.outputs[0].name = names["quantized"], names["dequantized"]
             q.outputs[0].dtype = ir.DataType.INT8 if signed else ir.DataType.UINT8
-            dq.outputs[0].dtype, q.outputs[0].shape, dq.outputs[0].shape = x.dtype, x.shape, x.shape
-            graph.insert_after(x.producer(), [q, dq])
+            if x.dtype is not None:  # the new value's dtype is None already
+                dq.outputs[0].dtype = x.dtype
+            q.outputs[0].shape, dq.outputs[0].shape = x.shape, x.shape
+            producer = x.producer()
+            if producer is None:
+                raise InternalError(f"format 'ort': output quantizer tensor '{tensor}' has no producer")
+            graph.insert_after(producer, [q, dq])
             for user, index in users:
                 user.replace_input_with(index, dq.outputs[0])
             modified = True
@@ -190,15 +221,16 @@ class QuantizeBiasPass(ir.passes.InPlacePass):
                 continue
             bias = layer.inputs[2]
             values = _constant(bias)
-            if values is None or bias.name not in graph.initializers or len(bias.uses()) != 1:
+            if (bias is None or values is None or bias.name is None or bias.name not in graph.initializers
+                    or len(bias.uses()) != 1):
                 continue  # already dequantized, not constant, or shared
-            if layer.op_type == "Gemm" and values.size != match.scale.const_value.numpy().size:
+            if layer.op_type == "Gemm" and values.size != _array(match.scale).size:
                 continue  # a broadcast Gemm C is not a per-output bias
-            found = bias_codes(values, inputs[layer.inputs[0]], match.scale.const_value.numpy())
+            found = bias_codes(values, inputs[layer.inputs[0]], _array(match.scale))
             if found is None:
                 continue  # onnxruntime leaves such a layer in float; so does the reference
             codes, scale = found
-            names = folded_names(layer.name)
+            names = folded_names(_name(layer))
             dq = ir.node("DequantizeLinear", [
                 _replace_initializer(graph, names["bias_codes"], codes),
                 _replace_initializer(graph, names["bias_scale"], scale),
@@ -222,10 +254,10 @@ def _refuse_unfusable(model: ir.Model, plan: PrecisionPlan | None) -> None:
                                 f"need {ACTIVATION_BITS}-bit activations (plan them at 8 or use --format qdq)")
     for match in weight_quantizers(model.graph):
         layer = match.layer.name
-        dtype = match.codes.const_value.numpy().dtype
+        dtype = _array(match.codes).dtype
         if dtype != np.int8:
-            raise PlanError(f"format 'ort': weights of layer '{layer}' need {dtype} codes (midrise-max at 8 bits has odd "
-                            "codes up to ±255); onnxruntime fuses int8 only: plan midrise-max at <= 7 bits or use "
+            raise PlanError(f"format 'ort': weights of layer '{layer}' need {dtype} codes (midrise-max at 8 bits has "
+                            "odd codes up to ±255); onnxruntime fuses int8 only: plan midrise-max at <= 7 bits or use "
                             "symmetric-rms / pow2-std")
         if match.residual is not None:
             raise PlanError(f"format 'ort': layer '{layer}' mixes float and quantized kernels; quantize all of its "
@@ -257,18 +289,18 @@ class OrtTarget(QdqTarget):
             x = node.inputs[0] if node.op_type == "QuantizeLinear" else None
             if x is None or x.name in sites or x.name in {e["tensor"] for e in sites.values()}:
                 continue
-            step = float(node.inputs[1].const_value.numpy())
-            signed = node.inputs[2].const_value.numpy().dtype == np.int8
+            step = float(_array(node.inputs[1]))
+            signed = _array(node.inputs[2]).dtype == np.int8
             lo, hi = (-128, 127) if signed else (0, 255)
-            added[x.name] = {"bits": ACTIVATION_BITS, "clip": float(np.float32(step) * np.float32(hi + 1)), "signed": bool(signed),
-                             "scale": step, "zero_point": 0, "dtype": "int8" if signed else "uint8",
-                             "code_min": lo, "code_max": hi}
+            added[_name(x)] = {"bits": ACTIVATION_BITS, "clip": float(np.float32(step) * np.float32(hi + 1)),
+                               "signed": bool(signed), "scale": step, "zero_point": 0,
+                               "dtype": "int8" if signed else "uint8", "code_min": lo, "code_max": hi}
         sidecar["output_quantizers"] = added  # not in the plan: added so the layer in front fuses
         for entry in sidecar.get("weights", {}).values():
             scale = graph.initializers.get(weight_names(entry["source"])["scale"])
             if scale is not None:
                 entry["scheme_scale"] = entry["scale"]
-                entry["scale"] = [float(s) for s in scale.const_value.numpy().reshape(-1)]
+                entry["scale"] = [float(s) for s in _array(scale).reshape(-1)]
 
     def reference(self, canonical: object, plan: PrecisionPlan, sites: SiteTable, lowered: Lowered) -> onnx.ModelProto:
         return folded_reference(canonical, plan, sites)

@@ -8,11 +8,13 @@ and the choice of output quantizers (:func:`output_quantizers`), defined here, a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
+from impq_onnx.errors import InternalError, PlanError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import folded_names, weight_names
 from impq_onnx.quant.plan import PrecisionPlan
@@ -83,6 +85,8 @@ def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) 
     from impq_onnx.quant.simulate import as_proto, simulate
 
     source = canonical.model if hasattr(canonical, "model") else canonical
+    if not isinstance(source, ir.Model):
+        raise InternalError(f"ort reference: expected a canonical or onnx_ir model, got {type(source).__name__}")
     quantized = source.clone()
     QuantizeWeightsPass(plan, sites)(quantized)
     proto = as_proto(source)
@@ -105,15 +109,16 @@ def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) 
         scale = None
         if quantized_layer:
             names = weight_names(layer.weight)
-            codes = quantized.graph.initializers[names["codes"]].const_value.numpy()
-            scale = quantized.graph.initializers[names["scale"]].const_value.numpy().reshape(-1)
+            codes = _initializer(quantized, names["codes"])
+            scale = _initializer(quantized, names["scale"]).reshape(-1)
         bn = next((n for n in graph.node if n.op_type == "BatchNormalization" and n.input[0] == layer.output), None)
         users = [n for n in graph.node if layer.output in n.input]
         bias = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if (bn is not None and layer.op_type == "Conv" and users == [bn]
                 and layer.output not in {o.name for o in graph.output}):
             eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-            m, bias = fold_factors(*(array(name) for name in bn.input[1:5]), eps, bias)
+            gamma, beta, mean, var = (array(name) for name in bn.input[1:5])
+            m, bias = fold_factors(gamma, beta, mean, var, eps, bias)
             if scale is None:
                 put(layer.weight, (array(layer.weight) * m.reshape(-1, 1, 1, 1)).astype(np.float32))
             else:
@@ -130,6 +135,9 @@ def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) 
         if (scale is not None and bias is not None and bits is not None and layer.op_type in ("Conv", "Gemm")
                 and bias.size == scale.size):
             clip = plan.clips[layer.activation]
+            if clip.value is None:  # what simulate() below raises for it
+                raise PlanError(f"clips['{layer.activation}']: no clip value (no batch-norm before it); calibrate the "
+                                "clips first")
             found = bias_codes(bias, activation_grid(bits, clip.value, clip.signed)[0], scale)
             if found is not None:
                 bias = (found[0].astype(np.float32) * found[1]).astype(np.float32)
@@ -141,6 +149,14 @@ def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) 
     simulated = simulate(proto, float_weights, sites)
     _share_site_quantizers(simulated, plan, sites)
     return simulated
+
+
+def _initializer(model: ir.Model, name: str) -> np.ndarray:
+    """The array of initializer ``name``, which :class:`QuantizeWeightsPass` made."""
+    tensor = model.graph.initializers[name].const_value
+    if tensor is None:
+        raise InternalError(f"ort reference: initializer '{name}' made by QuantizeWeightsPass has no value")
+    return tensor.numpy()
 
 
 def _add_output_quantizers(proto: onnx.ModelProto, plan: PrecisionPlan, sites: SiteTable) -> None:

@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from impq_onnx.errors import InternalError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
 from impq_onnx.lowering.patterns import weight_quantizers
@@ -115,6 +116,14 @@ def _table_of(stored: np.ndarray, axis: int, layer_bits: list[int | None] | None
 SUFFIX = ".packed"
 
 
+def _codes(value: ir.Value) -> tuple[str, ir.TensorProtocol]:
+    """Name and constant tensor of a matched weight's codes initializer (the pattern guarantees both)."""
+    if value.name is None or value.const_value is None:
+        raise InternalError(f"format packed: weight codes '{value.name}' are not a named constant where the matched "
+                            "pattern guarantees one")
+    return value.name, value.const_value
+
+
 class PackedTarget(QdqTarget):
     name = "packed"
     help = "QDQ with weight codes bit-packed at their true width in <out>.packed (for toolchains)"
@@ -128,23 +137,26 @@ class PackedTarget(QdqTarget):
         graph = model.graph
         blobs, size = [], 0
         for match in weight_quantizers(graph):
-            stored = match.codes.const_value.numpy()
+            codes_name, codes = _codes(match.codes)
+            stored = codes.numpy()
             layer = planned_layer(sites, match.layer) if plan is not None else None
-            layer_bits = plan.weights[layer.node] if layer is not None else None
+            layer_bits = plan.weights[layer.node] if plan is not None and layer is not None else None
             blob, table = pack(stored, match.axis, _table_of(stored, match.axis, layer_bits,
                                                              plan.weight_scheme if plan else ""))
             table[:, 1] += size
             blobs.append(blob)
             size += len(blob)
-            names = packed_names(match.codes.name, match.layer.name)
+            if match.layer.name is None:
+                raise InternalError("format packed: an unnamed layer node in the graph (the graph names every node)")
+            names = packed_names(codes_name, match.layer.name)
             value = ir.Value(name=names["table"], const_value=ir.tensor(table, name=names["table"]))
             graph.register_initializer(value)
-            dtype = match.codes.const_value.dtype
+            dtype = codes.dtype
             node = ir.node(UNPACK_OP, [value], {"shape": list(stored.shape), "axis": match.axis, "to": int(dtype)},
                            domain=PACKED_DOMAIN, name=names["node"])
-            graph.initializers.pop(match.codes.name)
+            graph.initializers.pop(codes_name)
             match.dequantize.replace_input_with(0, node.outputs[0])
-            node.outputs[0].name = match.codes.name
+            node.outputs[0].name = codes_name
             node.outputs[0].dtype = dtype
             node.outputs[0].shape = ir.Shape(stored.shape)
             graph.insert_before(match.dequantize, node)
@@ -154,7 +166,10 @@ class PackedTarget(QdqTarget):
         return {SUFFIX: np.concatenate(blobs).tobytes()}
 
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
-        return packed_as_standard_ops(lowered.proto, lowered.attachments.get(SUFFIX, b""))
+        data = lowered.attachments.get(SUFFIX, b"")
+        if not isinstance(data, bytes):
+            raise InternalError(f"format packed: the '{SUFFIX}' attachment is JSON, not the packed bytes")
+        return packed_as_standard_ops(lowered.proto, data)
 
     def quantizer_graph(self, lowered: Lowered) -> onnx.ModelProto:
         return self.as_standard_ops(lowered)  # the codes are in the .packed file

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import version_converter
 
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import InternalError, PlanError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import planned_layer
@@ -35,16 +35,28 @@ INT4_OPSET = 21
 _INT4 = (-8, 7)
 
 
+def _tensor(value: ir.Value) -> ir.TensorProtocol:
+    """The constant tensor of ``value``, an initializer of the matched weight pattern."""
+    if value.const_value is None:
+        raise InternalError(f"format qdq-int4: weight tensor '{value.name}' has no constant value where the matched "
+                            "pattern guarantees one")
+    return value.const_value
+
+
+def _array(value: ir.Value) -> np.ndarray:
+    return _tensor(value).numpy()
+
+
 def fits_int4(match: WeightQuantizer, plan: PrecisionPlan | None, sites: SiteTable | None) -> bool:
     """Whether every code of the layer fits ``int4``: by the plan's bounds when known, else by the codes."""
-    if match.zero_point is not None and np.any(match.zero_point.const_value.numpy() != 0):
+    if match.zero_point is not None and np.any(_array(match.zero_point) != 0):
         return False  # a tool's zero point: keep its type
     layer = planned_layer(sites, match.layer) if plan is not None else None
-    if layer is not None:
+    if plan is not None and layer is not None:
         scheme = weight_scheme(plan.weight_scheme)
         bounds = [scheme.code_bounds(b) for b in plan.weights[layer.node]]
         return all(_INT4[0] <= lo and hi <= _INT4[1] for lo, hi, _ in bounds)
-    codes = match.codes.const_value.numpy()
+    codes = _array(match.codes)
     return bool(codes.size) and _INT4[0] <= int(codes.min()) and int(codes.max()) <= _INT4[1]
 
 
@@ -60,7 +72,7 @@ def _to_opset(model: ir.Model, opset: int) -> None:
 
 
 def _as_int4(value: ir.Value) -> None:
-    array = value.const_value.numpy()
+    array = _array(value)
     value.const_value = ir.Tensor(array.astype(ir.DataType.INT4.numpy()), dtype=ir.DataType.INT4, name=value.name)
     value.dtype = ir.DataType.INT4
 
@@ -78,7 +90,7 @@ class QdqInt4Target(QdqTarget):
         if model.opset_imports.get("", INT4_OPSET) < INT4_OPSET:
             _to_opset(model, INT4_OPSET)
         for match in weight_quantizers(model.graph):
-            if match.codes.const_value.dtype != ir.DataType.INT4 and fits_int4(match, plan, sites):
+            if _tensor(match.codes).dtype != ir.DataType.INT4 and fits_int4(match, plan, sites):
                 _as_int4(match.codes)
                 if match.zero_point is not None:
                     _as_int4(match.zero_point)

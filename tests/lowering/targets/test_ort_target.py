@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from lowering_cases import SCHEMES, inputs, ops, run, tiny
 from onnx import numpy_helper
-
-from pathlib import Path
+from tiny_models import Quirks, build, weights
 
 from impq_onnx.data import open_dataset
 from impq_onnx.data.preprocess import PRESETS
@@ -24,8 +25,6 @@ from impq_onnx.lowering.targets.ort import FoldBatchNormPass, QuantizeBiasPass, 
 from impq_onnx.lowering.verify import verify
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import calibrate_clips, simulate
-from lowering_cases import SCHEMES, inputs, ops, run, tiny
-from tiny_models import Quirks, build, weights
 
 BUNDLED = Path(__file__).resolve().parents[3] / "models" / "fashion-mnist"
 
@@ -187,7 +186,8 @@ def _residual_block() -> onnx.ModelProto:
               helper.make_node("GlobalAveragePool", ["s"], ["pool"], name="pool"),
               helper.make_node("Flatten", ["pool"], ["features"], name="flatten"),
               helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["logits"], transB=1, name="fc")]
-    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    graph = helper.make_graph(nodes, "residual",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -202,7 +202,8 @@ def test_residual_add_reads_quantized_inputs_and_both_convs_fuse(tmp_path):
     producers = {o: n.op_type for n in lowered.proto.graph.node for o in n.output}
     add = next(n for n in lowered.proto.graph.node if n.op_type == "Add")
     assert [producers[i] for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]  # conv2's output quantizer, r
-    assert list(lowered.sidecar["output_quantizers"]) == ["bn2.out"] and lowered.sidecar["output_quantizers"]["bn2.out"]["signed"]
+    added = lowered.sidecar["output_quantizers"]
+    assert list(added) == ["bn2.out"] and added["bn2.out"]["signed"]
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
     assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
     options = ort.SessionOptions()
