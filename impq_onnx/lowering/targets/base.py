@@ -35,7 +35,7 @@ class Lowered(Protocol):
     proto: onnx.ModelProto
     sidecar: dict  # {} for a model converted without a plan
     format: str
-    attachments: dict[str, dict]
+    attachments: dict[str, dict | bytes]
 
 
 class Target:
@@ -49,8 +49,8 @@ class Target:
     optimize_when_verifying: ClassVar[bool] = True  # False: verify runs both models with graph optimizations off
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
-        """Rewrite the QDQ graph ``model`` in place into this format; returns ``{suffix: JSON}`` attachments.
+                **options: object) -> dict[str, dict | bytes]:
+        """Rewrite the QDQ graph ``model`` in place into this format; returns ``{suffix: JSON or bytes}`` attachments.
 
         ``plan`` and ``sites`` are None for a QDQ model made by another tool: then only the graph is known.
         """

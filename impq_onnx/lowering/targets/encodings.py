@@ -189,7 +189,7 @@ class EncodingsTarget(Target):
     attachments = (SUFFIX,)
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
+                **options: object) -> dict[str, dict | bytes]:
         version = str(options.get("encodings_version") or ENCODINGS_VERSION)
         encodings = encodings_of(model, plan, sites, version)
         ToEncodingsPass(plan, sites, version)(model)

@@ -271,7 +271,7 @@ class OrtTarget(QdqTarget):
     optimize_when_verifying = False
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
+                **options: object) -> dict[str, dict | bytes]:
         _refuse_unfusable(model, plan)
         FoldBatchNormPass()(model)
         if plan is not None and sites is not None:

@@ -25,7 +25,7 @@ class QdqTarget(Target):
     stores_codes = True
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
+                **options: object) -> dict[str, dict | bytes]:
         if plan is not None and sites is not None:
             SplitConvBiasPass(plan, sites)(model)
         return {}

@@ -83,7 +83,7 @@ class QdqInt4Target(QdqTarget):
     stores_codes = True
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
+                **options: object) -> dict[str, dict | bytes]:
         super().rewrite(model, plan, sites, **options)
         if not any(fits_int4(m, plan, sites) for m in weight_quantizers(model.graph)):
             return {}

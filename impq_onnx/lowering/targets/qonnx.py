@@ -194,7 +194,7 @@ class QonnxTarget(Target):
     stores_codes = False
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
-                **options: object) -> dict[str, dict]:
+                **options: object) -> dict[str, dict | bytes]:
         ToQonnxPass(plan, sites, channel_bitwidth=bool(options.get("channel_bitwidth", True)))(model)
         if options.get("static_batch"):
             static_batch(model, int(options["static_batch"]))  # type: ignore[call-overload]
