@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["weight_names", "weight_nodes", "activation_names", "activation_nodes", "bias_names", "bits_vector",
            "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "quant_node", "layer_input", "expansion_prefix",
-           "folded_names", "width_group"]
+           "folded_names", "width_group", "requantized_names"]
 
 BITS_VECTOR_SUFFIX = "_impq_bits"
 
@@ -96,6 +96,13 @@ def folded_names(layer: str) -> dict[str, str]:
     return {"bias": f"{layer}_folded_bias", "bias_codes": f"{layer}_bias_quantized",
             "bias_scale": f"{layer}_bias_scale", "bias_zero_point": f"{layer}_bias_zero_point",
             "bias_dequantized": f"{layer}_bias_dequantized", "bias_dequantize": f"{layer}/bias_dq"}
+
+
+def requantized_names(tensor: str) -> dict[str, str]:
+    """The lossless ``QuantizeLinear -> DequantizeLinear`` the onnxruntime target puts on ``tensor``, whose values
+    are on a quantizer's grid already (moved through Slice/Pad/Reshape...), so that the op reading it fuses."""
+    return {"quantized": f"{tensor}_requantized", "dequantized": f"{tensor}_redequantized",
+            "quantize": f"{tensor}/requantize", "dequantize": f"{tensor}/redequantize"}
 
 
 def width_group(layer: str, bits: int) -> dict[str, str]:

@@ -22,7 +22,13 @@ From the QDQ-lowered graph (:mod:`impq_onnx.lowering.targets.qdq`'s input) it
    (:func:`output_quantizers`); the sidecar lists them under ``output_quantizers``;
 5. lets every consumer of a quantized activation read its dequantized value, not only the site's layers
    (a residual ``Add`` then has quantized inputs and fuses to QLinearAdd; a Conv whose Relu also fed the
-   shortcut fuses). Graph outputs stay float.
+   shortcut fuses). Graph outputs stay float;
+6. adds lossless ``QuantizeLinear -> DequantizeLinear`` pairs where values already lie on a quantizer's grid
+   (:class:`RequantizePass`): behind a shortcut's ``Slice -> Pad`` in front of an ``Add`` (QLinearAdd), and in
+   front of ``GlobalAveragePool -> Flatten -> QuantizeLinear`` (QLinearGlobalAveragePool where its input is
+   quantized). They change no value, so the reference below has none of them;
+7. stores signed activations as uint8 with zero point 128 (:class:`UnsignedActivationsPass`): the same grid
+   and values as int8 with zero point 0, on onnxruntime's faster u8s8 kernels.
 
 Activations keep the ``QuantizeLinear -> DequantizeLinear`` pair of the QDQ form (uint8 after Relu,
 int8 otherwise, zero point 0). The result means exactly :func:`folded_reference`: the float model with
@@ -39,7 +45,13 @@ import onnx_ir as ir
 
 from impq_onnx.errors import InternalError, PlanError
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.naming import activation_names, activation_nodes, folded_names, weight_names
+from impq_onnx.lowering.naming import (
+    activation_names,
+    activation_nodes,
+    folded_names,
+    requantized_names,
+    weight_names,
+)
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
 from impq_onnx.lowering.targets.ort_reference import (
@@ -53,7 +65,7 @@ from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
-           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass"]
+           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass", "RequantizePass"]
 
 
 
@@ -89,6 +101,21 @@ def _replace_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Va
     return value
 
 
+def _flipped(codes: np.ndarray, flip: np.ndarray, match: WeightQuantizer, conv: ir.Node) -> np.ndarray:
+    """``codes`` with the kernels where ``flip`` holds negated (a symmetric grid: zero point 0)."""
+    zero_point = _constant(match.zero_point)
+    if zero_point is not None and np.any(zero_point != 0):
+        raise PlanError(f"format 'ort': Conv '{conv.name}' has a negative batch-norm multiplier and weight zero "
+                        "points other than 0; use a symmetric weight scheme")
+    sign = np.where(flip, -1, 1).reshape([-1 if axis == match.axis else 1 for axis in range(codes.ndim)])
+    wide = codes.astype(np.int64) * sign
+    info = np.iinfo(codes.dtype)
+    if wide.min() < info.min or wide.max() > info.max:
+        raise PlanError(f"format 'ort': Conv '{conv.name}' has a negative batch-norm multiplier on a kernel whose "
+                        f"codes reach {info.min}, which has no negation in {codes.dtype}; use a symmetric scheme")
+    return wide.astype(codes.dtype)
+
+
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold every ``Conv -> BatchNormalization`` (constant parameters, Conv output used only there)."""
 
@@ -116,8 +143,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         m, b = fold_factors(gamma, beta, mean, var, eps, _constant(bias))
         if match is not None:
             scale = _array(match.scale)
-            folded_scale = (scale.reshape(-1) * m).astype(np.float32).reshape(scale.shape)
+            # A negative multiplier (gamma < 0) flips the kernel's codes, so every scale stays positive.
+            flip = m < 0
+            folded_scale = (scale.reshape(-1) * np.abs(m)).astype(np.float32).reshape(scale.shape)
             _replace_initializer(graph, _name(match.scale), folded_scale)
+            if flip.any():
+                _replace_initializer(graph, _name(match.codes), _flipped(_array(match.codes), flip, match, conv))
         else:
             old = conv.inputs[1]
             w = _constant(old)
@@ -167,8 +198,10 @@ class OutputQuantizersPass(ir.passes.InPlacePass):
             return users + ([("", "")] if value.is_graph_output() else [])
 
         modified = False
+        adds = [(_name(n.outputs[0]), [_name(x) for x in n.inputs if x is not None]) for n in graph
+                if n.op_type == "Add"]
         for tensor, clip, signed in output_quantizers(self.plan, self.sites, lambda n: _name(nodes[n].outputs[0]),
-                                                      consumers):
+                                                      consumers, adds):
             x = values[tensor]
             if any(n.op_type == "QuantizeLinear" for n, _ in x.uses()):
                 continue  # quantized on an earlier run
@@ -205,6 +238,138 @@ class ShareSiteQuantizersPass(ir.passes.InPlacePass):
                 if user not in match.nodes:
                     user.replace_input_with(index, out)
                     modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+# Ops whose every output element is an input element (or a constant pad): values on a quantizer's grid stay on it.
+_MOVES = ("Slice", "Pad", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool")
+_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+_FUSING = ("Add", "Mul", "Concat")  # onnxruntime's QLinearAdd / QLinearMul / QLinearConcat
+
+
+class RequantizePass(ir.passes.InPlacePass):
+    """Lossless QuantizeLinear -> DequantizeLinear pairs where onnxruntime needs one to fuse (module docstring, 6).
+
+    - Forward: an input of an Add/Mul/Concat reached from a DequantizeLinear through :data:`_MOVES` (the
+      ResNet shortcut ``Slice -> Pad``) gets the pair with that DequantizeLinear's parameters: its values are
+      on that grid already (a Pad's constant too, checked), so the pair changes nothing and the op fuses.
+    - Backward: an activation QuantizeLinear behind a chain of :data:`_RESHAPES` (``GlobalAveragePool ->
+      Flatten -> QuantizeLinear``) gets a copy of itself in front of the chain: quantizing per tensor commutes
+      with reshaping, and re-quantizing on the grid is the identity, so ``GlobalAveragePool`` is followed by a
+      QuantizeLinear and fuses.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type in _FUSING:
+                modified |= self._forward(graph, node)
+        for node in list(graph):
+            if node.op_type == "QuantizeLinear":
+                modified |= self._backward(graph, node)
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _per_tensor(node: ir.Node) -> bool:
+        scale = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        zero = _constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        return scale is not None and scale.size == 1 and zero is not None and zero.size == 1
+
+    @classmethod
+    def _forward(cls, graph: ir.Graph, node: ir.Node) -> bool:
+        produced = [x.producer() if x is not None else None for x in node.inputs]
+        if not any(p is not None and p.op_type == "DequantizeLinear" for p in produced):
+            return False  # nothing else of the op is quantized: it would not fuse
+        modified = False
+        for index, x in enumerate(node.inputs):
+            producer = produced[index]
+            if x is None or producer is None or producer.op_type not in _MOVES:
+                continue
+            chain = []
+            while producer is not None and producer.op_type in _MOVES and producer.inputs[0] is not None:
+                chain.append(producer)
+                producer = producer.inputs[0].producer()
+            if producer is None or producer.op_type != "DequantizeLinear" or not cls._per_tensor(producer):
+                continue
+            scale, zero = producer.inputs[1], producer.inputs[2]
+            if not all(cls._pad_on_grid(p) for p in chain):
+                continue
+            dq = cls._insert(graph, x, scale, zero, chain[0])
+            node.replace_input_with(index, dq)
+            modified = True
+        return modified
+
+    @staticmethod
+    def _pad_on_grid(node: ir.Node) -> bool:
+        """A Pad whose new elements are on every grid: zero (the zero point's code) or copies of input elements."""
+        if node.op_type != "Pad":
+            return True
+        mode = node.attributes["mode"].as_string() if "mode" in node.attributes else "constant"
+        if mode != "constant":
+            return mode in ("edge", "reflect")
+        value = _constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(1)
+        return value is not None and bool(np.all(value == 0))
+
+    @classmethod
+    def _backward(cls, graph: ir.Graph, q: ir.Node) -> bool:
+        x = q.inputs[0]
+        producer = x.producer() if x is not None else None
+        if x is None or producer is None or producer.op_type not in _RESHAPES or not cls._per_tensor(q):
+            return False
+        first = producer
+        while first.inputs[0] is not None and (above := first.inputs[0].producer()) is not None \
+                and above.op_type in _RESHAPES and len(first.inputs[0].uses()) == 1:
+            first = above
+        source = first.inputs[0]
+        origin = source.producer() if source is not None else None
+        if source is None or origin is None or origin.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            return False  # already quantized there
+        if any(u.op_type == "QuantizeLinear" for u, _ in source.uses()):
+            return False  # done on an earlier run
+        dq = cls._insert(graph, source, q.inputs[1], q.inputs[2], origin)
+        first.replace_input_with(0, dq)
+        return True
+
+    @staticmethod
+    def _insert(graph: ir.Graph, x: ir.Value, scale: ir.Value | None, zero: ir.Value | None,
+                after: ir.Node) -> ir.Value:
+        names = requantized_names(_name(x))
+        quantize = ir.node("QuantizeLinear", [x, scale, zero], name=names["quantize"])
+        dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale, zero], name=names["dequantize"])
+        quantize.outputs[0].name, dequantize.outputs[0].name = names["quantized"], names["dequantized"]
+        quantize.outputs[0].dtype = ir.DataType.from_numpy(_array(zero).dtype)
+        if x.dtype is not None:  # the new value's dtype is None already
+            dequantize.outputs[0].dtype = x.dtype
+        quantize.outputs[0].shape = dequantize.outputs[0].shape = x.shape
+        graph.insert_after(after, [quantize, dequantize])
+        return dequantize.outputs[0]
+
+
+class UnsignedActivationsPass(ir.passes.InPlacePass):
+    """Signed activations stored as uint8 with zero point 128 instead of int8 with 0 (module docstring, 7).
+
+    The same grid (code ``q + 128`` for ``q``, the same saturation), so the same values; onnxruntime's
+    integer kernels are fastest on uint8 activations with int8 weights (MLAS's u8s8 path).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in graph:
+            if node.op_type != "QuantizeLinear" or len(node.inputs) < 3 or node.inputs[2] is None:
+                continue
+            zero = node.inputs[2]
+            value = _constant(zero)
+            if value is None or value.dtype != np.int8 or value.size != 1 or np.any(value != 0) or zero.name is None:
+                continue
+            if any(u.op_type not in ("QuantizeLinear", "DequantizeLinear") for u, _ in zero.uses()):
+                continue
+            _replace_initializer(graph, zero.name, np.full(value.shape, 128, np.uint8))
+            for user, _ in zero.uses():
+                if user.op_type == "QuantizeLinear":
+                    user.outputs[0].dtype = ir.DataType.UINT8
+            modified = True
         return ir.passes.PassResult(model, modified)
 
 
@@ -278,6 +443,8 @@ class OrtTarget(QdqTarget):
             OutputQuantizersPass(plan, sites)(model)
         ShareSiteQuantizersPass()(model)
         QuantizeBiasPass()(model)
+        RequantizePass()(model)  # after: the bias pass reads each layer's input quantizer by its pattern
+        UnsignedActivationsPass()(model)
         return {}
 
     def finish_sidecar(self, sidecar: dict, model: ir.Model) -> None:
@@ -287,15 +454,20 @@ class OrtTarget(QdqTarget):
         added = {}
         for node in graph:
             x = node.inputs[0] if node.op_type == "QuantizeLinear" else None
-            if x is None or x.name in sites or x.name in {e["tensor"] for e in sites.values()}:
-                continue
+            if (x is None or x.name in sites or x.name in {e["tensor"] for e in sites.values()}
+                    or node.name == requantized_names(_name(x))["quantize"]):
+                continue  # a site's, or a lossless requantization
             step = float(_array(node.inputs[1]))
-            signed = _array(node.inputs[2]).dtype == np.int8
+            zero = _array(node.inputs[2])
+            signed = zero.dtype == np.int8 or int(zero.reshape(-1)[0]) == 128  # UnsignedActivationsPass
             lo, hi = (-128, 127) if signed else (0, 255)
             added[_name(x)] = {"bits": ACTIVATION_BITS, "clip": float(np.float32(step) * np.float32(hi + 1)),
                                "signed": bool(signed), "scale": step, "zero_point": 0,
                                "dtype": "int8" if signed else "uint8", "code_min": lo, "code_max": hi}
         sidecar["output_quantizers"] = added  # not in the plan: added so the layer in front fuses
+        for entry in [*sites.values(), *added.values()]:
+            if entry.get("dtype") == "int8":  # UnsignedActivationsPass
+                entry.update(dtype="uint8", zero_point=128, code_min=0, code_max=255)
         for entry in sidecar.get("weights", {}).values():
             scale = graph.initializers.get(weight_names(entry["source"])["scale"])
             if scale is not None:

@@ -8,7 +8,7 @@ and the choice of output quantizers (:func:`output_quantizers`), defined here, a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -44,7 +44,8 @@ def bias_codes(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -
 
 
 def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable[[str], str],
-                      consumers: Callable[[str], list[tuple[str, str]]]) -> list[tuple[str, float, bool]]:
+                      consumers: Callable[[str], list[tuple[str, str]]],
+                      adds: Iterable[tuple[str, list[str]]] = ()) -> list[tuple[str, float, bool]]:
     """``(tensor, clip, signed)`` of the 8-bit quantizers added behind folded Convs (the ort target docstring, 4).
 
     Read from the graph *after* folding: ``output_of(layer)`` is the layer's output tensor,
@@ -52,6 +53,12 @@ def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable
     ``("", "")``). A Conv qualifies when its weights and input are quantized and a folded batch-norm
     gives the range; the quantizer goes behind a sole Relu (unsigned, clip ``max_c(beta + 6|gamma|)``)
     or on the output itself (signed, clip ``max_c(|beta| + 6|gamma|)``), unless a site already is there.
+
+    ``adds`` are the ``(output, inputs)`` of the graph's ``Add`` nodes: an Add whose inputs are all quantized
+    (a site or a quantizer found above) and whose output no site quantizes (the last residual block, read by
+    ``GlobalAveragePool``) gets one too, behind a sole Relu or on its output, with clip the sum of its inputs'
+    clips (the range of the sum): QLinearAdd and QLinearGlobalAveragePool then fuse. This one rounds (at 8
+    bits, over a range at most twice the inputs'); :func:`folded_simulation` has it too.
     """
     found = []
     for layer in sites.layers:
@@ -67,6 +74,20 @@ def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable
         stats = layer.batchnorm
         clip = (max(abs(b) + 6.0 * abs(g) for b, g in zip(stats.beta, stats.gamma)) if signed else stats.clip)
         found.append((tensor, float(clip), signed))
+    clips = {tensor: clip for tensor, clip, _ in found}
+    for output, inputs in adds:
+        known = [clips.get(x, plan.clips[x].value if x in plan.clips and plan.activations.get(x) is not None
+                           else None) for x in inputs]
+        if not inputs or any(c is None for c in known):
+            continue
+        users = consumers(output)
+        tensor, signed = (users[0][1], False) if [u[0] for u in users] == ["Relu"] else (output, True)
+        if (tensor in plan.activations or tensor in clips or not consumers(tensor) or ("", "") in consumers(tensor)
+                or ("", "") in users):
+            continue
+        clip = float(sum(abs(float(c)) for c in known if c is not None))
+        found.append((tensor, clip, signed))
+        clips[tensor] = clip
     return found
 
 
@@ -173,7 +194,8 @@ def _add_output_quantizers(proto: onnx.ModelProto, plan: PrecisionPlan, sites: S
         return users + ([("", "")] if name in outputs else [])
 
     opset = next(e.version for e in proto.opset_import if e.domain in ("", "ai.onnx"))
-    for tensor, clip, signed in output_quantizers(plan, sites, lambda n: nodes[n].output[0], consumers):
+    adds = [(n.output[0], list(n.input)) for n in graph.node if n.op_type == "Add"]
+    for tensor, clip, signed in output_quantizers(plan, sites, lambda n: nodes[n].output[0], consumers, adds):
         users = [n for n in graph.node if tensor in n.input]
         g = GraphBuilder(f"{SIMULATION_PREFIX}/{tensor}", opset)
         q = build_activation_quantizer(g, tensor, ACTIVATION_BITS, clip, signed)

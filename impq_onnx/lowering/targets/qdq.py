@@ -37,8 +37,9 @@ class QdqTarget(Target):
         if producer is None:
             return None
         scale = float(array(producer.input[1]).reshape(()))
-        info = np.iinfo(array(producer.input[2]).dtype)
-        lo, hi = int(info.min), int(info.max)
+        zero = array(producer.input[2])
+        info, offset = np.iinfo(zero.dtype), int(zero.reshape(-1)[0])
+        lo, hi = int(info.min) - offset, int(info.max) - offset  # codes less the zero point
         clip = next((n for n in graph.node if producer.input[0] in n.output and n.op_type == "Clip"), None)
         if clip is not None:
             lo = max(lo, int(np.rint(array(clip.input[1]) / np.float32(scale))))

@@ -51,9 +51,14 @@ def test_graph_shape_and_exact_against_the_folded_simulation(scheme):
     lowered = lower(canonical, plan, sites, format="ort")
     counts = ops(lowered.proto)
     assert "BatchNormalization" not in counts and "Clip" not in counts and "Add" not in counts
-    assert counts["QuantizeLinear"] == len(sites.activations)
-    # one per weight, per activation, and per bias of a layer with quantized input (conv1 and fc; dw has none)
-    assert counts["DequantizeLinear"] == len(sites.layers) + len(sites.activations) + 2
+    # one per site, and one lossless copy of fc's in front of GlobalAveragePool -> Flatten (RequantizePass)
+    requantized = [n for n in lowered.proto.graph.node if n.name.endswith("/requantize")]
+    pools = [n.output[0] for n in lowered.proto.graph.node if n.op_type == "GlobalAveragePool"]
+    assert [n.input[0] for n in requantized] == pools and len(pools) == 1
+    assert counts["QuantizeLinear"] == len(sites.activations) + 1
+    # one per weight, per activation, per requantization and per bias of a layer with quantized input (conv1 and
+    # fc; dw has none)
+    assert counts["DequantizeLinear"] == len(sites.layers) + len(sites.activations) + 1 + 2
     inits = _inits(lowered.proto)
     for entry in lowered.sidecar["weights"].values():
         assert inits[entry["tensor"]].dtype == np.int8
@@ -152,7 +157,7 @@ def test_bundled_model_fuses_every_conv_and_equals_its_folded_simulation(tmp_pat
     plan = PrecisionPlan.uniform(sites, 4, 8)
     plan = calibrate_clips(canonical.model, plan, sites, test.batches(50), max_batches=2)
     lowered = lower(canonical, plan, sites, format="ort")
-    added = [n for n in lowered.proto.graph.node if n.op_type == "QuantizeLinear"]
+    added = [n for n in lowered.proto.graph.node if n.op_type == "QuantizeLinear" and "/requantize" not in n.name]
     assert len(added) == len(sites.activations) + 1 and "relu4.out" in lowered.sidecar["output_quantizers"]
     result = verify(lowered, canonical, plan, sites, test.batches(100))
     assert result.ok and result.samples == 200 and result.max_logit_diff == 0.0, result.to_dict()
@@ -164,8 +169,11 @@ def test_bundled_model_fuses_every_conv_and_equals_its_folded_simulation(tmp_pat
     assert fused["QLinearConv"] == 4 and fused["QGemm"] == 1 and "FusedConv" not in fused and "Conv" not in fused
 
 
-def _residual_block() -> onnx.ModelProto:
-    """x -> conv1+bn1 -> relu1 (r) -> conv2+bn2 -> Add(r) -> relu2 -> GlobalAveragePool -> Flatten -> Gemm."""
+def _residual_block(slice_pad: bool = False, flip: bool = False) -> onnx.ModelProto:
+    """x -> conv1+bn1 -> relu1 (r) -> conv2+bn2 -> Add(r) -> relu2 -> GlobalAveragePool -> Flatten -> Gemm.
+
+    ``slice_pad``: the shortcut is ``r[:, :2] -> Pad`` back to 4 channels (ResNet-20's option A); ``flip``:
+    half of bn2's gammas are negative."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(5)
@@ -181,7 +189,16 @@ def _residual_block() -> onnx.ModelProto:
                                       [bn_out], name=f"bn{i}"))
         if i == 1:
             nodes.append(helper.make_node("Relu", [bn_out], [out], name="relu1"))
-    nodes += [helper.make_node("Add", ["bn2.out", "r"], ["sum"], name="add"),
+    shortcut = "r"
+    if slice_pad:
+        inits.update({"starts": np.array([0], np.int64), "ends": np.array([2], np.int64),
+                      "axes": np.array([1], np.int64), "pads": np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64)})
+        nodes += [helper.make_node("Slice", ["r", "starts", "ends", "axes"], ["narrow"], name="slice"),
+                  helper.make_node("Pad", ["narrow", "pads"], ["shortcut"], name="pad")]
+        shortcut = "shortcut"
+    if flip:
+        inits["g2"] = inits["g2"] * np.array([1, -1, 1, -1], np.float32)
+    nodes += [helper.make_node("Add", ["bn2.out", shortcut], ["sum"], name="add"),
               helper.make_node("Relu", ["sum"], ["s"], name="relu2"),
               helper.make_node("GlobalAveragePool", ["s"], ["pool"], name="pool"),
               helper.make_node("Flatten", ["pool"], ["features"], name="flatten"),
@@ -194,8 +211,8 @@ def _residual_block() -> onnx.ModelProto:
 
 
 def test_residual_add_reads_quantized_inputs_and_both_convs_fuse(tmp_path):
-    """conv2 fuses through its output quantizer; the Add stays float here (nothing quantizes its output; in
-    ResNet-20 a site follows it and it fuses to QLinearAdd, bench/results/deploy.md)."""
+    """conv2 fuses through its output quantizer; the Add, whose output only GlobalAveragePool reads, gets an
+    output quantizer with the sum of its inputs' clips, so QLinearAdd and QLinearGlobalAveragePool fuse too."""
     canonical, sites = tiny(_residual_block())
     plan = _plan(sites, "symmetric-rms", top=8)
     lowered = lower(canonical, plan, sites, format="ort")
@@ -203,7 +220,9 @@ def test_residual_add_reads_quantized_inputs_and_both_convs_fuse(tmp_path):
     add = next(n for n in lowered.proto.graph.node if n.op_type == "Add")
     assert [producers[i] for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]  # conv2's output quantizer, r
     added = lowered.sidecar["output_quantizers"]
-    assert list(added) == ["bn2.out"] and added["bn2.out"]["signed"]
+    assert list(added) == ["bn2.out", "s"] and added["bn2.out"]["signed"] and not added["s"]["signed"]
+    assert np.float32(added["s"]["clip"]) == np.float32(added["bn2.out"]["clip"] + plan.clips["r"].value)
+    assert added["bn2.out"]["dtype"] == "uint8" and added["bn2.out"]["zero_point"] == 128  # signed, as u8 + 128
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
     assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
     options = ort.SessionOptions()
@@ -211,4 +230,33 @@ def test_residual_add_reads_quantized_inputs_and_both_convs_fuse(tmp_path):
     options.log_severity_level = 3
     ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    assert fused["QLinearAdd"] == 1 and fused["QLinearGlobalAveragePool"] == 1, fused
     assert fused["QLinearConv"] == 2 and fused["QGemm"] == 1 and "Conv" not in fused and "FusedConv" not in fused, fused
+
+
+def test_slice_pad_shortcut_and_negative_gammas_stay_exact_and_fuse(tmp_path):
+    """The shortcut's Slice -> Pad gets a lossless requantization, so both inputs of the Add are dequantized
+    (it fuses to QLinearAdd where a quantizer reads its output, as in ResNet-20: bench/results/deploy.md); a
+    negative batch-norm multiplier flips the kernel's codes, so every folded scale stays positive."""
+    canonical, sites = tiny(_residual_block(slice_pad=True, flip=True))
+    plan = _plan(sites, "symmetric-rms", top=8)
+    qdq = lower(canonical, plan, sites, format="qdq")
+    lowered = lower(canonical, plan, sites, format="ort")
+    inits = _inits(lowered.proto)
+    entry = lowered.sidecar["weights"]["conv2"]
+    assert all(s > 0 for s in entry["scale"])
+    before, after = _inits(qdq.proto)[qdq.sidecar["weights"]["conv2"]["tensor"]], inits[entry["tensor"]]
+    np.testing.assert_array_equal(after, before * np.array([1, -1, 1, -1], np.int8).reshape(-1, 1, 1, 1))
+    producers = {o: n for n in lowered.proto.graph.node for o in n.output}
+    add = next(n for n in lowered.proto.graph.node if n.op_type == "Add")
+    shortcut = producers[add.input[1]]
+    assert shortcut.op_type == "DequantizeLinear" and shortcut.name == "shortcut/redequantize"
+    assert producers[producers[shortcut.input[0]].input[0]].op_type == "Pad"
+    result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
+    assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    assert fused["QLinearConv"] == 2 and "Conv" not in fused, fused
