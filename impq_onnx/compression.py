@@ -211,8 +211,8 @@ def export_model(model, plan, sites, format: str = "qdq"):
 
 
 def _verified(lowered, model, plan, sites, dataset) -> dict:
-    """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs."""
-    from impq_onnx.errors import InternalError
+    """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs (exit 3)."""
+    from impq_onnx.errors import VerificationError
     from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
     from impq_onnx.lowering.verify import verify
 
@@ -220,7 +220,7 @@ def _verified(lowered, model, plan, sites, dataset) -> dict:
     if not result.ok:
         problems = [result.checker_error] if result.checker_error else []
         problems += result.range_violations + result.record_mismatches
-        raise InternalError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
+        raise VerificationError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
                             f"difference {result.max_logit_diff:.3g}{'; ' + problems[0] if problems else ''}); "
                             "include the plan")
     return result.to_dict()

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["KINDS", "PHASES", "Event", "Progress", "PlainLines", "nested", "progress_callback", "silent"]
+__all__ = ["KINDS", "PHASES", "Event", "Progress", "PlainLines", "json_safe", "nested", "progress_callback", "silent"]
 
 KINDS = ("phase_start", "step", "phase_end", "iteration", "message", "done")
 PHASES = ("fine-tune", "evaluate", "sensitivity", "search", "compress", "verify")
@@ -55,7 +55,7 @@ class Event:
         """``kind, phase, step, total, message, data`` in that order; ``data`` sorted by key; floats that are
         not finite become None (JSON has no NaN)."""
         return {"kind": self.kind, "phase": self.phase, "step": self.step, "total": self.total,
-                "message": self.message, "data": {k: _finite(self.data[k]) for k in sorted(self.data)}}
+                "message": self.message, "data": {k: json_safe(self.data[k]) for k in sorted(self.data)}}
 
     def to_json(self) -> str:
         """One line of JSON (``--events``)."""
@@ -65,13 +65,14 @@ class Event:
 Progress = Callable[[Event], None]
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with every float that is not finite (in dicts, lists) replaced by None: JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
