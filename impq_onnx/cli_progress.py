@@ -98,7 +98,7 @@ class Renderer:
             self._phase = event.phase
             self._bar = self._tqdm(total=event.total, desc=self._description(event.phase), leave=False,
                                    file=self.stream, unit=_UNITS.get(event.phase, "it"), dynamic_ncols=True,
-                                   colour="green" if self.color else None, mininterval=0.2)
+                                   colour="green" if self.color else None, mininterval=0)
             self._bar.set_postfix_str(self._postfix(event), refresh=False)
         elif event.kind == "step" and self._bar is not None and event.phase == self._phase:
             if event.step is not None and event.step > self._bar.n:
