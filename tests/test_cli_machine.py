@@ -22,9 +22,9 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import numpy_helper
+from tiny_models import Quirks, build
 
 from impq_onnx.cli import EXIT_INTERRUPTED, EXIT_TARGET_NOT_REACHED, EXIT_VERIFY_FAILED
-from tiny_models import Quirks, build
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "fashion-mnist"
