@@ -98,12 +98,12 @@ class Renderer:
             self._phase = event.phase
             self._bar = self._tqdm(total=event.total, desc=self._description(event.phase), leave=False,
                                    file=self.stream, unit=_UNITS.get(event.phase, "it"), dynamic_ncols=True,
-                                   colour="green" if self.color else None, mininterval=0)
+                                   colour="green" if self.color else None, mininterval=0, miniters=1)
             self._bar.set_postfix_str(self._postfix(event), refresh=False)
         elif event.kind == "step" and self._bar is not None and event.phase == self._phase:
+            self._bar.set_postfix_str(self._postfix(event), refresh=False)  # drawn by the update
             if event.step is not None and event.step > self._bar.n:
                 self._bar.update(event.step - self._bar.n)
-            self._bar.set_postfix_str(self._postfix(event), refresh=False)
         elif event.kind == "phase_end" and event.phase == self._phase:
             self.close()
             if event.level == 0 and event.message:  # a command's own phase (evaluate, sensitivity): its result
@@ -138,7 +138,7 @@ class Renderer:
         if "loss" in event.data:
             parts.append(f"loss {event.data['loss']:.3f}")
         elif event.data.get("top1") is not None:
-            parts.append(f"top-1 {_pct(event.data['top1'])}")
+            parts.append(f"running top-1 {_pct(event.data['top1'])}")
         return " | ".join(parts)
 
     def _style(self, line: str, bold: bool = False) -> str:
