@@ -138,6 +138,7 @@ def _reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: t
         for given in inputs:
             if given and Path(given).exists() and Path(given).resolve() == target:
                 raise UserError(f"--events {events} is the input {given}; choose another file")
+        target.parent.mkdir(parents=True, exist_ok=True)
         stream = open(events, "w", encoding="utf-8")  # closed below
     renderer = Renderer(quiet=quiet, events=stream)
     try:

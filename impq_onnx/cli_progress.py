@@ -138,7 +138,7 @@ class Renderer:
         if "loss" in event.data:
             parts.append(f"loss {event.data['loss']:.3f}")
         elif event.data.get("top1") is not None:
-            parts.append(f"running top-1 {_pct(event.data['top1'])}")
+            parts.append(f"eval {_pct(event.data['top1'])}")
         return " | ".join(parts)
 
     def _style(self, line: str, bold: bool = False) -> str:
