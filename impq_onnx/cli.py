@@ -1,13 +1,21 @@
 """The ``impq-onnx`` command: a thin click layer over the library.
 
-Options carry the same names as the library parameters they feed. Errors print one line on stderr
-and exit with the code of their cause (:mod:`impq_onnx.errors`: 2 user input, 5 environment, 1 a bug);
-``verify`` exits with :data:`EXIT_VERIFY_FAILED` (3) when it ran but the lowered model is not what the float
-model and plan give. ``-vv`` adds the traceback of the error and of every exception that caused it.
+Options carry the same names as the library parameters they feed; ``--logits`` names the logits tensor
+in every command (``--output`` there is its deprecated alias; in ``compress`` ``--output`` is the model
+written). Every command takes ``--json`` (one JSON document on stdout, everything else on stderr); the
+long ones (evaluate, sensitivity, verify, compress) take ``--quiet`` and ``--events FILE`` (JSON lines of
+:class:`~impq_onnx.events.Event`; ``-``: stdout), shown by :mod:`impq_onnx.cli_progress`.
+
+Exit codes: 0 done; 1 a bug (:class:`~impq_onnx.errors.InternalError`); 2 bad usage or input; 3 a
+verification failed (``verify``, or the model ``compress`` lowered); 4 ``compress`` ended without reaching
+its targets (outputs written); 5 the environment; 130 / 143 interrupted by SIGINT / SIGTERM (the resume
+command printed, :mod:`impq_onnx.interrupts`). Errors print one line on stderr; ``-vv`` adds the traceback
+of the error and of every exception that caused it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -18,9 +26,16 @@ import click
 from impq_onnx.errors import as_impq_error
 from impq_onnx.lowering.targets import target_help, target_names
 
-__all__ = ["main", "EXIT_VERIFY_FAILED"]
+__all__ = ["main", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "EXIT_TARGET_NOT_REACHED",
+           "EXIT_ENVIRONMENT", "EXIT_INTERRUPTED"]
 
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # InternalError: a bug
+EXIT_USAGE = 2  # UserError and click's usage errors: bad options or input
 EXIT_VERIFY_FAILED = 3  # distinct from 2 (bad input): the check ran and found a difference
+EXIT_TARGET_NOT_REACHED = 4  # compress wrote its outputs but stopped short of its targets
+EXIT_ENVIRONMENT = 5  # PlatformError
+EXIT_INTERRUPTED = 130  # SIGINT (143: SIGTERM); impq_onnx.interrupts prints the resume command
 
 
 def _user_errors(func):
@@ -57,11 +72,94 @@ def _parse_shape(ctx, param, value):
     return shape
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _examples(*lines: str) -> str:
+    """A ``--help`` epilog: the examples, unwrapped."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+_BUNDLED = "models/fashion-mnist"
+
+
+def _logits_options(func):
+    """``--logits NAME`` and its deprecated alias ``--output NAME``."""
+    func = click.option("--output", "output_alias", metavar="NAME",
+                        help="Deprecated alias of --logits (the name of the logits tensor).")(func)
+    return click.option("--logits", metavar="NAME",
+                        help="Name of the logits tensor when the model has several outputs.")(func)
+
+
+def _logits_name(logits: str | None, alias: str | None) -> str | None:
+    if alias is not None:
+        click.echo("impq-onnx: warning: --output NAME is deprecated for the logits tensor; use --logits NAME",
+                   err=True)
+        if logits is not None and logits != alias:
+            raise click.UsageError(f"--logits {logits} and --output {alias} name different tensors; give --logits")
+    return logits if logits is not None else alias
+
+
+def _json_option(func):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout (keys in the README); logs and progress go to "
+                             "stderr.")(func)
+
+
+def _progress_options(func):
+    func = click.option("--events", "events", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
+                        help="Write every progress event as a JSON line to FILE (- : stdout, then not with "
+                             "--json).")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar or lines (errors still print).")(func)
+
+
+def _dump(document: dict) -> None:
+    """The one JSON document of ``--json`` on stdout."""
+    import json
+
+    from impq_onnx.events import json_safe
+
+    click.echo(json.dumps(json_safe(document), allow_nan=False))
+
+
+@contextlib.contextmanager
+def _reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tuple = ()):
+    """The command's progress callback (:class:`~impq_onnx.cli_progress.Renderer`) and the stream its human
+    result goes to (stdout, or stderr when the events take stdout). ``inputs``: paths ``--events`` must not be."""
+    from pathlib import Path
+
+    from impq_onnx.cli_progress import Renderer
+    from impq_onnx.errors import UserError
+
+    if events == "-" and as_json:
+        raise click.UsageError("--events - and --json both write to stdout; give --events a file")
+    stream = None
+    if events == "-":
+        stream = sys.stdout
+    elif events:
+        target = Path(events).resolve()
+        for given in inputs:
+            if given and Path(given).exists() and Path(given).resolve() == target:
+                raise UserError(f"--events {events} is the input {given}; choose another file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(events, "w", encoding="utf-8")  # closed below
+    renderer = Renderer(quiet=quiet, events=stream)
+    try:
+        yield renderer, (sys.stderr if events == "-" else sys.stdout)
+    finally:
+        renderer.close()
+        if stream is not None and stream is not sys.stdout:
+            stream.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=_examples(f"impq-onnx compress {_BUNDLED}/model.onnx --data {_BUNDLED} --output out/fm.onnx",
+                              "impq-onnx compress --help"))
 @click.version_option(package_name="impq-onnx")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
-    """impq-onnx: mixed-precision quantization of ONNX image classifiers (IMPQ)."""
+    """impq-onnx: mixed-precision quantization of ONNX image classifiers (IMPQ).
+
+    Exit codes: 0 ok, 1 internal error, 2 usage or bad input, 3 verification failed, 4 target not reached,
+    5 environment, 130 interrupted (the resume command is printed).
+    """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -69,39 +167,41 @@ def main(verbose: int) -> None:
 _SHAPE_HELP = "Concrete input shape for MACs and padding, e.g. 1,3,224,224 [default: the data's]."
 
 
-@main.command("inspect")
+@main.command("inspect", epilog=_examples(f"impq-onnx inspect {_BUNDLED}/model.onnx",
+                                          f"impq-onnx inspect {_BUNDLED}/model.onnx --input-shape 1,1,28,28 --json"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input-shape", callback=_parse_shape, help="Concrete input shape for MACs, e.g. 1,3,224,224.")
-@click.option("--output", help="Name of the logits tensor when the model has several outputs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@_logits_options
+@_json_option
 @_user_errors
-def inspect_command(model: str, input_shape, output: str | None, as_json: bool) -> None:
+def inspect_command(model: str, input_shape, logits: str | None, output_alias: str | None, as_json: bool) -> None:
     """Show the quantizable layers, weight groups and activation sites of MODEL."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.inspection import format_json, format_table
     from impq_onnx.frontend.site_analysis import find_sites
 
-    table = find_sites(load(model, output=output), input_shape=input_shape)
+    table = find_sites(load(model, output=_logits_name(logits, output_alias)), input_shape=input_shape)
     click.echo(format_json(table, model) if as_json else format_table(table, model))
 
 
-@main.command("evaluate")
+@main.command("evaluate", epilog=_examples(
+    f"impq-onnx evaluate {_BUNDLED}/model.onnx --data {_BUNDLED}",
+    f"impq-onnx evaluate out/fm.onnx --data {_BUNDLED} --json --quiet"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (or one with test/ inside), or .npz.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Evaluate the model simulated under this plan.")
 @click.option("--preprocess", help="Preset (imagenet, cifar, fashion-mnist) or a YAML file; default: from the input shape.")
-@click.option("--output", help="Name of the logits tensor when the model has several outputs.")
+@_logits_options
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", default=2, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_json_option
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@_progress_options
 @_user_errors
-def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json,
-                     input_shape):
+def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, batch_size, limit_per_class, threads,
+                     as_json, input_shape, quiet, events):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
-    import json
-
     from impq_onnx.option_checks import EVALUATE, check_numbers
 
     check_numbers(dict(batch_size=batch_size, limit_per_class=limit_per_class, threads=threads), EVALUATE, cli=True)
@@ -109,32 +209,39 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.engine.evaluation import nonfinite_initializers
+    from impq_onnx.events import Event
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
 
-    canonical = load(model, output=output)
-    for name, count in nonfinite_initializers(canonical)[:1]:
-        click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
-                   "its outputs will not be meaningful", err=True)
-    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
-    plan = sites = None
-    if plan_path:
-        sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
-        plan = PrecisionPlan.load(plan_path).validate(sites)
-    result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
-                      float_model=canonical if plan is not None else None, threads=threads, progress=True)
+    output = _logits_name(logits, output_alias)
+    with _reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
+        canonical = load(model, output=output)
+        for name, count in nonfinite_initializers(canonical)[:1]:
+            click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
+                       "its outputs will not be meaningful", err=True)
+        dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
+        plan = sites = None
+        if plan_path:
+            sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+            plan = PrecisionPlan.load(plan_path).validate(sites)
+        result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
+                          float_model=canonical if plan is not None else None, threads=threads, progress=progress,
+                          total=len(dataset))
+        document = {"model": model, "data": dataset.name, "plan": plan_path, **result.to_dict()}
+        progress(Event("done", "evaluate", "", result.n, result.n, document))
     if as_json:
-        click.echo(json.dumps({"model": model, "data": dataset.name, "plan": plan_path, **result.to_dict()}))
+        _dump(document)
         return
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
-    click.echo(f"{model} on {dataset.name} ({result.n} images){' under ' + plan_path if plan_path else ''}")
+    echo = functools.partial(click.echo, file=out)
+    echo(f"{model} on {dataset.name} ({result.n} images){' under ' + plan_path if plan_path else ''}")
     agreement = f"agreement with float {pct(result.agreement)}" if result.agreement is not None else ""
     if result.top1 is None:
-        click.echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
+        echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
     else:
-        click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}" + (f"   {agreement}" if agreement else ""))
-    click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
+        echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}" + (f"   {agreement}" if agreement else ""))
+    echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
 
 
 def _compress_options(func):
@@ -158,7 +265,9 @@ def _compress_options(func):
 
 
 
-@main.command("sensitivity")
+@main.command("sensitivity", epilog=_examples(
+    f"impq-onnx sensitivity {_BUNDLED}/model.onnx --data {_BUNDLED} --samples 256 -o out/fm",
+    f"impq-onnx sensitivity {_BUNDLED}/model.onnx --data {_BUNDLED} --json --events out/fm.events.jsonl"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (train/ is used if present), or .npz.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Measure the model simulated under this plan "
@@ -175,9 +284,12 @@ def _compress_options(func):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--logits", metavar="NAME", help="Name of the logits tensor when the model has several outputs.")
+@_json_option
+@_progress_options
 @_user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
-                        output_prefix, top, seed, threads, input_shape):
+                        output_prefix, top, seed, threads, input_shape, logits, as_json, quiet, events):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
 
@@ -188,69 +300,93 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 
     from impq_onnx.files import write_all
     from impq_onnx.data.model_data import open_model_data
+    from impq_onnx.events import Event
     from impq_onnx.frontend.canonical import load
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.sensitivity import noise_gain
     from impq_onnx.quant.simulate import simulate
     from impq_onnx.frontend.site_analysis import find_sites
 
-    canonical = load(model)
-    dataset = open_model_data(canonical, data, preprocess).train_all
-    sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
-    plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
-    if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
-        import numpy as np
+    with _reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
+        canonical = load(model, output=logits)
+        dataset = open_model_data(canonical, data, preprocess).train_all
+        sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+        plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
+        if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
+            import numpy as np
 
-        dataset = dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False)))
-    measured = simulate(canonical, plan, sites) if plan is not None else canonical
-    table = noise_gain(measured, sites, dataset.batches(64), plan=plan, granularity=granularity,
-                       runner_ups=runner_ups, weighting=weighting, method=method, samples=samples, seed=seed,
-                       threads=threads)
-    prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
-    json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
-    write_all({json_path: table.to_json(), csv_path: table.to_csv()})
-    layer_m: dict[str, float] = {}
-    for name, value in table.weights.items():
-        layer = name.rpartition("/")[0] if granularity == "kernel" else name
-        layer_m[layer] = layer_m.get(layer, 0.0) + value
-    ranked = sorted(layer_m.items(), key=lambda kv: (-kv[1], kv[0]))
-    click.echo(f"{model}: noise gain over {table.n_samples} images ({weighting} weighting, {method}, "
-               f"{table.seconds:.1f} s, {table.ties} ties skipped)")
-    click.echo("most sensitive layers (sum of kernel M):")
+            dataset = dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), samples,
+                                                                                replace=False)))
+        measured = simulate(canonical, plan, sites) if plan is not None else canonical
+        table = noise_gain(measured, sites, dataset.batches(64), plan=plan, granularity=granularity,
+                           runner_ups=runner_ups, weighting=weighting, method=method,
+                           samples=min(samples, len(dataset)), seed=seed, threads=threads, progress=progress)
+        prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
+        json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
+        write_all({json_path: table.to_json(), csv_path: table.to_csv()})
+        layer_m: dict[str, float] = {}
+        for name, value in table.weights.items():
+            layer = name.rpartition("/")[0] if granularity == "kernel" else name
+            layer_m[layer] = layer_m.get(layer, 0.0) + value
+        ranked = sorted(layer_m.items(), key=lambda kv: (-kv[1], kv[0]))
+        acts = [name for name, _ in table.ranked("activations")]
+        document = {"model": model, "data": data, "plan": plan_path, "n_samples": table.n_samples,
+                    "seconds": table.seconds, "ties": table.ties, "granularity": granularity,
+                    "weighting": weighting, "method": method, "outputs": {"json": str(json_path), "csv": str(csv_path)},
+                    "layers": [{"name": name, "sensitivity": value} for name, value in ranked],
+                    "activations": acts}
+        progress(Event("done", "sensitivity", "", table.n_samples, table.n_samples,
+                       {k: v for k, v in document.items() if k not in ("layers", "activations")}))
+    if as_json:
+        _dump(document)
+        return
+    echo = functools.partial(click.echo, file=out)
+    echo(f"{model}: noise gain over {table.n_samples} images ({weighting} weighting, {method}, "
+         f"{table.seconds:.1f} s, {table.ties} ties skipped)")
+    echo("most sensitive layers (sum of kernel M):")
     for name, value in ranked[:top]:
-        click.echo(f"  {value:12.4e}  {name}")
-    click.echo("least sensitive layers:")
+        echo(f"  {value:12.4e}  {name}")
+    echo("least sensitive layers:")
     for name, value in ranked[::-1][:top]:
-        click.echo(f"  {value:12.4e}  {name}")
-    acts = [name for name, _ in table.ranked("activations")]
+        echo(f"  {value:12.4e}  {name}")
     shown = acts if len(acts) <= 2 * top else acts[:top] + ["..."] + acts[-top:]
-    click.echo(f"activation sites, most to least sensitive: {', '.join(shown)}")
-    click.echo(f"wrote {json_path} and {csv_path}")
+    echo(f"activation sites, most to least sensitive: {', '.join(shown)}")
+    echo(f"wrote {json_path} and {csv_path}")
 
 
-@main.command("lower")
+@main.command("lower", epilog=_examples(
+    f"impq-onnx lower {_BUNDLED}/model.onnx --plan out/fm.plan.yaml -o out/fm.qdq.onnx",
+    f"impq-onnx lower {_BUNDLED}/model.onnx --plan out/fm.plan.yaml -o out/fm.qonnx.onnx --format qonnx --json"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="Precision plan (YAML/JSON).")
 @click.option("-o", "--output-path", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--format", "format_", type=click.Choice(target_names()), default="qdq", show_default=True,
               help=target_help())
-@click.option("--output", help="Name of the logits tensor when the model has several outputs.")
+@_logits_options
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP.replace("the data's", "224 for a dynamic size"))
 @click.option("--encodings-version", type=click.Choice(["0.6.1", "1.0.0", "2.0.0"]), default="0.6.1", show_default=True,
               help="AIMET encodings version (--format encodings).")
 @click.option("--static-batch", type=click.IntRange(min=1), help="Fix the batch dimension of the model's input and "
               "output to N (QONNX tools need static shapes).")
+@_json_option
 @_user_errors
-def lower_command(model, plan_path, output_path, format_, output, input_shape, encodings_version, static_batch):
+def lower_command(model, plan_path, output_path, format_, logits, output_alias, input_shape, encodings_version,
+                  static_batch, as_json):
     """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
     from impq_onnx.lowering.lower import lower_file
 
-    for path in lower_file(model, plan_path, output_path, format_, output=output, input_shape=input_shape,
-                           encodings_version=encodings_version, static_batch=static_batch):
+    paths = lower_file(model, plan_path, output_path, format_, output=_logits_name(logits, output_alias),
+                       input_shape=input_shape, encodings_version=encodings_version, static_batch=static_batch)
+    if as_json:
+        _dump({"model": model, "plan": plan_path, "format": format_, "outputs": [str(p) for p in paths]})
+        return
+    for path in paths:
         click.echo(f"wrote {path}")
 
 
-@main.command("verify")
+@main.command("verify", epilog=_examples(
+    f"impq-onnx verify out/fm.onnx --model out/fm.float.onnx --plan out/fm.plan.yaml --data {_BUNDLED}",
+    f"impq-onnx verify out/fm.onnx --model out/fm.float.onnx --plan out/fm.plan.yaml --data {_BUNDLED} --json"))
 @click.argument("lowered", type=click.Path(dir_okay=False))
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="The float model the plan applies to (compress writes it as <stem>.float.onnx).")
@@ -262,77 +398,114 @@ def lower_command(model, plan_path, output_path, format_, output, input_shape, e
 @click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
               help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
                    "gives).")
-@click.option("--json", "as_json", is_flag=True)
+@_json_option
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--logits", metavar="NAME", help="Name of the float model's logits tensor when it has several outputs.")
+@_progress_options
 @_user_errors
 def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, logit_tolerance,
-                   as_json, input_shape):
+                   as_json, input_shape, logits, quiet, events):
     """Check LOWERED against MODEL under PLAN: every code, scale and zero point, predictions, ranges, annotations.
 
     Exits 0 when everything agrees, 3 on any difference (the first of each tensor is printed), 2 on bad input.
     """
-    import json
-
     from impq_onnx.option_checks import VERIFY, check_numbers
 
     check_numbers(dict(limit_per_class=limit_per_class, threads=threads, logit_tolerance=logit_tolerance), VERIFY,
                   cli=True)
 
+    from impq_onnx.cli_progress import counted
     from impq_onnx.data.model_data import open_model_data
+    from impq_onnx.events import Event
     from impq_onnx.frontend.canonical import load
     from impq_onnx.lowering.lower import read_lowered
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering.verify import verify
 
-    canonical = load(model_path)
-    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
-    sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
-    plan = PrecisionPlan.load(plan_path).validate(sites)
-    result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads,
-                    logit_tolerance=logit_tolerance)
+    with _reporting(quiet, events, as_json, (lowered, model_path, plan_path, data, preprocess)) as (progress, out):
+        canonical = load(model_path, output=logits)
+        dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
+        sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
+        plan = PrecisionPlan.load(plan_path).validate(sites)
+        result = verify(read_lowered(lowered), canonical, plan, sites,
+                        counted(dataset.batches(100), progress, "verify", len(dataset)), threads=threads,
+                        logit_tolerance=logit_tolerance)
+        document = {"lowered": lowered, "model": model_path, "plan": plan_path, **result.to_dict()}
+        progress(Event("done", "verify", "", result.samples, result.samples, document))
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        _dump(document)
     else:
-        click.echo(f"{lowered}: {'OK' if result.ok else 'FAILED'} over {result.samples} images: "
-                   f"top-1 agreement with the simulation {100 * result.agreement:.2f} %, "
-                   f"max logit difference {result.max_logit_diff:.3g}")
+        echo = functools.partial(click.echo, file=out)
+        echo(f"{lowered}: {'OK' if result.ok else 'FAILED'} over {result.samples} images: "
+             f"top-1 agreement with the simulation {100 * result.agreement:.2f} %, "
+             f"max logit difference {result.max_logit_diff:.3g}")
         for problem in ([result.checker_error] if result.checker_error else []) + result.range_violations \
                 + result.record_mismatches:
-            click.echo(f"  {problem}")
+            echo(f"  {problem}")
     if not result.ok:
         sys.exit(EXIT_VERIFY_FAILED)
 
 
-@main.command("compress")
+@main.command("compress", epilog=_examples(
+    f"impq-onnx compress {_BUNDLED}/model.onnx --data {_BUNDLED} --output out/fm.onnx --resume",
+    f"impq-onnx compress {_BUNDLED}/model.onnx --data {_BUNDLED} --output out/fm.onnx --target-bits 3 "
+    "--json --events out/fm.events.jsonl > out/fm.result.json"))
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--config", "config", type=click.Path(dir_okay=False),
               help="YAML file of options (keys as below, with _ or -); options given here override it.")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@_json_option
+@_progress_options
 @_compress_options
 @_user_errors
-def compress_command(model, config, quiet, **options) -> None:
+def compress_command(model, config, as_json, quiet, events, **options) -> None:
     """IMPQ mixed-precision search: lower the bits of the least sensitive groups, fine-tune, repeat.
 
     Writes the model, <stem>.plan.yaml, <stem>.report.json and <stem>.config.yaml; checkpoints go to
-    the work dir after every iteration (--resume continues a killed run).
+    the work dir after every iteration (--resume continues a killed run; an interrupted run prints the
+    command). Exits 4 when the run ends without reaching its targets (time budget, accuracy drop,
+    max iterations; the outputs are written), 3 when the lowered model fails its verification.
     """
     from impq_onnx.compression import compress
 
-    compress(model, config=config, progress=not quiet, **options)
+    inputs = (model, config, options.get("data"), options.get("preprocess"))
+    with _reporting(quiet, events, as_json, inputs) as (progress, _):
+        result = compress(model, config=config, progress=progress, **options)
+    if as_json:
+        _dump({"model": result.config.model, "data": result.config.data, "method": result.config.method,
+               "stop_reason": result.stop_reason, "target_reached": result.target_reached,
+               "iterations": len(result.iterations), "final": result.final, "reference": result.reference,
+               "paths": {key: str(path) for key, path in result.paths.items()},
+               "exit_code": EXIT_OK if result.target_reached else EXIT_TARGET_NOT_REACHED})
+    if not result.target_reached:
+        cfg, final = result.config, result.final
+        goals = [f"{name} {value:.3f} (target {target:g})" for name, value, target in (
+            ("B_w,eff", final.get("weight_bits_effective"), cfg.target_bits),
+            ("B_a,eff", final.get("activation_bits_effective"), cfg.target_act_bits),
+            ("Gbit-OPs", final.get("gbitops"), cfg.target_gbitops)) if target is not None and value is not None]
+        click.echo(f"impq-onnx: target not reached: the run stopped at {result.stop_reason} with "
+                   f"{', '.join(goals) or 'its targets unmet'}; the outputs are written ({result.paths['output']})",
+                   err=True)
+        sys.exit(EXIT_TARGET_NOT_REACHED)
 
 
-@main.command("report")
+@main.command("report", epilog=_examples("impq-onnx report out/fm.work -o out/fm.report.html",
+                                         "impq-onnx report out/kernel.work out/layer.work -o out/compare.html --json"))
 @click.argument("work_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output-html", required=True, type=click.Path(dir_okay=False),
               help="The HTML file to write; the PNG figures go beside it as <stem>.<figure>.png.")
+@_json_option
 @_user_errors
-def report_command(work_dirs, output_html) -> None:
+def report_command(work_dirs, output_html, as_json) -> None:
     """HTML report (bits per layer, accuracy vs bits, sensitivity, summary) of the compress runs in WORK_DIRS.
 
     Several work dirs (e.g. one run per granularity) add the compression-ratio vs accuracy comparison.
     """
     from impq_onnx.report import write_report
 
-    for path in write_report(list(work_dirs), output_html):
+    paths = write_report(list(work_dirs), output_html)
+    if as_json:
+        _dump({"work_dirs": list(work_dirs), "outputs": [str(p) for p in paths]})
+        return
+    for path in paths:
         click.echo(f"wrote {path}")

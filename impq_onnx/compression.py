@@ -22,9 +22,8 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,6 +31,7 @@ import yaml
 
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
 from impq_onnx.errors import ConfigError
+from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.lowering.lower import derived_paths, output_files
 from impq_onnx.lowering.targets import TARGETS, target_help
 from impq_onnx.outputs import OutputSet, check_paths
@@ -39,7 +39,7 @@ from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
 
-__all__ = ["CompressConfig", "CompressResult", "compress", "export_model"]
+__all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "target_reached"]
 
 _CHOICES = {
     "method": tuple(METHODS),
@@ -177,6 +177,31 @@ class CompressResult:
     paths: dict[str, Path]
     config: CompressConfig
 
+    @property
+    def target_reached(self) -> bool:
+        """Whether the output meets the run's targets (:func:`target_reached`); the CLI exits 4 when not."""
+        return target_reached(self.config, self.stop_reason, self.final)
+
+
+def target_reached(cfg: CompressConfig, stop: str | None, final: dict) -> bool:
+    """Whether a run that stopped for ``stop`` with output metrics ``final`` met its targets.
+
+    A run cut short by ``time_budget`` or ``max_accuracy_drop`` did not. For IMPQ the output must also be at
+    or below ``target_bits`` (weight phase), ``target_act_bits`` (activation phase) and ``target_gbitops``,
+    each when set: a phase that ended at ``max_iterations`` or with every group at 1 bit above its target
+    did not reach it. The baselines pick their bits from the targets (rounded) and are judged on ``stop``.
+    """
+    if stop in ("time_budget", "max_accuracy_drop"):
+        return False
+    if cfg.method != "impq":
+        return True
+    phases = cfg.phases.split("-")
+    checks = [("weights" in phases, cfg.target_bits, final.get("weight_bits_effective")),
+              ("activations" in phases, cfg.target_act_bits, final.get("activation_bits_effective")),
+              (True, cfg.target_gbitops, final.get("gbitops"))]
+    return all(value is not None and value <= target + 1e-9 for used, target, value in checks
+               if used and target is not None)
+
 
 def export_model(model, plan, sites, format: str = "qdq"):
     """The deployable model: ``model`` (fine-tuned float) lowered under ``plan`` (a LoweredModel)."""
@@ -186,8 +211,8 @@ def export_model(model, plan, sites, format: str = "qdq"):
 
 
 def _verified(lowered, model, plan, sites, dataset) -> dict:
-    """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs."""
-    from impq_onnx.errors import InternalError
+    """verify() on the evaluation images; a failure is a bug, reported instead of writing outputs (exit 3)."""
+    from impq_onnx.errors import VerificationError
     from impq_onnx.search.impq import EVAL_BATCH, labelled_batches
     from impq_onnx.lowering.verify import verify
 
@@ -195,7 +220,7 @@ def _verified(lowered, model, plan, sites, dataset) -> dict:
     if not result.ok:
         problems = [result.checker_error] if result.checker_error else []
         problems += result.range_violations + result.record_mismatches
-        raise InternalError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
+        raise VerificationError(f"the lowered model failed verification ({result.agreement:.4f} agreement, max logit "
                             f"difference {result.max_logit_diff:.3g}{'; ' + problems[0] if problems else ''}); "
                             "include the plan")
     return result.to_dict()
@@ -213,7 +238,7 @@ def _metrics(result, prefix: str) -> dict:
 
 
 def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | None = None, *,
-             config: str | os.PathLike | None = None, progress: bool | Callable[[str], None] = True,
+             config: str | os.PathLike | None = None, progress: bool | Progress = True,
              **options: Any) -> CompressResult:
     """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
     from impq_onnx.option_checks import target_warnings
@@ -232,7 +257,7 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
 
 
 def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
-              progress: bool | Callable[[str], None]) -> CompressResult:
+              progress: bool | Progress) -> CompressResult:
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
@@ -241,7 +266,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
 
-    report = progress if callable(progress) else (_stderr_line if progress else None)
+    report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
     base = load(cfg.model)
@@ -260,7 +285,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         workdir.check_identity(identity)
         state, reference_metrics = SearchState.resume(workdir)
         if report:
-            report(f"resuming {workdir.path} after iteration {state.iteration}")
+            report(Event("message", "compress", f"resuming {workdir.path} after iteration {state.iteration}",
+                         data={"resumed_after": state.iteration}))
     else:
         workdir.start(identity)
         from impq_onnx.quant.plan import PrecisionPlan
@@ -271,9 +297,12 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                                                   granularity=cfg.granularity))
         if report:
             top1 = "n/a" if reference.top1 is None else f"{100 * reference.top1:.1f}%"
-            report(f"float model: validation top-1 {top1}, {len(train)} training / {len(val)} validation "
-                   f"images; {len(sites.weight_groups(cfg.granularity))} weight groups, {len(sites.activations)} "
-                   f"activation sites")
+            groups = len(sites.weight_groups(cfg.granularity))
+            report(Event("message", "compress", f"float model: validation top-1 {top1}, {len(train)} training / "
+                         f"{len(val)} validation images; {groups} weight groups, {len(sites.activations)} "
+                         "activation sites",
+                         data={"float_top1": reference.top1, "train_images": len(train), "val_images": len(val),
+                               "weight_groups": groups, "activation_sites": len(sites.activations)}))
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     state = METHODS[cfg.method](context, state)
@@ -314,14 +343,13 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     if report:
         split = "test" if "test_top1" in final else "val"
         top1 = final[f"{split}_top1"]
-        report(f"done ({state.stop}): iteration {final['iteration']}, B_w,eff {final['weight_bits_effective']:.3f}, "
-               f"B_a,eff {final['activation_bits_effective']:.3f}, {final['gbitops']:.4g} Gbit-OPs, {split} top-1 "
-               f"{'n/a' if top1 is None else f'{100 * top1:.1f}%'} -> {paths['output']}")
+        report(Event("done", "compress", f"done ({state.stop}): iteration {final['iteration']}, B_w,eff "
+                     f"{final['weight_bits_effective']:.3f}, B_a,eff {final['activation_bits_effective']:.3f}, "
+                     f"{final['gbitops']:.4g} Gbit-OPs, {split} top-1 {'n/a' if top1 is None else f'{100 * top1:.1f}%'}"
+                     f" -> {paths['output']}",
+                     data={"stop_reason": state.stop, "target_reached": target_reached(cfg, state.stop, final),
+                           "output": str(paths["output"]), **final}))
     return CompressResult(plan, final, state.records, reference, state.stop, paths, cfg)
-
-
-def _stderr_line(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _input_file(path: str | os.PathLike | None) -> Path | None:

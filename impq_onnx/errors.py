@@ -6,7 +6,8 @@
 - the environment (a missing package, a full disk, an I/O error, the OS): :class:`PlatformError`;
   exit code 5; the user fixes the machine.
 - a bug in impq-onnx (an invariant of its own failed, whatever the input): :class:`InternalError`;
-  exit code 1; the message asks for a report.
+  exit code 1; the message asks for a report. :class:`VerificationError`, the model ``compress`` lowered
+  failing its own verification, is one with exit code 3, the code of a failed ``verify``.
 
 Every message names the file, node or key at fault and says what to do about it. The exception that
 caused an error is kept as ``__cause__`` (``raise ... from exc``); the CLI prints only the one line,
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "PlatformError",
     "InternalError",
+    "VerificationError",
     "as_impq_error",
     "os_error_class",
 ]
@@ -79,6 +81,13 @@ class InternalError(ImpqError):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"{message}; {REPORT_HINT}")
+
+
+class VerificationError(InternalError):
+    """The model compress lowered differs from the simulation it was searched under: exit code 3 (as a failed
+    ``impq-onnx verify``), with the report hint of an internal error."""
+
+    exit_code = 3
 
 
 # OSErrors the user fixes by changing the paths they gave (or their permissions); the rest (disk full, I/O

@@ -50,7 +50,7 @@ def test_inspect_json_matches_the_table(tiny_path):
         (["inspect", "{missing}"], "no such model file"),
         (["inspect", "{garbage}"], "not a readable ONNX model"),
         (["inspect", "{tiny}", "--input-shape", "1,3,9,9"], "fixes it to 8"),
-        (["inspect", "{tiny}", "--output", "nope"], "no tensor named 'nope'"),
+        (["inspect", "{tiny}", "--logits", "nope"], "no tensor named 'nope'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, tiny_path, args, expected):

@@ -4,8 +4,8 @@ Every module of ``impq_onnx`` is read with ``ast`` (imports inside functions inc
 hidden in a function body counts as one. Stages, in data-flow order (a module may import its own
 stage and the stages before it)::
 
-    base (errors, files, config, runtime, outputs, run_lock, option_checks) < architectures < frontend < quant < data < engine
-        < sensitivity < search < lowering < report < compression and the package API < cli (and interrupts)
+    base (errors, files, config, runtime, outputs, run_lock, option_checks, events) < architectures < frontend < quant < data < engine
+        < sensitivity < search < lowering < report < compression and the package API < cli (and cli_progress, interrupts)
 
 ``architectures`` (reference models built as ONNX graphs) imports nothing of the package; it sits
 before ``frontend`` because it is where models come from. ``data`` imports ``frontend`` (the model
@@ -23,7 +23,7 @@ import impq_onnx
 PACKAGE = Path(impq_onnx.__file__).parent
 
 STAGES: tuple[tuple[str, ...], ...] = (
-    ("errors", "files", "config", "runtime", "outputs", "run_lock", "option_checks"),
+    ("errors", "files", "config", "runtime", "outputs", "run_lock", "option_checks", "events"),
     ("architectures",),
     ("frontend",),
     ("quant",),
@@ -34,7 +34,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("lowering",),
     ("report",),
     ("compression", ""),  # "": the package itself (impq_onnx/__init__.py, the public API)
-    ("cli", "__main__", "interrupts"),  # interrupts: the entry point, signal handlers before the heavy imports
+    ("cli", "cli_progress", "__main__", "interrupts"),  # interrupts: the entry point, signal handlers before the heavy imports
 )
 
 @dataclasses.dataclass(frozen=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from impq_onnx.errors import DataError
+from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto, simulate
 from impq_onnx.quant.standard_rounding import for_inference
@@ -38,20 +38,24 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
 
 
 def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None, threads: int = 2,
-             max_batches: int | None = None, progress: bool | Callable[[str], None] = False) -> EvalResult:
+             max_batches: int | None = None, progress: bool | Progress = False,
+             total: int | None = None) -> EvalResult:
     """Run ``model`` (float, or simulated under ``plan`` given ``sites``) over ``(x, y)`` batches.
 
     ``float_model`` (when given) runs on the same batches for the agreement figure; its time is not
     counted in ``images_per_second``. ``y`` may be None (unlabelled): top-1/top-5 are then None.
+    ``progress`` gets a ``step`` event per batch (``step``: images so far, of ``total`` when given).
     """
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)
     reference = inference_session(as_proto(float_model).SerializeToString(), threads) if float_model is not None else None
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
-    report = progress if callable(progress) else (_stderr_line if progress else None)
+    report = progress_callback(progress)
     n = top1 = top5 = agree = labelled = 0
-    seconds, last = 0.0, time.perf_counter()
+    seconds = 0.0
+    if report:
+        report(Event("phase_start", "evaluate", "", 0, total))
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
@@ -72,13 +76,12 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
             ref = _run(reference, reference.get_outputs()[0].name, reference.get_inputs()[0].name, x).reshape(len(x), -1)
             agree += int(np.sum(predicted == np.argmax(ref, axis=1)))
         n += len(x)
-        if report and time.perf_counter() - last >= 2.0:
-            last = time.perf_counter()
-            report(f"evaluate {n} images, top-1 {top1 / max(labelled, 1):.4f}, {n / max(seconds, 1e-9):.0f} img/s")
+        if report:
+            report(_event("step", n, total, top1, labelled, agree if reference is not None else None, seconds))
     if n == 0:
         raise DataError("evaluation got no batches")
     if report:
-        report(f"evaluate {n} images, top-1 {top1 / max(labelled, 1):.4f}, {n / max(seconds, 1e-9):.0f} img/s")
+        report(_event("phase_end", n, total, top1, labelled, agree if reference is not None else None, seconds))
     return EvalResult(
         top1=top1 / labelled if labelled else None,
         top5=top5 / labelled if labelled else None,
@@ -86,6 +89,14 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         n=n,
         images_per_second=n / seconds if seconds > 0 else 0.0,
     )
+
+
+def _event(kind: str, n: int, total: int | None, top1: int, labelled: int, agree: int | None,
+           seconds: float) -> Event:
+    accuracy, speed = top1 / max(labelled, 1), n / max(seconds, 1e-9)
+    data = {"images": n, "top1": top1 / labelled if labelled else None,
+            "agreement": None if agree is None else agree / max(n, 1), "images_per_second": speed}
+    return Event(kind, "evaluate", f"evaluate {n} images, top-1 {accuracy:.4f}, {speed:.0f} img/s", n, total, data)
 
 
 def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int = 2) -> np.ndarray:
@@ -122,7 +133,3 @@ def nonfinite_initializers(model) -> list[tuple[str, int]]:
             if bad:
                 found.append((tensor.name, bad))
     return found
-
-
-def _stderr_line(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -40,6 +40,7 @@ from onnx import helper
 from impq_onnx.engine import ort_training as _ort_training
 from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
 from impq_onnx.errors import ConfigError, DataError, ModelError
+from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
@@ -241,7 +242,7 @@ def fine_tune(
     batchnorm_momentum: float | None = None,
     threads: int = 2,
     seed: int = 0,
-    progress: bool | Callable[[str], None] = True,
+    progress: bool | Progress = True,
     profile: str | None = None,
     replicas: int = 1,
 ) -> TrainedWeights:
@@ -278,7 +279,7 @@ def fine_tune(
     replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     artifacts, api, onnxblock = _ort_training.load()
     ort.capi._pybind_state.set_seed(seed)
-    report = progress if callable(progress) else (_stderr_line if progress else None)
+    report = progress_callback(progress)
 
     stream = _epochs(batches)
     first = next(stream)
@@ -332,7 +333,10 @@ def fine_tune(
         velocity: dict[str, np.ndarray] = {}
         warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
         losses: list[float] = []
-        images, start, last_report = 0, time.perf_counter(), 0.0
+        images, start = 0, time.perf_counter()
+        if report:
+            report(Event("phase_start", "fine-tune", "", 0, steps))
+        line = ""
         stat_names = list(running)
         batch = (x0, y0)
         step_seconds: list[float] = []
@@ -366,11 +370,15 @@ def fine_tune(
             images += len(x)
             step_seconds.append(time.perf_counter() - tick)
             now = time.perf_counter() - start
-            if report and (step == steps - 1 or now - last_report >= 2.0):
-                last_report = now
-                report(f"fine-tune step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} lr {rate:.3g} "
-                       f"{images / max(now, 1e-9):.0f} img/s")
+            if report:
+                mean_loss, speed = float(np.mean(losses[-20:])), images / max(now, 1e-9)
+                line = f"fine-tune step {step + 1}/{steps} loss {mean_loss:.4f} lr {rate:.3g} {speed:.0f} img/s"
+                report(Event("step", "fine-tune", line, step + 1, steps,
+                             {"loss": mean_loss, "lr": rate, "images_per_second": speed}))
         seconds = time.perf_counter() - start
+        if report:
+            report(Event("phase_end", "fine-tune", line, steps, steps,  # the last step's line
+                         {"loss": float(np.mean(losses[-20:])), "seconds": seconds}))
         if group is not None:
             values = {name: np.array(group.params[name]) for name in trainable + frozen}
             group.close()
@@ -404,7 +412,3 @@ def _native_stderr_silenced():
         finally:
             os.dup2(saved, fd)
             os.close(saved)
-
-
-def _stderr_line(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

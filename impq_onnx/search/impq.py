@@ -92,7 +92,7 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
 
 
 # ---- one iteration -------------------------------------------------------------------------------
-def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step):
+def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step, progress=None):
     candidates = _reducible(plan, sites, phase, cfg.granularity)
     schedule = parse_schedule(cfg.schedule if phase == "weights" else cfg.act_schedule)
     n = schedule.groups(phase_step, len(candidates))
@@ -100,7 +100,7 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step)
     table = noise_gain(simulate(model, plan, sites), sites, batches, plan=plan, granularity=cfg.granularity,
                        runner_ups=cfg.runner_ups, weighting=cfg.weighting, method=cfg.sensitivity_method,
                        samples=cfg.sensitivity_samples, threads=cfg.threads,
-                       seed=derive_seed(cfg.seed, iteration, "probes"))
+                       seed=derive_seed(cfg.seed, iteration, "probes"), progress=progress)
     scores = dict(table.weights if phase == "weights" else table.activations)
     picked = pick_least_sensitive(scores, [name for name, _ in candidates], n)
     if cfg.land_on_target:
@@ -170,7 +170,8 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
         else:
             kind = "lower"
             state.plan, lowered, reducible, table = _lowering_step(cfg, state.plan, phase, model, sites, train,
-                                                                   iteration, state.phase_step)
+                                                                   iteration, state.phase_step,
+                                                                   context.inner_progress(plain=False))
         sensitivity_seconds = time.perf_counter() - start
         trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train, kind == "start"), lr=cfg.lr)
         state.values = {**state.values, **trained.values}

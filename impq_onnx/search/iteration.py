@@ -25,6 +25,7 @@ import numpy as np
 
 from impq_onnx.data.dataset import derive_seed  # one definition: compress's validation subset uses it too
 from impq_onnx.engine import TrainedWeights, evaluate, fine_tune
+from impq_onnx.events import Event
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
 __all__ = ["EVAL_BATCH", "decide", "derive_seed", "fine_tune_steps", "finish_iteration", "format_record",
@@ -93,7 +94,8 @@ def record_iteration(context: SearchContext, state: SearchState, *, started: flo
     and no loss); ``started`` the iteration's ``time.perf_counter()`` start."""
     model = with_values(context.base, state.values)
     result = evaluate(model, labelled_batches(context.val, EVAL_BATCH), plan=state.plan, sites=context.sites,
-                      float_model=context.base, threads=context.config.threads)
+                      float_model=context.base, threads=context.config.threads,
+                      progress=context.inner_progress(plain=False) or False, total=len(context.val))
     seconds = time.perf_counter() - started
     summary = state.plan.summary(context.sites)
     return IterationRecord(
@@ -165,7 +167,8 @@ def finish_iteration(context: SearchContext, state: SearchState, record: Iterati
     state.commit(workdir, context.reference)
     workdir.prune({i for i in (record.iteration, state.last_good) if i is not None})
     if context.progress:
-        context.progress(format_record(record, context.reference))
+        context.progress(Event("iteration", "search", format_record(record, context.reference), record.iteration,
+                               None, {**record.to_dict(), "float_top1": context.reference.get("top1")}))
 
 
 def format_record(record: IterationRecord, reference: dict[str, Any]) -> str:

@@ -16,11 +16,11 @@ This module imports no strategy: every strategy and ``compress`` import it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from impq_onnx.events import Progress, nested
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import WorkDir
 
@@ -54,16 +54,16 @@ class SearchContext:
     workdir: WorkDir
     reference: dict[str, Any]  # the float model on the validation split: top1, top5, n
     other_float_bytes: float = 0.0  # float parameters that are not quantized weights (model_bytes)
-    progress: Callable[[str], None] | None = None  # one line per iteration
+    progress: Progress | None = None  # events: one ``iteration`` per iteration, the inner activities nested
 
     @property
     def phases(self) -> tuple[str, ...]:
         return PHASE_ORDERS[self.config.phases]
 
-    def inner_progress(self) -> Callable[[str], None] | None:
-        """The fine-tune's progress lines, indented under the iteration's."""
-        progress = self.progress
-        return (lambda message: progress("  " + message)) if progress else None
+    def inner_progress(self, plain: bool = True) -> Progress | None:
+        """Progress of an activity inside an iteration (fine-tune, sensitivity, evaluation): its plain lines
+        indented under the iteration's, or (``plain`` False) kept off them."""
+        return nested(self.progress, plain=plain)
 
 
 @dataclasses.dataclass

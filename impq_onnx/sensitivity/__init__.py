@@ -70,10 +70,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from impq_onnx.events import Event
 from impq_onnx.sensitivity.measure import GradientSums, exact_sums, fast_sums, sample_chunks
 from impq_onnx.sensitivity.table import SensitivityTable
 from impq_onnx.frontend.sites import GRANULARITIES, SiteTable
@@ -94,7 +95,8 @@ _MAX_CHUNK = 32  # ResNet-20, 1 probe: 180 samples/s at 32, 160 at 48, 155 at 80
 def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, granularity: str = "kernel",
                runner_ups: int = 10, weighting: str = "paper", method: str = "fast", samples: int | None = None,
                probes: int | None = DEFAULT_PROBES, float_bits: int = DEFAULT_FLOAT_BITS, chunk: int | None = None,
-               threads: int = 2, seed: int = 0, rebuild: str = "graph") -> SensitivityTable:
+               threads: int = 2, seed: int = 0, rebuild: str = "graph",
+               progress: Callable[[Event], None] | None = None) -> SensitivityTable:
     """Measure ``M`` for every weight group (at ``granularity``) and activation site.
 
     ``canonical``: a :class:`~impq_onnx.frontend.canonical.CanonicalModel`, or an ``onnx.ModelProto`` — the
@@ -102,6 +104,7 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
     ``sites``). ``batches`` yields ``(x, y)`` or ``x`` arrays (labels are not used); ``samples``
     caps how many samples are read. ``probes``, ``chunk`` (samples per onnxruntime run; default from
     a 512 MiB budget), ``threads`` and ``seed`` (of the probe signs) only affect ``method="fast"``.
+    ``progress`` gets ``sensitivity`` events: a ``step`` per chunk measured (``step``: samples so far).
     """
     from impq_onnx.quant.simulate import as_proto
 
@@ -119,6 +122,8 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
     start = time.perf_counter()
     size = chunk or _chunk_size(sites)
     chunks = sample_chunks(batches, size, samples)
+    if progress is not None:
+        chunks = _reported(chunks, samples, start, progress)
     if method == "exact":
         sums = exact_sums(proto, sites.logits, sites, chunks, runner_up_count=runner_ups, threads=threads)
     else:
@@ -132,8 +137,26 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
     seconds = time.perf_counter() - start
     label = method if method == "exact" else f"fast/{'ranks' if probes is None else f'probes={probes}'}"
     logger.info("sensitivity of %d samples in %.1f s (%s, %d ties skipped)", sums.samples, seconds, label, sums.ties)
+    if progress is not None:
+        progress(Event("phase_end", "sensitivity", f"sensitivity of {sums.samples} samples in {seconds:.1f} s "
+                       f"({label}, {sums.ties} ties skipped)", sums.samples, samples,
+                       {"samples": sums.samples, "seconds": seconds, "ties": sums.ties}))
     return SensitivityTable(weights, activations, granularity, weighting, label, sums.runner_ups, sums.samples,
                             seconds, sums.ties)
+
+
+def _reported(chunks: Iterable[np.ndarray], samples: int | None, start: float,
+              progress: Callable[[Event], None]) -> Iterator[np.ndarray]:
+    """``chunks``, with a ``step`` event each time the previous chunk is measured."""
+    progress(Event("phase_start", "sensitivity", "", 0, samples))
+    seen = 0
+    for chunk in chunks:
+        yield chunk
+        seen += len(chunk)
+        speed = seen / max(time.perf_counter() - start, 1e-9)
+        total = f"/{samples}" if samples is not None else ""
+        progress(Event("step", "sensitivity", f"sensitivity {seen}{total} samples, {speed:.0f} samples/s", seen,
+                       samples, {"samples": seen, "samples_per_second": speed}))
 
 
 def _chunk_size(sites: SiteTable) -> int:

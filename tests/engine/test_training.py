@@ -133,7 +133,10 @@ def test_progress_goes_to_the_callback(tiny):
     canonical, sites = tiny
     lines = []
     _train(canonical, None, sites, steps=3, progress=lines.append)
-    assert lines and lines[-1].startswith("fine-tune step 3/3 loss")
+    assert lines and str(lines[-1]).startswith("fine-tune step 3/3 loss")
+    assert [e.kind for e in lines] == ["phase_start", "step", "step", "step", "phase_end"]
+    assert [e.step for e in lines if e.kind == "step"] == [1, 2, 3] and lines[1].total == 3
+    assert set(lines[-1].data) == {"loss", "seconds"} and lines[-1].data["loss"] > 0
 
 
 def test_warmup_cosine_shape():

@@ -39,7 +39,7 @@ def stand_ins(monkeypatch):
         next(iter(batches()))  # the data factory works
         return TrainedWeights({}, [0.1] * steps, steps, steps, 0.0)
 
-    def fake_evaluate(model, batches, *, plan=None, sites=None, float_model=None, threads=2):
+    def fake_evaluate(model, batches, *, plan=None, sites=None, float_model=None, threads=2, **kwargs):
         return EvalResult(calls["accuracy"](plan), 1.0, 1.0, 10, 1.0)
 
     def fake_noise_gain(model, sites, batches, *, plan=None, granularity="kernel", **kwargs):
