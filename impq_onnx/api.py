@@ -265,8 +265,10 @@ def compress(
     """
     given = {name: value for name, value in locals().items()
              if name in _COMPRESS_OPTIONS and value is not DEFAULT}
-    for key in ("output", "work_dir"):
-        if given.get(key) is not None:
+    for key in ("output", "work_dir"):  # None: the default path
+        if given.get(key) is None:
+            given.pop(key, None)
+        else:
             given[key] = os.fspath(given[key])
     yaml_config: PathLike | None = None
     if isinstance(config, CompressConfig):
@@ -276,6 +278,9 @@ def compress(
         given = {**{k: v for k, v in base.items() if k not in ("model", "data")}, **given}
     elif config is not None:
         yaml_config = config
+    # None given here means None (no target, say), where CompressConfig.resolve reads None as "not given".
+    given = {key: "none" if value is None and key not in ("output", "work_dir") else value
+             for key, value in given.items()}
     from impq_onnx.compression import compress as run_compress
 
     return run_compress(os.fspath(model) if _is_path(model) else model,  # type: ignore[arg-type]

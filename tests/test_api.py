@@ -240,10 +240,11 @@ def test_compress_progress_callback_and_config_object(tmp_path, test_arrays):
     images, labels = test_arrays
     events: list[object] = []
     config = CompressConfig(steps=2, start_steps=2, sensitivity_samples=16, max_iterations=1, max_val_samples=20,
-                            phases="weights", target_bits=None, report=False, batch_size=16)
+                            phases="weights", target_bits=2.0, target_act_bits=None, report=False, batch_size=16)
     result = impq_onnx.compress(onnx.load(MODEL), (images, labels), output=tmp_path / "c.onnx", config=config,
-                                steps=3, progress=events.append)
+                                steps=3, target_bits=None, progress=events.append)
     assert result.config.steps == 3 and result.config.sensitivity_samples == 16  # keyword over config
+    assert result.config.target_bits is None and result.config.target_act_bits is None  # None: no target
     assert [r.kind for r in result.iterations] == ["start", "lower"]
     assert result.iterations[-1].fine_tune_steps == 3
     assert events  # the callback received the progress
