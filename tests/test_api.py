@@ -258,3 +258,21 @@ def test_compress_of_an_in_memory_model_needs_output(tmp_path, test_arrays, monk
     with pytest.raises(ConfigError, match="option 'method'"):
         impq_onnx.compress(MODEL, test_arrays, output=tmp_path / "x.onnx", method="nope")
     assert not list(tmp_path.iterdir())
+
+
+def test_without_matplotlib_compress_skips_the_html_report_with_one_warning(tmp_path, test_arrays, monkeypatch,
+                                                                           caplog):
+    from impq_onnx import compression
+    from impq_onnx.errors import PlatformError
+
+    monkeypatch.setattr(compression, "report_available", lambda: False)  # as in a core install
+    with caplog.at_level(logging.WARNING, logger="impq_onnx"):
+        result = impq_onnx.compress(MODEL, test_arrays, output=tmp_path / "m.onnx", phases="weights", steps=2,
+                                    start_steps=2, sensitivity_samples=16, max_iterations=1, target_bits=None,
+                                    max_val_samples=20)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "no HTML report: matplotlib is not installed" in warnings[0]
+    assert result.paths["output"].is_file() and not result.paths["report_html"].exists()
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.raises(PlatformError, match=r"pip install 'impq-onnx\[report\]'"):
+        impq_onnx.report(result.paths["work_dir"], tmp_path / "r.html")
