@@ -81,13 +81,21 @@ def _is_path(value: object) -> bool:
 
 
 @_library_call
-def load(model: ModelLike, *, logits: str | None = None, check_runtime: bool = True) -> CanonicalModel:
+def load(model: ModelLike, *, logits: str | None = None, check_runtime: bool = True,
+         output: str | None = None) -> CanonicalModel:
     """The canonical form of ``model`` (a path, never written, or an in-memory ``onnx.ModelProto``).
 
-    ``logits`` names the logits tensor when the model has several outputs; ``check_runtime`` proves with
-    an onnxruntime session that every node runs.
+    ``logits`` names the logits tensor when the model has several outputs (``output`` is its former name,
+    kept so that existing calls work); ``check_runtime`` proves with an onnxruntime session that every
+    node runs.
     """
     from impq_onnx.frontend import canonical
+
+    if output is not None:
+        if logits is not None and logits != output:
+            raise ConfigError(f"load: logits={logits!r} and output={output!r} name different tensors; give "
+                              "logits only (output is its former name)")
+        logits = output
 
     if isinstance(model, CanonicalModel):
         return model if logits is None else canonical.from_proto(model.to_proto(), logits, label=model.label,

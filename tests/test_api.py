@@ -85,6 +85,9 @@ def test_load_and_inspect_take_a_path_a_proto_or_a_canonical_model():
     assert shown[0].to_dict()["layers"] == shown[1].to_dict()["layers"] == shown[2].to_dict()["layers"]
     assert shown[0].model == str(MODEL) and shown[1].model == "<in-memory model>"
     assert len(shown[0].sites.layers) > 0 and "conv" in shown[0].table().lower()
+    assert impq_onnx.load(MODEL, output=from_path.logits).to_bytes() == from_path.to_bytes()  # the former name
+    with pytest.raises(ConfigError, match="name different tensors"):
+        impq_onnx.load(MODEL, logits="a", output="b")
     with pytest.raises(ModelError, match="a list is not a model"):
         impq_onnx.load([1, 2])  # type: ignore[arg-type]
 
