@@ -509,3 +509,35 @@ def report_command(work_dirs, output_html, as_json) -> None:
         return
     for path in paths:
         click.echo(f"wrote {path}")
+
+
+@main.command("demo")
+@click.option("--output", "output_dir", default="impq-demo", show_default=True, type=click.Path(file_okay=False),
+              help="A fresh folder for the outputs (absent or empty).")
+@click.option("--quick", is_flag=True, help="A short run (few fine-tune steps, low targets reached sooner).")
+@_user_errors
+def demo_command(output_dir: str, quick: bool) -> None:
+    """Compress the bundled Fashion-MNIST model on its bundled images (both ship with the package) into DIR.
+
+    \b
+    Examples:
+      impq-onnx demo --output fashion-demo
+      impq-onnx demo --quick --output /tmp/demo
+    """
+    from pathlib import Path
+    from typing import Any
+
+    import impq_onnx
+    from impq_onnx.compression import compress
+    from impq_onnx.errors import ConfigError
+
+    data = Path(impq_onnx.__file__).parent / "demo_data"
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: the demo writes into a fresh folder and this one is not empty; give another "
+                          "--output")
+    quick_options: dict[str, Any] = dict(steps=10, start_steps=20, sensitivity_samples=64, max_val_samples=100, target_bits=5.0,
+                         target_act_bits=6.0) if quick else {}
+    result = compress(str(data / "model.onnx"), str(data), output=str(out / "fashion-mnist.impq.onnx"),
+                      progress=True, **quick_options)
+    click.echo(f"wrote {', '.join(str(p) for k, p in sorted(result.paths.items()) if p.exists())}")

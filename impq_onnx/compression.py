@@ -39,7 +39,7 @@ from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
 
-__all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "target_reached"]
+__all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "report_available", "target_reached"]
 
 _CHOICES = {
     "method": tuple(METHODS),
@@ -237,13 +237,49 @@ def _metrics(result, prefix: str) -> dict:
             f"{prefix}_n": result.n}
 
 
-def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | None = None, *,
+@dataclasses.dataclass(frozen=True)
+class _Sources:
+    """What the caller passed in memory (None: read ``cfg.model`` / ``cfg.data`` from their paths)."""
+
+    model: Any = None  # an onnx.ModelProto or a CanonicalModel
+    data: Any = None  # an impq_onnx.data.in_memory.InMemoryData
+
+
+def _in_memory(model: Any, data: Any) -> tuple[dict[str, str | None], _Sources]:
+    """The ``model`` / ``data`` options as recorded (paths, or labels naming in-memory objects by digest)."""
+    given: dict[str, str | None] = {"model": None if model is None else os.fsdecode(model)
+                                    if isinstance(model, (str, os.PathLike)) else None,
+                                    "data": None if data is None else os.fsdecode(data)
+                                    if isinstance(data, (str, os.PathLike)) else None}
+    sources = _Sources()
+    if model is not None and given["model"] is None:
+        proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
+        digest = hashlib.sha256(proto.SerializeToString()).hexdigest()
+        given["model"] = f"<in-memory model, sha256 {digest[:16]}>"
+        sources = dataclasses.replace(sources, model=model)
+    if data is not None and given["data"] is None:
+        from impq_onnx.data.in_memory import in_memory_data
+
+        data = in_memory_data(data)
+        given["data"] = data.label
+        sources = dataclasses.replace(sources, data=data)
+    return given, sources
+
+
+def compress(model: Any = None, data: Any = None, *,
              config: str | os.PathLike | None = None, progress: bool | Progress = True,
              **options: Any) -> CompressResult:
-    """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option."""
+    """Run IMPQ (or ``method``) on ``model`` with ``data``; see :class:`CompressConfig` for every option.
+
+    ``model``: a path, an ``onnx.ModelProto`` or a CanonicalModel (in memory: ``output`` is then required).
+    ``data``: a path, or any in-memory form of :mod:`impq_onnx.data.in_memory`. The typed entry point is
+    :func:`impq_onnx.api.compress`.
+    """
     from impq_onnx.option_checks import target_warnings
 
-    given = {"model": None if model is None else str(model), "data": None if data is None else str(data)}
+    given, sources = _in_memory(model, data)
+    if sources.model is not None and options.get("output") is None:
+        raise ConfigError("compress of an in-memory model needs output=: the path of the model to write")
     cfg = CompressConfig.resolve(config, **given, **options)
     if cfg.method != "uniform-ptq":  # before any work: a plain onnxruntime shadowing the training build
         from impq_onnx.engine.ort_training import require_training_runtime
@@ -251,13 +287,20 @@ def compress(model: str | os.PathLike | None = None, data: str | os.PathLike | N
         require_training_runtime()
     for line in target_warnings(cfg):
         logging.getLogger(__name__).warning(line)
+    if cfg.report and not report_available():
+        logging.getLogger(__name__).warning("no HTML report: matplotlib is not installed (pip install "
+                                            "'impq-onnx[report]'); the model, plan and report.json are written")
+        cfg = dataclasses.replace(cfg, report=False)
     paths = cfg.paths()
-    with _outputs(cfg, paths, config) as outputs:  # checked against the inputs, locked, staged
-        return _compress(cfg, paths, outputs, progress)
+    from impq_onnx.runtime import root_logging_unchanged
+
+    # root_logging_unchanged: a library configures no logging (onnxruntime-training's logging.info would)
+    with root_logging_unchanged(), _outputs(cfg, paths, config, sources) as outputs:  # checked, locked, staged
+        return _compress(cfg, paths, outputs, progress, sources)
 
 
 def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
-              progress: bool | Progress) -> CompressResult:
+              progress: bool | Progress, sources: _Sources = _Sources()) -> CompressResult:
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
     from impq_onnx.frontend.canonical import load
@@ -268,13 +311,23 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
 
     report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
-    digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
-    base = load(cfg.model)
+    if sources.model is None:
+        digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
+        base = load(cfg.model)
+    elif isinstance(sources.model, onnx.ModelProto):
+        from impq_onnx.frontend.canonical import from_proto
+
+        digest = hashlib.sha256(sources.model.SerializeToString()).hexdigest()
+        base = from_proto(sources.model, label=cfg.model)
+    else:
+        digest = hashlib.sha256(sources.model.to_bytes()).hexdigest()
+        base = sources.model
     if cfg.method != "uniform-ptq":  # every other method fine-tunes or measures gradients: refuse now, not mid-run
         from impq_onnx.engine.differentiable import check_trainable
 
         check_trainable(base)
-    model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
+    data = sources.data if sources.data is not None else cfg.data
+    model_data = open_model_data(base, data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                  max_val_samples=cfg.max_val_samples)
     train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
     sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
@@ -352,11 +405,19 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     return CompressResult(plan, final, state.records, reference, state.stop, paths, cfg)
 
 
+def report_available() -> bool:
+    """True when the plotting dependency of the HTML report (the ``report`` extra: matplotlib) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _input_file(path: str | os.PathLike | None) -> Path | None:
     return Path(path) if path is not None and Path(path).exists() else None
 
 
-def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathLike | None) -> OutputSet:
+def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathLike | None,
+             sources: _Sources = _Sources()) -> OutputSet:
     """Every file the run writes, checked against every input (:func:`check_paths`), as a locked OutputSet."""
     output = paths["output"]
     derived = derived_paths(output, cfg.format) + [paths["float"], paths["plan"], paths["report"], paths["config"]]
@@ -365,9 +426,12 @@ def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathL
 
         derived += [paths["report_html"]] + [Path(f"{paths['report_html'].with_suffix('')}.{name}.png")
                                              for name in FIGURES]
-    data = Path(cfg.data)
+    data = Path(cfg.data) if sources.data is None else None
     check_paths([("--output", output)] + [("the derived output", p) for p in derived],
-                {"the input model": Path(cfg.model), "the config file": _input_file(config),
-                 "the preprocess file": _input_file(cfg.preprocess), "the data file": data if data.is_file() else None},
-                trees={"the data folder": data if data.is_dir() else None}, work_dir=paths["work_dir"])
+                {"the input model": Path(cfg.model) if sources.model is None else None,
+                 "the config file": _input_file(config),
+                 "the preprocess file": _input_file(cfg.preprocess),
+                 "the data file": data if data is not None and data.is_file() else None},
+                trees={"the data folder": data if data is not None and data.is_dir() else None},
+                work_dir=paths["work_dir"])
     return OutputSet([output, *derived], locked=[output, paths["work_dir"]])

@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 
 import onnxruntime as ort
 
 from impq_onnx.errors import ModelError
 
-__all__ = ["check_runs", "inference_session"]
+__all__ = ["check_runs", "inference_session", "undo_onnxruntime_logging", "root_logging_unchanged"]
+
+# onnxruntime (1.19, the training build) imports onnxruntime.tools.ort_format_model, whose logger module
+# calls logging.basicConfig with this format at import: a handler on the root logger, so that the
+# caller's own logging.basicConfig() does nothing afterwards. The handler is recognised by its format.
+_ORT_ROOT_FORMAT = "%(asctime)s %(name)s [%(levelname)s] - %(message)s"
+
+
+def undo_onnxruntime_logging() -> None:
+    """Remove the root-logger handler that importing onnxruntime adds (a library configures no logging)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        formatter = handler.formatter
+        if (type(handler) is logging.StreamHandler and formatter is not None
+                and formatter._fmt == _ORT_ROOT_FORMAT):
+            root.removeHandler(handler)
+
+
+undo_onnxruntime_logging()
+
+
+@contextlib.contextmanager
+def root_logging_unchanged() -> Iterator[None]:
+    """Remove the root-logger handlers added inside the block. onnxruntime-training's ``generate_artifacts``
+    logs with ``logging.info(...)``, which calls ``logging.basicConfig()`` when the root logger has no
+    handler yet (a library's call, in a program that has not configured logging)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in before:
+                root.removeHandler(handler)
+        undo_onnxruntime_logging()
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\S+)\((\d+)\) node with name '([^']*)'")
 _BAD_NODE = re.compile(r"(?:of operator \((\w+)\) )?in node \(([^)]*)\)")

@@ -30,7 +30,7 @@ def _pip(python: Path, *args: str) -> subprocess.CompletedProcess:
 def consumer_venv(name: str, packages: list[str], *, project: bool = False) -> Path:
     """The python of a venv with ``packages`` (and this checkout, ``--no-deps``, if ``project``); skips on failure."""
     if project:  # building this checkout without isolation needs a PEP 517 backend in the venv
-        packages = [*packages, "setuptools>=61", "wheel"]
+        packages = [*packages, "setuptools>=77", "wheel"]  # 77: the SPDX license expression (PEP 639)
     key = hashlib.sha256("\n".join([sys.version, *packages]).encode()).hexdigest()[:12]
     home = BASE / f"{name}-{key}"
     python = home / "bin" / "python"

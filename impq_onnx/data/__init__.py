@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-def _first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
+def first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
     """Indices of the first ``limit`` samples of each label, in their original order."""
     keep = np.zeros(len(labels), bool)
     for label in np.unique(labels):
@@ -103,7 +103,7 @@ def open_dataset(
         if len(dataset) == 0:
             raise DataError(f"{path}: array 'x' holds no images")
         if limit_per_class is not None:
-            dataset = dataset.subset(_first_per_class(dataset.labels, limit_per_class))
+            dataset = dataset.subset(first_per_class(dataset.labels, limit_per_class))
         return dataset
     raise DataError(
         f"{path}: not a folder or an .npz file; pass an ImageFolder directory (one subfolder per class) "

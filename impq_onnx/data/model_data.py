@@ -20,6 +20,7 @@ import numpy as np
 
 from impq_onnx.config import suggest
 from impq_onnx.data.dataset import Dataset, derive_seed
+from impq_onnx.data.in_memory import ArrayData, InMemoryData
 from impq_onnx.data.preprocess import PRESETS, Preprocess, infer_preprocess, preprocess_from_yaml
 from impq_onnx.errors import ConfigError, DataError
 
@@ -31,24 +32,36 @@ __all__ = ["ModelData", "open_model_data", "resolve_preprocess", "split_folders"
 EVAL_FOLDERS = ("test", "val", "validation")
 
 
+MODEL_INPUT = "model-input"  # the data is model input already: fed unchanged
+
+
 def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess | None = None,
-                       data: str | Path | None = None) -> Preprocess:
-    """A preset name, a YAML file path, a ready Preprocess, or None (inferred from the model input; a
+                       data: str | Path | ArrayData | None = None) -> Preprocess:
+    """A preset name, a YAML file path, a ready Preprocess, ``"model-input"`` (float arrays that are model
+    input already: no resize, scaling or normalisation), or None (inferred from the model input; a
     dynamic height/width takes the size of the first image under ``data``)."""
     if isinstance(preprocess, Preprocess):
         return preprocess
-    if preprocess is None:
+    if preprocess is None or preprocess == MODEL_INPUT:
         from impq_onnx.data.imagefolder import first_image_size
 
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
-        return infer_preprocess(canonical.input_shape(), layout,
-                                first_image_size(data) if data is not None and _dynamic_hw(canonical) else None)
+        size = None
+        if data is not None and _dynamic_hw(canonical):
+            size = (data.images.shape[1], data.images.shape[2]) if isinstance(data, ArrayData) else \
+                first_image_size(data)
+        inferred = infer_preprocess(canonical.input_shape(), layout, size)
+        if preprocess is None:
+            return inferred
+        n = inferred.num_channels
+        return inferred.replace(resize=None, mean=(0.0,) * n, std=(1.0,) * n, value_scale=1.0,
+                                channels="L" if n == 1 else "RGB")
     if preprocess in PRESETS:
         return PRESETS[preprocess]
     if Path(preprocess).suffix.lower() in (".yaml", ".yml") or Path(preprocess).is_file():
         return preprocess_from_yaml(preprocess)
-    raise ConfigError(f"option 'preprocess': {preprocess!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                      f"nor a YAML file{suggest(preprocess, PRESETS)}")
+    raise ConfigError(f"option 'preprocess': {preprocess!r} is neither a preset ({', '.join(sorted(PRESETS))}, "
+                      f"{MODEL_INPUT}) nor a YAML file{suggest(preprocess, [*PRESETS, MODEL_INPUT])}")
 
 
 def _dynamic_hw(canonical: CanonicalModel) -> bool:
@@ -84,6 +97,9 @@ def check_fits(canonical: CanonicalModel, dataset: Dataset) -> None:
             f"{dataset.name}: {len(dataset.classes)} class folders, but {canonical.label} has {classes} outputs; "
             "point --data at a folder with one subfolder per model class"
         )
+    if isinstance(classes, int) and len(dataset.labels) and int(dataset.labels.max()) >= classes:
+        raise DataError(f"{dataset.name}: label {int(dataset.labels.max())} is out of range for {canonical.label}, "
+                        f"which has {classes} outputs; labels must be 0..{classes - 1}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +112,26 @@ class ModelData:
 
     model: CanonicalModel
     preprocess: Preprocess
-    train_dir: Path  # the training images (the whole tree when there are no split folders)
-    val_dir: Path | None  # a val/ folder used as it is (beside train/ and test/); else val is held out of train
-    test_dir: Path | None
+    # Each a folder or .npz path, or the caller's arrays (:mod:`impq_onnx.data.in_memory`).
+    train_dir: Path | ArrayData  # the training images (the whole tree when there are no split folders)
+    val_dir: Path | ArrayData | None  # a val/ folder used as it is (beside train/ and test/); else held out of train
+    test_dir: Path | ArrayData | None
     val_fraction: float = 0.2
     seed: int = 0
     max_val_samples: int | None = None
     limit_per_class: int | None = None
     workers: int = 1
 
-    def _open(self, path: Path) -> Dataset:
-        from impq_onnx.data import open_dataset
+    def _open(self, path: Path | ArrayData) -> Dataset:
+        from impq_onnx.data import first_per_class, open_dataset
+        from impq_onnx.data.npz import ArrayImages
 
-        dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers)
+        if isinstance(path, ArrayData):
+            dataset = Dataset(ArrayImages(path.images, path.name), path.labels, (), self.preprocess, name=path.name)
+            if self.limit_per_class is not None:
+                dataset = dataset.subset(first_per_class(dataset.labels, self.limit_per_class))
+        else:
+            dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers)
         check_fits(self.model, dataset)
         return dataset
 
@@ -151,17 +174,24 @@ class ModelData:
         return self.test if self.test is not None else self.train_all
 
 
-def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | Preprocess | None = None, *,
-                    val_fraction: float = 0.2, seed: int = 0, max_val_samples: int | None = None,
-                    limit_per_class: int | None = None, workers: int = 1) -> ModelData:
+def open_model_data(model: CanonicalModel, data: str | Path | InMemoryData,
+                    preprocess: str | Preprocess | None = None, *, val_fraction: float = 0.2, seed: int = 0,
+                    max_val_samples: int | None = None, limit_per_class: int | None = None,
+                    workers: int = 1) -> ModelData:
     """``data`` opened for ``model``: the preprocessing resolved and the folders assigned to their parts.
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
     and ``test/`` (or ``val/``, ``validation/``): the second is the test split and ``val_fraction`` of
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
     ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class`` and ``workers``: as
-    :func:`~impq_onnx.data.open_dataset` takes them.
+    :func:`~impq_onnx.data.open_dataset` takes them. ``data`` may also be the caller's arrays
+    (:class:`~impq_onnx.data.in_memory.InMemoryData`): its ``train``, ``val`` and ``test`` play the parts of
+    the folders of the same names.
     """
+    if isinstance(data, InMemoryData):
+        preprocessing = resolve_preprocess(model, preprocess, data.train)
+        return ModelData(model, preprocessing, data.train, data.val, data.test, val_fraction, seed, max_val_samples,
+                         limit_per_class, workers)
     root = Path(data)
     train_dir, held = split_folders(root)
     val_dir = root / "val" if held is not None and (root / "val").is_dir() and (root / "test").is_dir() else None

@@ -17,7 +17,7 @@ from impq_onnx.data.limits import check_npz_headers, open_regular, shown
 from impq_onnx.data.preprocess import Preprocess, fit_image
 from impq_onnx.errors import DataError
 
-__all__ = ["NpzContents", "ArrayImages", "load_npz"]
+__all__ = ["NpzContents", "ArrayImages", "load_npz", "channels_last"]
 
 # ITU-R 601-2 luma, the weights Pillow's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -30,7 +30,8 @@ class NpzContents:
     classes: tuple[str, ...]
 
 
-def _channels_last(x: np.ndarray, path: Path) -> np.ndarray:
+def channels_last(x: np.ndarray, source: str | Path, what: str = "array 'x'") -> np.ndarray:
+    """``x`` as ``[N, H, W, C]``; a DataError naming ``source`` for any other shape."""
     if x.ndim == 3:
         return x[..., None]
     if x.ndim == 4 and x.shape[-1] in (1, 3):
@@ -38,7 +39,7 @@ def _channels_last(x: np.ndarray, path: Path) -> np.ndarray:
     if x.ndim == 4 and x.shape[1] in (1, 3):
         return x.transpose(0, 2, 3, 1)
     raise DataError(
-        f"{path}: array 'x' has shape {list(x.shape)}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] "
+        f"{source}: {what} has shape {list(x.shape)}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] "
         "with C = 1 or 3"
     )
 
@@ -63,7 +64,7 @@ def load_npz(path: Path) -> NpzContents:
             raise DataError(f"{shown(path)}: cannot read the .npz file ({err})") from err
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: array 'x' has dtype {x.dtype}; use uint8 (0-255) or float (0-1)")
-    images = _channels_last(x, path)
+    images = channels_last(x, path)
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
     if y is None:
