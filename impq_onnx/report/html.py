@@ -181,7 +181,7 @@ def _run_section(run: RunData, figures: dict[str, tuple[bytes, str, str] | None]
     environment = environment_rows(run)
     parts += ["<h3>Environment</h3>",
               _table(["what", "value"], environment, text_columns=2) if environment else
-              '<p class="missing">Versions and command line: not recorded (no compress report beside the work '
+              '<p class="missing">Versions and command line: unknown (no compress report beside the work '
               "dir, or one written by an older impq-onnx).</p>"]
     return "\n".join(p for p in parts if p)
 
