@@ -160,7 +160,10 @@ def accuracy_drop(run: RunData) -> bytes:
             ax.axvline(start - 0.5, color="black", linestyle="--", linewidth=0.8)
             ax.annotate(f"{records[xs.index(start)].phase} phase", (start - 0.5, 1.0),
                         xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=7)
-        ax.set_xticks(xs, [str(x) for x in xs] if len(xs) <= 30 else None)
+        if len(xs) <= 30:  # every iteration labelled; longer runs keep matplotlib's integer ticks
+            ax.set_xticks(xs, [str(x) for x in xs])
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("iteration")
         ax.set_ylabel("drop vs float model [percentage points]")
         ax.set_title(f"{run.label}: accuracy drop vs the float model over IMPQ iterations (validation)")
