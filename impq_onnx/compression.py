@@ -308,6 +308,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches, with_values
     from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.report.environment import run_environment
 
     report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
@@ -378,7 +379,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
-                "config": cfg.to_dict()}
+                "config": cfg.to_dict(), "environment": run_environment()}
     report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()
     files = {
         **output_files(lowered, paths["output"]),

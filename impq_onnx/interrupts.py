@@ -56,7 +56,9 @@ def run() -> None:
     install()
     try:
         from impq_onnx.cli import main
+        from impq_onnx.report.environment import record_command_line
 
+        record_command_line(sys.argv[1:])  # for the report's "command" (the library never reads argv)
         main(prog_name="impq-onnx")
     except Interrupted as exc:
         argv = [a.encode("utf-8", "backslashreplace").decode("utf-8") for a in sys.argv[1:]]

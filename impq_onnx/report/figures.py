@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 from impq_onnx.report.run_data import RunData, _natural_key
 
-__all__ = ["FIGURES", "accuracy_vs_bits", "bits_per_layer", "compression_vs_accuracy", "has_accuracy",
-           "kernel_bits_histogram", "sensitivity_per_layer"]
+__all__ = ["FIGURES", "accuracy_drop", "accuracy_vs_bits", "bits_per_layer", "compression_vs_accuracy",
+           "has_accuracy", "kernel_bits_histogram", "kernel_sensitivity", "sensitivity_per_layer"]
 
 DPI = 100
 _RC = {
@@ -110,7 +110,8 @@ def accuracy_vs_bits(run: RunData) -> bytes:
     phases = phases or ["weights"]
 
     def draw(fig):
-        axes = fig.subplots(1, len(phases), squeeze=False)[0]
+        # One y-range for both panels (sharey): the phases are compared side by side.
+        axes = fig.subplots(1, len(phases), squeeze=False, sharey=True)[0]
         for ax, phase in zip(axes, phases):
             records = [r for r in run.records if r.phase == phase or not grouped]
             bits_key = "weight_bits_effective" if phase == "weights" else "activation_bits_effective"
@@ -127,13 +128,49 @@ def accuracy_vs_bits(run: RunData) -> bytes:
                 ax.axhline(_pct(reference), color=_REF, linestyle=":", linewidth=1, label="float model")
             ax.invert_xaxis()  # iterations lower the bits: time runs left to right
             ax.set_xlabel("$B_{w,\\mathrm{eff}}$ [bit]" if phase == "weights" else "$B_{a,\\mathrm{eff}}$ [bit]")
-            ax.set_ylabel(label)
+            if ax is axes[0]:
+                ax.set_ylabel(label)
+            else:
+                ax.tick_params(labelleft=True)  # sharey hides them; the same numbers, easier to read
             ax.set_title(f"{phase} phase (numbers: iterations)")
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize=8)
         fig.suptitle(f"{run.label}: accuracy vs effective precision over IMPQ iterations")
 
     return _figure(5.0 * len(phases) + 1.0, 4.0, draw)
+
+
+# ---- accuracy drop vs the float model over the iterations ----------------------------------------
+def accuracy_drop(run: RunData) -> bytes:
+    """Percentage points below the float model per iteration: top-1 (labelled data) and agreement."""
+    records = list(run.records)
+    xs = [r.iteration for r in records]
+    reference = run.reference.get("top1")
+
+    def draw(fig):
+        ax = fig.subplots()
+        if has_accuracy(run) and reference is not None:
+            ax.plot(xs, [_pct(reference) - _pct(r.val_top1) for r in records], "o-", color=_WEIGHT,
+                    label="top-1 drop: float top-1 - iteration top-1")
+        ax.plot(xs, [100.0 - _pct(r.val_agreement) for r in records], "s--", color=_ACT, markersize=4,
+                label="disagreement with float: 100 % - agreement")
+        ax.axhline(0.0, color=_REF, linestyle=":", linewidth=1, label="float model")
+        starts = [r.iteration for r, before in zip(records[1:], records) if r.phase != before.phase]
+        for start in starts:
+            ax.axvline(start - 0.5, color="black", linestyle="--", linewidth=0.8)
+            ax.annotate(f"{records[xs.index(start)].phase} phase", (start - 0.5, 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=7)
+        if len(xs) <= 30:  # every iteration labelled; longer runs keep matplotlib's integer ticks
+            ax.set_xticks(xs, [str(x) for x in xs])
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("drop vs float model [percentage points]")
+        ax.set_title(f"{run.label}: accuracy drop vs the float model over IMPQ iterations (validation)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+
+    return _figure(min(16.0, max(7.0, 0.3 * len(xs) + 3.0)), 3.5, draw)
 
 
 # ---- Fig. 4: compression ratio vs accuracy per granularity ---------------------------------------
@@ -166,34 +203,64 @@ def _layer_of(group: str, granularity: str) -> str:
     return head if granularity == "kernel" and sep and tail.isdigit() else group
 
 
-def sensitivity_per_layer(run: RunData) -> bytes:
-    """Sum of the weight groups' M per layer, and each activation site's M (log scale)."""
+def kernel_sensitivity(run: RunData) -> dict[str, tuple[float, float, float]]:
+    """``{layer: (mean, min, max)}`` of the weight sensitivity M per kernel, in network order.
+
+    A kernel-granularity table gives one M per kernel; a layer (network) group's M is a sum over
+    its kernels' weights, so it is divided by the group's kernel count (min = max = mean). Summing
+    over kernels instead would rank layers by their kernel count, not by how sensitive a kernel is.
+    """
     table = run.sensitivity or {}
     granularity = table.get("granularity", run.granularity)
-    weights: dict[str, float] = {}
+    kernels = {layer.node: len(layer.kernel_bits) for layer in run.layers}
+    per_kernel: dict[str, list[float]] = {}
     for name, value in (table.get("weights") or {}).items():
-        weights[_layer_of(name, granularity)] = weights.get(_layer_of(name, granularity), 0.0) + value
+        layer = _layer_of(name, granularity)
+        if granularity == "kernel":
+            per_kernel.setdefault(layer, []).append(value)
+        else:
+            count = kernels.get(layer) or (sum(kernels.values()) if name == "network" else 0) or 1
+            per_kernel.setdefault(layer, []).append(value / count)
     order = [layer.node for layer in run.layers]
-    names = [n for n in order if n in weights] + sorted((n for n in weights if n not in order), key=_natural_key)
+    names = [n for n in order if n in per_kernel] + sorted((n for n in per_kernel if n not in order),
+                                                           key=_natural_key)
+    return {n: (sum(per_kernel[n]) / len(per_kernel[n]), min(per_kernel[n]), max(per_kernel[n])) for n in names}
+
+
+def sensitivity_per_layer(run: RunData) -> bytes:
+    """Mean M per kernel of each layer (bars from the least to the most sensitive kernel), and each
+    activation site's M (log scale)."""
+    table = run.sensitivity or {}
+    granularity = table.get("granularity", run.granularity)
+    weights = kernel_sensitivity(run)
+    names = list(weights)
+    order = [layer.node for layer in run.layers]
     by_act = {layer.activation: layer.node for layer in run.layers if layer.activation}
     acts = dict(table.get("activations") or {})
     act_names = sorted(acts, key=lambda a: (order.index(by_act[a]) if a in by_act else len(order), _natural_key(a)))
+    weight_title = ("weights: mean M per kernel (bar: min-max)" if granularity == "kernel" else
+                    f"weights: {granularity} M / kernels")
 
     def draw(fig):
         left, right = fig.subplots(1, 2, width_ratios=[max(1, len(names)), max(1, len(act_names))])
         for ax, labels, values, color, title in (
-                (left, names, [weights[n] for n in names], _WEIGHT, f"weights (sum of {granularity} M per layer)"),
+                (left, names, [weights[n] for n in names], _WEIGHT, weight_title),
                 (right, [f"{a}\n({by_act[a]})" if a in by_act else a for a in act_names],
-                 [acts[a] for a in act_names], _ACT, "activations (M per site)")):
-            positive = [v if v > 0 and math.isfinite(v) else math.nan for v in values]
-            ax.bar(range(len(labels)), positive, color=color)
-            if any(not math.isnan(v) for v in positive):
+                 [(acts[a], acts[a], acts[a]) for a in act_names], _ACT, "activations: M per site")):
+            positive = [(m, lo, hi) if m > 0 and math.isfinite(m) else (math.nan, math.nan, math.nan)
+                        for m, lo, hi in values]
+            means = [m for m, _, _ in positive]
+            spread = [[m - lo if lo > 0 else 0.0 for m, lo, _ in positive], [hi - m for m, _, hi in positive]]
+            ranged = any(lo != hi for _, lo, hi in positive if not math.isnan(lo))
+            ax.bar(range(len(labels)), means, color=color, yerr=spread if ranged else None, capsize=3,
+                   ecolor="black", error_kw={"linewidth": 0.8})
+            if any(not math.isnan(v) for v in means):
                 ax.set_yscale("log")
             ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0,
                           ha="right" if len(labels) > 4 else "center", fontsize=7)
             ax.set_title(title)
             ax.grid(axis="y", alpha=0.3)
-        left.set_ylabel("sensitivity M (higher: more sensitive)")
+        left.set_ylabel(f"M ({table.get('weighting', 'paper')} weighting; higher: more sensitive)")
         fig.suptitle(f"{run.label}: noise-gain sensitivity measured in iteration {run.sensitivity_iteration}")
 
     return _figure(min(16.0, max(7.0, 0.5 * (len(names) + len(act_names)) + 3.0)), 4.0, draw)
@@ -237,8 +304,17 @@ FIGURES = {
                                         "the largest kernel) and input activation bits per layer, as the paper's "
                                         "Fig. 5.")),
     "accuracy_vs_bits": (accuracy_vs_bits, ("Accuracy and agreement with the float model at the end of each "
-                                            "iteration vs the effective precision, as the paper's Fig. 3.")),
-    "sensitivity": (sensitivity_per_layer, ("Noise-gain sensitivity (IMPQ eq. 4-5) of the last measurement, per "
-                                            "layer and per activation site.")),
+                                            "iteration vs the effective precision, as the paper's Fig. 3; both "
+                                            "panels share one y-axis range.")),
+    "accuracy_drop": (accuracy_drop, ("Accuracy drop at the end of each iteration: the float model's validation "
+                                      "top-1 minus the iteration's, in percentage points (when the data are "
+                                      "labelled), and the share of validation images whose class differs from "
+                                      "the float model's (100 % - agreement). Dashed: a new phase begins.")),
+    "sensitivity": (sensitivity_per_layer, ("Noise-gain sensitivity (IMPQ eq. 4-5) of the last measurement. "
+                                            "Weights: the mean M per kernel of each layer, so layers rank by how "
+                                            "sensitive one kernel is, not by how many kernels they have (bars: "
+                                            "least to most sensitive kernel; a layer or network group's M is "
+                                            "divided by its kernel count). Activations: M per site. Log "
+                                            "scale.")),
     "kernel_bits": (kernel_bits_histogram, "How many kernels have each bit width in the final plan."),
 }

@@ -10,7 +10,7 @@ import math
 
 from impq_onnx.report.run_data import RunData
 
-__all__ = ["render_html", "summary_rows"]
+__all__ = ["environment_rows", "layer_rows", "render_html", "summary_rows"]
 
 _STYLE = """
 body { font-family: DejaVu Sans, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -37,6 +37,11 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100.0 * value:.2f} %"
 
 
+def _points(reference, value) -> str:
+    """How far ``value`` is below ``reference`` (fractions), in percentage points."""
+    return "n/a" if reference is None or value is None else f"{100.0 * (reference - value):.2f} pp"
+
+
 def _size(n_bytes) -> str:
     if n_bytes is None:
         return "n/a"
@@ -58,10 +63,55 @@ def summary_rows(run: RunData) -> list[tuple[str, str]]:
         ("model size", _size(final.get("model_bytes"))),
         (f"{split} top-1", _pct(final.get(f"{split}_top1"))),
         (f"{split} top-1 of the float model", _pct(run.reference.get("top1" if split == "val" else "test_top1"))),
+        (f"{split} top-1 drop vs float", _points(run.reference.get("top1" if split == "val" else "test_top1"),
+                                                  final.get(f"{split}_top1"))),
         (f"{split} agreement with float", _pct(final.get(f"{split}_agreement"))),
         ("validation top-1", _pct(final.get("val_top1"))) if split == "test" else None,
         ("wall time (search)", _num(final.get("elapsed"), 1, " s")),
     ]
+
+
+_FLOAT_BITS = 32  # a float kernel's bits in the share of weight bits, as in B_w,eff
+
+
+def layer_rows(run: RunData) -> list[list[str]]:
+    """One row per quantized layer: layer, op, kernels, weight bits mean/min/max, input activation bits,
+    weights (parameters), share of all the layers' weight bits (a float kernel counts 32 bits)."""
+    def bits_of(layer) -> int | None:
+        if layer.kernel_params is None:
+            return None
+        return sum((_FLOAT_BITS if b is None else b) * layer.kernel_params for b in layer.kernel_bits)
+
+    known = [bits_of(layer) for layer in run.layers]
+    total = sum(b for b in known if b is not None) if all(b is not None for b in known) else None
+    rows = []
+    for layer, layer_bits in zip(run.layers, known):
+        bits = [b for b in layer.kernel_bits if b is not None]
+        floats = len(layer.kernel_bits) - len(bits)
+        mean = _num(sum(bits) / len(bits), 2) if bits else "float"
+        low = str(min(bits)) if bits else "float"
+        high = str(max(bits)) if bits else "float"
+        if bits and floats:
+            mean += f" ({floats} float)"
+        params = None if layer.kernel_params is None else layer.kernel_params * len(layer.kernel_bits)
+        act = "n/a" if layer.activation is None else ("float" if layer.activation_bits is None
+                                                       else str(layer.activation_bits))
+        share = "n/a" if total is None or layer_bits is None or not total else f"{100.0 * layer_bits / total:.1f} %"
+        rows.append([layer.node, layer.op_type or "n/a", str(len(layer.kernel_bits)), mean, low, high, act,
+                     "n/a" if params is None else str(params), share])
+    return rows
+
+
+def environment_rows(run: RunData) -> list[list[str]] | None:
+    """(what, value) rows of the versions and command line compress recorded; None when it did not."""
+    env = run.environment
+    if not env:
+        return None
+    names = {"impq_onnx": "impq-onnx", "onnx": "onnx", "onnxruntime": "onnxruntime", "numpy": "numpy",
+             "python": "Python", "command": "command line"}
+    rows = [[names[key], "not installed" if env.get(key) is None else str(env[key])] for key in names if key in env]
+    rows += [[key, str(value)] for key, value in env.items() if key not in names]
+    return rows
 
 
 def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
@@ -76,12 +126,16 @@ def _iterations_table(run: RunData) -> str:
     rows = [[str(r.iteration), r.phase, r.kind if r.kind == "start" else
              f"-1 bit on {r.lowered}/{r.reducible}", _num(r.weight_bits_effective),
              _num(r.activation_bits_effective), _num(r.gbitops, 4), _num(r.compression_ratio, 2, "x"),
-             _pct(r.val_top1), _pct(r.val_agreement), _num(r.seconds, 1, " s"),
+             _pct(r.val_top1), _drop(run, r.val_top1), _pct(r.val_agreement), _num(r.seconds, 1, " s"),
              " ".join(x for x in (r.phase_end and f"phase end: {r.phase_end}",
                                   r.stop and f"stop: {r.stop}") if x)]
             for r in run.records]
-    return _table(["iter", "phase", "step", "B_w,eff", "B_a,eff", "C_C", "CR", "val top-1", "agreement", "time",
-                   "note"], rows, text_columns=3)
+    return _table(["iter", "phase", "step", "B_w,eff", "B_a,eff", "C_C", "CR", "val top-1", "drop vs float",
+                   "agreement", "time", "note"], rows, text_columns=3)
+
+
+def _drop(run: RunData, top1) -> str:
+    return _points(run.reference.get("top1"), top1)
 
 
 def _figure(data: bytes, alt: str, caption: str, file_name: str) -> str:
@@ -116,8 +170,19 @@ def _run_section(run: RunData, figures: dict[str, tuple[bytes, str, str] | None]
         elif name == "sensitivity":
             parts.append('<p class="missing">Sensitivity per layer: not recorded (the work dir has no '
                          "iterations/NNNN/sensitivity.json).</p>")
+    parts += ["<h3>Layers</h3>",
+              _table(["layer", "op", "kernels", "weight bits mean", "min", "max", "activation bits", "weights",
+                      "share of weight bits"], layer_rows(run), text_columns=2),
+              "<p>Bits of the final plan; activation bits are those of the layer's input; share: the layer's "
+              "weights times their bits over all layers' (a float kernel counts 32 bits). Op and weights are "
+              "read from the input model (n/a when it is no longer there).</p>"]
     parts += ["<h3>Iterations</h3>", _iterations_table(run),
               "<details><summary>Resolved config</summary>", _config_table(run.config), "</details>"]
+    environment = environment_rows(run)
+    parts += ["<h3>Environment</h3>",
+              _table(["what", "value"], environment, text_columns=2) if environment else
+              '<p class="missing">Versions and command line: unknown (no compress report beside the work '
+              "dir, or one written by an older impq-onnx).</p>"]
     return "\n".join(p for p in parts if p)
 
 

@@ -5,8 +5,10 @@ run), ``state.json`` (every iteration's record, the float reference, the final i
 stopped), ``iterations/NNNN/plan.yaml`` (the bits), ``iterations/NNNN/sensitivity.json`` when the
 loop recorded one, and ``<stem>.report.json`` beside the folder when compress finished (test-split
 metrics, verification, the resolved config). The input model named in ``run.json`` is read, when it
-is still there, only to put layers in network order and to pair each layer with its input
-activation; without it layers are sorted by name.
+is still there, only to put layers in network order, to pair each layer with its input activation
+and to give each layer's op type and weights per kernel; without it layers are sorted by name and
+the per-layer table shows no op or parameter counts. ``report.json``'s ``environment`` (versions and
+command line) is shown when compress recorded it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class LayerBits:
     kernel_bits: tuple[int | None, ...]
     activation: str | None  # the input activation tensor, when the model told us
     activation_bits: int | None
+    op_type: str | None = None  # from the model, when it is readable
+    kernel_params: int | None = None  # weights per kernel, from the model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,7 @@ class RunData:
     sensitivity: dict | None  # SensitivityTable.to_dict() of the last iteration that recorded one
     sensitivity_iteration: int | None
     report_path: Path | None
+    environment: dict | None = None  # versions and command line of the compress run (its report.json)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -109,8 +114,9 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[str, str]] | None:
-    """``(layer node, input activation tensor)`` in network order, or None when the model is not usable."""
+def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[str, str, str, int]] | None:
+    """``(layer node, input activation tensor, op type, weights per kernel)`` in network order, or None
+    when the model is not usable."""
     if not model_path or not Path(model_path).is_file():
         return None
     try:
@@ -121,8 +127,8 @@ def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[st
     except (ImpqError, OSError, ValueError) as exc:  # the order is a nicety: never fail the report on it
         logger.info("layer order by name: %s", exc)
         return None
-    pairs = [(layer.node, layer.activation) for layer in sites.layers]
-    if {node for node, _ in pairs} != set(plan.weights):
+    pairs = [(layer.node, layer.activation, layer.op_type, layer.kernel_params) for layer in sites.layers]
+    if {pair[0] for pair in pairs} != set(plan.weights):
         return None  # the model changed since the run
     return pairs
 
@@ -130,9 +136,10 @@ def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[st
 def _layers(plan: PrecisionPlan, model_path: str | None):
     order = _network_order(model_path, plan)
     if order is None:
-        order = [(node, None) for node in sorted(plan.weights, key=_natural_key)]
-    layers = tuple(LayerBits(node, tuple(plan.weights[node]), act, plan.activations.get(act) if act else None)
-                   for node, act in order)
+        order = [(node, None, None, None) for node in sorted(plan.weights, key=_natural_key)]
+    layers = tuple(LayerBits(node, tuple(plan.weights[node]), act, plan.activations.get(act) if act else None,
+                             op_type, kernel_params)
+                   for node, act, op_type, kernel_params in order)
     paired = {layer.activation for layer in layers}
     rest = tuple((name, plan.activations[name]) for name in sorted(plan.activations, key=_natural_key)
                  if name not in paired)
@@ -190,4 +197,5 @@ def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path,
         stop_reason=state.get("stop"), config=config, verification=document.get("verification"), plan=plan,
         layers=layers, unpaired_activations=rest, sensitivity=sensitivity,
         sensitivity_iteration=sensitivity_iteration, report_path=report_path,
+        environment=document.get("environment"),
     )

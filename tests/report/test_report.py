@@ -12,31 +12,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from report_runs import RUN_FIGURES, needs_model
 
-from impq_onnx.compression import compress
 from impq_onnx.errors import ImpqError
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.report import read_run, write_report
 from impq_onnx.report.html import summary_rows
 from impq_onnx.sensitivity.table import SensitivityTable
-
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
-DATA = ROOT / "models" / "fashion-mnist"
-needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled Fashion-MNIST model is not built yet")
-TINY = dict(steps=3, start_steps=6, sensitivity_samples=32, max_val_samples=40, batch_size=16, max_iterations=2,
-            target_bits=None, target_act_bits=None)
-RUN_FIGURES = ("bits_per_layer", "accuracy_vs_bits", "sensitivity", "kernel_bits")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two finished runs, kernel and layer granularity: {granularity: CompressResult}."""
-    if not MODEL.is_file():
-        pytest.skip("the bundled Fashion-MNIST model is not built yet")
-    root = tmp_path_factory.mktemp("runs")
-    return {g: compress(MODEL, DATA, output=root / f"{g}.onnx", progress=False, granularity=g, **TINY)
-            for g in ("kernel", "layer")}
 
 
 def _check_png(path: Path, html: str) -> None:
