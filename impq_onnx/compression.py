@@ -289,10 +289,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
-    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
-
-    # Verified at batch N, written as declared.
-    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)
+    # Verified at batch N on the logits, written with the original's interface (batch, names, dtypes, outputs).
+    lowered.proto = base.with_interface(lowered.proto)
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
