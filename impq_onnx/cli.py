@@ -66,6 +66,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+_CLASSES_HELP = ("The model's class order for the class folder names: a comma-separated list or a labels file, one "
+                 "name per line [default: folder names sorted, numerically when all are numbers].")
 _SHAPE_HELP = "Concrete input shape for MACs and padding, e.g. 1,3,224,224 [default: the data's]."
 
 
@@ -96,9 +98,10 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--classes", help=_CLASSES_HELP)
 @_user_errors
 def evaluate_command(model, data, plan_path, preprocess, output, batch_size, limit_per_class, threads, as_json,
-                     input_shape):
+                     input_shape, classes):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     import json
 
@@ -117,7 +120,8 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
     for name, count in nonfinite_initializers(canonical)[:1]:
         click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
                    "its outputs will not be meaningful", err=True)
-    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
+    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
+                              classes=classes).evaluation
     plan = sites = None
     if plan_path:
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
@@ -175,9 +179,10 @@ def _compress_options(func):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--classes", help=_CLASSES_HELP)
 @_user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
-                        output_prefix, top, seed, threads, input_shape):
+                        output_prefix, top, seed, threads, input_shape, classes):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
 
@@ -195,7 +200,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
-    dataset = open_model_data(canonical, data, preprocess).train_all
+    dataset = open_model_data(canonical, data, preprocess, classes=classes).train_all
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
@@ -264,9 +269,10 @@ def lower_command(model, plan_path, output_path, format_, output, input_shape, e
                    "gives).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--classes", help=_CLASSES_HELP)
 @_user_errors
 def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, logit_tolerance,
-                   as_json, input_shape):
+                   as_json, input_shape, classes):
     """Check LOWERED against MODEL under PLAN: every code, scale and zero point, predictions, ranges, annotations.
 
     Exits 0 when everything agrees, 3 on any difference (the first of each tensor is printed), 2 on bad input.
@@ -286,7 +292,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     from impq_onnx.lowering.verify import verify
 
     canonical = load(model_path)
-    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
+    dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
+                              classes=classes).evaluation
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites)
     result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads,

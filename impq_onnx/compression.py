@@ -75,6 +75,9 @@ class CompressConfig:
     work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
     resume: bool = _opt(False, "Continue the run in work_dir (same options), or re-emit a finished one.")
     preprocess: str | None = _opt(None, "Preset name or preprocess YAML file [default: inferred from the input shape].")
+    classes: str | None = _opt(None, "The model's class order for the class folder names: a comma-separated list "
+                                     "or a labels file, one name per line [default: folder names sorted, "
+                                     "numerically when all are numbers].")
     val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded).")
     max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
     phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
@@ -250,7 +253,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
 
         check_trainable(base)
     model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 max_val_samples=cfg.max_val_samples)
+                                 max_val_samples=cfg.max_val_samples, classes=cfg.classes)
     train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
     sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])
@@ -338,6 +341,7 @@ def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathL
     data = Path(cfg.data)
     check_paths([("--output", output)] + [("the derived output", p) for p in derived],
                 {"the input model": Path(cfg.model), "the config file": _input_file(config),
-                 "the preprocess file": _input_file(cfg.preprocess), "the data file": data if data.is_file() else None},
+                 "the preprocess file": _input_file(cfg.preprocess), "the data file": data if data.is_file() else None,
+                 "the classes file": _input_file(cfg.classes)},
                 trees={"the data folder": data if data.is_dir() else None}, work_dir=paths["work_dir"])
     return OutputSet([output, *derived], locked=[output, paths["work_dir"]])

@@ -104,11 +104,13 @@ class ModelData:
     max_val_samples: int | None = None
     limit_per_class: int | None = None
     workers: int = 1
+    classes: tuple[str, ...] | None = None  # the model's class order for folder names (--classes)
 
     def _open(self, path: Path) -> Dataset:
         from impq_onnx.data import open_dataset
 
-        dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers)
+        dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers,
+                               classes=self.classes)
         check_fits(self.model, dataset)
         return dataset
 
@@ -153,19 +155,24 @@ class ModelData:
 
 def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | Preprocess | None = None, *,
                     val_fraction: float = 0.2, seed: int = 0, max_val_samples: int | None = None,
-                    limit_per_class: int | None = None, workers: int = 1) -> ModelData:
+                    limit_per_class: int | None = None, workers: int = 1,
+                    classes: str | Path | list[str] | tuple[str, ...] | None = None) -> ModelData:
     """``data`` opened for ``model``: the preprocessing resolved and the folders assigned to their parts.
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
     and ``test/`` (or ``val/``, ``validation/``): the second is the test split and ``val_fraction`` of
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
     ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class`` and ``workers``: as
-    :func:`~impq_onnx.data.open_dataset` takes them.
+    :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class order, a comma-separated
+    list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`).
     """
+    from impq_onnx.data.imagefolder import parse_classes
+
+    class_order = parse_classes(classes)
     root = Path(data)
     train_dir, held = split_folders(root)
     val_dir = root / "val" if held is not None and (root / "val").is_dir() and (root / "test").is_dir() else None
     test_dir = root / "test" if val_dir is not None else held
     preprocessing = resolve_preprocess(model, preprocess, train_dir)
     return ModelData(model, preprocessing, train_dir, val_dir, test_dir, val_fraction, seed, max_val_samples,
-                     limit_per_class, workers)
+                     limit_per_class, workers, class_order)
