@@ -78,7 +78,9 @@ class CompressConfig:
     classes: str | None = _opt(None, "The model's class order for the class folder names: a comma-separated list "
                                      "or a labels file, one name per line [default: folder names sorted, "
                                      "numerically when all are numbers].")
-    val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded).")
+    val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded; of each "
+                                     "class, or across classes when classes have too few images; 0: validate "
+                                     "on the training images).")
     max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
     phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
     granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")

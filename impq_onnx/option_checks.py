@@ -90,7 +90,7 @@ COMPRESS = {
     "batch_size": _int(1, 2**16), "lr": Bound(0, low_open=True), "momentum": Bound(0, 1, high_open=True),
     "weight_decay": Bound(0), "sensitivity_samples": _int(1, 10**7), "runner_ups": _int(1, 10**5),
     "seed": _int(0, SEED_MAX), "threads": _int(1, 1024), "replicas": _int(1, 1024),
-    "max_val_samples": _int(1), "val_fraction": Bound(0, 1, low_open=True, high_open=True),
+    "max_val_samples": _int(1), "val_fraction": Bound(0, 1, high_open=True),
 }
 EVALUATE = {"batch_size": _int(1, 2**16), "limit_per_class": _int(1), "threads": _int(1, 1024)}
 SENSITIVITY = {"samples": _int(1, 10**7), "runner_ups": _int(1, 10**5), "top": _int(0), "seed": _int(0, SEED_MAX),

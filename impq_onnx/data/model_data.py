@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from impq_onnx.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from impq_onnx.frontend.canonical import CanonicalModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ModelData", "open_model_data", "resolve_preprocess", "split_folders", "check_fits"]
 
@@ -124,11 +127,36 @@ class ModelData:
         if self.val_dir is not None:
             train, val = self.train_all, self._open(self.val_dir)
         else:
-            train, val = self.train_all.split(self.val_fraction, self.seed)
+            train, val = self._held_out()
         if self.max_val_samples is not None and len(val) > self.max_val_samples:
             # A seeded subset in the split's order: ImageFolder splits are sorted by class.
             chosen = np.random.default_rng(derive_seed(self.seed, 0, "validation")).permutation(len(val))
             val = val.subset(np.sort(chosen[: self.max_val_samples]))
+        return train, val
+
+    def _held_out(self) -> tuple[Dataset, Dataset]:
+        """``val_fraction`` of each class held out; for small calibration sets (one image per class) a
+        fraction held out across classes, or, with ``val_fraction`` 0 or a single image, no hold-out at all
+        (validation on the training images). Which one is said in one log line."""
+        everything = self.train_all
+        name, n = everything.name, len(everything)
+        if self.val_fraction == 0 or n < 2:
+            logger.warning("%s: %s; validation runs on the %d training image(s) themselves (no held-out images: "
+                           "accuracy drops are measured on what is fine-tuned on)", name,
+                           "val_fraction is 0" if self.val_fraction == 0 else "one image", n)
+            return everything, everything
+        labels = everything.labels
+        per_class = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.array([n])
+        stratified = int(np.round(per_class[per_class > 0] * self.val_fraction).sum())
+        if stratified >= max(1, round(n * self.val_fraction) // 2):  # else most classes would hold out nothing
+            try:
+                return everything.split(self.val_fraction, self.seed)
+            except DataError:  # every image of the set would be held out
+                pass
+        train, val = everything.split_any_class(self.val_fraction, self.seed)
+        logger.warning("%s: %d image(s), at most %d per class: too few to hold out %g of each class; validating "
+                       "on %d image(s) held out across classes (top-1 and agreement with the float model on "
+                       "images not fine-tuned on)", name, n, int(per_class.max()), self.val_fraction, len(val))
         return train, val
 
     @property
