@@ -121,7 +121,7 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
         click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
                    "its outputs will not be meaningful", err=True)
     dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
-                              classes=classes).evaluation
+                              classes=classes, input_shape=input_shape).evaluation
     plan = sites = None
     if plan_path:
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
@@ -200,7 +200,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.frontend.site_analysis import find_sites
 
     canonical = load(model)
-    dataset = open_model_data(canonical, data, preprocess, classes=classes).train_all
+    dataset = open_model_data(canonical, data, preprocess, classes=classes, input_shape=input_shape).train_all
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
@@ -293,7 +293,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
 
     canonical = load(model_path)
     dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
-                              classes=classes).evaluation
+                              classes=classes, input_shape=input_shape).evaluation
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites)
     result = verify(read_lowered(lowered), canonical, plan, sites, dataset.batches(100), threads=threads,

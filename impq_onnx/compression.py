@@ -78,6 +78,9 @@ class CompressConfig:
     classes: str | None = _opt(None, "The model's class order for the class folder names: a comma-separated list "
                                      "or a labels file, one name per line [default: folder names sorted, "
                                      "numerically when all are numbers].")
+    input_shape: str | None = _opt(None, "Concrete input shape, e.g. 1,3,224,224, for a model with a dynamic "
+                                         "height/width or auto_pad convs [default: the data's: the preprocess "
+                                         "size, else the first image's].")
     val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded; of each "
                                      "class, or across classes when classes have too few images; 0: validate "
                                      "on the training images).")
@@ -151,6 +154,7 @@ class CompressConfig:
         from impq_onnx import option_checks
 
         option_checks.check_numbers(dataclasses.asdict(self), option_checks.COMPRESS)
+        option_checks.parse_shape(self.input_shape)
         if self.replicas > 1 and self.optimizer != "sgd":
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
         return self
@@ -245,6 +249,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches, with_values
     from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx import option_checks
 
     report = progress if callable(progress) else (_stderr_line if progress else None)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
@@ -255,7 +260,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
 
         check_trainable(base)
     model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 max_val_samples=cfg.max_val_samples, classes=cfg.classes)
+                                 max_val_samples=cfg.max_val_samples, classes=cfg.classes,
+                                 input_shape=option_checks.parse_shape(cfg.input_shape))
     train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
     sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])

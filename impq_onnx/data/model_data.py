@@ -35,15 +35,18 @@ EVAL_FOLDERS = ("test", "val", "validation")
 
 
 def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess | None = None,
-                       data: str | Path | None = None) -> Preprocess:
+                       data: str | Path | None = None, input_shape: tuple[int, ...] | None = None) -> Preprocess:
     """A preset name, a YAML file path, a ready Preprocess, or None (inferred from the model input; a
-    dynamic height/width takes the size of the first image under ``data``)."""
+    dynamic height/width takes ``input_shape`` (``--input-shape``) when given, else the size of the first
+    image under ``data``)."""
     if isinstance(preprocess, Preprocess):
         return preprocess
     if preprocess is None:
         from impq_onnx.data.imagefolder import first_image_size
 
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
+        if input_shape is not None and _dynamic_hw(canonical) and len(input_shape) == len(canonical.input_shape()):
+            return infer_preprocess((1, *input_shape[1:]), layout)
         return infer_preprocess(canonical.input_shape(), layout,
                                 first_image_size(data) if data is not None and _dynamic_hw(canonical) else None)
     if preprocess in PRESETS:
@@ -184,7 +187,8 @@ class ModelData:
 def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | Preprocess | None = None, *,
                     val_fraction: float = 0.2, seed: int = 0, max_val_samples: int | None = None,
                     limit_per_class: int | None = None, workers: int = 1,
-                    classes: str | Path | list[str] | tuple[str, ...] | None = None) -> ModelData:
+                    classes: str | Path | list[str] | tuple[str, ...] | None = None,
+                    input_shape: tuple[int, ...] | None = None) -> ModelData:
     """``data`` opened for ``model``: the preprocessing resolved and the folders assigned to their parts.
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
@@ -192,7 +196,9 @@ def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | P
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
     ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class`` and ``workers``: as
     :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class order, a comma-separated
-    list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`).
+    list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`). ``input_shape``
+    (``--input-shape``): the size a dynamic-size model is fed at when ``preprocess`` is not given; the
+    preprocessed images must have it.
     """
     from impq_onnx.data.imagefolder import parse_classes
 
@@ -201,6 +207,10 @@ def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | P
     train_dir, held = split_folders(root)
     val_dir = root / "val" if held is not None and (root / "val").is_dir() and (root / "test").is_dir() else None
     test_dir = root / "test" if val_dir is not None else held
-    preprocessing = resolve_preprocess(model, preprocess, train_dir)
+    preprocessing = resolve_preprocess(model, preprocess, train_dir, input_shape)
+    if input_shape is not None and tuple(input_shape[1:]) != tuple(preprocessing.sample_shape):
+        raise ConfigError(f"--input-shape {','.join(map(str, input_shape))} does not match the preprocessed images "
+                          f"{list(preprocessing.sample_shape)} (per sample); set the preprocess size to match, or "
+                          "leave one of them out")
     return ModelData(model, preprocessing, train_dir, val_dir, test_dir, val_fraction, seed, max_val_samples,
                      limit_per_class, workers, class_order)
