@@ -181,6 +181,7 @@ def restore_interface(lowered: onnx.ModelProto, original: onnx.ModelProto, *, lo
 
     del graph.output[:]
     graph.output.extend(source.output)
+    _keep_static_batch(graph, image)
     if logits_name not in output_names:  # the core's logits keep their shape as value_info, for core_view
         kept = onnx.ValueInfoProto()
         kept.CopyFrom(core_output)
@@ -195,6 +196,21 @@ def restore_interface(lowered: onnx.ModelProto, original: onnx.ModelProto, *, lo
     logger.debug("%s: interface restored: %d original nodes grafted, core input %r, logits %r", label,
                  len(needed), core_input, logits_name)
     return lowered
+
+
+def _keep_static_batch(graph: onnx.GraphProto, image: onnx.ValueInfoProto) -> None:
+    """Where lowering fixed a batch the original leaves free (``--static-batch`` for QONNX tools), the
+    outputs declare it too."""
+    lowered_dims = graph.input[0].type.tensor_type.shape.dim
+    original_dims = image.type.tensor_type.shape.dim
+    if not lowered_dims or not lowered_dims[0].HasField("dim_value") or (
+            original_dims and original_dims[0].HasField("dim_value")):
+        return
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = lowered_dims[0].dim_value
 
 
 def _at_opset(original: onnx.ModelProto, opset: int, label: str) -> onnx.ModelProto:

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from lowering_cases import mixed_plan
 from tiny_models import Quirks, build
 from zoo_models import image_folder, static_batch, with_fixed_batch_output, with_tail
 
+from impq_onnx.cli import main
 from impq_onnx.frontend.canonical import from_proto, load
 from impq_onnx.frontend.interface import core_view, interface_of
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.lowering.lower import lower
+from impq_onnx.lowering.targets import target_names
 from impq_onnx.lowering.verify import verify
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
@@ -138,3 +141,38 @@ def test_compress_writes_the_original_interface(tmp_path: Path) -> None:
     assert probs.dtype == np.float16 and features.dtype == np.float16
     np.testing.assert_allclose(probs.astype(np.float32).sum(axis=1), 1.0, atol=5e-3)
     assert load(tmp_path / "out.onnx").head == "Softmax"  # it loads again as a published model would
+
+
+def test_static_batch_option_fixes_the_restored_outputs_too(tmp_path: Path) -> None:
+    original = build(Quirks(softmax=True, two_outputs=True))
+    path, plan_path = tmp_path / "m.onnx", tmp_path / "plan.yaml"
+    onnx.save(original, path)
+    canonical = from_proto(original)
+    PrecisionPlan.uniform(find_sites(canonical, (1, 3, 8, 8)), 8, None).save(plan_path)
+    from impq_onnx.lowering.lower import lower_file
+
+    lower_file(path, plan_path, tmp_path / "q.onnx", "qonnx", static_batch=1)
+    written = interface_of(onnx.load(tmp_path / "q.onnx"))
+    assert [o["name"] for o in written["outputs"]] == ["probs", "features"]
+    assert [o["shape"][0] for o in (*written["inputs"], *written["outputs"])] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("format_", target_names())
+def test_every_target_keeps_the_interface_and_verifies(format_: str, tmp_path: Path) -> None:
+    original = build(Quirks(float16=True, softmax=True, two_outputs=True))
+    path, plan_path, out = tmp_path / "m.onnx", tmp_path / "plan.yaml", tmp_path / "q.onnx"
+    onnx.save(original, path)
+    # onnxruntime's integer kernels (ort): int8 weight codes and 8-bit activations
+    plan = mixed_plan(find_sites(from_proto(original), (1, 3, 8, 8)), "symmetric-rms" if format_ == "ort"
+                      else "midrise-max", float_kernel=format_ != "ort")
+    if format_ == "ort":
+        plan.activations = {site: 8 for site in plan.activations}
+    plan.save(plan_path)
+    data = image_folder(tmp_path / "data", per_class=2)
+    runner = CliRunner()
+    lowered = runner.invoke(main, ["lower", str(path), "--plan", str(plan_path), "-o", str(out), "--format", format_])
+    assert lowered.exit_code == 0, lowered.output
+    assert interface_of(onnx.load(out)) == interface_of(original)
+    checked = runner.invoke(main, ["verify", str(out), "--model", str(path), "--plan", str(plan_path), "--data",
+                                   str(data)])
+    assert checked.exit_code == 0, checked.output
