@@ -164,6 +164,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+_CLASSES_HELP = ("The model's class order for the class folder names: a comma-separated list or a labels file, one "
+                 "name per line [default: folder names sorted, numerically when all are numbers].")
 _SHAPE_HELP = "Concrete input shape for MACs and padding, e.g. 1,3,224,224 [default: the data's]."
 
 
@@ -197,10 +199,11 @@ def inspect_command(model: str, input_shape, logits: str | None, output_alias: s
 @click.option("--threads", default=2, show_default=True)
 @_json_option
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--classes", help=_CLASSES_HELP)
 @_progress_options
 @_user_errors
 def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, batch_size, limit_per_class, threads,
-                     as_json, input_shape, quiet, events):
+                     as_json, input_shape, classes, quiet, events):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
     from impq_onnx.option_checks import EVALUATE, check_numbers
 
@@ -220,7 +223,8 @@ def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, b
         for name, count in nonfinite_initializers(canonical)[:1]:
             click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
                        "its outputs will not be meaningful", err=True)
-        dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
+        dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
+                                  classes=classes, input_shape=input_shape).evaluation
         plan = sites = None
         if plan_path:
             sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
@@ -286,10 +290,11 @@ def _compress_options(func):
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @click.option("--logits", metavar="NAME", help="Name of the logits tensor when the model has several outputs.")
 @_json_option
+@click.option("--classes", help=_CLASSES_HELP)
 @_progress_options
 @_user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
-                        output_prefix, top, seed, threads, input_shape, logits, as_json, quiet, events):
+                        output_prefix, top, seed, threads, input_shape, logits, as_json, classes, quiet, events):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
     from pathlib import Path
 
@@ -309,7 +314,8 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 
     with _reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
         canonical = load(model, output=logits)
-        dataset = open_model_data(canonical, data, preprocess).train_all
+        dataset = open_model_data(canonical, data, preprocess, classes=classes,
+                                  input_shape=input_shape).train_all
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
         plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
         if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
@@ -401,10 +407,11 @@ def lower_command(model, plan_path, output_path, format_, logits, output_alias, 
 @_json_option
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @click.option("--logits", metavar="NAME", help="Name of the float model's logits tensor when it has several outputs.")
+@click.option("--classes", help=_CLASSES_HELP)
 @_progress_options
 @_user_errors
 def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, logit_tolerance,
-                   as_json, input_shape, logits, quiet, events):
+                   as_json, input_shape, logits, classes, quiet, events):
     """Check LOWERED against MODEL under PLAN: every code, scale and zero point, predictions, ranges, annotations.
 
     Exits 0 when everything agrees, 3 on any difference (the first of each tensor is printed), 2 on bad input.
@@ -425,7 +432,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
 
     with _reporting(quiet, events, as_json, (lowered, model_path, plan_path, data, preprocess)) as (progress, out):
         canonical = load(model_path, output=logits)
-        dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class).evaluation
+        dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
+                                  classes=classes, input_shape=input_shape).evaluation
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
         plan = PrecisionPlan.load(plan_path).validate(sites)
         result = verify(read_lowered(lowered), canonical, plan, sites,

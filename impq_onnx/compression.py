@@ -75,7 +75,15 @@ class CompressConfig:
     work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
     resume: bool = _opt(False, "Continue the run in work_dir (same options), or re-emit a finished one.")
     preprocess: str | None = _opt(None, "Preset name or preprocess YAML file [default: inferred from the input shape].")
-    val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded).")
+    classes: str | None = _opt(None, "The model's class order for the class folder names: a comma-separated list "
+                                     "or a labels file, one name per line [default: folder names sorted, "
+                                     "numerically when all are numbers].")
+    input_shape: str | None = _opt(None, "Concrete input shape, e.g. 1,3,224,224, for a model with a dynamic "
+                                         "height/width or auto_pad convs [default: the data's: the preprocess "
+                                         "size, else the first image's].")
+    val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded; of each "
+                                     "class, or across classes when classes have too few images; 0: validate "
+                                     "on the training images).")
     max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
     phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
     granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
@@ -146,6 +154,7 @@ class CompressConfig:
         from impq_onnx import option_checks
 
         option_checks.check_numbers(dataclasses.asdict(self), option_checks.COMPRESS)
+        option_checks.parse_shape(self.input_shape)
         if self.replicas > 1 and self.optimizer != "sgd":
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
         return self
@@ -309,6 +318,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     from impq_onnx.search.state import SearchContext, SearchState
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.report.environment import run_environment
+    from impq_onnx import option_checks
 
     report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
@@ -329,7 +339,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         check_trainable(base)
     data = sources.data if sources.data is not None else cfg.data
     model_data = open_model_data(base, data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 max_val_samples=cfg.max_val_samples)
+                                 max_val_samples=cfg.max_val_samples, classes=cfg.classes,
+                                 input_shape=option_checks.parse_shape(cfg.input_shape))
     train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
     sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])
@@ -372,10 +383,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
-    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
-
-    # Verified at batch N, written as declared.
-    lowered.proto = restore_declared_batch(lowered.proto, base.declared_batch)
+    # Verified at batch N on the logits, written with the original's interface (batch, names, dtypes, outputs).
+    lowered.proto = base.with_interface(lowered.proto)
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "iterations": [r.to_dict() for r in state.records],
@@ -432,7 +441,8 @@ def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathL
                 {"the input model": Path(cfg.model) if sources.model is None else None,
                  "the config file": _input_file(config),
                  "the preprocess file": _input_file(cfg.preprocess),
-                 "the data file": data if data is not None and data.is_file() else None},
+                 "the data file": data if data is not None and data.is_file() else None,
+                 "the classes file": _input_file(cfg.classes)},
                 trees={"the data folder": data if data is not None and data.is_dir() else None},
                 work_dir=paths["work_dir"])
     return OutputSet([output, *derived], locked=[output, paths["work_dir"]])

@@ -14,10 +14,24 @@ from typing import Any, Mapping
 
 from impq_onnx.errors import ConfigError
 
-__all__ = ["Bound", "check_number", "check_numbers", "COMPRESS", "EVALUATE", "SENSITIVITY", "VERIFY",
+__all__ = ["Bound", "parse_shape", "check_number", "check_numbers", "COMPRESS", "EVALUATE", "SENSITIVITY", "VERIFY",
            "target_warnings"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds; derive_seed folds every seed into 31 bits anyway
+
+
+def parse_shape(value: Any, option: str = "option 'input_shape'") -> tuple[int, ...] | None:
+    """``1,3,224,224`` / ``1x3x224x224`` / a list of positive integers as a tuple; None stays None."""
+    if value is None:
+        return None
+    try:
+        parts = value.replace("x", ",").split(",") if isinstance(value, str) else list(value)
+        shape = tuple(int(str(d).strip()) for d in parts)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{option}: {value!r} is not a comma-separated list of integers, e.g. 1,3,224,224") from exc
+    if not shape or any(d <= 0 for d in shape):
+        raise ConfigError(f"{option}: {value!r} must contain positive sizes, e.g. 1,3,224,224")
+    return shape
 
 
 def _fmt(x: float) -> str:
@@ -90,7 +104,7 @@ COMPRESS = {
     "batch_size": _int(1, 2**16), "lr": Bound(0, low_open=True), "momentum": Bound(0, 1, high_open=True),
     "weight_decay": Bound(0), "sensitivity_samples": _int(1, 10**7), "runner_ups": _int(1, 10**5),
     "seed": _int(0, SEED_MAX), "threads": _int(1, 1024), "replicas": _int(1, 1024),
-    "max_val_samples": _int(1), "val_fraction": Bound(0, 1, low_open=True, high_open=True),
+    "max_val_samples": _int(1), "val_fraction": Bound(0, 1, high_open=True),
 }
 EVALUATE = {"batch_size": _int(1, 2**16), "limit_per_class": _int(1), "threads": _int(1, 1024)}
 SENSITIVITY = {"samples": _int(1, 10**7), "runner_ups": _int(1, 10**5), "top": _int(0), "seed": _int(0, SEED_MAX),

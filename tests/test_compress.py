@@ -109,7 +109,7 @@ def test_options_override_the_config_file(tmp_path):
     (dict(phases="weights-only"), "is not one of"),
     (dict(schedule="150%"), "schedule"),
     (dict(start_bits=0), "within 1..16"),
-    (dict(val_fraction=1.5), "between 0 and 1"),
+    (dict(val_fraction=1.5), "at least 0 and below 1"),
     (dict(target_bits="none", lr=-1), "'lr'"),
 ])
 def test_bad_options_are_one_line_errors(options, message):

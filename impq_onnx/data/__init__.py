@@ -71,6 +71,7 @@ def open_dataset(
     workers: int = 1,
     follow_links_outside: bool = False,
     check: bool = True,
+    classes: tuple[str, ...] | None = None,
 ) -> Dataset:
     """Open an ImageFolder tree (``path/<class>/*.jpg``), a flat folder of unlabeled images, or an ``.npz``.
 
@@ -79,6 +80,7 @@ def open_dataset(
     Links that lead out of the folder are followed only with ``follow_links_outside`` (see
     :mod:`impq_onnx.data.imagefolder`). ``check`` decodes every image once, cheaply, now, so that a
     broken file is a one-line error before any long run rather than in its middle or at its end.
+    ``classes`` gives the model's class order for the folder names (``--classes``; not used for ``.npz``).
     """
     path = Path(path)
     if limit_per_class is not None and limit_per_class < 1:
@@ -91,7 +93,7 @@ def open_dataset(
     if not path.exists():
         raise DataError(f"{shown(path)}: no such file or folder; pass an ImageFolder directory or an .npz file")
     if path.is_dir():
-        scan = scan_image_folder(path, limit_per_class, follow_links_outside=follow_links_outside)
+        scan = scan_image_folder(path, limit_per_class, follow_links_outside=follow_links_outside, classes=classes)
         if check:
             check_images(scan.paths)
         return Dataset(ImageFiles(scan.paths, workers), scan.labels, scan.classes, preprocess, name=str(path))

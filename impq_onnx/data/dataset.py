@@ -120,6 +120,18 @@ class Dataset:
             )
         return self.subset(np.flatnonzero(~val_mask)), self.subset(np.flatnonzero(val_mask))
 
+    def split_any_class(self, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+        """``(train, val)`` with ``round(n * val_fraction)`` samples (at least 1, at most n - 1) held out at
+        random whatever their class: for sets too small to hold out part of every class (one image per
+        class). Needs at least 2 samples; both parts keep this dataset's order."""
+        if len(self) < 2:
+            raise DataError(f"{self.name}: {len(self)} sample cannot be split for validation")
+        count = min(len(self) - 1, max(1, round(len(self) * val_fraction)))
+        chosen = np.random.default_rng(seed).permutation(len(self))[:count]
+        val_mask = np.zeros(len(self), bool)
+        val_mask[chosen] = True
+        return self.subset(np.flatnonzero(~val_mask)), self.subset(np.flatnonzero(val_mask))
+
     def load(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Model input (float32, model layout) for the samples at ``indices``."""
         items = self.items[np.asarray(indices, np.int64)]

@@ -166,24 +166,75 @@ def first_image_size(root: str | os.PathLike) -> tuple[int, int] | None:
     return None
 
 
-def _class_order(root: Path, dirs: list[Path]) -> list[Path]:
-    """Class folders by name, or by number when every name is a distinct integer (``0 90 180 270``,
-    ``0 .. 11``: exporters number classes, and string order would put 10 before 2); said once when
-    the two orders differ."""
+def parse_classes(value: str | os.PathLike | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The model's class order from ``--classes``: a labels file (one class folder name per line, blank
+    lines skipped) or a comma-separated list; None when not given. Duplicates and an empty list are refused."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        names = [str(v).strip() for v in value]
+        where = "option 'classes'"
+    elif Path(value).is_file():
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{shown(value)}: cannot read the classes file ({exc}); give one class per line, "
+                            "UTF-8") from exc
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        where = shown(value)
+    else:
+        names = [part.strip() for part in str(value).split(",")]
+        where = "option 'classes'"
+    if not names or any(not n for n in names):
+        raise DataError(f"{where}: empty class name in {str(value)[:80]!r}; give a comma-separated list "
+                        "(cat,dog) or a file with one class per line")
+    seen: set[str] = set()
+    twice = [n for n in names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
+    if twice:
+        raise DataError(f"{where}: class {twice[0]!r} is listed twice; each class folder name once, in the "
+                        "model's output order")
+    return tuple(names)
+
+
+def _class_order(root: Path, dirs: list[Path], classes: tuple[str, ...] | None = None) -> list[Path]:
+    """Class folders in the order of ``classes`` (the model's) when given; else by name, or by number when
+    every name is a distinct integer (``0 90 180 270``, ``0 .. 11``: exporters number classes, and string
+    order would put 10 before 2); said once when the order is a guess that could be wrong."""
     by_name = sorted(dirs)
-    try:
-        numbers = [int(p.name) for p in by_name]
-    except ValueError:
+    if classes is not None:
+        present = {p.name: p for p in by_name}
+        unknown = [name for name in present if name not in classes]
+        if unknown:
+            raise DataError(f"{shown(root)}: class folder {shown(unknown[0])!r} is not in --classes "
+                            f"({len(classes)} names); add it to the list or move the folder out of the data")
+        return [present.get(name, root / name) for name in classes]
+    numeric = [p for p in by_name if _is_number(p.name)]
+    if numeric and len(numeric) != len(by_name):
+        logger.warning("%s: class folders mix numbers and names (%s); ordered as text, which may not be the "
+                       "model's order: pass --classes", root, ", ".join(p.name for p in by_name[:6])
+                       + (", ..." if len(by_name) > 6 else ""))
         return by_name
+    if not numeric:
+        return by_name
+    numbers = [int(p.name) for p in by_name]
     if len(set(numbers)) != len(numbers):
-        logger.warning("%s: class folders %s name the same number twice; ordered as text", root,
-                       ", ".join(p.name for p in by_name))
+        logger.warning("%s: class folders %s name the same number twice; ordered as text (pass --classes to "
+                       "give the model's order)", root, ", ".join(p.name for p in by_name))
         return by_name
-    by_number = [p for _, p in sorted(zip(numbers, by_name))]
+    by_number = [p for _, p in sorted(zip(numbers, by_name, strict=True))]
     if by_number != by_name:
-        logger.warning("%s: class folders are numbers, ordered numerically (%s = labels 0..%d)", root,
-                       " ".join(p.name for p in by_number), len(by_number) - 1)
+        logger.warning("%s: class folders are numbers, ordered numerically (%s = labels 0..%d); pass --classes "
+                       "for another order", root, " ".join(p.name for p in by_number[:12])
+                       + (" ..." if len(by_number) > 12 else ""), len(by_number) - 1)
     return by_number
+
+
+def _is_number(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _stat_dir(path: Path) -> os.stat_result | None:
@@ -195,12 +246,13 @@ def _stat_dir(path: Path) -> os.stat_result | None:
 
 
 def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
-                      follow_links_outside: bool = False) -> ImageFolderScan:
+                      follow_links_outside: bool = False, classes: tuple[str, ...] | None = None) -> ImageFolderScan:
     """List ``root/<class>/...`` images (classes sorted by name, or by number), or ``root/*`` images as unlabeled.
 
     A class folder without images keeps its name (and so the label numbering of the others) but
-    contributes no samples, with a warning; so does a class folder that is the same folder as an
-    earlier one. A class folder may itself be a link anywhere (the root's entries are the user's
+    contributes no samples, with one warning for all of them; so does a class folder that is the same
+    folder as an earlier one. ``classes`` (:func:`parse_classes`) gives the label order; a listed class
+    without a folder has no images. A class folder may itself be a link anywhere (the root's entries are the user's
     choice); links below the class folders follow the rules of the module docstring.
     """
     walk = _Walk(root, follow_links_outside)
@@ -213,7 +265,9 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
         raise DataError(f"{shown(root)}: cannot list the folder ({err.strerror})") from err
     class_dirs = [(p, info) for p in children if not p.name.startswith(".") and (info := _stat_dir(p)) is not None]
     infos = dict(class_dirs)
-    class_dirs = [(path, infos[path]) for path in _class_order(root, list(infos))]
+    ordered = _class_order(root, list(infos), classes)
+    missing = [p.name for p in ordered if p not in infos]
+    class_dirs = [(path, infos[path]) for path in ordered if path in infos]
     loose = [p for p in sorted(children) if _is_image(p.name) and p not in dict(class_dirs)]
     loose = [p for p in loose if _regular(walk, p)]
     walk.owned.add((root_info.st_dev, root_info.st_ino))
@@ -232,16 +286,22 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
             readable[path.name] = path
     per_class = {p.name: (walk.images_under(readable[p.name])[:limit_per_class] if p.name in readable else [])
                  for p, _ in class_dirs}
+    if classes is not None:  # the model's order, listed classes without a folder included (no images)
+        per_class = {name: per_class.get(name, []) for name in classes}
     walk.report()
     paths: list[Path] = []
     labels: list[int] = []
     if any(per_class.values()):
         if loose:
             logger.warning("%s: ignoring %d image(s) outside the class folders", shown(root), len(loose))
-        for label, (name, files) in enumerate(per_class.items()):
-            if not files:
-                logger.warning("%s: class folder %r has no images (%s)", shown(root), shown(name),
-                               "/".join(IMAGE_EXTENSIONS))
+        empty = [shown(name) for name, files in per_class.items() if not files and name not in missing]
+        if empty:
+            logger.warning("%s: %d class folder(s) have no images (%s), e.g. %s", shown(root), len(empty),
+                           "/".join(IMAGE_EXTENSIONS), ", ".join(repr(n) for n in empty[:3]))
+        if missing:
+            logger.info("%s: %d listed class(es) have no folder, e.g. %s", shown(root), len(missing),
+                        ", ".join(repr(shown(n)) for n in missing[:3]))
+        for label, files in enumerate(per_class.values()):
             paths.extend(files)
             labels.extend([label] * len(files))
         return ImageFolderScan(tuple(paths), np.asarray(labels, np.int64), tuple(shown(n) for n in per_class))

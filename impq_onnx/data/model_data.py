@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ from impq_onnx.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from impq_onnx.frontend.canonical import CanonicalModel
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ModelData", "open_model_data", "resolve_preprocess", "split_folders", "check_fits"]
 
 EVAL_FOLDERS = ("test", "val", "validation")
@@ -36,10 +39,12 @@ MODEL_INPUT = "model-input"  # the data is model input already: fed unchanged
 
 
 def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess | None = None,
-                       data: str | Path | ArrayData | None = None) -> Preprocess:
+                       data: str | Path | ArrayData | None = None,
+                       input_shape: tuple[int, ...] | None = None) -> Preprocess:
     """A preset name, a YAML file path, a ready Preprocess, ``"model-input"`` (float arrays that are model
     input already: no resize, scaling or normalisation), or None (inferred from the model input; a
-    dynamic height/width takes the size of the first image under ``data``)."""
+    dynamic height/width takes ``input_shape`` (``--input-shape``) when given, else the size of the first
+    image under ``data``)."""
     if isinstance(preprocess, Preprocess):
         return preprocess
     if preprocess is None or preprocess == MODEL_INPUT:
@@ -47,10 +52,13 @@ def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess |
 
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
         size = None
-        if data is not None and _dynamic_hw(canonical):
-            size = (data.images.shape[1], data.images.shape[2]) if isinstance(data, ArrayData) else \
-                first_image_size(data)
-        inferred = infer_preprocess(canonical.input_shape(), layout, size)
+        if input_shape is not None and _dynamic_hw(canonical) and len(input_shape) == len(canonical.input_shape()):
+            inferred = infer_preprocess((1, *input_shape[1:]), layout)
+        else:
+            if data is not None and _dynamic_hw(canonical):
+                size = (data.images.shape[1], data.images.shape[2]) if isinstance(data, ArrayData) else \
+                    first_image_size(data)
+            inferred = infer_preprocess(canonical.input_shape(), layout, size)
         if preprocess is None:
             return inferred
         n = inferred.num_channels
@@ -121,6 +129,7 @@ class ModelData:
     max_val_samples: int | None = None
     limit_per_class: int | None = None
     workers: int = 1
+    classes: tuple[str, ...] | None = None  # the model's class order for folder names (--classes)
 
     def _open(self, path: Path | ArrayData) -> Dataset:
         from impq_onnx.data import first_per_class, open_dataset
@@ -131,7 +140,8 @@ class ModelData:
             if self.limit_per_class is not None:
                 dataset = dataset.subset(first_per_class(dataset.labels, self.limit_per_class))
         else:
-            dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers)
+            dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers,
+                                   classes=self.classes)
         check_fits(self.model, dataset)
         return dataset
 
@@ -145,11 +155,36 @@ class ModelData:
         if self.val_dir is not None:
             train, val = self.train_all, self._open(self.val_dir)
         else:
-            train, val = self.train_all.split(self.val_fraction, self.seed)
+            train, val = self._held_out()
         if self.max_val_samples is not None and len(val) > self.max_val_samples:
             # A seeded subset in the split's order: ImageFolder splits are sorted by class.
             chosen = np.random.default_rng(derive_seed(self.seed, 0, "validation")).permutation(len(val))
             val = val.subset(np.sort(chosen[: self.max_val_samples]))
+        return train, val
+
+    def _held_out(self) -> tuple[Dataset, Dataset]:
+        """``val_fraction`` of each class held out; for small calibration sets (one image per class) a
+        fraction held out across classes, or, with ``val_fraction`` 0 or a single image, no hold-out at all
+        (validation on the training images). Which one is said in one log line."""
+        everything = self.train_all
+        name, n = everything.name, len(everything)
+        if self.val_fraction == 0 or n < 2:
+            logger.warning("%s: %s; validation runs on the %d training image(s) themselves (no held-out images: "
+                           "accuracy drops are measured on what is fine-tuned on)", name,
+                           "val_fraction is 0" if self.val_fraction == 0 else "one image", n)
+            return everything, everything
+        labels = everything.labels
+        per_class = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.array([n])
+        stratified = int(np.round(per_class[per_class > 0] * self.val_fraction).sum())
+        if stratified >= max(1, round(n * self.val_fraction) // 2):  # else most classes would hold out nothing
+            try:
+                return everything.split(self.val_fraction, self.seed)
+            except DataError:  # every image of the set would be held out
+                pass
+        train, val = everything.split_any_class(self.val_fraction, self.seed)
+        logger.warning("%s: %d image(s), at most %d per class: too few to hold out %g of each class; validating "
+                       "on %d image(s) held out across classes (top-1 and agreement with the float model on "
+                       "images not fine-tuned on)", name, n, int(per_class.max()), self.val_fraction, len(val))
         return train, val
 
     @property
@@ -177,25 +212,36 @@ class ModelData:
 def open_model_data(model: CanonicalModel, data: str | Path | InMemoryData,
                     preprocess: str | Preprocess | None = None, *, val_fraction: float = 0.2, seed: int = 0,
                     max_val_samples: int | None = None, limit_per_class: int | None = None,
-                    workers: int = 1) -> ModelData:
+                    workers: int = 1, classes: str | Path | list[str] | tuple[str, ...] | None = None,
+                    input_shape: tuple[int, ...] | None = None) -> ModelData:
     """``data`` opened for ``model``: the preprocessing resolved and the folders assigned to their parts.
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
     and ``test/`` (or ``val/``, ``validation/``): the second is the test split and ``val_fraction`` of
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
     ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class`` and ``workers``: as
-    :func:`~impq_onnx.data.open_dataset` takes them. ``data`` may also be the caller's arrays
+    :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class order, a comma-separated
+    list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`). ``input_shape``
+    (``--input-shape``): the size a dynamic-size model is fed at when ``preprocess`` is not given; the
+    preprocessed images must have it. ``data`` may also be the caller's arrays
     (:class:`~impq_onnx.data.in_memory.InMemoryData`): its ``train``, ``val`` and ``test`` play the parts of
     the folders of the same names.
     """
+    from impq_onnx.data.imagefolder import parse_classes
+
+    class_order = parse_classes(classes)
     if isinstance(data, InMemoryData):
-        preprocessing = resolve_preprocess(model, preprocess, data.train)
+        preprocessing = resolve_preprocess(model, preprocess, data.train, input_shape)
         return ModelData(model, preprocessing, data.train, data.val, data.test, val_fraction, seed, max_val_samples,
-                         limit_per_class, workers)
+                         limit_per_class, workers, class_order)
     root = Path(data)
     train_dir, held = split_folders(root)
     val_dir = root / "val" if held is not None and (root / "val").is_dir() and (root / "test").is_dir() else None
     test_dir = root / "test" if val_dir is not None else held
-    preprocessing = resolve_preprocess(model, preprocess, train_dir)
+    preprocessing = resolve_preprocess(model, preprocess, train_dir, input_shape)
+    if input_shape is not None and tuple(input_shape[1:]) != tuple(preprocessing.sample_shape):
+        raise ConfigError(f"--input-shape {','.join(map(str, input_shape))} does not match the preprocessed images "
+                          f"{list(preprocessing.sample_shape)} (per sample); set the preprocess size to match, or "
+                          "leave one of them out")
     return ModelData(model, preprocessing, train_dir, val_dir, test_dir, val_fraction, seed, max_val_samples,
-                     limit_per_class, workers)
+                     limit_per_class, workers, class_order)

@@ -35,6 +35,12 @@ __all__ = [
 
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
 LAYOUTS = ("NCHW", "NHWC")
+# crop: shorter side to `resize`, centre crop (or straight to size without `resize`); stretch: straight to
+# size; pad: keep the aspect ratio, fit inside size, pad with `fill` at `pad_position`; letterbox: pad, centred.
+RESIZE_MODES = ("crop", "stretch", "pad", "letterbox")
+PAD_POSITIONS = ("center", "side")  # side: the image at the top left, padding right and bottom (PaddleOCR)
+INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "area": Image.BOX, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,11 @@ class Preprocess:
     value_scale: float = 1.0  # pixels are divided by 255, then multiplied by this
     channels: str = "RGB"  # "RGB", "BGR" or "L"
     layout: str = "NCHW"  # or "NHWC"
+    resize_mode: str = "crop"  # see RESIZE_MODES
+    interpolation: str = "bilinear"  # see INTERPOLATIONS (Pillow's filters; area = box)
+    fill: tuple[int, ...] = (0, 0, 0)  # padding colour, 0-255 per channel (one value for all channels)
+    pad_position: str = "center"  # see PAD_POSITIONS
+    value_range: tuple[float, float] | None = None  # pixels mapped to [lo, hi] (instead of [0, value_scale])
 
     def __post_init__(self) -> None:
         # Accept lists (YAML gives lists) but store tuples, so instances stay hashable and comparable.
@@ -56,6 +67,27 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(v) for v in _sequence(self.mean, "mean")))
         object.__setattr__(self, "std", tuple(float(v) for v in _sequence(self.std, "std")))
         object.__setattr__(self, "value_scale", float(self.value_scale))
+        fill = tuple(int(v) for v in _sequence(self.fill, "fill"))
+        object.__setattr__(self, "fill", fill * 3 if len(fill) == 1 else fill)
+        if self.value_range is not None:
+            value_range = tuple(float(v) for v in _sequence(self.value_range, "value_range"))
+            if len(value_range) != 2 or not value_range[0] < value_range[1]:
+                raise ConfigError(f"preprocess value_range {self.value_range!r} must be [low, high] with low < high, "
+                                  "e.g. [-1, 1]")
+            object.__setattr__(self, "value_range", value_range)
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"preprocess resize_mode {self.resize_mode!r} must be one of {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"preprocess interpolation {self.interpolation!r} must be one of "
+                              f"{', '.join(INTERPOLATIONS)}")
+        if self.pad_position not in PAD_POSITIONS:
+            raise ConfigError(f"preprocess pad_position {self.pad_position!r} must be one of "
+                              f"{', '.join(PAD_POSITIONS)}")
+        if len(self.fill) != 3 or any(not 0 <= v <= 255 for v in self.fill):
+            raise ConfigError(f"preprocess fill {list(self.fill)} must be one value or [r, g, b], each 0-255")
+        if self.resize is not None and self.resize_mode in ("stretch", "pad", "letterbox"):
+            raise ConfigError(f"preprocess resize {self.resize} applies to resize_mode crop only; set resize: null "
+                              f"for resize_mode {self.resize_mode}")
         if len(size) != 2 or min(size) < 1:
             raise ConfigError(f"preprocess size {self.size!r} must be [height, width] of positive integers")
         if self.resize is not None and (int(self.resize) != self.resize or self.resize < min(size)):
@@ -228,9 +260,12 @@ def fit_image(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
         image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     image = image.convert("L" if preprocess.channels == "L" else "RGB")
     h, w = preprocess.size
-    if preprocess.resize is None:
+    resample = INTERPOLATIONS[preprocess.interpolation]
+    if preprocess.resize_mode in ("pad", "letterbox"):
+        image = _padded(image, preprocess, resample)
+    elif preprocess.resize is None:
         if image.size != (w, h):
-            image = image.resize((w, h), Image.BILINEAR)
+            image = image.resize((w, h), resample)
     else:
         width, height = image.size
         scale = preprocess.resize / min(width, height)
@@ -239,23 +274,43 @@ def fit_image(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
             raise DataError(f"a {width}x{height} image resized to a shorter side of {preprocess.resize} would have "
                             f"{new_w}x{new_h} pixels; crop its extreme aspect ratio or delete it")
         if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
+            image = image.resize((new_w, new_h), resample)
         left, top = round((new_w - w) / 2.0), round((new_h - h) / 2.0)
         image = image.crop((left, top, left + w, top + h))
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
+def _padded(image: Image.Image, preprocess: Preprocess, resample: int) -> Image.Image:
+    """``image`` scaled to fit inside ``size`` with its aspect ratio kept (up or down), on a ``fill`` canvas:
+    centred (``letterbox``, or ``pad`` with ``pad_position: center``) or at the top left (``side``)."""
+    h, w = preprocess.size
+    width, height = image.size
+    scale = min(w / width, h / height)
+    new_w, new_h = min(w, max(1, round(width * scale))), min(h, max(1, round(height * scale)))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample)
+    fill = preprocess.fill[0] if image.mode == "L" else preprocess.fill
+    canvas = Image.new(image.mode, (w, h), fill)
+    centred = preprocess.resize_mode == "letterbox" or preprocess.pad_position == "center"
+    left, top = ((w - new_w) // 2, (h - new_h) // 2) if centred else (0, 0)
+    canvas.paste(image, (left, top))
+    return canvas
+
+
 def to_model_input(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     """A batch of pixels ``[B, H, W, C]`` (RGB or L order) to float32 model input.
 
-    ``uint8`` pixels are in [0, 255], float pixels in [0, 1]; both are scaled to ``[0, value_scale]``,
-    normalised per channel, put in ``channels`` order and in ``layout``.
+    ``uint8`` pixels are in [0, 255], float pixels in [0, 1]; both are scaled to ``[0, value_scale]``
+    (or to ``value_range``), normalised per channel, put in ``channels`` order and in ``layout``.
     """
+    low, high = preprocess.value_range or (0.0, preprocess.value_scale)
     if pixels.dtype == np.uint8:
-        x = pixels.astype(np.float32) * np.float32(preprocess.value_scale / 255.0)
+        x = pixels.astype(np.float32) * np.float32((high - low) / 255.0)
     else:
-        x = pixels.astype(np.float32) * np.float32(preprocess.value_scale)
+        x = pixels.astype(np.float32) * np.float32(high - low)
+    if low != 0.0:
+        x += np.float32(low)
     if preprocess.channels == "BGR":
         x = x[..., ::-1]
     x -= np.asarray(preprocess.mean, np.float32)

@@ -124,6 +124,11 @@ def explicit_conv_pads(proto: onnx.ModelProto, input_shape: Sequence[int] | None
 def _shapes(proto: onnx.ModelProto, input_shape: Sequence[int] | None) -> dict[str, list[int | None]]:
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
+    del probe.graph.value_info[:]  # recorded for another (symbolic) size, they would mask the concrete one
+    for node in probe.graph.node:  # onnx's inference does not know com.microsoft's FakeQuant: same shape
+        if node.op_type == "FakeQuant" and node.domain == "com.microsoft":
+            node.op_type, node.domain = "Identity", ""
+            del node.input[1:], node.output[1:], node.attribute[:]
     if input_shape is not None:
         dims = probe.graph.input[[i.name for i in probe.graph.input].index(graph_input_name(probe))].type.tensor_type.shape.dim
         for dim, size in zip(dims[1:], list(input_shape)[-(len(dims) - 1):]):

@@ -27,7 +27,12 @@ from impq_onnx.errors import ModelError
 from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model
 from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
-from impq_onnx.frontend.passes.dynamic_batch import DynamicBatchPass, batch_is_free, declared_batch
+from impq_onnx.frontend.passes.dynamic_batch import (
+    DynamicBatchPass,
+    batch_is_free,
+    declared_batch,
+    restore_declared_batch,
+)
 from impq_onnx.frontend.passes.fold_constant_weights import FoldConstantWeightsPass
 from impq_onnx.frontend.passes.strip_classifier_head import head_of, value_named
 
@@ -54,12 +59,25 @@ class CanonicalModel:
     original_opset: int
     label: str = "<model>"  # how errors name the model: its path, or what the caller passed
     declared_batch: int | None = None  # the static batch the file declares (the canonical form's batch is N)
+    # The model as given (value_info dropped), whose interface a lowered model is written with; None where
+    # --output cut the model at an inner tensor (the cut is the interface then).
+    original: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
 
     def to_proto(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.model)
 
     def to_bytes(self) -> bytes:
         return self.to_proto().SerializeToString()
+
+    def with_interface(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        """``proto``, lowered from this model (modified in place and returned), with the original's
+        interface: declared batch, input and output names and types, every output, the Softmax head."""
+        from impq_onnx.frontend.interface import restore_interface
+
+        proto = restore_declared_batch(proto, self.declared_batch)
+        if self.original is None:
+            return proto
+        return restore_interface(proto, self.original, logits=self.logits, label=self.label)
 
     def input_shape(self) -> tuple[int | str | None, ...]:
         shape = self.model.graph.inputs[0].shape
@@ -101,6 +119,11 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         names = ", ".join(v.name for v in inputs) or "none"
         raise ModelError(f"{label}: a classifier takes one image input, this model has {len(inputs)} ({names})")
     logits_name = _choose_output(model, output, label)
+    output_names = {v.name for v in model.graph.outputs}
+    original = None
+    if output is None or output in output_names:  # an inner tensor chosen by --output is the interface
+        original = onnx.ModelProto()
+        original.CopyFrom(proto)
     head = head_of(value_named(model.graph, logits_name))
 
     passes = ir.passes.PassManager(
@@ -140,6 +163,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         original_opset=original_opset,
         label=label,
         declared_batch=batch,
+        original=original,
     )
     if check_runtime:
         from impq_onnx.runtime import check_runs

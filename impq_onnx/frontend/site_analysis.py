@@ -52,6 +52,10 @@ def concrete_input_shape(canonical, input_shape=None) -> tuple[int, ...]:
     shape = [1]
     for i, d in enumerate(declared[1:], start=1):
         shape.append(d if isinstance(d, int) else (3 if i == channel_axis else DEFAULT_IMAGE_SIZE))
+    guessed = [i for i, d in enumerate(declared[1:], start=1) if not isinstance(d, int) and i != channel_axis]
+    if guessed:
+        logger.warning("%s: input '%s' %s has a dynamic size; MACs and padding are computed for %s (a guess): "
+                       "pass --input-shape", canonical.label, canonical.input_name, _fmt(declared), _fmt(shape))
     return tuple(shape)
 
 

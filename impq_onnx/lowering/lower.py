@@ -202,7 +202,6 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
                input_shape: tuple[int, ...] | None = None, **options: object) -> list[Path]:
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
-    from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.outputs import OutputSet, check_paths
 
@@ -215,7 +214,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
         sites = find_sites(canonical, input_shape)
         plan = PrecisionPlan.load(plan_path).validate(sites)
         lowered = lower(canonical, plan, sites, format=format, **options)
-        lowered.proto = restore_declared_batch(lowered.proto, canonical.declared_batch)  # the interface as declared
+        lowered.proto = canonical.with_interface(lowered.proto)  # the interface as declared
         return outputs.commit(output_files(lowered, output_path))
 
 

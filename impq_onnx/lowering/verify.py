@@ -34,6 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from impq_onnx.frontend.interface import core_view
 from impq_onnx.lowering.exact_codes import exact_mismatches
 from impq_onnx.lowering.passes.annotate_bits import annotated_bits, annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
@@ -92,6 +93,9 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
         onnx.checker.check_model(lowered.proto)
     except Exception as exc:  # the checker raises ValidationError and C++ errors
         result.checker_error = str(exc).splitlines()[0]
+    # A model written with the original's interface (Softmax head, float16, second outputs) is compared on
+    # the float32 logits of its quantized core, exactly; the grafted tail is the original's own nodes.
+    lowered = dataclasses.replace(lowered, proto=core_view(lowered.proto))
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero or NaN scale is reported, not warned about
         standard = _guarded(result, "runnable model", runnable, lowered)
     # The runnable model's initializers also hold what a target keeps packed (the packed target).
