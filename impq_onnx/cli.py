@@ -93,7 +93,7 @@ def inspect_command(model: str, input_shape, output: str | None, as_json: bool) 
 @click.option("--output", help="Name of the logits tensor when the model has several outputs.")
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
@@ -134,7 +134,10 @@ def evaluate_command(model, data, plan_path, preprocess, output, batch_size, lim
         click.echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
     else:
         click.echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}" + (f"   {agreement}" if agreement else ""))
-    click.echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
+    from impq_onnx.runtime import resolve_threads
+
+    click.echo(f"  throughput {result.images_per_second:.0f} images/s ({resolve_threads(threads)} threads, "
+               f"batch {batch_size})")
 
 
 def _compress_options(func):
@@ -173,7 +176,7 @@ def _compress_options(func):
               help="Write <prefix>.json and <prefix>.csv [default: <model stem>.sensitivity].")
 @click.option("--top", default=5, show_default=True, help="How many layers to print at each end.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @_user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
@@ -258,7 +261,7 @@ def lower_command(model, plan_path, output_path, format_, output, input_shape, e
 @click.option("--data", required=True, type=click.Path(), help="Images to compare the outputs on.")
 @click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
               help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
                    "gives).")

@@ -2,26 +2,57 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import onnxruntime as ort
 
 from impq_onnx.errors import ModelError
 
-__all__ = ["check_runs", "inference_session"]
+__all__ = ["available_cores", "check_runs", "default_replicas", "inference_session", "resolve_threads",
+           "MIN_REPLICA_BATCH"]
+
+# A fine-tune replica normalises batch-norm over its own part of the batch: never fewer images than this.
+MIN_REPLICA_BATCH = 16
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, so a ``taskset`` or a container's cpuset counts)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads``, or every available core when None (the default of every command)."""
+    return available_cores() if threads is None else int(threads)
+
+
+def default_replicas(threads: int, batch_size: int, optimizer: str = "sgd") -> int:
+    """The fastest fine-tune replica count: one single-threaded replica per thread (onnxruntime's intra-op
+    threading is poor on a training step's small GEMMs: on 2 cores 2 replicas train ResNet-20 about 2x as
+    fast as 1), as long as each replica keeps ``MIN_REPLICA_BATCH`` images of the batch; 1 with an
+    optimizer other than SGD (replicas need SGD)."""
+    if optimizer != "sgd":
+        return 1
+    return max(1, min(int(threads), int(batch_size) // MIN_REPLICA_BATCH))
+
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\S+)\((\d+)\) node with name '([^']*)'")
 _BAD_NODE = re.compile(r"(?:of operator \((\w+)\) )?in node \(([^)]*)\)")
 _UNKNOWN_OP = re.compile(r"(?:Fatal error: )?([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
 
 
-def inference_session(model_bytes: bytes, threads: int = 2, *, optimize: bool = True) -> ort.InferenceSession:
+def inference_session(model_bytes: bytes, threads: int | None = None, *,
+                      optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session on ``threads`` intra-op threads (None: every available core)."""
     options = ort.SessionOptions()
     if not optimize:  # the model exactly as written: no fusion into integer kernels, and no pre-packed
         # constant weights (a Gemm with a constant B sums in another blocking order than one with a computed B)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = resolve_threads(threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

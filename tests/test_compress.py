@@ -211,6 +211,20 @@ def test_replicas_train_in_parallel_and_need_sgd(tmp_path):
         CompressConfig.resolve(model=str(MODEL), data=str(DATA), replicas=2, optimizer="adamw")
 
 
+def test_threads_and_replicas_default_to_the_machine_and_are_recorded():
+    from impq_onnx.runtime import available_cores, default_replicas
+
+    cores = available_cores()
+    cfg = CompressConfig.resolve(model=str(MODEL), data=str(DATA))
+    assert cfg.threads == cores and cfg.replicas == default_replicas(cores, 32)
+    # concrete values in what config.yaml and the work dir's identity are made of
+    assert cfg.to_dict()["threads"] == cores and cfg.to_dict()["replicas"] == cfg.replicas
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, batch_size=32).replicas == 2
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, batch_size=16).replicas == 1
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, optimizer="adamw").replicas == 1
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, replicas=3).replicas == 3
+
+
 @needs_model
 def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch):
     """distill: every fine-tune of the run matches the logits of the input float model (not of the

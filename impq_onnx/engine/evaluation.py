@@ -37,7 +37,7 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int(np.sum(np.any(top == labels[:, None], axis=1)))
 
 
-def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None, threads: int = 2,
+def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None, threads: int | None = None,
              max_batches: int | None = None, progress: bool | Callable[[str], None] = False) -> EvalResult:
     """Run ``model`` (float, or simulated under ``plan`` given ``sites``) over ``(x, y)`` batches.
 
@@ -88,7 +88,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     )
 
 
-def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int = 2) -> np.ndarray:
+def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int | None = None) -> np.ndarray:
     """Logits of one batch (a convenience for tests and checks)."""
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)

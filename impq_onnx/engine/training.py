@@ -46,6 +46,7 @@ from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.engine.replicas import Replicas, sgd_update
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
+from impq_onnx.runtime import default_replicas, resolve_threads
 
 __all__ = ["TrainedWeights", "fine_tune", "OPTIMIZERS"]
 
@@ -239,11 +240,11 @@ def fine_tune(
     teacher=None,
     temperature: float = 1.0,
     batchnorm_momentum: float | None = None,
-    threads: int = 2,
+    threads: int | None = None,
     seed: int = 0,
     progress: bool | Callable[[str], None] = True,
     profile: str | None = None,
-    replicas: int = 1,
+    replicas: int | None = None,
 ) -> TrainedWeights:
     """Fine-tune ``model`` (float; CanonicalModel or ModelProto) under ``plan`` (None: float training).
 
@@ -258,6 +259,9 @@ def fine_tune(
     ``replicas`` > 1 splits every batch into that many parts trained concurrently, each on
     ``max(1, threads // replicas)`` threads, and averages their gradients (weighted by part size) into
     one SGD step; batch-norm then uses per-part batch statistics (see the module docstring). SGD only.
+    ``threads`` None: every available core; ``replicas`` None: the fastest count for them and the first
+    batch's size (:func:`impq_onnx.runtime.default_replicas`). Replicas change the numbers (batch-norm
+    statistics, summation order), so a caller that records its configuration resolves them itself.
     """
     import onnxruntime as ort
 
@@ -269,13 +273,13 @@ def fine_tune(
         raise ConfigError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if lr_schedule == "exponential" and not (lr > 0 and final_lr > 0):
         raise ConfigError(f"an exponential learning-rate schedule needs lr and final_lr above 0 (got {lr}, {final_lr})")
-    if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)) or replicas < 1:
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer))
+                                 or replicas < 1):
         raise ConfigError(f"replicas must be a whole number of at least 1, not {replicas!r}")
-    replicas = int(replicas)
-    if replicas > 1 and optimizer != "sgd":
+    if replicas is not None and replicas > 1 and optimizer != "sgd":
         raise ConfigError(f"replicas > 1 needs optimizer 'sgd' (onnxruntime's {optimizer} steps one training module); "
                           f"use replicas=1 with {optimizer}")
-    replica_threads = threads if replicas == 1 else max(1, threads // replicas)
+    threads = resolve_threads(threads)
     artifacts, api, onnxblock = _ort_training.load()
     ort.capi._pybind_state.set_seed(seed)
     report = progress if callable(progress) else (_stderr_line if progress else None)
@@ -283,6 +287,8 @@ def fine_tune(
     stream = _epochs(batches)
     first = next(stream)
     x0, y0 = _split(first)
+    replicas = default_replicas(threads, len(x0), optimizer) if replicas is None else int(replicas)
+    replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     distill = (y0 is None) if distill is None else distill
     if not distill and y0 is None:
         raise DataError("the training data has no labels; fine-tune with distill=True")

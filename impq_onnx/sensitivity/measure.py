@@ -118,7 +118,7 @@ def sample_chunks(batches: Iterable, chunk: int, samples: int | None) -> Iterato
 
 
 def exact_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
-               runner_up_count: int, threads: int = 2) -> GradientSums:
+               runner_up_count: int, threads: int | None = None) -> GradientSums:
     """One backward pass per sample and runner-up, weight gradients straight from onnxruntime."""
     model, taps = tapped_model(proto, sites)
     forward = ForwardTensors(model, logits, (), threads=threads)
@@ -146,7 +146,7 @@ def exact_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: It
 
 
 def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
-              runner_up_count: int, probes: int | None, seed: int = 0, threads: int = 2,
+              runner_up_count: int, probes: int | None, seed: int = 0, threads: int | None = None,
               rebuild: str = "graph") -> GradientSums:
     """Batched backward passes; per-sample weight gradients rebuilt from layer inputs and output gradients.
 
