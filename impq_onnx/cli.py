@@ -197,8 +197,13 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.quant.simulate import simulate
     from impq_onnx.frontend.site_analysis import find_sites
 
+    from impq_onnx.data.prefetch import Prefetch
+    from impq_onnx.runtime import resolve_threads
+
     canonical = load(model)
-    dataset = open_model_data(canonical, data, preprocess).train_all
+    # Only the measured images are decoded (on every core, ahead of the gradients in a prefetch thread); a
+    # broken one among them is the same one-line error the up-front check would give.
+    dataset = open_model_data(canonical, data, preprocess, check=False, workers=resolve_threads(threads)).train_all
     sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
     plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
     if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
@@ -206,9 +211,9 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
 
         dataset = dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), samples, replace=False)))
     measured = simulate(canonical, plan, sites) if plan is not None else canonical
-    table = noise_gain(measured, sites, dataset.batches(64), plan=plan, granularity=granularity,
-                       runner_ups=runner_ups, weighting=weighting, method=method, samples=samples, seed=seed,
-                       threads=threads)
+    with Prefetch(dataset.batches(64)) as batches:
+        table = noise_gain(measured, sites, batches, plan=plan, granularity=granularity, runner_ups=runner_ups,
+                           weighting=weighting, method=method, samples=samples, seed=seed, threads=threads)
     prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
     json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
     write_all({json_path: table.to_json(), csv_path: table.to_csv()})

@@ -259,8 +259,9 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         from impq_onnx.engine.differentiable import check_trainable
 
         check_trainable(base)
+    # Every image decoded once, into <work dir>/decoded (memory-mapped, reused by a resume; impq_onnx.data.cache).
     model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 max_val_samples=cfg.max_val_samples)
+                                 max_val_samples=cfg.max_val_samples, cache_dir=paths["work_dir"] / "decoded")
     train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
     sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])

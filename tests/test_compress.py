@@ -207,6 +207,9 @@ def test_replicas_train_in_parallel_and_need_sgd(tmp_path):
                       **dict(TINY, max_iterations=1))
     assert result.config.replicas == 2 and result.iterations[-1].fine_tune_steps == TINY["steps"]
     assert yaml.safe_load(result.paths["config"].read_text())["replicas"] == 2
+    # train/ and test/ decoded once each, in the work dir (never in the data folder)
+    assert len(list((result.paths["work_dir"] / "decoded").glob("decoded-*.npy"))) == 2
+    assert not list(DATA.rglob("*.npy"))
     with pytest.raises(ConfigError, match="'replicas': 2 needs optimizer 'sgd'"):
         CompressConfig.resolve(model=str(MODEL), data=str(DATA), replicas=2, optimizer="adamw")
 

@@ -104,12 +104,21 @@ class ModelData:
     max_val_samples: int | None = None
     limit_per_class: int | None = None
     workers: int = 1
+    check: bool = True
+    decode: bool = False
+    cache_dir: Path | None = None
 
     def _open(self, path: Path) -> Dataset:
         from impq_onnx.data import open_dataset
 
-        dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers)
-        check_fits(self.model, dataset)
+        decode = self.decode or self.cache_dir is not None
+        dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers,
+                               check=self.check and not decode)
+        check_fits(self.model, dataset)  # before decoding anything: a wrong folder is an error at once
+        if decode:
+            from impq_onnx.data import decoded_dataset
+
+            dataset = decoded_dataset(dataset, self.cache_dir, self.check)
         return dataset
 
     @functools.cached_property
@@ -153,14 +162,15 @@ class ModelData:
 
 def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | Preprocess | None = None, *,
                     val_fraction: float = 0.2, seed: int = 0, max_val_samples: int | None = None,
-                    limit_per_class: int | None = None, workers: int = 1) -> ModelData:
+                    limit_per_class: int | None = None, workers: int = 1, check: bool = True,
+                    decode: bool = False, cache_dir: str | Path | None = None) -> ModelData:
     """``data`` opened for ``model``: the preprocessing resolved and the folders assigned to their parts.
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
     and ``test/`` (or ``val/``, ``validation/``): the second is the test split and ``val_fraction`` of
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
-    ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class`` and ``workers``: as
-    :func:`~impq_onnx.data.open_dataset` takes them.
+    ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class``, ``workers``, ``check``,
+    ``decode`` and ``cache_dir``: as :func:`~impq_onnx.data.open_dataset` takes them.
     """
     root = Path(data)
     train_dir, held = split_folders(root)
@@ -168,4 +178,4 @@ def open_model_data(model: CanonicalModel, data: str | Path, preprocess: str | P
     test_dir = root / "test" if val_dir is not None else held
     preprocessing = resolve_preprocess(model, preprocess, train_dir)
     return ModelData(model, preprocessing, train_dir, val_dir, test_dir, val_fraction, seed, max_val_samples,
-                     limit_per_class, workers)
+                     limit_per_class, workers, check, decode, None if cache_dir is None else Path(cache_dir))

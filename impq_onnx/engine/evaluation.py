@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from impq_onnx.data.prefetch import Prefetch
 from impq_onnx.errors import DataError
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto, simulate
@@ -52,7 +54,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     report = progress if callable(progress) else (_stderr_line if progress else None)
     n = top1 = top5 = agree = labelled = 0
     seconds, last = 0.0, time.perf_counter()
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(_prefetched(batches, max_batches)):
         if max_batches is not None and index >= max_batches:
             break
         x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
@@ -86,6 +88,12 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         n=n,
         images_per_second=n / seconds if seconds > 0 else 0.0,
     )
+
+
+def _prefetched(batches: Iterable, limit: int | None) -> Iterator:
+    """``batches`` (at most ``limit``) prepared ahead in a thread while the session runs (same order)."""
+    with Prefetch(itertools.islice(batches, limit)) as ahead:
+        yield from ahead
 
 
 def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int | None = None) -> np.ndarray:

@@ -31,12 +31,13 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from impq_onnx.data.prefetch import Prefetch
 from impq_onnx.engine import ort_training as _ort_training
 from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
 from impq_onnx.errors import ConfigError, DataError, ModelError
@@ -203,8 +204,15 @@ def _make_gradients_runnable(path: str) -> int:
     return changed
 
 
-def _epochs(batches) -> Iterable:
-    """Cycle over ``batches``: a factory (called once per epoch) or a re-iterable."""
+def _epochs(batches) -> Iterator:
+    """Cycle over ``batches`` (a factory, called once per epoch, or a re-iterable), prepared ahead in a
+    prefetch thread (same batches, same order) while onnxruntime computes; the thread stops when this
+    generator is closed (explicitly, or when fine_tune's frame lets it go)."""
+    with Prefetch(_cycle(batches)) as ahead:
+        yield from ahead
+
+
+def _cycle(batches) -> Iterator:
     while True:
         produced = False
         for batch in (batches() if callable(batches) else batches):
@@ -377,6 +385,7 @@ def fine_tune(
                 report(f"fine-tune step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} lr {rate:.3g} "
                        f"{images / max(now, 1e-9):.0f} img/s")
         seconds = time.perf_counter() - start
+        stream.close()  # stops the prefetch thread
         if group is not None:
             values = {name: np.array(group.params[name]) for name in trainable + frozen}
             group.close()
