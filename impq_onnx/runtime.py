@@ -2,18 +2,60 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
+import time
+from collections.abc import Iterator
 
 import onnxruntime as ort
 
 from impq_onnx.errors import ModelError
 
-__all__ = ["available_cores", "check_runs", "default_replicas", "inference_session", "resolve_threads",
+__all__ = ["Laps", "available_cores", "check_runs", "lap", "recording_laps", "default_replicas", "inference_session",
+           "resolve_threads",
            "MIN_REPLICA_BATCH"]
 
 # A fine-tune replica normalises batch-norm over its own part of the batch: never fewer images than this.
 MIN_REPLICA_BATCH = 16
+
+
+class Laps:
+    """Wall time split into named laps: each :func:`lap` call adds the time since the previous one to its name.
+
+    Every second between :func:`recording_laps` and its end lands in exactly one lap, so the laps add up to
+    the wall time (``bench/iteration_profile.py`` splits an IMPQ iteration this way)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+_LAPS: contextvars.ContextVar[Laps | None] = contextvars.ContextVar("impq_laps", default=None)
+
+
+@contextlib.contextmanager
+def recording_laps() -> Iterator[Laps]:
+    """Record the :func:`lap` calls made (in this thread) inside the ``with`` block."""
+    laps = Laps()
+    token = _LAPS.set(laps)
+    try:
+        yield laps
+    finally:
+        _LAPS.reset(token)
+
+
+def lap(name: str) -> None:
+    """The time since the previous lap was spent on ``name`` (nothing happens unless laps are recorded)."""
+    laps = _LAPS.get()
+    if laps is not None:
+        laps.lap(name)
 
 
 def available_cores() -> int:

@@ -12,7 +12,7 @@ import numpy as np
 
 from impq_onnx.data.prefetch import Prefetch
 from impq_onnx.errors import DataError
-from impq_onnx.runtime import inference_session
+from impq_onnx.runtime import inference_session, lap
 from impq_onnx.quant.simulate import as_proto, simulate
 from impq_onnx.quant.standard_rounding import for_inference
 
@@ -49,6 +49,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)
     reference = inference_session(as_proto(float_model).SerializeToString(), threads) if float_model is not None else None
+    lap("evaluation graph + sessions")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
     report = progress if callable(progress) else (_stderr_line if progress else None)
@@ -77,6 +78,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         if report and time.perf_counter() - last >= 2.0:
             last = time.perf_counter()
             report(f"evaluate {n} images, top-1 {top1 / max(labelled, 1):.4f}, {n / max(seconds, 1e-9):.0f} img/s")
+    lap("evaluation")
     if n == 0:
         raise DataError("evaluation got no batches")
     if report:

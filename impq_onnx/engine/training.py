@@ -47,7 +47,7 @@ from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.engine.replicas import Replicas, sgd_update
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
-from impq_onnx.runtime import default_replicas, resolve_threads
+from impq_onnx.runtime import default_replicas, lap, resolve_threads
 
 __all__ = ["TrainedWeights", "fine_tune", "OPTIMIZERS"]
 
@@ -295,6 +295,7 @@ def fine_tune(
     stream = _epochs(batches)
     first = next(stream)
     x0, y0 = _split(first)
+    lap("data")
     replicas = default_replicas(threads, len(x0), optimizer) if replicas is None else int(replicas)
     replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     distill = (y0 is None) if distill is None else distill
@@ -321,6 +322,7 @@ def fine_tune(
                                                providers=["CPUExecutionProvider"])
     else:
         loss_block = artifacts.LossType.CrossEntropyLoss
+    lap("graph build")
     # SGD runs in numpy (see the module docstring): no optimizer graph for it.
     optim_block = onnxblock.optim.AdamW(weight_decay=weight_decay) if optimizer == "adamw" else None
 
@@ -331,6 +333,7 @@ def fine_tune(
                 artifact_directory=tmp, loss_input_names=[logits], additional_output_names=list(running),
             )
         _make_gradients_runnable(os.path.join(tmp, "training_model.onnx"))
+        lap("training artifacts")
         state = api.CheckpointState.load_checkpoint(os.path.join(tmp, "checkpoint"))
         module = opt = group = None
         if replicas == 1:
@@ -343,6 +346,7 @@ def fine_tune(
                        for i in range(replicas)]
             group = Replicas(os.path.join(tmp, "training_model.onnx"), state, trainable, running, options,
                              teacher_session, sites.input_name, profiled=profile is not None)
+        lap("session creation")
         velocity: dict[str, np.ndarray] = {}
         warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
         losses: list[float] = []
@@ -385,6 +389,7 @@ def fine_tune(
                 report(f"fine-tune step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f} lr {rate:.3g} "
                        f"{images / max(now, 1e-9):.0f} img/s")
         seconds = time.perf_counter() - start
+        lap("fine-tune steps")
         stream.close()  # stops the prefetch thread
         if group is not None:
             values = {name: np.array(group.params[name]) for name in trainable + frozen}
@@ -392,6 +397,7 @@ def fine_tune(
         else:
             values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
         del opt, module, group  # a profiled session writes its file when it ends
+    lap("fine-tune other")
     return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
 
 
