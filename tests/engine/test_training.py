@@ -312,3 +312,21 @@ def test_fine_tune_defaults_to_the_resolved_replica_count(tiny):
         assert default.values[name].tobytes() == explicit.values[name].tobytes(), name
     # 2 replicas on 2 threads at batch 32: per-part batch-norm statistics, so not the single session's numbers
     assert any(default.values[n].tobytes() != single.values[n].tobytes() for n in default.values)
+
+
+def test_laps_split_a_fine_tune_into_its_parts(tiny):
+    import time
+
+    from impq_onnx.runtime import lap, recording_laps
+
+    canonical, sites = tiny
+    start = time.perf_counter()
+    with recording_laps() as laps:
+        _train(canonical, None, sites, steps=2)
+        lap("after")
+    wall = time.perf_counter() - start
+    assert list(laps.seconds) == ["data", "graph build", "training artifacts", "session creation", "fine-tune steps",
+                                  "fine-tune other", "after"]
+    assert all(v >= 0 for v in laps.seconds.values()) and sum(laps.seconds.values()) <= wall
+    lap("outside")  # not recorded: no recording is active any more
+    assert "outside" not in laps.seconds
