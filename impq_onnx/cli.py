@@ -196,7 +196,7 @@ def inspect_command(model: str, input_shape, logits: str | None, output_alias: s
 @_logits_options
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @_json_option
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @click.option("--classes", help=_CLASSES_HELP)
@@ -245,7 +245,9 @@ def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, b
         echo(f"  no labels in the data: top-1/top-5 not measured{'; ' + agreement if agreement else ''}")
     else:
         echo(f"  top-1 {pct(result.top1)}   top-5 {pct(result.top5)}" + (f"   {agreement}" if agreement else ""))
-    echo(f"  throughput {result.images_per_second:.0f} images/s ({threads} threads, batch {batch_size})")
+    from impq_onnx.runtime import resolve_threads
+
+    echo(f"  throughput {result.images_per_second:.0f} images/s ({resolve_threads(threads)} threads, batch {batch_size})")
 
 
 def _compress_options(func):
@@ -286,7 +288,7 @@ def _compress_options(func):
               help="Write <prefix>.json and <prefix>.csv [default: <model stem>.sensitivity].")
 @click.option("--top", default=5, show_default=True, help="How many layers to print at each end.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @click.option("--logits", metavar="NAME", help="Name of the logits tensor when the model has several outputs.")
 @_json_option
@@ -312,10 +314,15 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.quant.simulate import simulate
     from impq_onnx.frontend.site_analysis import find_sites
 
+    from impq_onnx.data.prefetch import Prefetch
+    from impq_onnx.runtime import resolve_threads
+
     with _reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
         canonical = load(model, output=logits)
-        dataset = open_model_data(canonical, data, preprocess, classes=classes,
-                                  input_shape=input_shape).train_all
+        # Only the measured images are decoded (on every core, ahead of the gradients in a prefetch thread); a
+        # broken one among them is the same one-line error the up-front check would give.
+        dataset = open_model_data(canonical, data, preprocess, classes=classes, input_shape=input_shape,
+                                  check=False, workers=resolve_threads(threads)).train_all
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
         plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
         if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
@@ -324,9 +331,10 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
             dataset = dataset.subset(np.sort(np.random.default_rng(seed).choice(len(dataset), samples,
                                                                                 replace=False)))
         measured = simulate(canonical, plan, sites) if plan is not None else canonical
-        table = noise_gain(measured, sites, dataset.batches(64), plan=plan, granularity=granularity,
-                           runner_ups=runner_ups, weighting=weighting, method=method,
-                           samples=min(samples, len(dataset)), seed=seed, threads=threads, progress=progress)
+        with Prefetch(dataset.batches(64)) as batches:
+            table = noise_gain(measured, sites, batches, plan=plan, granularity=granularity,
+                               runner_ups=runner_ups, weighting=weighting, method=method,
+                               samples=min(samples, len(dataset)), seed=seed, threads=threads, progress=progress)
         prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
         json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
         write_all({json_path: table.to_json(), csv_path: table.to_csv()})
@@ -400,7 +408,7 @@ def lower_command(model, plan_path, output_path, format_, logits, output_alias, 
 @click.option("--data", required=True, type=click.Path(), help="Images to compare the outputs on.")
 @click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
               help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
                    "gives).")

@@ -207,8 +207,25 @@ def test_replicas_train_in_parallel_and_need_sgd(tmp_path):
                       **dict(TINY, max_iterations=1))
     assert result.config.replicas == 2 and result.iterations[-1].fine_tune_steps == TINY["steps"]
     assert yaml.safe_load(result.paths["config"].read_text())["replicas"] == 2
+    # train/ and test/ decoded once each, in the work dir (never in the data folder)
+    assert len(list((result.paths["work_dir"] / "decoded").glob("decoded-*.npy"))) == 2
+    assert not list(DATA.rglob("*.npy"))
     with pytest.raises(ConfigError, match="'replicas': 2 needs optimizer 'sgd'"):
         CompressConfig.resolve(model=str(MODEL), data=str(DATA), replicas=2, optimizer="adamw")
+
+
+def test_threads_and_replicas_default_to_the_machine_and_are_recorded():
+    from impq_onnx.runtime import available_cores, default_replicas
+
+    cores = available_cores()
+    cfg = CompressConfig.resolve(model=str(MODEL), data=str(DATA))
+    assert cfg.threads == cores and cfg.replicas == default_replicas(cores, 32)
+    # concrete values in what config.yaml and the work dir's identity are made of
+    assert cfg.to_dict()["threads"] == cores and cfg.to_dict()["replicas"] == cfg.replicas
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, batch_size=32).replicas == 2
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, batch_size=16).replicas == 1
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, optimizer="adamw").replicas == 1
+    assert CompressConfig.resolve(model=str(MODEL), data=str(DATA), threads=4, replicas=3).replicas == 3
 
 
 @needs_model

@@ -33,6 +33,7 @@ __all__ = [
     "Dataset",
     "PixelSource",
     "open_dataset",
+    "decoded_dataset",
     "dataset_from_arrays",
 ]
 
@@ -63,6 +64,24 @@ def dataset_from_arrays(
     return Dataset(ArrayImages(images, name), labels, classes, preprocess, name=name)
 
 
+def decoded_dataset(dataset: Dataset, cache_dir: str | Path | None = None, check: bool = True) -> Dataset:
+    """``dataset`` with every image of its folder decoded once (:mod:`impq_onnx.data.cache`; into
+    ``cache_dir`` when given), which checks them; an ``.npz`` (in memory already) is returned as it is,
+    and a folder too big to decode at once is decoded on demand (checked first when ``check``)."""
+    if not isinstance(dataset.source, ImageFiles):
+        return dataset
+    from impq_onnx.data.cache import decode_once
+    from impq_onnx.runtime import resolve_threads
+
+    files = dataset.source
+    decoded = decode_once(files, dataset.preprocess, cache_dir, threads=max(files.workers, resolve_threads(None)))
+    if decoded is None:
+        if check:
+            check_images(files.paths)
+        return dataset
+    return Dataset(decoded, dataset.labels, dataset.classes, dataset.preprocess, dataset.items, dataset.name)
+
+
 def open_dataset(
     path: str | Path,
     preprocess: Preprocess,
@@ -72,6 +91,8 @@ def open_dataset(
     follow_links_outside: bool = False,
     check: bool = True,
     classes: tuple[str, ...] | None = None,
+    decode: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Dataset:
     """Open an ImageFolder tree (``path/<class>/*.jpg``), a flat folder of unlabeled images, or an ``.npz``.
 
@@ -81,6 +102,9 @@ def open_dataset(
     :mod:`impq_onnx.data.imagefolder`). ``check`` decodes every image once, cheaply, now, so that a
     broken file is a one-line error before any long run rather than in its middle or at its end.
     ``classes`` gives the model's class order for the folder names (``--classes``; not used for ``.npz``).
+    ``decode`` (or a ``cache_dir``) decodes every image of a folder once now, on every available core,
+    and serves batches from the decoded pixels (memory-mapped from ``cache_dir`` and reused by later runs;
+    see :mod:`impq_onnx.data.cache`); that decode is the check. Results are the same either way.
     """
     path = Path(path)
     if limit_per_class is not None and limit_per_class < 1:
@@ -93,10 +117,14 @@ def open_dataset(
     if not path.exists():
         raise DataError(f"{shown(path)}: no such file or folder; pass an ImageFolder directory or an .npz file")
     if path.is_dir():
-        scan = scan_image_folder(path, limit_per_class, follow_links_outside=follow_links_outside, classes=classes)
+        scan = scan_image_folder(path, limit_per_class, follow_links_outside=follow_links_outside,
+                                 classes=classes)
+        dataset = Dataset(ImageFiles(scan.paths, workers), scan.labels, scan.classes, preprocess, name=str(path))
+        if decode or cache_dir is not None:
+            return decoded_dataset(dataset, cache_dir, check)
         if check:
             check_images(scan.paths)
-        return Dataset(ImageFiles(scan.paths, workers), scan.labels, scan.classes, preprocess, name=str(path))
+        return dataset
     if path.suffix.lower() == ".npz":
         contents = load_npz(path)
         dataset = Dataset(

@@ -350,6 +350,10 @@ class ImageFiles:
     def describe(self, item: int) -> str:
         return shown(self.paths[item])
 
+    def decode_one(self, preprocess: Preprocess):
+        """A function ``path -> uint8 [H, W, C]`` pixels under ``preprocess`` (a one-line DataError on failure)."""
+        return lambda path: self._decode(path, preprocess)
+
     def _decode(self, path: Path, preprocess: Preprocess) -> np.ndarray:
         with open_regular(path, MAX_IMAGE_BYTES, "image file") as file, open_image(path, file) as image:
             try:

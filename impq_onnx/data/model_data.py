@@ -130,19 +130,28 @@ class ModelData:
     limit_per_class: int | None = None
     workers: int = 1
     classes: tuple[str, ...] | None = None  # the model's class order for folder names (--classes)
+    check: bool = True
+    decode: bool = False
+    cache_dir: Path | None = None
 
     def _open(self, path: Path | ArrayData) -> Dataset:
         from impq_onnx.data import first_per_class, open_dataset
         from impq_onnx.data.npz import ArrayImages
 
+        decode = self.decode or self.cache_dir is not None
         if isinstance(path, ArrayData):
             dataset = Dataset(ArrayImages(path.images, path.name), path.labels, (), self.preprocess, name=path.name)
             if self.limit_per_class is not None:
                 dataset = dataset.subset(first_per_class(dataset.labels, self.limit_per_class))
+            decode = False
         else:
             dataset = open_dataset(path, self.preprocess, limit_per_class=self.limit_per_class, workers=self.workers,
-                                   classes=self.classes)
-        check_fits(self.model, dataset)
+                                   classes=self.classes, check=self.check and not decode)
+        check_fits(self.model, dataset)  # before decoding anything: a wrong folder is an error at once
+        if decode:
+            from impq_onnx.data import decoded_dataset
+
+            dataset = decoded_dataset(dataset, self.cache_dir, self.check)
         return dataset
 
     @functools.cached_property
@@ -213,14 +222,15 @@ def open_model_data(model: CanonicalModel, data: str | Path | InMemoryData,
                     preprocess: str | Preprocess | None = None, *, val_fraction: float = 0.2, seed: int = 0,
                     max_val_samples: int | None = None, limit_per_class: int | None = None,
                     workers: int = 1, classes: str | Path | list[str] | tuple[str, ...] | None = None,
-                    input_shape: tuple[int, ...] | None = None) -> ModelData:
+                    input_shape: tuple[int, ...] | None = None, check: bool = True, decode: bool = False,
+                    cache_dir: str | Path | None = None) -> ModelData:
     """``data`` opened for ``model``: the preprocessing resolved and the folders assigned to their parts.
 
     ``train/``, ``val/`` and ``test/`` subfolders: each as it is (``val_fraction`` unused). ``train/``
     and ``test/`` (or ``val/``, ``validation/``): the second is the test split and ``val_fraction`` of
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
-    ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class`` and ``workers``: as
-    :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class order, a comma-separated
+    ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class``, ``workers``, ``check``, ``decode``
+    and ``cache_dir``: as :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class order, a comma-separated
     list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`). ``input_shape``
     (``--input-shape``): the size a dynamic-size model is fed at when ``preprocess`` is not given; the
     preprocessed images must have it. ``data`` may also be the caller's arrays
@@ -244,4 +254,5 @@ def open_model_data(model: CanonicalModel, data: str | Path | InMemoryData,
                           f"{list(preprocessing.sample_shape)} (per sample); set the preprocess size to match, or "
                           "leave one of them out")
     return ModelData(model, preprocessing, train_dir, val_dir, test_dir, val_fraction, seed, max_val_samples,
-                     limit_per_class, workers, class_order)
+                     limit_per_class, workers, class_order, check, decode,
+                     None if cache_dir is None else Path(cache_dir))

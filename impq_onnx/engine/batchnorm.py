@@ -24,7 +24,7 @@ from impq_onnx.engine.training import _batchnorm_to_training, _split
 __all__ = ["recompute_batchnorm"]
 
 
-def recompute_batchnorm(model, batches: Iterable, *, threads: int = 2,
+def recompute_batchnorm(model, batches: Iterable, *, threads: int | None = None,
                         max_batches: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (float; CanonicalModel or ModelProto) whose batch-norm running statistics
     are re-estimated on ``batches`` (``x`` or ``(x, y)`` numpy batches; labels are ignored), at most

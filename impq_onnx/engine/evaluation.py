@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
+from impq_onnx.data.prefetch import Prefetch
 from impq_onnx.errors import DataError
 from impq_onnx.events import Event, Progress, progress_callback
-from impq_onnx.runtime import inference_session
+from impq_onnx.runtime import inference_session, lap
 from impq_onnx.quant.simulate import as_proto, simulate
 from impq_onnx.quant.standard_rounding import for_inference
 
@@ -37,7 +39,7 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int(np.sum(np.any(top == labels[:, None], axis=1)))
 
 
-def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None, threads: int = 2,
+def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None, threads: int | None = None,
              max_batches: int | None = None, progress: bool | Progress = False,
              total: int | None = None) -> EvalResult:
     """Run ``model`` (float, or simulated under ``plan`` given ``sites``) over ``(x, y)`` batches.
@@ -49,6 +51,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)
     reference = inference_session(as_proto(float_model).SerializeToString(), threads) if float_model is not None else None
+    lap("evaluation graph + sessions")
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
     report = progress_callback(progress)
@@ -56,7 +59,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     seconds = 0.0
     if report:
         report(Event("phase_start", "evaluate", "", 0, total))
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(_prefetched(batches, max_batches)):
         if max_batches is not None and index >= max_batches:
             break
         x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
@@ -78,6 +81,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         n += len(x)
         if report:
             report(_event("step", n, total, top1, labelled, agree if reference is not None else None, seconds))
+    lap("evaluation")
     if n == 0:
         raise DataError("evaluation got no batches")
     if report:
@@ -99,7 +103,13 @@ def _event(kind: str, n: int, total: int | None, top1: int, labelled: int, agree
     return Event(kind, "evaluate", f"evaluate {n} images, top-1 {accuracy:.4f}, {speed:.0f} img/s", n, total, data)
 
 
-def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int = 2) -> np.ndarray:
+def _prefetched(batches: Iterable, limit: int | None) -> Iterator:
+    """``batches`` (at most ``limit``) prepared ahead in a thread while the session runs (same order)."""
+    with Prefetch(itertools.islice(batches, limit)) as ahead:
+        yield from ahead
+
+
+def predict_logits(model, x: np.ndarray, *, plan=None, sites=None, threads: int | None = None) -> np.ndarray:
     """Logits of one batch (a convenience for tests and checks)."""
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = inference_session(proto.SerializeToString(), threads)

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.ops import LAYER_OPS, layer_op
+from impq_onnx.runtime import resolve_threads
 
 __all__ = ["SEED_INPUT", "LOSS_OUTPUT", "inference_batchnorm", "explicit_conv_pads", "graph_input_name",
            "TensorGradients", "ForwardTensors"]
@@ -48,11 +49,11 @@ _PREFIX = "impq.sens/bn"
 SPINNING = False  # busy-waiting idle threads halve throughput when other processes share the cores (measured)
 
 
-def _session(model_bytes: bytes, threads: int, spinning: bool = SPINNING):
+def _session(model_bytes: bytes, threads: int | None, spinning: bool = SPINNING):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = resolve_threads(threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if not spinning:
@@ -165,7 +166,7 @@ def _with_seeded_loss(proto: onnx.ModelProto, logits: str) -> onnx.ModelProto:
 class ForwardTensors:
     """An inference session that returns the logits and any intermediate tensors of a batch."""
 
-    def __init__(self, proto: onnx.ModelProto, logits: str, keep: Sequence[str], *, threads: int = 2):
+    def __init__(self, proto: onnx.ModelProto, logits: str, keep: Sequence[str], *, threads: int | None = None):
         model = onnx.ModelProto()
         model.CopyFrom(proto)
         inference_batchnorm(model)
@@ -192,7 +193,7 @@ class TensorGradients:
     Building costs about as much as one onnxruntime session.
     """
 
-    def __init__(self, proto: onnx.ModelProto, logits: str, wrt: Iterable[str], *, threads: int = 2,
+    def __init__(self, proto: onnx.ModelProto, logits: str, wrt: Iterable[str], *, threads: int | None = None,
                  input_shape: Sequence[int] | None = None,
                  epilogue: Callable[[onnx.GraphProto, dict[str, str]], list[str]] | None = None,
                  returned: Iterable[str] = ()):

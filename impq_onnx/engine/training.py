@@ -31,12 +31,13 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from impq_onnx.data.prefetch import Prefetch
 from impq_onnx.engine import ort_training as _ort_training
 from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
 from impq_onnx.errors import ConfigError, DataError, ModelError
@@ -47,6 +48,7 @@ from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.engine.replicas import Replicas, sgd_update
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
+from impq_onnx.runtime import default_replicas, lap, resolve_threads
 
 __all__ = ["TrainedWeights", "fine_tune", "OPTIMIZERS"]
 
@@ -203,8 +205,15 @@ def _make_gradients_runnable(path: str) -> int:
     return changed
 
 
-def _epochs(batches) -> Iterable:
-    """Cycle over ``batches``: a factory (called once per epoch) or a re-iterable."""
+def _epochs(batches) -> Iterator:
+    """Cycle over ``batches`` (a factory, called once per epoch, or a re-iterable), prepared ahead in a
+    prefetch thread (same batches, same order) while onnxruntime computes; the thread stops when this
+    generator is closed (explicitly, or when fine_tune's frame lets it go)."""
+    with Prefetch(_cycle(batches)) as ahead:
+        yield from ahead
+
+
+def _cycle(batches) -> Iterator:
     while True:
         produced = False
         for batch in (batches() if callable(batches) else batches):
@@ -240,11 +249,11 @@ def fine_tune(
     teacher=None,
     temperature: float = 1.0,
     batchnorm_momentum: float | None = None,
-    threads: int = 2,
+    threads: int | None = None,
     seed: int = 0,
     progress: bool | Progress = True,
     profile: str | None = None,
-    replicas: int = 1,
+    replicas: int | None = None,
 ) -> TrainedWeights:
     """Fine-tune ``model`` (float; CanonicalModel or ModelProto) under ``plan`` (None: float training).
 
@@ -259,6 +268,9 @@ def fine_tune(
     ``replicas`` > 1 splits every batch into that many parts trained concurrently, each on
     ``max(1, threads // replicas)`` threads, and averages their gradients (weighted by part size) into
     one SGD step; batch-norm then uses per-part batch statistics (see the module docstring). SGD only.
+    ``threads`` None: every available core; ``replicas`` None: the fastest count for them and the first
+    batch's size (:func:`impq_onnx.runtime.default_replicas`). Replicas change the numbers (batch-norm
+    statistics, summation order), so a caller that records its configuration resolves them itself.
     """
     import onnxruntime as ort
 
@@ -270,13 +282,13 @@ def fine_tune(
         raise ConfigError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if lr_schedule == "exponential" and not (lr > 0 and final_lr > 0):
         raise ConfigError(f"an exponential learning-rate schedule needs lr and final_lr above 0 (got {lr}, {final_lr})")
-    if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)) or replicas < 1:
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer))
+                                 or replicas < 1):
         raise ConfigError(f"replicas must be a whole number of at least 1, not {replicas!r}")
-    replicas = int(replicas)
-    if replicas > 1 and optimizer != "sgd":
+    if replicas is not None and replicas > 1 and optimizer != "sgd":
         raise ConfigError(f"replicas > 1 needs optimizer 'sgd' (onnxruntime's {optimizer} steps one training module); "
                           f"use replicas=1 with {optimizer}")
-    replica_threads = threads if replicas == 1 else max(1, threads // replicas)
+    threads = resolve_threads(threads)
     artifacts, api, onnxblock = _ort_training.load()
     ort.capi._pybind_state.set_seed(seed)
     report = progress_callback(progress)
@@ -284,6 +296,9 @@ def fine_tune(
     stream = _epochs(batches)
     first = next(stream)
     x0, y0 = _split(first)
+    lap("data")
+    replicas = default_replicas(threads, len(x0), optimizer) if replicas is None else int(replicas)
+    replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     distill = (y0 is None) if distill is None else distill
     if not distill and y0 is None:
         raise DataError("the training data has no labels; fine-tune with distill=True")
@@ -308,6 +323,7 @@ def fine_tune(
                                                providers=["CPUExecutionProvider"])
     else:
         loss_block = artifacts.LossType.CrossEntropyLoss
+    lap("graph build")
     # SGD runs in numpy (see the module docstring): no optimizer graph for it.
     optim_block = onnxblock.optim.AdamW(weight_decay=weight_decay) if optimizer == "adamw" else None
 
@@ -318,6 +334,7 @@ def fine_tune(
                 artifact_directory=tmp, loss_input_names=[logits], additional_output_names=list(running),
             )
         _make_gradients_runnable(os.path.join(tmp, "training_model.onnx"))
+        lap("training artifacts")
         state = api.CheckpointState.load_checkpoint(os.path.join(tmp, "checkpoint"))
         module = opt = group = None
         if replicas == 1:
@@ -330,6 +347,7 @@ def fine_tune(
                        for i in range(replicas)]
             group = Replicas(os.path.join(tmp, "training_model.onnx"), state, trainable, running, options,
                              teacher_session, sites.input_name, profiled=profile is not None)
+        lap("session creation")
         velocity: dict[str, np.ndarray] = {}
         warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
         losses: list[float] = []
@@ -379,12 +397,15 @@ def fine_tune(
         if report:
             report(Event("phase_end", "fine-tune", line, steps, steps,  # the last step's line
                          {"loss": float(np.mean(losses[-20:])), "seconds": seconds}))
+        lap("fine-tune steps")
+        stream.close()  # stops the prefetch thread
         if group is not None:
             values = {name: np.array(group.params[name]) for name in trainable + frozen}
             group.close()
         else:
             values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
         del opt, module, group  # a profiled session writes its file when it ends
+    lap("fine-tune other")
     return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
 
 

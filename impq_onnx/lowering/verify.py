@@ -86,7 +86,7 @@ def runnable(lowered) -> onnx.ModelProto:
 
 
 def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *,
-           threads: int = 2, max_batches: int | None = None, logit_tolerance: float = 0.0) -> VerifyResult:
+           threads: int | None = None, max_batches: int | None = None, logit_tolerance: float = 0.0) -> VerifyResult:
     """See the module docstring. ``batches`` yields ``x`` or ``(x, y)`` numpy batches."""
     result = VerifyResult()
     try:

@@ -151,7 +151,7 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 
 def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *, percentile: float = 99.9,
-                    max_batches: int = 5, only_missing: bool = True, threads: int = 2, seed: int = 0) -> PrecisionPlan:
+                    max_batches: int = 5, only_missing: bool = True, threads: int | None = None, seed: int = 0) -> PrecisionPlan:
     """A copy of ``plan`` whose activation clips are the ``percentile`` of the float model's values.
 
     Unsigned sites use the values themselves, signed sites their magnitudes. With ``only_missing``

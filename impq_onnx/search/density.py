@@ -46,7 +46,7 @@ __all__ = ["activation_densities", "density_bits", "density_plan", "output_site"
 
 
 def activation_densities(model: onnx.ModelProto, tensors: list[str], batches: Iterable, *,
-                         max_batches: int | None = None, threads: int = 2) -> dict[str, float]:
+                         max_batches: int | None = None, threads: int | None = None) -> dict[str, float]:
     """Fraction of non-zero values of each tensor in ``tensors`` over ``batches`` (``(x, y)`` or ``x``)."""
     from impq_onnx.runtime import inference_session
 

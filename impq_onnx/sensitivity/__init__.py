@@ -95,7 +95,7 @@ _MAX_CHUNK = 32  # ResNet-20, 1 probe: 180 samples/s at 32, 160 at 48, 155 at 80
 def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, granularity: str = "kernel",
                runner_ups: int = 10, weighting: str = "paper", method: str = "fast", samples: int | None = None,
                probes: int | None = DEFAULT_PROBES, float_bits: int = DEFAULT_FLOAT_BITS, chunk: int | None = None,
-               threads: int = 2, seed: int = 0, rebuild: str = "graph",
+               threads: int | None = None, seed: int = 0, rebuild: str = "graph",
                progress: Callable[[Event], None] | None = None) -> SensitivityTable:
     """Measure ``M`` for every weight group (at ``granularity``) and activation site.
 

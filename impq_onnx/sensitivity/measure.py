@@ -26,6 +26,7 @@ from onnx import helper
 
 from impq_onnx.engine.gradients import ForwardTensors, TensorGradients, explicit_conv_pads
 from impq_onnx.errors import ModelError
+from impq_onnx.runtime import lap
 from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
 from impq_onnx.frontend.ops import LayerGeometry
 from impq_onnx.sensitivity.per_sample import NormGraph, kernel_square_norms
@@ -118,12 +119,13 @@ def sample_chunks(batches: Iterable, chunk: int, samples: int | None) -> Iterato
 
 
 def exact_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
-               runner_up_count: int, threads: int = 2) -> GradientSums:
+               runner_up_count: int, threads: int | None = None) -> GradientSums:
     """One backward pass per sample and runner-up, weight gradients straight from onnxruntime."""
     model, taps = tapped_model(proto, sites)
     forward = ForwardTensors(model, logits, (), threads=threads)
     grads = TensorGradients(model, logits, list(taps.activation.values()) + list(taps.weight.values()),
                             threads=threads, input_shape=sites.input_shape)
+    lap("sensitivity graph + sessions")
     sums = GradientSums.empty(sites)
     for x in chunks:
         for one in np.split(x, len(x)):
@@ -142,11 +144,12 @@ def exact_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: It
                     other = tuple(a for a in range(dw.ndim) if a != layer.kernel_axis)
                     sums.kernels[layer.node] += dw.sum(axis=other)
             sums.samples += 1
+    lap("sensitivity samples")
     return sums
 
 
 def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
-              runner_up_count: int, probes: int | None, seed: int = 0, threads: int = 2,
+              runner_up_count: int, probes: int | None, seed: int = 0, threads: int | None = None,
               rebuild: str = "graph") -> GradientSums:
     """Batched backward passes; per-sample weight gradients rebuilt from layer inputs and output gradients.
 
@@ -177,6 +180,7 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
     forward = ForwardTensors(model, logits, () if in_graph else sorted(set(inputs.values())), threads=threads)
     grads = TensorGradients(model, logits, wrt, threads=threads, input_shape=sites.input_shape,
                             epilogue=epilogue if in_graph else None)
+    lap("sensitivity graph + sessions")
     rng = np.random.default_rng(seed)
     sums = GradientSums.empty(sites)
     for x in chunks:
@@ -206,4 +210,5 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
                                                 g[taps.output[layer.node]]).sum(axis=0)
                 sums.kernels[layer.node] += scale * total
         sums.samples += len(x)
+    lap("sensitivity samples")
     return sums

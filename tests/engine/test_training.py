@@ -47,7 +47,8 @@ def test_float_training_learns_and_updates_batchnorm(tiny):
 
 def test_batchnorm_running_statistics_follow_onnx_semantics(tiny):
     canonical, sites = tiny
-    trained = _train(canonical, None, sites, steps=1, lr=0.0, weight_decay=0.0)
+    # One session: the full batch's statistics (replicas' per-part ones are tested below).
+    trained = _train(canonical, None, sites, steps=1, lr=0.0, weight_decay=0.0, replicas=1)
     import onnx
 
     proto = as_proto(canonical)
@@ -286,3 +287,49 @@ def test_replicas_need_sgd_and_a_positive_count(tiny):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="replicas must be"):
             _train(canonical, None, sites, steps=2, replicas=bad)
+
+
+def test_default_replicas_are_one_per_thread_with_parts_of_at_least_16_images():
+    from impq_onnx.runtime import MIN_REPLICA_BATCH, available_cores, default_replicas, resolve_threads
+
+    assert MIN_REPLICA_BATCH == 16
+    assert default_replicas(2, 32) == 2 and default_replicas(2, 128) == 2
+    assert default_replicas(2, 31) == 1 and default_replicas(1, 128) == 1  # parts of 15 images; one thread
+    assert default_replicas(8, 64) == 4 and default_replicas(8, 512) == 8
+    assert default_replicas(8, 512, "adamw") == 1  # replicas need SGD
+    import os
+
+    assert resolve_threads(None) == available_cores() == len(os.sched_getaffinity(0))
+    assert resolve_threads(3) == 3
+
+
+def test_fine_tune_defaults_to_the_resolved_replica_count(tiny):
+    from impq_onnx.runtime import default_replicas
+
+    canonical, sites = tiny
+    default = _train(canonical, None, sites, steps=3, threads=2)
+    explicit = _train(canonical, None, sites, steps=3, threads=2, replicas=default_replicas(2, 32))
+    single = _train(canonical, None, sites, steps=3, threads=2, replicas=1)
+    assert default.losses == explicit.losses
+    for name in default.values:
+        assert default.values[name].tobytes() == explicit.values[name].tobytes(), name
+    # 2 replicas on 2 threads at batch 32: per-part batch-norm statistics, so not the single session's numbers
+    assert any(default.values[n].tobytes() != single.values[n].tobytes() for n in default.values)
+
+
+def test_laps_split_a_fine_tune_into_its_parts(tiny):
+    import time
+
+    from impq_onnx.runtime import lap, recording_laps
+
+    canonical, sites = tiny
+    start = time.perf_counter()
+    with recording_laps() as laps:
+        _train(canonical, None, sites, steps=2)
+        lap("after")
+    wall = time.perf_counter() - start
+    assert list(laps.seconds) == ["data", "graph build", "training artifacts", "session creation", "fine-tune steps",
+                                  "fine-tune other", "after"]
+    assert all(v >= 0 for v in laps.seconds.values()) and sum(laps.seconds.values()) <= wall
+    lap("outside")  # not recorded: no recording is active any more
+    assert "outside" not in laps.seconds
