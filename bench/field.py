@@ -32,11 +32,11 @@ import shutil
 import struct
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -273,7 +273,8 @@ MODELS = [
                "NCHW Nx3x320x320 (torch 2.7.1 export, opset 17)",
                {"size": [320, 320], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
                "pages4", "letterbox 320 (bilinear, white fill, centred)",
-               "4 classes: class k = image rotated 90k degrees clockwise (orient_onnx.py); pages turned by a known angle",
+               "4 classes: class k = image rotated 90k degrees clockwise (orient_onnx.py); pages turned by a "
+               "known angle",
                "occular_deskew/orient_onnx.py (single pass; the package also averages the 4-rotation orbit)",
                orient="cw"),
     FieldModel("ppocr-cls", "pypi", "rapidocr-onnxruntime", "1.4.4",
@@ -521,21 +522,46 @@ def run_cli(args: list[str], log: Path, timeout: float) -> tuple[int, str, float
     except subprocess.TimeoutExpired as exc:
         code, out, err = -9, (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), \
             f"timed out after {timeout:.0f} s (bench limit)"
-    log.write_text(f"$ impq-onnx {' '.join(args)}\nexit {code}\n--- stdout\n{out}\n--- stderr\n{err}\n")
-    return code, (out if code == 0 else err), time.time() - t0
+    secs = time.time() - t0
+    log.write_text(f"$ impq-onnx {' '.join(args)}\nexit {code}\nseconds {secs:.1f}\n"
+                   f"--- stdout\n{out}\n--- stderr\n{err}\n")
+    return code, (out if code == 0 else err), secs
 
 
-def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: list[str]) -> list[Row]:
-    model, _ = fetch_model(cache, m)
-    data = prepare(cache, m, quick)
-    pre = str(cache / "data" / f"{m.key}.preprocess.yaml")
+def read_log(log: Path) -> tuple[int, str, float]:
+    """What run_cli recorded in ``log`` (``--collect``): exit code, stdout or stderr, seconds."""
+    if not log.exists():
+        return -1, "not run (no log)", 0.0
+    text = log.read_text()
+    head, _, rest = text.partition("--- stdout\n")
+    out, _, err = rest.partition("--- stderr\n")
+    fields = dict(line.split(" ", 1) for line in head.splitlines()[1:] if " " in line)
+    code = int(fields.get("exit", "-1"))
+    report = log.with_suffix(".report.json")
+    secs = float(fields["seconds"]) if "seconds" in fields else (
+        json.loads(report.read_text())["final"].get("elapsed", 0.0) if report.exists() else 0.0)
+    return code, (out if code == 0 else err), secs
+
+
+def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: list[str],
+                collect: bool = False) -> list[Row]:
     work = cache / "runs" / f"{m.key}{'-quick' if quick else ''}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if collect:
+        model, data, pre = Path(), Path(), ""
+    else:
+        model, _ = fetch_model(cache, m)
+        data = prepare(cache, m, quick)
+        pre = str(cache / "data" / f"{m.key}.preprocess.yaml")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+
+    def run(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
+        return read_log(log) if collect else run_cli(args, log, timeout)
+
     labelled = m.data != "photos"
     rows = []
     limit = budget + 240
-    code, out, secs = run_cli(["evaluate", str(model), "--data", str(data), "--preprocess", pre, "--json"],
+    code, out, secs = run(["evaluate", str(model), "--data", str(data), "--preprocess", pre, "--json"],
                               work / "evaluate.log", 600)
     row = Row(m.key, "float (evaluate)", seconds=secs)
     if code == 0:
@@ -554,7 +580,7 @@ def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: li
         if only and name not in only:
             continue
         out_model = work / f"{name}.onnx"
-        code, out, secs = run_cli(["compress", str(model), "--data", str(data), "--preprocess", pre,
+        code, out, secs = run(["compress", str(model), "--data", str(data), "--preprocess", pre,
                                    "--output", str(out_model), "--no-report", "--quiet", *extra],
                                   work / f"{name}.log", limit)
         row = Row(m.key, name, seconds=secs)
@@ -612,6 +638,7 @@ def main() -> None:
     ap.add_argument("--runs", default="", help="comma-separated runs: ptq-w4,ptq-w4a8,impq-w4,impq-w4a8")
     ap.add_argument("--cache", default="/tmp/impq-field")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--collect", action="store_true", help="only rebuild the table from the run logs in --cache")
     args = ap.parse_args()
     cache = Path(args.cache)
     budget = args.time_budget or (120.0 if args.quick else 1200.0)
@@ -625,13 +652,18 @@ def main() -> None:
             continue
         print(f"== {m.key} ({m.package} {m.version})", flush=True)
         try:
-            new = bench_model(cache, m, args.quick, budget, only)
+            new = bench_model(cache, m, args.quick, budget, only, args.collect)
         except Exception as exc:  # noqa: BLE001 - a broken fetch is a row, the other models go on
             new = [Row(m.key, "prepare", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")]
         for r in new:
             print(f"   {r.run:18s} top-1 {_pct(r.top1):>5s}  agree {_pct(r.agree):>5s}  B_w {_bits(r.bw):>5s}  "
                   f"B_a {_bits(r.ba):>5s}  {r.seconds:6.0f} s  {r.error or r.note}", flush=True)
         rows += new
+        write(args, cache, budget, rows, load0, t0)
+
+
+def write(args: argparse.Namespace, cache: Path, budget: float, rows: list[Row], load0: tuple, t0: float) -> None:
+    """The results file, rewritten after every model (a stopped bench keeps what it measured)."""
     load1 = os.getloadavg()
     text = (f"# Real pretrained classifiers from registry packages{' (--quick)' if args.quick else ''}\n\n"
             f"`python bench/field.py{' --quick' if args.quick else ''}"
