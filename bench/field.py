@@ -543,6 +543,9 @@ def read_log(log: Path) -> tuple[int, str, float]:
     return code, (out if code == 0 else err), secs
 
 
+RUNS = ["ptq-w4", "ptq-w4a8", "impq-w4", "impq-w4a8"]
+
+
 def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: list[str],
                 collect: bool = False) -> list[Row]:
     work = cache / "runs" / f"{m.key}{'-quick' if quick else ''}"
@@ -552,8 +555,10 @@ def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: li
         model, _ = fetch_model(cache, m)
         data = prepare(cache, m, quick)
         pre = str(cache / "data" / f"{m.key}.preprocess.yaml")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=True)
+        for old in work.iterdir():  # only the runs made now start afresh; --collect sees the others too
+            if old.name.split(".")[0] in (["evaluate"] + (only or RUNS)):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def run(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
         return read_log(log) if collect else run_cli(args, log, timeout)
