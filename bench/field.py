@@ -670,12 +670,15 @@ def main() -> None:
 def write(args: argparse.Namespace, cache: Path, budget: float, rows: list[Row], load0: tuple, t0: float) -> None:
     """The results file, rewritten after every model (a stopped bench keeps what it measured)."""
     load1 = os.getloadavg()
+    command = (f"`python bench/field.py{' --quick' if args.quick else ''}"
+               f"{' --models ' + args.models if args.models else ''}{' --runs ' + args.runs if args.runs else ''}`")
+    if args.collect:
+        how = "table collected from the run logs (`--collect`); each row's time is that run's own"
+    else:
+        how = (f"budget {budget:.0f} s per compress run; {time.time() - t0:.0f} s in all; load average "
+               f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end (2 cores, shared)")
     text = (f"# Real pretrained classifiers from registry packages{' (--quick)' if args.quick else ''}\n\n"
-            f"`python bench/field.py{' --quick' if args.quick else ''}"
-            f"{' --models ' + args.models if args.models else ''}{' --runs ' + args.runs if args.runs else ''}`; "
-            f"budget {budget:.0f} s per compress run; {time.time() - t0:.0f} s in all; load average "
-            f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end (2 cores, shared).\n\n"
-            f"## Models\n\n{models_table(cache)}\n\n## Results\n\n{table(rows)}\n")
+            f"{command}; {how}.\n\n## Models\n\n{models_table(cache)}\n\n## Results\n\n{table(rows)}\n")
     out = Path(args.output) if args.output else ROOT / "bench" / "results" / (
         "field-quick.md" if args.quick else "field.md")
     out.write_text(text)
