@@ -511,7 +511,12 @@ class Row:
 def _one_line(stderr: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     errs = [ln for ln in lines if ln.startswith(("error", "Error")) or "rror:" in ln]
-    return (errs[-1] if errs else lines[-1] if lines else "(no output)")[:300]
+    line = errs[-1] if errs else lines[-1] if lines else "(no output)"
+    native = line.find("Non-zero status code")  # onnxruntime's own message: keep its node and reason
+    if native > 0:
+        line = line[:line.find(":", line.find("unexpected")) + 1] + " " + line[native:] if "unexpected" in line \
+            else line[native:]
+    return line[:400]
 
 
 def run_cli(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
