@@ -228,6 +228,8 @@ def compress(
     format: str | Default = DEFAULT,
     resume: bool | Default = DEFAULT,
     preprocess: str | None | Default = DEFAULT,
+    classes: str | None | Default = DEFAULT,
+    input_shape: str | None | Default = DEFAULT,
     val_fraction: float | Default = DEFAULT,
     max_val_samples: int | None | Default = DEFAULT,
     phases: str | Default = DEFAULT,
