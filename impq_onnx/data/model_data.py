@@ -230,8 +230,8 @@ def open_model_data(model: CanonicalModel, data: str | Path | InMemoryData,
     and ``test/`` (or ``val/``, ``validation/``): the second is the test split and ``val_fraction`` of
     ``train/`` is held out for validation. Anything else: one tree, split in two, and no test split.
     ``preprocess``: see :func:`resolve_preprocess`; ``limit_per_class``, ``workers``, ``check``, ``decode``
-    and ``cache_dir``: as :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class order, a comma-separated
-    list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`). ``input_shape``
+    and ``cache_dir``: as :func:`~impq_onnx.data.open_dataset` takes them. ``classes``: the model's class
+    order, a comma-separated list or a labels file (:func:`~impq_onnx.data.imagefolder.parse_classes`). ``input_shape``
     (``--input-shape``): the size a dynamic-size model is fed at when ``preprocess`` is not given; the
     preprocessed images must have it. ``data`` may also be the caller's arrays
     (:class:`~impq_onnx.data.in_memory.InMemoryData`): its ``train``, ``val`` and ``test`` play the parts of
