@@ -40,6 +40,15 @@ def _plan(sites, scheme: str, seed: int = 0, top: int = 7) -> PrecisionPlan:
     return plan.validate(sites)
 
 
+def _fused(proto: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
+    """Op counts of the graph onnxruntime runs after its optimizations (where it fuses integer kernels)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(tmp_path / "optimized.onnx"))
+
+
 def _inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
@@ -122,16 +131,11 @@ def test_passes_change_nothing_on_a_second_run():
 def test_onnxruntime_fuses_integer_kernels(tmp_path):
     canonical, sites = tiny(build(Quirks()))
     lowered = lower(canonical, _plan(sites, "midrise-max"), sites, format="ort")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    fused = _fused(lowered.proto, tmp_path)
     # conv1 -> Relu -> QuantizeLinear fuses; the depthwise conv's output goes to GlobalAveragePool unquantized
     assert fused["QLinearConv"] == 1 and fused["QGemm"] == 1, fused
     qdq = lower(canonical, _plan(sites, "midrise-max"), sites, format="qdq")
-    ort.InferenceSession(qdq.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    assert not {"QLinearConv", "QGemm"} & set(ops(onnx.load(tmp_path / "optimized.onnx")))  # BN blocks it
+    assert not {"QLinearConv", "QGemm"} & set(_fused(qdq.proto, tmp_path))  # BN blocks it
 
 
 def test_refuses_what_onnxruntime_cannot_fuse():
@@ -161,11 +165,7 @@ def test_bundled_model_fuses_every_conv_and_equals_its_folded_simulation(tmp_pat
     assert len(added) == len(sites.activations) + 1 and "relu4.out" in lowered.sidecar["output_quantizers"]
     result = verify(lowered, canonical, plan, sites, test.batches(100))
     assert result.ok and result.samples == 200 and result.max_logit_diff == 0.0, result.to_dict()
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    fused = _fused(lowered.proto, tmp_path)
     assert fused["QLinearConv"] == 4 and fused["QGemm"] == 1 and "FusedConv" not in fused and "Conv" not in fused
 
 
@@ -225,11 +225,7 @@ def test_residual_add_reads_quantized_inputs_and_both_convs_fuse(tmp_path):
     assert added["bn2.out"]["dtype"] == "uint8" and added["bn2.out"]["zero_point"] == 128  # signed, as u8 + 128
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
     assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    fused = _fused(lowered.proto, tmp_path)
     assert fused["QLinearAdd"] == 1 and fused["QLinearGlobalAveragePool"] == 1, fused
     assert fused["QLinearConv"] == 2 and fused["QGemm"] == 1 and "Conv" not in fused and "FusedConv" not in fused, fused
 
@@ -254,9 +250,5 @@ def test_slice_pad_shortcut_and_negative_gammas_stay_exact_and_fuse(tmp_path):
     assert producers[producers[shortcut.input[0]].input[0]].op_type == "Pad"
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
     assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(lowered.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    fused = ops(onnx.load(tmp_path / "optimized.onnx"))
+    fused = _fused(lowered.proto, tmp_path)
     assert fused["QLinearConv"] == 2 and "Conv" not in fused, fused
