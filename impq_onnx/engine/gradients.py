@@ -179,7 +179,7 @@ class ForwardTensors:
         self._bytes = model.SerializeToString()
         self._session = _session(self._bytes, threads)
 
-    def copy(self, threads: int | None) -> "ForwardTensors":
+    def copy(self, threads: int | None) -> ForwardTensors:
         """The same graph in a new session with ``threads`` intra-op threads (no rebuild)."""
         clone = copy.copy(self)
         clone._session = _session(self._bytes, threads)
@@ -252,7 +252,7 @@ class TensorGradients:
         self._bytes = grad_model.SerializeToString()
         self._session = _session(self._bytes, threads)
 
-    def copy(self, threads: int | None) -> "TensorGradients":
+    def copy(self, threads: int | None) -> TensorGradients:
         """The same gradient graph in a new session with ``threads`` intra-op threads (no rebuild: the
         replicas of the sensitivity's fast path)."""
         clone = copy.copy(self)
