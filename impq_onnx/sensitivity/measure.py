@@ -201,7 +201,7 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
 
     try:
         for x in chunks:
-            parts = [p for p in np.array_split(x, min(replicas, len(x)))]
+            parts = list(np.array_split(x, min(replicas, len(x))))
             outs = spread(lambda w, part: w[0](part), [(part,) for part in parts])
             z = np.concatenate([o[0] for o in outs])
             kept = {name: np.concatenate([o[1][name] for o in outs]) for name in outs[0][1]}
