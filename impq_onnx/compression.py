@@ -285,6 +285,25 @@ def _other_float_bytes(canonical, sites) -> float:
                      if t.name not in quantized and t.data_type == onnx.TensorProto.FLOAT)
 
 
+def final_summary(final: dict, reference: dict) -> str:
+    """The last line's figures: bits, cost, and top-1 beside the float model's with the drop, and the
+    agreement with the float model (on test/ when there is one, else on the validation split)."""
+    split = "test" if "test_top1" in final else "val"
+    top1, agreement = final.get(f"{split}_top1"), final.get(f"{split}_agreement")
+    base = reference.get("test_top1" if split == "test" else "top1")
+    text = (f"iteration {final['iteration']}, B_w,eff {final['weight_bits_effective']:.3f}, B_a,eff "
+            f"{final['activation_bits_effective']:.3f}, {final['gbitops']:.4g} Gbit-OPs, {split} top-1 ")
+    if top1 is None:
+        text += "n/a (no labels)"
+    else:
+        text += f"{100 * top1:.1f}%"
+        if base is not None:
+            text += f" (float {100 * base:.1f}%, drop {100 * (base - top1):.1f} points)"
+    if agreement is not None:
+        text += f", agreement with float {100 * agreement:.1f}%"
+    return text
+
+
 def _metrics(result, prefix: str) -> dict:
     return {f"{prefix}_top1": result.top1, f"{prefix}_top5": result.top5, f"{prefix}_agreement": result.agreement,
             f"{prefix}_n": result.n}
@@ -452,12 +471,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                                   {paths["work_dir"]: (paths["report"], json.loads(report_json))}))
     outputs.commit(files)
     if report:
-        split = "test" if "test_top1" in final else "val"
-        top1 = final[f"{split}_top1"]
-        report(Event("done", "compress", f"done ({state.stop}): iteration {final['iteration']}, B_w,eff "
-                     f"{final['weight_bits_effective']:.3f}, B_a,eff {final['activation_bits_effective']:.3f}, "
-                     f"{final['gbitops']:.4g} Gbit-OPs, {split} top-1 {'n/a' if top1 is None else f'{100 * top1:.1f}%'}"
-                     f" -> {paths['output']}",
+        report(Event("done", "compress", f"done ({state.stop}): {final_summary(final, reference)} -> {paths['output']}",
                      data={"stop_reason": state.stop, "target_reached": target_reached(cfg, state.stop, final),
                            "output": str(paths["output"]), **final}))
     return CompressResult(plan, final, state.records, reference, state.stop, paths, cfg)
