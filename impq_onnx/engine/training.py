@@ -335,6 +335,7 @@ def fine_tune(
     trainable = _trainable_names(proto, sites)
     frozen = sorted(set(running.values()) | _kept_apart(proto, trainable))
     logits = sites.logits
+    _declare_logits_shape(proto, logits, model, x0, replica_threads)
     dims = {t.name: list(t.dims) for t in proto.graph.initializer}
     proto.graph.output.extend(
         helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims[stat]) for n, stat in running.items()
@@ -436,6 +437,28 @@ def fine_tune(
         del opt, module, group  # a profiled session writes its file when it ends
     lap("fine-tune other")
     return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
+
+
+def _declare_logits_shape(proto: onnx.ModelProto, logits: str, model, x0: np.ndarray, threads: int) -> None:
+    """Give the logits output a ``[batch, classes]`` shape where the graph declares none (shape inference
+    stopped at an op it does not know): onnxruntime's loss blocks read the labels' shape from it (an
+    IndexError otherwise). The class count comes from running the float model on the first images."""
+    output = next((o for o in proto.graph.output if o.name == logits), None)
+    if output is None:
+        return
+    tensor = output.type.tensor_type
+    if tensor.HasField("shape") and len(tensor.shape.dim) >= 2 and tensor.shape.dim[-1].HasField("dim_value"):
+        return
+    from impq_onnx.runtime import inference_session
+
+    base = as_proto(model)
+    session = inference_session(base.SerializeToString(), threads)
+    fixed = _fixed_batch(base)
+    classes = session.run([logits], {session.get_inputs()[0].name: x0[: fixed or 1]})[0].shape[-1]
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    new = helper.make_tensor_value_info(logits, tensor.elem_type or onnx.TensorProto.FLOAT, [
+        batch.dim_value if batch.HasField("dim_value") else (batch.dim_param or "N"), int(classes)])
+    output.CopyFrom(new)
 
 
 def _concrete_image_size(proto: onnx.ModelProto, shape: tuple[int, ...]) -> None:

@@ -154,3 +154,34 @@ def test_dynamic_hw_with_max_pool_trains(data: Path, tmp_path: Path) -> None:
     model = _insert_after(build(Quirks(dynamic_hw=True)), "relu1", "MaxPool", kernel_shape=[3, 3], strides=[2, 2],
                           pads=[1, 1, 1, 1])
     _compress(model, data, tmp_path)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_logits_without_a_declared_shape_train(distill: bool) -> None:
+    """onnxruntime's loss block read the labels' shape from the logits output: IndexError without one."""
+    from impq_onnx.engine.training import fine_tune
+    from impq_onnx.frontend.site_analysis import find_sites
+
+    canonical = from_proto(build(Quirks()))
+    sites = find_sites(canonical, (1, 3, 8, 8))
+    canonical.model.graph.outputs[0].shape = None
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((4, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, 4).astype(np.int64))]
+    result = fine_tune(canonical, None, sites, batches, steps=2, lr=0.01, distill=distill, threads=1)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_npz_data_gives_a_dynamic_model_its_size(layout: str, tmp_path: Path) -> None:
+    """A dynamic height/width with .npz data took the ImageNet 224 preset; it takes the arrays' size."""
+    from impq_onnx.data.model_data import resolve_preprocess
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 12, 20, 3), dtype=np.uint8)
+    if layout == "NCHW":
+        images = images.transpose(0, 3, 1, 2)
+    np.savez(tmp_path / "data.npz", x=images, y=np.arange(6) % 5)
+    canonical = from_proto(build(Quirks(dynamic_hw=True)))
+    assert resolve_preprocess(canonical, None, tmp_path / "data.npz").size == (12, 20)
+    (tmp_path / "splits").mkdir()
+    np.savez(tmp_path / "splits" / "train.npz", x=images, y=np.arange(6) % 5)
+    assert resolve_preprocess(canonical, None, str(tmp_path / "splits")).size == (12, 20)
