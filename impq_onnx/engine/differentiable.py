@@ -15,7 +15,10 @@ in the training and gradient graphs only, into exact equivalents it can differen
 - ``AveragePool`` (``ceil_mode=0``, explicit or no pads) is ``Conv(x, ones, group=C) / count``, count the
   window size (``count_include_pad=1`` or no pads) or the per-position count of real pixels: onnxruntime
   1.19's AveragePoolGrad writes a zero-sized gradient ("Can broadcast 0 by 0 or 1" in the Relu before it,
-  tf2onnx and Caffe2 exports) or stops the process with SIGFPE (DenseNet's transitions).
+  tf2onnx and Caffe2 exports) or stops the process with SIGFPE (DenseNet's transitions);
+- ``Resize`` (nearest, integer spatial scales, a coordinate mode that repeats pixels) is
+  ``Unsqueeze -> Tile -> Reshape``: the CPU build has no ResizeGrad kernel ("Could not find an
+  implementation for ResizeGrad"); other Resize nodes are refused at the start (not in the list below).
 
 The written model keeps the original ops. :func:`check_differentiable` then checks every node on the
 path from the image input against :data:`DIFFERENTIABLE_OPS` (the ops whose gradient the installed
@@ -45,7 +48,7 @@ DIFFERENTIABLE_OPS = frozenset({
     "Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Conv", "ConvTranspose", "Cos",
     "Div", "Erf", "Exp", "Expand", "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "Identity",
     "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Pad",
-    "Pow", "Reciprocal", "ReduceL2", "ReduceLogSumExp", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize",
+    "Pow", "Reciprocal", "ReduceL2", "ReduceLogSumExp", "ReduceMean", "ReduceSum", "Relu", "Reshape",
     "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose",
     "Unsqueeze", "Where",
 })
@@ -164,6 +167,56 @@ def _average_pool(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> li
     return nodes
 
 
+def _shape_of(graph: onnx.GraphProto, name: str) -> list[int] | None:
+    for value in (*graph.value_info, *graph.input):
+        if value.name == name:
+            dims = value.type.tensor_type.shape.dim
+            return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in dims]
+    return None
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    found = next((t for t in graph.initializer if t.name == name), None)
+    return numpy_helper.to_array(found) if found is not None else None
+
+
+def _resize(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
+    def text(name: str, default: str) -> str:
+        value = _any_attribute(node, name, default)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    shape = _shape_of(graph, node.input[0])
+    if text("mode", "nearest") != "nearest" or shape is None or len(shape) != 4 or -1 in shape[1:]:
+        return None
+    scales = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = _constant(graph, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size == 4:
+        factors = [float(v) for v in scales]
+    elif sizes is not None and sizes.size == 4:
+        factors = [float(sizes[i]) / shape[i] if i else 1.0 for i in range(4)]
+    else:
+        return None
+    ints = [int(round(f)) for f in factors]
+    if factors[:2] != [1.0, 1.0] or any(f != i or i < 1 for f, i in zip(factors, ints)):
+        return None
+    transform = text("coordinate_transformation_mode", "half_pixel")
+    nearest = text("nearest_mode", "round_prefer_floor")
+    if not (transform in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn")
+            or (transform == "asymmetric" and nearest == "floor")):
+        return None  # these modes repeat each pixel s times for an integer scale s; others do not
+    sh, sw = ints[2], ints[3]
+    axes = f"{base}/axes"
+    repeats = f"{base}/repeats"
+    target = f"{base}/target"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([3, 5], np.int64), axes),
+        numpy_helper.from_array(np.array([1, 1, 1, sh, 1, sw], np.int64), repeats),
+        numpy_helper.from_array(np.array([0, shape[1], shape[2] * sh, shape[3] * sw], np.int64), target)])
+    return [helper.make_node("Unsqueeze", [node.input[0], axes], [f"{base}/x6"], name=f"{base}/Unsqueeze"),
+            helper.make_node("Tile", [f"{base}/x6", repeats], [f"{base}/tiled"], name=f"{base}/Tile"),
+            helper.make_node("Reshape", [f"{base}/tiled", target], [node.output[0]], name=f"{base}/Reshape")]
+
+
 # op type -> rewrite(graph, node, name prefix) -> replacement nodes (None: leave the node as it is)
 REWRITES: dict[str, Callable[[onnx.GraphProto, onnx.NodeProto, str], list[onnx.NodeProto] | None]] = {
     "HardSigmoid": _hard_sigmoid,
@@ -173,13 +226,14 @@ REWRITES: dict[str, Callable[[onnx.GraphProto, onnx.NodeProto, str], list[onnx.N
     "Sum": _sum,
     "LayerNormalization": _layer_norm,
     "AveragePool": _average_pool,
+    "Resize": _resize,
 }
 
 
 def make_differentiable(proto: onnx.ModelProto) -> int:
     """Rewrite (in place) every node of :data:`REWRITES` into its exact equivalent; returns how many."""
     graph = proto.graph
-    if any(node.op_type == "AveragePool" for node in graph.node):  # its rewrite needs the channel count
+    if any(node.op_type in ("AveragePool", "Resize") for node in graph.node):  # their rewrites need shapes
         _infer_value_info(proto)
     nodes: list[onnx.NodeProto] = []
     count = 0

@@ -79,6 +79,37 @@ def test_average_pool_rewrite_is_exact(attrs: dict) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("attrs,scales", [
+    (dict(mode="nearest"), [1, 1, 2, 2]),
+    (dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"), [1, 1, 3, 2]),
+    (dict(mode="nearest", nearest_mode="round_prefer_ceil"), [1, 1, 3, 3]),
+])
+def test_nearest_resize_rewrite_is_exact(attrs: dict, scales: list[int]) -> None:
+    graph = helper.make_graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(scales, np.float32), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert make_differentiable(rewritten) == 1
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    want = inference_session(model.SerializeToString()).run(None, {"x": x})[0]
+    got = inference_session(rewritten.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_linear_resize_is_refused_at_the_start(data: Path, tmp_path: Path) -> None:
+    from impq_onnx.errors import ModelError
+
+    model = OPS_ON_THE_TRAINED_PATH["Resize"]()
+    next(n for n in model.graph.node if n.op_type == "Resize").attribute[0].s = b"linear"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelError, match=r"cannot differentiate node 'relu1_resize' \(Resize\)"):
+        compress(path, data, output=tmp_path / "out.onnx", **TINY)
+
+
 def test_ceil_mode_average_pool_is_left_to_the_builder() -> None:
     graph = helper.make_graph([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2],
                                                 ceil_mode=1)], "g",
@@ -185,3 +216,28 @@ def test_npz_data_gives_a_dynamic_model_its_size(layout: str, tmp_path: Path) ->
     (tmp_path / "splits").mkdir()
     np.savez(tmp_path / "splits" / "train.npz", x=images, y=np.arange(6) % 5)
     assert resolve_preprocess(canonical, None, str(tmp_path / "splits")).size == (12, 20)
+
+
+def _with_input(model: onnx.ModelProto, node_name: str, name: str, array: np.ndarray) -> onnx.ModelProto:
+    next(n for n in model.graph.node if n.name == node_name).input.append(name)
+    model.graph.initializer.append(numpy_helper.from_array(array, name))
+    return model
+
+
+OPS_ON_THE_TRAINED_PATH = {
+    "LeakyRelu": lambda: _insert_after(build(Quirks()), "relu1", "LeakyRelu", alpha=0.1),
+    "Sigmoid-SiLU": lambda: _insert_after(build(Quirks()), "relu1", "Sigmoid"),
+    "Resize": lambda: _with_input(_with_input(_insert_after(build(Quirks()), "relu1", "Resize", mode="nearest"),
+                                              "relu1_resize", "roi", np.zeros(0, np.float32)),
+                                  "relu1_resize", "scales", np.array([1, 1, 2, 2], np.float32)),
+    "Pad": lambda: _with_input(_insert_after(build(Quirks()), "relu1", "Pad", mode="constant"),
+                               "relu1_pad", "pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS_ON_THE_TRAINED_PATH))
+def test_ops_on_the_trained_path(name: str, data: Path, tmp_path: Path) -> None:
+    model = OPS_ON_THE_TRAINED_PATH[name]()
+    onnx.checker.check_model(model)
+    written = _compress(model, data, tmp_path)
+    assert name.split("-")[0] in {n.op_type for n in written.graph.node}
