@@ -10,6 +10,7 @@ impq-onnx preprocess YAML, so impq-onnx only normalises. Then, per model:
 
 - ``impq-onnx evaluate`` (float),
 - ``impq-onnx compress --method uniform-ptq`` at 4-bit weights (W4) and at W4A8,
+- onnxruntime's own ``quantize_static`` (W8A8 QDQ, per channel) in mainline onnxruntime (``field_static.py``),
 - ``impq-onnx compress`` with default options at ``--target-bits 4 --phases weights`` and at W4A8
   (``--target-act-bits 8``), under ``--time-budget`` (20 min; ``--quick``: a few minutes, fewer steps),
 
@@ -40,6 +41,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import field_static  # noqa: E402 - the bench's sibling module
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPQ = str(Path(sys.executable).parent / "impq-onnx")
@@ -548,7 +552,7 @@ def read_log(log: Path) -> tuple[int, str, float]:
     return code, (out if code == 0 else err), secs
 
 
-RUNS = ["ptq-w4", "ptq-w4a8", "impq-w4", "impq-w4a8"]
+RUNS = ["ptq-w4", "ptq-w4a8", "ort-static", "impq-w4", "impq-w4a8"]
 
 
 def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: list[str],
@@ -581,6 +585,8 @@ def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: li
     else:
         row.error = f"exit {code}: {_one_line(out)}"
     rows.append(row)
+    if not only or "ort-static" in only:
+        rows.append(static_row(m, model, data, Path(pre), work, labelled, collect))
     fast = ["--steps", "15", "--sensitivity-samples", "64", "--max-val-samples", "128"] if quick else []
     runs = [("ptq-w4", ["--method", "uniform-ptq", "--target-bits", "4", "--phases", "weights"]),
             ("ptq-w4a8", ["--method", "uniform-ptq", "--target-bits", "4", "--target-act-bits", "8"]),
@@ -606,6 +612,30 @@ def bench_model(cache: Path, m: FieldModel, quick: bool, budget: float, only: li
             row.error = f"exit {code}: {_one_line(out)}"
         rows.append(row)
     return rows
+
+
+def static_row(m: FieldModel, model: Path, data: Path, pre: Path, work: Path, labelled: bool, collect: bool) -> Row:
+    """onnxruntime's own ``quantize_static`` (W8A8, :mod:`field_static`) on the same images and split."""
+    record = work / "ort-static.json"
+    row = Row(m.key, "ort-static", bw=8.0, ba=8.0)
+    if not collect:
+        t0 = time.time()
+        try:
+            result = field_static.run(model, data, pre, work / "ort-static", labelled)
+        except Exception as exc:  # noqa: BLE001 - a failure is a row, the other runs go on
+            result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        result["seconds"] = time.time() - t0
+        record.write_text(json.dumps(result) + "\n")
+    if not record.exists():
+        row.error = "not run (no record)"
+        return row
+    result = json.loads(record.read_text())
+    row.seconds = result.get("seconds", 0.0)
+    row.error = result.get("error", "")
+    row.top1, row.agree = result.get("top1"), result.get("agreement")
+    extra = f"; {result['note']}" if result.get("note") else ""
+    row.note = f"test, onnxruntime {result.get('onnxruntime', '?')}{extra}"
+    return row
 
 
 def _pct(v: float | None) -> str:
@@ -645,7 +675,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few minutes per run: smaller data and fine-tunes")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds per compress run (20 min; quick 120)")
     ap.add_argument("--models", default="", help="comma-separated keys (default: all)")
-    ap.add_argument("--runs", default="", help="comma-separated runs: ptq-w4,ptq-w4a8,impq-w4,impq-w4a8")
+    ap.add_argument("--runs", default="", help="comma-separated runs: " + ",".join(RUNS))
     ap.add_argument("--cache", default="/tmp/impq-field")
     ap.add_argument("--output", default=None)
     ap.add_argument("--collect", action="store_true", help="only rebuild the table from the run logs in --cache")

@@ -81,6 +81,10 @@ RUNS: dict[str, list[str]] = {
     **{f"granularity-{g}": WEIGHTS_ONLY + [g, "--start-bits", "4", "--target-bits", "1", "--max-accuracy-drop", "1.0",
                                            "--epochs", "1", "--schedule", "50%", "--max-iterations", "5"]
        for g in ("kernel", "layer", "network")},
+    # issue 23's target on the SWA baseline: 3 -> 1.74 bits, a quarter of the reducible kernels per
+    # iteration, 5 epochs each after a 1-epoch start (352 steps of 128), distilled: ~36 epochs in all
+    "swa-kernel-174-distill": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5",
+                                              "--start-steps", "352", "--schedule", "25%", "--distill"],
     "weights-activations": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                             "--start-act-bits", "6", "--target-act-bits", "5", "--act-schedule", "50%",
                             "--epochs", "1", "--no-land-on-target"],

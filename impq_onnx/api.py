@@ -253,6 +253,7 @@ def compress(
     lr: float | Default = DEFAULT,
     optimizer: str | Default = DEFAULT,
     momentum: float | Default = DEFAULT,
+    batchnorm: str | Default = DEFAULT,
     weight_decay: float | Default = DEFAULT,
     augment: bool | Default = DEFAULT,
     distill: bool | Default = DEFAULT,

@@ -30,6 +30,7 @@ import onnx
 import yaml
 
 from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
+from impq_onnx.engine.training import BATCHNORM_MODES
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.lowering.lower import derived_paths, output_files
@@ -47,12 +48,16 @@ _CHOICES = {
     "granularity": ("kernel", "layer", "network"),
     "weight_scheme": SCHEMES,  # the live registry: a registered scheme is a valid option
     "optimizer": ("sgd", "adamw"),
+    "batchnorm": BATCHNORM_MODES,
     "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
     "format": TARGETS,  # the live registry: a registered target is a valid option
 }
 # Options that do not change what the run computes: a resume may change them.
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
+# Options added after work dirs were written, with the value that computes what the version without them
+# did: such a work dir resumes when the option has that value (e.g. --batchnorm train).
+_LEGACY = {"batchnorm": "train"}
 
 
 def _opt(default, help_text: str):
@@ -111,6 +116,8 @@ class CompressConfig:
     lr: float = _opt(0.005, "Fine-tune learning rate (warm-up, then cosine to 0).")
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw.")
     momentum: float = _opt(0.9, "SGD momentum.")
+    batchnorm: str = _opt("train", "Batch-norm while fine-tuning: train (batch statistics, running ones updated) or "
+                                   "frozen (the model's running statistics kept and used; scale and shift train).")
     weight_decay: float = _opt(5e-4, "Weight decay.")
     augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
     distill: bool = _opt(False, "Fine-tune against the input float model's logits (knowledge distillation) even "
@@ -359,7 +366,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     identity["model_sha256"] = digest
     if cfg.resume and workdir.has_state():
-        workdir.check_identity(identity)
+        workdir.check_identity(identity, _LEGACY)
         state, reference_metrics = SearchState.resume(workdir)
         if report:
             report(Event("message", "compress", f"resuming {workdir.path} after iteration {state.iteration}",

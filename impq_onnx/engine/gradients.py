@@ -26,6 +26,7 @@ number of intra-op threads.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Iterable, Sequence
 
@@ -175,7 +176,14 @@ class ForwardTensors:
         for name in self.outputs:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         self.input_name = graph_input_name(model)
-        self._session = _session(model.SerializeToString(), threads)
+        self._bytes = model.SerializeToString()
+        self._session = _session(self._bytes, threads)
+
+    def copy(self, threads: int | None) -> ForwardTensors:
+        """The same graph in a new session with ``threads`` intra-op threads (no rebuild)."""
+        clone = copy.copy(self)
+        clone._session = _session(self._bytes, threads)
+        return clone
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         values = self._session.run(self.outputs, {self.input_name: np.ascontiguousarray(x, np.float32)})
@@ -245,7 +253,15 @@ class TensorGradients:
         for name in self._names:
             if name not in present:
                 grad_model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        self._session = _session(grad_model.SerializeToString(), threads)
+        self._bytes = grad_model.SerializeToString()
+        self._session = _session(self._bytes, threads)
+
+    def copy(self, threads: int | None) -> TensorGradients:
+        """The same gradient graph in a new session with ``threads`` intra-op threads (no rebuild: the
+        replicas of the sensitivity's fast path)."""
+        clone = copy.copy(self)
+        clone._session = _session(self._bytes, threads)
+        return clone
 
     def __call__(self, x: np.ndarray, seed: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {self.input_name: np.ascontiguousarray(x, np.float32), SEED_INPUT: np.ascontiguousarray(seed, np.float32)}

@@ -80,13 +80,18 @@ class WorkDir:
         (self.path / "iterations").mkdir(exist_ok=True)
         write_atomic(self.path / "run.json", _json(identity))
 
-    def check_identity(self, identity: dict) -> None:
-        """On resume: the run must be the same run (same config and input model)."""
+    def check_identity(self, identity: dict, legacy: dict | None = None) -> None:
+        """On resume: the run must be the same run (same config and input model). ``legacy`` maps an option
+        added after a work dir was written to the value that computes what the version without it did: such a
+        work dir resumes when the option has that value now."""
+        legacy = legacy or {}
         try:
             saved = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"work_dir {self.path}: run.json is missing or unreadable; cannot resume") from exc
         for key in sorted(set(saved) | set(identity)):
+            if key not in saved and key in legacy and identity.get(key) == legacy[key]:
+                continue
             if key not in saved:
                 raise ConfigError(
                     f"work_dir {self.path}: cannot resume, it was written by an impq-onnx without the option "

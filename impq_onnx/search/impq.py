@@ -23,6 +23,7 @@ import time
 
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import calibrate_clips, simulate
+from impq_onnx.search.budget import budget_groups
 from impq_onnx.search.iteration import (
     EVAL_BATCH,
     derive_seed,
@@ -92,10 +93,27 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
 
 
 # ---- one iteration -------------------------------------------------------------------------------
-def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step, progress=None):
+def _phase_bits(plan: PrecisionPlan, phase: str, sites) -> float:
+    return plan.weight_bits_effective(sites) if phase == "weights" else plan.activation_bits_effective(sites)
+
+
+def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step, progress=None, budget=None):
+    """``budget``: ``(records, elapsed, phases_left, starts_left)`` of the run, for :func:`budget_groups`."""
     candidates = _reducible(plan, sites, phase, cfg.granularity)
     schedule = parse_schedule(cfg.schedule if phase == "weights" else cfg.act_schedule)
     n = schedule.groups(phase_step, len(candidates))
+    if budget is not None and cfg.time_budget is not None:
+        records, elapsed, phases_left, starts_left = budget
+        target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
+        everything = _lower(plan, phase, [name for name, _ in candidates], dict(candidates))
+        needed = budget_groups(scheduled=n, reducible=len(candidates), bits_now=_phase_bits(plan, phase, sites),
+                               bits_all_lowered=_phase_bits(everything, phase, sites), target=target,
+                               time_budget=cfg.time_budget, elapsed=elapsed, records=records,
+                               phases_left=phases_left, starts_left=starts_left)
+        if needed > n:
+            logger.info("time budget: lowering %d groups this step instead of %d, to reach %s in the time left",
+                        needed, n, target)
+            n = needed
     batches = train.batches(EVAL_BATCH, shuffle=True, seed=derive_seed(cfg.seed, iteration, "sensitivity"))
     table = noise_gain(simulate(model, plan, sites), sites, batches, plan=plan, granularity=cfg.granularity,
                        runner_ups=cfg.runner_ups, weighting=cfg.weighting, method=cfg.sensitivity_method,
@@ -169,9 +187,11 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
             state.plan = _start_phase(state.plan, phase, cfg, model, sites, train, iteration)
         else:
             kind = "lower"
+            phases_left = len(context.phases) - state.phase
+            budget = (state.records, state.elapsed, phases_left, phases_left - 1)
             state.plan, lowered, reducible, table = _lowering_step(cfg, state.plan, phase, model, sites, train,
                                                                    iteration, state.phase_step,
-                                                                   context.inner_progress(plain=False))
+                                                                   context.inner_progress(plain=False), budget)
         sensitivity_seconds = time.perf_counter() - start
         trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train, kind == "start"), lr=cfg.lr)
         state.values = {**state.values, **trained.values}

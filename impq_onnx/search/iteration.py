@@ -81,6 +81,7 @@ def run_fine_tune(context: SearchContext, state: SearchState, model: Any, steps:
     return fine_tune(model, state.plan, context.sites, train_batches(cfg, context.train, iteration), steps=steps,
                      lr=lr, final_lr=final_lr, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
                      optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                     batchnorm=cfg.batchnorm,
                      threads=cfg.threads, replicas=cfg.replicas, distill=True if cfg.distill else None,
                      teacher=context.base, seed=derive_seed(cfg.seed, iteration, "fine-tune"),
                      progress=context.inner_progress() or False)

@@ -95,7 +95,7 @@ _MAX_CHUNK = 32  # ResNet-20, 1 probe: 180 samples/s at 32, 160 at 48, 155 at 80
 def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, granularity: str = "kernel",
                runner_ups: int = 10, weighting: str = "paper", method: str = "fast", samples: int | None = None,
                probes: int | None = DEFAULT_PROBES, float_bits: int = DEFAULT_FLOAT_BITS, chunk: int | None = None,
-               threads: int | None = None, seed: int = 0, rebuild: str = "graph",
+               threads: int | None = None, seed: int = 0, rebuild: str = "graph", replicas: int = 1,
                progress: Callable[[Event], None] | None = None) -> SensitivityTable:
     """Measure ``M`` for every weight group (at ``granularity``) and activation site.
 
@@ -103,7 +103,9 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
     float model or a fake-quant model from :func:`impq_onnx.quant.simulate.simulate` (same node names as
     ``sites``). ``batches`` yields ``(x, y)`` or ``x`` arrays (labels are not used); ``samples``
     caps how many samples are read. ``probes``, ``chunk`` (samples per onnxruntime run; default from
-    a 512 MiB budget), ``threads`` and ``seed`` (of the probe signs) only affect ``method="fast"``.
+    a 512 MiB budget), ``threads``, ``replicas`` (sessions measuring parts of a chunk side by side,
+    ``threads // replicas`` threads each) and ``seed`` (of the probe signs)
+    only affect ``method="fast"``.
     ``progress`` gets ``sensitivity`` events: a ``step`` per chunk measured (``step``: samples so far).
     """
     from impq_onnx.quant.simulate import as_proto
@@ -121,6 +123,8 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
     proto = as_proto(canonical)
     start = time.perf_counter()
     size = chunk or _fixed_batch(proto) or _chunk_size(sites)
+    if _fixed_batch(proto):
+        replicas = 1  # a part of a chunk would be smaller than the batch the graph bakes in
     chunks = sample_chunks(batches, size, samples)
     if progress is not None:
         chunks = _reported(chunks, samples, start, progress)
@@ -128,7 +132,8 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
         sums = exact_sums(proto, sites.logits, sites, chunks, runner_up_count=runner_ups, threads=threads)
     else:
         sums = fast_sums(proto, sites.logits, sites, chunks, runner_up_count=runner_ups, probes=probes,
-                         seed=seed, threads=threads, rebuild=rebuild)
+                         seed=seed, threads=threads, rebuild=rebuild,
+                         replicas=replicas)
     if sums.samples == 0:
         from impq_onnx.errors import DataError
 

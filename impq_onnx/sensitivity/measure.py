@@ -16,6 +16,7 @@ straight-through path.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from typing import Iterable, Iterator
@@ -26,7 +27,7 @@ from onnx import helper
 
 from impq_onnx.engine.gradients import ForwardTensors, TensorGradients, explicit_conv_pads
 from impq_onnx.errors import ModelError
-from impq_onnx.runtime import lap
+from impq_onnx.runtime import lap, resolve_threads
 from impq_onnx.sensitivity.margins import probe_seeds, rank_seeds, runner_ups
 from impq_onnx.frontend.ops import LayerGeometry
 from impq_onnx.sensitivity.per_sample import NormGraph, kernel_square_norms
@@ -150,13 +151,17 @@ def exact_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: It
 
 def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Iterable[np.ndarray], *,
               runner_up_count: int, probes: int | None, seed: int = 0, threads: int | None = None,
-              rebuild: str = "graph") -> GradientSums:
+              rebuild: str = "graph", replicas: int = 1) -> GradientSums:
     """Batched backward passes; per-sample weight gradients rebuilt from layer inputs and output gradients.
 
     ``probes=None``: one backward per runner-up rank (exact per-sample values). ``probes=P``: ``P``
     Rademacher probes, each combining all runner-ups in one backward pass (unbiased estimate).
     ``rebuild``: ``"graph"`` sums the per-sample norms inside onnxruntime (:class:`NormGraph`),
     ``"numpy"`` fetches layer inputs and output gradients and uses :func:`kernel_square_norms`.
+    ``replicas=R > 1``: R sessions of the same graphs, ``threads // R`` intra-op threads each, measure
+    the parts of every chunk side by side (as the fine-tune's replicas do: onnxruntime's intra-op
+    threading is poor on these small GEMMs). The probe signs are drawn for the whole chunk, so the
+    sums equal the single-session ones up to float rounding.
     """
     if rebuild not in ("graph", "numpy"):
         raise ValueError(f"rebuild must be 'graph' or 'numpy', not {rebuild!r}")
@@ -177,38 +182,58 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
         return list(norm_name.values())
 
     in_graph = rebuild == "graph"
-    forward = ForwardTensors(model, logits, () if in_graph else sorted(set(inputs.values())), threads=threads)
-    grads = TensorGradients(model, logits, wrt, threads=threads, input_shape=sites.input_shape,
+    replicas = max(1, int(replicas))
+    per = threads if replicas == 1 else max(1, resolve_threads(threads) // replicas)
+    forward = ForwardTensors(model, logits, () if in_graph else sorted(set(inputs.values())), threads=per)
+    grads = TensorGradients(model, logits, wrt, threads=per, input_shape=sites.input_shape,
                             epilogue=epilogue if in_graph else None)
+    workers = [(forward, grads)] + [(forward.copy(per), grads.copy(per)) for _ in range(replicas - 1)]
     lap("sensitivity graph + sessions")
     rng = np.random.default_rng(seed)
     sums = GradientSums.empty(sites)
-    for x in chunks:
-        z, kept = forward(x)
-        ups = runner_ups(z, runner_up_count)
-        sums.ties += ups.ties
-        sums.runner_ups = ups.classes.shape[1]
-        passes = ([rank_seeds(ups, r) for r in range(ups.classes.shape[1])] if probes is None
-                  else [probe_seeds(ups, rng) for _ in range(probes)])
-        scale = 1.0 if probes is None else 1.0 / probes
-        for s in passes:
-            if not np.any(s):
-                continue
-            g = grads(x, s)
-            for tensor, tap in taps.activation.items():
-                if in_graph:
-                    total = float(g[norm_name[tensor]])
-                else:
-                    flat = g[tap].reshape(len(x), -1)
-                    total = float(np.einsum("np,np->", flat, flat, dtype=np.float64))
-                sums.activations[tensor] += scale * total
-            for layer in sites.layers:
-                if in_graph:
-                    total = g[norm_name[layer.node]].astype(np.float64)
-                else:
-                    total = kernel_square_norms(taps.geometry[layer.node], kept[inputs[layer.node]],
-                                                g[taps.output[layer.node]]).sum(axis=0)
-                sums.kernels[layer.node] += scale * total
-        sums.samples += len(x)
+    pool = concurrent.futures.ThreadPoolExecutor(replicas) if replicas > 1 else None
+
+    def spread(call, parts: list[tuple]) -> list:
+        """``call(worker, *part)`` for each part, on the replicas in parallel (run() releases the GIL)."""
+        if pool is None or len(parts) == 1:
+            return [call(workers[0], *parts[0])]
+        return list(pool.map(call, workers[:len(parts)], *zip(*parts)))
+
+    try:
+        for x in chunks:
+            parts = list(np.array_split(x, min(replicas, len(x))))
+            outs = spread(lambda w, part: w[0](part), [(part,) for part in parts])
+            z = np.concatenate([o[0] for o in outs])
+            kept = {name: np.concatenate([o[1][name] for o in outs]) for name in outs[0][1]}
+            ups = runner_ups(z, runner_up_count)
+            sums.ties += ups.ties
+            sums.runner_ups = ups.classes.shape[1]
+            passes = ([rank_seeds(ups, r) for r in range(ups.classes.shape[1])] if probes is None
+                      else [probe_seeds(ups, rng) for _ in range(probes)])
+            scale = 1.0 if probes is None else 1.0 / probes
+            bounds = np.cumsum([0] + [len(p) for p in parts])
+            for s in passes:
+                if not np.any(s):
+                    continue
+                pieces = [(parts[i], s[bounds[i]:bounds[i + 1]]) for i in range(len(parts))]
+                results = spread(lambda w, part, seed: w[1](part, seed), pieces)
+                for tensor, tap in taps.activation.items():
+                    if in_graph:
+                        total = sum(float(g[norm_name[tensor]]) for g in results)
+                    else:
+                        flat = np.concatenate([g[tap] for g in results]).reshape(len(x), -1)
+                        total = float(np.einsum("np,np->", flat, flat, dtype=np.float64))
+                    sums.activations[tensor] += scale * total
+                for layer in sites.layers:
+                    if in_graph:
+                        total = sum(g[norm_name[layer.node]].astype(np.float64) for g in results)
+                    else:
+                        dy = np.concatenate([g[taps.output[layer.node]] for g in results])
+                        total = kernel_square_norms(taps.geometry[layer.node], kept[inputs[layer.node]], dy).sum(axis=0)
+                    sums.kernels[layer.node] += scale * total
+            sums.samples += len(x)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     lap("sensitivity samples")
     return sums

@@ -60,6 +60,40 @@ def test_batchnorm_running_statistics_follow_onnx_semantics(tiny):
     np.testing.assert_allclose(trained.values["bn1.var"], 0.9 + 0.1 * c1.var(axis=(0, 2, 3)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_frozen_batchnorm_keeps_running_statistics_and_trains_scale_and_shift(tiny, replicas):
+    """batchnorm="frozen": the gradient graph normalises with the running statistics (inference
+    arithmetic): with lr 0 the tuned model is the input model; with training the statistics stay
+    bit-identical while gamma/beta and the weights move and the loss falls."""
+    canonical, sites = tiny
+    from onnx import numpy_helper
+
+    before = {t.name: numpy_helper.to_array(t) for t in as_proto(canonical).graph.initializer}
+    idle = _train(canonical, None, sites, steps=2, lr=0.0, weight_decay=0.0, batchnorm="frozen", replicas=replicas)
+    assert set(idle.values) >= {"bn1.scale", "bn1.bias"} and not {"bn1.mean", "bn1.var"} & set(idle.values)
+    for name, value in idle.values.items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    # the training graph's forward equals inference batch-norm: its first loss is the float model's loss
+    x, y = next(iter(quadrant_batches(12, 32)()))
+    logits = inference_session(as_proto(canonical).SerializeToString()).run(None, {"x": x})[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    expected = float(np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y)), y]))
+    assert idle.losses[0] == pytest.approx(expected, rel=1e-4)
+    trained = _train(canonical, None, sites, batchnorm="frozen", replicas=replicas)
+    assert _decreased(trained.losses), trained.losses
+    assert not np.allclose(trained.values["bn1.scale"], before["bn1.scale"])
+    tuned = as_proto(trained.apply_to(canonical))
+    after = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
+    for stat in ("bn1.mean", "bn1.var", "bn2.mean", "bn2.var"):
+        np.testing.assert_array_equal(after[stat], before[stat], err_msg=stat)
+
+
+def test_unknown_batchnorm_mode_is_refused(tiny):
+    canonical, sites = tiny
+    with pytest.raises(ConfigError, match="batchnorm 'fixed' is unknown"):
+        _train(canonical, None, sites, steps=1, batchnorm="fixed")
+
+
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adamw", 0.01)])
 def test_4_bit_training_learns(tiny, optimizer, lr):
     canonical, sites = tiny

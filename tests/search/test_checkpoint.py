@@ -55,3 +55,7 @@ def test_iterations_commit_and_prune(tmp_path):
         work.check_identity({"seed": 1})
     with pytest.raises(ConfigError, match="without the option 'land_on_target'"):
         work.check_identity({"seed": 0, "land_on_target": True})  # written before the option existed
+    # an option added later resumes such a work dir at the value that computes what the old version did
+    work.check_identity({"seed": 0, "batchnorm": "train"}, {"batchnorm": "train"})
+    with pytest.raises(ConfigError, match="without the option 'batchnorm'"):
+        work.check_identity({"seed": 0, "batchnorm": "frozen"}, {"batchnorm": "train"})

@@ -144,6 +144,21 @@ def test_fast_path_agrees_with_exact_path_on_small_cnn():
     assert probed.method == "fast/probes=2" and exact.method == "exact"
 
 
+@pytest.mark.parametrize("rebuild", ["graph", "numpy"])
+def test_replicas_measure_the_same_sums_as_one_session(rebuild):
+    """Two sessions measuring halves of every chunk (the probe signs drawn for the whole chunk) give the
+    one-session values up to float rounding, also for an odd chunk (parts of 5 and 4 samples)."""
+    canonical, sites = canonical_and_sites(tiny_cnn(seed=5))
+    x, _ = quadrant_batch(25, np.random.default_rng(7))
+    one = noise_gain(canonical, sites, [x], probes=1, chunk=9, rebuild=rebuild, seed=3)
+    two = noise_gain(canonical, sites, [x], probes=1, chunk=9, rebuild=rebuild, seed=3, replicas=2, threads=2)
+    assert one.n_samples == two.n_samples == 25
+    for name, value in one.weights.items():
+        assert two.weights[name] == pytest.approx(value, rel=1e-5, abs=1e-12 * max(one.weights.values())), name
+    for name, value in one.activations.items():
+        assert two.activations[name] == pytest.approx(value, rel=1e-5), name
+
+
 def test_samples_caps_the_data():
     canonical, sites = canonical_and_sites()
     x, _ = quadrant_batch(16, np.random.default_rng(5))
