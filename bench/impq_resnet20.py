@@ -52,8 +52,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "models/resnet20-cifar10/model.onnx"
 DATA = "/tmp/cifar10"
+# The recorded runs predate the guard and distillation as the default: --no-guard --no-distill keep them
+# label runs (a later --distill or --seed in a run's own options wins).
 COMMON = ["--val-fraction", "0.1", "--batch-size", "128", "--lr", "0.01", "--augment", "--sensitivity-samples",
-          "256", "--seed", "0"]
+          "256", "--seed", "0", "--no-guard", "--no-distill"]
 WEIGHTS_ONLY = ["--phases", "weights", "--granularity"]
 
 def kernel_2bit(epochs: str, *extra: str) -> list[str]:

@@ -257,6 +257,7 @@ def compress(
     weight_decay: float | Default = DEFAULT,
     augment: bool | Default = DEFAULT,
     distill: bool | Default = DEFAULT,
+    guard: bool | Default = DEFAULT,
     sensitivity_samples: int | Default = DEFAULT,
     runner_ups: int | Default = DEFAULT,
     weighting: str | Default = DEFAULT,

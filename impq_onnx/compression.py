@@ -56,8 +56,8 @@ _CHOICES = {
 # Options that do not change what the run computes: a resume may change them.
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
-# did: such a work dir resumes when the option has that value (e.g. --batchnorm train).
-_LEGACY = {"batchnorm": "train"}
+# did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
+_LEGACY = {"batchnorm": "train", "guard": False}
 
 
 def _opt(default, help_text: str):
@@ -120,8 +120,13 @@ class CompressConfig:
                                    "frozen (the model's running statistics kept and used; scale and shift train).")
     weight_decay: float = _opt(5e-4, "Weight decay.")
     augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
-    distill: bool = _opt(False, "Fine-tune against the input float model's logits (knowledge distillation) even "
-                                "when the data has labels; data without labels always is.")
+    distill: bool = _opt(True, "Fine-tune against the input float model's logits (knowledge distillation) even "
+                               "when the data has labels (--no-distill: the labels' cross-entropy); data without "
+                               "labels always is.")
+    guard: bool = _opt(True, "Per iteration, keep the fine-tune only when its validation agreement with the float "
+                             "model (top-1 first when max_accuracy_drop reads top-1) is at least that of the same "
+                             "plan before it; a diverging fine-tune (non-finite loss) is retried once at lr/10 "
+                             "either way.")
     sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
     runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
     weighting: str = _opt("paper", "Noise-gain weighting: paper (2^-B), reference (the authors' code) or "
@@ -252,10 +257,51 @@ def _verified(lowered, model, plan, sites, dataset) -> dict:
     return result.to_dict()
 
 
+def _calibration_only_check(cfg: CompressConfig, base, plan, sites, val, final: dict) -> tuple[dict | None, list]:
+    """The output plan on the input float weights (calibration only: no fine-tune) on the validation split,
+    and the warning lines when the written model validates below it in agreement with the float model.
+    None for uniform-ptq, which does not fine-tune."""
+    if cfg.method == "uniform-ptq":
+        return None, []
+    from impq_onnx.engine import evaluate
+    from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches
+
+    result = evaluate(base, labelled_batches(val, EVAL_BATCH), plan=plan, sites=sites, float_model=base,
+                      threads=cfg.threads)
+    reference = {"val_top1": result.top1, "val_agreement": result.agreement, "val_n": result.n}
+    warnings = []
+    ours = final.get("val_agreement")
+    if ours is not None and result.agreement is not None and ours < result.agreement:
+        warnings.append(f"the written model validates below the same plan without fine-tuning: agreement with the "
+                        f"float model {100 * ours:.1f}% vs {100 * result.agreement:.1f}% calibration only "
+                        f"(iteration {final['iteration']}; report key calibration_only)")
+        logging.getLogger(__name__).warning(warnings[-1])
+    return reference, warnings
+
+
 def _other_float_bytes(canonical, sites) -> float:
     quantized = {layer.weight for layer in sites.layers}
     return 4.0 * sum(int(np.prod(t.dims)) for t in canonical.to_proto().graph.initializer
                      if t.name not in quantized and t.data_type == onnx.TensorProto.FLOAT)
+
+
+def final_summary(final: dict, reference: dict) -> str:
+    """The last line's figures: bits, cost, and top-1 beside the float model's with the drop, and the
+    agreement with the float model (on test/ when there is one, else on the validation split)."""
+    split = "test" if "test_top1" in final else "val"
+    top1, agreement = final.get(f"{split}_top1"), final.get(f"{split}_agreement")
+    base = reference.get("test_top1" if split == "test" else "top1")
+    text = (f"iteration {final['iteration']}, B_w,eff {final['weight_bits_effective']:.3f}, B_a,eff "
+            f"{final['activation_bits_effective']:.3f}, {final['gbitops']:.4g} Gbit-OPs, {split} top-1 ")
+    if top1 is None:
+        text += "n/a (no labels)"
+    else:
+        text += f"{100 * top1:.1f}%"
+        if base is not None:
+            text += f" (float {100 * base:.1f}%, drop {100 * (base - top1):.1f} points)"
+    if agreement is not None:
+        text += f", agreement with float {100 * agreement:.1f}%"
+    return text
 
 
 def _metrics(result, prefix: str) -> dict:
@@ -400,12 +446,14 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         final.update(_metrics(evaluate(final_model, labelled_batches(test, EVAL_BATCH), plan=plan, sites=sites,
                                        float_model=base, threads=cfg.threads), "test"))
         reference.update(_metrics(evaluate(base, labelled_batches(test, EVAL_BATCH), threads=cfg.threads), "test"))
+    calibration_only, warnings = _calibration_only_check(cfg, base, plan, sites, val, final)
     lowered = export_model(final_model, plan, sites, cfg.format)
     verification = _verified(lowered, final_model, plan, sites, test if test is not None else val)
     # Verified at batch N on the logits, written with the original's interface (batch, names, dtypes, outputs).
     lowered.proto = base.with_interface(lowered.proto)
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
+                "calibration_only": calibration_only, "warnings": warnings,
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict(), "environment": run_environment()}
     report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()
@@ -423,12 +471,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                                   {paths["work_dir"]: (paths["report"], json.loads(report_json))}))
     outputs.commit(files)
     if report:
-        split = "test" if "test_top1" in final else "val"
-        top1 = final[f"{split}_top1"]
-        report(Event("done", "compress", f"done ({state.stop}): iteration {final['iteration']}, B_w,eff "
-                     f"{final['weight_bits_effective']:.3f}, B_a,eff {final['activation_bits_effective']:.3f}, "
-                     f"{final['gbitops']:.4g} Gbit-OPs, {split} top-1 {'n/a' if top1 is None else f'{100 * top1:.1f}%'}"
-                     f" -> {paths['output']}",
+        report(Event("done", "compress", f"done ({state.stop}): {final_summary(final, reference)} -> {paths['output']}",
                      data={"stop_reason": state.stop, "target_reached": target_reached(cfg, state.stop, final),
                            "output": str(paths["output"]), **final}))
     return CompressResult(plan, final, state.records, reference, state.stop, paths, cfg)

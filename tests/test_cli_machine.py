@@ -268,6 +268,9 @@ def test_bar_with_eta_on_a_terminal_and_plain_lines_off_it(tmp_path, no_color):
     assert "\x1b[" not in plain.stderr and "\r" not in plain.stderr and "%|" not in plain.stderr
     lines = plain.stderr.splitlines()
     assert lines[0].startswith("float model: validation top-1") and lines[-1].startswith("done (max_iterations)")
+    # the last line puts the float figure, the drop and the agreement beside top-1
+    assert re.search(r"test top-1 [\d.]+% \(float [\d.]+%, drop -?[\d.]+ points\), agreement with float [\d.]+%",
+                     lines[-1]), lines[-1]
     assert sum(line.startswith("iter ") for line in lines) == 2
     assert any(line.startswith("  fine-tune step 2/2 loss") for line in lines)
 

@@ -241,16 +241,18 @@ def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch)
         return real(model, plan, sites, batches, **kwargs)
 
     monkeypatch.setattr(iteration, "fine_tune", spy)
-    result = compress(MODEL, DATA, output=tmp_path / "d.onnx", progress=False, phases="weights", distill=True,
+    result = compress(MODEL, DATA, output=tmp_path / "d.onnx", progress=False, phases="weights",
                       **dict(TINY, max_iterations=1))
     assert len(seen) == 2 and all(distill is True for _, distill, _ in seen)
     (first, _, teacher), (later, _, teacher2) = seen
     assert teacher is teacher2 and first is teacher and later is not teacher  # later: the fine-tuned weights
     assert all(np.isfinite(r.fine_tune_loss) for r in result.iterations)
     assert yaml.safe_load(result.paths["config"].read_text())["distill"] is True
-    seen.clear()
-    compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", **dict(TINY, max_iterations=0))
-    assert [distill for _, distill, _ in seen] == [None]  # labels: cross-entropy unless asked
+    seen.clear()  # distillation is the default, labels or not; --no-distill: the labels' cross-entropy
+    compress(MODEL, DATA, output=tmp_path / "t.onnx", progress=False, phases="weights", **dict(TINY, max_iterations=0))
+    compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", distill=False,
+             **dict(TINY, max_iterations=0))
+    assert [distill for _, distill, _ in seen] == [True, None]
 
 
 @needs_model

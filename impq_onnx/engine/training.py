@@ -50,7 +50,7 @@ from impq_onnx.engine.replicas import Replicas, sgd_update
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
 from impq_onnx.runtime import default_replicas, lap, resolve_threads
 
-__all__ = ["BATCHNORM_MODES", "TrainedWeights", "fine_tune", "OPTIMIZERS"]
+__all__ = ["BATCHNORM_MODES", "FineTuneDiverged", "TrainedWeights", "fine_tune", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adamw")
 _RUNNING = "/impq_running"
@@ -91,6 +91,17 @@ class TrainedWeights:
         if isinstance(model, ir.Model):
             return new_ir
         return dataclasses.replace(model, model=new_ir)
+
+
+class FineTuneDiverged(DataError):
+    """The training loss became non-finite (NaN or inf): the learning rate is too high for this model.
+
+    ``step`` is the 0-based step it happened at, ``losses`` the finite losses before it, ``seconds`` the time
+    spent. A DataError (exit 2) for a direct caller; the search loop catches it and retries at a lower rate."""
+
+    def __init__(self, loss: float, step: int, losses: list[float], seconds: float) -> None:
+        super().__init__(f"the training loss became {loss} at step {step}; lower the learning rate")
+        self.step, self.losses, self.seconds = step, list(losses), seconds
 
 
 def _session_options(threads: int, deterministic: bool = True, profile: str | None = None):
@@ -456,7 +467,8 @@ def fine_tune(
             if group is not None:
                 loss = group.forward_backward(x, None if distill else y)
                 if not np.isfinite(loss):
-                    raise DataError(f"the training loss became {loss} at step {step}; lower the learning rate")
+                    stream.close()  # stops the prefetch thread now, not when the traceback is let go
+                    raise FineTuneDiverged(loss, step, losses, time.perf_counter() - start)
                 group.sgd_step(velocity, rate, momentum, weight_decay)
             else:
                 parts = _fixed_chunks(len(x), fixed)
@@ -471,7 +483,8 @@ def fine_tune(
                         state.parameters[running[name]].data = np.asarray(value, np.float32)
                 loss = float(np.mean(chunk_losses))
                 if not np.isfinite(loss):
-                    raise DataError(f"the training loss became {loss} at step {step}; lower the learning rate")
+                    stream.close()  # stops the prefetch thread now, not when the traceback is let go
+                    raise FineTuneDiverged(loss, step, losses, time.perf_counter() - start)
                 if opt is not None:
                     opt.set_learning_rate(rate)
                     opt.step()

@@ -127,7 +127,8 @@ def _iterations_table(run: RunData) -> str:
              f"-1 bit on {r.lowered}/{r.reducible}", _num(r.weight_bits_effective),
              _num(r.activation_bits_effective), _num(r.gbitops, 4), _num(r.compression_ratio, 2, "x"),
              _pct(r.val_top1), _drop(run, r.val_top1), _pct(r.val_agreement), _num(r.seconds, 1, " s"),
-             " ".join(x for x in (r.phase_end and f"phase end: {r.phase_end}",
+             " ".join(x for x in (r.extra.get("fine_tune_kept") is False and "fine-tune dropped (guard)",
+                                  r.phase_end and f"phase end: {r.phase_end}",
                                   r.stop and f"stop: {r.stop}") if x)]
             for r in run.records]
     return _table(["iter", "phase", "step", "B_w,eff", "B_a,eff", "C_C", "CR", "val top-1", "drop vs float",

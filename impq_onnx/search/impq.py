@@ -29,9 +29,9 @@ from impq_onnx.search.iteration import (
     derive_seed,
     fine_tune_steps,
     finish_iteration,
+    guarded_fine_tune,
     labelled_batches,
     record_iteration,
-    run_fine_tune,
     with_values,
 )
 from impq_onnx.search.schedule import parse_schedule
@@ -128,27 +128,58 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step,
 
 
 def _landing(plan: PrecisionPlan, phase: str, picked: list, groups: dict, sites, target: float | None) -> list:
-    """The shortest prefix of ``picked`` (least sensitive first) whose lowering brings the phase's
-    effective bits to ``target`` or below; all of ``picked`` when even that stays above it or there is
-    no target. Each lowering only removes bits, so the effective bits fall with the prefix length and
-    a bisection finds it."""
+    """The groups of ``picked`` (least sensitive first) to lower when lowering all of them would pass
+    ``target``: the set that lands closest to the target from below. All of ``picked`` when even that stays
+    above it or there is no target.
+
+    Two candidates, the one with the higher effective bits (at or below the target) wins, the prefix on a
+    tie: the shortest prefix of ``picked`` that reaches the target (found by bisection: each lowering only
+    removes bits), and the same prefix with its last group, the one that crosses the target, replaced by
+    the smallest group of ``picked`` that still reaches it (:func:`_smallest_crossing`): a site with half of
+    the activation elements takes 0.5 bit off B_a,eff at once, where a smaller one lands closer. Only that
+    one group can differ from the sensitivity order."""
     if target is None or not picked:
         return picked
 
-    def bits(k: int) -> float:
-        lowered = _lower(plan, phase, picked[:k], groups)
+    def bits(chosen: list) -> float:
+        lowered = _lower(plan, phase, chosen, groups)
         return lowered.weight_bits_effective(sites) if phase == "weights" else lowered.activation_bits_effective(sites)
 
-    if bits(len(picked)) > target + 1e-9:
+    if bits(picked) > target + 1e-9:
         return picked
     lo, hi = 0, len(picked)  # bits(lo) > target (or lo == 0), bits(hi) <= target
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if bits(mid) <= target + 1e-9:
+        if bits(picked[:mid]) <= target + 1e-9:
             hi = mid
         else:
             lo = mid
-    return picked[:hi]
+    prefix = picked[:hi]
+    now, after_all = bits([]), bits(picked)
+    if now - after_all <= 0:
+        return prefix
+    if phase == "weights":
+        size = {name: float(groups[name].params) for name in picked}
+    else:
+        elements = {site.tensor: site.elements for site in sites.activations}
+        size = {name: float(elements[name]) for name in picked}
+    unit = (now - after_all) / sum(size.values())  # bits removed per weight (element) lowered by one bit
+    fit = _smallest_crossing(picked, prefix[:-1], size, (now - target) / unit)
+    if fit is not None and bits(prefix) + 1e-9 < bits(fit) <= target + 1e-9:
+        return fit
+    return prefix
+
+
+def _smallest_crossing(picked: list, kept: list, size: dict, need: float) -> list | None:
+    """``kept`` plus the smallest other group of ``picked`` (the least sensitive of equal ones) that brings
+    the sizes to ``need``, in ``picked``'s order; None when none does."""
+    order = {name: i for i, name in enumerate(picked)}
+    have, chosen = sum(size[name] for name in kept), set(kept)
+    rest = [name for name in picked if name not in chosen and have + size[name] >= need * (1 - 1e-9)]
+    if not rest:
+        return None
+    last = min(rest, key=lambda name: (size[name], order[name]))
+    return sorted(chosen | {last}, key=order.__getitem__)
 
 
 def _phase_end(context: SearchContext, state: SearchState, record: IterationRecord) -> str | None:
@@ -193,10 +224,10 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
                                                                    iteration, state.phase_step,
                                                                    context.inner_progress(plain=False), budget)
         sensitivity_seconds = time.perf_counter() - start
-        trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train, kind == "start"), lr=cfg.lr)
-        state.values = {**state.values, **trained.values}
-        record = record_iteration(context, state, started=start, phase=phase, kind=kind, trained=trained,
-                                  lowered=lowered, reducible=reducible,
+        tuned = guarded_fine_tune(context, state, model, fine_tune_steps(cfg, train, kind == "start"), lr=cfg.lr)
+        state.values = tuned.values
+        record = record_iteration(context, state, started=start, phase=phase, kind=kind, trained=tuned.trained,
+                                  lowered=lowered, reducible=reducible, extra=tuned.extra, result=tuned.result,
                                   sensitivity_seconds=sensitivity_seconds if kind == "lower" else 0.0)
         if kind == "lower":
             state.phase_step += 1

@@ -16,6 +16,8 @@ run had. The only wall-clock input is ``time_budget``; its decision is committed
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -24,15 +26,20 @@ from typing import Any
 import numpy as np
 
 from impq_onnx.data.dataset import derive_seed  # one definition: compress's validation subset uses it too
-from impq_onnx.engine import TrainedWeights, evaluate, fine_tune
+from impq_onnx.engine import EvalResult, FineTuneDiverged, TrainedWeights, evaluate, fine_tune
 from impq_onnx.events import Event
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
-__all__ = ["EVAL_BATCH", "decide", "derive_seed", "fine_tune_steps", "finish_iteration", "format_record",
+__all__ = ["EVAL_BATCH", "LR_RETRY_DIVISOR", "GuardedFineTune", "decide", "derive_seed", "evaluate_values",
+           "fine_tune_steps", "finish_iteration", "format_record", "guard_key", "guarded_fine_tune",
            "labelled_batches", "record_iteration", "run_fine_tune", "train_batches", "with_values",
            "within_accuracy_drop"]
 
 EVAL_BATCH = 64
+LR_RETRY_DIVISOR = 10  # a diverging fine-tune is retried once at its learning rate divided by this
+_EXPLODED = 1.5  # a fine-tune whose loss ends this many times above where it began has blown up
+
+logger = logging.getLogger(__name__)
 
 
 def with_values(base: Any, values: dict[str, np.ndarray]) -> Any:
@@ -87,16 +94,113 @@ def run_fine_tune(context: SearchContext, state: SearchState, model: Any, steps:
                      progress=context.inner_progress() or False)
 
 
+def evaluate_values(context: SearchContext, plan: Any, values: dict[str, np.ndarray]) -> EvalResult:
+    """The validation result of base + ``values`` under ``plan`` (top-1, and agreement with the float model)."""
+    return evaluate(with_values(context.base, values), labelled_batches(context.val, EVAL_BATCH), plan=plan,
+                    sites=context.sites, float_model=context.base, threads=context.config.threads,
+                    progress=context.inner_progress(plain=False) or False, total=len(context.val))
+
+
+def guard_key(cfg: Any, result: EvalResult) -> tuple[float, float]:
+    """What the guard compares, larger is better: agreement with the float model, then top-1; top-1 first
+    when ``max_accuracy_drop`` is set and reads top-1 (labelled data). A missing figure counts as -1."""
+    top1 = -1.0 if result.top1 is None else result.top1
+    agreement = -1.0 if result.agreement is None else result.agreement
+    if cfg.max_accuracy_drop is not None and result.top1 is not None:
+        return (top1, agreement)
+    return (agreement, top1)
+
+
+@dataclasses.dataclass
+class GuardedFineTune:
+    """An iteration's fine-tune after the guard: the values it keeps and their validation result.
+
+    ``trained`` sums the attempts (steps and losses of the last one, seconds of all); ``extra`` is what the
+    iteration's record holds about it (:func:`guarded_fine_tune`)."""
+
+    values: dict[str, np.ndarray]
+    result: EvalResult
+    trained: TrainedWeights
+    extra: dict[str, Any]
+
+
+def _metrics(result: EvalResult | None) -> dict[str, Any] | None:
+    return None if result is None else {"val_top1": result.top1, "val_agreement": result.agreement}
+
+
+def _exploded(losses: list[float]) -> bool:
+    """Whether the loss ended well above where it began (mean of the last vs the first tenth of the steps)."""
+    if len(losses) < 2:
+        return False
+    k = max(1, len(losses) // 10)
+    return float(np.mean(losses[-k:])) > _EXPLODED * float(np.mean(losses[:k]))
+
+
+def _attempt(context: SearchContext, state: SearchState, model: Any, steps: int,
+             lr: float) -> tuple[TrainedWeights, EvalResult | None]:
+    """One fine-tune at ``lr`` and its validation result; None when it diverged (a non-finite loss or
+    non-finite weights), with the steps it ran."""
+    try:
+        trained = run_fine_tune(context, state, model, steps, lr=lr)
+    except FineTuneDiverged as exc:
+        return TrainedWeights({}, exc.losses, exc.step, 0, exc.seconds), None
+    if not all(np.isfinite(v).all() for v in trained.values.values()):
+        return trained, None
+    return trained, evaluate_values(context, state.plan, {**state.values, **trained.values})
+
+
+def guarded_fine_tune(context: SearchContext, state: SearchState, model: Any, steps: int, *,
+                      lr: float) -> GuardedFineTune:
+    """Fine-tune ``model`` (base + ``state.values``) under ``state.plan`` and keep what validates better.
+
+    With ``guard`` (the default) the same plan is first evaluated without this fine-tune (calibration
+    only for this plan: the values from before it), and the fine-tune is kept only when its
+    :func:`guard_key` is at least that one's. A fine-tune that diverges (non-finite loss or weights), or
+    that the guard rejects while its loss rose by half over the run, is retried once at
+    ``lr / LR_RETRY_DIVISOR`` with the same seeds; one that diverges again is dropped (a warning says so).
+    Everything here depends only on the seed and the committed state, so a resume replays it.
+    ``extra``: ``fine_tune_kept``, ``fine_tune_lr`` (of the last attempt), ``fine_tune_retried``,
+    ``before_fine_tune`` and ``after_fine_tune`` (``val_top1``, ``val_agreement``; None when not measured
+    or diverged)."""
+    cfg, iteration = context.config, state.iteration + 1
+    before = evaluate_values(context, state.plan, state.values) if cfg.guard else None
+    trained, after = _attempt(context, state, model, steps, lr)
+    seconds, used, retried = trained.seconds, lr, False
+    rejected = after is not None and before is not None and guard_key(cfg, after) < guard_key(cfg, before)
+    if after is None or (rejected and _exploded(trained.losses)):
+        why = ("diverged (non-finite loss)" if after is None else
+               f"raised its loss from {np.mean(trained.losses[:max(1, len(trained.losses) // 10)]):.4g} "
+               f"to {np.mean(trained.losses[-max(1, len(trained.losses) // 10):]):.4g}")
+        used, retried = lr / LR_RETRY_DIVISOR, True
+        logger.warning(f"iteration {iteration}: the fine-tune at lr {lr:g} {why}; retrying once at lr {used:g}")
+        trained, after = _attempt(context, state, model, steps, used)
+        seconds += trained.seconds
+    if after is None:
+        before = before if before is not None else evaluate_values(context, state.plan, state.values)
+        logger.warning(f"iteration {iteration}: the fine-tune diverged at lr {lr:g} and {used:g}; the iteration "
+                       "keeps the weights from before it (try a lower --lr)")
+        kept = False
+    else:
+        kept = before is None or guard_key(cfg, after) >= guard_key(cfg, before)
+    values = {**state.values, **trained.values} if kept else state.values
+    result = after if kept else before
+    assert result is not None
+    summary = TrainedWeights({}, trained.losses, trained.steps, trained.images, seconds, trained.step_seconds)
+    extra = {"fine_tune_kept": kept, "fine_tune_lr": used, "fine_tune_retried": retried,
+             "before_fine_tune": _metrics(before), "after_fine_tune": _metrics(after)}
+    return GuardedFineTune(values, result, summary, extra)
+
+
 def record_iteration(context: SearchContext, state: SearchState, *, started: float, phase: str, kind: str,
                      trained: TrainedWeights | None = None, lowered: int = 0, reducible: int | None = None,
-                     sensitivity_seconds: float = 0.0, extra: dict[str, Any] | None = None) -> IterationRecord:
+                     sensitivity_seconds: float = 0.0, extra: dict[str, Any] | None = None,
+                     result: EvalResult | None = None) -> IterationRecord:
     """Evaluate ``state.values`` under ``state.plan`` on the validation split: the next iteration's record,
     not yet decided or committed. ``trained`` is the iteration's fine-tune (None: none, recorded as 0 steps
-    and no loss); ``started`` the iteration's ``time.perf_counter()`` start."""
-    model = with_values(context.base, state.values)
-    result = evaluate(model, labelled_batches(context.val, EVAL_BATCH), plan=state.plan, sites=context.sites,
-                      float_model=context.base, threads=context.config.threads,
-                      progress=context.inner_progress(plain=False) or False, total=len(context.val))
+    and no loss); ``started`` the iteration's ``time.perf_counter()`` start; ``result`` that evaluation when
+    the caller has it already (:func:`guarded_fine_tune`)."""
+    if result is None:
+        result = evaluate_values(context, state.plan, state.values)
     seconds = time.perf_counter() - started
     summary = state.plan.summary(context.sites)
     return IterationRecord(
@@ -107,7 +211,7 @@ def record_iteration(context: SearchContext, state: SearchState, *, started: flo
         gbitops=summary["gbitops"], model_bytes=summary["weight_bytes"] + context.other_float_bytes,
         val_top1=result.top1, val_top5=result.top5, val_agreement=result.agreement, val_n=result.n,
         fine_tune_steps=trained.steps if trained is not None else 0,
-        fine_tune_loss=float(np.mean(trained.losses[-10:])) if trained is not None else None,
+        fine_tune_loss=float(np.mean(trained.losses[-10:])) if trained is not None and trained.losses else None,
         sensitivity_seconds=sensitivity_seconds, fine_tune_seconds=trained.seconds if trained is not None else 0.0,
         seconds=seconds, elapsed=state.elapsed + seconds, extra=dict(extra or {}),
     )
@@ -185,6 +289,16 @@ def format_record(record: IterationRecord, reference: dict[str, Any]) -> str:
             f"C_C {record.gbitops:.4g} Gbit-OPs  CR {record.compression_ratio:.2f}x  "
             f"top-1 {pct(record.val_top1)} (float {pct(reference.get('top1'))})  "
             f"agree {pct(record.val_agreement)}  {record.seconds:.1f} s")
+    kept, other = record.extra.get("fine_tune_kept"), None
+    if kept is not None and record.extra.get("before_fine_tune") is not None:
+        other = record.extra["before_fine_tune" if kept else "after_fine_tune"]
+    if kept is False:
+        line += ("  [fine-tune diverged: weights from before it]" if other is None else
+                 f"  [fine-tune dropped: agree {pct(other['val_agreement'])} after it]")
+    elif kept and other is not None:
+        line += f"  [fine-tune kept: agree {pct(other['val_agreement'])} before it]"
+    if record.extra.get("fine_tune_retried"):
+        line += f"  [lr {record.extra['fine_tune_lr']:g} retry]"
     if record.phase_end:
         line += f"  [phase end: {record.phase_end}]"
     if record.stop:
