@@ -43,10 +43,7 @@ _NOT_EXACT = ("verify: the lowered model's logits differ from the simulation by 
               "verify compares exactly, onnxruntime sums this graph in another order)")
 XFAIL = {
     "lower": {"mobilenet_v3_large_dynamo": _NOT_EXACT.format("~2e-08"), "vit_ts_static1": _NOT_EXACT.format("3e-32")},
-    "compress": {"mobilenet_v3_large_dynamo": _NOT_EXACT.format("~2e-08"),
-                 "resnet50_dynamo": "compress's verification: after the fine-tune the lowered logits differ from the "
-                                    "simulation by 0.078 (an activation code one step apart; top-1 agrees on every "
-                                    "image); the lowering/simulation mismatch is not found yet"},
+    "compress": {"mobilenet_v3_large_dynamo": _NOT_EXACT.format("~2e-08")},
 }
 
 
