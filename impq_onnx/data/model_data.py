@@ -48,8 +48,6 @@ def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess |
     if isinstance(preprocess, Preprocess):
         return preprocess
     if preprocess is None or preprocess == MODEL_INPUT:
-        from impq_onnx.data.imagefolder import first_image_size
-
         layout = canonical.input_layout if canonical.input_layout in ("NCHW", "NHWC") else None
         size = None
         if input_shape is not None and _dynamic_hw(canonical) and len(input_shape) == len(canonical.input_shape()):
@@ -57,7 +55,7 @@ def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess |
         else:
             if data is not None and _dynamic_hw(canonical):
                 size = (data.images.shape[1], data.images.shape[2]) if isinstance(data, ArrayData) else \
-                    first_image_size(data)
+                    _data_image_size(Path(data))
             inferred = infer_preprocess(canonical.input_shape(), layout, size)
         if preprocess is None:
             return inferred
@@ -70,6 +68,20 @@ def resolve_preprocess(canonical: CanonicalModel, preprocess: str | Preprocess |
         return preprocess_from_yaml(preprocess)
     raise ConfigError(f"option 'preprocess': {preprocess!r} is neither a preset ({', '.join(sorted(PRESETS))}, "
                       f"{MODEL_INPUT}) nor a YAML file{suggest(preprocess, [*PRESETS, MODEL_INPUT])}")
+
+
+def _data_image_size(data: Path) -> tuple[int, int] | None:
+    """The first image's size: of an image folder, of an ``.npz``'s array ``x``, or of the first ``.npz`` in
+    a folder of splits (``train.npz``, ...)."""
+    from impq_onnx.data.imagefolder import first_image_size
+    from impq_onnx.data.npz import npz_image_size
+
+    if data.is_file() and data.suffix.lower() == ".npz":
+        return npz_image_size(data)
+    if data.is_dir():
+        for found in sorted(data.glob("*.npz")):
+            return npz_image_size(found)
+    return first_image_size(data)
 
 
 def _dynamic_hw(canonical: CanonicalModel) -> bool:

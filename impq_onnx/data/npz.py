@@ -82,6 +82,24 @@ def load_npz(path: Path) -> NpzContents:
     return NpzContents(images, labels, tuple(str(i) for i in range(count)))
 
 
+def npz_image_size(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` of the images in ``path``'s array ``x`` (read from its header only), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape = read_header(member)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+    if len(shape) == 3:
+        return int(shape[1]), int(shape[2])
+    if len(shape) == 4:  # [N, C, H, W] with C = 1 or 3, else [N, H, W, C]
+        return (int(shape[2]), int(shape[3])) if shape[1] in (1, 3) and shape[3] not in (1, 3) else \
+            (int(shape[1]), int(shape[2]))
+    return None
+
+
 class ArrayImages:
     """A pixel source over an in-memory image array ``[N, H, W, C]``."""
 

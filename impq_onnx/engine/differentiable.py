@@ -11,7 +11,14 @@ in the training and gradient graphs only, into exact equivalents it can differen
 - ``Dropout`` (every opset, inference mode) is the identity;
 - ``PRelu(x, s) = Max(x, 0) + s * Min(x, 0)``;
 - ``Sum(a, b, c) = (a + b) + c``;
-- ``LayerNormalization`` gets its ``Mean`` and ``InvStdDev`` outputs (values unchanged).
+- ``LayerNormalization`` gets its ``Mean`` and ``InvStdDev`` outputs (values unchanged);
+- ``AveragePool`` (``ceil_mode=0``, explicit or no pads) is ``Conv(x, ones, group=C) / count``, count the
+  window size (``count_include_pad=1`` or no pads) or the per-position count of real pixels: onnxruntime
+  1.19's AveragePoolGrad writes a zero-sized gradient ("Can broadcast 0 by 0 or 1" in the Relu before it,
+  tf2onnx and Caffe2 exports) or stops the process with SIGFPE (DenseNet's transitions);
+- ``Resize`` (nearest, integer spatial scales, a coordinate mode that repeats pixels) is
+  ``Unsqueeze -> Tile -> Reshape``: the CPU build has no ResizeGrad kernel ("Could not find an
+  implementation for ResizeGrad"); other Resize nodes are refused at the start (not in the list below).
 
 The written model keeps the original ops. :func:`check_differentiable` then checks every node on the
 path from the image input against :data:`DIFFERENTIABLE_OPS` (the ops whose gradient the installed
@@ -21,6 +28,7 @@ build was seen to build) and raises a one-line :class:`ModelError` naming the fi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,7 +48,7 @@ DIFFERENTIABLE_OPS = frozenset({
     "Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Conv", "ConvTranspose", "Cos",
     "Div", "Erf", "Exp", "Expand", "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "Identity",
     "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Pad",
-    "Pow", "Reciprocal", "ReduceL2", "ReduceLogSumExp", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize",
+    "Pow", "Reciprocal", "ReduceL2", "ReduceLogSumExp", "ReduceMean", "ReduceSum", "Relu", "Reshape",
     "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose",
     "Unsqueeze", "Where",
 })
@@ -117,6 +125,98 @@ def _layer_norm(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list
     return [rewritten]
 
 
+def _any_attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _channels(graph: onnx.GraphProto, name: str) -> int | None:
+    for value in (*graph.value_info, *graph.input):
+        if value.name == name:
+            dims = value.type.tensor_type.shape.dim
+            return dims[1].dim_value if len(dims) >= 3 and dims[1].HasField("dim_value") else None
+    return None
+
+
+def _average_pool(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
+    kernel = list(_any_attribute(node, "kernel_shape", []))
+    spatial = len(kernel)
+    pads = list(_any_attribute(node, "pads", [0] * 2 * spatial))
+    auto_pad = _any_attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    channels = _channels(graph, node.input[0])
+    if (not spatial or _any_attribute(node, "ceil_mode", 0) or auto_pad not in ("NOTSET", "VALID") or channels is None
+            or list(_any_attribute(node, "dilations", [1] * spatial)) != [1] * spatial):
+        return None  # left to the builder (and to check_differentiable)
+    if auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    strides = list(_any_attribute(node, "strides", [1] * spatial))
+    ones = f"{base}/ones"
+    graph.initializer.append(numpy_helper.from_array(np.ones([channels, 1, *kernel], np.float32), ones))
+    conv: dict[str, Any] = {"kernel_shape": kernel, "strides": strides, "pads": pads, "group": channels}
+    nodes = [helper.make_node("Conv", [node.input[0], ones], [f"{base}/sum"], name=f"{base}/Conv", **conv)]
+    if _any_attribute(node, "count_include_pad", 0) or not any(pads):
+        count = _scalar(graph, f"{base}/count", float(np.prod(kernel)))
+    else:  # the real pixels under each window: the same sum over an all-ones image (no gradient flows there)
+        count = f"{base}/count"
+        nodes += [helper.make_node("Shape", [node.input[0]], [f"{base}/shape"], name=f"{base}/Shape"),
+                  helper.make_node("ConstantOfShape", [f"{base}/shape"], [f"{base}/one_image"],
+                                   name=f"{base}/ConstantOfShape",
+                                   value=numpy_helper.from_array(np.ones([1], np.float32))),
+                  helper.make_node("Conv", [f"{base}/one_image", ones], [count], name=f"{base}/Count", **conv)]
+    nodes.append(helper.make_node("Div", [f"{base}/sum", count], [node.output[0]], name=f"{base}/Div"))
+    return nodes
+
+
+def _shape_of(graph: onnx.GraphProto, name: str) -> list[int] | None:
+    for value in (*graph.value_info, *graph.input):
+        if value.name == name:
+            dims = value.type.tensor_type.shape.dim
+            return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in dims]
+    return None
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    found = next((t for t in graph.initializer if t.name == name), None)
+    return numpy_helper.to_array(found) if found is not None else None
+
+
+def _resize(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
+    def text(name: str, default: str) -> str:
+        value = _any_attribute(node, name, default)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    shape = _shape_of(graph, node.input[0])
+    if text("mode", "nearest") != "nearest" or shape is None or len(shape) != 4 or -1 in shape[1:]:
+        return None
+    scales = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = _constant(graph, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size == 4:
+        factors = [float(v) for v in scales]
+    elif sizes is not None and sizes.size == 4:
+        factors = [float(sizes[i]) / shape[i] if i else 1.0 for i in range(4)]
+    else:
+        return None
+    ints = [int(round(f)) for f in factors]
+    if factors[:2] != [1.0, 1.0] or any(f != i or i < 1 for f, i in zip(factors, ints)):
+        return None
+    transform = text("coordinate_transformation_mode", "half_pixel")
+    nearest = text("nearest_mode", "round_prefer_floor")
+    if not (transform in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn")
+            or (transform == "asymmetric" and nearest == "floor")):
+        return None  # these modes repeat each pixel s times for an integer scale s; others do not
+    sh, sw = ints[2], ints[3]
+    axes = f"{base}/axes"
+    repeats = f"{base}/repeats"
+    target = f"{base}/target"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([3, 5], np.int64), axes),
+        numpy_helper.from_array(np.array([1, 1, 1, sh, 1, sw], np.int64), repeats),
+        numpy_helper.from_array(np.array([0, shape[1], shape[2] * sh, shape[3] * sw], np.int64), target)])
+    return [helper.make_node("Unsqueeze", [node.input[0], axes], [f"{base}/x6"], name=f"{base}/Unsqueeze"),
+            helper.make_node("Tile", [f"{base}/x6", repeats], [f"{base}/tiled"], name=f"{base}/Tile"),
+            helper.make_node("Reshape", [f"{base}/tiled", target], [node.output[0]], name=f"{base}/Reshape")]
+
+
 # op type -> rewrite(graph, node, name prefix) -> replacement nodes (None: leave the node as it is)
 REWRITES: dict[str, Callable[[onnx.GraphProto, onnx.NodeProto, str], list[onnx.NodeProto] | None]] = {
     "HardSigmoid": _hard_sigmoid,
@@ -125,12 +225,16 @@ REWRITES: dict[str, Callable[[onnx.GraphProto, onnx.NodeProto, str], list[onnx.N
     "PRelu": _prelu,
     "Sum": _sum,
     "LayerNormalization": _layer_norm,
+    "AveragePool": _average_pool,
+    "Resize": _resize,
 }
 
 
 def make_differentiable(proto: onnx.ModelProto) -> int:
     """Rewrite (in place) every node of :data:`REWRITES` into its exact equivalent; returns how many."""
     graph = proto.graph
+    if any(node.op_type in ("AveragePool", "Resize") for node in graph.node):  # their rewrites need shapes
+        _infer_value_info(proto)
     nodes: list[onnx.NodeProto] = []
     count = 0
     for position, node in enumerate(graph.node):
@@ -145,6 +249,15 @@ def make_differentiable(proto: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return count
+
+
+def _infer_value_info(proto: onnx.ModelProto) -> None:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
+    except Exception:  # without shapes the pools stay as they are
+        return
+    known = {v.name for v in proto.graph.value_info}
+    proto.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
 
 
 def _float_values(proto: onnx.ModelProto) -> Callable[[str], bool]:

@@ -207,6 +207,10 @@ class TensorGradients:
                  returned: Iterable[str] = ()):
         model = onnx.ModelProto()
         model.CopyFrom(proto)
+        if input_shape is not None:  # pool gradients over unknown spatial sizes are wrong (see training)
+            from impq_onnx.engine.training import _concrete_image_size
+
+            _concrete_image_size(model, tuple(input_shape))
         inference_batchnorm(model)
         explicit_conv_pads(model, input_shape)
         make_differentiable(model)

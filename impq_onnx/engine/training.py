@@ -229,6 +229,26 @@ def _trainable_names(proto: onnx.ModelProto, sites: SiteTable) -> list[str]:
     return result
 
 
+# Ops whose onnxruntime-training gradient always writes ``<input>_grad`` for every float input, needed or not.
+_GRADIENT_FOR_EVERY_INPUT = ("LayerNormalization", "SimplifiedLayerNormalization")
+
+
+def _kept_apart(proto: onnx.ModelProto, trainable: list[str]) -> set[str]:
+    """Constant inputs of the ops in :data:`_GRADIENT_FOR_EVERY_INPUT` that are not trained.
+
+    onnxruntime's ConstantSharing merges equal small initializers before the gradient is built (e.g. the
+    all-ones scales of freshly initialised LayerNorms of one width); two LayerNormalizationGrad nodes then
+    both define ``<scale>_grad`` and the builder fails ("Duplicate definition of name"). Frozen parameters
+    are graph inputs, which are never merged; their values stay as they are."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    kept = set()
+    for node in proto.graph.node:
+        if node.op_type in _GRADIENT_FOR_EVERY_INPUT:
+            kept.update(name for name in node.input[1:] if name in inits and name not in trainable
+                        and inits[name].data_type == onnx.TensorProto.FLOAT)
+    return kept
+
+
 def _distillation_loss(onnxblock, temperature: float):
     class SoftCrossEntropy(onnxblock.Block):
         def build(self, logits: str, teacher: str = "teacher_logits") -> str:
@@ -368,12 +388,16 @@ def fine_tune(
     x0, y0 = _split(first)
     lap("data")
     replicas = default_replicas(threads, len(x0), optimizer) if replicas is None else int(replicas)
+    fixed = _fixed_batch(as_proto(model))
+    if fixed is not None and fixed != len(x0):
+        replicas = 1  # each step accumulates the gradients of the batch's chunks of the fixed size
     replica_threads = threads if replicas == 1 else max(1, threads // replicas)
     distill = (y0 is None) if distill is None else distill
     if not distill and y0 is None:
         raise DataError("the training data has no labels; fine-tune with distill=True")
 
     proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    _concrete_image_size(proto, x0.shape)
     running: dict[str, str] = {}
     if batchnorm == "frozen":  # scale and shift found while the BatchNormalization nodes are still there
         frozen_trainable = _trainable_names(proto, sites)
@@ -384,8 +408,9 @@ def fine_tune(
     make_differentiable(proto)
     check_differentiable(proto, getattr(model, "label", "the model"))
     trainable = frozen_trainable if batchnorm == "frozen" else _trainable_names(proto, sites)
-    frozen = sorted(set(running.values()))
+    frozen = sorted(set(running.values()) | _kept_apart(proto, trainable))
     logits = sites.logits
+    _declare_logits_shape(proto, logits, model, x0, replica_threads)
     dims = {t.name: list(t.dims) for t in proto.graph.initializer}
     proto.graph.output.extend(
         helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims[stat]) for n, stat in running.items()
@@ -446,20 +471,25 @@ def fine_tune(
                     raise FineTuneDiverged(loss, step, losses, time.perf_counter() - start)
                 group.sgd_step(velocity, rate, momentum, weight_decay)
             else:
-                target = teacher_session.run(None, {sites.input_name: x})[0] if distill else y
-                outputs = module(x, target)
-                outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
-                loss = float(np.asarray(outputs[0]))
+                parts = _fixed_chunks(len(x), fixed)
+                chunk_losses = []
+                for part in parts:  # onnxruntime adds up the gradients of the parts until lazy_reset_grad
+                    xs = x[part]
+                    target = teacher_session.run(None, {sites.input_name: xs})[0] if distill else y[part]
+                    outputs = module(xs, target)
+                    outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+                    chunk_losses.append(float(np.asarray(outputs[0])))
+                    for name, value in zip(stat_names, outputs[1:]):
+                        state.parameters[running[name]].data = np.asarray(value, np.float32)
+                loss = float(np.mean(chunk_losses))
                 if not np.isfinite(loss):
                     stream.close()  # stops the prefetch thread now, not when the traceback is let go
                     raise FineTuneDiverged(loss, step, losses, time.perf_counter() - start)
-                for name, value in zip(stat_names, outputs[1:]):
-                    state.parameters[running[name]].data = np.asarray(value, np.float32)
                 if opt is not None:
                     opt.set_learning_rate(rate)
                     opt.step()
                 else:
-                    _sgd_step(state, trainable, velocity, rate, momentum, weight_decay)
+                    _sgd_step(state, trainable, velocity, rate, momentum, weight_decay, 1.0 / len(parts))
                 module.lazy_reset_grad()
             losses.append(loss)
             images += len(x)
@@ -486,13 +516,67 @@ def fine_tune(
     return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
 
 
+def _declare_logits_shape(proto: onnx.ModelProto, logits: str, model, x0: np.ndarray, threads: int) -> None:
+    """Give the logits output a ``[batch, classes]`` shape where the graph declares none (shape inference
+    stopped at an op it does not know): onnxruntime's loss blocks read the labels' shape from it (an
+    IndexError otherwise). The class count comes from running the float model on the first images."""
+    output = next((o for o in proto.graph.output if o.name == logits), None)
+    if output is None:
+        return
+    tensor = output.type.tensor_type
+    if tensor.HasField("shape") and len(tensor.shape.dim) >= 2 and tensor.shape.dim[-1].HasField("dim_value"):
+        return
+    from impq_onnx.runtime import inference_session
+
+    base = as_proto(model)
+    session = inference_session(base.SerializeToString(), threads)
+    fixed = _fixed_batch(base)
+    classes = session.run([logits], {session.get_inputs()[0].name: x0[: fixed or 1]})[0].shape[-1]
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    new = helper.make_tensor_value_info(logits, tensor.elem_type or onnx.TensorProto.FLOAT, [
+        batch.dim_value if batch.HasField("dim_value") else (batch.dim_param or "N"), int(classes)])
+    output.CopyFrom(new)
+
+
+def _concrete_image_size(proto: onnx.ModelProto, shape: tuple[int, ...]) -> None:
+    """Declare the training batch's height/width (every non-batch dim) where the model leaves them dynamic.
+
+    onnxruntime-training 1.19 builds wrong gradients for pools over unknown spatial sizes (a zero-sized
+    ``Relu_Grad`` input after a MaxPool, a segmentation fault in other exports); with the data's size
+    declared, the graph is the one the training batches have anyway."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        return
+    for dim, size in list(zip(dims, shape))[1:]:
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            dim.Clear()
+            dim.dim_value = int(size)
+
+
+def _fixed_batch(proto: onnx.ModelProto) -> int | None:
+    """The batch a model whose graph bakes it in (the canonical form could not free it) must run at."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
+
+def _fixed_chunks(count: int, fixed: int | None) -> list[slice]:
+    """The whole batch, or its consecutive chunks of the model's fixed batch size (a short rest is dropped)."""
+    if fixed is None or fixed == count:
+        return [slice(0, count)]
+    if count < fixed:
+        raise DataError(f"the model's batch is fixed at {fixed}: fine-tune with a batch size of at least {fixed}")
+    return [slice(start, start + fixed) for start in range(0, count - fixed + 1, fixed)]
+
+
 def _sgd_step(state, names: list[str], velocity: dict[str, np.ndarray], lr: float, momentum: float,
-              weight_decay: float) -> None:
+              weight_decay: float, grad_scale: float = 1.0) -> None:
     for name in names:
         param = state.parameters[name]
         g = param.grad
         if g is None:
             continue
+        if grad_scale != 1.0:
+            g = np.asarray(g) * np.float32(grad_scale)
         param.data = sgd_update(name, param.data, g, velocity, lr, momentum, weight_decay)
 
 

@@ -28,6 +28,7 @@ from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_
 from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
 from impq_onnx.frontend.passes.dynamic_batch import (
+    BATCH_SYMBOL,
     DynamicBatchPass,
     batch_is_free,
     declared_batch,
@@ -77,7 +78,8 @@ class CanonicalModel:
         proto = restore_declared_batch(proto, self.declared_batch)
         if self.original is None:
             return proto
-        return restore_interface(proto, self.original, logits=self.logits, label=self.label)
+        return restore_interface(proto, self.original, logits=self.logits, label=self.label,
+                                 batch_free=self.declared_batch is not None)
 
     def input_shape(self) -> tuple[int | str | None, ...]:
         shape = self.model.graph.inputs[0].shape
@@ -125,6 +127,7 @@ def _canonicalise(proto: onnx.ModelProto, source: Path | None, output: str | Non
         original = onnx.ModelProto()
         original.CopyFrom(proto)
     head = head_of(value_named(model.graph, logits_name))
+    _negative_dims_as_symbols(model, label)
 
     passes = ir.passes.PassManager(
         [
@@ -186,8 +189,8 @@ def _free_batch(model: ir.Model, batch: int, label: str) -> tuple[ir.Model, int 
     proto = _infer_shapes(proto, label)
     if batch_is_free(proto, batch):
         return ir.serde.deserialize_model(proto), batch
-    logger.warning("%s: the batch stays fixed at %d (the graph bakes it into shapes); evaluation runs in chunks "
-                   "of it, fine-tuning and sensitivity need a model exported with a dynamic batch", label, batch)
+    logger.warning("%s: the batch stays fixed at %d (the graph bakes it into shapes); evaluation, sensitivity and "
+                   "fine-tuning run in chunks of it (slower: export with a dynamic batch to avoid it)", label, batch)
     return model, None
 
 
@@ -204,6 +207,20 @@ def _flatten_logits(model: ir.Model) -> str | None:
     model.graph.outputs[0] = flatten.outputs[0]
     logger.info("logits %r are %s; flattened to [N, C]", logits.name, list(shape))
     return flatten.outputs[0].name
+
+
+def _negative_dims_as_symbols(model: ir.Model, label: str) -> None:
+    """A dimension written as ``dim_value: -1`` (paddle2onnx, some converters: "any size") becomes a symbol
+    (``N`` on axis 0, ``dim<i>`` elsewhere); onnx and onnxruntime read it as a size otherwise. The written
+    model keeps the original declaration (the interface is restored from the file as given)."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        shape = value.shape
+        if shape is None or not any(isinstance(d, int) and d < 0 for d in shape):
+            continue
+        dims = [d if not (isinstance(d, int) and d < 0) else (BATCH_SYMBOL if i == 0 else f"dim{i}")
+                for i, d in enumerate(shape)]
+        value.shape = ir.Shape(dims)
+        logger.info("%s: %r declares %s; read as %s", label, value.name, list(shape), dims)
 
 
 def _drop_value_info(proto: onnx.ModelProto) -> None:

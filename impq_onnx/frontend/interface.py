@@ -89,9 +89,12 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def restore_interface(lowered: onnx.ModelProto, original: onnx.ModelProto, *, logits: str,
-                      label: str = "<model>") -> onnx.ModelProto:
+                      label: str = "<model>", batch_free: bool = False) -> onnx.ModelProto:
     """``lowered`` (a lowered canonical model: one float32 input, output ``logits``; modified in place and
-    returned) with the input and every output of ``original`` (the model as the user gave it)."""
+    returned) with the input and every output of ``original`` (the model as the user gave it).
+
+    ``batch_free``: the core computes any batch although the interface declares a static one (the canonical
+    form freed it); :func:`core_view` then declares the batch dynamic, so verification runs any batch size."""
     graph = lowered.graph
     original = _at_opset(original, _default_opset(lowered), label)
     types = _types(original)
@@ -191,8 +194,10 @@ def restore_interface(lowered: onnx.ModelProto, original: onnx.ModelProto, *, lo
     if entry is None:
         entry = lowered.metadata_props.add()
         entry.key = INTERFACE_KEY
-    entry.value = json.dumps({"input": image.name, "core_input": core_input, "logits": logits_name},
-                             sort_keys=True)
+    info = {"input": image.name, "core_input": core_input, "logits": logits_name}
+    if batch_free:
+        info["batch_free"] = True
+    entry.value = json.dumps(info, sort_keys=True)
     logger.debug("%s: interface restored: %d original nodes grafted, core input %r, logits %r", label,
                  len(needed), core_input, logits_name)
     return lowered
@@ -203,6 +208,10 @@ def _keep_static_batch(graph: onnx.GraphProto, image: onnx.ValueInfoProto) -> No
     outputs declare it too."""
     lowered_dims = graph.input[0].type.tensor_type.shape.dim
     original_dims = image.type.tensor_type.shape.dim
+    if len(lowered_dims) == len(original_dims):  # "any size" written as -1 (paddle2onnx) stays as written
+        for lowered_dim, original_dim in zip(lowered_dims, original_dims):
+            if original_dim.HasField("dim_value") and original_dim.dim_value < 0:
+                lowered_dim.CopyFrom(original_dim)
     if not lowered_dims or not lowered_dims[0].HasField("dim_value") or (
             original_dims and original_dims[0].HasField("dim_value")):
         return
@@ -264,6 +273,12 @@ def core_view(proto: onnx.ModelProto) -> onnx.ModelProto:
     del graph.output[:]
     graph.output.append(output)
     graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    if info.get("batch_free"):  # the declared static batch is the interface's; the core computes any batch
+        for value in (graph.input[0], graph.output[0]):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].Clear()
+                dims[0].dim_param = "N"
     if info["core_input"] != info["input"]:
         _rename(graph, info["core_input"], info["input"])
     del graph.value_info[:]

@@ -179,9 +179,15 @@ def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Itera
     for batch in batches:
         if seen >= max_batches:
             break
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        for name, out in zip(names, session.run(names, {input_name: np.asarray(x, np.float32)})):
-            flat = np.array(out, copy=True).reshape(-1)  # an output that is a graph input aliases a reused buffer
+        x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
+        fixed = session.get_inputs()[0].shape[0]  # a batch the graph bakes in: run in chunks of it
+        step = fixed if isinstance(fixed, int) and 0 < fixed < len(x) else len(x)
+        outs: list[list[np.ndarray]] = [[] for _ in names]
+        for start in range(0, len(x) - step + 1, step):
+            for i, out in enumerate(session.run(names, {input_name: x[start : start + step]})):
+                outs[i].append(np.array(out, copy=True).reshape(-1))  # outputs may alias a reused buffer
+        for name, parts in zip(names, outs):
+            flat = np.concatenate(parts)
             if flat.size > CALIBRATION_SAMPLES:
                 flat = flat[rng.choice(flat.size, CALIBRATION_SAMPLES, replace=False)]
             values[name].append(flat)

@@ -122,7 +122,9 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
         plan.validate(sites)
     proto = as_proto(canonical)
     start = time.perf_counter()
-    size = chunk or _chunk_size(sites)
+    size = chunk or _fixed_batch(proto) or _chunk_size(sites)
+    if _fixed_batch(proto):
+        replicas = 1  # a part of a chunk would be smaller than the batch the graph bakes in
     chunks = sample_chunks(batches, size, samples)
     if progress is not None:
         chunks = _reported(chunks, samples, start, progress)
@@ -160,6 +162,12 @@ def _reported(chunks: Iterable[np.ndarray], samples: int | None, start: float,
         total = f"/{samples}" if samples is not None else ""
         progress(Event("step", "sensitivity", f"sensitivity {seen}{total} samples, {speed:.0f} samples/s", seen,
                        samples, {"samples": seen, "samples_per_second": speed}))
+
+
+def _fixed_batch(proto) -> int | None:
+    """The batch a model whose graph bakes it in (the canonical form could not free it) must run at."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def _chunk_size(sites: SiteTable) -> int:

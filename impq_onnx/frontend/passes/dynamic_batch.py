@@ -62,12 +62,15 @@ def _copy_batch_in_reshape(graph: ir.Graph, node: ir.Node, batch: int) -> bool:
     data, shape = node.inputs[0], node.inputs[1]
     if shape is None or shape.const_value is None or data is None or declared_batch(data) != batch:
         return False
-    allowzero = node.attributes.get("allowzero")
-    if allowzero is not None and allowzero.value:
-        return False
     target = shape.const_value.numpy()
     if target.ndim != 1 or target.size == 0 or int(target[0]) != batch:
         return False
+    allowzero = node.attributes.get("allowzero")
+    if allowzero is not None and allowzero.value:
+        if (target == 0).any():
+            return False  # a literal zero-size dimension: "copy" would change it
+        # dynamo writes allowzero=1; without any 0 in the shape it means the same as allowzero=0
+        node.attributes.pop("allowzero")
     target = target.copy()
     target[0] = 0
     name = f"{shape.name}/batch_copied"
@@ -79,6 +82,8 @@ def _copy_batch_in_reshape(graph: ir.Graph, node: ir.Node, batch: int) -> bool:
 
 def batch_is_free(proto: onnx.ModelProto, batch: int) -> bool:
     """True when ``proto`` (batch declared ``N``) gives on ``2*batch`` samples what it gives per ``batch``."""
+    import onnxruntime as ort
+
     from impq_onnx.runtime import inference_session
 
     x_info = next(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer})
@@ -87,7 +92,9 @@ def batch_is_free(proto: onnx.ModelProto, batch: int) -> bool:
     try:
         session = inference_session(proto.SerializeToString(), threads=1)
         name = session.get_inputs()[0].name
-        whole = session.run(None, {name: x})[0]
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a refusal means "not free", not an error to print
+        whole = session.run(None, {name: x}, quiet)[0]
         parts = np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in (0, batch)])
     except Exception as exc:  # onnxruntime raises its own types; any failure means "not free"
         logger.debug("batch %d is not free: %s", batch, str(exc).splitlines()[0] if str(exc) else exc)
