@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 from impq_onnx.errors import DataError
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto
-from impq_onnx.engine.training import _batchnorm_to_training, _split
+from impq_onnx.engine.batchnorm_graph import batchnorm_to_training
+from impq_onnx.engine.training import _split
 
 __all__ = ["recompute_batchnorm"]
 
@@ -31,7 +32,7 @@ def recompute_batchnorm(model, batches: Iterable, *, threads: int | None = None,
     ``max_batches`` of them. A model without batch-norm comes back unchanged."""
     result = as_proto(model)
     probe = as_proto(model)
-    running = _batchnorm_to_training(probe, momentum=0.0)  # momentum 0: the "running" output is the batch's
+    running = batchnorm_to_training(probe, momentum=0.0)  # momentum 0: the "running" output is the batch's
     if not running:
         return result
     dims = {t.name: list(t.dims) for t in probe.graph.initializer}

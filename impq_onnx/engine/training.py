@@ -47,14 +47,13 @@ from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.engine.replicas import Replicas, sgd_update
+from impq_onnx.engine.batchnorm_graph import BATCHNORM_MODES, batchnorm_frozen, batchnorm_to_training, own_batchnorms
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
 from impq_onnx.runtime import default_replicas, lap, resolve_threads
 
 __all__ = ["BATCHNORM_MODES", "FineTuneDiverged", "TrainedWeights", "fine_tune", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adamw")
-_RUNNING = "/impq_running"
-BATCHNORM_MODES = ("train", "frozen")
 
 
 @dataclasses.dataclass
@@ -118,34 +117,6 @@ def _session_options(threads: int, deterministic: bool = True, profile: str | No
     return options
 
 
-def _batchnorm_to_training(proto: onnx.ModelProto, momentum: float | None) -> dict[str, str]:
-    """Switch the model's own BatchNormalization nodes to training mode; return {output: stat name}."""
-    opset = next((e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")), 13)
-    inits = {t.name for t in proto.graph.initializer}
-    running: dict[str, str] = {}
-    for node in proto.graph.node:
-        if node.op_type != "BatchNormalization" or node.name.startswith(SIMULATION_PREFIX + "/"):
-            continue
-        mean, var = node.input[3], node.input[4]
-        if mean not in inits or var not in inits:
-            continue
-        outputs = [node.output[0], mean + _RUNNING, var + _RUNNING]
-        if opset < 14:  # BatchNormalization-9 trains when it has all five outputs
-            outputs += [mean + _RUNNING + "/saved", var + _RUNNING + "/saved"]
-        del node.output[:]
-        node.output.extend(outputs)
-        attrs = [a for a in node.attribute if a.name not in ("training_mode", "momentum")]
-        if opset >= 14:
-            attrs.append(helper.make_attribute("training_mode", 1))
-        if momentum is not None:
-            attrs.append(helper.make_attribute("momentum", float(momentum)))
-        del node.attribute[:]
-        node.attribute.extend(attrs)
-        running[outputs[1]] = mean
-        running[outputs[2]] = var
-    return running
-
-
 def _relu_as_clip(proto: onnx.ModelProto) -> int:
     """Relu -> Clip(x, 0): same forward values, and onnxruntime 1.19's ReluGrad is ~3x slower than
     Clip's gradient (a quarter of ResNet-20's training step). Returns the number of rewrites."""
@@ -161,66 +132,13 @@ def _relu_as_clip(proto: onnx.ModelProto) -> int:
     return count
 
 
-def _batchnorm_frozen(proto: onnx.ModelProto) -> int:
-    """Replace the model's own BatchNormalization nodes by their inference-mode arithmetic: ``y = x * a + b``
-    with ``a = gamma / sqrt(var + eps)`` and ``b = beta - mean * a``, the running statistics constants and
-    ``gamma``, ``beta`` still the trained parameters (onnxruntime-training would otherwise normalise with
-    batch statistics). Exact in value (inference batch-norm), and the statistics the pretrained model
-    learned on its own data are kept: a small fine-tune set cannot pull them. Returns how many nodes."""
-    inits = {t.name: t for t in proto.graph.initializer}
-    ranks: dict[str, int] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-        for value in [*inferred.graph.value_info, *inferred.graph.input]:
-            if value.type.tensor_type.HasField("shape"):
-                ranks[value.name] = len(value.type.tensor_type.shape.dim)
-    except Exception:  # noqa: BLE001 - unknown ranks fall back to the producing layer's weight rank or 4
-        pass
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    nodes: list[onnx.NodeProto] = []
-    count = 0
-    for node in proto.graph.node:
-        params = list(node.input[1:5])
-        if (node.op_type != "BatchNormalization" or node.name.startswith(SIMULATION_PREFIX + "/")
-                or len(params) < 4 or any(p not in inits for p in params)):
-            nodes.append(node)
-            continue
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        mean, var = (onnx.numpy_helper.to_array(inits[p]).astype(np.float64) for p in params[2:])
-        producer = producers.get(node.input[0])
-        weight = inits.get(producer.input[1]) if producer is not None and len(producer.input) > 1 else None
-        rank = ranks.get(node.input[0], len(weight.dims) if weight is not None else 4)
-        shape = [-1] + [1] * max(rank - 2, 0)
-        prefix = f"{node.name or node.output[0]}/frozen_bn"
-        proto.graph.initializer.extend([
-            onnx.numpy_helper.from_array((1.0 / np.sqrt(var + eps)).astype(np.float32), f"{prefix}/inv_std"),
-            onnx.numpy_helper.from_array(mean.astype(np.float32), f"{prefix}/mean"),
-            onnx.numpy_helper.from_array(np.array(shape, np.int64), f"{prefix}/shape"),
-        ])
-        gamma, beta = params[0], params[1]
-        nodes += [
-            helper.make_node("Mul", [gamma, f"{prefix}/inv_std"], [f"{prefix}/a"], name=f"{prefix}/mul_a"),
-            helper.make_node("Mul", [f"{prefix}/mean", f"{prefix}/a"], [f"{prefix}/ma"], name=f"{prefix}/mul_ma"),
-            helper.make_node("Sub", [beta, f"{prefix}/ma"], [f"{prefix}/b"], name=f"{prefix}/sub_b"),
-            helper.make_node("Reshape", [f"{prefix}/a", f"{prefix}/shape"], [f"{prefix}/a4"], name=f"{prefix}/shape_a"),
-            helper.make_node("Reshape", [f"{prefix}/b", f"{prefix}/shape"], [f"{prefix}/b4"], name=f"{prefix}/shape_b"),
-            helper.make_node("Mul", [node.input[0], f"{prefix}/a4"], [f"{prefix}/xa"], name=f"{prefix}/mul_x"),
-            helper.make_node("Add", [f"{prefix}/xa", f"{prefix}/b4"], [node.output[0]], name=f"{prefix}/add_b"),
-        ]
-        count += 1
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    return count
-
-
 def _trainable_names(proto: onnx.ModelProto, sites: SiteTable) -> list[str]:
     inits = {t.name: t for t in proto.graph.initializer}
     names: list[str] = []
     for layer in sites.layers:
         names += [n for n in (layer.weight, layer.bias) if n]
-    for node in proto.graph.node:
-        if node.op_type == "BatchNormalization" and not node.name.startswith(SIMULATION_PREFIX + "/"):
-            names += list(node.input[1:3])
+    for node in own_batchnorms(proto):
+        names += list(node.input[1:3])
     seen, result = set(), []
     for n in names:
         if n in inits and n not in seen and inits[n].data_type == onnx.TensorProto.FLOAT:
@@ -350,7 +268,7 @@ def fine_tune(
     ``batchnorm_momentum`` is ONNX's (weight of the old running value; None keeps the model's, 0.9).
     ``batchnorm``: ``"train"`` normalises with batch statistics and updates the running ones;
     ``"frozen"`` keeps the running statistics fixed and normalises with them (inference arithmetic,
-    :func:`_batchnorm_frozen`), training only the scale and shift.
+    :func:`~impq_onnx.engine.batchnorm_graph.batchnorm_frozen`), training only the scale and shift.
     ``profile`` (a path prefix) writes onnxruntime's JSON profile of the training session there
     (with replicas, one per replica: ``{profile}-replica{i}``).
     ``replicas`` > 1 splits every batch into that many parts trained concurrently, each on
@@ -401,9 +319,9 @@ def fine_tune(
     running: dict[str, str] = {}
     if batchnorm == "frozen":  # scale and shift found while the BatchNormalization nodes are still there
         frozen_trainable = _trainable_names(proto, sites)
-        _batchnorm_frozen(proto)
+        batchnorm_frozen(proto)
     else:
-        running = _batchnorm_to_training(proto, batchnorm_momentum)
+        running = batchnorm_to_training(proto, batchnorm_momentum)
     _relu_as_clip(proto)
     make_differentiable(proto)
     check_differentiable(proto, getattr(model, "label", "the model"))
