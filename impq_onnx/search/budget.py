@@ -32,18 +32,18 @@ __all__ = ["budget_groups"]
 
 def budget_groups(*, scheduled: int, reducible: int, bits_now: float, bits_all_lowered: float, target: float | None,
                   time_budget: float | None, elapsed: float, records: Sequence[IterationRecord],
-                  phases_left: int, starts_left: int) -> int:
+                  phases_left: int) -> int:
     """Groups to lower this step (see the module docstring): ``scheduled`` unless the budget needs more.
 
     ``bits_now`` / ``bits_all_lowered``: the phase's effective bits now and with every one of the
-    ``reducible`` groups one bit lower; ``phases_left`` counts this phase; ``starts_left`` the phase
-    starts still to come (each costs an iteration)."""
+    ``reducible`` groups one bit lower; ``phases_left`` counts this (started) phase, so each of the other
+    ``phases_left - 1`` still has its start iteration to come."""
     if time_budget is None or target is None or not records or reducible <= 0 or bits_now <= target + 1e-9:
         return scheduled
     seconds = statistics.median(r.seconds for r in records[-3:])
     if seconds <= 0:
         return scheduled
-    left = math.floor((time_budget - elapsed) / seconds) - starts_left
+    left = math.floor((time_budget - elapsed) / seconds) - (phases_left - 1)
     steps = max(1, left // max(1, phases_left))
     per_step_all = bits_now - bits_all_lowered  # bits removed when every reducible group loses one
     if per_step_all <= 0:

@@ -98,18 +98,18 @@ def _phase_bits(plan: PrecisionPlan, phase: str, sites) -> float:
 
 
 def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step, progress=None, budget=None):
-    """``budget``: ``(records, elapsed, phases_left, starts_left)`` of the run, for :func:`budget_groups`."""
+    """``budget``: ``(records, elapsed, phases_left)`` of the run, for :func:`budget_groups`."""
     candidates = _reducible(plan, sites, phase, cfg.granularity)
     schedule = parse_schedule(cfg.schedule if phase == "weights" else cfg.act_schedule)
     n = schedule.groups(phase_step, len(candidates))
     if budget is not None and cfg.time_budget is not None:
-        records, elapsed, phases_left, starts_left = budget
+        records, elapsed, phases_left = budget
         target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
         everything = _lower(plan, phase, [name for name, _ in candidates], dict(candidates))
         needed = budget_groups(scheduled=n, reducible=len(candidates), bits_now=_phase_bits(plan, phase, sites),
                                bits_all_lowered=_phase_bits(everything, phase, sites), target=target,
                                time_budget=cfg.time_budget, elapsed=elapsed, records=records,
-                               phases_left=phases_left, starts_left=starts_left)
+                               phases_left=phases_left)
         if needed > n:
             logger.info("time budget: lowering %d groups this step instead of %d, to reach %s in the time left",
                         needed, n, target)
@@ -218,8 +218,7 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
             state.plan = _start_phase(state.plan, phase, cfg, model, sites, train, iteration)
         else:
             kind = "lower"
-            phases_left = len(context.phases) - state.phase
-            budget = (state.records, state.elapsed, phases_left, phases_left - 1)
+            budget = (state.records, state.elapsed, len(context.phases) - state.phase)
             state.plan, lowered, reducible, table = _lowering_step(cfg, state.plan, phase, model, sites, train,
                                                                    iteration, state.phase_step,
                                                                    context.inner_progress(plain=False), budget)

@@ -22,7 +22,7 @@ def _records(*seconds: float):
 
 def _groups(**kw):
     args = dict(scheduled=10, reducible=100, bits_now=8.0, bits_all_lowered=7.0, target=4.0, time_budget=1000.0,
-                elapsed=100.0, records=_records(100.0), phases_left=1, starts_left=0)
+                elapsed=100.0, records=_records(100.0), phases_left=1)
     args.update(kw)
     return budget_groups(**args)
 
@@ -42,8 +42,8 @@ def test_time_left_for_one_step_lowers_everything_needed():
 
 def test_later_phases_and_their_starts_share_the_time():
     # 9 iterations, one of them the activation phase's start, 8 shared by two phases: 4 steps each
-    assert _groups(phases_left=2, starts_left=1) == 100  # 4 bits in 4 steps at 1 bit per step: all groups
-    assert _groups(phases_left=2, starts_left=1, target=6.0) == 50
+    assert _groups(phases_left=2) == 100  # 4 bits in 4 steps at 1 bit per step: all groups
+    assert _groups(phases_left=2, target=6.0) == 50
 
 
 def test_the_estimate_is_the_median_of_the_last_three_iterations():
