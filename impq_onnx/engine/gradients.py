@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -164,7 +164,24 @@ def _with_seeded_loss(proto: onnx.ModelProto, logits: str) -> onnx.ModelProto:
     return proto
 
 
-class ForwardTensors:
+_G = TypeVar("_G", bound="_SessionGraph")
+
+
+class _SessionGraph:
+    """A built graph (``_bytes``) run by an onnxruntime session (``_session``)."""
+
+    _bytes: bytes
+    _session: Any
+
+    def copy(self: _G, threads: int | None) -> _G:
+        """The same graph in a new session with ``threads`` intra-op threads (no rebuild: the replicas of
+        the sensitivity's fast path)."""
+        clone = copy.copy(self)
+        clone._session = _session(self._bytes, threads)
+        return clone
+
+
+class ForwardTensors(_SessionGraph):
     """An inference session that returns the logits and any intermediate tensors of a batch."""
 
     def __init__(self, proto: onnx.ModelProto, logits: str, keep: Sequence[str], *, threads: int | None = None):
@@ -179,18 +196,12 @@ class ForwardTensors:
         self._bytes = model.SerializeToString()
         self._session = _session(self._bytes, threads)
 
-    def copy(self, threads: int | None) -> ForwardTensors:
-        """The same graph in a new session with ``threads`` intra-op threads (no rebuild)."""
-        clone = copy.copy(self)
-        clone._session = _session(self._bytes, threads)
-        return clone
-
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         values = self._session.run(self.outputs, {self.input_name: np.ascontiguousarray(x, np.float32)})
         return values[0], dict(zip(self.outputs[1:], values[1:]))
 
 
-class TensorGradients:
+class TensorGradients(_SessionGraph):
     """``grads = TensorGradients(proto, logits, wrt)(x, seed)``: d(sum seed*logits)/d(each tensor in wrt).
 
     ``wrt`` may name graph tensors, initializers included; the result maps each name to an array
@@ -255,13 +266,6 @@ class TensorGradients:
                 grad_model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         self._bytes = grad_model.SerializeToString()
         self._session = _session(self._bytes, threads)
-
-    def copy(self, threads: int | None) -> TensorGradients:
-        """The same gradient graph in a new session with ``threads`` intra-op threads (no rebuild: the
-        replicas of the sensitivity's fast path)."""
-        clone = copy.copy(self)
-        clone._session = _session(self._bytes, threads)
-        return clone
 
     def __call__(self, x: np.ndarray, seed: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {self.input_name: np.ascontiguousarray(x, np.float32), SEED_INPUT: np.ascontiguousarray(seed, np.float32)}
