@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-VENV = Path("/tmp/ortmain")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deploy import ensure_venv  # noqa: E402 - the mainline venv deploy.py makes, shared
 
 # Runs in the mainline venv: argv = model, arrays.npz, out_dir, labelled (0/1).
 CHILD = r"""
@@ -63,17 +64,6 @@ top1 = float(np.mean(got.argmax(1) == arrays["labels"])) if labelled else None
 print(json.dumps({"top1": top1, "agreement": agreement, "n": len(ref), "note": "; ".join(note),
                   "onnxruntime": ort.__version__}))
 """
-
-
-def ensure_venv(venv: Path = VENV) -> Path:
-    """The mainline venv (the one ``bench/deploy.py`` uses); created and completed with onnx + sympy if needed."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    probe = "import onnx, sympy, onnxruntime.quantization.shape_inference"
-    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime", "numpy", "onnx", "sympy"], check=True)
-    return python
 
 
 def export_arrays(model: Path, data: Path, preprocess: Path, out: Path, max_calib: int = 256) -> Path:
