@@ -8,9 +8,8 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 from tiny_models import Quirks, build
-from zoo_models import image_folder, static_batch
+from zoo_models import batch_baked_into_features, image_folder, static_batch
 
 from impq_onnx.compression import compress
 from impq_onnx.data import open_dataset
@@ -46,14 +45,7 @@ def test_dynamic_batch_model_is_left_alone() -> None:
 def test_batch_baked_where_it_is_not_the_batch_stays_static_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """``Reshape(pool [1,4,1,1] -> [1,4])`` then ``Reshape(-> [4, 1])``: the second bakes the batch into
     axis 1, where copying axis 0 cannot help; the model keeps its static batch and a warning says so."""
-    model = static_batch(1)
-    fc = next(n for n in model.graph.node if n.name == "fc")
-    position = list(model.graph.node).index(fc)
-    model.graph.initializer.extend([numpy_helper.from_array(np.array([4, 1], np.int64), "cols"),
-                                    numpy_helper.from_array(np.array([1, 4], np.int64), "rows")])
-    model.graph.node.insert(position, helper.make_node("Reshape", ["features", "cols"], ["as_cols"], name="to_cols"))
-    model.graph.node.insert(position + 1, helper.make_node("Reshape", ["as_cols", "rows"], ["as_rows"], name="to_rows"))
-    fc.input[0] = "as_rows"
+    model = batch_baked_into_features()
     with caplog.at_level(logging.WARNING):
         canonical = from_proto(model)
     assert canonical.declared_batch is None and canonical.input_shape()[0] == 1

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import Quirks, build
-from zoo_models import image_folder, static_batch
+from zoo_models import batch_baked_into_features, image_folder, static_batch
 
 from impq_onnx.compression import compress
 from impq_onnx.engine.differentiable import make_differentiable
@@ -169,14 +169,7 @@ def test_dynamo_allowzero_reshape_frees_the_batch() -> None:
 def test_batch_the_graph_bakes_in_trains_in_chunks(data: Path, tmp_path: Path) -> None:
     """``Reshape(features [1,4] -> [4,1] -> [1,4])``: the batch cannot be freed; every internal batch runs
     in chunks of 1 (fine-tune accumulates their gradients) and the written model verifies."""
-    model = static_batch(1)
-    fc = next(n for n in model.graph.node if n.name == "fc")
-    position = list(model.graph.node).index(fc)
-    model.graph.initializer.extend([numpy_helper.from_array(np.array([4, 1], np.int64), "cols"),
-                                    numpy_helper.from_array(np.array([1, 4], np.int64), "rows")])
-    model.graph.node.insert(position, helper.make_node("Reshape", ["features", "cols"], ["as_cols"], name="to_cols"))
-    model.graph.node.insert(position + 1, helper.make_node("Reshape", ["as_cols", "rows"], ["as_rows"], name="to_rows"))
-    fc.input[0] = "as_rows"
+    model = batch_baked_into_features()
     assert from_proto(model).declared_batch is None  # stays static
     _compress(model, data, tmp_path)
 

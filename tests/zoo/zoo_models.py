@@ -44,6 +44,20 @@ def static_batch(batch: int = 1, reshape: bool = True, quirks: Quirks | None = N
     return model
 
 
+def batch_baked_into_features() -> onnx.ModelProto:
+    """:func:`static_batch` (1) with ``Reshape(features [1,4] -> [4,1] -> [1,4])`` before ``fc``: the second
+    Reshape bakes the batch into axis 1, so it cannot be freed by copying axis 0."""
+    model = static_batch(1)
+    fc = _node(model, "fc")
+    position = list(model.graph.node).index(fc)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([4, 1], np.int64), "cols"),
+                                    numpy_helper.from_array(np.array([1, 4], np.int64), "rows")])
+    model.graph.node.insert(position, helper.make_node("Reshape", ["features", "cols"], ["as_cols"], name="to_cols"))
+    model.graph.node.insert(position + 1, helper.make_node("Reshape", ["as_cols", "rows"], ["as_rows"], name="to_rows"))
+    fc.input[0] = "as_rows"
+    return model
+
+
 def with_activation(op: str, opset: int = 14) -> onnx.ModelProto:
     """``relu1`` and ``relu2`` replaced by ``op`` (HardSigmoid, HardSwish, ...)."""
     model = build(Quirks(opset=opset))
