@@ -16,9 +16,13 @@ in the training and gradient graphs only, into exact equivalents it can differen
   window size (``count_include_pad=1`` or no pads) or the per-position count of real pixels: onnxruntime
   1.19's AveragePoolGrad writes a zero-sized gradient ("Can broadcast 0 by 0 or 1" in the Relu before it,
   tf2onnx and Caffe2 exports) or stops the process with SIGFPE (DenseNet's transitions);
-- ``Resize`` (nearest, integer spatial scales, a coordinate mode that repeats pixels) is
-  ``Unsqueeze -> Tile -> Reshape``: the CPU build has no ResizeGrad kernel ("Could not find an
-  implementation for ResizeGrad"); other Resize nodes are refused at the start (not in the list below).
+- ``Resize``: the CPU build has no ResizeGrad kernel ("Could not find an implementation for
+  ResizeGrad"). Nearest with integer spatial scales and a coordinate mode that repeats pixels is
+  ``Unsqueeze -> Tile -> Reshape`` (bit-exact); every other 4-D resize of fixed height and width that
+  scales only H and W (linear, cubic, antialiased, any coordinate mode but ``tf_crop_and_resize``) is
+  ``MatMul(A_h, MatMul(x, A_w))``, the interpolation matrices read off onnxruntime's own Resize applied
+  to unit images (a resize is linear in its input) and checked on a random image; a resize that is not
+  separable that way, or whose sizes are unknown, is refused at the start (not in the list below).
 
 The written model keeps the original ops. :func:`check_differentiable` then checks every node on the
 path from the image input against :data:`DIFFERENTIABLE_OPS` (the ops whose gradient the installed
@@ -180,34 +184,45 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(found) if found is not None else None
 
 
-def _resize(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
-    def text(name: str, default: str) -> str:
-        value = _any_attribute(node, name, default)
-        return value.decode() if isinstance(value, bytes) else str(value)
+def _text(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = _any_attribute(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    shape = _shape_of(graph, node.input[0])
-    if text("mode", "nearest") != "nearest" or shape is None or len(shape) != 4 or -1 in shape[1:]:
-        return None
+
+def _resize_inputs(graph: onnx.GraphProto, node: onnx.NodeProto, shape: list[int]
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The constant ``(scales, sizes)`` of a Resize (one of them None); sizes from the inferred output shape
+    when they are computed in the graph; ``(None, None)`` when neither is known."""
+    if len(node.input) == 2:  # opset 10: (X, scales)
+        return _constant(graph, node.input[1]), None
     scales = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scales is not None and scales.size == len(shape):
+        return scales.astype(np.float32), None
     sizes = _constant(graph, node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    if scales is not None and scales.size == 4:
-        factors = [float(v) for v in scales]
-    elif sizes is not None and sizes.size == 4:
-        factors = [float(sizes[i]) / shape[i] if i else 1.0 for i in range(4)]
-    else:
-        return None
+    if sizes is None and len(node.input) > 3 and node.input[3]:
+        out = _shape_of(graph, node.output[0])
+        sizes = np.array(out, np.int64) if out is not None and -1 not in out[1:] else None
+    if sizes is not None and sizes.size == len(shape):
+        return None, sizes.astype(np.int64)
+    return None, None
+
+
+def _nearest_repeat(graph: onnx.GraphProto, node: onnx.NodeProto, base: str, shape: list[int],
+                    factors: list[float]) -> list[onnx.NodeProto] | None:
+    """Nearest with integer scales in a mode that repeats each pixel: ``Unsqueeze -> Tile -> Reshape``."""
     ints = [int(round(f)) for f in factors]
-    if factors[:2] != [1.0, 1.0] or any(f != i or i < 1 for f, i in zip(factors, ints)):
+    if any(f != i or i < 1 for f, i in zip(factors, ints)) or _text(node, "mode", "nearest") != "nearest":
         return None
-    transform = text("coordinate_transformation_mode", "half_pixel")
-    nearest = text("nearest_mode", "round_prefer_floor")
+    transform = _text(node, "coordinate_transformation_mode", "half_pixel")
+    nearest = _text(node, "nearest_mode", "round_prefer_floor")
+    if len(node.input) == 2:
+        transform = "asymmetric"  # opset 10's only mode, with floor
+        nearest = "floor"
     if not (transform in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn")
             or (transform == "asymmetric" and nearest == "floor")):
         return None  # these modes repeat each pixel s times for an integer scale s; others do not
     sh, sw = ints[2], ints[3]
-    axes = f"{base}/axes"
-    repeats = f"{base}/repeats"
-    target = f"{base}/target"
+    axes, repeats, target = f"{base}/axes", f"{base}/repeats", f"{base}/target"
     graph.initializer.extend([
         numpy_helper.from_array(np.array([3, 5], np.int64), axes),
         numpy_helper.from_array(np.array([1, 1, 1, sh, 1, sw], np.int64), repeats),
@@ -215,6 +230,79 @@ def _resize(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onn
     return [helper.make_node("Unsqueeze", [node.input[0], axes], [f"{base}/x6"], name=f"{base}/Unsqueeze"),
             helper.make_node("Tile", [f"{base}/x6", repeats], [f"{base}/tiled"], name=f"{base}/Tile"),
             helper.make_node("Reshape", [f"{base}/tiled", target], [node.output[0]], name=f"{base}/Reshape")]
+
+
+def interpolation_matrices(node: onnx.NodeProto, height: int, width: int, scales: np.ndarray | None,
+                           sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(A_h [H_out, H], A_w [W, W_out])`` with ``Resize(x) = A_h @ x @ A_w`` for every ``[N, C, H, W]`` image,
+    read off onnxruntime's Resize (``node``'s attributes) applied to unit images; None when the resize is not
+    separable that way (checked on a random image)."""
+    from impq_onnx.runtime import inference_session
+
+    resize = onnx.NodeProto()
+    resize.CopyFrom(node)
+    del resize.input[:]
+    if len(node.input) == 2:
+        resize.input.extend(["x", "scales"])
+        opset, rate = 10, "scales"
+    else:
+        resize.input.extend(["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"])
+        opset, rate = 19, "scales" if scales is not None else "sizes"
+    del resize.output[:]
+    resize.output.append("y")
+    rate_type = TensorProto.FLOAT if scales is not None else TensorProto.INT64
+    graph = helper.make_graph([resize], "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                                  helper.make_tensor_value_info(rate, rate_type, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    try:
+        session = inference_session(model.SerializeToString(), 1, optimize=False)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            feed = scales if scales is not None else np.array([len(x), 1, *np.asarray(sizes)[2:]], np.int64)
+            return session.run(None, {"x": x, rate: feed})[0]
+
+        rows = run(np.repeat(np.eye(height, dtype=np.float32)[:, None, :, None], width, axis=3))
+        cols = run(np.repeat(np.eye(width, dtype=np.float32)[:, None, None, :], height, axis=2))
+        x = np.random.default_rng(0).standard_normal((1, 1, height, width)).astype(np.float32)
+        want = run(x)
+    except Exception:  # onnxruntime refuses the node standalone: leave it to check_differentiable
+        return None
+    a_h, a_w = rows[:, 0, :, 0].T.astype(np.float32), cols[:, 0, 0, :].astype(np.float32)
+    close = lambda a, b: np.allclose(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731 - float sums of the weights
+    separable = close(rows, rows[..., :1]) and close(cols, cols[..., :1, :])
+    if not separable or not close(a_h @ x[0, 0].astype(np.float64) @ a_w, want[0, 0]):
+        return None
+    return a_h, a_w
+
+
+def _resize(graph: onnx.GraphProto, node: onnx.NodeProto, base: str) -> list[onnx.NodeProto] | None:
+    shape = _shape_of(graph, node.input[0])
+    if (shape is None or len(shape) != 4 or -1 in shape[1:] or any(a.name == "axes" for a in node.attribute)
+            or _text(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"):
+        return None
+    scales, sizes = _resize_inputs(graph, node, shape)
+    if scales is not None:
+        if [float(v) for v in scales[:2]] != [1.0, 1.0]:
+            return None
+        repeat = _nearest_repeat(graph, node, base, shape, [float(v) for v in scales])
+    elif sizes is not None:
+        if [int(v) for v in sizes[1:2]] != shape[1:2]:
+            return None
+        repeat = (None if any(a.name == "keep_aspect_ratio_policy" for a in node.attribute) else
+                  _nearest_repeat(graph, node, base, shape, [1.0, 1.0] + [float(sizes[i]) / shape[i] for i in (2, 3)]))
+    else:
+        return None
+    if repeat is not None:
+        return repeat
+    matrices = interpolation_matrices(node, shape[2], shape[3], scales, sizes)
+    if matrices is None:
+        return None
+    rows, cols = f"{base}/rows", f"{base}/cols"
+    graph.initializer.extend([numpy_helper.from_array(matrices[0], rows), numpy_helper.from_array(matrices[1], cols)])
+    return [helper.make_node("MatMul", [node.input[0], cols], [f"{base}/x_cols"], name=f"{base}/MatMul_cols"),
+            helper.make_node("MatMul", [rows, f"{base}/x_cols"], [node.output[0]], name=f"{base}/MatMul_rows")]
 
 
 # op type -> rewrite(graph, node, name prefix) -> replacement nodes (None: leave the node as it is)

@@ -6,7 +6,8 @@
 - a batch written as ``dim_value: -1`` (paddle2onnx: "negative dimensions are not allowed");
 - dynamo's ``Reshape(allowzero=1)`` with the batch baked in (the batch stayed fixed);
 - a batch the graph really bakes in (fine-tune, calibration and verification ran a batch of 4 on it);
-- dynamic height/width with a MaxPool (a zero-sized gradient in the first training step).
+- dynamic height/width with a MaxPool (a zero-sized gradient in the first training step);
+- a linear, cubic or fractional Resize (no ResizeGrad kernel) -> two MatMuls with its interpolation matrices.
 """
 
 from __future__ import annotations
@@ -99,11 +100,64 @@ def test_nearest_resize_rewrite_is_exact(attrs: dict, scales: list[int]) -> None
     np.testing.assert_array_equal(got, want)
 
 
-def test_linear_resize_is_refused_at_the_start(data: Path, tmp_path: Path) -> None:
+def _resize_model(attrs: dict, scales: list[float] | None, sizes: list[int] | None, opset: int) -> onnx.ModelProto:
+    if opset == 10:
+        inputs, rate = ["x", "scales"], numpy_helper.from_array(np.array(scales, np.float32), "scales")
+    elif scales is not None:
+        inputs, rate = ["x", "", "scales"], numpy_helper.from_array(np.array(scales, np.float32), "scales")
+    else:
+        inputs, rate = ["x", "", "", "sizes"], numpy_helper.from_array(np.array(sizes, np.int64), "sizes")
+    graph = helper.make_graph([helper.make_node("Resize", inputs, ["y"], name="up", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [rate])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("attrs,scales,sizes,opset", [
+    (dict(mode="linear"), [1, 1, 2, 2], None, 13),
+    (dict(mode="linear", coordinate_transformation_mode="align_corners"), None, [2, 3, 9, 7], 13),
+    (dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), [1, 1, 2, 0.5], None, 13),
+    (dict(mode="cubic"), [1, 1, 1.5, 2.5], None, 13),
+    (dict(mode="linear", antialias=1), [1, 1, 0.5, 0.75], None, 18),
+    (dict(mode="nearest"), [1, 1, 1.5, 0.5], None, 13),
+    (dict(mode="linear"), [1, 1, 2, 3], None, 10),
+])
+def test_interpolating_resize_is_two_matmuls(attrs: dict, scales: list[float] | None, sizes: list[int] | None,
+                                             opset: int) -> None:
+    """Every separable resize: ``A_h @ x @ A_w`` with matrices read off onnxruntime's own Resize."""
+    model = _resize_model(attrs, scales, sizes, opset)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert make_differentiable(rewritten) == 1
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "MatMul"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    want = inference_session(model.SerializeToString()).run(None, {"x": x})[0]
+    got = inference_session(rewritten.SerializeToString()).run(None, {"x": x})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_and_resize_is_left_to_the_builder() -> None:
+    model = _resize_model(dict(mode="linear", coordinate_transformation_mode="tf_crop_and_resize"), [1, 1, 2, 2],
+                          None, 13)
+    assert make_differentiable(model) == 0
+
+
+def test_linear_resize_trains_and_stays_in_the_output(data: Path, tmp_path: Path) -> None:
+    model = OPS_ON_THE_TRAINED_PATH["Resize"]()
+    next(n for n in model.graph.node if n.op_type == "Resize").attribute[0].s = b"linear"
+    written = _compress(model, data, tmp_path)
+    resize = next(n for n in written.graph.node if n.op_type == "Resize")
+    assert resize.attribute[0].s == b"linear"
+
+
+def test_crop_and_resize_is_refused_at_the_start(data: Path, tmp_path: Path) -> None:
     from impq_onnx.errors import ModelError
 
     model = OPS_ON_THE_TRAINED_PATH["Resize"]()
-    next(n for n in model.graph.node if n.op_type == "Resize").attribute[0].s = b"linear"
+    resize = next(n for n in model.graph.node if n.op_type == "Resize")
+    resize.attribute[0].s = b"linear"
+    resize.attribute.append(helper.make_attribute("coordinate_transformation_mode", "tf_crop_and_resize"))
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     with pytest.raises(ModelError, match=r"cannot differentiate node 'relu1_resize' \(Resize\)"):
