@@ -396,10 +396,6 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     else:
         digest = hashlib.sha256(sources.model.to_bytes()).hexdigest()
         base = sources.model
-    if cfg.method != "uniform-ptq":  # every other method fine-tunes or measures gradients: refuse now, not mid-run
-        from impq_onnx.engine.differentiable import check_trainable
-
-        check_trainable(base)
     data = sources.data if sources.data is not None else cfg.data
     # Every image decoded once, into <work dir>/decoded (memory-mapped, reused by a resume; impq_onnx.data.cache).
     model_data = open_model_data(base, data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -407,6 +403,10 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                                  input_shape=option_checks.parse_shape(cfg.input_shape),
                                  cache_dir=paths["work_dir"] / "decoded")
     train, val, test = model_data.train, model_data.val, model_data.test  # opened and checked before any work
+    if cfg.method != "uniform-ptq":  # every other method fine-tunes or measures gradients: refuse now, not mid-run
+        from impq_onnx.engine.differentiable import check_trainable
+
+        check_trainable(base, input_shape=(1, *model_data.preprocess.sample_shape))  # at the data's image size
     sites = find_sites(base, (1, *model_data.preprocess.sample_shape))
     workdir = WorkDir(paths["work_dir"])
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}

@@ -40,7 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from impq_onnx.errors import ModelError
 
-__all__ = ["DIFFERENTIABLE_OPS", "REWRITES", "make_differentiable", "check_differentiable", "check_trainable"]
+__all__ = ["DIFFERENTIABLE_OPS", "REWRITES", "make_differentiable", "check_differentiable", "check_trainable",
+           "concrete_image_size"]
 
 _PREFIX = "impq.grad"
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -339,13 +340,37 @@ def make_differentiable(proto: onnx.ModelProto) -> int:
     return count
 
 
+def _known_dims(value: onnx.ValueInfoProto) -> int:
+    """How many dims of ``value`` have a number (-1: no shape at all)."""
+    if not value.type.tensor_type.HasField("shape"):
+        return -1
+    return sum(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim)
+
+
+def _static(value: onnx.ValueInfoProto) -> bool:
+    return _known_dims(value) == len(value.type.tensor_type.shape.dim)
+
+
 def _infer_value_info(proto: onnx.ModelProto) -> None:
+    """Shapes for every tensor; those recorded with symbolic dims (a height/width that was dynamic before
+    :func:`concrete_image_size`) are inferred again from the declared input."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(proto)
+    del trial.graph.value_info[:]
+    trial.graph.value_info.extend(v for v in proto.graph.value_info if _static(v))
+    for node in trial.graph.node:  # onnx infers no shape through the simulation's quantizers: same shape out
+        if node.op_type == "FakeQuant" and node.domain == "com.microsoft":
+            node.CopyFrom(helper.make_node("Identity", node.input[:1], node.output[:1], name=node.name))
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(trial, check_type=False, strict_mode=False)
     except Exception:  # without shapes the pools stay as they are
         return
-    known = {v.name for v in proto.graph.value_info}
-    proto.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+    found = {v.name: v for v in inferred.graph.value_info}
+    kept = [found[v.name] if v.name in found and _known_dims(found[v.name]) > _known_dims(v) else v
+            for v in proto.graph.value_info]
+    known = {v.name for v in kept}
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept + [v for v in inferred.graph.value_info if v.name not in known])
 
 
 def _float_values(proto: onnx.ModelProto) -> Callable[[str], bool]:
@@ -386,10 +411,28 @@ def check_differentiable(proto: onnx.ModelProto, label: str = "the model", skip_
         )
 
 
-def check_trainable(model, label: str | None = None) -> None:
-    """:func:`check_differentiable` on a copy of ``model`` (CanonicalModel or ModelProto) after the rewrites."""
+def concrete_image_size(proto: onnx.ModelProto, shape: tuple[int, ...]) -> None:
+    """Declare the training batch's height/width (every non-batch dim) where the model leaves them dynamic.
+
+    onnxruntime-training 1.19 builds wrong gradients for pools over unknown spatial sizes (a zero-sized
+    ``Relu_Grad`` input after a MaxPool, a segmentation fault in other exports); with the data's size
+    declared, the graph is the one the training batches have anyway."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        return
+    for dim, size in list(zip(dims, shape))[1:]:
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            dim.Clear()
+            dim.dim_value = int(size)
+
+
+def check_trainable(model, label: str | None = None, input_shape: tuple[int, ...] | None = None) -> None:
+    """:func:`check_differentiable` on a copy of ``model`` (CanonicalModel or ModelProto) after the rewrites,
+    with a dynamic height/width declared as ``input_shape``'s (the size training runs at)."""
     from impq_onnx.quant.simulate import as_proto
 
     proto = as_proto(model)
+    if input_shape is not None:
+        concrete_image_size(proto, input_shape)
     make_differentiable(proto)
     check_differentiable(proto, label or str(getattr(model, "label", None) or "the model"))

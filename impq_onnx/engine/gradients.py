@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
+from impq_onnx.engine.differentiable import check_differentiable, concrete_image_size, make_differentiable
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.ops import LAYER_OPS, layer_op
 from impq_onnx.runtime import resolve_threads
@@ -219,9 +219,7 @@ class TensorGradients(_SessionGraph):
         model = onnx.ModelProto()
         model.CopyFrom(proto)
         if input_shape is not None:  # pool gradients over unknown spatial sizes are wrong (see training)
-            from impq_onnx.engine.training import _concrete_image_size
-
-            _concrete_image_size(model, tuple(input_shape))
+            concrete_image_size(model, tuple(input_shape))
         inference_batchnorm(model)
         explicit_conv_pads(model, input_shape)
         make_differentiable(model)

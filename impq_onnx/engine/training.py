@@ -39,7 +39,7 @@ from onnx import helper
 
 from impq_onnx.data.prefetch import Prefetch
 from impq_onnx.engine import ort_training as _ort_training
-from impq_onnx.engine.differentiable import check_differentiable, make_differentiable
+from impq_onnx.engine.differentiable import check_differentiable, concrete_image_size, make_differentiable
 from impq_onnx.errors import ConfigError, DataError, ModelError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.frontend.ops import LAYER_OPS
@@ -315,7 +315,7 @@ def fine_tune(
         raise DataError("the training data has no labels; fine-tune with distill=True")
 
     proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
-    _concrete_image_size(proto, x0.shape)
+    concrete_image_size(proto, x0.shape)
     running: dict[str, str] = {}
     if batchnorm == "frozen":  # scale and shift found while the BatchNormalization nodes are still there
         frozen_trainable = _trainable_names(proto, sites)
@@ -454,21 +454,6 @@ def _declare_logits_shape(proto: onnx.ModelProto, logits: str, model, x0: np.nda
     new = helper.make_tensor_value_info(logits, tensor.elem_type or onnx.TensorProto.FLOAT, [
         batch.dim_value if batch.HasField("dim_value") else (batch.dim_param or "N"), int(classes)])
     output.CopyFrom(new)
-
-
-def _concrete_image_size(proto: onnx.ModelProto, shape: tuple[int, ...]) -> None:
-    """Declare the training batch's height/width (every non-batch dim) where the model leaves them dynamic.
-
-    onnxruntime-training 1.19 builds wrong gradients for pools over unknown spatial sizes (a zero-sized
-    ``Relu_Grad`` input after a MaxPool, a segmentation fault in other exports); with the data's size
-    declared, the graph is the one the training batches have anyway."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != len(shape):
-        return
-    for dim, size in list(zip(dims, shape))[1:]:
-        if not dim.HasField("dim_value") or dim.dim_value <= 0:
-            dim.Clear()
-            dim.dim_value = int(size)
 
 
 def _fixed_batch(proto: onnx.ModelProto) -> int | None:

@@ -151,6 +151,15 @@ def test_linear_resize_trains_and_stays_in_the_output(data: Path, tmp_path: Path
     assert resize.attribute[0].s == b"linear"
 
 
+def test_linear_resize_of_a_dynamic_size_trains_at_the_data_size(data: Path, tmp_path: Path) -> None:
+    """Height and width unknown in the file: the start check and training both use the data's image size."""
+    model = _with_input(_insert_after(build(Quirks(dynamic_hw=True)), "relu1", "Resize", mode="linear"),
+                        "relu1_resize", "roi", np.zeros(0, np.float32))
+    _with_input(model, "relu1_resize", "scales", np.array([1, 1, 2, 2], np.float32))
+    written = _compress(model, data, tmp_path)
+    assert "Resize" in {n.op_type for n in written.graph.node}
+
+
 def test_crop_and_resize_is_refused_at_the_start(data: Path, tmp_path: Path) -> None:
     from impq_onnx.errors import ModelError
 
