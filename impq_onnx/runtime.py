@@ -15,10 +15,12 @@ import onnxruntime as ort
 from impq_onnx.errors import ModelError
 
 __all__ = ["Laps", "available_cores", "check_runs", "lap", "recording_laps", "default_replicas", "inference_session",
-           "resolve_threads", "MIN_REPLICA_BATCH", "undo_onnxruntime_logging", "root_logging_unchanged"]
+           "resolve_threads", "MIN_REPLICA_BATCH", "MIN_EVAL_PART", "undo_onnxruntime_logging",
+           "root_logging_unchanged"]
 
 # A fine-tune replica normalises batch-norm over its own part of the batch: never fewer images than this.
 MIN_REPLICA_BATCH = 16
+MIN_EVAL_PART = 16  # images per evaluation session at the least when a batch is split over sessions
 
 
 class Laps:

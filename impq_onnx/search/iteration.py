@@ -27,6 +27,7 @@ import numpy as np
 
 from impq_onnx.data.dataset import derive_seed  # one definition: compress's validation subset uses it too
 from impq_onnx.engine import EvalResult, FineTuneDiverged, TrainedWeights, evaluate, fine_tune
+from impq_onnx.engine.evaluation import predicted_classes
 from impq_onnx.events import Event
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
@@ -94,10 +95,19 @@ def run_fine_tune(context: SearchContext, state: SearchState, model: Any, steps:
                      progress=context.inner_progress() or False)
 
 
+def float_classes(context: SearchContext) -> np.ndarray:
+    """The float model's top-1 class of every validation image, in evaluation order, computed once per run:
+    every evaluation's agreement compares with it instead of running the float model again."""
+    if "float_classes" not in context.cache:
+        context.cache["float_classes"] = predicted_classes(context.base, labelled_batches(context.val, EVAL_BATCH),
+                                                           threads=context.config.threads)
+    return context.cache["float_classes"]
+
+
 def evaluate_values(context: SearchContext, plan: Any, values: dict[str, np.ndarray]) -> EvalResult:
     """The validation result of base + ``values`` under ``plan`` (top-1, and agreement with the float model)."""
     return evaluate(with_values(context.base, values), labelled_batches(context.val, EVAL_BATCH), plan=plan,
-                    sites=context.sites, float_model=context.base, threads=context.config.threads,
+                    sites=context.sites, float_classes=float_classes(context), threads=context.config.threads,
                     progress=context.inner_progress(plain=False) or False, total=len(context.val))
 
 

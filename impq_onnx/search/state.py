@@ -55,6 +55,8 @@ class SearchContext:
     reference: dict[str, Any]  # the float model on the validation split: top1, top5, n
     other_float_bytes: float = 0.0  # float parameters that are not quantized weights (model_bytes)
     progress: Progress | None = None  # events: one ``iteration`` per iteration, the inner activities nested
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # per-run values
+    # computed on first use (:func:`impq_onnx.search.iteration.float_classes`)
 
     @property
     def phases(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from impq_onnx.engine import evaluate, predict_logits
+from impq_onnx.engine.evaluation import predicted_classes
 from impq_onnx.errors import DataError
 from impq_onnx.quant.plan import PrecisionPlan
 from quant_models import canonical_and_sites, quadrant_batches
@@ -50,3 +51,30 @@ def test_unlabelled_batches_and_limits(tiny, capsys):
     assert "evaluate 16 images" in capsys.readouterr().err
     with pytest.raises(DataError):
         evaluate(canonical, [])
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replicas_split_batches_and_give_the_single_session_result(tiny, replicas):
+    """Batches of 37 and 50 images (uneven parts, a short last part) over several single-threaded sessions."""
+    canonical, sites = tiny
+    batches = [(x[:37], y[:37]) for x, y in quadrant_batches(1, 50, seed=5)()] + list(quadrant_batches(1, 50, seed=6)())
+    plan = PrecisionPlan.uniform(sites, 2, 3, default_clip=2.0)
+    one = evaluate(canonical, batches, plan=plan, sites=sites, float_model=canonical, threads=1, replicas=1)
+    many = evaluate(canonical, batches, plan=plan, sites=sites, float_model=canonical, threads=replicas,
+                    replicas=replicas)
+    assert (many.n, many.top1, many.top5, many.agreement) == (one.n, one.top1, one.top5, one.agreement) and one.n == 87
+    assert 0.0 < one.agreement < 1.0  # 2-bit weights change some predictions: the comparison can fail
+
+
+def test_float_classes_stand_in_for_the_float_model(tiny):
+    canonical, sites = tiny
+    batches = list(quadrant_batches(3, 20, seed=4)())
+    plan = PrecisionPlan.uniform(sites, 1, None)
+    classes = predicted_classes(canonical, batches)
+    assert classes.shape == (60,) and np.array_equal(
+        classes, np.concatenate([np.argmax(predict_logits(canonical, x), 1) for x, _ in batches]))
+    run = evaluate(canonical, batches, plan=plan, sites=sites, float_model=canonical)
+    cached = evaluate(canonical, batches, plan=plan, sites=sites, float_classes=classes)
+    assert cached.agreement == run.agreement < 1.0
+    with pytest.raises(DataError, match="60 float-model classes given for 40 images"):
+        evaluate(canonical, batches[:2], plan=plan, sites=sites, float_classes=classes)
