@@ -40,13 +40,17 @@ def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int(np.sum(np.any(top == labels[:, None], axis=1)))
 
 
+MAX_EVAL_SESSIONS = 4  # by default; a batch of 64 splits into parts of at least MIN_EVAL_PART images anyway
+
+
 class _Sessions:
-    """``replicas`` single-threaded sessions of one model (onnxruntime's intra-op threading is poor on the small
-    convolutions of a batch: on 2 cores two 1-thread sessions evaluate ResNet-20 about twice as fast as one
-    2-thread session); each batch is split over them, and the logits are the same as one session's."""
+    """``replicas`` sessions of one model, the threads shared among them [default: one single-threaded session
+    per thread, at most ``MAX_EVAL_SESSIONS``]: onnxruntime's intra-op threading is poor on the small
+    convolutions of a batch (on 2 cores two 1-thread sessions evaluate ResNet-20 about twice as fast as one
+    2-thread session). Each batch is split over them; the logits are the same as one session's."""
 
     def __init__(self, proto, threads: int | None, replicas: int | None):
-        count = resolve_threads(threads) if replicas is None else max(1, int(replicas))
+        count = min(resolve_threads(threads), MAX_EVAL_SESSIONS) if replicas is None else max(1, int(replicas))
         per = max(1, resolve_threads(threads) // count)
         data = proto.SerializeToString()
         self.sessions = [inference_session(data, per) for _ in range(count)]
@@ -83,7 +87,8 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     image of ``batches`` in order (:func:`predicted_classes`), so a search that evaluates the same validation
     images every iteration runs the float model once. ``y`` may be None (unlabelled): top-1/top-5 are then
     None. ``replicas``: sessions the batches are split over [default: one single-threaded session per
-    thread]. ``progress`` gets a ``step`` event per batch (``step``: images so far, of ``total`` when given).
+    thread, at most ``MAX_EVAL_SESSIONS``]. ``progress`` gets a ``step`` event per batch (``step``: images so
+    far, of ``total`` when given).
     """
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = _Sessions(proto, threads, replicas)
