@@ -39,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from impq_onnx.errors import ModelError
+from impq_onnx.runtime import inference_session
 
 __all__ = ["DIFFERENTIABLE_OPS", "REWRITES", "make_differentiable", "check_differentiable", "check_trainable",
            "concrete_image_size"]
@@ -238,8 +239,6 @@ def interpolation_matrices(node: onnx.NodeProto, height: int, width: int, scales
     """``(A_h [H_out, H], A_w [W, W_out])`` with ``Resize(x) = A_h @ x @ A_w`` for every ``[N, C, H, W]`` image,
     read off onnxruntime's Resize (``node``'s attributes) applied to unit images; None when the resize is not
     separable that way (checked on a random image)."""
-    from impq_onnx.runtime import inference_session
-
     resize = onnx.NodeProto()
     resize.CopyFrom(node)
     del resize.input[:]
@@ -264,8 +263,16 @@ def interpolation_matrices(node: onnx.NodeProto, height: int, width: int, scales
             feed = scales if scales is not None else np.array([len(x), 1, *np.asarray(sizes)[2:]], np.int64)
             return session.run(None, {"x": x, rate: feed})[0]
 
-        rows = run(np.repeat(np.eye(height, dtype=np.float32)[:, None, :, None], width, axis=3))
-        cols = run(np.repeat(np.eye(width, dtype=np.float32)[:, None, None, :], height, axis=2))
+        def unit_images(n: int, axis: int) -> np.ndarray:
+            """The resized images ``e_i`` (along ``axis``, constant along the other), 32 at a time."""
+            chunks = []
+            for start in range(0, n, 32):
+                eye = np.eye(n, dtype=np.float32)[start:start + 32]
+                unit = eye[:, None, :, None] if axis == 2 else eye[:, None, None, :]
+                chunks.append(run(np.repeat(unit, width if axis == 2 else height, axis=5 - axis)))
+            return np.concatenate(chunks)
+
+        rows, cols = unit_images(height, 2), unit_images(width, 3)
         x = np.random.default_rng(0).standard_normal((1, 1, height, width)).astype(np.float32)
         want = run(x)
     except Exception:  # onnxruntime refuses the node standalone: leave it to check_differentiable
