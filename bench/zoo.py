@@ -6,8 +6,8 @@
 ``--models`` defaults to /tmp/zoo-full (``make_zoo.py --full``: every width and input size doubled, ViT's
 dims doubled); ``--models models/zoo`` runs the CI sizes. Per model, as ``tests/zoo/test_zoo_matrix.py``
 does but with a larger budget: ``inspect`` -> ``compress`` W4A8 (start bits at the targets, ``--steps``
-fine-tune steps, 16 sensitivity samples, 40 PNG images decoded from disk) -> ``verify`` (exact logits) ->
-interface unchanged -> the written model runs in onnxruntime with the original's input. Prints and writes
+fine-tune steps, 16 sensitivity samples, 40 PNG images decoded from disk) -> ``verify`` (exact codes and
+logits) -> interface unchanged -> the written model runs in onnxruntime with the original's input. Prints and writes
 a table: file size, parameters, wall time of each command, the outcome (the exact one-line error where a
 step failed), and the load average before and after, since the machine is shared.
 """

@@ -410,8 +410,8 @@ def lower_command(model, plan_path, output_path, format_, logits, output_alias, 
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
 @click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
-              help="Largest logit difference from the simulation accepted (0: exact, as the pinned onnxruntime "
-                   "gives).")
+              help="Largest logit difference from the simulation accepted, with the simulation's codes at every "
+                   "site (0: exact, as the pinned onnxruntime gives).")
 @_json_option
 @click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
 @click.option("--logits", metavar="NAME", help="Name of the float model's logits tensor when it has several outputs.")
@@ -455,7 +455,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
         echo = functools.partial(click.echo, file=out)
         echo(f"{lowered}: {'OK' if result.ok else 'FAILED'} over {result.samples} images: "
              f"top-1 agreement with the simulation {100 * result.agreement:.2f} %, "
-             f"max logit difference {result.max_logit_diff:.3g}")
+             f"max logit difference {result.max_logit_diff:.3g}"
+             + (f", {result.tie_flips} activation codes one step off at rounding ties" if result.tie_flips else ""))
         for problem in ([result.checker_error] if result.checker_error else []) + result.range_violations \
                 + result.record_mismatches:
             echo(f"  {problem}")

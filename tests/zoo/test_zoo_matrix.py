@@ -7,8 +7,8 @@ folder of PNG images decoded from disk:
 
 - every model, in CI: ``inspect`` -> the trained path is checked (every op differentiable after the rewrites)
   -> ``lower`` a uniform W4A8 plan -> ``verify`` (the written model in onnxruntime gives the simulation's
-  logits exactly, so the same top-1) -> interface check (input/output names, element types, declared shapes
-  unchanged) -> the written model runs as published;
+  activation codes and logits exactly, so the same top-1) -> interface check (input/output names, element
+  types, declared shapes unchanged) -> the written model runs as published;
 - ``compress`` W4A8 with a tiny budget (fine-tune, sensitivity, calibration at the model's batch and size) ->
   ``verify`` -> interface -> runs: two small models in CI, the whole matrix with ``-m slow``
   (``bench/zoo.py`` times it at the bench sizes).
@@ -38,13 +38,6 @@ CLASSES = 10
 REAL = ["tf2onnx_keras_cnn_opset13.onnx", "paddle2onnx_mobilenetv3_opset13.onnx"]
 # compress in CI (the rest is marked slow: about 15-60 s each on two loaded cores)
 QUICK_COMPRESS = {"handmade_caffe2_opset8", "handmade_paddle_batch_minus1"}
-# Known failures, with the reason, per path (the test runs and must fail: strict xfail).
-_NOT_EXACT = ("verify: the lowered model's logits differ from the simulation by {} (top-1 agrees on every image; "
-              "verify compares exactly, onnxruntime sums this graph in another order)")
-XFAIL = {
-    "lower": {"mobilenet_v3_large_dynamo": _NOT_EXACT.format("~2e-08"), "vit_ts_static1": _NOT_EXACT.format("3e-32")},
-    "compress": {"mobilenet_v3_large_dynamo": _NOT_EXACT.format("~2e-08")},
-}
 
 
 def _matrix() -> list[Path]:
@@ -97,7 +90,8 @@ def _verified(out_model: Path, float_model: Path, plan: Path, data: Path) -> Non
                          "--data", str(data), "--json", "--threads", "1"])
     assert code == 0, out
     checked = json.loads(out[out.index("{"):])
-    assert checked["agreement"] == 1.0 and checked["max_logit_diff"] == 0.0, checked
+    # exact: both run as written, so every activation code and logit equals the simulation's (no rounding tie flips)
+    assert checked["agreement"] == 1.0 and checked["max_logit_diff"] == 0.0 and checked["tie_flips"] == 0, checked
     assert checked["samples"] == CLASSES * 2, checked
 
 
@@ -107,9 +101,6 @@ def _params(compress: bool) -> list:
         marks = []
         if compress and path.stem not in QUICK_COMPRESS:
             marks.append(pytest.mark.slow)
-        known = XFAIL["compress" if compress else "lower"]
-        if path.stem in known:
-            marks.append(pytest.mark.xfail(reason=known[path.stem], strict=True))
         params.append(pytest.param(path, id=path.stem, marks=marks))
     return params
 

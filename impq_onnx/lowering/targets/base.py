@@ -46,7 +46,6 @@ class Target:
     stores_codes: ClassVar[bool] = True  # weights stay integer tensors (else on-grid float values)
     attachments: ClassVar[tuple[str, ...]] = ()  # JSON files beside the model: output path with this suffix
     binary_attachments: ClassVar[tuple[str, ...]] = ()  # those of them that are bytes, not JSON
-    optimize_when_verifying: ClassVar[bool] = True  # False: verify runs both models with graph optimizations off
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict | bytes]:

@@ -433,7 +433,6 @@ class OrtTarget(QdqTarget):
     name = "ort"
     help = "onnxruntime deployment: batch-norm folded, int8 weights, 8-bit activations (fuses to QLinearConv/QGemm)"
     stores_codes = True
-    optimize_when_verifying = False
 
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict | bytes]:
