@@ -49,9 +49,12 @@ def _images(root: Path, h: int, w: int, per_class: int) -> Path:
     return root
 
 
-def _timed(args: list[str]) -> tuple[float, int, str]:
+def _timed(args: list[str], stdout: list[str] | None = None) -> tuple[float, int, str]:
+    """Wall seconds, exit code and last error line of ``impq-onnx args``; its stdout is appended to ``stdout``."""
     start = time.perf_counter()
     done = subprocess.run([IMPQ, *args], capture_output=True, text=True, timeout=1800)
+    if stdout is not None:
+        stdout.append(done.stdout)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "error" in line.lower()]
     return time.perf_counter() - start, done.returncode, (lines[-1] if lines else "")[:200]
 
@@ -76,8 +79,13 @@ def run_model(path: Path, work: Path, steps: int) -> dict:
         "--lr", "0.0001", "--sensitivity-samples", "16", "--val-fraction", "0"])
     if code:
         return {**row, "outcome": f"compress exit {code}: {error}"}
+    printed: list[str] = []
     row["verify_s"], code, error = _timed(["verify", str(out), "--model", str(out.with_name("m.float.onnx")),
-                                           "--plan", str(out.with_name("m.plan.yaml")), "--data", str(data)])
+                                           "--plan", str(out.with_name("m.plan.yaml")), "--data", str(data),
+                                           "--json"], printed)
+    if printed and "{" in printed[0]:
+        checked = json.loads(printed[0][printed[0].index("{"):])
+        row["logit_diff"], row["tie_flips"] = checked["max_logit_diff"], checked["tie_flips"]
     if code:
         return {**row, "outcome": f"verify exit {code}: {error}"}
     written = onnx.load(str(out))
@@ -124,12 +132,14 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     load_after = os.getloadavg()
-    head = "| model | exporter | variant | input | bytes | inspect s | compress s | verify s | outcome |"
-    lines = [head, "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    head = ("| model | exporter | variant | input | bytes | inspect s | compress s | verify s | max logit diff "
+            "| tie flips | outcome |")
+    lines = [head, "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
+        checked = f"{r['logit_diff']:.3g} | {r['tie_flips']}" if "logit_diff" in r else "- | -"
         lines.append(f"| {r['model']} | {r['exporter']} | {r['variant']} | {r['input']} | {r['bytes']} | "
                      + " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in ("inspect_s", "compress_s", "verify_s"))
-                     + f" | {r['outcome']} |")
+                     + f" | {checked} | {r['outcome']} |")
     passed = sum(r["outcome"] == "ok" for r in rows)
     lines.append("")
     lines.append(f"{passed}/{len(rows)} ok; --steps {args.steps}; load average (1/5/15 min) before "
