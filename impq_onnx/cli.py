@@ -15,15 +15,24 @@ of the error and of every exception that caused it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import sys
-import traceback
 
 import click
 
-from impq_onnx.errors import as_impq_error
+from impq_onnx.cli_options import (
+    BUNDLED,
+    dump,
+    examples,
+    json_option,
+    logits_name,
+    logits_options,
+    parse_shape,
+    progress_options,
+    reporting,
+    user_errors,
+)
 from impq_onnx.lowering.targets import target_help, target_names
 
 __all__ = ["main", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "EXIT_TARGET_NOT_REACHED",
@@ -38,119 +47,8 @@ EXIT_ENVIRONMENT = 5  # PlatformError
 EXIT_INTERRUPTED = 130  # SIGINT (143: SIGTERM); impq_onnx.interrupts prints the resume command
 
 
-def _user_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as exc:
-            error = as_impq_error(exc)
-            if click.get_current_context().find_root().params.get("verbose", 0) >= 2:
-                traceback.print_exception(error)  # with the chain of causes
-            if isinstance(exc, OSError):  # read-only folder, full disk, a name too long...: one line naming the path
-                from impq_onnx.outputs import describe_os_error
-
-                click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
-            else:
-                click.echo(f"impq-onnx: error: {error}", err=True)
-            sys.exit(error.exit_code)
-
-    return wrapper
-
-
-def _parse_shape(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(d) for d in value.replace("x", ",").split(","))
-    except ValueError as exc:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,3,224,224") from exc
-    if not shape or any(d <= 0 for d in shape):
-        raise click.BadParameter(f"'{value}' must contain positive sizes, e.g. 1,3,224,224")
-    return shape
-
-
-def _examples(*lines: str) -> str:
-    """A ``--help`` epilog: the examples, unwrapped."""
-    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-_BUNDLED = "models/fashion-mnist"
-
-
-def _logits_options(func):
-    """``--logits NAME`` and its deprecated alias ``--output NAME``."""
-    func = click.option("--output", "output_alias", metavar="NAME",
-                        help="Deprecated alias of --logits (the name of the logits tensor).")(func)
-    return click.option("--logits", metavar="NAME",
-                        help="Name of the logits tensor when the model has several outputs.")(func)
-
-
-def _logits_name(logits: str | None, alias: str | None) -> str | None:
-    if alias is not None:
-        click.echo("impq-onnx: warning: --output NAME is deprecated for the logits tensor; use --logits NAME",
-                   err=True)
-        if logits is not None and logits != alias:
-            raise click.UsageError(f"--logits {logits} and --output {alias} name different tensors; give --logits")
-    return logits if logits is not None else alias
-
-
-def _json_option(func):
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print one JSON document on stdout (keys in the README); logs and progress go to "
-                             "stderr.")(func)
-
-
-def _progress_options(func):
-    func = click.option("--events", "events", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
-                        help="Write every progress event as a JSON line to FILE (- : stdout, then not with "
-                             "--json).")(func)
-    return click.option("-q", "--quiet", is_flag=True, help="No progress bar or lines (errors still print).")(func)
-
-
-def _dump(document: dict) -> None:
-    """The one JSON document of ``--json`` on stdout."""
-    import json
-
-    from impq_onnx.events import json_safe
-
-    click.echo(json.dumps(json_safe(document), allow_nan=False))
-
-
-@contextlib.contextmanager
-def _reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tuple = ()):
-    """The command's progress callback (:class:`~impq_onnx.cli_progress.Renderer`) and the stream its human
-    result goes to (stdout, or stderr when the events take stdout). ``inputs``: paths ``--events`` must not be."""
-    from pathlib import Path
-
-    from impq_onnx.cli_progress import Renderer
-    from impq_onnx.errors import UserError
-
-    if events == "-" and as_json:
-        raise click.UsageError("--events - and --json both write to stdout; give --events a file")
-    stream = None
-    if events == "-":
-        stream = sys.stdout
-    elif events:
-        target = Path(events).resolve()
-        for given in inputs:
-            if given and Path(given).exists() and Path(given).resolve() == target:
-                raise UserError(f"--events {events} is the input {given}; choose another file")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(events, "w", encoding="utf-8")  # closed below
-    renderer = Renderer(quiet=quiet, events=stream)
-    try:
-        yield renderer, (sys.stderr if events == "-" else sys.stdout)
-    finally:
-        renderer.close()
-        if stream is not None and stream is not sys.stdout:
-            stream.close()
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
-             epilog=_examples(f"impq-onnx compress {_BUNDLED}/model.onnx --data {_BUNDLED} --output out/fm.onnx",
+             epilog=examples(f"impq-onnx compress {BUNDLED}/model.onnx --data {BUNDLED} --output out/fm.onnx",
                               "impq-onnx compress --help"))
 @click.version_option(package_name="impq-onnx")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -169,39 +67,39 @@ _CLASSES_HELP = ("The model's class order for the class folder names: a comma-se
 _SHAPE_HELP = "Concrete input shape for MACs and padding, e.g. 1,3,224,224 [default: the data's]."
 
 
-@main.command("inspect", epilog=_examples(f"impq-onnx inspect {_BUNDLED}/model.onnx",
-                                          f"impq-onnx inspect {_BUNDLED}/model.onnx --input-shape 1,1,28,28 --json"))
+@main.command("inspect", epilog=examples(f"impq-onnx inspect {BUNDLED}/model.onnx",
+                                          f"impq-onnx inspect {BUNDLED}/model.onnx --input-shape 1,1,28,28 --json"))
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--input-shape", callback=_parse_shape, help="Concrete input shape for MACs, e.g. 1,3,224,224.")
-@_logits_options
-@_json_option
-@_user_errors
+@click.option("--input-shape", callback=parse_shape, help="Concrete input shape for MACs, e.g. 1,3,224,224.")
+@logits_options
+@json_option
+@user_errors
 def inspect_command(model: str, input_shape, logits: str | None, output_alias: str | None, as_json: bool) -> None:
     """Show the quantizable layers, weight groups and activation sites of MODEL."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.inspection import format_json, format_table
     from impq_onnx.frontend.site_analysis import find_sites
 
-    table = find_sites(load(model, output=_logits_name(logits, output_alias)), input_shape=input_shape)
+    table = find_sites(load(model, output=logits_name(logits, output_alias)), input_shape=input_shape)
     click.echo(format_json(table, model) if as_json else format_table(table, model))
 
 
-@main.command("evaluate", epilog=_examples(
-    f"impq-onnx evaluate {_BUNDLED}/model.onnx --data {_BUNDLED}",
-    f"impq-onnx evaluate out/fm.onnx --data {_BUNDLED} --json --quiet"))
+@main.command("evaluate", epilog=examples(
+    f"impq-onnx evaluate {BUNDLED}/model.onnx --data {BUNDLED}",
+    f"impq-onnx evaluate out/fm.onnx --data {BUNDLED} --json --quiet"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (or one with test/ inside), or .npz.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Evaluate the model simulated under this plan.")
 @click.option("--preprocess", help="Preset (imagenet, cifar, fashion-mnist) or a YAML file; default: from the input shape.")
-@_logits_options
+@logits_options
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
-@_json_option
-@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@json_option
+@click.option("--input-shape", callback=parse_shape, help=_SHAPE_HELP)
 @click.option("--classes", help=_CLASSES_HELP)
-@_progress_options
-@_user_errors
+@progress_options
+@user_errors
 def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, batch_size, limit_per_class, threads,
                      as_json, input_shape, classes, quiet, events):
     """Top-1/top-5 accuracy of MODEL on DATA, agreement with the float model, and throughput."""
@@ -217,8 +115,8 @@ def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, b
     from impq_onnx.quant.plan import PrecisionPlan
     from impq_onnx.frontend.site_analysis import find_sites
 
-    output = _logits_name(logits, output_alias)
-    with _reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
+    output = logits_name(logits, output_alias)
+    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
         canonical = load(model, output=output)
         for name, count in nonfinite_initializers(canonical)[:1]:
             click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
@@ -235,7 +133,7 @@ def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, b
         document = {"model": model, "data": dataset.name, "plan": plan_path, **result.to_dict()}
         progress(Event("done", "evaluate", "", result.n, result.n, document))
     if as_json:
-        _dump(document)
+        dump(document)
         return
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     echo = functools.partial(click.echo, file=out)
@@ -271,9 +169,9 @@ def _compress_options(func):
 
 
 
-@main.command("sensitivity", epilog=_examples(
-    f"impq-onnx sensitivity {_BUNDLED}/model.onnx --data {_BUNDLED} --samples 256 -o out/fm",
-    f"impq-onnx sensitivity {_BUNDLED}/model.onnx --data {_BUNDLED} --json --events out/fm.events.jsonl"))
+@main.command("sensitivity", epilog=examples(
+    f"impq-onnx sensitivity {BUNDLED}/model.onnx --data {BUNDLED} --samples 256 -o out/fm",
+    f"impq-onnx sensitivity {BUNDLED}/model.onnx --data {BUNDLED} --json --events out/fm.events.jsonl"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (train/ is used if present), or .npz.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Measure the model simulated under this plan "
@@ -289,12 +187,12 @@ def _compress_options(func):
 @click.option("--top", default=5, show_default=True, help="How many layers to print at each end.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime threads [default: the available cores].")
-@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@click.option("--input-shape", callback=parse_shape, help=_SHAPE_HELP)
 @click.option("--logits", metavar="NAME", help="Name of the logits tensor when the model has several outputs.")
-@_json_option
+@json_option
 @click.option("--classes", help=_CLASSES_HELP)
-@_progress_options
-@_user_errors
+@progress_options
+@user_errors
 def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups, weighting, method, preprocess,
                         output_prefix, top, seed, threads, input_shape, logits, as_json, classes, quiet, events):
     """Noise-gain sensitivity of every weight group and activation site of MODEL (IMPQ eq. 4-5)."""
@@ -317,7 +215,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.data.prefetch import Prefetch
     from impq_onnx.runtime import resolve_threads
 
-    with _reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
+    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
         canonical = load(model, output=logits)
         # Only the measured images are decoded (on every core, ahead of the gradients in a prefetch thread); a
         # broken one among them is the same one-line error the up-front check would give.
@@ -352,7 +250,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
         progress(Event("done", "sensitivity", "", table.n_samples, table.n_samples,
                        {k: v for k, v in document.items() if k not in ("layers", "activations")}))
     if as_json:
-        _dump(document)
+        dump(document)
         return
     echo = functools.partial(click.echo, file=out)
     echo(f"{model}: noise gain over {table.n_samples} images ({weighting} weighting, {method}, "
@@ -368,39 +266,39 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     echo(f"wrote {json_path} and {csv_path}")
 
 
-@main.command("lower", epilog=_examples(
-    f"impq-onnx lower {_BUNDLED}/model.onnx --plan out/fm.plan.yaml -o out/fm.qdq.onnx",
-    f"impq-onnx lower {_BUNDLED}/model.onnx --plan out/fm.plan.yaml -o out/fm.qonnx.onnx --format qonnx --json"))
+@main.command("lower", epilog=examples(
+    f"impq-onnx lower {BUNDLED}/model.onnx --plan out/fm.plan.yaml -o out/fm.qdq.onnx",
+    f"impq-onnx lower {BUNDLED}/model.onnx --plan out/fm.plan.yaml -o out/fm.qonnx.onnx --format qonnx --json"))
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="Precision plan (YAML/JSON).")
 @click.option("-o", "--output-path", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--format", "format_", type=click.Choice(target_names()), default="qdq", show_default=True,
               help=target_help())
-@_logits_options
-@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP.replace("the data's", "224 for a dynamic size"))
+@logits_options
+@click.option("--input-shape", callback=parse_shape, help=_SHAPE_HELP.replace("the data's", "224 for a dynamic size"))
 @click.option("--encodings-version", type=click.Choice(["0.6.1", "1.0.0", "2.0.0"]), default="0.6.1", show_default=True,
               help="AIMET encodings version (--format encodings).")
 @click.option("--static-batch", type=click.IntRange(min=1), help="Fix the batch dimension of the model's input and "
               "output to N (QONNX tools need static shapes).")
-@_json_option
-@_user_errors
+@json_option
+@user_errors
 def lower_command(model, plan_path, output_path, format_, logits, output_alias, input_shape, encodings_version,
                   static_batch, as_json):
     """Write MODEL quantized under PLAN (any plan, also a hand-edited one) plus its <out>.bits.json sidecar."""
     from impq_onnx.lowering.lower import lower_file
 
-    paths = lower_file(model, plan_path, output_path, format_, output=_logits_name(logits, output_alias),
+    paths = lower_file(model, plan_path, output_path, format_, output=logits_name(logits, output_alias),
                        input_shape=input_shape, encodings_version=encodings_version, static_batch=static_batch)
     if as_json:
-        _dump({"model": model, "plan": plan_path, "format": format_, "outputs": [str(p) for p in paths]})
+        dump({"model": model, "plan": plan_path, "format": format_, "outputs": [str(p) for p in paths]})
         return
     for path in paths:
         click.echo(f"wrote {path}")
 
 
-@main.command("verify", epilog=_examples(
-    f"impq-onnx verify out/fm.onnx --model out/fm.float.onnx --plan out/fm.plan.yaml --data {_BUNDLED}",
-    f"impq-onnx verify out/fm.onnx --model out/fm.float.onnx --plan out/fm.plan.yaml --data {_BUNDLED} --json"))
+@main.command("verify", epilog=examples(
+    f"impq-onnx verify out/fm.onnx --model out/fm.float.onnx --plan out/fm.plan.yaml --data {BUNDLED}",
+    f"impq-onnx verify out/fm.onnx --model out/fm.float.onnx --plan out/fm.plan.yaml --data {BUNDLED} --json"))
 @click.argument("lowered", type=click.Path(dir_okay=False))
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="The float model the plan applies to (compress writes it as <stem>.float.onnx).")
@@ -412,12 +310,12 @@ def lower_command(model, plan_path, output_path, format_, logits, output_alias, 
 @click.option("--logit-tolerance", default=0.0, show_default=True, type=float,
               help="Largest logit difference from the simulation accepted, with the simulation's codes at every "
                    "site (0: exact, as the pinned onnxruntime gives).")
-@_json_option
-@click.option("--input-shape", callback=_parse_shape, help=_SHAPE_HELP)
+@json_option
+@click.option("--input-shape", callback=parse_shape, help=_SHAPE_HELP)
 @click.option("--logits", metavar="NAME", help="Name of the float model's logits tensor when it has several outputs.")
 @click.option("--classes", help=_CLASSES_HELP)
-@_progress_options
-@_user_errors
+@progress_options
+@user_errors
 def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_class, threads, logit_tolerance,
                    as_json, input_shape, logits, classes, quiet, events):
     """Check LOWERED against MODEL under PLAN: every code, scale and zero point, predictions, ranges, annotations.
@@ -438,7 +336,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering.verify import verify
 
-    with _reporting(quiet, events, as_json, (lowered, model_path, plan_path, data, preprocess)) as (progress, out):
+    with reporting(quiet, events, as_json, (lowered, model_path, plan_path, data, preprocess)) as (progress, out):
         canonical = load(model_path, output=logits)
         dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
                                   classes=classes, input_shape=input_shape).evaluation
@@ -450,7 +348,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
         document = {"lowered": lowered, "model": model_path, "plan": plan_path, **result.to_dict()}
         progress(Event("done", "verify", "", result.samples, result.samples, document))
     if as_json:
-        _dump(document)
+        dump(document)
     else:
         echo = functools.partial(click.echo, file=out)
         echo(f"{lowered}: {'OK' if result.ok else 'FAILED'} over {result.samples} images: "
@@ -464,17 +362,17 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
         sys.exit(EXIT_VERIFY_FAILED)
 
 
-@main.command("compress", epilog=_examples(
-    f"impq-onnx compress {_BUNDLED}/model.onnx --data {_BUNDLED} --output out/fm.onnx --resume",
-    f"impq-onnx compress {_BUNDLED}/model.onnx --data {_BUNDLED} --output out/fm.onnx --target-bits 3 "
+@main.command("compress", epilog=examples(
+    f"impq-onnx compress {BUNDLED}/model.onnx --data {BUNDLED} --output out/fm.onnx --resume",
+    f"impq-onnx compress {BUNDLED}/model.onnx --data {BUNDLED} --output out/fm.onnx --target-bits 3 "
     "--json --events out/fm.events.jsonl > out/fm.result.json"))
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--config", "config", type=click.Path(dir_okay=False),
               help="YAML file of options (keys as below, with _ or -); options given here override it.")
-@_json_option
-@_progress_options
+@json_option
+@progress_options
 @_compress_options
-@_user_errors
+@user_errors
 def compress_command(model, config, as_json, quiet, events, **options) -> None:
     """IMPQ mixed-precision search: lower the bits of the least sensitive groups, fine-tune, repeat.
 
@@ -486,10 +384,10 @@ def compress_command(model, config, as_json, quiet, events, **options) -> None:
     from impq_onnx.compression import compress
 
     inputs = (model, config, options.get("data"), options.get("preprocess"))
-    with _reporting(quiet, events, as_json, inputs) as (progress, _):
+    with reporting(quiet, events, as_json, inputs) as (progress, _):
         result = compress(model, config=config, progress=progress, **options)
     if as_json:
-        _dump({"model": result.config.model, "data": result.config.data, "method": result.config.method,
+        dump({"model": result.config.model, "data": result.config.data, "method": result.config.method,
                "stop_reason": result.stop_reason, "target_reached": result.target_reached,
                "iterations": len(result.iterations), "final": result.final, "reference": result.reference,
                "paths": {key: str(path) for key, path in result.paths.items()},
@@ -506,13 +404,13 @@ def compress_command(model, config, as_json, quiet, events, **options) -> None:
         sys.exit(EXIT_TARGET_NOT_REACHED)
 
 
-@main.command("report", epilog=_examples("impq-onnx report out/fm.work -o out/fm.report.html",
+@main.command("report", epilog=examples("impq-onnx report out/fm.work -o out/fm.report.html",
                                          "impq-onnx report out/kernel.work out/layer.work -o out/compare.html --json"))
 @click.argument("work_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output-html", required=True, type=click.Path(dir_okay=False),
               help="The HTML file to write; the PNG figures go beside it as <stem>.<figure>.png.")
-@_json_option
-@_user_errors
+@json_option
+@user_errors
 def report_command(work_dirs, output_html, as_json) -> None:
     """HTML report (bits per layer, accuracy vs bits, sensitivity, summary) of the compress runs in WORK_DIRS.
 
@@ -522,7 +420,7 @@ def report_command(work_dirs, output_html, as_json) -> None:
 
     paths = write_report(list(work_dirs), output_html)
     if as_json:
-        _dump({"work_dirs": list(work_dirs), "outputs": [str(p) for p in paths]})
+        dump({"work_dirs": list(work_dirs), "outputs": [str(p) for p in paths]})
         return
     for path in paths:
         click.echo(f"wrote {path}")
@@ -532,7 +430,7 @@ def report_command(work_dirs, output_html, as_json) -> None:
 @click.option("--output", "output_dir", default="impq-demo", show_default=True, type=click.Path(file_okay=False),
               help="A fresh folder for the outputs (absent or empty).")
 @click.option("--quick", is_flag=True, help="A short run (few fine-tune steps, low targets reached sooner).")
-@_user_errors
+@user_errors
 def demo_command(output_dir: str, quick: bool) -> None:
     """Compress the bundled Fashion-MNIST model on its bundled images (both ship with the package) into DIR.
 

@@ -11,7 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from impq_onnx.cli import _user_errors
+from impq_onnx.cli_options import user_errors as _user_errors
 from impq_onnx.errors import (
     REPORT_HINT,
     ConfigError,

@@ -34,7 +34,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("lowering",),
     ("report",),
     ("compression", "api", ""),  # "": the package itself (impq_onnx/__init__.py, the public API)
-    ("cli", "cli_progress", "__main__", "interrupts"),  # interrupts: the entry point, signal handlers before the heavy imports
+    ("cli", "cli_options", "cli_progress", "__main__", "interrupts"),  # interrupts: the entry point, signal handlers before the heavy imports
 )
 
 @dataclasses.dataclass(frozen=True)

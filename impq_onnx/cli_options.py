@@ -1,0 +1,128 @@
+"""The pieces every ``impq-onnx`` command shares: the one-line error wrapper, the common options
+(``--logits``, ``--json``, ``--quiet``/``--events``), the ``--json`` document and the progress reporting.
+:mod:`impq_onnx.cli` defines the commands with them."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import traceback
+
+import click
+
+from impq_onnx.errors import as_impq_error
+
+__all__ = ["user_errors", "parse_shape", "examples", "BUNDLED", "logits_options", "logits_name", "json_option",
+           "progress_options", "dump", "reporting"]
+
+
+def user_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            error = as_impq_error(exc)
+            if click.get_current_context().find_root().params.get("verbose", 0) >= 2:
+                traceback.print_exception(error)  # with the chain of causes
+            if isinstance(exc, OSError):  # read-only folder, full disk, a name too long...: one line naming the path
+                from impq_onnx.outputs import describe_os_error
+
+                click.echo(f"impq-onnx: error: {describe_os_error(exc)}", err=True)
+            else:
+                click.echo(f"impq-onnx: error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+    return wrapper
+
+
+def parse_shape(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in value.replace("x", ",").split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,3,224,224") from exc
+    if not shape or any(d <= 0 for d in shape):
+        raise click.BadParameter(f"'{value}' must contain positive sizes, e.g. 1,3,224,224")
+    return shape
+
+
+def examples(*lines: str) -> str:
+    """A ``--help`` epilog: the examples, unwrapped."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+BUNDLED = "models/fashion-mnist"
+
+
+def logits_options(func):
+    """``--logits NAME`` and its deprecated alias ``--output NAME``."""
+    func = click.option("--output", "output_alias", metavar="NAME",
+                        help="Deprecated alias of --logits (the name of the logits tensor).")(func)
+    return click.option("--logits", metavar="NAME",
+                        help="Name of the logits tensor when the model has several outputs.")(func)
+
+
+def logits_name(logits: str | None, alias: str | None) -> str | None:
+    if alias is not None:
+        click.echo("impq-onnx: warning: --output NAME is deprecated for the logits tensor; use --logits NAME",
+                   err=True)
+        if logits is not None and logits != alias:
+            raise click.UsageError(f"--logits {logits} and --output {alias} name different tensors; give --logits")
+    return logits if logits is not None else alias
+
+
+def json_option(func):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout (keys in the README); logs and progress go to "
+                             "stderr.")(func)
+
+
+def progress_options(func):
+    func = click.option("--events", "events", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True),
+                        help="Write every progress event as a JSON line to FILE (- : stdout, then not with "
+                             "--json).")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar or lines (errors still print).")(func)
+
+
+def dump(document: dict) -> None:
+    """The one JSON document of ``--json`` on stdout."""
+    import json
+
+    from impq_onnx.events import json_safe
+
+    click.echo(json.dumps(json_safe(document), allow_nan=False))
+
+
+@contextlib.contextmanager
+def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tuple = ()):
+    """The command's progress callback (:class:`~impq_onnx.cli_progress.Renderer`) and the stream its human
+    result goes to (stdout, or stderr when the events take stdout). ``inputs``: paths ``--events`` must not be."""
+    from pathlib import Path
+
+    from impq_onnx.cli_progress import Renderer
+    from impq_onnx.errors import UserError
+
+    if events == "-" and as_json:
+        raise click.UsageError("--events - and --json both write to stdout; give --events a file")
+    stream = None
+    if events == "-":
+        stream = sys.stdout
+    elif events:
+        target = Path(events).resolve()
+        for given in inputs:
+            if given and Path(given).exists() and Path(given).resolve() == target:
+                raise UserError(f"--events {events} is the input {given}; choose another file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(events, "w", encoding="utf-8")  # closed below
+    renderer = Renderer(quiet=quiet, events=stream)
+    try:
+        yield renderer, (sys.stderr if events == "-" else sys.stdout)
+    finally:
+        renderer.close()
+        if stream is not None and stream is not sys.stdout:
+            stream.close()
