@@ -57,7 +57,7 @@ _CHOICES = {
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
-_LEGACY = {"batchnorm": "train", "guard": False}
+_LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005}
 
 
 def _opt(default, help_text: str):
@@ -113,7 +113,10 @@ class CompressConfig:
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")
-    lr: float = _opt(0.005, "Fine-tune learning rate (warm-up, then cosine to 0).")
+    lr: float | None = _opt(None, "Fine-tune learning rate (warm-up, then cosine to 0) [default: impq derives it "
+                                  "from the model at its first fine-tune: a short seeded try at 0.005, 0.0015, "
+                                  "0.0005 and 0.00015, the best on validation kept; faq and activation-density "
+                                  "use 0.005; the rate used is recorded in <stem>.config.yaml].")
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw.")
     momentum: float = _opt(0.9, "SGD momentum.")
     batchnorm: str = _opt("train", "Batch-norm while fine-tuning: train (batch statistics, running ones updated) or "
@@ -412,7 +415,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     identity["model_sha256"] = digest
     if cfg.resume and workdir.has_state():
-        workdir.check_identity(identity, _LEGACY)
+        # A work dir of a version before a default became derived resumes with the value it ran with.
+        cfg = dataclasses.replace(cfg, **workdir.check_identity(identity, _LEGACY))
         state, reference_metrics = SearchState.resume(workdir)
         if report:
             report(Event("message", "compress", f"resuming {workdir.path} after iteration {state.iteration}",
@@ -437,6 +441,10 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     state = METHODS[cfg.method](context, state)
 
+    derived = next((r.extra["lr_derived"] for r in state.records if "lr_derived" in r.extra), None)
+    if cfg.lr is None and derived is not None:
+        # The derived rate is what config.yaml and the report record: a --config rerun computes the same.
+        cfg = dataclasses.replace(cfg, lr=float(derived["lr"]))
     plan, values = workdir.load_iteration(state.final)
     final_model = with_values(base, values)
     final = state.record(state.final).final_metrics()
@@ -454,6 +462,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "calibration_only": calibration_only, "warnings": warnings,
+                "learning_rate": {"lr": cfg.lr, "derived": derived},
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict(), "environment": run_environment()}
     report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()
