@@ -54,6 +54,5 @@ def budget_groups(*, scheduled: int, reducible: int, bits_now: float, bits_all_l
 
 
 def _seconds(record: IterationRecord) -> float:
-    """The record's seconds without the one-off learning-rate probe (``lr_derived``) it may hold."""
-    probe = record.extra.get("lr_derived")
-    return record.seconds - (float(probe.get("seconds", 0.0)) if isinstance(probe, dict) else 0.0)
+    """The record's seconds without the one-off learning-rate probe (``lr_probe_seconds``) it may hold."""
+    return record.seconds - float(record.extra.get("lr_probe_seconds", 0.0))

@@ -203,7 +203,7 @@ def _probe_score(cfg: Any, trained: TrainedWeights, result: EvalResult | None) -
     return (*guard_key(cfg, result), -float(np.mean(half)) if half else -math.inf)
 
 
-def probe_lr(context: SearchContext, state: SearchState, model: Any, steps: int) -> dict[str, Any]:
+def probe_lr(context: SearchContext, state: SearchState, model: Any, steps: int) -> tuple[dict[str, Any], float]:
     """The learning rate derived from the model: a short, seeded fine-tune at each of ``LR_PROBE_RATES``
     (``ceil(steps / len(LR_PROBE_RATES))`` steps, at least ``LR_PROBE_MIN_STEPS``, at most ``steps``: all
     tries together cost about one fine-tune; the iteration's data order and seeds, so every try sees the same
@@ -211,8 +211,8 @@ def probe_lr(context: SearchContext, state: SearchState, model: Any, steps: int)
     under ``max_accuracy_drop``), ties broken by the lower training loss over the try's last half; a try
     that diverges scores lowest; of equal scores the larger rate wins. Nothing of the tries is kept.
 
-    Returns the record's ``lr_derived``: ``lr`` (the chosen rate), ``probe_steps``, ``rates`` and, per rate,
-    ``val_agreement``, ``val_top1`` and ``loss`` (None where it diverged), ``seconds``."""
+    Returns the record's ``lr_derived`` (``lr``, the chosen rate; ``probe_steps``; ``tries``: per rate its
+    ``lr``, ``val_agreement``, ``val_top1`` and ``loss``, None where it diverged) and the seconds it took."""
     n = max(1, min(int(steps), max(LR_PROBE_MIN_STEPS, math.ceil(steps / len(LR_PROBE_RATES)))))
     started = time.perf_counter()
     tries: list[dict[str, Any]] = []
@@ -227,21 +227,21 @@ def probe_lr(context: SearchContext, state: SearchState, model: Any, steps: int)
         if best is None or score > best[0]:
             best = (score, rate)
     assert best is not None
-    return {"lr": best[1], "probe_steps": n, "tries": tries, "seconds": time.perf_counter() - started}
+    return {"lr": best[1], "probe_steps": n, "tries": tries}, time.perf_counter() - started
 
 
 def run_lr(context: SearchContext, state: SearchState, model: Any, steps: int) -> tuple[float, dict[str, Any]]:
     """The learning rate of this iteration's fine-tune and what its record adds: ``--lr`` when given
     (nothing added); else the rate a previous iteration of the run derived (its record's ``lr_derived``,
     so a resumed run uses the same one); else :func:`probe_lr` now, reported and returned as the record's
-    ``lr_derived``."""
+    ``lr_derived`` with its ``lr_probe_seconds``."""
     cfg = context.config
     if cfg.lr is not None:
         return float(cfg.lr), {}
     for record in state.records:
         if "lr_derived" in record.extra:
             return float(record.extra["lr_derived"]["lr"]), {}
-    derived = probe_lr(context, state, model, steps)
+    derived, seconds = probe_lr(context, state, model, steps)
     tried = ", ".join(f"{t['lr']:g}: " + ("diverged" if t["loss"] is None else
                                           f"agreement {_pct(t['val_agreement'])} loss {t['loss']:.4g}")
                       for t in derived["tries"])
@@ -251,7 +251,7 @@ def run_lr(context: SearchContext, state: SearchState, model: Any, steps: int) -
         context.progress(Event("message", "search", line, data={"lr_derived": derived}))
     else:
         logger.info(line)
-    return float(derived["lr"]), {"lr_derived": derived}
+    return float(derived["lr"]), {"lr_derived": derived, "lr_probe_seconds": seconds}
 
 
 def _pct(value: float | None) -> str:

@@ -60,8 +60,8 @@ def test_no_budget_no_target_or_target_reached_keep_the_schedule():
 
 
 def test_the_one_off_learning_rate_probe_is_not_an_iteration_s_time():
-    # The run's first fine-tune derives the learning rate (lr_derived, 400 s here); the estimate reads the
+    # The run's first fine-tune derives the learning rate (lr_probe_seconds: 400 s here); the estimate reads the
     # iterations' own 100 s, as a run given --lr would.
     probed = _records(500.0)
-    probed[0].extra["lr_derived"] = {"lr": 0.0015, "seconds": 400.0}
+    probed[0].extra.update(lr_derived={"lr": 0.0015}, lr_probe_seconds=400.0)
     assert _groups(records=probed) == _groups(records=_records(100.0)) == 45
