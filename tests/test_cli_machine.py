@@ -84,7 +84,11 @@ def test_compress_events_are_json_lines_in_order(run):
     assert [e["data"]["iteration"] for e in iterations] == [0, 1]
     assert iterations[1]["data"]["weight_bits_effective"] < iterations[0]["data"]["weight_bits_effective"] == 8.0
     steps = [e for e in events if e["kind"] == "step" and e["phase"] == "fine-tune"]
-    assert [e["step"] for e in steps] == [1, 2, 1, 2] and all(e["total"] == 2 for e in steps)
+    # the learning-rate probe first (no --lr: one try of the 2 steps per rate), then the two iterations
+    assert [e["step"] for e in steps] == [1, 2] * 6 and all(e["total"] == 2 for e in steps)
+    derived = [e for e in events if e["kind"] == "message" and "lr_derived" in (e["data"] or {})]
+    assert len(derived) == 1 and f"learning rate {derived[0]['data']['lr_derived']['lr']:g}, derived" in \
+        derived[0]["message"]
     assert events[-1]["data"]["target_reached"] is True
 
 
