@@ -154,6 +154,15 @@ def test_compress_that_misses_its_target_exits_4(tmp_path, limit):
     assert last.startswith("impq-onnx: target not reached") and "B_w,eff" in last
 
 
+def test_a_weights_only_run_that_misses_its_target_names_only_the_weight_target(tmp_path):
+    # The field bench's W4 runs (--phases weights) said "B_a,eff 32.000 (target 4)" for a phase they never ran.
+    result = impq("compress", str(MODEL), "--data", str(BUNDLED), "--output", "m.onnx", *TINY, "--phases", "weights",
+                  "--max-iterations", "1", "--target-bits", "2", "--lr", "0.005", cwd=tmp_path)
+    assert result.returncode == EXIT_TARGET_NOT_REACHED, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("impq-onnx: target not reached") and "B_w,eff" in last and "B_a,eff" not in last
+
+
 def test_interrupt_from_an_event_exits_130_and_prints_a_command_that_resumes(tmp_path):
     """SIGINT lands when the first iteration's event is read from a FIFO (no timing); the printed command,
     run as is, resumes after that iteration and finishes."""
