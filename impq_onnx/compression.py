@@ -58,6 +58,9 @@ _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005}
+# Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
+# a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
+_DERIVED = {"batchnorm": "frozen", "lr": None}
 
 
 def _opt(default, help_text: str):
@@ -119,8 +122,10 @@ class CompressConfig:
                                   "use 0.005; the rate used is recorded in <stem>.config.yaml].")
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw.")
     momentum: float = _opt(0.9, "SGD momentum.")
-    batchnorm: str = _opt("train", "Batch-norm while fine-tuning: train (batch statistics, running ones updated) or "
-                                   "frozen (the model's running statistics kept and used; scale and shift train).")
+    batchnorm: str | None = _opt(None, "Batch-norm while fine-tuning: frozen (the model's running statistics kept "
+                                       "and used; scale and shift train) or train (batch statistics, running "
+                                       "ones updated) [default: frozen; work dirs written with train, or before "
+                                       "the option, resume with train].")
     weight_decay: float = _opt(5e-4, "Weight decay.")
     augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
     distill: bool = _opt(True, "Fine-tune against the input float model's logits (knowledge distillation) even "
@@ -159,6 +164,8 @@ class CompressConfig:
     def validate(self) -> "CompressConfig":
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
+            if value is None and name in _DERIVED:  # not given: resolved when the run starts (resume rules)
+                continue
             if value not in choices:
                 raise ConfigError(f"option '{name}': {value!r} is not one of {', '.join(choices)}"
                                   f"{suggest(value, choices)}")
@@ -437,6 +444,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                          "activation sites",
                          data={"float_top1": reference.top1, "train_images": len(train), "val_images": len(val),
                                "weight_groups": groups, "activation_sites": len(sites.activations)}))
+    # Not given and not taken from an old work dir: the current default (recorded in config.yaml and report.json).
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in _DERIVED.items() if getattr(cfg, k) is None and v is not None})
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     state = METHODS[cfg.method](context, state)

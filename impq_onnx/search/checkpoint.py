@@ -96,6 +96,9 @@ class WorkDir:
         for key in sorted(set(saved) | set(identity)):
             if key not in saved and key in legacy and identity.get(key) == legacy[key]:
                 continue
+            if key not in saved and key in legacy and identity.get(key) is None:
+                adopted[key] = legacy[key]  # written before the option, resumed without it: the old value
+                continue
             if key not in saved:
                 raise ConfigError(
                     f"work_dir {self.path}: cannot resume, it was written by an impq-onnx without the option "

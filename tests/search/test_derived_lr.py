@@ -79,6 +79,7 @@ def test_the_derived_rate_is_seeded_recorded_and_used_for_the_whole_run(tmp_path
     config = yaml.safe_load(runs[0].paths["config"].read_text())
     report = json.loads(runs[0].paths["report"].read_text())
     assert config["lr"] == derived["lr"] == report["learning_rate"]["lr"] == report["config"]["lr"]
+    assert config["batchnorm"] == "frozen"  # the default, resolved when the run starts
     assert report["learning_rate"]["derived"]["tries"] == json.loads(json.dumps(derived["tries"]))
 
 
@@ -103,13 +104,14 @@ def test_a_model_that_the_old_default_blows_up_derives_a_smaller_rate(tmp_path):
     assert tries[0.005]["loss"] is None or tries[0.005]["loss"] > tries[derived["fine_tune_lr"]]["loss"]
 
 
-def test_a_work_dir_of_the_fixed_default_resumes_at_that_rate(tmp_path):
-    # Written as the version before the derived rate ran (lr 0.005 recorded in run.json): a resume
-    # without --lr continues at 0.005, without probing, and records the rate it used.
-    first = compress(tiny_cnn(0), _data(), output=tmp_path / "m.onnx", lr=0.005, **TINY)
+def test_a_work_dir_of_the_old_defaults_resumes_with_them(tmp_path):
+    # Written as the version before the derived rate and frozen batch-norm ran (lr 0.005, batchnorm train in
+    # run.json): a resume without --lr / --batchnorm continues with them, without probing.
+    first = compress(tiny_cnn(0), _data(), output=tmp_path / "m.onnx", lr=0.005, batchnorm="train", **TINY)
     before = (tmp_path / "m.onnx").read_bytes()
     again = compress(tiny_cnn(0), _data(), output=tmp_path / "m.onnx", resume=True, **TINY)
-    assert again.config.lr == 0.005 and all("lr_derived" not in r.extra for r in again.iterations)
+    assert (again.config.lr, again.config.batchnorm) == (0.005, "train")  # the old defaults, as recorded
+    assert all("lr_derived" not in r.extra for r in again.iterations)
     assert (tmp_path / "m.onnx").read_bytes() == before
     assert yaml.safe_load(first.paths["config"].read_text())["lr"] == 0.005
     with pytest.raises(ConfigError, match="'lr' was 0.005 and is now 0.001"):
