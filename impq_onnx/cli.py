@@ -394,10 +394,12 @@ def compress_command(model, config, as_json, quiet, events, **options) -> None:
                "exit_code": EXIT_OK if result.target_reached else EXIT_TARGET_NOT_REACHED})
     if not result.target_reached:
         cfg, final = result.config, result.final
-        goals = [f"{name} {value:.3f} (target {target:g})" for name, value, target in (
-            ("B_w,eff", final.get("weight_bits_effective"), cfg.target_bits),
-            ("B_a,eff", final.get("activation_bits_effective"), cfg.target_act_bits),
-            ("Gbit-OPs", final.get("gbitops"), cfg.target_gbitops)) if target is not None and value is not None]
+        phases = cfg.phases.split("-")  # a target of a phase the run does not have is not one of its goals
+        goals = [f"{name} {value:.3f} (target {target:g})" for name, value, target, used in (
+            ("B_w,eff", final.get("weight_bits_effective"), cfg.target_bits, "weights" in phases),
+            ("B_a,eff", final.get("activation_bits_effective"), cfg.target_act_bits, "activations" in phases),
+            ("Gbit-OPs", final.get("gbitops"), cfg.target_gbitops, True))
+            if used and target is not None and value is not None]
         click.echo(f"impq-onnx: target not reached: the run stopped at {result.stop_reason} with "
                    f"{', '.join(goals) or 'its targets unmet'}; the outputs are written ({result.paths['output']})",
                    err=True)

@@ -57,7 +57,10 @@ _CHOICES = {
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
-_LEGACY = {"batchnorm": "train", "guard": False}
+_LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005}
+# Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
+# a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
+_DERIVED = {"batchnorm": "frozen", "lr": None}
 
 
 def _opt(default, help_text: str):
@@ -113,11 +116,16 @@ class CompressConfig:
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")
-    lr: float = _opt(0.005, "Fine-tune learning rate (warm-up, then cosine to 0).")
+    lr: float | None = _opt(None, "Fine-tune learning rate (warm-up, then cosine to 0) [default: impq derives it "
+                                  "from the model at its first fine-tune: a short seeded try at 0.005, 0.0015, "
+                                  "0.0005 and 0.00015, the best on validation kept; faq and activation-density "
+                                  "use 0.005; the rate used is recorded in <stem>.config.yaml].")
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw.")
     momentum: float = _opt(0.9, "SGD momentum.")
-    batchnorm: str = _opt("train", "Batch-norm while fine-tuning: train (batch statistics, running ones updated) or "
-                                   "frozen (the model's running statistics kept and used; scale and shift train).")
+    batchnorm: str | None = _opt(None, "Batch-norm while fine-tuning: frozen (the model's running statistics kept "
+                                       "and used; scale and shift train) or train (batch statistics, running "
+                                       "ones updated) [default: frozen; work dirs written with train, or before "
+                                       "the option, resume with train].")
     weight_decay: float = _opt(5e-4, "Weight decay.")
     augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
     distill: bool = _opt(True, "Fine-tune against the input float model's logits (knowledge distillation) even "
@@ -156,6 +164,8 @@ class CompressConfig:
     def validate(self) -> "CompressConfig":
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
+            if value is None and name in _DERIVED:  # not given: resolved when the run starts (resume rules)
+                continue
             if value not in choices:
                 raise ConfigError(f"option '{name}': {value!r} is not one of {', '.join(choices)}"
                                   f"{suggest(value, choices)}")
@@ -412,7 +422,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     identity["model_sha256"] = digest
     if cfg.resume and workdir.has_state():
-        workdir.check_identity(identity, _LEGACY)
+        # A work dir of a version before a default became derived resumes with the value it ran with.
+        cfg = dataclasses.replace(cfg, **workdir.check_identity(identity, _LEGACY))
         state, reference_metrics = SearchState.resume(workdir)
         if report:
             report(Event("message", "compress", f"resuming {workdir.path} after iteration {state.iteration}",
@@ -433,10 +444,16 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                          "activation sites",
                          data={"float_top1": reference.top1, "train_images": len(train), "val_images": len(val),
                                "weight_groups": groups, "activation_sites": len(sites.activations)}))
+    # Not given and not taken from an old work dir: the current default (recorded in config.yaml and report.json).
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in _DERIVED.items() if getattr(cfg, k) is None and v is not None})
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     state = METHODS[cfg.method](context, state)
 
+    derived = next((r.extra["lr_derived"] for r in state.records if "lr_derived" in r.extra), None)
+    if cfg.lr is None and derived is not None:
+        # The derived rate is what config.yaml and the report record: a --config rerun computes the same.
+        cfg = dataclasses.replace(cfg, lr=float(derived["lr"]))
     plan, values = workdir.load_iteration(state.final)
     final_model = with_values(base, values)
     final = state.record(state.final).final_metrics()
@@ -454,6 +471,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     document = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "stop_reason": state.stop,
                 "reference": reference, "final": final, "verification": verification,
                 "calibration_only": calibration_only, "warnings": warnings,
+                "learning_rate": {"lr": cfg.lr, "derived": derived},
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict(), "environment": run_environment()}
     report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()

@@ -84,7 +84,11 @@ def test_compress_events_are_json_lines_in_order(run):
     assert [e["data"]["iteration"] for e in iterations] == [0, 1]
     assert iterations[1]["data"]["weight_bits_effective"] < iterations[0]["data"]["weight_bits_effective"] == 8.0
     steps = [e for e in events if e["kind"] == "step" and e["phase"] == "fine-tune"]
-    assert [e["step"] for e in steps] == [1, 2, 1, 2] and all(e["total"] == 2 for e in steps)
+    # the learning-rate probe first (no --lr: one try of the 2 steps per rate), then the two iterations
+    assert [e["step"] for e in steps] == [1, 2] * 6 and all(e["total"] == 2 for e in steps)
+    derived = [e for e in events if e["kind"] == "message" and "lr_derived" in (e["data"] or {})]
+    assert len(derived) == 1 and f"learning rate {derived[0]['data']['lr_derived']['lr']:g}, derived" in \
+        derived[0]["message"]
     assert events[-1]["data"]["target_reached"] is True
 
 
@@ -148,6 +152,15 @@ def test_compress_that_misses_its_target_exits_4(tmp_path, limit):
     assert (tmp_path / "m.onnx").is_file()  # the outputs are written
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("impq-onnx: target not reached") and "B_w,eff" in last
+
+
+def test_a_weights_only_run_that_misses_its_target_names_only_the_weight_target(tmp_path):
+    # The field bench's W4 runs (--phases weights) said "B_a,eff 32.000 (target 4)" for a phase they never ran.
+    result = impq("compress", str(MODEL), "--data", str(BUNDLED), "--output", "m.onnx", *TINY, "--phases", "weights",
+                  "--max-iterations", "1", "--target-bits", "2", "--lr", "0.005", cwd=tmp_path)
+    assert result.returncode == EXIT_TARGET_NOT_REACHED, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("impq-onnx: target not reached") and "B_w,eff" in last and "B_a,eff" not in last
 
 
 def test_interrupt_from_an_event_exits_130_and_prints_a_command_that_resumes(tmp_path):

@@ -100,7 +100,7 @@ def test_options_override_the_config_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m.onnx\ndata: d\nsteps: 7\nschedule: 400x3,200,150\ntarget_bits: null\n")
     cfg = CompressConfig.resolve(path, steps="9")
-    assert (cfg.steps, cfg.schedule, cfg.target_bits, cfg.lr) == (9, "400x3,200,150", None, 0.005)
+    assert (cfg.steps, cfg.schedule, cfg.target_bits, cfg.lr) == (9, "400x3,200,150", None, None)  # lr: derived
 
 
 @pytest.mark.parametrize("options, message", [
@@ -243,14 +243,17 @@ def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch)
     monkeypatch.setattr(iteration, "fine_tune", spy)
     result = compress(MODEL, DATA, output=tmp_path / "d.onnx", progress=False, phases="weights",
                       **dict(TINY, max_iterations=1))
-    assert len(seen) == 2 and all(distill is True for _, distill, _ in seen)
-    (first, _, teacher), (later, _, teacher2) = seen
+    # the learning-rate probe's tries (no --lr) first, then the two iterations' fine-tunes
+    assert len(seen) == len(iteration.LR_PROBE_RATES) + 2 and all(distill is True for _, distill, _ in seen)
+    (first, _, teacher), (later, _, teacher2) = seen[-2:]
     assert teacher is teacher2 and first is teacher and later is not teacher  # later: the fine-tuned weights
+    assert all(model is first and t is teacher for model, _, t in seen[:-2])
     assert all(np.isfinite(r.fine_tune_loss) for r in result.iterations)
     assert yaml.safe_load(result.paths["config"].read_text())["distill"] is True
     seen.clear()  # distillation is the default, labels or not; --no-distill: the labels' cross-entropy
-    compress(MODEL, DATA, output=tmp_path / "t.onnx", progress=False, phases="weights", **dict(TINY, max_iterations=0))
-    compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", distill=False,
+    compress(MODEL, DATA, output=tmp_path / "t.onnx", progress=False, phases="weights", lr=0.005,
+             **dict(TINY, max_iterations=0))
+    compress(MODEL, DATA, output=tmp_path / "l.onnx", progress=False, phases="weights", distill=False, lr=0.005,
              **dict(TINY, max_iterations=0))
     assert [distill for _, distill, _ in seen] == [True, None]
 

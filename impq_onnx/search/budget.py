@@ -6,7 +6,7 @@ and stop far above the target (issue: a 15-minute budget stopped at B_w,eff 4.24
 each lowering step :func:`budget_groups` estimates
 
 - the seconds one iteration takes: the median of the run's last three iterations (committed, so a resumed
-  run decides the same);
+  run decides the same), less the learning-rate probe of the run's first fine-tune (done once);
 - the iterations the budget still holds: ``(time_budget - elapsed) / seconds``, less one start iteration
   for every phase not started yet, shared equally among the phases left;
 - the bits one step removes: lowering the fraction ``f`` of the reducible groups removes about
@@ -40,7 +40,7 @@ def budget_groups(*, scheduled: int, reducible: int, bits_now: float, bits_all_l
     ``phases_left - 1`` still has its start iteration to come."""
     if time_budget is None or target is None or not records or reducible <= 0 or bits_now <= target + 1e-9:
         return scheduled
-    seconds = statistics.median(r.seconds for r in records[-3:])
+    seconds = statistics.median(_seconds(r) for r in records[-3:])
     if seconds <= 0:
         return scheduled
     left = math.floor((time_budget - elapsed) / seconds) - (phases_left - 1)
@@ -51,3 +51,8 @@ def budget_groups(*, scheduled: int, reducible: int, bits_now: float, bits_all_l
     fraction = (bits_now - target) / (steps * per_step_all)
     return int(min(reducible, max(scheduled, math.ceil(fraction * reducible - 1e-9))))
 
+
+
+def _seconds(record: IterationRecord) -> float:
+    """The record's seconds without the one-off learning-rate probe (``lr_probe_seconds``) it may hold."""
+    return record.seconds - float(record.extra.get("lr_probe_seconds", 0.0))

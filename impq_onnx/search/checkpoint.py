@@ -80,11 +80,15 @@ class WorkDir:
         (self.path / "iterations").mkdir(exist_ok=True)
         write_atomic(self.path / "run.json", _json(identity))
 
-    def check_identity(self, identity: dict, legacy: dict | None = None) -> None:
+    def check_identity(self, identity: dict, legacy: dict | None = None) -> dict:
         """On resume: the run must be the same run (same config and input model). ``legacy`` maps an option
         added after a work dir was written to the value that computes what the version without it did: such a
-        work dir resumes when the option has that value now."""
+        work dir resumes when the option has that value now. It also maps an option whose default became
+        "not given" (None, derived during the run) to its old default: a work dir that recorded that value
+        resumes when the option is not given now, and the returned dict holds the recorded values to run
+        with (``{"lr": 0.005}``); otherwise it is empty."""
         legacy = legacy or {}
+        adopted: dict = {}
         try:
             saved = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -92,16 +96,23 @@ class WorkDir:
         for key in sorted(set(saved) | set(identity)):
             if key not in saved and key in legacy and identity.get(key) == legacy[key]:
                 continue
+            if key not in saved and key in legacy and identity.get(key) is None:
+                adopted[key] = legacy[key]  # written before the option, resumed without it: the old value
+                continue
             if key not in saved:
                 raise ConfigError(
                     f"work_dir {self.path}: cannot resume, it was written by an impq-onnx without the option "
                     f"'{key}' (now {identity.get(key)!r}); finish it with that version or start a new work_dir"
                 )
+            if key in legacy and identity.get(key) is None and key in saved and saved[key] == legacy[key]:
+                adopted[key] = saved[key]
+                continue
             if saved.get(key) != identity.get(key):
                 raise ConfigError(
                     f"work_dir {self.path}: cannot resume, '{key}' was {saved.get(key)!r} and is now "
                     f"{identity.get(key)!r}; use the same options or a new work_dir"
                 )
+        return adopted
 
     # ---- state ----------------------------------------------------------------------------------
     def load_state(self) -> dict:

@@ -33,6 +33,7 @@ from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import as_proto, calibrate_clips, simulate
 from impq_onnx.search.iteration import (
     EVAL_BATCH,
+    FIXED_LR,
     derive_seed,
     fine_tune_steps,
     finish_iteration,
@@ -120,7 +121,8 @@ def run_density(context: SearchContext, state: SearchState) -> SearchState:
         densities = activation_densities(measured, tensors, batches, threads=cfg.threads,
                                          max_batches=max(1, math.ceil(cfg.sensitivity_samples / EVAL_BATCH)))
         state.plan = density_plan(state.plan, sites, densities, weight_max=weight_max, act_max=act_max)
-        trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train), lr=cfg.lr)
+        trained = run_fine_tune(context, state, model, fine_tune_steps(cfg, train),
+                                lr=FIXED_LR if cfg.lr is None else cfg.lr)
         state.values = {**state.values, **trained.values}
         record = record_iteration(context, state, started=started, phase="density", kind="density", trained=trained,
                                   extra={"densities": densities})

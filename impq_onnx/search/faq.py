@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
-from impq_onnx.search.iteration import fine_tune_steps, finish_iteration, record_iteration, run_fine_tune, with_values
+from impq_onnx.search.iteration import (
+    FIXED_LR,
+    fine_tune_steps,
+    finish_iteration,
+    record_iteration,
+    run_fine_tune,
+    with_values,
+)
 from impq_onnx.search.ptq import calibrated_plan, uniform_bits
 from impq_onnx.search.state import SearchContext, SearchState
 
@@ -121,7 +128,8 @@ def run_faq(context: SearchContext, state: SearchState) -> SearchState:
         extra: dict[str, Any] = {}
         if i == 0:
             state.plan, extra = _faq_plan(cfg, context.base, context.sites, context.train)
-        lr_start, lr_end = faq_learning_rate(i, n, cfg.lr), faq_learning_rate(i + 1, n, cfg.lr)
+        lr_start, lr_end = faq_learning_rate(i, n, FIXED_LR if cfg.lr is None else cfg.lr), faq_learning_rate(
+            i + 1, n, FIXED_LR if cfg.lr is None else cfg.lr)
         trained = run_fine_tune(context, state, with_values(context.base, state.values),
                                 fine_tune_steps(cfg, context.train), lr=lr_start, final_lr=lr_end, warmup_steps=0,
                                 lr_schedule="exponential" if lr_end > 0 else "cosine")

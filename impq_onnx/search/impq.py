@@ -32,6 +32,7 @@ from impq_onnx.search.iteration import (
     guarded_fine_tune,
     labelled_batches,
     record_iteration,
+    run_lr,
     with_values,
 )
 from impq_onnx.search.schedule import parse_schedule
@@ -223,10 +224,13 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
                                                                    iteration, state.phase_step,
                                                                    context.inner_progress(plain=False), budget)
         sensitivity_seconds = time.perf_counter() - start
-        tuned = guarded_fine_tune(context, state, model, fine_tune_steps(cfg, train, kind == "start"), lr=cfg.lr)
+        steps = fine_tune_steps(cfg, train, kind == "start")
+        lr, derived = run_lr(context, state, model, steps)
+        tuned = guarded_fine_tune(context, state, model, steps, lr=lr)
         state.values = tuned.values
         record = record_iteration(context, state, started=start, phase=phase, kind=kind, trained=tuned.trained,
-                                  lowered=lowered, reducible=reducible, extra=tuned.extra, result=tuned.result,
+                                  lowered=lowered, reducible=reducible, extra={**derived, **tuned.extra},
+                                  result=tuned.result,
                                   sensitivity_seconds=sensitivity_seconds if kind == "lower" else 0.0)
         if kind == "lower":
             state.phase_step += 1

@@ -31,13 +31,16 @@ from impq_onnx.engine.evaluation import predicted_classes
 from impq_onnx.events import Event
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
-__all__ = ["EVAL_BATCH", "LR_RETRY_DIVISOR", "GuardedFineTune", "decide", "derive_seed", "evaluate_values",
-           "fine_tune_steps", "finish_iteration", "format_record", "guard_key", "guarded_fine_tune",
-           "labelled_batches", "record_iteration", "run_fine_tune", "train_batches", "with_values",
-           "within_accuracy_drop"]
+__all__ = ["EVAL_BATCH", "FIXED_LR", "LR_PROBE_MIN_STEPS", "LR_PROBE_RATES", "LR_RETRY_DIVISOR", "GuardedFineTune",
+           "decide", "derive_seed", "evaluate_values", "fine_tune_steps", "finish_iteration", "format_record",
+           "guard_key", "guarded_fine_tune", "labelled_batches", "probe_lr", "record_iteration", "run_fine_tune",
+           "run_lr", "train_batches", "with_values", "within_accuracy_drop"]
 
 EVAL_BATCH = 64
 LR_RETRY_DIVISOR = 10  # a diverging fine-tune is retried once at its learning rate divided by this
+FIXED_LR = 0.005  # the rate of the methods that do not derive one (faq, activation-density) when --lr is not given
+LR_PROBE_RATES = (0.005, 0.0015, 0.0005, 0.00015)  # the rates IMPQ's first fine-tune tries, largest first
+LR_PROBE_MIN_STEPS = 5  # each try runs the iteration's steps / len(LR_PROBE_RATES), at least this (at most all)
 _EXPLODED = 1.5  # a fine-tune whose loss ends this many times above where it began has blown up
 
 logger = logging.getLogger(__name__)
@@ -199,6 +202,70 @@ def guarded_fine_tune(context: SearchContext, state: SearchState, model: Any, st
     extra = {"fine_tune_kept": kept, "fine_tune_lr": used, "fine_tune_retried": retried,
              "before_fine_tune": _metrics(before), "after_fine_tune": _metrics(after)}
     return GuardedFineTune(values, result, summary, extra)
+
+
+def _probe_score(cfg: Any, trained: TrainedWeights, result: EvalResult | None) -> tuple[float, ...]:
+    """Larger is better: the guard's validation key, then a lower training loss over the last half of the
+    steps; a try that diverged scores below every other."""
+    if result is None:
+        return (-math.inf, -math.inf, -math.inf)
+    half = trained.losses[len(trained.losses) // 2:] or trained.losses
+    return (*guard_key(cfg, result), -float(np.mean(half)) if half else -math.inf)
+
+
+def probe_lr(context: SearchContext, state: SearchState, model: Any, steps: int) -> tuple[dict[str, Any], float]:
+    """The learning rate derived from the model: a short, seeded fine-tune at each of ``LR_PROBE_RATES``
+    (``ceil(steps / len(LR_PROBE_RATES))`` steps, at least ``LR_PROBE_MIN_STEPS``, at most ``steps``: all
+    tries together cost about one fine-tune; the iteration's data order and seeds, so every try sees the same
+    batches), each scored on validation like the guard (agreement with the float model, or top-1 first
+    under ``max_accuracy_drop``), ties broken by the lower training loss over the try's last half; a try
+    that diverges scores lowest; of equal scores the larger rate wins. Nothing of the tries is kept.
+
+    Returns the record's ``lr_derived`` (``lr``, the chosen rate; ``probe_steps``; ``tries``: per rate its
+    ``lr``, ``val_agreement``, ``val_top1`` and ``loss``, None where it diverged) and the seconds it took."""
+    n = max(1, min(int(steps), max(LR_PROBE_MIN_STEPS, math.ceil(steps / len(LR_PROBE_RATES)))))
+    started = time.perf_counter()
+    tries: list[dict[str, Any]] = []
+    best: tuple[tuple[float, ...], float] | None = None
+    for rate in LR_PROBE_RATES:
+        trained, result = _attempt(context, state, model, n, rate)
+        score = _probe_score(context.config, trained, result)
+        half = trained.losses[len(trained.losses) // 2:] or trained.losses
+        tries.append({"lr": rate, "val_agreement": None if result is None else result.agreement,
+                      "val_top1": None if result is None else result.top1,
+                      "loss": None if result is None or not half else float(np.mean(half))})
+        if best is None or score > best[0]:
+            best = (score, rate)
+    assert best is not None
+    return {"lr": best[1], "probe_steps": n, "tries": tries}, time.perf_counter() - started
+
+
+def run_lr(context: SearchContext, state: SearchState, model: Any, steps: int) -> tuple[float, dict[str, Any]]:
+    """The learning rate of this iteration's fine-tune and what its record adds: ``--lr`` when given
+    (nothing added); else the rate a previous iteration of the run derived (its record's ``lr_derived``,
+    so a resumed run uses the same one); else :func:`probe_lr` now, reported and returned as the record's
+    ``lr_derived`` with its ``lr_probe_seconds``."""
+    cfg = context.config
+    if cfg.lr is not None:
+        return float(cfg.lr), {}
+    for record in state.records:
+        if "lr_derived" in record.extra:
+            return float(record.extra["lr_derived"]["lr"]), {}
+    derived, seconds = probe_lr(context, state, model, steps)
+    tried = ", ".join(f"{t['lr']:g}: " + ("diverged" if t["loss"] is None else
+                                          f"agreement {_pct(t['val_agreement'])} loss {t['loss']:.4g}")
+                      for t in derived["tries"])
+    line = (f"learning rate {derived['lr']:g}, derived from the model ({derived['probe_steps']} steps at each "
+            f"rate, validation: {tried}; --lr sets one)")
+    if context.progress:
+        context.progress(Event("message", "search", line, data={"lr_derived": derived}))
+    else:
+        logger.info(line)
+    return float(derived["lr"]), {"lr_derived": derived, "lr_probe_seconds": seconds}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def record_iteration(context: SearchContext, state: SearchState, *, started: float, phase: str, kind: str,

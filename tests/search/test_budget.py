@@ -57,3 +57,11 @@ def test_no_budget_no_target_or_target_reached_keep_the_schedule():
     assert _groups(bits_now=4.0) == 10
     assert _groups(records=[]) == 10  # nothing measured yet
     assert _groups(bits_all_lowered=8.0) == 10  # nothing reducible changes the width
+
+
+def test_the_one_off_learning_rate_probe_is_not_an_iteration_s_time():
+    # The run's first fine-tune derives the learning rate (lr_probe_seconds: 400 s here); the estimate reads the
+    # iterations' own 100 s, as a run given --lr would.
+    probed = _records(500.0)
+    probed[0].extra.update(lr_derived={"lr": 0.0015}, lr_probe_seconds=400.0)
+    assert _groups(records=probed) == _groups(records=_records(100.0)) == 45

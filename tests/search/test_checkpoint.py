@@ -59,3 +59,16 @@ def test_iterations_commit_and_prune(tmp_path):
     work.check_identity({"seed": 0, "batchnorm": "train"}, {"batchnorm": "train"})
     with pytest.raises(ConfigError, match="without the option 'batchnorm'"):
         work.check_identity({"seed": 0, "batchnorm": "frozen"}, {"batchnorm": "train"})
+    # an option whose default became derived (None): a work dir that ran at the old default resumes with it
+    lr_work = WorkDir(tmp_path / "lr")
+    lr_work.start({"seed": 0, "lr": 0.005})
+    assert lr_work.check_identity({"seed": 0, "lr": None}, {"lr": 0.005}) == {"lr": 0.005}
+    assert lr_work.check_identity({"seed": 0, "lr": 0.005}, {"lr": 0.005}) == {}
+    with pytest.raises(ConfigError, match="'lr' was 0.005 and is now 0.001"):
+        lr_work.check_identity({"seed": 0, "lr": 0.001}, {"lr": 0.005})
+    # an option added after the work dir and not given now: the value the version without it ran with
+    assert work.check_identity({"seed": 0, "batchnorm": None}, {"batchnorm": "train"}) == {"batchnorm": "train"}
+    lr_work.start({"seed": 0, "lr": None})  # a new work dir, derived rate: resumes only without --lr
+    assert lr_work.check_identity({"seed": 0, "lr": None}, {"lr": 0.005}) == {}
+    with pytest.raises(ConfigError, match="'lr' was None and is now 0.005"):
+        lr_work.check_identity({"seed": 0, "lr": 0.005}, {"lr": 0.005})

@@ -23,7 +23,8 @@ MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
 DATA = ROOT / "models" / "fashion-mnist"
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled Fashion-MNIST model is not built yet")
 TINY = dict(steps=3, start_steps=6, sensitivity_samples=32, max_val_samples=40, batch_size=16, max_iterations=1,
-            target_bits=None, target_act_bits=None, phases="weights", report=False)
+            target_bits=None, target_act_bits=None, phases="weights", report=False,
+            batchnorm="train")  # the failures as issue 25 met them (frozen batch-norm, now the default, hides some)
 
 
 def _run(tmp_path: Path, name: str, **options):
