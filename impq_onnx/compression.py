@@ -29,183 +29,21 @@ import numpy as np
 import onnx
 import yaml
 
-from impq_onnx.config import check_keys, coerce, field_types, read_config, suggest
-from impq_onnx.engine.training import BATCHNORM_MODES
+from impq_onnx.compress_config import DERIVED, CompressConfig
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.lowering.lower import derived_paths, output_files
-from impq_onnx.lowering.targets import TARGETS, target_help
 from impq_onnx.outputs import OutputSet, check_paths
-from impq_onnx.quant.schemes import SCHEMES, help_text as scheme_help
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "report_available", "target_reached"]
 
-_CHOICES = {
-    "method": tuple(METHODS),
-    "phases": ("weights-activations", "activations-weights", "weights", "activations"),
-    "granularity": ("kernel", "layer", "network"),
-    "weight_scheme": SCHEMES,  # the live registry: a registered scheme is a valid option
-    "optimizer": ("sgd", "adamw"),
-    "batchnorm": BATCHNORM_MODES,
-    "weighting": ("paper", "reference", "step"),
-    "sensitivity_method": ("fast", "exact"),
-    "format": TARGETS,  # the live registry: a registered target is a valid option
-}
 # Options that do not change what the run computes: a resume may change them.
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005}
-# Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
-# a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
-_DERIVED = {"batchnorm": "frozen", "lr": None}
-
-
-def _opt(default, help_text: str):
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
-@dataclasses.dataclass
-class CompressConfig:
-    """Every option of ``compress`` (CLI ``--name-with-dashes``, YAML and Python ``name_with_underscores``)."""
-
-    model: str | None = _opt(None, "The float ONNX classifier (never modified).")
-    data: str | None = _opt(None, "ImageFolder dir (with train/, val/ and test/ subfolders; train/ and test/ "
-                                  "or val/; or one tree to split) or .npz.")
-    method: str = _opt("impq", "Search strategy: impq (the default), faq (uniform bits, power-of-two steps, long "
-                               "fine-tune), activation-density (per-layer bits from the fraction of non-zero "
-                               "activations) or uniform-ptq (uniform bits, calibration only).")
-    output: str | None = _opt(None, "Output model path [default: <model stem>.<method>.onnx in the current folder].")
-    report: bool = _opt(True, "Also write <stem>.report.html with the paper's figures for this run.")
-    format: str = _opt("qdq", f"Output format: {target_help()}")
-    work_dir: str | None = _opt(None, "Checkpoint folder [default: <output stem>.work].")
-    resume: bool = _opt(False, "Continue the run in work_dir (same options), or re-emit a finished one.")
-    preprocess: str | None = _opt(None, "Preset name or preprocess YAML file [default: inferred from the input shape].")
-    classes: str | None = _opt(None, "The model's class order for the class folder names: a comma-separated list "
-                                     "or a labels file, one name per line [default: folder names sorted, "
-                                     "numerically when all are numbers].")
-    input_shape: str | None = _opt(None, "Concrete input shape, e.g. 1,3,224,224, for a model with a dynamic "
-                                         "height/width or auto_pad convs [default: the data's: the preprocess "
-                                         "size, else the first image's].")
-    val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded; of each "
-                                     "class, or across classes when classes have too few images; 0: validate "
-                                     "on the training images).")
-    max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
-    phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
-    granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
-    weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
-    start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
-    start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
-    schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150 (or "
-                                "NAME:ARGS of a registered schedule, e.g. fixed:400).")
-    act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
-    target_bits: float | None = _opt(4.0, "End the weight phase at this B_w,eff (none: no target).")
-    target_act_bits: float | None = _opt(4.0, "End the activation phase at this B_a,eff (none: no target).")
-    land_on_target: bool = _opt(True, "A lowering that would pass target_bits / target_act_bits lowers only as "
-                                      "many of its least sensitive groups as reach the target, so the phase ends "
-                                      "at the target rather than a whole schedule step below it.")
-    target_gbitops: float | None = _opt(None, "Stop the run once C_C <= this many Gbit-OPs per image.")
-    max_accuracy_drop: float | None = _opt(None, "Stop when validation top-1 falls more than this many points "
-                                                 "below float; keep the last iteration within it.")
-    max_iterations: int = _opt(20, "Lowering iterations per phase at most.")
-    steps: int = _opt(60, "Fine-tune steps per iteration.")
-    epochs: float | None = _opt(None, "Fine-tune epochs per iteration (overrides steps).")
-    start_steps: int | None = _opt(None, "Fine-tune steps at a phase start [default: as per iteration].")
-    time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
-                                           "many seconds.")
-    batch_size: int = _opt(32, "Fine-tune batch size.")
-    lr: float | None = _opt(None, "Fine-tune learning rate (warm-up, then cosine to 0) [default: impq derives it "
-                                  "from the model at its first fine-tune: a short seeded try at 0.005, 0.0015, "
-                                  "0.0005 and 0.00015, the best on validation kept; faq and activation-density "
-                                  "use 0.005; the rate used is recorded in <stem>.config.yaml].")
-    optimizer: str = _opt("sgd", "sgd (momentum) or adamw.")
-    momentum: float = _opt(0.9, "SGD momentum.")
-    batchnorm: str | None = _opt(None, "Batch-norm while fine-tuning: frozen (the model's running statistics kept "
-                                       "and used; scale and shift train) or train (batch statistics, running "
-                                       "ones updated) [default: frozen; work dirs written with train, or before "
-                                       "the option, resume with train].")
-    weight_decay: float = _opt(5e-4, "Weight decay.")
-    augment: bool = _opt(False, "Random crop + flip while fine-tuning.")
-    distill: bool = _opt(True, "Fine-tune against the input float model's logits (knowledge distillation) even "
-                               "when the data has labels (--no-distill: the labels' cross-entropy); data without "
-                               "labels always is.")
-    guard: bool = _opt(True, "Per iteration, keep the fine-tune only when its validation agreement with the float "
-                             "model (top-1 first when max_accuracy_drop reads top-1) is at least that of the same "
-                             "plan before it; a diverging fine-tune (non-finite loss) is retried once at lr/10 "
-                             "either way.")
-    sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
-    runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
-    weighting: str = _opt("paper", "Noise-gain weighting: paper (2^-B), reference (the authors' code) or "
-                                    "step (the group's real quantization step squared).")
-    sensitivity_method: str = _opt("fast", "Noise-gain method: fast or exact.")
-    seed: int = _opt(0, "Seed of every random choice (split, data order, probes).")
-    threads: int | None = _opt(None, "onnxruntime threads [default: the cores this process may use; the resolved "
-                                     "count is recorded in <stem>.config.yaml].")
-    replicas: int | None = _opt(None, "Fine-tune data-parallel replicas (SGD only): each batch split over this many "
-                                      "sessions of threads/replicas threads; batch-norm then normalises each part "
-                                      "with its own statistics, so the count changes the numbers [default: one per "
-                                      "thread, each part at least 16 images (2 on 2 cores trains ResNet-20 about 2x "
-                                      "as fast as 1); 1 with adamw; recorded in <stem>.config.yaml].")
-
-    @classmethod
-    def resolve(cls, config: str | os.PathLike | None = None, **options: Any) -> "CompressConfig":
-        """Defaults < the YAML ``config`` file < ``options`` (None in ``options`` means "not given")."""
-        types = field_types(cls)
-        check_keys(options, types, "compress")
-        values = dict(read_config(config, types)) if config is not None else {}
-        source = {key: str(config) for key in values}
-        values.update({k: v for k, v in options.items() if v is not None})
-        source.update({k: "option" for k, v in options.items() if v is not None})
-        coerced = {k: coerce(k, v, types[k], source.get(k, "option")) for k, v in values.items()}
-        return cls(**coerced).validate()
-
-    def validate(self) -> "CompressConfig":
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            if value is None and name in _DERIVED:  # not given: resolved when the run starts (resume rules)
-                continue
-            if value not in choices:
-                raise ConfigError(f"option '{name}': {value!r} is not one of {', '.join(choices)}"
-                                  f"{suggest(value, choices)}")
-        if self.model is None or self.data is None:
-            raise ConfigError(f"compress needs {'a model' if self.model is None else 'data'}: give "
-                              f"{'MODEL' if self.model is None else '--data DIR'} or set it in the config file")
-        from impq_onnx.search.schedule import parse_schedule
-
-        parse_schedule(self.schedule, "schedule")
-        parse_schedule(self.act_schedule, "act_schedule")
-        from impq_onnx import option_checks
-
-        option_checks.check_numbers(dataclasses.asdict(self), option_checks.COMPRESS)
-        option_checks.parse_shape(self.input_shape)
-        from impq_onnx.runtime import default_replicas, resolve_threads
-
-        # The machine's defaults become explicit values: they are recorded (config.yaml, the work dir's
-        # identity), so a resume or a --config rerun computes with the same ones.
-        self.threads = resolve_threads(self.threads)
-        if self.replicas is None:
-            self.replicas = default_replicas(self.threads, self.batch_size, self.optimizer)
-        if self.replicas > 1 and self.optimizer != "sgd":
-            raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
-
-    def paths(self) -> dict[str, Path]:
-        output = Path(self.output) if self.output else Path(f"{Path(self.model).stem}.{self.method}.onnx")
-        stem = output.with_suffix("") if output.suffix == ".onnx" else output
-        return {
-            "output": output,
-            "plan": Path(f"{stem}.plan.yaml"),
-            "report": Path(f"{stem}.report.json"),
-            "config": Path(f"{stem}.config.yaml"),
-            "report_html": Path(f"{stem}.report.html"),
-            "float": Path(f"{stem}.float.onnx"),
-            "work_dir": Path(self.work_dir) if self.work_dir else Path(f"{stem}.work"),
-        }
 
 
 @dataclasses.dataclass
@@ -445,7 +283,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                          data={"float_top1": reference.top1, "train_images": len(train), "val_images": len(val),
                                "weight_groups": groups, "activation_sites": len(sites.activations)}))
     # Not given and not taken from an old work dir: the current default (recorded in config.yaml and report.json).
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in _DERIVED.items() if getattr(cfg, k) is None and v is not None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in DERIVED.items() if getattr(cfg, k) is None and v is not None})
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     state = METHODS[cfg.method](context, state)

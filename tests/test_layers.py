@@ -33,7 +33,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("search",),
     ("lowering",),
     ("report",),
-    ("compression", "api", ""),  # "": the package itself (impq_onnx/__init__.py, the public API)
+    ("compress_config", "compression", "api", ""),  # "": the package itself (impq_onnx/__init__.py, the public API)
     ("cli", "cli_options", "cli_progress", "__main__", "interrupts"),  # interrupts: the entry point, signal handlers before the heavy imports
 )
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from impq_onnx import compression
+from impq_onnx import compress_config, compression
 from impq_onnx.cli import lower_command
 from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.lower import lower, read_lowered, write
@@ -95,7 +95,7 @@ def test_verify_catches_a_wrong_scale_in_the_new_target(folded_target):
 def test_choices_come_from_the_registry():
     option = next(p for p in lower_command.params if p.name == "format_")
     assert isinstance(option.type, click.Choice)
-    assert tuple(option.type.choices) == tuple(compression._CHOICES["format"]) == target_names()
+    assert tuple(option.type.choices) == tuple(compress_config._CHOICES["format"]) == target_names()
     assert target_names()[:3] == ("qdq", "qonnx", "encodings") and {"packed", "qdq-int4", "ort"} <= set(target_names())
     with pytest.raises(ConfigError, match="format 'tflite' is unknown; use one of qdq, qonnx, encodings"):
         get_target("tflite")
