@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from impq_onnx.events import Event, PlainLines, Progress
+from impq_onnx.events import Event, PlainLines, Progress, lowering_text
 
 __all__ = ["Renderer", "color_enabled", "counted", "summary_line"]
 
@@ -37,7 +37,7 @@ def _pct(value: Any) -> str:
 
 def summary_line(data: dict[str, Any]) -> str:
     """The compact one-line summary of an iteration event's ``data`` (the record), for the terminal."""
-    what = (f"-1 bit on {data.get('lowered')}/{data.get('reducible')}" if data.get("kind") == "lower"
+    what = (lowering_text(int(data.get("lowered") or 0), int(data.get("reducible") or 0)) if data.get("kind") == "lower"
             else str(data.get("kind")))
     line = (f"iter {data['iteration']:3d} {data['phase']:<11s} {what:<16s} "
             f"B_w,eff {data['weight_bits_effective']:.2f}  B_a,eff {data['activation_bits_effective']:.2f}  "

@@ -8,6 +8,7 @@ import html
 import json
 import math
 
+from impq_onnx.events import lowering_text
 from impq_onnx.report.run_data import RunData
 
 __all__ = ["environment_rows", "layer_rows", "render_html", "summary_rows"]
@@ -124,7 +125,7 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> s
 
 def _iterations_table(run: RunData) -> str:
     rows = [[str(r.iteration), r.phase, r.kind if r.kind == "start" else
-             f"-1 bit on {r.lowered}/{r.reducible}", _num(r.weight_bits_effective),
+             lowering_text(r.lowered, r.reducible), _num(r.weight_bits_effective),
              _num(r.activation_bits_effective), _num(r.gbitops, 4), _num(r.compression_ratio, 2, "x"),
              _pct(r.val_top1), _drop(run, r.val_top1), _pct(r.val_agreement), _num(r.seconds, 1, " s"),
              " ".join(x for x in (r.extra.get("fine_tune_kept") is False and "fine-tune dropped (guard)",

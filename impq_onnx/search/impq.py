@@ -121,11 +121,17 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step,
                        samples=cfg.sensitivity_samples, threads=cfg.threads,
                        seed=derive_seed(cfg.seed, iteration, "probes"), progress=progress)
     scores = dict(table.weights if phase == "weights" else table.activations)
-    picked = pick_least_sensitive(scores, [name for name, _ in candidates], n)
-    if cfg.land_on_target:
-        picked = _landing(plan, phase, picked, dict(candidates), sites,
-                          cfg.target_bits if phase == "weights" else cfg.target_act_bits)
-    return _lower(plan, phase, picked, dict(candidates)), len(picked), len(candidates), table
+    target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
+    reducible, lowered = len(candidates), 0
+    while n > lowered and candidates:  # n > reducible (a time budget short of steps): one pass per bit
+        picked = pick_least_sensitive(scores, [name for name, _ in candidates], n - lowered)
+        if cfg.land_on_target:
+            picked = _landing(plan, phase, picked, dict(candidates), sites, target)
+        plan, lowered = _lower(plan, phase, picked, dict(candidates)), lowered + len(picked)
+        if target is not None and _phase_bits(plan, phase, sites) <= target + 1e-9:
+            break
+        candidates = _reducible(plan, sites, phase, cfg.granularity)
+    return plan, lowered, reducible, table
 
 
 def _landing(plan: PrecisionPlan, phase: str, picked: list, groups: dict, sites, target: float | None) -> list:

@@ -28,7 +28,7 @@ import numpy as np
 from impq_onnx.data.dataset import derive_seed  # one definition: compress's validation subset uses it too
 from impq_onnx.engine import EvalResult, FineTuneDiverged, TrainedWeights, evaluate, fine_tune
 from impq_onnx.engine.evaluation import predicted_classes
-from impq_onnx.events import Event
+from impq_onnx.events import Event, lowering_text
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
 __all__ = ["EVAL_BATCH", "FIXED_LR", "LR_PROBE_MIN_STEPS", "LR_PROBE_RATES", "LR_RETRY_DIVISOR", "GuardedFineTune",
@@ -359,7 +359,7 @@ def format_record(record: IterationRecord, reference: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    what = (f"-1 bit on {record.lowered}/{record.reducible}" if record.kind == "lower"
+    what = (lowering_text(record.lowered, record.reducible) if record.kind == "lower"
             else record.kind)  # the baseline strategies' kinds: fine-tune, density, calibrate
     line = (f"iter {record.iteration:3d} {record.phase:<11s} {what:<16s} "
             f"B_w {record.weight_bits_effective:.2f}  B_a {record.activation_bits_effective:.2f}  "

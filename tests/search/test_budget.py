@@ -35,9 +35,9 @@ def test_enough_time_keeps_the_schedule():
 
 
 def test_time_left_for_one_step_lowers_everything_needed():
-    assert _groups(time_budget=250.0) == 100  # one step left, 4 bits needed: capped at every reducible group
+    assert _groups(time_budget=250.0) == 400  # one step left, 4 bits needed: four passes over every group
     assert _groups(time_budget=250.0, target=7.5) == 50  # half a bit in one step: half the groups
-    assert _groups(elapsed=5000.0) == 100  # past the budget already: as fast as it can
+    assert _groups(elapsed=5000.0) == 400  # past the budget already: all of it in the next step
 
 
 def test_later_phases_and_their_starts_share_the_time():
@@ -48,7 +48,7 @@ def test_later_phases_and_their_starts_share_the_time():
 
 def test_the_estimate_is_the_median_of_the_last_three_iterations():
     assert _groups(records=_records(10.0, 100.0, 100.0, 10_000.0)) == 45  # median 100 s of the last three
-    assert _groups(records=_records(300.0, 300.0, 300.0)) == 100  # 3 iterations left, 4 bits: all groups
+    assert _groups(records=_records(300.0, 300.0, 300.0)) == 134  # 3 iterations left, 4 bits: 4/3 bit a step
 
 
 def test_no_budget_no_target_or_target_reached_keep_the_schedule():

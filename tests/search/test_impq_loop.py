@@ -151,3 +151,30 @@ def test_steps_from_epochs_and_start_steps():
     assert iteration.fine_tune_steps(cfg, train, start=True) == 11
     cfg = CompressConfig(epochs=1.5, batch_size=16)
     assert iteration.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch
+
+
+def test_a_budget_short_of_steps_lowers_several_bits_in_one_step(net, stand_ins):
+    """One step left in the budget, 8 -> 4 bits to go: the step lowers in passes (every group, then the least
+    sensitive again) and lands on the target, instead of one bit per group and a missed target."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from impq_onnx.search.state import IterationRecord
+
+    base, sites = net
+    row = json.loads((Path(__file__).parent / "data" / "v1" / "faq.iterations.json").read_text())[0]
+    records = [dataclasses.replace(IterationRecord.from_dict(row), seconds=100.0)]
+    cfg = CompressConfig(model="m.onnx", data="d", granularity="kernel", phases="weights", target_bits=4.0,
+                         target_act_bits=None, time_budget=250.0)
+    plan = PrecisionPlan.uniform(sites, 8, None, granularity="kernel")
+    rng = np.random.default_rng(0)
+    train = dataset_from_arrays(rng.integers(0, 255, (20, 28, 28), np.uint8), rng.integers(0, 10, 20),
+                                PRESETS["fashion-mnist"])
+    lowered_plan, lowered, reducible, _ = impq._lowering_step(cfg, plan, "weights", base, sites, train, 1, 0,
+                                                             budget=(records, 100.0, 1))
+    assert lowered > reducible == len(sites.weight_groups("kernel"))  # more than one bit per group
+    assert 3.9 < lowered_plan.weight_bits_effective(sites) <= 4.0
+    assert min(b for bits in lowered_plan.weights.values() for b in bits) >= 1
+    without, n, _, _ = impq._lowering_step(cfg, plan, "weights", base, sites, train, 1, 0)
+    assert n <= reducible and without.weight_bits_effective(sites) > 7.0  # no budget: the schedule's one bit
