@@ -8,7 +8,8 @@ folder of PNG images decoded from disk:
 - every model, in CI: ``inspect`` -> the trained path is checked (every op differentiable after the rewrites)
   -> ``lower`` a uniform W4A8 plan -> ``verify`` (the written model in onnxruntime gives the simulation's
   activation codes and logits exactly, so the same top-1) -> interface check (input/output names, element
-  types, declared shapes unchanged) -> the written model runs as published;
+  types, declared shapes unchanged) -> the written model runs as published, here and in the newest mainline
+  onnxruntime (a throwaway venv; all graph optimizations on: the top-1 of every output equals this runtime's);
 - ``compress`` W4A8 with a tiny budget (fine-tune, sensitivity, calibration at the model's batch and size) ->
   ``verify`` -> interface -> runs: two small models in CI, the whole matrix with ``-m slow``
   (``bench/zoo.py`` times it at the bench sizes).
@@ -17,12 +18,14 @@ folder of PNG images decoded from disk:
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from consumer_venvs import consumer_venv
 from PIL import Image
 
 from impq_onnx.cli import main
@@ -105,8 +108,32 @@ def _params(compress: bool) -> list:
     return params
 
 
+# Runs in the mainline venv: the written model on the saved input, every output's top-1 against the saved ones.
+MAINLINE = r"""
+import sys
+import numpy as np
+import onnxruntime as ort
+model, saved = sys.argv[1], np.load(sys.argv[2])
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+outs = session.run(None, {session.get_inputs()[0].name: saved["x"]})
+for i, out in enumerate(outs):
+    ref = saved[f"out{i}"]
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (i, out.dtype, ref.dtype, out.shape, ref.shape)
+    a, b = out.astype(np.float32).reshape(len(out), -1), ref.astype(np.float32).reshape(len(ref), -1)
+    assert np.isfinite(a).all() and (a.argmax(1) == b.argmax(1)).all(), (i, a.argmax(1), b.argmax(1))
+print(ort.__version__)
+"""
+
+
+@pytest.fixture(scope="module")
+def mainline_python() -> Path:
+    return consumer_venv("ort-mainline", ["onnxruntime", "numpy"])
+
+
 @pytest.mark.parametrize("path", _params(compress=False))
-def test_zoo_model_lowers_w4a8_as_published(path: Path, tmp_path: Path) -> None:
+def test_zoo_model_lowers_w4a8_as_published(path: Path, tmp_path: Path, mainline_python: Path) -> None:
     from impq_onnx.engine.differentiable import check_trainable
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
@@ -127,7 +154,11 @@ def test_zoo_model_lowers_w4a8_as_published(path: Path, tmp_path: Path) -> None:
     assert code == 0, out
     assert path.read_bytes() == original_bytes
     _verified(out_model, path, plan_path, data)
-    _runs_as_published(out_model, original, original_bytes, h, w, layout)
+    x, outputs = _runs_as_published(out_model, original, original_bytes, h, w, layout)
+    np.savez(tmp_path / "saved.npz", x=x, **{f"out{i}": out for i, out in enumerate(outputs)})
+    done = subprocess.run([str(mainline_python), "-c", MAINLINE, str(out_model), str(tmp_path / "saved.npz")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("path", _params(compress=True))
@@ -150,7 +181,8 @@ def test_zoo_model_compresses_as_published(path: Path, tmp_path: Path) -> None:
 
 
 def _runs_as_published(out_model: Path, original: onnx.ModelProto, original_bytes: bytes, h: int, w: int,
-                       layout: str) -> None:
+                       layout: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The written model's input and outputs here, after checking them against the original's."""
     written = onnx.load(str(out_model))
     assert interface_of(written) == interface_of(original)
     ops = {node.op_type for node in written.graph.node}
@@ -168,3 +200,4 @@ def _runs_as_published(out_model: Path, original: onnx.ModelProto, original_byte
     theirs = inference_session(original_bytes).run(None, {x_info.name: x})
     assert [(a.dtype, a.ndim) for a in ours] == [(b.dtype, b.ndim) for b in theirs]
     assert all(np.isfinite(a.astype(np.float32)).all() for a in ours)
+    return x, ours
