@@ -56,7 +56,6 @@ def budget_groups(*, scheduled: int, reducible: int, bits_now: float, bits_all_l
     return int(min(reducible * MAX_PASSES, max(scheduled, math.ceil(fraction * reducible - 1e-9))))
 
 
-
 def _seconds(record: IterationRecord) -> float:
     """The record's seconds without the one-off learning-rate probe (``lr_probe_seconds``) it may hold."""
     return record.seconds - float(record.extra.get("lr_probe_seconds", 0.0))
