@@ -25,28 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models" / "zoo"))
+from zoo_inputs import class_images, input_size  # noqa: E402 - the zoo's own module, shared with the tests
+
 IMPQ = str(Path(sys.executable).parent / "impq-onnx")
-CLASSES = 10
-
-
-def _input_size(model: onnx.ModelProto) -> tuple[int, int, str]:
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in model.graph.input[0].type.tensor_type.shape.dim]
-    nhwc = dims[3] in (1, 3) and dims[1] not in (1, 3)
-    h, w = (dims[1], dims[2]) if nhwc else (dims[2], dims[3])
-    return h or 64, w or 80, "NHWC" if nhwc else "NCHW"
-
-
-def _images(root: Path, h: int, w: int, per_class: int) -> Path:
-    rng = np.random.default_rng(7)
-    for c in range(CLASSES):
-        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"class{c:02d}" / f"{i}.png")
-    return root
 
 
 def _timed(args: list[str], stdout: list[str] | None = None) -> tuple[float, int, str]:
@@ -65,8 +49,8 @@ def run_model(path: Path, work: Path, steps: int) -> dict:
 
     original_bytes = path.read_bytes()
     original = onnx.load(str(path))
-    h, w, layout = _input_size(original)
-    data = _images(work / "images", h, w, per_class=4)
+    h, w, layout = input_size(original, dynamic=(64, 80))
+    data = class_images(work / "images", h, w, per_class=4)
     row: dict = {"model": path.stem, "bytes": path.stat().st_size, "input": f"{h}x{w} {layout}"}
     row["inspect_s"], code, error = _timed(["inspect", str(path), "--json"])
     if code:

@@ -26,7 +26,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from consumer_venvs import consumer_venv
-from PIL import Image
+from zoo_inputs import CLASSES, class_images, input_size
 
 from impq_onnx.cli import main
 from impq_onnx.frontend.interface import interface_of
@@ -35,7 +35,6 @@ from impq_onnx.runtime import inference_session
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "zoo"
 EXPORTED = ROOT / "tests" / "models" / "exported"
-CLASSES = 10
 
 # The real exporters' files that complete the matrix (tf2onnx NHWC Keras CNN, paddle2onnx MobileNetV3).
 REAL = ["tf2onnx_keras_cnn_opset13.onnx", "paddle2onnx_mobilenetv3_opset13.onnx"]
@@ -62,25 +61,6 @@ def test_the_matrix_covers_the_issue() -> None:
     assert all(entry["size_bytes"] <= 2_000_000 for entry in manifest.values())
     for path in MATRIX:
         assert path.stat().st_size <= 2_000_000, path
-
-
-def _input_size(model: onnx.ModelProto) -> tuple[int, int, str]:
-    """Image height, width (32x40 where the model's are dynamic) and layout of the model's input."""
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in model.graph.input[0].type.tensor_type.shape.dim]
-    nhwc = dims[3] in (1, 3) and dims[1] not in (1, 3)
-    h, w = (dims[1], dims[2]) if nhwc else (dims[2], dims[3])
-    return h or 32, w or 40, "NHWC" if nhwc else "NCHW"
-
-
-def _images(root: Path, h: int, w: int, per_class: int = 2) -> Path:
-    rng = np.random.default_rng(7)
-    for c in range(CLASSES):
-        (root / f"class{c:02d}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i}.png")
-    return root
 
 
 def _invoke(args: list[str]) -> tuple[int, str]:
@@ -141,8 +121,8 @@ def test_zoo_model_lowers_w4a8_as_published(path: Path, tmp_path: Path, mainline
 
     original_bytes = path.read_bytes()
     original = onnx.load(str(path))
-    h, w, layout = _input_size(original)
-    data = _images(tmp_path / "images", h, w)
+    h, w, layout = input_size(original, dynamic=(32, 40))  # small where the model's size is dynamic
+    data = class_images(tmp_path / "images", h, w, per_class=2)
     code, out = _invoke(["inspect", str(path), "--json"])
     assert code == 0, out
     canonical = load(path)
@@ -165,8 +145,8 @@ def test_zoo_model_lowers_w4a8_as_published(path: Path, tmp_path: Path, mainline
 def test_zoo_model_compresses_as_published(path: Path, tmp_path: Path) -> None:
     original_bytes = path.read_bytes()
     original = onnx.load(str(path))
-    h, w, layout = _input_size(original)
-    data = _images(tmp_path / "images", h, w)
+    h, w, layout = input_size(original, dynamic=(32, 40))  # small where the model's size is dynamic
+    data = class_images(tmp_path / "images", h, w, per_class=2)
     out_model = tmp_path / "out" / f"{path.stem}.w4a8.onnx"
     code, out = _invoke([
         "compress", str(path), "--data", str(data), "--output", str(out_model), "--quiet", "--no-report",
