@@ -94,6 +94,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     session = _Sessions(proto, threads, replicas)
     reference = _Sessions(as_proto(float_model), threads, replicas) if float_model is not None else None
     lap("evaluation graph + sessions")
+    compared = reference is not None or float_classes is not None  # an agreement figure is counted
     report = progress_callback(progress)
     n = top1 = top5 = agree = labelled = 0
     seconds = 0.0
@@ -121,7 +122,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
                 agree += int(np.sum(predicted == np.asarray(float_classes)[n:n + len(x)]))
             n += len(x)
             if report:
-                report(_event("step", n, total, top1, labelled, _agreed(agree, reference, float_classes), seconds))
+                report(_event("step", n, total, top1, labelled, agree if compared else None, seconds))
     finally:
         session.close()
         if reference is not None:
@@ -131,7 +132,6 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         raise DataError("evaluation got no batches")
     if float_classes is not None and reference is None and len(float_classes) != n:
         raise DataError(f"evaluation: {len(float_classes)} float-model classes given for {n} images")
-    compared = reference is not None or float_classes is not None
     if report:
         report(_event("phase_end", n, total, top1, labelled, agree if compared else None, seconds))
     return EvalResult(
@@ -141,10 +141,6 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         n=n,
         images_per_second=n / seconds if seconds > 0 else 0.0,
     )
-
-
-def _agreed(agree: int, reference, float_classes) -> int | None:
-    return agree if reference is not None or float_classes is not None else None
 
 
 def predicted_classes(model, batches: Iterable, *, threads: int | None = None,
