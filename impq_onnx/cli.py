@@ -355,6 +355,13 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
              f"top-1 agreement with the simulation {100 * result.agreement:.2f} %, "
              f"max logit difference {result.max_logit_diff:.3g}"
              + (f", {result.tie_flips} activation codes one step off at rounding ties" if result.tie_flips else ""))
+        if result.deployed_max_logit_diff is not None:
+            fused = ", ".join(f"{k} {v}" for k, v in result.fused_kernels.items()) or "no integer kernels"
+            echo(f"  as deployed (onnxruntime, every graph optimization; fused: {fused}): top-1 agreement with the "
+                 f"integer reference {100 * (result.deployed_agreement or 0):.2f} %, max logit difference "
+                 f"{result.deployed_max_logit_diff:.3g}"
+                 + ("" if result.deployed_covered else "; onnxruntime fused kernels the reference does not model, "
+                    "so this is not required to be 0"))
         for problem in ([result.checker_error] if result.checker_error else []) + result.range_violations \
                 + result.record_mismatches:
             echo(f"  {problem}")

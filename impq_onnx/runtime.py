@@ -124,9 +124,12 @@ _UNKNOWN_OP = re.compile(r"(?:Fatal error: )?([\w.]*):(\w+)\((-?\d+)\) is not a 
 
 
 def inference_session(model_bytes: bytes, threads: int | None = None, *,
-                      optimize: bool = True) -> ort.InferenceSession:
-    """A CPU session on ``threads`` intra-op threads (None: every available core)."""
+                      optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
+    """A CPU session on ``threads`` intra-op threads (None: every available core); ``optimized_path``:
+    where onnxruntime writes the graph it runs."""
     options = ort.SessionOptions()
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
     if not optimize:  # the model exactly as written: no fusion into integer kernels, and no pre-packed
         # constant weights (a Gemm with a constant B sums in another blocking order than one with a computed B)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

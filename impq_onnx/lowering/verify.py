@@ -21,7 +21,12 @@
    (:func:`impq_onnx.lowering.exact_codes.exact_mismatches`; the first difference of each tensor is
    reported with its channel and index, in ``record_mismatches``);
 6. with the simulation's codes at every site, the largest logit difference is at most ``logit_tolerance``
-   (default 0: the layers after the last quantizer compute exactly what the simulation computes).
+   (default 0: the layers after the last quantizer compute exactly what the simulation computes);
+7. where the target says what onnxruntime computes with every graph optimization on
+   (``deployed_reference``; the ort target: its fused integer kernels, :mod:`impq_onnx.lowering.targets.ort_integer`),
+   the model run that way equals that reference to the bit on every sample (``deployed_max_logit_diff`` 0);
+   ``fused_kernels`` counts the integer kernels onnxruntime fused. When it fused a kind the reference does
+   not write out, the comparison is reported (``deployed_covered`` false) but does not fail.
 
 Each output target (:mod:`impq_onnx.lowering.targets`) says how its model runs as standard ops
 (``as_standard_ops``: QONNX through :func:`~impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings
@@ -32,6 +37,8 @@ activation ranges are kept (``weight_scales``, ``activation_range``).
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -45,6 +52,7 @@ from impq_onnx.lowering.exact_codes import exact_mismatches
 from impq_onnx.lowering.passes.annotate_bits import annotated_bits, annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.targets import get_target
+from impq_onnx.lowering.targets.ort_integer import fused_counts, rewritten_counts
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
@@ -61,6 +69,11 @@ class VerifyResult:
     max_logit_diff: float = 0.0
     tie_flips: int = 0  # activation codes one step off the simulation's at a rounding tie (float reordering)
     checker_error: str | None = None
+    # the model as onnxruntime deploys it (all graph optimizations) against the target's deployed_reference
+    deployed_agreement: float | None = None
+    deployed_max_logit_diff: float | None = None
+    deployed_covered: bool | None = None  # every fused integer kernel is one the reference writes out
+    fused_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
     range_violations: list[str] = dataclasses.field(default_factory=list)
     record_mismatches: list[str] = dataclasses.field(default_factory=list)
 
@@ -116,9 +129,27 @@ def verify(lowered, canonical, plan: PrecisionPlan, sites: SiteTable, batches: I
                                     or [])
     target = get_target(lowered.format)
     if standard is not None:
+        deployed = _guarded(result, "deployed model", _deployed_sessions, result, target, standard, threads)
         _compare_outputs(result, standard, for_inference(target.reference(canonical, plan, sites, lowered)),
-                         canonical.input_name, batches, threads, max_batches, plan, sites, logit_tolerance)
+                         canonical.input_name, batches, threads, max_batches, plan, sites, logit_tolerance, deployed)
     return result
+
+
+def _deployed_sessions(result: VerifyResult, target, model: onnx.ModelProto, threads: int | None):
+    """``(model with every optimization, target's deployed reference as written)`` sessions, or None."""
+    reference = target.deployed_reference(model)
+    if reference is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="impq-verify-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        try:
+            deployed = inference_session(model.SerializeToString(), threads, optimize=True, optimized_path=path)
+        except Exception:  # onnxruntime's own types; the as-written comparison reports the refusal
+            return None
+        fused = fused_counts(onnx.load(path, load_external_data=False))
+    result.fused_kernels = dict(sorted(fused.items()))
+    result.deployed_covered = result.fused_kernels == rewritten_counts(reference)
+    return deployed, inference_session(reference.SerializeToString(), threads, optimize=False)
 
 
 def _runtime_problem(exc: Exception) -> str:
@@ -128,7 +159,7 @@ def _runtime_problem(exc: Exception) -> str:
 
 
 def _compare_outputs(result, model, simulated, input_name, batches, threads, max_batches, plan, sites,
-                     logit_tolerance: float) -> None:
+                     logit_tolerance: float, deployed=None) -> None:
     """Run both models as written over ``batches``: top-1 agreement, the largest logit difference, and the
     codes of every quantized activation site (:mod:`impq_onnx.lowering.site_codes`)."""
     found = site_codes.probes(model, simulated, plan, sites)
@@ -146,6 +177,7 @@ def _compare_outputs(result, model, simulated, input_name, batches, threads, max
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a refusal is reported as one line below, not as onnxruntime's log
     agree, problem, forced_logit_diff = 0, None, 0.0
+    deployed_agree, deployed_diff = 0, 0.0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -179,8 +211,21 @@ def _compare_outputs(result, model, simulated, input_name, batches, threads, max
                     break
             d = np.abs(own[0] - b)
             forced_logit_diff = max(forced_logit_diff, float(np.max(np.where(np.isnan(d), np.inf, d))))
+        if deployed is not None:
+            run, expected = (_chunked(s, {input_name: x}, step, quiet)[0] for s in deployed)
+            deployed_agree += int(np.sum(run.argmax(axis=1) == expected.argmax(axis=1)))
+            d = np.abs(run - expected)
+            deployed_diff = max(deployed_diff, float(np.max(np.where(np.isnan(d), np.inf, d))))
         result.samples += len(x)
     result.agreement = agree / result.samples if result.samples else 0.0
+    if deployed is not None and result.samples:
+        result.deployed_agreement, result.deployed_max_logit_diff = deployed_agree / result.samples, deployed_diff
+        if result.deployed_covered and deployed_diff != 0:
+            result.record_mismatches.append(
+                f"deployed: with every graph optimization, onnxruntime {ort.__version__} computes logits up to "
+                f"{deployed_diff:.3g} from the integer reference of its fused kernels (top-1 agreement "
+                f"{100 * result.deployed_agreement:.2f} %); this CPU's integer kernels round otherwise "
+                "(the reference models x86-64 AVX2/AVX-512): check the model on the deployment machine")
     if problem is not None:
         result.record_mismatches.append(problem)
     elif not forced_logit_diff <= logit_tolerance:  # NaN logits fail too

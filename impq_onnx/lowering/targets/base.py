@@ -78,6 +78,11 @@ class Target:
         """A model with standard ops only that computes what ``lowered`` means (run by verify)."""
         return lowered.proto
 
+    def deployed_reference(self, model: onnx.ModelProto) -> onnx.ModelProto | None:
+        """What onnxruntime computes for the standard-op ``model`` with all graph optimizations on, in
+        standard ops exact to the bit (None: the target promises nothing there). verify compares the two."""
+        return None
+
     def weight_scales(self, lowered: Lowered, entry: dict, array: Array) -> np.ndarray:
         """The per-kernel scales of the sidecar weight ``entry`` as the written files keep them."""
         return array(weight_names(entry["source"])["scale"]).reshape(-1)

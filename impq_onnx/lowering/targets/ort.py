@@ -54,6 +54,7 @@ from impq_onnx.lowering.naming import (
 )
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
+from impq_onnx.lowering.targets.ort_integer import integer_reference
 from impq_onnx.lowering.targets.ort_reference import (
     ACTIVATION_BITS,
     bias_codes,
@@ -475,6 +476,10 @@ class OrtTarget(QdqTarget):
 
     def reference(self, canonical: object, plan: PrecisionPlan, sites: SiteTable, lowered: Lowered) -> onnx.ModelProto:
         return folded_reference(canonical, plan, sites)
+
+    def deployed_reference(self, model: onnx.ModelProto) -> onnx.ModelProto | None:
+        """onnxruntime's fused integer kernels' arithmetic (:mod:`impq_onnx.lowering.targets.ort_integer`)."""
+        return integer_reference(model)
 
 
 def folded_reference(canonical: object, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:

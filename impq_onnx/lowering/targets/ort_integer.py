@@ -1,0 +1,342 @@
+"""What onnxruntime computes when it fuses the ort target's QDQ graph, written as standard ONNX ops.
+
+With graph optimizations on, onnxruntime (1.19 and mainline 1.32 alike, x86-64 CPU) replaces every
+``DequantizeLinear -> op -> QuantizeLinear`` group of the ort model by one integer kernel, which
+requantizes in its own arithmetic, not in the float order of the QDQ graph: the ort model then differs
+from its float simulation in a few borderline codes (0.1-0.5 % of top-1 on CIFAR-10). :func:`integer_reference`
+rewrites each such group of a lowered ort model into that arithmetic, exactly, with standard ops whose
+results are defined to the bit (integer convolutions and matrix products, float32 and float64 products
+and sums, round-half-to-even), so that the deployed model can be verified against it with nothing left
+to chance. Per group, with ``q`` the stored codes, ``z`` zero points and ``s`` scales, all float32
+unless said:
+
+- **Conv / Gemm / MatMul -> QuantizeLinear** (QLinearConv, QGemm, QLinearMatMul): the accumulator
+  ``acc = Σ (q_x - z_x)·q_w + q_b`` in int32 (``ConvInteger`` / ``MatMulInteger`` on the weight codes
+  shifted by 128 to uint8 with zero point 128, which ``ConvInteger`` needs), then
+  ``q_y = clip(round(float(acc) · M_c) + z_y)`` with ``M_c = (s_x · s_w,c) / s_y``. A ``Relu`` between the
+  layer and a quantizer whose zero point is the type's minimum is dropped, as onnxruntime drops it (the
+  clip does its work).
+- **Gemm with a float output** (QGemm without output quantizer): ``y = float(acc) · (s_a · s_b,c)``.
+- **Add -> QuantizeLinear** (QLinearAdd, the AVX2 kernel): with ``r_a = s_a / s_y``, ``r_b = s_b / s_y``
+  and ``f = z_y - (r_a·z_a + r_b·z_b)``, ``t = fma(q_b, r_b, f)``, ``q_y = clip(round(fma(q_a, r_a, t)))``;
+  each fused multiply-add is a float64 product and sum (exact here: an 8-bit code times a float32)
+  rounded once to float32.
+- **GlobalAveragePool -> QuantizeLinear** (QLinearGlobalAveragePool): with ``n = H·W``,
+  ``q_y = clip(round(float(Σ q_x - z_x·n) · (s_x / (s_y · n))) + z_y)``.
+
+Measured bit-exact against onnxruntime 1.19.2 and 1.32.0's fused kernels on an AVX-512 x86-64 CPU
+(``tests/lowering/test_ort_integer.py``; ResNet-20 and MobileNet-V1 on all 10,000 CIFAR-10 test images in
+``bench/deploy.py``). Other kernels (ARM, SSE2-only CPUs) requantize differently; :func:`fused_counts`
+names what onnxruntime fused, so a caller can tell when a group was fused that this module does not
+rewrite.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["integer_reference", "fused_counts", "rewritten_counts", "FUSED_KERNELS", "REWRITTEN"]
+_GROUPS_KEY = "impq.integer_groups"
+
+# onnxruntime's fused integer kernels, and which of them integer_reference writes out.
+FUSED_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
+                 "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMul", "QLinearAveragePool",
+                 "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean")
+REWRITTEN = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool")
+_F32 = np.float32
+_Group = tuple[list[onnx.NodeProto], list[onnx.NodeProto]]  # (integer nodes, the group's nodes they replace)
+
+
+def fused_counts(optimized: onnx.ModelProto) -> Counter:
+    """How many of each fused integer kernel an onnxruntime-optimized model holds."""
+    return Counter(n.op_type for n in optimized.graph.node if n.op_type in FUSED_KERNELS)
+
+
+def rewritten_counts(reference: onnx.ModelProto) -> dict[str, int]:
+    """How many groups of each kernel :func:`integer_reference` wrote out, sorted by kernel."""
+    text = next((p.value for p in reference.metadata_props if p.key == _GROUPS_KEY), "")
+    return dict(sorted((k, int(v)) for k, v in (item.split("=") for item in text.split(",") if item)))
+
+
+class _Graph:
+    """Producers, consumers and constants of a model, and the nodes that replace its fused groups."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.users[name].append(node)
+        self.outputs = {o.name for o in graph.output}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.count: Counter[str] = Counter()
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name)
+
+    def value(self, name: str) -> np.ndarray:
+        """A constant already found to be one."""
+        return self.consts[name]
+
+    def add_const(self, name: str, value: np.ndarray) -> str:
+        self.new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def sole_user(self, tensor: str) -> onnx.NodeProto | None:
+        users = self.users.get(tensor, [])
+        return users[0] if len(users) == 1 and tensor not in self.outputs else None
+
+    def dequantized(self, tensor: str, *, constant: bool) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """``(codes tensor, scale, zero point)`` when ``tensor`` is a DequantizeLinear output of stored
+        (``constant``) or computed codes with constant scale and zero point."""
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            return None
+        scale, zero = self.const(node.input[1]), self.const(node.input[2])
+        codes_const = node.input[0] in self.consts
+        if scale is None or zero is None or codes_const != constant or scale.dtype != _F32:
+            return None
+        if not constant and (scale.size != 1 or zero.dtype not in (np.uint8, np.int8)):
+            return None
+        return node.input[0], scale, zero
+
+    def requantized_by(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+        """The QuantizeLinear that alone reads ``node``'s output (through a Relu it makes redundant), and
+        the nodes the group absorbs after ``node``."""
+        user = self.sole_user(node.output[0])
+        absorbed = []
+        if user is not None and user.op_type == "Relu":
+            absorbed.append(user)
+            user = self.sole_user(user.output[0])
+        if user is None or user.op_type != "QuantizeLinear" or len(user.input) < 3:
+            return None
+        scale, zero = self.const(user.input[1]), self.const(user.input[2])
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype not in (np.uint8, np.int8):
+            return None
+        if absorbed and int(zero) != np.iinfo(zero.dtype).min:
+            return None  # a Relu the quantizer's clip does not make redundant: onnxruntime keeps it
+        return user, absorbed + [user]
+
+
+def _requantize(g: _Graph, acc: str, multiplier: np.ndarray, quantizer: onnx.NodeProto, out: str,
+                prefix: str) -> list[onnx.NodeProto]:
+    """``out = clip(round(float(acc) · multiplier) + zero point)`` in the quantizer's type."""
+    zero = g.value(quantizer.input[2])
+    info = np.iinfo(zero.dtype)
+    names = g.add_const(prefix + "multiplier", multiplier.astype(_F32))
+    return [
+        helper.make_node("Cast", [acc], [prefix + "acc_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [prefix + "acc_f", names], [prefix + "scaled"]),
+        helper.make_node("Round", [prefix + "scaled"], [prefix + "rounded"]),
+        helper.make_node("Add", [prefix + "rounded", g.add_const(prefix + "zero", _F32(int(zero)))],
+                         [prefix + "shifted"]),
+        helper.make_node("Clip", [prefix + "shifted", g.add_const(prefix + "lo", _F32(info.min)),
+                                  g.add_const(prefix + "hi", _F32(info.max))], [prefix + "clipped"]),
+        helper.make_node("Cast", [prefix + "clipped"], [out], to=onnx.helper.np_dtype_to_tensor_dtype(zero.dtype)),
+    ]
+
+
+def _shifted_weight(g: _Graph, codes: np.ndarray, name: str) -> tuple[str, str]:
+    """int8 codes as uint8 ``codes + 128`` with zero point 128 (``ConvInteger`` takes uint8 weights only)."""
+    if codes.dtype != np.int8:
+        raise ValueError(f"weight codes '{name}' are {codes.dtype}, not int8")
+    shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
+    return g.add_const(name + "/u8", shifted), g.add_const(name + "/u8_zero", np.uint8(128))
+
+
+def _accumulator(g: _Graph, node: onnx.NodeProto, prefix: str):
+    """Integer nodes for ``Σ (q_x - z_x)·q_w + q_b`` of a Conv / Gemm / MatMul fed by DequantizeLinears:
+    ``(nodes, accumulator, s_x, per-output-channel s_w)``, or None when the group is not one onnxruntime fuses."""
+    x = g.dequantized(node.input[0], constant=False)
+    w = g.dequantized(node.input[1], constant=True) if len(node.input) > 1 else None
+    if x is None or w is None or np.any(w[2] != 0):
+        return None
+    x_codes, x_scale, _ = x
+    x_zero_name = g.producer[node.input[0]].input[2]
+    w_codes = g.value(w[0])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        if w[1].size not in (1, w_codes.shape[0]):
+            return None
+        weight, weight_zero = _shifted_weight(g, w_codes, prefix + "weight")
+        conv = {k: v for k, v in attrs.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads",
+                                                         "strides")}
+        nodes = [helper.make_node("ConvInteger", [x_codes, weight, x_zero_name, weight_zero], [prefix + "acc"], **conv)]
+        channels = w_codes.shape[0]
+        bias_shape = (-1, 1, 1) if len(w_codes.shape) == 4 else (-1,) + (1,) * (len(w_codes.shape) - 2)
+    else:
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                       or attrs.get("beta", 1.0) != 1.0):
+            return None
+        matrix = w_codes.T if node.op_type == "Gemm" and attrs.get("transB", 0) else w_codes
+        if matrix.ndim != 2 or w[1].size not in (1, matrix.shape[1]):
+            return None
+        weight, weight_zero = _shifted_weight(g, np.ascontiguousarray(matrix), prefix + "weight")
+        nodes = [helper.make_node("MatMulInteger", [x_codes, weight, x_zero_name, weight_zero], [prefix + "acc"])]
+        channels, bias_shape = matrix.shape[1], (-1,)
+    acc = prefix + "acc"
+    if len(node.input) > 2 and node.input[2]:
+        b = g.dequantized(node.input[2], constant=True)
+        if b is None or g.value(b[0]).dtype != np.int32 or np.any(b[2] != 0):
+            return None
+        codes = g.value(b[0]).reshape(bias_shape)
+        nodes.append(helper.make_node("Add", [acc, g.add_const(prefix + "bias", codes)], [prefix + "acc_b"]))
+        acc = prefix + "acc_b"
+    w_scale = np.broadcast_to(w[1].astype(_F32).reshape(-1), (channels,))
+    return nodes, acc, _F32(x_scale.reshape(())), w_scale, bias_shape
+
+
+def _layer(g: _Graph, node: onnx.NodeProto) -> _Group | None:
+    prefix = f"{node.output[0]}/integer/"
+    found = _accumulator(g, node, prefix)
+    if found is None:
+        return None
+    nodes, acc, x_scale, w_scale, bias_shape = found
+    after = g.requantized_by(node)
+    if after is not None:
+        quantizer, absorbed = after
+        y_scale = _F32(g.value(quantizer.input[1]).reshape(()))
+        multiplier = ((x_scale * w_scale).astype(_F32) / y_scale).astype(_F32).reshape(bias_shape)
+        g.count["QLinearConv" if node.op_type == "Conv" else
+                "QGemm" if node.op_type == "Gemm" else "QLinearMatMul"] += 1
+        return nodes + _requantize(g, acc, multiplier, quantizer, quantizer.output[0], prefix), [node, *absorbed]
+    if node.op_type != "Gemm":
+        return None
+    scale = g.add_const(prefix + "scale", (x_scale * w_scale).astype(_F32))
+    g.count["QGemm"] += 1
+    return nodes + [helper.make_node("Cast", [acc], [prefix + "acc_f"], to=TensorProto.FLOAT),
+                    helper.make_node("Mul", [prefix + "acc_f", scale], [node.output[0]])], [node]
+
+
+def _add(g: _Graph, node: onnx.NodeProto) -> _Group | None:
+    a, b = (g.dequantized(t, constant=False) for t in node.input[:2])
+    after = g.requantized_by(node)
+    if a is None or b is None or after is None or a[2].dtype != b[2].dtype:
+        return None
+    quantizer, absorbed = after
+    y_scale, y_zero = _F32(g.value(quantizer.input[1]).reshape(())), g.value(quantizer.input[2])
+    if y_zero.dtype != a[2].dtype:
+        return None
+    ra, rb = _F32(_F32(a[1].reshape(())) / y_scale), _F32(_F32(b[1].reshape(())) / y_scale)
+    fixed = _F32(_F32(int(y_zero)) - _F32(_F32(ra * _F32(int(a[2]))) + _F32(rb * _F32(int(b[2])))))
+    p = f"{quantizer.output[0]}/integer/"
+    info = np.iinfo(y_zero.dtype)
+    d, f = TensorProto.DOUBLE, TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Cast", [b[0]], [p + "b"], to=d),
+        helper.make_node("Mul", [p + "b", g.add_const(p + "rb", np.float64(rb))], [p + "b_scaled"]),
+        helper.make_node("Add", [p + "b_scaled", g.add_const(p + "fixed", np.float64(fixed))], [p + "t64"]),
+        helper.make_node("Cast", [p + "t64"], [p + "t"], to=f),
+        helper.make_node("Cast", [p + "t"], [p + "t_d"], to=d),
+        helper.make_node("Cast", [a[0]], [p + "a"], to=d),
+        helper.make_node("Mul", [p + "a", g.add_const(p + "ra", np.float64(ra))], [p + "a_scaled"]),
+        helper.make_node("Add", [p + "a_scaled", p + "t_d"], [p + "r64"]),
+        helper.make_node("Cast", [p + "r64"], [p + "r"], to=f),
+        helper.make_node("Round", [p + "r"], [p + "rounded"]),
+        helper.make_node("Clip", [p + "rounded", g.add_const(p + "lo", _F32(info.min)),
+                                  g.add_const(p + "hi", _F32(info.max))], [p + "clipped"]),
+        helper.make_node("Cast", [p + "clipped"], [quantizer.output[0]],
+                         to=onnx.helper.np_dtype_to_tensor_dtype(y_zero.dtype)),
+    ]
+    g.count["QLinearAdd"] += 1
+    return nodes, [node, *absorbed]
+
+
+def _average_pool(g: _Graph, node: onnx.NodeProto, opset: int) -> _Group | None:
+    x = g.dequantized(node.input[0], constant=False)
+    after = g.requantized_by(node)
+    if x is None or after is None:
+        return None
+    quantizer, absorbed = after
+    codes, x_scale, x_zero = x
+    y_scale = _F32(g.value(quantizer.input[1]).reshape(()))
+    p = f"{quantizer.output[0]}/integer/"
+    i32, f = TensorProto.INT32, TensorProto.FLOAT
+    axes = g.add_const(p + "axes", np.array([2, 3], np.int64))
+    reduce = (helper.make_node("ReduceSum", [p + "x", axes], [p + "sum"], keepdims=1) if opset >= 13 else
+              helper.make_node("ReduceSum", [p + "x"], [p + "sum"], keepdims=1, axes=[2, 3]))
+    nodes = [
+        helper.make_node("Cast", [codes], [p + "x"], to=i32),
+        reduce,
+        # n = H·W of this input, as int32 and float32
+        helper.make_node("Shape", [codes], [p + "shape"]),
+        helper.make_node("Slice", [p + "shape", g.add_const(p + "from", np.array([2], np.int64)),
+                                   g.add_const(p + "to", np.array([4], np.int64))], [p + "hw"]),
+        helper.make_node("ReduceProd", [p + "hw"], [p + "n64"], keepdims=0),
+        helper.make_node("Cast", [p + "n64"], [p + "n"], to=i32),
+        helper.make_node("Cast", [p + "n64"], [p + "n_f"], to=f),
+        helper.make_node("Mul", [p + "n", g.add_const(p + "x_zero", np.int32(int(x_zero)))], [p + "offset"]),
+        helper.make_node("Sub", [p + "sum", p + "offset"], [p + "acc"]),
+        helper.make_node("Mul", [g.add_const(p + "y_scale", y_scale), p + "n_f"], [p + "denominator"]),
+        helper.make_node("Div", [g.add_const(p + "x_scale", _F32(x_scale.reshape(()))), p + "denominator"],
+                         [p + "multiplier_dyn"]),
+    ]
+    tail = _requantize(g, p + "acc", np.ones((), _F32), quantizer, quantizer.output[0], p)
+    tail[1] = helper.make_node("Mul", [p + "acc_f", p + "multiplier_dyn"], [p + "scaled"])
+    g.count["QLinearGlobalAveragePool"] += 1
+    return nodes + tail, [node, *absorbed]
+
+
+def integer_reference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (a lowered ort model) with every group onnxruntime fuses into an integer kernel written
+    out in that kernel's arithmetic (module docstring). The result's ``metadata_props`` entry
+    ``impq.integer_groups`` counts the groups rewritten per kernel (:func:`rewritten_counts`)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset < 11:
+        raise ValueError(f"the ort model's opset {opset} is below 11 (Round, Clip with inputs)")
+    g = _Graph(model)
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id of the group's last node -> its integer nodes
+    dropped: set[int] = set()
+    for node in model.graph.node:
+        if id(node) in dropped:
+            continue
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            found = _layer(g, node)
+        elif node.op_type == "Add" and len(node.input) == 2:
+            found = _add(g, node)
+        elif node.op_type == "GlobalAveragePool":
+            found = _average_pool(g, node, opset)
+        else:
+            found = None
+        if found is None:
+            continue
+        nodes, group = found
+        dropped.update(id(n) for n in group)
+        replaced[id(group[-1])] = nodes
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    for node in model.graph.node:
+        if id(node) in replaced:
+            out.graph.node.extend(replaced[id(node)])
+        elif id(node) not in dropped:
+            out.graph.node.append(node)
+    out.graph.initializer.extend(g.new_inits)
+    _prune(out)
+    entry = out.metadata_props.add()
+    entry.key, entry.value = _GROUPS_KEY, ",".join(f"{k}={v}" for k, v in sorted(g.count.items()))
+    return out
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nothing reads, then initializers no node reads."""
+    graph = model.graph
+    wanted = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in wanted for o in node.output):
+            keep.append(node)
+            wanted.update(i for i in node.input if i)
+    kept = list(reversed(keep))
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
