@@ -48,6 +48,9 @@ FUSED_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinear
                  "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean")
 REWRITTEN = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool")
 _F32 = np.float32
+# Ops a quantizer commutes with exactly (monotone or rearranging), which onnxruntime's QDQ propagation moves the
+# quantizer in front of: the integer kernel's codes go through them.
+_COMMUTING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 _Group = tuple[list[onnx.NodeProto], list[onnx.NodeProto]]  # (integer nodes, the group's nodes they replace)
 
 
@@ -106,13 +109,16 @@ class _Graph:
             return None
         return node.input[0], scale, zero
 
-    def requantized_by(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-        """The QuantizeLinear that alone reads ``node``'s output (through a Relu it makes redundant), and
-        the nodes the group absorbs after ``node``."""
+    def requantized_by(self, node: onnx.NodeProto) -> _After | None:
+        """The QuantizeLinear that alone reads ``node``'s output, through a Relu it makes redundant and any
+        ops that commute with quantization (onnxruntime moves the quantizer in front of them)."""
         user = self.sole_user(node.output[0])
-        absorbed = []
+        absorbed, through = [], []
         if user is not None and user.op_type == "Relu":
             absorbed.append(user)
+            user = self.sole_user(user.output[0])
+        while user is not None and user.op_type in _COMMUTING:
+            through.append(user)
             user = self.sole_user(user.output[0])
         if user is None or user.op_type != "QuantizeLinear" or len(user.input) < 3:
             return None
@@ -121,7 +127,33 @@ class _Graph:
             return None
         if absorbed and int(zero) != np.iinfo(zero.dtype).min:
             return None  # a Relu the quantizer's clip does not make redundant: onnxruntime keeps it
-        return user, absorbed + [user]
+        return _After(user, absorbed + through + [user], through)
+
+
+class _After:
+    """What follows a fused layer up to its quantizer: ``absorbed`` (replaced nodes), ``through`` (ops that
+    commute with quantization, applied to the codes instead)."""
+
+    def __init__(self, quantizer: onnx.NodeProto, absorbed: list[onnx.NodeProto], through: list[onnx.NodeProto]):
+        self.quantizer, self.absorbed, self.through = quantizer, absorbed, through
+
+    def codes(self, prefix: str) -> str:
+        """Where the group's integer nodes write the codes."""
+        return prefix + "codes" if self.through else self.quantizer.output[0]
+
+    def tail(self, prefix: str) -> list[onnx.NodeProto]:
+        """The commuting ops, applied to the codes, ending in the quantizer's output."""
+        nodes, current = [], self.codes(prefix)
+        for i, node in enumerate(self.through):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{prefix}through{i}"
+            copy.input[0] = current
+            current = self.quantizer.output[0] if i == len(self.through) - 1 else f"{prefix}through{i}_out"
+            del copy.output[:]
+            copy.output.append(current)
+            nodes.append(copy)
+        return nodes
 
 
 def _requantize(g: _Graph, acc: str, multiplier: np.ndarray, quantizer: onnx.NodeProto, out: str,
@@ -200,12 +232,13 @@ def _layer(g: _Graph, node: onnx.NodeProto) -> _Group | None:
     nodes, acc, x_scale, w_scale, bias_shape = found
     after = g.requantized_by(node)
     if after is not None:
-        quantizer, absorbed = after
+        quantizer = after.quantizer
         y_scale = _F32(g.value(quantizer.input[1]).reshape(()))
         multiplier = ((x_scale * w_scale).astype(_F32) / y_scale).astype(_F32).reshape(bias_shape)
         g.count["QLinearConv" if node.op_type == "Conv" else
                 "QGemm" if node.op_type == "Gemm" else "QLinearMatMul"] += 1
-        return nodes + _requantize(g, acc, multiplier, quantizer, quantizer.output[0], prefix), [node, *absorbed]
+        return (nodes + _requantize(g, acc, multiplier, quantizer, after.codes(prefix), prefix) + after.tail(prefix),
+                [node, *after.absorbed])
     if node.op_type != "Gemm":
         return None
     scale = g.add_const(prefix + "scale", (x_scale * w_scale).astype(_F32))
@@ -219,7 +252,7 @@ def _add(g: _Graph, node: onnx.NodeProto) -> _Group | None:
     after = g.requantized_by(node)
     if a is None or b is None or after is None or a[2].dtype != b[2].dtype:
         return None
-    quantizer, absorbed = after
+    quantizer = after.quantizer
     y_scale, y_zero = _F32(g.value(quantizer.input[1]).reshape(())), g.value(quantizer.input[2])
     if y_zero.dtype != a[2].dtype:
         return None
@@ -241,11 +274,11 @@ def _add(g: _Graph, node: onnx.NodeProto) -> _Group | None:
         helper.make_node("Round", [p + "r"], [p + "rounded"]),
         helper.make_node("Clip", [p + "rounded", g.add_const(p + "lo", _F32(info.min)),
                                   g.add_const(p + "hi", _F32(info.max))], [p + "clipped"]),
-        helper.make_node("Cast", [p + "clipped"], [quantizer.output[0]],
+        helper.make_node("Cast", [p + "clipped"], [after.codes(p)],
                          to=onnx.helper.np_dtype_to_tensor_dtype(y_zero.dtype)),
     ]
     g.count["QLinearAdd"] += 1
-    return nodes, [node, *absorbed]
+    return nodes + after.tail(p), [node, *after.absorbed]
 
 
 def _average_pool(g: _Graph, node: onnx.NodeProto, opset: int) -> _Group | None:
@@ -253,7 +286,7 @@ def _average_pool(g: _Graph, node: onnx.NodeProto, opset: int) -> _Group | None:
     after = g.requantized_by(node)
     if x is None or after is None:
         return None
-    quantizer, absorbed = after
+    quantizer = after.quantizer
     codes, x_scale, x_zero = x
     y_scale = _F32(g.value(quantizer.input[1]).reshape(()))
     p = f"{quantizer.output[0]}/integer/"
@@ -277,10 +310,10 @@ def _average_pool(g: _Graph, node: onnx.NodeProto, opset: int) -> _Group | None:
         helper.make_node("Div", [g.add_const(p + "x_scale", _F32(x_scale.reshape(()))), p + "denominator"],
                          [p + "multiplier_dyn"]),
     ]
-    tail = _requantize(g, p + "acc", np.ones((), _F32), quantizer, quantizer.output[0], p)
+    tail = _requantize(g, p + "acc", np.ones((), _F32), quantizer, after.codes(p), p)
     tail[1] = helper.make_node("Mul", [p + "acc_f", p + "multiplier_dyn"], [p + "scaled"])
     g.count["QLinearGlobalAveragePool"] += 1
-    return nodes + tail, [node, *absorbed]
+    return nodes + tail + after.tail(p), [node, *after.absorbed]
 
 
 def integer_reference(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -136,3 +136,28 @@ def test_a_fused_kernel_the_reference_does_not_write_is_reported_not_failed(monk
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(2)])
     assert result.fused_kernels["QLinearAdd"] == 1 and result.deployed_covered is False
     assert result.ok, result.to_dict()
+
+
+def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path):
+    """Conv -> Relu -> MaxPool -> QuantizeLinear (a ResNet stem): onnxruntime moves the quantizer in front of the
+    MaxPool (they commute) and fuses QLinearConv; the reference pools the integer codes."""
+    import onnxruntime as ort
+
+    from impq_onnx.lowering.targets.ort_integer import fused_counts
+
+    rng = np.random.default_rng(3)
+    inits = {"xs": np.float32(0.02), "xz": np.uint8(0), "w": rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8),
+             "ws": rng.uniform(1e-3, 1e-2, 8).astype(np.float32), "wz": np.zeros(8, np.int8)}
+    nodes = [_dq("x", "xs", "xz", "xd"), helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             *_requantized("m", 0.05, 0, inits)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 3, 16, 16])], inits)
+    reference = integer_reference(model)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath, options.log_severity_level = str(tmp_path / "optimized.onnx"), 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert rewritten_counts(reference) == dict(fused_counts(onnx.load(tmp_path / "optimized.onnx"))) == {
+        "QLinearConv": 1}
+    deployed, expected, _ = _runs(model, {"x": rng.integers(0, 256, (16, 3, 16, 16)).astype(np.uint8)})
+    np.testing.assert_array_equal(deployed, expected)
