@@ -34,6 +34,7 @@ from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.lowering.lower import derived_paths, output_files
 from impq_onnx.outputs import OutputSet, check_paths
+from impq_onnx.search.iteration import known_float_classes
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
 
@@ -263,6 +264,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         # A work dir of a version before a default became derived resumes with the value it ran with.
         cfg = dataclasses.replace(cfg, **workdir.check_identity(identity, _LEGACY))
         state, reference_metrics = SearchState.resume(workdir)
+        seen_classes = None
         if report:
             report(Event("message", "compress", f"resuming {workdir.path} after iteration {state.iteration}",
                          data={"resumed_after": state.iteration}))
@@ -270,7 +272,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         workdir.start(identity)
         from impq_onnx.quant.plan import PrecisionPlan
 
-        reference = evaluate(base, labelled_batches(val, EVAL_BATCH), threads=cfg.threads)
+        reference = evaluate(base, labelled_batches(val, EVAL_BATCH), threads=cfg.threads, keep_classes=True)
+        seen_classes = reference.classes  # the search's agreement figures compare with these (float_classes)
         reference_metrics = {"top1": reference.top1, "top5": reference.top5, "n": reference.n}
         state = SearchState(PrecisionPlan.uniform(sites, None, None, weight_scheme=cfg.weight_scheme,
                                                   granularity=cfg.granularity))
@@ -286,6 +289,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     cfg = dataclasses.replace(cfg, **{k: v for k, v in DERIVED.items() if getattr(cfg, k) is None and v is not None})
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
+    if seen_classes is not None:
+        known_float_classes(context, seen_classes)
     state = METHODS[cfg.method](context, state)
 
     derived = next((r.extra["lr_derived"] for r in state.records if "lr_derived" in r.extra), None)

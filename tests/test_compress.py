@@ -267,3 +267,18 @@ def test_step_weighting_ranks_the_lowering(tmp_path):
     assert 3.4 < result.final["weight_bits_effective"] <= 3.5
     sensitivity = json.loads((tmp_path / "s.work" / "iterations" / "0001" / "sensitivity.json").read_text())
     assert sensitivity["weighting"] == "step"
+
+
+@needs_model
+def test_a_fresh_run_evaluates_the_float_model_on_validation_once(tmp_path, monkeypatch):
+    """The float model's validation classes come from its reference evaluation; every agreement figure of the
+    search compares with them."""
+    from impq_onnx.search import iteration
+
+    calls = []
+    real = iteration.predicted_classes
+    monkeypatch.setattr(iteration, "predicted_classes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    options = dict(TINY, max_iterations=1, lr=0.005)
+    fresh = compress(MODEL, DATA, output=tmp_path / "f.onnx", progress=False, phases="weights", **options)
+    assert calls == [] and len(fresh.iterations) == 2
+    assert all(r.val_agreement is not None for r in fresh.iterations)

@@ -29,9 +29,10 @@ class EvalResult:
     agreement: float | None  # fraction of samples whose top-1 class equals the float model's
     n: int
     images_per_second: float
+    classes: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # keep_classes
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "classes"}
 
 
 def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -79,7 +80,7 @@ class _Sessions:
 def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=None,
              float_classes: np.ndarray | None = None, threads: int | None = None, replicas: int | None = None,
              max_batches: int | None = None, progress: bool | Progress = False,
-             total: int | None = None) -> EvalResult:
+             total: int | None = None, keep_classes: bool = False) -> EvalResult:
     """Run ``model`` (float, or simulated under ``plan`` given ``sites``) over ``(x, y)`` batches.
 
     ``float_model`` (when given) runs on the same batches for the agreement figure; its time is not
@@ -88,7 +89,9 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     images every iteration runs the float model once. ``y`` may be None (unlabelled): top-1/top-5 are then
     None. ``replicas``: sessions the batches are split over [default: one single-threaded session per
     thread, at most ``MAX_EVAL_SESSIONS``]. ``progress`` gets a ``step`` event per batch (``step``: images so
-    far, of ``total`` when given).
+    far, of ``total`` when given). ``keep_classes``: the result also holds the top-1 class of every image
+    (``classes``, as :func:`predicted_classes` gives them), so the float model's evaluation serves as its
+    ``float_classes`` later.
     """
     proto = for_inference(simulate(model, plan, sites)) if plan is not None else as_proto(model)
     session = _Sessions(proto, threads, replicas)
@@ -98,6 +101,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
     report = progress_callback(progress)
     n = top1 = top5 = agree = labelled = 0
     seconds = 0.0
+    kept: list[np.ndarray] = []
     if report:
         report(Event("phase_start", "evaluate", "", 0, total))
     try:
@@ -110,6 +114,8 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
             logits = session.run(x)
             seconds += time.perf_counter() - start
             predicted = np.argmax(logits, axis=1)
+            if keep_classes:
+                kept.append(predicted.astype(np.int64))
             if y is not None:
                 y = np.asarray(y, np.int64).reshape(-1)
                 known = y >= 0  # -1: unlabelled (a flat image folder, an .npz without y); not counted as wrong
@@ -140,6 +146,7 @@ def evaluate(model, batches: Iterable, *, plan=None, sites=None, float_model=Non
         agreement=agree / n if compared else None,
         n=n,
         images_per_second=n / seconds if seconds > 0 else 0.0,
+        classes=np.concatenate(kept) if keep_classes else None,
     )
 
 

@@ -33,8 +33,8 @@ from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
 __all__ = ["EVAL_BATCH", "FIXED_LR", "LR_PROBE_MIN_STEPS", "LR_PROBE_RATES", "LR_RETRY_DIVISOR", "GuardedFineTune",
            "decide", "derive_seed", "evaluate_values", "fine_tune_steps", "finish_iteration", "format_record",
-           "guard_key", "guarded_fine_tune", "labelled_batches", "probe_lr", "record_iteration", "run_fine_tune",
-           "run_lr", "train_batches", "with_values", "within_accuracy_drop"]
+           "guard_key", "guarded_fine_tune", "known_float_classes", "labelled_batches", "probe_lr", "record_iteration",
+           "run_fine_tune", "run_lr", "train_batches", "with_values", "within_accuracy_drop"]
 
 EVAL_BATCH = 64
 LR_RETRY_DIVISOR = 10  # a diverging fine-tune is retried once at its learning rate divided by this
@@ -96,6 +96,12 @@ def run_fine_tune(context: SearchContext, state: SearchState, model: Any, steps:
                      threads=cfg.threads, replicas=cfg.replicas, distill=True if cfg.distill else None,
                      teacher=context.base, seed=derive_seed(cfg.seed, iteration, "fine-tune"),
                      progress=context.inner_progress() or False)
+
+
+def known_float_classes(context: SearchContext, classes: np.ndarray) -> None:
+    """Give :func:`float_classes` what an evaluation of the float model on the validation batches (in
+    evaluation order, ``evaluate(keep_classes=True)``) already found, so it is not run again."""
+    context.cache["float_classes"] = classes
 
 
 def float_classes(context: SearchContext) -> np.ndarray:

@@ -76,5 +76,8 @@ def test_float_classes_stand_in_for_the_float_model(tiny):
     run = evaluate(canonical, batches, plan=plan, sites=sites, float_model=canonical)
     cached = evaluate(canonical, batches, plan=plan, sites=sites, float_classes=classes)
     assert cached.agreement == run.agreement < 1.0
+    kept = evaluate(canonical, batches, keep_classes=True)  # the float model's own evaluation gives them too
+    assert np.array_equal(kept.classes, classes) and "classes" not in kept.to_dict()
+    assert run.classes is None
     with pytest.raises(DataError, match="60 float-model classes given for 40 images"):
         evaluate(canonical, batches[:2], plan=plan, sites=sites, float_classes=classes)

@@ -13,9 +13,10 @@ unless said:
 - **Conv / Gemm / MatMul -> QuantizeLinear** (QLinearConv, QGemm, QLinearMatMul): the accumulator
   ``acc = Σ (q_x - z_x)·q_w + q_b`` in int32 (``ConvInteger`` / ``MatMulInteger`` on the weight codes
   shifted by 128 to uint8 with zero point 128, which ``ConvInteger`` needs), then
-  ``q_y = clip(round(float(acc) · M_c) + z_y)`` with ``M_c = (s_x · s_w,c) / s_y``. A ``Relu`` between the
-  layer and a quantizer whose zero point is the type's minimum is dropped, as onnxruntime drops it (the
-  clip does its work).
+  ``q_y = clip(round(float(acc) · M_c) + z_y)`` with ``M_c = (s_x · s_w,c) / s_y``. A ``Relu`` or ``Clip``
+  (ReLU6) between the layer and its quantizer is dropped where onnxruntime drops it (its ReluQuantFusion and
+  ClipQuantFusion: the quantizer's range does its work), and ops that commute with quantization (a
+  ``MaxPool``, reshapes) are applied to the codes, as onnxruntime moves the quantizer in front of them.
 - **Gemm with a float output** (QGemm without output quantizer): ``y = float(acc) · (s_a · s_b,c)``.
 - **Add -> QuantizeLinear** (QLinearAdd, the AVX2 kernel): with ``r_a = s_a / s_y``, ``r_b = s_b / s_y``
   and ``f = z_y - (r_a·z_a + r_b·z_b)``, ``t = fma(q_b, r_b, f)``, ``q_y = clip(round(fma(q_a, r_a, t)))``;
@@ -24,9 +25,12 @@ unless said:
 - **GlobalAveragePool -> QuantizeLinear** (QLinearGlobalAveragePool): with ``n = H·W``,
   ``q_y = clip(round(float(Σ q_x - z_x·n) · (s_x / (s_y · n))) + z_y)``.
 
-Measured bit-exact against onnxruntime 1.19.2 and 1.32.0's fused kernels on an AVX-512 x86-64 CPU
-(``tests/lowering/test_ort_integer.py``; ResNet-20 and MobileNet-V1 on all 10,000 CIFAR-10 test images in
-``bench/deploy.py``). Other kernels (ARM, SSE2-only CPUs) requantize differently; :func:`fused_counts`
+The reference is run with onnxruntime's optimizations on as well: the float ops the fused kernels leave (a
+Conv without an output quantizer, an AveragePool) are then computed in the same order as in the deployed
+graph, while the integer parts are exact whatever order they are summed in. Measured bit-exact against
+onnxruntime 1.19.2 and 1.32.0's fused kernels on an AVX-512 x86-64 CPU (``tests/lowering/targets/
+test_ort_integer.py``; ResNet-20 and MobileNet-V1 on all 10,000 CIFAR-10 test images in ``bench/deploy.py``;
+the zoo's exported models). Other kernels (ARM, SSE2-only CPUs) requantize differently; :func:`fused_counts`
 names what onnxruntime fused, so a caller can tell when a group was fused that this module does not
 rewrite.
 """
@@ -114,7 +118,7 @@ class _Graph:
         ops that commute with quantization (onnxruntime moves the quantizer in front of them)."""
         user = self.sole_user(node.output[0])
         absorbed, through = [], []
-        if user is not None and user.op_type == "Relu":
+        if user is not None and user.op_type in ("Relu", "Clip"):
             absorbed.append(user)
             user = self.sole_user(user.output[0])
         while user is not None and user.op_type in _COMMUTING:
@@ -125,9 +129,27 @@ class _Graph:
         scale, zero = self.const(user.input[1]), self.const(user.input[2])
         if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype not in (np.uint8, np.int8):
             return None
-        if absorbed and int(zero) != np.iinfo(zero.dtype).min:
-            return None  # a Relu the quantizer's clip does not make redundant: onnxruntime keeps it
+        if absorbed and not self._redundant(absorbed[0], _F32(scale.reshape(())), zero):
+            return None  # a Relu or Clip the quantizer's range does not make redundant: onnxruntime keeps it
         return _After(user, absorbed + through + [user], through)
+
+
+    def _redundant(self, node: onnx.NodeProto, scale: np.float32, zero: np.ndarray) -> bool:
+        """Whether onnxruntime drops ``node`` (Relu, Clip) in front of a quantizer (its ReluQuantFusion and
+        ClipQuantFusion rules): a Relu when the zero point is the type's minimum, a Clip whose constant bounds
+        cover the quantizer's range to within float32's epsilon."""
+        info = np.iinfo(zero.dtype)
+        if node.op_type == "Relu":
+            return int(zero) == info.min
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bounds = [self.const(name) if name else None for name in list(node.input[1:3]) + [""] * 2][:2]
+        low = bounds[0] if bounds[0] is not None else attrs.get("min")
+        high = bounds[1] if bounds[1] is not None else attrs.get("max")
+        if low is None or high is None:
+            return False
+        lower, upper = _F32(scale * _F32(info.min - int(zero))), _F32(scale * _F32(info.max - int(zero)))
+        eps = np.finfo(_F32).eps
+        return not (eps < _F32(_F32(low) - lower) or eps < _F32(upper - _F32(high)))
 
 
 class _After:

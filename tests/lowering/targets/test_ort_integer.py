@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from lowering_cases import inputs, tiny
 from onnx import TensorProto, helper, numpy_helper
 from test_ort_target import _plan, _residual_block
@@ -138,9 +139,11 @@ def test_a_fused_kernel_the_reference_does_not_write_is_reported_not_failed(monk
     assert result.ok, result.to_dict()
 
 
-def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path):
-    """Conv -> Relu -> MaxPool -> QuantizeLinear (a ResNet stem): onnxruntime moves the quantizer in front of the
-    MaxPool (they commute) and fuses QLinearConv; the reference pools the integer codes."""
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activation):
+    """Conv -> Relu (or ReLU6's Clip) -> MaxPool -> QuantizeLinear (a ResNet stem): onnxruntime drops the
+    activation the quantizer's range makes redundant, moves the quantizer in front of the MaxPool (they
+    commute) and fuses QLinearConv; the reference pools the integer codes."""
     import onnxruntime as ort
 
     from impq_onnx.lowering.targets.ort_integer import fused_counts
@@ -149,9 +152,12 @@ def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path):
     inits = {"xs": np.float32(0.02), "xz": np.uint8(0), "w": rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8),
              "ws": rng.uniform(1e-3, 1e-2, 8).astype(np.float32), "wz": np.zeros(8, np.int8)}
     nodes = [_dq("x", "xs", "xz", "xd"), helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]) if activation == "Relu" else
+             helper.make_node("Clip", ["c", "lo", "hi"], ["r"]),
              helper.make_node("MaxPool", ["r"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-             *_requantized("m", 0.05, 0, inits)]
+             *_requantized("m", 6.0 / 255, 0, inits)]
+    inits.update(lo=np.float32(0.0), hi=np.float32(6.0))
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 3, 16, 16])], inits)
     reference = integer_reference(model)
     options = ort.SessionOptions()
