@@ -25,6 +25,8 @@ Runtimes do not know ``UnpackBits``: the files are for toolchains that read the 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -33,14 +35,15 @@ from onnx import helper, numpy_helper
 from impq_onnx.errors import InternalError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
+from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY
 from impq_onnx.lowering.patterns import weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered, planned_layer
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
-__all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table",
-           "packed_as_standard_ops"]
+__all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table", "grids",
+           "packed_as_standard_ops", "pack_weights", "compact", "unpack_node"]
 
 PACKED_DOMAIN = "ai.impq"
 UNPACK_OP = "UnpackBits"
@@ -52,65 +55,88 @@ def _field_bits(lo: int, hi: int, step: int) -> int:
 
 
 def kernel_table(bounds: list[tuple[int, int, bool]]) -> np.ndarray:
-    """``[K, 4]`` int32 rows ``(bits, 0, code_min, code_step)`` from per-kernel ``(lo, hi, odd)`` code bounds;
-    :func:`pack` fills in the byte offsets."""
-    table = np.zeros((len(bounds), 4), np.int32)
+    """``[K, 3]`` int64 rows ``(bits, code_min, code_step)`` from per-kernel ``(lo, hi, odd)`` code bounds."""
+    table = np.zeros((len(bounds), 3), np.int64)
     for k, (lo, hi, odd) in enumerate(bounds):
         step = 2 if odd else 1
-        table[k] = (_field_bits(lo, hi, step), 0, lo, step)
+        table[k] = (_field_bits(lo, hi, step), lo, step)
     return table
+
+
+def grids(table: np.ndarray) -> tuple[list[int], list[int]]:
+    """``(code_min, code_step)`` indexed by bits (``0 .. max bits``) of a ``[K, 3]`` table whose grid is one per
+    width (the plan's scheme gives every ``b``-bit kernel the same grid); unused widths get ``(0, 1)``.
+
+    Raises ``ValueError`` when two kernels of the same width have different grids.
+    """
+    width = int(table[:, 0].max(initial=0)) + 1
+    code_min, code_step = [0] * width, [1] * width
+    seen: dict[int, tuple[int, int]] = {}
+    for k, (bits, lo, step) in enumerate(np.asarray(table, np.int64).tolist()):
+        if bits == 0:
+            lo, step = 0, 1  # a float kernel: codes 0
+        if seen.setdefault(bits, (lo, step)) != (lo, step):
+            raise ValueError(f"kernel {k}: {bits}-bit grid ({lo}, step {step}) differs from an earlier kernel's "
+                             f"{seen[bits]}")
+        code_min[bits], code_step[bits] = lo, step
+    return code_min, code_step
 
 
 def _kernels(codes: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
 
 
-def pack(codes: np.ndarray, axis: int, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(blob, table)``: the codes of each kernel packed at ``table[k, 0]`` bits (offsets filled in).
+def pack(codes: np.ndarray, axis: int, bits: np.ndarray, code_min: list[int], code_step: list[int]) -> np.ndarray:
+    """The codes of each kernel ``k`` packed at ``bits[k]`` bits, kernel after kernel, each from a byte.
 
-    Raises ``ValueError`` naming the kernel when a code is off its grid (below ``code_min``, not on the
-    ``code_step`` lattice, or above what ``bits`` hold).
+    Raises ``ValueError`` naming the kernel when a code is off its grid (below ``code_min[bits]``, not on the
+    ``code_step[bits]`` lattice, or above what ``bits`` hold).
     """
-    table = np.array(table, np.int32)
-    parts, offset = [], 0
+    parts = []
     for k, row in enumerate(_kernels(np.asarray(codes), axis)):
-        bits, _, lo, step = (int(v) for v in table[k])
+        b = int(bits[k])
+        lo, step = code_min[b], code_step[b]
         u = (row.astype(np.int64) - lo) // step
-        if np.any(lo + u * step != row) or np.any(u < 0) or np.any(u >= (1 << bits)):
-            raise ValueError(f"kernel {k}: codes {row.min()}..{row.max()} are not on its {bits}-bit grid "
+        if np.any(lo + u * step != row) or np.any(u < 0) or np.any(u >= (1 << b)):
+            raise ValueError(f"kernel {k}: codes {row.min()}..{row.max()} are not on its {b}-bit grid "
                              f"(code_min {lo}, code_step {step})")
-        table[k, 1] = offset
-        if bits:
-            stream = ((u[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+        if b:
+            stream = ((u[:, None] >> np.arange(b)) & 1).astype(np.uint8).reshape(-1)
             parts.append(np.packbits(stream, bitorder="little"))
-            offset += len(parts[-1])
-    blob = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return blob, table
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
-def unpack(blob: np.ndarray, table: np.ndarray, shape: tuple[int, ...], axis: int,
-           dtype: np.dtype | type = np.int32) -> np.ndarray:
-    """The codes of one weight (``shape``, kernels along ``axis``) from its blob and ``[K, 4]`` table."""
-    blob = np.asarray(blob, np.uint8)
+def unpack(data: bytes | np.ndarray, offset: int, bits: np.ndarray, code_min: list[int], code_step: list[int],
+           shape: tuple[int, ...], axis: int, dtype: np.dtype | type = np.int32) -> np.ndarray:
+    """The codes of one weight (``shape``, kernels along ``axis``) from the packed data (its kernels from byte
+    ``offset``), its per-kernel ``bits`` and the per-width ``code_min`` / ``code_step``."""
+    blob = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data, np.uint8)
     moved = [shape[axis]] + [s for i, s in enumerate(shape) if i != axis]
     n = int(np.prod(moved[1:], dtype=np.int64))
     out = np.zeros((shape[axis], n), np.int64)
-    for k, (bits, offset, lo, step) in enumerate(np.asarray(table, np.int64)):
-        if bits:
-            stream = np.unpackbits(blob[offset:offset + (n * bits + 7) // 8], bitorder="little")[:n * bits]
-            u = (stream.reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
-        else:
-            u = np.zeros(n, np.int64)
-        out[k] = lo + step * u
+    for k, b in enumerate(np.asarray(bits, np.int64).tolist()):
+        u = np.zeros(n, np.int64)
+        if b:
+            size = (n * b + 7) // 8
+            stream = np.unpackbits(blob[offset:offset + size], bitorder="little")[:n * b]
+            u = (stream.reshape(n, b).astype(np.int64) << np.arange(b)).sum(axis=1)
+            offset += size
+        out[k] = code_min[b] + code_step[b] * u
     return np.moveaxis(out.reshape(moved), 0, axis).astype(dtype)
 
 
 def _table_of(stored: np.ndarray, axis: int, layer_bits: list[int | None] | None, scheme: str) -> np.ndarray:
-    """Planned bounds when the plan is known (the true width ``B``), else each kernel's stored range."""
+    """Planned bounds when the plan is known (the true width ``B``), else one grid for the layer from its
+    smallest code (each kernel as wide as its largest code needs)."""
     if layer_bits is not None:
         return kernel_table([weight_scheme(scheme).code_bounds(b) for b in layer_bits])
     rows = _kernels(stored, axis)
-    return kernel_table([(int(r.min()), int(r.max()), False) for r in rows])
+    lo = int(stored.min()) if stored.size else 0
+    table = kernel_table([(lo, int(r.max()), False) for r in rows])
+    # A kernel of zeros needs no bits (the float-kernel grid); one of a single other code needs one.
+    zero = ~rows.any(axis=1) if rows.size else np.ones(len(rows), bool)
+    table[:, 0] = np.where(zero, 0, np.maximum(table[:, 0], 1))
+    return table
 
 
 SUFFIX = ".packed"
@@ -134,36 +160,10 @@ class PackedTarget(QdqTarget):
     def rewrite(self, model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None,
                 **options: object) -> dict[str, dict | bytes]:
         super().rewrite(model, plan, sites, **options)
-        graph = model.graph
-        blobs, size = [], 0
-        for match in weight_quantizers(graph):
-            codes_name, codes = _codes(match.codes)
-            stored = codes.numpy()
-            layer = planned_layer(sites, match.layer) if plan is not None else None
-            layer_bits = plan.weights[layer.node] if plan is not None and layer is not None else None
-            blob, table = pack(stored, match.axis, _table_of(stored, match.axis, layer_bits,
-                                                             plan.weight_scheme if plan else ""))
-            table[:, 1] += size
-            blobs.append(blob)
-            size += len(blob)
-            if match.layer.name is None:
-                raise InternalError("format packed: an unnamed layer node in the graph (the graph names every node)")
-            names = packed_names(codes_name, match.layer.name)
-            value = ir.Value(name=names["table"], const_value=ir.tensor(table, name=names["table"]))
-            graph.register_initializer(value)
-            dtype = codes.dtype
-            node = ir.node(UNPACK_OP, [value], {"shape": list(stored.shape), "axis": match.axis, "to": int(dtype)},
-                           domain=PACKED_DOMAIN, name=names["node"])
-            graph.initializers.pop(codes_name)
-            match.dequantize.replace_input_with(0, node.outputs[0])
-            node.outputs[0].name = codes_name
-            node.outputs[0].dtype = dtype
-            node.outputs[0].shape = ir.Shape(stored.shape)
-            graph.insert_before(match.dequantize, node)
-        if not blobs:
-            return {SUFFIX: b""}  # nothing (left) to pack: the file is still written, empty, so it reads back
-        model.opset_imports[PACKED_DOMAIN] = 1
-        return {SUFFIX: np.concatenate(blobs).tobytes()}
+        return pack_weights(model, plan, sites)
+
+    def finish_model(self, proto: onnx.ModelProto) -> None:
+        compact(proto)
 
     def as_standard_ops(self, lowered: Lowered) -> onnx.ModelProto:
         data = lowered.attachments.get(SUFFIX, b"")
@@ -175,6 +175,76 @@ class PackedTarget(QdqTarget):
         return self.as_standard_ops(lowered)  # the codes are in the .packed file
 
 
+def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None) -> dict[str, dict | bytes]:
+    """Replace every weight's codes initializer of the QDQ graph ``model`` by an ``UnpackBits`` node (and drop
+    the all-zero weight zero points: DequantizeLinear's default); returns the ``.packed`` attachment."""
+    graph = model.graph
+    blobs, size = [], 0
+    for match in weight_quantizers(graph):
+        codes_name, codes = _codes(match.codes)
+        stored = codes.numpy()
+        layer = planned_layer(sites, match.layer) if plan is not None else None
+        layer_bits = plan.weights[layer.node] if plan is not None and layer is not None else None
+        table = _table_of(stored, match.axis, layer_bits, plan.weight_scheme if plan else "")
+        code_min, code_step = grids(table)
+        bits = table[:, 0].astype(np.uint8)
+        blob = pack(stored, match.axis, bits, code_min, code_step)
+        if match.layer.name is None:
+            raise InternalError("format packed: an unnamed layer node in the graph (the graph names every node)")
+        dtype = codes.dtype
+        node = ir.node(UNPACK_OP, [], {"offset": size, "bits": ir.tensor(bits), "code_min": code_min,
+                                       "code_step": code_step, "shape": list(stored.shape), "axis": match.axis,
+                                       "to": int(dtype)},
+                       domain=PACKED_DOMAIN, name=packed_names(codes_name, match.layer.name)["node"])
+        blobs.append(blob)
+        size += len(blob)
+        graph.initializers.pop(codes_name)
+        match.dequantize.replace_input_with(0, node.outputs[0])
+        node.outputs[0].name = codes_name
+        node.outputs[0].dtype = dtype
+        node.outputs[0].shape = ir.Shape(stored.shape)
+        graph.insert_before(match.dequantize, node)
+        zero = match.zero_point
+        if zero is not None and zero.const_value is not None and not zero.const_value.numpy().any():
+            match.dequantize.resize_inputs(2)  # zero point 0 is DequantizeLinear's default
+            if zero.name is not None and zero.name in graph.initializers and not zero.uses():
+                graph.initializers.pop(zero.name)
+    if not blobs:
+        return {SUFFIX: b""}  # nothing (left) to pack: the file is still written, empty, so it reads back
+    model.opset_imports[PACKED_DOMAIN] = 1
+    return {SUFFIX: np.concatenate(blobs).tobytes()}
+
+
+def compact(proto: onnx.ModelProto) -> None:
+    """What the packed targets leave out of the written model (``docs/packed-format.md``, Size): the shapes of
+    intermediate tensors (``value_info``; shape inference recomputes them) and the second copy of the
+    annotation in ``graph.quantization_annotation`` (``metadata_props["impq.annotation"]`` keeps every entry,
+    which is where :func:`~impq_onnx.lowering.passes.annotate_bits.annotations` reads it); weight entries drop
+    ``impq.zero_point``, which names no tensor here (zero points are DequantizeLinear's default 0)."""
+    del proto.graph.value_info[:]
+    del proto.graph.quantization_annotation[:]
+    inits = {t.name for t in proto.graph.initializer}
+    for prop in proto.metadata_props:
+        if prop.key == ANNOTATION_KEY:
+            notes = json.loads(prop.value)
+            for entries in notes.values():
+                if entries.get("impq.kind") == "weight" and entries.get("impq.zero_point") not in inits:
+                    entries.pop("impq.zero_point", None)
+            prop.value = json.dumps(notes, sort_keys=True, separators=(",", ":"))
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def unpack_node(node: onnx.NodeProto, data: bytes | np.ndarray) -> np.ndarray:
+    """The codes one ``UnpackBits`` node stands for."""
+    attrs = _attributes(node)
+    return unpack(data, attrs["offset"], numpy_helper.to_array(attrs["bits"]), list(attrs["code_min"]),
+                  list(attrs["code_step"]), tuple(attrs["shape"]), attrs["axis"],
+                  helper.tensor_dtype_to_np_dtype(attrs["to"]))
+
+
 def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
     """The QDQ model that ``proto`` with packed weights ``data`` stands for: every ``UnpackBits`` replaced
     by the codes it unpacks."""
@@ -182,14 +252,9 @@ def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelPro
     out.CopyFrom(proto)
     graph = out.graph
     blob = np.frombuffer(data, np.uint8)
-    inits = {t.name: t for t in graph.initializer}
     for node in [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        codes = unpack(blob, numpy_helper.to_array(inits[node.input[0]]), tuple(attrs["shape"]), attrs["axis"],
-                       helper.tensor_dtype_to_np_dtype(attrs["to"]))
-        graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
+        graph.initializer.append(numpy_helper.from_array(unpack_node(node, blob), node.output[0]))
         graph.node.remove(node)
-        graph.initializer.remove(inits[node.input[0]])
     kept = [o for o in out.opset_import if o.domain != PACKED_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)
