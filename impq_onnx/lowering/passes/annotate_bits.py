@@ -46,6 +46,7 @@ from impq_onnx.lowering.naming import activation_names, weight_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "annotated_bits", "ANNOTATION_FIELD",
+           "compact_annotation", "expand_annotation", "COMPACT_MARK",
            "SUMMARY_KEY", "ANNOTATION_KEY", "ANNOTATION_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ def annotations(model) -> dict[str, dict[str, str]]:
     """
     metadata = _metadata(model)
     if ANNOTATION_KEY in metadata:
-        return json.loads(metadata[ANNOTATION_KEY])
+        notes = json.loads(metadata[ANNOTATION_KEY])
+        return expand_annotation(notes) if COMPACT_MARK in notes else notes
     if isinstance(model, onnx.ModelProto):
         return {a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}
                 for a in model.graph.quantization_annotation
@@ -160,6 +162,77 @@ def annotations(model) -> dict[str, dict[str, str]]:
         if entries and any(k.startswith("impq.") for k in entries):
             result[value.name] = dict(entries)
     return result
+
+
+COMPACT_MARK = "impq.compact"  # a compact annotation JSON (:func:`compact_annotation`) has this key
+
+
+def _runs(bits: str) -> str:
+    """``"2,2,2,3"`` -> ``"2*3,3"``."""
+    out: list[list] = []
+    for b in bits.split(","):
+        if out and out[-1][0] == b:
+            out[-1][1] += 1
+        else:
+            out.append([b, 1])
+    return ",".join(b if n == 1 else f"{b}*{n}" for b, n in out)
+
+
+def _unruns(runs: str) -> str:
+    """``"2*3,3"`` -> ``"2,2,2,3"``."""
+    out = []
+    for run in runs.split(","):
+        b, _, n = run.partition("*")
+        out += [b] * (int(n) if n else 1)
+    return ",".join(out)
+
+
+def _most_common(values: list[str]) -> str:
+    """The most frequent of ``values`` (the smallest of equally frequent ones: deterministic)."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def compact_annotation(notes: dict[str, dict[str, str]]) -> dict:
+    """The same entries in fewer bytes (for targets whose model size matters, the packed ones)::
+
+        {"impq.compact": 1, <kind>: {"common": {key: value}, "tensors": {tensor: {key: value}}}, ...}
+
+    Entries are grouped by ``impq.kind``; a key with one value in every entry of its kind is written once
+    under ``common`` (its most frequent value: an entry lists only the keys where it differs); keys lose their ``impq.`` prefix; ``bits`` is run-length coded (``"2*16,3"`` for
+    sixteen 2s then a 3); an activation's ``site`` is left out when it is the annotated tensor itself.
+    :func:`expand_annotation` (and :func:`annotations`) give back exactly ``notes``.
+    """
+    out: dict = {COMPACT_MARK: 1}
+    for kind in sorted({e["impq.kind"] for e in notes.values()}):
+        group = {t: {k.removeprefix("impq."): v for k, v in e.items()} for t, e in notes.items()
+                 if e["impq.kind"] == kind}
+        for t, e in group.items():
+            e["bits"] = _runs(e["bits"])
+            if e.get("site") == t:
+                del e["site"]
+        keys = set.intersection(*(set(e) for e in group.values()))
+        common = {k: _most_common([e[k] for e in group.values()]) for k in sorted(keys)}
+        out[kind] = {"common": common,
+                     "tensors": {t: {k: v for k, v in e.items() if common.get(k) != v} for t, e in group.items()}}
+    return out
+
+
+def expand_annotation(compact: dict) -> dict[str, dict[str, str]]:
+    """The ``{tensor: {impq.key: value}}`` entries of a :func:`compact_annotation`."""
+    notes = {}
+    for kind, group in compact.items():
+        if kind == COMPACT_MARK:
+            continue
+        for tensor, own in group["tensors"].items():
+            entries = {f"impq.{k}": v for k, v in {**group["common"], **own}.items()}
+            entries["impq.bits"] = _unruns(entries["impq.bits"])
+            if kind == "activation":
+                entries.setdefault("impq.site", tensor)
+            notes[tensor] = dict(sorted(entries.items()))
+    return notes
 
 
 def _metadata(model) -> dict[str, str]:

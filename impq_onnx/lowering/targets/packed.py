@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from impq_onnx.errors import InternalError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
-from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY
+from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, annotations, compact_annotation
 from impq_onnx.lowering.patterns import weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered, planned_layer
 from impq_onnx.lowering.targets.qdq import QdqTarget
@@ -192,7 +192,8 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
         if match.layer.name is None:
             raise InternalError("format packed: an unnamed layer node in the graph (the graph names every node)")
         dtype = codes.dtype
-        node = ir.node(UNPACK_OP, [], {"offset": size, "bits": ir.tensor(bits), "code_min": code_min,
+        uniform = bits.size > 0 and bool(np.all(bits == bits[0]))
+        node = ir.node(UNPACK_OP, [], {"offset": size, "bits": ir.tensor(bits[:1] if uniform else bits), "code_min": code_min,
                                        "code_step": code_step, "shape": list(stored.shape), "axis": match.axis,
                                        "to": int(dtype)},
                        domain=PACKED_DOMAIN, name=packed_names(codes_name, match.layer.name)["node"])
@@ -226,11 +227,11 @@ def compact(proto: onnx.ModelProto) -> None:
     inits = {t.name for t in proto.graph.initializer}
     for prop in proto.metadata_props:
         if prop.key == ANNOTATION_KEY:
-            notes = json.loads(prop.value)
+            notes = annotations(proto)
             for entries in notes.values():
                 if entries.get("impq.kind") == "weight" and entries.get("impq.zero_point") not in inits:
                     entries.pop("impq.zero_point", None)
-            prop.value = json.dumps(notes, sort_keys=True, separators=(",", ":"))
+            prop.value = json.dumps(compact_annotation(notes), sort_keys=True, separators=(",", ":"))
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -240,8 +241,12 @@ def _attributes(node: onnx.NodeProto) -> dict:
 def unpack_node(node: onnx.NodeProto, data: bytes | np.ndarray) -> np.ndarray:
     """The codes one ``UnpackBits`` node stands for."""
     attrs = _attributes(node)
-    return unpack(data, attrs["offset"], numpy_helper.to_array(attrs["bits"]), list(attrs["code_min"]),
-                  list(attrs["code_step"]), tuple(attrs["shape"]), attrs["axis"],
+    shape = tuple(attrs["shape"])
+    bits = numpy_helper.to_array(attrs["bits"])
+    if bits.size == 1:  # one width for every kernel
+        bits = np.repeat(bits, shape[attrs["axis"]])
+    return unpack(data, attrs["offset"], bits, list(attrs["code_min"]),
+                  list(attrs["code_step"]), shape, attrs["axis"],
                   helper.tensor_dtype_to_np_dtype(attrs["to"]))
 
 
