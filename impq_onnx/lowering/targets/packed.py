@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from impq_onnx.errors import InternalError
+from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
 from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, annotations, compact_annotation
@@ -43,10 +43,11 @@ from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
 __all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table", "grids",
-           "packed_as_standard_ops", "pack_weights", "compact", "unpack_node"]
+           "packed_as_standard_ops", "pack_weights", "compact", "merge_unpack", "unpack_all", "UNPACK_NODE"]
 
 PACKED_DOMAIN = "ai.impq"
 UNPACK_OP = "UnpackBits"
+UNPACK_NODE = "impq/unpack_bits"  # the one UnpackBits node of a written model
 
 
 def _field_bits(lo: int, hi: int, step: int) -> int:
@@ -125,13 +126,13 @@ def unpack(data: bytes | np.ndarray, offset: int, bits: np.ndarray, code_min: li
     return np.moveaxis(out.reshape(moved), 0, axis).astype(dtype)
 
 
-def _table_of(stored: np.ndarray, axis: int, layer_bits: list[int | None] | None, scheme: str) -> np.ndarray:
-    """Planned bounds when the plan is known (the true width ``B``), else one grid for the layer from its
-    smallest code (each kernel as wide as its largest code needs)."""
+def _table_of(stored: np.ndarray, axis: int, layer_bits: list[int | None] | None, scheme: str,
+              lo: int) -> np.ndarray:
+    """Planned bounds when the plan is known (the true width ``B``), else one grid from ``lo``, the smallest
+    code of the model (each kernel as wide as its largest code needs)."""
     if layer_bits is not None:
         return kernel_table([weight_scheme(scheme).code_bounds(b) for b in layer_bits])
     rows = _kernels(stored, axis)
-    lo = int(stored.min()) if stored.size else 0
     table = kernel_table([(lo, int(r.max()), False) for r in rows])
     # A kernel of zeros needs no bits (the float-kernel grid); one of a single other code needs one.
     zero = ~rows.any(axis=1) if rows.size else np.ones(len(rows), bool)
@@ -180,12 +181,14 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
     the all-zero weight zero points: DequantizeLinear's default); returns the ``.packed`` attachment."""
     graph = model.graph
     blobs, size = [], 0
-    for match in weight_quantizers(graph):
+    matches = list(weight_quantizers(graph))
+    lo = min((int(_codes(m.codes)[1].numpy().min(initial=0)) for m in matches), default=0)
+    for match in matches:
         codes_name, codes = _codes(match.codes)
         stored = codes.numpy()
         layer = planned_layer(sites, match.layer) if plan is not None else None
         layer_bits = plan.weights[layer.node] if plan is not None and layer is not None else None
-        table = _table_of(stored, match.axis, layer_bits, plan.weight_scheme if plan else "")
+        table = _table_of(stored, match.axis, layer_bits, plan.weight_scheme if plan else "", lo)
         code_min, code_step = grids(table)
         bits = table[:, 0].astype(np.uint8)
         blob = pack(stored, match.axis, bits, code_min, code_step)
@@ -217,49 +220,126 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
 
 
 def compact(proto: onnx.ModelProto) -> None:
-    """What the packed targets leave out of the written model (``docs/packed-format.md``, Size): the shapes of
-    intermediate tensors (``value_info``; shape inference recomputes them) and the second copy of the
-    annotation in ``graph.quantization_annotation`` (``metadata_props["impq.annotation"]`` keeps every entry,
-    which is where :func:`~impq_onnx.lowering.passes.annotate_bits.annotations` reads it); weight entries drop
+    """The written form (``docs/packed-format.md``): the per-layer ``UnpackBits -> DequantizeLinear`` pairs of
+    :func:`pack_weights` become one ``UnpackBits`` node (:func:`merge_unpack`), and the model leaves out the
+    shapes of intermediate tensors (``value_info``; shape inference recomputes them) and the second copy of
+    the annotation in ``graph.quantization_annotation``: ``metadata_props["impq.annotation"]`` keeps every
+    entry, in the compact form of :func:`~impq_onnx.lowering.passes.annotate_bits.compact_annotation`, where
+    :func:`~impq_onnx.lowering.passes.annotate_bits.annotations` reads it. Weight entries drop
     ``impq.zero_point``, which names no tensor here (zero points are DequantizeLinear's default 0)."""
     del proto.graph.value_info[:]
     del proto.graph.quantization_annotation[:]
-    inits = {t.name for t in proto.graph.initializer}
     for prop in proto.metadata_props:
         if prop.key == ANNOTATION_KEY:
             notes = annotations(proto)
             for entries in notes.values():
-                if entries.get("impq.kind") == "weight" and entries.get("impq.zero_point") not in inits:
+                if entries.get("impq.kind") == "weight":
                     entries.pop("impq.zero_point", None)
             prop.value = json.dumps(compact_annotation(notes), sort_keys=True, separators=(",", ":"))
+    merge_unpack(proto)
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def unpack_node(node: onnx.NodeProto, data: bytes | np.ndarray) -> np.ndarray:
-    """The codes one ``UnpackBits`` node stands for."""
+def merge_unpack(proto: onnx.ModelProto) -> None:
+    """Replace every ``UnpackBits -> DequantizeLinear`` pair by one output of a single ``UnpackBits`` node."""
+    graph = proto.graph
+    pairs = []
+    for node in graph.node:
+        if node.domain == PACKED_DOMAIN and node.op_type == UNPACK_OP and len(node.input) == 0:
+            users = [n for n in graph.node if node.output[0] in n.input]
+            if len(users) != 1 or users[0].op_type != "DequantizeLinear" or len(users[0].input) != 2:
+                raise InternalError(f"format packed: '{node.output[0]}' is not read by one DequantizeLinear alone")
+            pairs.append((node, users[0]))
+    if not pairs:
+        return
+    shapes, ranks, axes, to, bits = [], [], [], [], []
+    code_min: list[int] = []
+    code_step: list[int] = []
+    size = 0
+    for unpack_bits, dq in pairs:
+        attrs = _attributes(unpack_bits)
+        if attrs["offset"] != size:
+            raise InternalError(f"format packed: '{unpack_bits.output[0]}' does not follow the previous weight")
+        shape, axis = list(attrs["shape"]), attrs["axis"]
+        dq_axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if dq_axis % max(len(shape), 1) != axis:
+            raise InternalError(f"format packed: '{dq.name}' dequantizes along {dq_axis}, not the kernel axis {axis}")
+        kernel_bits = np.broadcast_to(numpy_helper.to_array(attrs["bits"]), (shape[axis],))
+        for b, (lo, step) in enumerate(zip(attrs["code_min"], attrs["code_step"])):
+            if b >= len(code_min):
+                code_min.append(lo)
+                code_step.append(step)
+            elif (code_min[b], code_step[b]) != (lo, step) and b in kernel_bits:
+                raise ModelError(f"format packed: the {b}-bit grid of '{dq.output[0]}' differs from another "
+                                 "layer's; lower the float model (not one already quantized) with one weight scheme")
+        size += sum((int(np.prod(shape)) // shape[axis] * int(b) + 7) // 8 for b in kernel_bits)
+        shapes += shape
+        ranks.append(len(shape))
+        axes.append(axis)
+        to.append(attrs["to"])
+        bits.append(kernel_bits)
+    every = np.concatenate(bits).astype(np.uint8)
+    if every.size and np.all(every == every[0]):
+        every = every[:1]
+    merged = helper.make_node(UNPACK_OP, [dq.input[1] for _, dq in pairs], [dq.output[0] for _, dq in pairs],
+                              name=UNPACK_NODE, domain=PACKED_DOMAIN, shapes=shapes, ranks=ranks, axes=axes, to=to,
+                              bits=numpy_helper.from_array(every), code_min=code_min, code_step=code_step)
+    for unpack_bits, dq in pairs:
+        graph.node.remove(unpack_bits)
+        graph.node.remove(dq)
+    graph.node.insert(0, merged)
+
+
+def _layers(node: onnx.NodeProto) -> list[dict]:
+    """Per output of a merged ``UnpackBits``: ``shape``, ``axis``, ``to``, ``bits`` (per kernel)."""
     attrs = _attributes(node)
-    shape = tuple(attrs["shape"])
+    layers, start, kernel = [], 0, 0
     bits = numpy_helper.to_array(attrs["bits"])
-    if bits.size == 1:  # one width for every kernel
-        bits = np.repeat(bits, shape[attrs["axis"]])
-    return unpack(data, attrs["offset"], bits, list(attrs["code_min"]),
-                  list(attrs["code_step"]), shape, attrs["axis"],
-                  helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    for rank, axis, to in zip(attrs["ranks"], attrs["axes"], attrs["to"]):
+        shape = tuple(attrs["shapes"][start:start + rank])
+        start += rank
+        k = shape[axis]
+        layer_bits = np.repeat(bits, k) if bits.size == 1 else bits[kernel:kernel + k]
+        kernel += k
+        layers.append({"shape": shape, "axis": axis, "to": to, "bits": layer_bits})
+    return layers
+
+
+def unpack_all(node: onnx.NodeProto, data: bytes | np.ndarray) -> list[np.ndarray]:
+    """The codes of every output of a merged ``UnpackBits`` node, in output order."""
+    attrs = _attributes(node)
+    blob = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data, np.uint8)
+    out, offset = [], 0
+    for layer in _layers(node):
+        shape, axis, bits = layer["shape"], layer["axis"], layer["bits"]
+        out.append(unpack(blob, offset, bits, list(attrs["code_min"]), list(attrs["code_step"]), shape, axis,
+                          helper.tensor_dtype_to_np_dtype(layer["to"])))
+        n = int(np.prod(shape)) // shape[axis]
+        offset += sum((n * int(b) + 7) // 8 for b in bits)
+    return out
 
 
 def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
-    """The QDQ model that ``proto`` with packed weights ``data`` stands for: every ``UnpackBits`` replaced
-    by the codes it unpacks."""
+    """The QDQ model that ``proto`` with packed weights ``data`` stands for: the ``UnpackBits`` node replaced
+    by each weight's codes (named as the annotation names them) and a DequantizeLinear."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
-    blob = np.frombuffer(data, np.uint8)
+    codes_of = {e["impq.scale"]: tensor for tensor, e in annotations(proto).items()
+                if e.get("impq.kind") == "weight" and "impq.scale" in e}
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
     for node in [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]:
-        graph.initializer.append(numpy_helper.from_array(unpack_node(node, blob), node.output[0]))
+        index = list(graph.node).index(node)
         graph.node.remove(node)
+        for scale, output, codes, layer in zip(node.input, node.output, unpack_all(node, data), _layers(node)):
+            name = codes_of.get(scale, f"{output}_codes")
+            graph.initializer.append(numpy_helper.from_array(codes, name))
+            axis = {"axis": layer["axis"]} if ranks.get(scale, 0) == 1 else {}
+            graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [output],
+                                                      name=f"{output}/dequantize", **axis))
     kept = [o for o in out.opset_import if o.domain != PACKED_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)
