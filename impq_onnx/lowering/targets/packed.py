@@ -219,16 +219,27 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
     return {SUFFIX: np.concatenate(blobs).tobytes()}
 
 
+_ONES = lambda v: all(x == 1 for x in v)  # noqa: E731
+# Attributes whose value is the operator's default (ONNX spec), left out of the written model.
+_DEFAULTS = {("", "Conv"): {"dilations": _ONES, "strides": _ONES, "group": lambda v: v == 1}}
+
+
 def compact(proto: onnx.ModelProto) -> None:
     """The written form (``docs/packed-format.md``): the per-layer ``UnpackBits -> DequantizeLinear`` pairs of
     :func:`pack_weights` become one ``UnpackBits`` node (:func:`merge_unpack`), and the model leaves out the
-    shapes of intermediate tensors (``value_info``; shape inference recomputes them) and the second copy of
+    shapes of intermediate tensors (``value_info``; shape inference recomputes them), Conv attributes at their
+    default (``dilations`` and ``strides`` of ones, ``group`` 1) and the second copy of
     the annotation in ``graph.quantization_annotation``: ``metadata_props["impq.annotation"]`` keeps every
     entry, in the compact form of :func:`~impq_onnx.lowering.passes.annotate_bits.compact_annotation`, where
     :func:`~impq_onnx.lowering.passes.annotate_bits.annotations` reads it. Weight entries drop
     ``impq.zero_point``, which names no tensor here (zero points are DequantizeLinear's default 0)."""
     del proto.graph.value_info[:]
     del proto.graph.quantization_annotation[:]
+    for node in proto.graph.node:
+        defaults = _DEFAULTS.get((node.domain, node.op_type), {})
+        for attribute in [a for a in node.attribute if a.name in defaults]:
+            if defaults[attribute.name](helper.get_attribute_value(attribute)):
+                node.attribute.remove(attribute)
     for prop in proto.metadata_props:
         if prop.key == ANNOTATION_KEY:
             notes = annotations(proto)
