@@ -167,23 +167,31 @@ def annotations(model) -> dict[str, dict[str, str]]:
 COMPACT_MARK = "impq.compact"  # a compact annotation JSON (:func:`compact_annotation`) has this key
 
 
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"  # a width as one character (0 = float)
+
+
 def _runs(bits: str) -> str:
-    """``"2,2,2,3"`` -> ``"2*3,3"``."""
+    """``"2,2,2,3,8"`` -> ``"2*3.38"``: one character per width (base 36), a run of ``n > 1`` equal ones
+    written ``<width>*<n>.``."""
     out: list[list] = []
     for b in bits.split(","):
         if out and out[-1][0] == b:
             out[-1][1] += 1
         else:
             out.append([b, 1])
-    return ",".join(b if n == 1 else f"{b}*{n}" for b, n in out)
+    return "".join(_DIGITS[int(b)] + ("" if n == 1 else f"*{n}.") for b, n in out)
 
 
 def _unruns(runs: str) -> str:
-    """``"2*3,3"`` -> ``"2,2,2,3"``."""
-    out = []
-    for run in runs.split(","):
-        b, _, n = run.partition("*")
-        out += [b] * (int(n) if n else 1)
+    """``"2*3.38"`` -> ``"2,2,2,3,8"``."""
+    out, i = [], 0
+    while i < len(runs):
+        width, i = str(_DIGITS.index(runs[i])), i + 1
+        count = 1
+        if i < len(runs) and runs[i] == "*":
+            end = runs.index(".", i)
+            count, i = int(runs[i + 1:end]), end + 1
+        out += [width] * count
     return ",".join(out)
 
 
@@ -200,9 +208,11 @@ def compact_annotation(notes: dict[str, dict[str, str]]) -> dict:
 
         {"impq.compact": 1, <kind>: {"common": {key: value}, "tensors": {tensor: {key: value}}}, ...}
 
-    Entries are grouped by ``impq.kind``; a key with one value in every entry of its kind is written once
-    under ``common`` (its most frequent value: an entry lists only the keys where it differs); keys lose their ``impq.`` prefix; ``bits`` is run-length coded (``"2*16,3"`` for
-    sixteen 2s then a 3); an activation's ``site`` is left out when it is the annotated tensor itself.
+    Entries are grouped by ``impq.kind``; for each key every entry of its kind has, the most frequent value
+    is written once under ``common`` and an entry lists only the keys where it differs; keys lose their
+    ``impq.`` prefix; ``bits`` has one character per kernel (the width in base 36, ``0`` float) and a run of
+    ``n`` equal widths is written ``<width>*<n>.`` (``"2*16.38"``: sixteen 2s, a 3, an 8); an activation's
+    ``site`` is left out when it is the annotated tensor itself.
     :func:`expand_annotation` (and :func:`annotations`) give back exactly ``notes``.
     """
     out: dict = {COMPACT_MARK: 1}

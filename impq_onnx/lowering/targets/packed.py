@@ -267,8 +267,7 @@ def merge_unpack(proto: onnx.ModelProto) -> None:
     if not pairs:
         return
     shapes, ranks, axes, to, bits = [], [], [], [], []
-    code_min: list[int] = []
-    code_step: list[int] = []
+    used: dict[int, tuple[int, int]] = {}  # width -> (code_min, code_step)
     size = 0
     for unpack_bits, dq in pairs:
         attrs = _attributes(unpack_bits)
@@ -279,11 +278,9 @@ def merge_unpack(proto: onnx.ModelProto) -> None:
         if dq_axis % max(len(shape), 1) != axis:
             raise InternalError(f"format packed: '{dq.name}' dequantizes along {dq_axis}, not the kernel axis {axis}")
         kernel_bits = np.broadcast_to(numpy_helper.to_array(attrs["bits"]), (shape[axis],))
-        for b, (lo, step) in enumerate(zip(attrs["code_min"], attrs["code_step"])):
-            if b >= len(code_min):
-                code_min.append(lo)
-                code_step.append(step)
-            elif (code_min[b], code_step[b]) != (lo, step) and b in kernel_bits:
+        for b in sorted({int(b) for b in kernel_bits}):
+            grid = (attrs["code_min"][b], attrs["code_step"][b])
+            if used.setdefault(b, grid) != grid:
                 raise ModelError(f"format packed: the {b}-bit grid of '{dq.output[0]}' differs from another "
                                  "layer's; lower the float model (not one already quantized) with one weight scheme")
         size += sum((int(np.prod(shape)) // shape[axis] * int(b) + 7) // 8 for b in kernel_bits)
@@ -292,6 +289,8 @@ def merge_unpack(proto: onnx.ModelProto) -> None:
         axes.append(axis)
         to.append(attrs["to"])
         bits.append(kernel_bits)
+    code_min = [used.get(b, (0, 1))[0] for b in range(max(used, default=0) + 1)]
+    code_step = [used.get(b, (0, 1))[1] for b in range(max(used, default=0) + 1)]
     every = np.concatenate(bits).astype(np.uint8)
     if every.size and np.all(every == every[0]):
         every = every[:1]
@@ -302,6 +301,25 @@ def merge_unpack(proto: onnx.ModelProto) -> None:
         graph.node.remove(unpack_bits)
         graph.node.remove(dq)
     graph.node.insert(0, merged)
+    _drop_zero_residuals(proto, graph.node[0])  # insert copied the message
+
+
+def _drop_zero_residuals(proto: onnx.ModelProto, merged: onnx.NodeProto) -> None:
+    """Remove each ``Add`` of an all-zero tensor behind an ``UnpackBits`` output. The QDQ form has one behind
+    every weight stored wider than int8, only so that onnxruntime does not fuse its DequantizeLinear into an
+    int8 kernel (:mod:`~impq_onnx.lowering.passes.quantize_weights`); :func:`packed_as_standard_ops` puts it
+    back."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = list(merged.output)
+    for node in [n for n in graph.node if n.op_type == "Add" and n.input and n.input[0] in outputs]:
+        zeros = inits.get(node.input[1]) if len(node.input) == 2 else None
+        if zeros is None or numpy_helper.to_array(zeros).any() or any(
+                node.input[1] in n.input for n in graph.node if n is not node):
+            continue
+        merged.output[outputs.index(node.input[0])] = node.output[0]
+        graph.node.remove(node)
+        graph.initializer.remove(zeros)
 
 
 def _layers(node: onnx.NodeProto) -> list[dict]:
@@ -349,7 +367,18 @@ def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelPro
             name = codes_of.get(scale, f"{output}_codes")
             graph.initializer.append(numpy_helper.from_array(codes, name))
             axis = {"axis": layer["axis"]} if ranks.get(scale, 0) == 1 else {}
-            graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [output],
+            residual = any(n.op_type == "Add" and n.input[0] == output for n in graph.node)
+            if codes.dtype == np.int8 or residual:
+                graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [output],
+                                                          name=f"{output}/dequantize", **axis))
+                continue
+            # Wide codes: the zero Add of the QDQ form, so that onnxruntime does not fuse them into an int8 kernel.
+            shape = [1] * codes.ndim
+            shape[layer["axis"]] = codes.shape[layer["axis"]]
+            graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), f"{output}_zeros"))
+            graph.node.insert(index, helper.make_node("Add", [f"{output}_dequantized", f"{output}_zeros"], [output],
+                                                      name=f"{output}/zeros"))
+            graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [f"{output}_dequantized"],
                                                       name=f"{output}/dequantize", **axis))
     kept = [o for o in out.opset_import if o.domain != PACKED_DOMAIN]
     del out.opset_import[:]
