@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
-from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, annotations, compact_annotation
+from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, COMPACT_MARK, compact_annotation, expand_annotation
 from impq_onnx.lowering.patterns import weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered, planned_layer
 from impq_onnx.lowering.targets.qdq import QdqTarget
@@ -196,9 +196,9 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
             raise InternalError("format packed: an unnamed layer node in the graph (the graph names every node)")
         dtype = codes.dtype
         uniform = bits.size > 0 and bool(np.all(bits == bits[0]))
-        node = ir.node(UNPACK_OP, [], {"offset": size, "bits": ir.tensor(bits[:1] if uniform else bits), "code_min": code_min,
-                                       "code_step": code_step, "shape": list(stored.shape), "axis": match.axis,
-                                       "to": int(dtype)},
+        node = ir.node(UNPACK_OP, [], {"offset": size, "bits": ir.tensor(bits[:1] if uniform else bits),
+                                       "code_min": code_min, "code_step": code_step, "shape": list(stored.shape),
+                                       "axis": match.axis, "to": int(dtype)},
                        domain=PACKED_DOMAIN, name=packed_names(codes_name, match.layer.name)["node"])
         blobs.append(blob)
         size += len(blob)
@@ -242,12 +242,19 @@ def compact(proto: onnx.ModelProto) -> None:
                 node.attribute.remove(attribute)
     for prop in proto.metadata_props:
         if prop.key == ANNOTATION_KEY:
-            notes = annotations(proto)
+            notes = read_annotations(proto)
             for entries in notes.values():
                 if entries.get("impq.kind") == "weight":
                     entries.pop("impq.zero_point", None)
             prop.value = json.dumps(compact_annotation(notes), sort_keys=True, separators=(",", ":"))
     merge_unpack(proto)
+
+
+def read_annotations(proto: onnx.ModelProto) -> dict[str, dict[str, str]]:
+    """The ``impq.*`` annotation entries of ``proto``'s metadata (compact or not); ``{}`` without them."""
+    text = next((p.value for p in proto.metadata_props if p.key == ANNOTATION_KEY), "{}")
+    notes = json.loads(text)
+    return expand_annotation(notes) if COMPACT_MARK in notes else notes
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -357,7 +364,7 @@ def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelPro
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
-    codes_of = {e["impq.scale"]: tensor for tensor, e in annotations(proto).items()
+    codes_of = {e["impq.scale"]: tensor for tensor, e in read_annotations(proto).items()
                 if e.get("impq.kind") == "weight" and "impq.scale" in e}
     ranks = {t.name: len(t.dims) for t in graph.initializer}
     for node in [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]:

@@ -92,7 +92,8 @@ class FoldBatchNormScalesPass(ir.passes.InPlacePass):
         bias = conv.inputs[2] if len(conv.inputs) > 2 else None
         if bias is not None and _constant(bias) is None:
             return False  # a computed bias: leave the batch-norm
-        m, b = fold_factors(*params, eps, _constant(bias))
+        gamma, beta, mean, var = params
+        m, b = fold_factors(gamma, beta, mean, var, eps, _constant(bias))
         if match is not None:
             scale = _constant(match.scale)
             if scale is None or match.axis != 0:
@@ -192,7 +193,8 @@ def folded_packed_reference(canonical: object, plan: PrecisionPlan, sites: SiteT
 
     source = canonical.model if hasattr(canonical, "model") else canonical
     if not isinstance(source, ir.Model):
-        raise InternalError(f"packed-folded reference: expected a canonical or onnx_ir model, got {type(source).__name__}")
+        raise InternalError("packed-folded reference: expected a canonical or onnx_ir model, got "
+                            f"{type(source).__name__}")
     quantized = source.clone()
     QuantizeWeightsPass(plan, sites)(quantized)
     made = quantized.graph.initializers
@@ -223,15 +225,16 @@ def folded_packed_reference(canonical: object, plan: PrecisionPlan, sites: SiteT
         else:
             eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
             bias = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            m, b = fold_factors(*(array(name) for name in bn.input[1:5]), eps, bias)
+            gamma, beta, mean, var = (array(name) for name in bn.input[1:5])
+            m, b = fold_factors(gamma, beta, mean, var, eps, bias)
         if names["codes"] in made:  # the weight as the lowered graph computes it: code · scale' (+ m · float kernels)
-            codes = made[names["codes"]].const_value.numpy()
-            scale = made[names["scale"]].const_value.numpy().reshape(-1)
+            codes = _made(made, names["codes"])
+            scale = _made(made, names["scale"]).reshape(-1)
             if m is not None:
                 scale = (scale * m).astype(np.float32)
             weight = (codes.astype(np.float32) * _broadcast(scale, codes.ndim, layer.kernel_axis)).astype(np.float32)
             if names["float_kernels"] in made:
-                residual = made[names["float_kernels"]].const_value.numpy()
+                residual = _made(made, names["float_kernels"])
                 if m is not None:
                     residual = (residual * _broadcast(m, residual.ndim, 0)).astype(np.float32)
                 weight = (weight + residual).astype(np.float32)
@@ -249,3 +252,11 @@ def folded_packed_reference(canonical: object, plan: PrecisionPlan, sites: SiteT
     float_weights = plan.copy()
     float_weights.weights = {name: [None] * len(bits) for name, bits in plan.weights.items()}
     return simulate(proto, float_weights, sites)
+
+
+def _made(initializers, name: str) -> np.ndarray:
+    """The array of initializer ``name``, which :class:`QuantizeWeightsPass` made."""
+    tensor = initializers[name].const_value
+    if tensor is None:
+        raise InternalError(f"packed-folded reference: initializer '{name}' made by QuantizeWeightsPass has no value")
+    return tensor.numpy()
