@@ -5,8 +5,9 @@
 Uniform plans (every kernel at B bits, ``midrise-max`` and ``symmetric-rms``, float activations), no
 training. Prints a markdown table of the bytes each format writes (model, ``.packed``; the ``.bits.json``
 sidecar is the same record for all and left out), with the packed pairs' ratio to the 8-bit pair of the
-same format, and where the bytes of the 2-bit packed-folded model go and checks exactness: every lowered model is verified
-against the simulation (onnxruntime-training, 100 % top-1 agreement, max logit difference), and with
+same format, and where the bytes of the 2-bit packed-folded model go; and checks exactness: every lowered
+model is verified against the simulation (onnxruntime-training, 100 % top-1 agreement, max logit
+difference), and with
 ``--mainline`` the qdq-int4 models also run in that interpreter's mainline onnxruntime (all graph
 optimizations and none) next to the qdq models, which must give the same logits. Inputs: ``--samples``
 images spread evenly over ``--data`` (all classes), or seeded normal noise.

@@ -27,7 +27,9 @@ JSON of ``metadata_props["impq.annotation"]``: onnxruntime's optimized-model out
 onnx 1.17 and 1.23), so :func:`annotations` reads the metadata copy first. Every value is a literal:
 no initializer is added (an initializer that no node reads makes onnxruntime log "Removing initializer"
 and is stripped by its optimizer). ``metadata_props["impq.summary"]`` holds a JSON summary (annotation
-version, schemes, granularity, counts, effective bits). :func:`read_plan_from_annotation` reads a
+version, schemes, granularity, counts, effective bits). The packed targets write the metadata copy in a
+compact form (:func:`compact_annotation`, marked by ``"impq.compact"``), which :func:`annotations` expands
+to the same entries. :func:`read_plan_from_annotation` reads a
 :class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
 """
 

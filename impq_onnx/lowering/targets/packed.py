@@ -1,26 +1,26 @@
 """Packed target: every weight kernel's codes bit-packed at its true width, for accelerator toolchains.
 
 Writes two files: the model ``out.onnx`` and the weights ``out.packed`` (the attachment with suffix
-``.packed``: the packed codes of all layers, one after another, nothing else, so its size is
-``Σ ceil(n_k · bits_k / 8)`` bytes). In the model, each layer's integer codes initializer ``W_quantized``
-of the QDQ graph is replaced by a node of domain ``ai.impq`` that says where its codes are::
+``.packed``: the packed codes of all weights, one after another, nothing else, so its size is
+``Σ ceil(n_k · bits_k / 8)`` bytes). In the model, one node of domain ``ai.impq`` stands for every
+weight's codes and DequantizeLinear of the QDQ graph::
 
-    W_quantized_packed_table (int32 [K, 4]) ─► ai.impq::UnpackBits(shape, axis, to) ─► W_quantized
-                                            ─► DequantizeLinear ─► ...
+    W0_scale, W1_scale, .. ─► ai.impq::UnpackBits(shapes, ranks, axes, to, bits, code_min, code_step)
+                           ─► W0 (= code · scale), W1, .. ─► [Add(float kernels)] ─► Conv / Gemm / MatMul
 
-Everything after it (scale, zero point 0, the float-kernel ``Add``, activations, annotation) is the QDQ
-target's. Table row ``k`` = ``(bits, byte_offset, code_min, code_step)`` of kernel ``k`` (the slice ``k``
-along ``axis``); its ``n`` codes, in C order of the weight with ``axis`` moved first, are the unsigned
-``u`` in ``bits`` bits each, written into ``out.packed`` from ``byte_offset`` as one little-endian bit
-stream (bit ``j`` of a kernel is ``(data[byte_offset + j // 8] >> (j % 8)) & 1``; value ``i`` is bits
-``i·bits .. i·bits + bits - 1``, least significant first; the last byte is zero-padded, so each kernel
-starts on a byte). ``code = code_min + code_step · u`` and the weight is ``code · scale[k]`` (the
-DequantizeLinear scale). ``code_step`` is 2 for the odd codes of the midrise grid, 1 otherwise; a
-float kernel has ``bits`` 0 and no bytes (codes 0; its values are in the ``Add``). Full layout:
-``docs/packed-format.md``; a numpy-only copy of :func:`unpack` is ``tools/impq_unpack.py``.
+``bits`` holds the width of every kernel (uint8, weight after weight; one value when all are equal);
+kernel ``k`` of a ``b``-bit width has codes ``code_min[b] + code_step[b] · u`` with ``u`` its unsigned
+``b``-bit fields, LSB first from the kernel's first byte (each kernel starts on a byte, weights and kernels
+in order). ``code_step`` is 2 for the odd codes of the midrise grid, 1 otherwise; a float kernel has width
+0 and no bytes (codes 0; its values are in the ``Add``). Full layout and what the written model leaves
+out: ``docs/packed-format.md``; a numpy-only copy of :func:`unpack` / :func:`unpack_all` is
+``tools/impq_unpack.py``.
 
-Runtimes do not know ``UnpackBits``: the files are for toolchains that read the packed weights.
-``verify`` runs :meth:`PackedTarget.as_standard_ops`, which unpacks every layer back into the QDQ model.
+The rewrite (:func:`pack_weights`) first gives each weight its own ``UnpackBits`` node yielding the codes,
+so that the annotation pass still finds and names every weight's codes tensor; :meth:`PackedTarget.finish_model`
+(:func:`compact`) then makes the written form. Runtimes do not know ``UnpackBits``: the files are for
+toolchains that read the packed weights. ``verify`` runs :meth:`PackedTarget.as_standard_ops`, which
+unpacks every weight back into the QDQ model.
 """
 
 from __future__ import annotations
