@@ -36,7 +36,7 @@ from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import packed_names
 from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, COMPACT_MARK, compact_annotation, expand_annotation
-from impq_onnx.lowering.patterns import weight_quantizers
+from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered, planned_layer
 from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
@@ -176,16 +176,29 @@ class PackedTarget(QdqTarget):
         return self.as_standard_ops(lowered)  # the codes are in the .packed file
 
 
+def _centered(match: WeightQuantizer) -> tuple[np.ndarray, ir.DataType]:
+    """The codes to pack and their type in the standard-op form: the stored codes, or ``code - zero point``
+    as int32 where a zero point is not 0 (a QDQ model from another tool: ``(code - z) · scale`` is the same)."""
+    _, codes = _codes(match.codes)
+    stored = codes.numpy()
+    zero = match.zero_point
+    if zero is None or zero.const_value is None or not zero.const_value.numpy().any():
+        return stored, codes.dtype
+    _, _, zero_points, _ = match.arrays()
+    return (stored.astype(np.int64) - zero_points.astype(np.int64)).astype(np.int32), ir.DataType.INT32
+
+
 def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable | None) -> dict[str, dict | bytes]:
-    """Replace every weight's codes initializer of the QDQ graph ``model`` by an ``UnpackBits`` node (and drop
-    the all-zero weight zero points: DequantizeLinear's default); returns the ``.packed`` attachment."""
+    """Replace every weight's codes initializer of the QDQ graph ``model`` by an ``UnpackBits`` node and drop
+    the weight zero points (0, DequantizeLinear's default, or subtracted: :func:`_centered`); returns the
+    ``.packed`` attachment."""
     graph = model.graph
     blobs, size = [], 0
     matches = list(weight_quantizers(graph))
-    lo = min((int(_codes(m.codes)[1].numpy().min(initial=0)) for m in matches), default=0)
-    for match in matches:
+    centered = [_centered(m) for m in matches]
+    lo = min((int(stored.min(initial=0)) for stored, _ in centered), default=0)
+    for match, (stored, dtype) in zip(matches, centered):
         codes_name, codes = _codes(match.codes)
-        stored = codes.numpy()
         layer = planned_layer(sites, match.layer) if plan is not None else None
         layer_bits = plan.weights[layer.node] if plan is not None and layer is not None else None
         table = _table_of(stored, match.axis, layer_bits, plan.weight_scheme if plan else "", lo)
@@ -194,7 +207,6 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
         blob = pack(stored, match.axis, bits, code_min, code_step)
         if match.layer.name is None:
             raise InternalError("format packed: an unnamed layer node in the graph (the graph names every node)")
-        dtype = codes.dtype
         uniform = bits.size > 0 and bool(np.all(bits == bits[0]))
         node = ir.node(UNPACK_OP, [], {"offset": size, "bits": ir.tensor(bits[:1] if uniform else bits),
                                        "code_min": code_min, "code_step": code_step, "shape": list(stored.shape),
@@ -209,8 +221,8 @@ def pack_weights(model: ir.Model, plan: PrecisionPlan | None, sites: SiteTable |
         node.outputs[0].shape = ir.Shape(stored.shape)
         graph.insert_before(match.dequantize, node)
         zero = match.zero_point
-        if zero is not None and zero.const_value is not None and not zero.const_value.numpy().any():
-            match.dequantize.resize_inputs(2)  # zero point 0 is DequantizeLinear's default
+        if zero is not None and zero.const_value is not None:
+            match.dequantize.resize_inputs(2)  # 0 (DequantizeLinear's default), or subtracted from the codes
             if zero.name is not None and zero.name in graph.initializers and not zero.uses():
                 graph.initializers.pop(zero.name)
     if not blobs:
@@ -282,7 +294,8 @@ def merge_unpack(proto: onnx.ModelProto) -> None:
             raise InternalError(f"format packed: '{unpack_bits.output[0]}' does not follow the previous weight")
         shape, axis = list(attrs["shape"]), attrs["axis"]
         dq_axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if dq_axis % max(len(shape), 1) != axis:
+        per_axis = [t for t in graph.initializer if t.name == dq.input[1] and len(t.dims) == 1 and t.dims[0] > 1]
+        if per_axis and dq_axis % max(len(shape), 1) != axis:
             raise InternalError(f"format packed: '{dq.name}' dequantizes along {dq_axis}, not the kernel axis {axis}")
         kernel_bits = np.broadcast_to(numpy_helper.to_array(attrs["bits"]), (shape[axis],))
         for b in sorted({int(b) for b in kernel_bits}):
@@ -366,14 +379,14 @@ def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelPro
     graph = out.graph
     codes_of = {e["impq.scale"]: tensor for tensor, e in read_annotations(proto).items()
                 if e.get("impq.kind") == "weight" and "impq.scale" in e}
-    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    per_axis = {t.name for t in graph.initializer if len(t.dims) == 1 and t.dims[0] > 1}  # else per tensor
     for node in [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]:
         index = list(graph.node).index(node)
         graph.node.remove(node)
         for scale, output, codes, layer in zip(node.input, node.output, unpack_all(node, data), _layers(node)):
             name = codes_of.get(scale, f"{output}_codes")
             graph.initializer.append(numpy_helper.from_array(codes, name))
-            axis = {"axis": layer["axis"]} if ranks.get(scale, 0) == 1 else {}
+            axis = {"axis": layer["axis"]} if scale in per_axis else {}
             residual = any(n.op_type == "Add" and n.input[0] == output for n in graph.node)
             if codes.dtype == np.int8 or residual:
                 graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [output],

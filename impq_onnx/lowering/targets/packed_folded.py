@@ -60,8 +60,9 @@ class FoldBatchNormScalesPass(ir.passes.InPlacePass):
     """Fold every ``Conv -> BatchNormalization`` (constant parameters, Conv output read only there) into the
     Conv's weight scales and bias (module docstring).
 
-    ``bounds`` (by layer node) are each kernel's planned ``(code_min, code_max)``; without them (a QDQ model
-    from another tool) a kernel's grid is its stored range's negation-closed hull only if it is symmetric.
+    ``bounds`` (by layer node) are each kernel's planned ``(code_min, code_max)``: a kernel with a negative
+    multiplier has its codes negated when they stay within them. Without them (a QDQ model from another
+    tool), or when a negated code would leave them, that layer keeps its batch-norm.
     """
 
     def __init__(self, bounds: dict[str, list[tuple[int, int]]] | None = None):
