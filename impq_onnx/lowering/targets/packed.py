@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 
 from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.lowering.naming import packed_names
+from impq_onnx.lowering.naming import UNPACK_NODE, packed_names, unpacked_names
 from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, COMPACT_MARK, compact_annotation, expand_annotation
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered, planned_layer
@@ -47,7 +47,6 @@ __all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpa
 
 PACKED_DOMAIN = "ai.impq"
 UNPACK_OP = "UnpackBits"
-UNPACK_NODE = "impq/unpack_bits"  # the one UnpackBits node of a written model
 
 
 def _field_bits(lo: int, hi: int, step: int) -> int:
@@ -384,22 +383,23 @@ def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelPro
         index = list(graph.node).index(node)
         graph.node.remove(node)
         for scale, output, codes, layer in zip(node.input, node.output, unpack_all(node, data), _layers(node)):
-            name = codes_of.get(scale, f"{output}_codes")
+            names = unpacked_names(output)
+            name = codes_of.get(scale, names["codes"])
             graph.initializer.append(numpy_helper.from_array(codes, name))
             axis = {"axis": layer["axis"]} if scale in per_axis else {}
             residual = any(n.op_type == "Add" and n.input[0] == output for n in graph.node)
             if codes.dtype == np.int8 or residual:
                 graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [output],
-                                                          name=f"{output}/dequantize", **axis))
+                                                          name=names["dequantize"], **axis))
                 continue
             # Wide codes: the zero Add of the QDQ form, so that onnxruntime does not fuse them into an int8 kernel.
             shape = [1] * codes.ndim
             shape[layer["axis"]] = codes.shape[layer["axis"]]
-            graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), f"{output}_zeros"))
-            graph.node.insert(index, helper.make_node("Add", [f"{output}_dequantized", f"{output}_zeros"], [output],
-                                                      name=f"{output}/zeros"))
-            graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [f"{output}_dequantized"],
-                                                      name=f"{output}/dequantize", **axis))
+            graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), names["zeros"]))
+            graph.node.insert(index, helper.make_node("Add", [names["dequantized"], names["zeros"]], [output],
+                                                      name=names["zeros_add"]))
+            graph.node.insert(index, helper.make_node("DequantizeLinear", [name, scale], [names["dequantized"]],
+                                                      name=names["dequantize"], **axis))
     kept = [o for o in out.opset_import if o.domain != PACKED_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)

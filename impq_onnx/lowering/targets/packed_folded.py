@@ -204,6 +204,7 @@ def folded_packed_reference(canonical: object, plan: PrecisionPlan, sites: SiteT
     inits = {t.name: t for t in graph.initializer}
     array = lambda name: onnx.numpy_helper.to_array(inits[name])  # noqa: E731
     nodes = {n.name: n for n in graph.node}
+    scheme = weight_scheme(plan.weight_scheme)
 
     def put(name: str, values: np.ndarray) -> None:
         tensor = onnx.numpy_helper.from_array(values.astype(np.float32), name)
@@ -221,13 +222,16 @@ def folded_packed_reference(canonical: object, plan: PrecisionPlan, sites: SiteT
                     or layer.output in {o.name for o in graph.output}
                     or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits))
         names = weight_names(layer.weight)
-        if bn is None or not fold:
-            m, b = None, None
-        else:
+        m, b = None, None
+        if bn is not None and fold:
             eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
             bias = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             gamma, beta, mean, var = (array(name) for name in bn.input[1:5])
             m, b = fold_factors(gamma, beta, mean, var, eps, bias)
+            if names["codes"] in made and np.any(m < 0) and _flipped(
+                    _made(made, names["codes"]), m < 0, layer.kernel_axis,
+                    [scheme.code_bounds(bits)[:2] for bits in plan.weights[layer.node]]) is None:
+                m, b = None, None  # as the target: a negated code would leave its grid, the batch-norm stays
         if names["codes"] in made:  # the weight as the lowered graph computes it: code · scale' (+ m · float kernels)
             codes = _made(made, names["codes"])
             scale = _made(made, names["scale"]).reshape(-1)

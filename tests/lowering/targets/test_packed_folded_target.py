@@ -68,6 +68,26 @@ def test_negative_multipliers_keep_codes_on_their_grid(scheme):
         assert scheme == "pow2-std"
 
 
+def test_a_layer_whose_codes_have_no_negation_keeps_its_batch_norm():
+    """pow2-std at 2 bits: codes -2 .. 1, and -(-2) is off the grid; conv1 has negative multipliers and an
+    outlier in a flipped kernel that clips to -2."""
+    model = _with_negative_gamma(build(Quirks()))
+    for t in model.graph.initializer:
+        if t.name == "conv1.w":
+            w = numpy_helper.to_array(t).copy()
+            w[0, 0, 0, 0] = -10.0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    canonical, sites = tiny(model)
+    plan = PrecisionPlan.uniform(sites, 2, None, weight_scheme="pow2-std")
+    qdq, folded = lower(canonical, plan, sites), lower(canonical, plan, sites, format="packed-folded")
+    codes = {t.name: numpy_helper.to_array(t) for t in qdq.proto.graph.initializer}[
+        qdq.sidecar["weights"]["conv1"]["tensor"]]
+    assert codes[::2].min() == -2  # a flipped kernel reaches the code without a negation
+    assert ops(folded.proto)["BatchNormalization"] == 1
+    result = verify(folded, canonical, plan, sites, [inputs()])
+    assert result.ok and result.max_logit_diff == 0.0, result.to_dict()
+
+
 def test_written_files_are_deterministic_and_read_by_the_standalone_unpacker():
     canonical, sites = tiny(build(Quirks()))
     plan = mixed_plan(sites, "midrise-max", seed=9)
