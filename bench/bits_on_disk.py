@@ -1,11 +1,13 @@
-"""Bits on disk: file sizes of the qdq, qdq-int4 and packed outputs of ResNet-20 at 8, 4 and 2 bits.
+"""Bits on disk: file sizes of the qdq, qdq-int4, packed and packed-folded outputs of ResNet-20 at 8, 4 and 2 bits.
 
     python bench/bits_on_disk.py [--model M.onnx] [--data cifar10/test] [--mainline /tmp/ortmain/bin/python]
 
 Uniform plans (every kernel at B bits, ``midrise-max`` and ``symmetric-rms``, float activations), no
 training. Prints a markdown table of the bytes each format writes (model, ``.packed``; the ``.bits.json``
-sidecar is the same record for all and left out) and checks exactness: every lowered model is verified
-against the simulation (onnxruntime-training, 100 % top-1 agreement, max logit difference), and with
+sidecar is the same record for all and left out), with the packed pairs' ratio to the 8-bit pair of the
+same format, and where the bytes of the 2-bit packed-folded model go; and checks exactness: every lowered
+model is verified against the simulation (onnxruntime-training, 100 % top-1 agreement, max logit
+difference), and with
 ``--mainline`` the qdq-int4 models also run in that interpreter's mainline onnxruntime (all graph
 optimizations and none) next to the qdq models, which must give the same logits. Inputs: ``--samples``
 images spread evenly over ``--data`` (all classes), or seeded normal noise.
@@ -30,7 +32,8 @@ from impq_onnx.quant.simulate import simulate
 from impq_onnx.runtime import inference_session
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = ("qdq", "qdq-int4", "packed")
+FORMATS = ("qdq", "qdq-int4", "packed", "packed-folded")
+PACKED = ("packed", "packed-folded")
 
 # Runs in the mainline venv: the qdq and qdq-int4 models on the same inputs, both optimization levels.
 MAINLINE = r"""
@@ -77,6 +80,8 @@ def measure(model: str, data: str | None, samples: int, mainline: str | None, wo
                 paths = write(lowered, path)
                 sizes = {p.suffix: p.stat().st_size for p in paths if not p.name.endswith(".bits.json")}
                 result = verify(lowered, canonical, plan, sites, [x])
+                if fmt == "packed-folded" and bits == 2:
+                    row["breakdown"] = breakdown(lowered.proto)
                 row[fmt] = {"model": sizes[".onnx"], "packed": sizes.get(".packed", 0), "ok": result.ok,
                             "max_logit_diff": result.max_logit_diff,
                             "dtypes": sorted({e["dtype"] for e in lowered.sidecar["weights"].values()})}
@@ -94,21 +99,41 @@ def measure(model: str, data: str | None, samples: int, mainline: str | None, wo
     return rows
 
 
+def breakdown(proto) -> dict[str, int]:
+    """Serialized bytes of the parts of a model: initializers, nodes by op type, metadata."""
+    parts: dict[str, int] = {}
+    for t in proto.graph.initializer:
+        parts["initializers (scales, biases, shape constants)"] = (
+            parts.get("initializers (scales, biases, shape constants)", 0) + t.ByteSize())
+    for n in proto.graph.node:
+        key = f"{n.op_type} nodes" if n.op_type in ("UnpackBits", "Conv") else "other nodes"
+        parts[key] = parts.get(key, 0) + n.ByteSize()
+    for p in proto.metadata_props:
+        parts[f"metadata {p.key}"] = p.ByteSize()
+    parts["rest (graph inputs/outputs, opsets, headers)"] = proto.ByteSize() - sum(parts.values())
+    return parts
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| scheme | B | qdq model (dtype) | qdq-int4 model (dtype) | packed: model + `.packed` = total | "
-             "`.packed` / 8-bit `.packed` | total / 8-bit packed total | total / 8-bit qdq | exact (verify) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "packed-folded: model + `.packed` = total | `.packed` / 8-bit | packed total / 8-bit | "
+             "packed-folded total / 8-bit | exact (verify) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         eight = next(r for r in rows if r["scheme"] == row["scheme"] and r["bits"] == 8)
-        p = row["packed"]
-        total = p["model"] + p["packed"]
+        totals = {f: row[f]["model"] + row[f]["packed"] for f in PACKED}
+        totals8 = {f: eight[f]["model"] + eight[f]["packed"] for f in PACKED}
         exact = all(row[f]["ok"] and row[f]["max_logit_diff"] == 0.0 for f in FORMATS)
         lines.append(
             f"| {row['scheme']} | {row['bits']} | {row['qdq']['model']:,} ({'/'.join(row['qdq']['dtypes'])}) | "
             f"{row['qdq-int4']['model']:,} ({'/'.join(row['qdq-int4']['dtypes'])}) | "
-            f"{p['model']:,} + {p['packed']:,} = {total:,} | {p['packed'] / eight['packed']['packed']:.3f} | "
-            f"{total / (eight['packed']['model'] + eight['packed']['packed']):.3f} | "
-            f"{total / eight['qdq']['model']:.3f} | {'yes' if exact else 'NO'} |")
+            + " | ".join(f"{row[f]['model']:,} + {row[f]['packed']:,} = {totals[f]:,}" for f in PACKED) + " | "
+            f"{row['packed']['packed'] / eight['packed']['packed']:.3f} | "
+            + " | ".join(f"{totals[f] / totals8[f]:.3f}" for f in PACKED) + f" | {'yes' if exact else 'NO'} |")
+    for row in rows:
+        if "breakdown" in row:
+            lines += ["", f"Bytes of the 2-bit packed-folded model, {row['scheme']}:", ""]
+            lines += [f"- {k}: {v:,}" for k, v in row["breakdown"].items()]
     mainline = [(r["scheme"], r["bits"], r["qdq-int4"]["mainline"]) for r in rows if "mainline" in r["qdq-int4"]]
     if mainline:
         lines += ["", "qdq-int4 next to qdq in mainline onnxruntime (same runtime, same inputs):", ""]

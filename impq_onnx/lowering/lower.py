@@ -99,7 +99,9 @@ def lower(canonical, plan: PrecisionPlan, sites: SiteTable, *, format: str = "qd
     AnnotateBitsPass(plan, sites, target=format)(model)
     _retarget_sidecar(sidecar, model, target)
     target.finish_sidecar(sidecar, model)
-    return LoweredModel(ir.serde.serialize_model(model), sidecar, format, attachments)
+    proto = ir.serde.serialize_model(model)
+    target.finish_model(proto)
+    return LoweredModel(proto, sidecar, format, attachments)
 
 
 def convert(qdq_model: onnx.ModelProto, format: str) -> LoweredModel:
@@ -111,7 +113,9 @@ def convert(qdq_model: onnx.ModelProto, format: str) -> LoweredModel:
     target = get_target(format)
     model = ir.serde.deserialize_model(qdq_model)
     attachments = target.rewrite(model, None, None)
-    return LoweredModel(ir.serde.serialize_model(model), {}, format, attachments)
+    proto = ir.serde.serialize_model(model)
+    target.finish_model(proto)
+    return LoweredModel(proto, {}, format, attachments)
 
 
 def _f(x) -> float:

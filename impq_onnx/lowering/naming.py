@@ -10,8 +10,8 @@ tool. Changing a spelling here changes the bytes of every lowered model.
 from __future__ import annotations
 
 __all__ = ["weight_names", "weight_nodes", "activation_names", "activation_nodes", "bias_names", "bits_vector",
-           "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "quant_node", "layer_input", "expansion_prefix",
-           "folded_names", "width_group", "requantized_names"]
+           "BITS_VECTOR_SUFFIX", "bitwidth", "packed_names", "unpacked_names", "UNPACK_NODE", "quant_node",
+           "layer_input", "expansion_prefix", "folded_names", "width_group", "requantized_names"]
 
 BITS_VECTOR_SUFFIX = "_impq_bits"
 
@@ -38,6 +38,16 @@ def weight_nodes(layer: str) -> dict[str, str]:
 def packed_names(weight: str, layer: str) -> dict[str, str]:
     """The bit-packed codes of weight ``weight`` (packed target): their per-kernel table and unpacking node."""
     return {"table": f"{weight}_packed_table", "node": f"{layer}/weight_unpack"}
+
+
+UNPACK_NODE = "impq/unpack_bits"  # the one UnpackBits node of a packed model
+
+
+def unpacked_names(weight: str) -> dict[str, str]:
+    """The standard ops that stand in for output ``weight`` of the packed ``UnpackBits`` when verifying: the
+    codes (when the annotation does not name them), their DequantizeLinear, and the zero ``Add`` of wide codes."""
+    return {"codes": f"{weight}_codes", "dequantized": f"{weight}_dequantized", "zeros": f"{weight}_zeros",
+            "dequantize": f"{weight}/dequantize", "zeros_add": f"{weight}/zeros"}
 
 
 def activation_names(tensor: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ def _spellings() -> set[str]:
              *naming.activation_names("T").values(), *naming.activation_nodes("T").values(),
              *naming.bias_names("B", "O", "L").values(), naming.bits_vector("T"), naming.bitwidth("T"),
              naming.quant_node("T"), *naming.layer_input("T").values(), naming.expansion_prefix("N", "std"),
-             naming.expansion_prefix("N", "encoding")]
+             naming.expansion_prefix("N", "encoding"), *naming.unpacked_names("W").values()]
     return {name[1:] for name in names}
 
 

@@ -27,7 +27,9 @@ JSON of ``metadata_props["impq.annotation"]``: onnxruntime's optimized-model out
 onnx 1.17 and 1.23), so :func:`annotations` reads the metadata copy first. Every value is a literal:
 no initializer is added (an initializer that no node reads makes onnxruntime log "Removing initializer"
 and is stripped by its optimizer). ``metadata_props["impq.summary"]`` holds a JSON summary (annotation
-version, schemes, granularity, counts, effective bits). :func:`read_plan_from_annotation` reads a
+version, schemes, granularity, counts, effective bits). The packed targets write the metadata copy in a
+compact form (:func:`compact_annotation`, marked by ``"impq.compact"``), which :func:`annotations` expands
+to the same entries. :func:`read_plan_from_annotation` reads a
 :class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
 """
 
@@ -46,6 +48,7 @@ from impq_onnx.lowering.naming import activation_names, weight_names
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "annotated_bits", "ANNOTATION_FIELD",
+           "compact_annotation", "expand_annotation", "COMPACT_MARK",
            "SUMMARY_KEY", "ANNOTATION_KEY", "ANNOTATION_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -149,7 +152,8 @@ def annotations(model) -> dict[str, dict[str, str]]:
     """
     metadata = _metadata(model)
     if ANNOTATION_KEY in metadata:
-        return json.loads(metadata[ANNOTATION_KEY])
+        notes = json.loads(metadata[ANNOTATION_KEY])
+        return expand_annotation(notes) if COMPACT_MARK in notes else notes
     if isinstance(model, onnx.ModelProto):
         return {a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}
                 for a in model.graph.quantization_annotation
@@ -160,6 +164,87 @@ def annotations(model) -> dict[str, dict[str, str]]:
         if entries and any(k.startswith("impq.") for k in entries):
             result[value.name] = dict(entries)
     return result
+
+
+COMPACT_MARK = "impq.compact"  # a compact annotation JSON (:func:`compact_annotation`) has this key
+
+
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"  # a width as one character (0 = float)
+
+
+def _runs(bits: str) -> str:
+    """``"2,2,2,3,8"`` -> ``"2*3.38"``: one character per width (base 36), a run of ``n > 1`` equal ones
+    written ``<width>*<n>.``."""
+    out: list[list] = []
+    for b in bits.split(","):
+        if out and out[-1][0] == b:
+            out[-1][1] += 1
+        else:
+            out.append([b, 1])
+    return "".join(_DIGITS[int(b)] + ("" if n == 1 else f"*{n}.") for b, n in out)
+
+
+def _unruns(runs: str) -> str:
+    """``"2*3.38"`` -> ``"2,2,2,3,8"``."""
+    out, i = [], 0
+    while i < len(runs):
+        width, i = str(_DIGITS.index(runs[i])), i + 1
+        count = 1
+        if i < len(runs) and runs[i] == "*":
+            end = runs.index(".", i)
+            count, i = int(runs[i + 1:end]), end + 1
+        out += [width] * count
+    return ",".join(out)
+
+
+def _most_common(values: list[str]) -> str:
+    """The most frequent of ``values`` (the smallest of equally frequent ones: deterministic)."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def compact_annotation(notes: dict[str, dict[str, str]]) -> dict:
+    """The same entries in fewer bytes (for targets whose model size matters, the packed ones)::
+
+        {"impq.compact": 1, <kind>: {"common": {key: value}, "tensors": {tensor: {key: value}}}, ...}
+
+    Entries are grouped by ``impq.kind``; for each key every entry of its kind has, the most frequent value
+    is written once under ``common`` and an entry lists only the keys where it differs; keys lose their
+    ``impq.`` prefix; ``bits`` has one character per kernel (the width in base 36, ``0`` float) and a run of
+    ``n`` equal widths is written ``<width>*<n>.`` (``"2*16.38"``: sixteen 2s, a 3, an 8); an activation's
+    ``site`` is left out when it is the annotated tensor itself.
+    :func:`expand_annotation` (and :func:`annotations`) give back exactly ``notes``.
+    """
+    out: dict = {COMPACT_MARK: 1}
+    for kind in sorted({e["impq.kind"] for e in notes.values()}):
+        group = {t: {k.removeprefix("impq."): v for k, v in e.items()} for t, e in notes.items()
+                 if e["impq.kind"] == kind}
+        for t, e in group.items():
+            e["bits"] = _runs(e["bits"])
+            if e.get("site") == t:
+                del e["site"]
+        keys = set.intersection(*(set(e) for e in group.values()))
+        common = {k: _most_common([e[k] for e in group.values()]) for k in sorted(keys)}
+        out[kind] = {"common": common,
+                     "tensors": {t: {k: v for k, v in e.items() if common.get(k) != v} for t, e in group.items()}}
+    return out
+
+
+def expand_annotation(compact: dict) -> dict[str, dict[str, str]]:
+    """The ``{tensor: {impq.key: value}}`` entries of a :func:`compact_annotation`."""
+    notes = {}
+    for kind, group in compact.items():
+        if kind == COMPACT_MARK:
+            continue
+        for tensor, own in group["tensors"].items():
+            entries = {f"impq.{k}": v for k, v in {**group["common"], **own}.items()}
+            entries["impq.bits"] = _unruns(entries["impq.bits"])
+            if kind == "activation":
+                entries.setdefault("impq.site", tensor)
+            notes[tensor] = dict(sorted(entries.items()))
+    return notes
 
 
 def _metadata(model) -> dict[str, str]:

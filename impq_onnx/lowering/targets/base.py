@@ -68,6 +68,9 @@ class Target:
     def finish_sidecar(self, sidecar: dict, model: ir.Model) -> None:
         """Update the sidecar of the rewritten ``model`` where the rewrite changed recorded values (scales)."""
 
+    def finish_model(self, proto: onnx.ModelProto) -> None:
+        """Last edits of the serialized model, after the annotation (what the written file leaves out)."""
+
     def reference(self, canonical: object, plan: PrecisionPlan, sites: SiteTable, lowered: Lowered) -> onnx.ModelProto:
         """The model ``verify`` compares ``lowered`` with: by default the simulation of the plan."""
         from impq_onnx.quant.simulate import simulate

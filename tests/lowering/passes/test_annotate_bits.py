@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from impq_onnx.lowering.passes import AnnotateBitsPass, QuantizeActivationsPass, QuantizeWeightsPass
-from impq_onnx.lowering.passes.annotate_bits import SUMMARY_KEY, annotated_bits, annotations, read_plan_from_annotation
+from impq_onnx.lowering.passes.annotate_bits import (
+    ANNOTATION_KEY,
+    SUMMARY_KEY,
+    annotated_bits,
+    annotations,
+    compact_annotation,
+    expand_annotation,
+    read_plan_from_annotation,
+)
 from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
 from quant_models import tiny_cnn
 from tiny_models import Quirks, build
@@ -66,3 +76,23 @@ def test_changed_plan_updates_the_annotation():
     other.granularity = "layer"
     assert AnnotateBitsPass(other, sites)(lowered).modified
     assert read_plan_from_annotation(lowered).granularity == "layer"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compact_annotation_expands_to_the_same_entries_and_the_same_plan(scheme):
+    canonical, sites = tiny(build(Quirks(head="matmul")))
+    plan = mixed_plan(sites, scheme, seed=2)  # per-kernel widths 1-8, a float kernel, 1-8-bit sites
+    lowered = _lowered(canonical, sites, plan)
+    AnnotateBitsPass(plan, sites)(lowered)
+    notes = annotations(lowered)
+    compact = compact_annotation(notes)
+    assert expand_annotation(compact) == notes
+    wide = {t: dict(e, **{"impq.bits": "2,2,2,10,35,0,2"}) for t, e in notes.items()}  # widths past 9: base 36
+    assert expand_annotation(compact_annotation(wide)) == wide
+    proto = ir.serde.serialize_model(lowered)
+    del proto.graph.quantization_annotation[:]
+    for prop in proto.metadata_props:
+        if prop.key == ANNOTATION_KEY:
+            prop.value = json.dumps(compact)
+    assert annotations(proto) == notes and read_plan_from_annotation(proto) == plan
+    assert len(json.dumps(compact)) < 0.8 * len(json.dumps(notes))  # 0.72 here; ResNet-20: 0.33

@@ -97,6 +97,11 @@ def test_onnxruntime_qdq_model_converts_exactly(tmp_path, symmetric):
     assert all(len(e) == 4 for e in (json["param_encodings"][n] for n in json["param_encodings"] if "c1" in n))
     np.testing.assert_array_equal(_run(runnable(encodings), x), expected)
 
+    for fmt in ("packed", "packed-folded"):  # packed on one grid from the smallest code; no batch-norm to fold
+        packed = convert(qdq, fmt)
+        assert ops(packed.proto)["UnpackBits"] == 1
+        np.testing.assert_array_equal(_run(runnable(packed), x), expected)
+
 
 def test_conversion_runs_once(tmp_path):
     """A second conversion finds no QDQ pattern left and changes nothing."""
@@ -126,5 +131,7 @@ def test_asymmetric_uint8_weights_keep_their_zero_points():
     quant = next(n for n in qonnx.proto.graph.node if n.op_type == "Quant")
     assert {a.name: a.i for a in quant.attribute if a.name != "rounding_mode"} == {"signed": 0, "narrow": 0}
     assert [e["offset"] for e in next(iter(encodings.encodings["param_encodings"].values()))] == [-128, -100, 0, -255]
-    for converted in (qonnx, encodings):
+    packed = convert(qdq, "packed")  # packs code - zero point (-255 .. 255 here) on one grid: 8 or 9 bits a code
+    assert codes.size <= len(packed.attachments[".packed"]) <= codes.size * 9 // 8 + 4
+    for converted in (qonnx, encodings, packed):
         np.testing.assert_array_equal(_run(runnable(converted), x), _run(qdq, x))
