@@ -248,6 +248,7 @@ def compress(
     steps: int | Default = DEFAULT,
     epochs: float | None | Default = DEFAULT,
     start_steps: int | None | Default = DEFAULT,
+    end_steps_factor: float | None | Default = DEFAULT,
     time_budget: float | None | Default = DEFAULT,
     batch_size: int | Default = DEFAULT,
     lr: float | Default = DEFAULT,

@@ -14,6 +14,7 @@ from impq_onnx.errors import ConfigError
 from impq_onnx.lowering.targets import TARGETS, target_help
 from impq_onnx.quant.schemes import SCHEMES
 from impq_onnx.quant.schemes import help_text as scheme_help
+from impq_onnx.search.iteration import END_STEPS_FACTOR
 from impq_onnx.search.methods import METHODS
 
 __all__ = ["CompressConfig", "DERIVED"]
@@ -31,7 +32,7 @@ _CHOICES = {
 }
 # Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
 # a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
-DERIVED = {"batchnorm": "frozen", "lr": None}
+DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR}
 
 
 def _opt(default, help_text: str):
@@ -84,6 +85,10 @@ class CompressConfig:
     steps: int = _opt(60, "Fine-tune steps per iteration.")
     epochs: float | None = _opt(None, "Fine-tune epochs per iteration (overrides steps).")
     start_steps: int | None = _opt(None, "Fine-tune steps at a phase start [default: as per iteration].")
+    end_steps_factor: float | None = _opt(None, "Fine-tune steps of the lowering that reaches a phase's target "
+                                                "(target_bits, target_act_bits), as a multiple of the steps per "
+                                                f"iteration [default: {END_STEPS_FACTOR:g}; work dirs written "
+                                                "before the option resume with 1].")
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")

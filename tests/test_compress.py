@@ -259,6 +259,23 @@ def test_distill_fine_tunes_against_the_input_float_model(tmp_path, monkeypatch)
 
 
 @needs_model
+def test_the_lowering_that_lands_on_the_target_fine_tunes_longer(tmp_path):
+    """end_steps_factor: the fine-tune of the lowering that reaches the phase's target (the plan the phase ends
+    with) runs that many times the steps per iteration; a lowering that stays above it runs ``steps``."""
+    options = dict(TINY, max_iterations=1, start_bits=4, start_steps=2)
+    landed = compress(MODEL, DATA, output=tmp_path / "a.onnx", progress=False, phases="weights",
+                      end_steps_factor=2.5, **dict(options, target_bits=3.5))
+    assert landed.stop_reason == "target_bits"
+    assert [r.fine_tune_steps for r in landed.iterations] == [2, 8]  # start_steps, then ceil(2.5 * 3)
+    above = compress(MODEL, DATA, output=tmp_path / "b.onnx", progress=False, phases="weights",
+                     **dict(options, target_bits=3.0))
+    assert above.stop_reason == "max_iterations" and above.iterations[-1].weight_bits_effective > 3.0
+    assert [r.fine_tune_steps for r in above.iterations] == [2, 3]
+    assert above.config.end_steps_factor == 4.0  # not given: the default, recorded in config.yaml
+    assert yaml.safe_load(above.paths["config"].read_text())["end_steps_factor"] == 4.0
+
+
+@needs_model
 def test_step_weighting_ranks_the_lowering(tmp_path):
     """--weighting step (the real quantization step², as `impq-onnx sensitivity` has it) drives the loop."""
     result = compress(MODEL, DATA, output=tmp_path / "s.onnx", progress=False, phases="weights", weighting="step",

@@ -189,6 +189,12 @@ def _smallest_crossing(picked: list, kept: list, size: dict, need: float) -> lis
     return sorted(chosen | {last}, key=order.__getitem__)
 
 
+def _on_target(cfg, plan: PrecisionPlan, phase: str, sites) -> bool:
+    """Whether ``plan`` has reached the phase's target (its last lowering: the fine-tune the phase ends with)."""
+    target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
+    return target is not None and _phase_bits(plan, phase, sites) <= target + 1e-9
+
+
 def _phase_end(context: SearchContext, state: SearchState, record: IterationRecord) -> str | None:
     """IMPQ's own end rule for :func:`~impq_onnx.search.iteration.decide`: whether the phase ends here
     (its target reached, nothing left to lower, or ``max_iterations`` steps done); the run ends with the
@@ -230,7 +236,8 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
                                                                    iteration, state.phase_step,
                                                                    context.inner_progress(plain=False), budget)
         sensitivity_seconds = time.perf_counter() - start
-        steps = fine_tune_steps(cfg, train, kind == "start")
+        landing = kind == "lower" and _on_target(cfg, state.plan, phase, sites)  # the plan the phase ends with
+        steps = fine_tune_steps(cfg, train, start=kind == "start", end=landing)
         lr, derived = run_lr(context, state, model, steps)
         tuned = guarded_fine_tune(context, state, model, steps, lr=lr)
         state.values = tuned.values

@@ -151,6 +151,11 @@ def test_steps_from_epochs_and_start_steps():
     assert iteration.fine_tune_steps(cfg, train, start=True) == 11
     cfg = CompressConfig(epochs=1.5, batch_size=16)
     assert iteration.fine_tune_steps(cfg, train, start=True) == 9  # 6 full batches per epoch
+    # The lowering that lands on a phase's target: end_steps_factor times (not given: END_STEPS_FACTOR times)
+    assert iteration.fine_tune_steps(cfg, train, end=True) == 9 * iteration.END_STEPS_FACTOR
+    cfg = CompressConfig(steps=7, batch_size=16, start_steps=11, end_steps_factor=2.5)
+    assert iteration.fine_tune_steps(cfg, train, end=True) == 18  # ceil(17.5)
+    assert iteration.fine_tune_steps(cfg, train, start=True) == 11
 
 
 def test_a_budget_short_of_steps_lowers_several_bits_in_one_step(net, stand_ins):
