@@ -34,8 +34,7 @@ from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 __all__ = ["END_STEPS_FACTOR", "EVAL_BATCH", "FIXED_LR", "LR_PROBE_MIN_STEPS", "LR_PROBE_RATES", "LR_RETRY_DIVISOR",
            "GuardedFineTune", "decide", "derive_seed", "evaluate_values", "fine_tune_steps", "finish_iteration",
            "format_record", "guard_key", "guarded_fine_tune", "known_float_classes", "labelled_batches", "probe_lr",
-           "record_iteration",
-           "run_fine_tune", "run_lr", "train_batches", "with_values", "within_accuracy_drop"]
+           "record_iteration", "run_fine_tune", "run_lr", "train_batches", "with_values", "within_accuracy_drop"]
 
 EVAL_BATCH = 64
 LR_RETRY_DIVISOR = 10  # a diverging fine-tune is retried once at its learning rate divided by this
