@@ -242,7 +242,9 @@ def compact_annotation(notes: dict[str, dict[str, str]], widths: dict[str, str] 
     then, for each key every entry of its kind has, the most frequent value is written once under
     ``common`` and an entry lists only the keys where it differs. ``bits`` has one character per kernel
     (the width in base 36, ``0`` float) and a run of ``n`` equal widths is written ``<width>*<n>.``
-    (``"2*16.38"``: sixteen 2s, a 3, an 8). :func:`expand_annotation` with the same ``widths`` (and
+    (``"2*16.38"``: sixteen 2s, a 3, an 8). When every weight of ``widths`` has an entry (its tensor named by
+    :func:`_implied`), the group says ``"implied": 1`` and lists only those with keys of their own (an entry
+    of only common values is implied by the node). :func:`expand_annotation` with the same ``widths`` (and
     :func:`annotations`, which reads them from the model) gives back exactly ``notes``.
     """
     widths = widths or {}
@@ -265,10 +267,22 @@ def compact_annotation(notes: dict[str, dict[str, str]], widths: dict[str, str] 
             group[t] = e
         keys = set.intersection(*(set(e) for e in group.values()))
         common = {k: _most_common([e[k] for e in group.values()]) for k in sorted(keys)}
-        out[kind] = {"common": common,
-                     "tensors": {t: {k: v for k, v in e.items() if k not in common or common[k] != v}
-                                 for t, e in group.items()}}
+        tensors = {t: {k: v for k, v in e.items() if k not in common or common[k] != v} for t, e in group.items()}
+        out[kind] = {"common": common, "tensors": tensors}
+        implied = _implied(kind, widths)
+        if implied and implied <= set(tensors):
+            out[kind] = {"common": common, "implied": 1,
+                         "tensors": {t: e for t, e in tensors.items() if e or t not in implied}}
     return out
+
+
+def _implied(kind: str, widths: dict[str, str]) -> set[str]:
+    """The weights whose codes the model's ``UnpackBits`` node stores (``widths``, keyed by scale), named by
+    the lowering's naming: ``<w>_quantized`` for scale ``<w>_scale``."""
+    if kind != "weight":
+        return set()
+    names = [weight_names(scale.removesuffix("_scale")) for scale in widths]
+    return {n["codes"] for n, scale in zip(names, widths) if n["scale"] == scale}
 
 
 def expand_annotation(compact: dict, widths: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
@@ -279,7 +293,8 @@ def expand_annotation(compact: dict, widths: dict[str, str] | None = None) -> di
     for kind, group in compact.items():
         if kind == COMPACT_MARK:
             continue
-        for tensor, own in group["tensors"].items():
+        implied = {t: {} for t in sorted(_implied(kind, widths))} if group.get("implied") else {}
+        for tensor, own in {**implied, **group["tensors"]}.items():
             merged = {**_named(kind, tensor), **group["common"], **own}
             entries = {f"impq.{k}": v for k, v in merged.items() if v is not None}
             if "impq.bits" in entries:
