@@ -243,8 +243,8 @@ def compact_annotation(notes: dict[str, dict[str, str]], widths: dict[str, str] 
     ``common`` and an entry lists only the keys where it differs. ``bits`` has one character per kernel
     (the width in base 36, ``0`` float) and a run of ``n`` equal widths is written ``<width>*<n>.``
     (``"2*16.38"``: sixteen 2s, a 3, an 8). When every weight of ``widths`` has an entry (its tensor named by
-    :func:`_implied`), the group says ``"implied": 1`` and lists only those with keys of their own (an entry
-    of only common values is implied by the node). :func:`expand_annotation` with the same ``widths`` (and
+    :func:`_implied`), the group says ``"implied": <how many>`` and lists only those with keys of their
+    own (an entry of only common values is implied by the node). :func:`expand_annotation` with the same ``widths`` (and
     :func:`annotations`, which reads them from the model) gives back exactly ``notes``.
     """
     widths = widths or {}
@@ -271,7 +271,7 @@ def compact_annotation(notes: dict[str, dict[str, str]], widths: dict[str, str] 
         out[kind] = {"common": common, "tensors": tensors}
         implied = _implied(kind, widths)
         if implied and implied <= set(tensors):
-            out[kind] = {"common": common, "implied": 1,
+            out[kind] = {"common": common, "implied": len(implied),
                          "tensors": {t: e for t, e in tensors.items() if e or t not in implied}}
     return out
 
@@ -294,6 +294,9 @@ def expand_annotation(compact: dict, widths: dict[str, str] | None = None) -> di
         if kind == COMPACT_MARK:
             continue
         implied = {t: {} for t in sorted(_implied(kind, widths))} if group.get("implied") else {}
+        if len(implied) != group.get("implied", 0):
+            raise ModelError(f"annotation: {group['implied']} {kind} entries are implied by the model's UnpackBits "
+                             f"node, which has {len(implied)}; lower the model again")
         for tensor, own in {**implied, **group["tensors"]}.items():
             merged = {**_named(kind, tensor), **group["common"], **own}
             entries = {f"impq.{k}": v for k, v in merged.items() if v is not None}
