@@ -29,7 +29,7 @@ no initializer is added (an initializer that no node reads makes onnxruntime log
 and is stripped by its optimizer). ``metadata_props["impq.summary"]`` holds a JSON summary (annotation
 version, schemes, granularity, counts, effective bits). The packed targets write the metadata copy in a
 compact form (:func:`compact_annotation`, marked by ``"impq.compact"``), which :func:`annotations` expands
-to the same entries. :func:`read_plan_from_annotation` reads a
+to the same entries (the kernel widths of packed weights it reads from the model's ``UnpackBits`` node). :func:`read_plan_from_annotation` reads a
 :class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
 """
 

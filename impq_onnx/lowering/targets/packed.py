@@ -8,7 +8,7 @@ weight's codes and DequantizeLinear of the QDQ graph::
     W0_scale, W1_scale, .. ─► ai.impq::UnpackBits(shapes, ranks, axes, to, bits, code_min, code_step)
                            ─► W0 (= code · scale), W1, .. ─► [Add(float kernels)] ─► Conv / Gemm / MatMul
 
-``bits`` holds the width of every kernel (uint8, weight after weight; one value when all are equal);
+``bits`` holds the width of every kernel (UINT4, weight after weight; one value when all are equal);
 kernel ``k`` of a ``b``-bit width has codes ``code_min[b] + code_step[b] · u`` with ``u`` its unsigned
 ``b``-bit fields, LSB first from the kernel's first byte (each kernel starts on a byte, weights and kernels
 in order). ``code_step`` is 2 for the odd codes of the midrise grid, 1 otherwise; a float kernel has width
