@@ -11,6 +11,11 @@ difference), and with
 ``--mainline`` the qdq-int4 models also run in that interpreter's mainline onnxruntime (all graph
 optimizations and none) next to the qdq models, which must give the same logits. Inputs: ``--samples``
 images spread evenly over ``--data`` (all classes), or seeded normal noise.
+
+Then the real mixed per-kernel plans ``--plans`` (default: iterations 4, 5 and 6 of the committed SWA
+kernel search) in both packed formats, each against the same plan with every weight at 8 bits (same
+activation clips) and against the uniform 8-bit pair; each verified, and its plan read back from the
+written model's annotation.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from impq_onnx.frontend.canonical import load
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.lowering.lower import lower, write
+from impq_onnx.lowering.passes.annotate_bits import read_plan_from_annotation
 from impq_onnx.lowering.verify import verify
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import simulate
@@ -34,6 +41,7 @@ from impq_onnx.runtime import inference_session
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("qdq", "qdq-int4", "packed", "packed-folded")
 PACKED = ("packed", "packed-folded")
+PLANS = [f"bench/runs/resnet20-swa/swa-kernel-174-distill.work/iterations/{i:04d}/plan.yaml" for i in (4, 5, 6)]
 
 # Runs in the mainline venv: the qdq and qdq-int4 models on the same inputs, both optimization levels.
 MAINLINE = r"""
@@ -99,6 +107,50 @@ def measure(model: str, data: str | None, samples: int, mainline: str | None, wo
     return rows
 
 
+def _pair(canonical, plan: PrecisionPlan, sites, fmt: str, x: np.ndarray, path: Path) -> dict:
+    lowered = lower(canonical, plan, sites, format=fmt)
+    paths = write(lowered, path)
+    sizes = {p.suffix: p.stat().st_size for p in paths if not p.name.endswith(".bits.json")}
+    result = verify(lowered, canonical, plan, sites, [x])
+    read_back = read_plan_from_annotation(onnx.load(str(path))) == plan
+    return {"model": sizes[".onnx"], "packed": sizes[".packed"], "total": sizes[".onnx"] + sizes[".packed"],
+            "exact": result.ok and result.max_logit_diff == 0.0 and read_back}
+
+
+def measure_mixed(model: str, plans: list[str], data: str | None, samples: int, workdir: Path) -> list[dict]:
+    """Each mixed plan and the same plan with every weight at 8 bits, in both packed formats."""
+    canonical = load(model)
+    sites = find_sites(canonical, None)
+    x = _inputs(canonical, data, samples)
+    uniform = PrecisionPlan.uniform(sites, 8, None, weight_scheme="midrise-max")
+    rows = []
+    for name in plans:
+        plan = PrecisionPlan.load(ROOT / name).validate(sites)
+        eight = plan.copy()
+        eight.weights = {node: [8] * len(bits) for node, bits in plan.weights.items()}
+        row = {"plan": name, "weight_bits": plan.weight_bits_effective(sites)}
+        for fmt in PACKED:
+            row[fmt] = {"mixed": _pair(canonical, plan, sites, fmt, x, workdir / f"mixed-{fmt}.onnx"),
+                        "eight": _pair(canonical, eight, sites, fmt, x, workdir / f"eight-{fmt}.onnx"),
+                        "uniform": _pair(canonical, uniform, sites, fmt, x, workdir / f"uniform-{fmt}.onnx")}
+        rows.append(row)
+    return rows
+
+
+def table_mixed(rows: list[dict]) -> str:
+    lines = ["| plan | weight bits (effective) | format | model + `.packed` = total | same plan, weights 8-bit | "
+             "uniform 8-bit | / same plan 8-bit | / uniform 8-bit | exact (verify, plan read back) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        for fmt in PACKED:
+            m, e, u = row[fmt]["mixed"], row[fmt]["eight"], row[fmt]["uniform"]
+            lines.append(f"| `{row['plan'].split('/iterations/')[-1]}` | {row['weight_bits']:.3f} | {fmt} | "
+                         f"{m['model']:,} + {m['packed']:,} = {m['total']:,} | {e['total']:,} | {u['total']:,} | "
+                         f"{m['total'] / e['total']:.4f} | {m['total'] / u['total']:.4f} | "
+                         f"{'yes' if m['exact'] and e['exact'] and u['exact'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def breakdown(proto) -> dict[str, int]:
     """Serialized bytes of the parts of a model: initializers, nodes by op type, metadata."""
     parts: dict[str, int] = {}
@@ -150,9 +202,14 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--mainline", default=None, help="python of a venv with mainline onnxruntime")
+    parser.add_argument("--plans", nargs="*", default=PLANS, help="mixed plans (relative to the repository)")
+    parser.add_argument("--mixed-only", action="store_true", help="only the mixed-plan table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(table(measure(args.model, args.data, args.samples, args.mainline, Path(tmp))))
+        if not args.mixed_only:
+            print(table(measure(args.model, args.data, args.samples, args.mainline, Path(tmp))))
+        print("\nMixed per-kernel plans (packed formats):\n")
+        print(table_mixed(measure_mixed(args.model, args.plans, args.data, args.samples, Path(tmp))))
 
 
 if __name__ == "__main__":

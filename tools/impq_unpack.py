@@ -12,6 +12,9 @@ first) are unsigned ``u`` in one little-endian bit stream: bit ``j`` is
 ``(data[start + j // 8] >> (j % 8)) & 1`` and ``u_i = sum_t bit[i·bits + t] << t``; the next kernel starts at
 ``start + ceil(n · bits / 8)``. Then ``code = code_min[bits] + code_step[bits] · u`` (``bits`` 0: code 0).
 
+The node's ``bits`` attribute is an ONNX ``UINT4`` tensor (two widths per byte, the first in the low
+nibble; ``UINT8`` when a width exceeds 15): ``onnx.numpy_helper.to_array`` gives one value per kernel.
+
 Run as a script (needs the ``onnx`` package only to read the model):
 ``python3 impq_unpack.py model.onnx`` prints every packed weight's shape, code range and widths.
 """

@@ -29,7 +29,7 @@ no initializer is added (an initializer that no node reads makes onnxruntime log
 and is stripped by its optimizer). ``metadata_props["impq.summary"]`` holds a JSON summary (annotation
 version, schemes, granularity, counts, effective bits). The packed targets write the metadata copy in a
 compact form (:func:`compact_annotation`, marked by ``"impq.compact"``), which :func:`annotations` expands
-to the same entries. :func:`read_plan_from_annotation` reads a
+to the same entries (the kernel widths of packed weights it reads from the model's ``UnpackBits`` node). :func:`read_plan_from_annotation` reads a
 :class:`~impq_onnx.quant.plan.PrecisionPlan` back from these entries alone.
 """
 
@@ -45,6 +45,7 @@ from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import activation_names, weight_names
+from impq_onnx.lowering.packed_layout import stored_widths
 from impq_onnx.lowering.passes.plan_pass import PlanPass
 
 __all__ = ["AnnotateBitsPass", "read_plan_from_annotation", "annotations", "annotated_bits", "ANNOTATION_FIELD",
@@ -153,7 +154,10 @@ def annotations(model) -> dict[str, dict[str, str]]:
     metadata = _metadata(model)
     if ANNOTATION_KEY in metadata:
         notes = json.loads(metadata[ANNOTATION_KEY])
-        return expand_annotation(notes) if COMPACT_MARK in notes else notes
+        if COMPACT_MARK not in notes:
+            return notes
+        proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+        return expand_annotation(notes, stored_widths(proto))
     if isinstance(model, onnx.ModelProto):
         return {a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}
                 for a in model.graph.quantization_annotation
@@ -197,52 +201,112 @@ def _unruns(runs: str) -> str:
     return ",".join(out)
 
 
-def _most_common(values: list[str]) -> str:
-    """The most frequent of ``values`` (the smallest of equally frequent ones: deterministic)."""
+def _most_common(values: list) -> object:
+    """The most frequent of ``values`` (the first in JSON order of equally frequent ones: deterministic)."""
     counts: dict[str, int] = {}
     for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return min(counts, key=lambda v: (-counts[v], v))
+        counts[json.dumps(v)] = counts.get(json.dumps(v), 0) + 1
+    return json.loads(min(counts, key=lambda v: (-counts[v], v)))
 
 
-def compact_annotation(notes: dict[str, dict[str, str]]) -> dict:
+def _named(kind: str, tensor: str) -> dict[str, str]:
+    """The entries of annotated ``tensor`` that the lowering's naming (:mod:`~impq_onnx.lowering.naming`) gives
+    it: a weight's codes ``<w>_quantized`` have scale ``<w>_scale`` and zero point ``<w>_zero_point``; an
+    activation ``<site>_quantized`` has site ``<site>`` and its scale and zero point, any other is its own site.
+    A weight's layer defaults to its name up to the last dot (``layer1.0.conv1`` for ``layer1.0.conv1.weight``:
+    the names of models exported from PyTorch), though that is the model's convention, not the lowering's."""
+    base = tensor.removesuffix("_quantized")
+    if kind == "weight":
+        names = weight_names(base)
+        named = {"scale": names["scale"], "zero_point": names["zero_point"]} if names["codes"] == tensor else {}
+        if "." in base:  # PyTorch's exports name a layer's weight '<layer>.weight': a default, kept when it differs
+            named["layer"] = base.rsplit(".", 1)[0]
+        return named
+    if kind == "activation":
+        names = activation_names(base)
+        if names["quantized"] == tensor:
+            return {"site": base, "scale": names["scale"], "zero_point": names["zero_point"]}
+        return {"site": tensor}
+    return {}
+
+
+def compact_annotation(notes: dict[str, dict[str, str]], widths: dict[str, str] | None = None) -> dict:
     """The same entries in fewer bytes (for targets whose model size matters, the packed ones)::
 
         {"impq.compact": 1, <kind>: {"common": {key: value}, "tensors": {tensor: {key: value}}}, ...}
 
-    Entries are grouped by ``impq.kind``; for each key every entry of its kind has, the most frequent value
-    is written once under ``common`` and an entry lists only the keys where it differs; keys lose their
-    ``impq.`` prefix; ``bits`` has one character per kernel (the width in base 36, ``0`` float) and a run of
-    ``n`` equal widths is written ``<width>*<n>.`` (``"2*16.38"``: sixteen 2s, a 3, an 8); an activation's
-    ``site`` is left out when it is the annotated tensor itself.
-    :func:`expand_annotation` (and :func:`annotations`) give back exactly ``notes``.
+    Entries are grouped by ``impq.kind`` and keys lose their ``impq.`` prefix. Left out of an entry: a
+    ``site``, ``scale``, ``zero_point`` or ``layer`` equal to the name :func:`_named` derives from the annotated
+    tensor's (the lowering's naming; one the entry lacks is written ``null``); ``bits`` when the model stores the same widths
+    elsewhere, ``widths`` (``{scale: bits}``: the packed ``UnpackBits`` node, keyed by the weight's scale);
+    then, for each key every entry of its kind has, the most frequent value is written once under
+    ``common`` and an entry lists only the keys where it differs. ``bits`` has one character per kernel
+    (the width in base 36, ``0`` float) and a run of ``n`` equal widths is written ``<width>*<n>.``
+    (``"2*16.38"``: sixteen 2s, a 3, an 8). When every weight of ``widths`` has an entry (its tensor named by
+    :func:`_implied`), the group says ``"implied": <how many>`` and lists only those with keys of their
+    own (an entry of only common values is implied by the node). :func:`expand_annotation` with the same ``widths`` (and
+    :func:`annotations`, which reads them from the model) gives back exactly ``notes``.
     """
+    widths = widths or {}
     out: dict = {COMPACT_MARK: 1}
     for kind in sorted({e["impq.kind"] for e in notes.values()}):
-        group = {t: {k.removeprefix("impq."): v for k, v in e.items()} for t, e in notes.items()
-                 if e["impq.kind"] == kind}
-        for t, e in group.items():
-            e["bits"] = _runs(e["bits"])
-            if e.get("site") == t:
-                del e["site"]
+        group: dict[str, dict] = {}
+        for t, entries in notes.items():
+            if entries["impq.kind"] != kind:
+                continue
+            e: dict = {k.removeprefix("impq."): v for k, v in entries.items()}
+            if "scale" in e and widths.get(e["scale"]) == e["bits"]:
+                del e["bits"]
+            else:
+                e["bits"] = _runs(e["bits"])
+            for k, v in _named(kind, t).items():
+                if k not in e:
+                    e[k] = None
+                elif e[k] == v:
+                    del e[k]
+            group[t] = e
         keys = set.intersection(*(set(e) for e in group.values()))
         common = {k: _most_common([e[k] for e in group.values()]) for k in sorted(keys)}
-        out[kind] = {"common": common,
-                     "tensors": {t: {k: v for k, v in e.items() if common.get(k) != v} for t, e in group.items()}}
+        tensors = {t: {k: v for k, v in e.items() if k not in common or common[k] != v} for t, e in group.items()}
+        out[kind] = {"common": common, "tensors": tensors}
+        implied = _implied(kind, widths)
+        if implied and implied <= set(tensors):
+            out[kind] = {"common": common, "implied": len(implied),
+                         "tensors": {t: e for t, e in tensors.items() if e or t not in implied}}
     return out
 
 
-def expand_annotation(compact: dict) -> dict[str, dict[str, str]]:
-    """The ``{tensor: {impq.key: value}}`` entries of a :func:`compact_annotation`."""
+def _implied(kind: str, widths: dict[str, str]) -> set[str]:
+    """The weights whose codes the model's ``UnpackBits`` node stores (``widths``, keyed by scale), named by
+    the lowering's naming: ``<w>_quantized`` for scale ``<w>_scale``."""
+    if kind != "weight":
+        return set()
+    names = [weight_names(scale.removesuffix("_scale")) for scale in widths]
+    return {n["codes"] for n, scale in zip(names, widths) if n["scale"] == scale}
+
+
+def expand_annotation(compact: dict, widths: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """The ``{tensor: {impq.key: value}}`` entries of a :func:`compact_annotation` (``widths``: the same as
+    there; raises :class:`~impq_onnx.errors.ModelError` when an entry's widths are in neither)."""
+    widths = widths or {}
     notes = {}
     for kind, group in compact.items():
         if kind == COMPACT_MARK:
             continue
-        for tensor, own in group["tensors"].items():
-            entries = {f"impq.{k}": v for k, v in {**group["common"], **own}.items()}
-            entries["impq.bits"] = _unruns(entries["impq.bits"])
-            if kind == "activation":
-                entries.setdefault("impq.site", tensor)
+        implied = {t: {} for t in sorted(_implied(kind, widths))} if group.get("implied") else {}
+        if len(implied) != group.get("implied", 0):
+            raise ModelError(f"annotation: {group['implied']} {kind} entries are implied by the model's UnpackBits "
+                             f"node, which has {len(implied)}; lower the model again")
+        for tensor, own in {**implied, **group["tensors"]}.items():
+            merged = {**_named(kind, tensor), **group["common"], **own}
+            entries = {f"impq.{k}": v for k, v in merged.items() if v is not None}
+            if "impq.bits" in entries:
+                entries["impq.bits"] = _unruns(entries["impq.bits"])
+            elif entries.get("impq.scale") in widths:
+                entries["impq.bits"] = widths[entries["impq.scale"]]
+            else:
+                raise ModelError(f"annotation of '{tensor}': no 'bits', and the model stores no widths for its scale "
+                                 f"'{entries.get('impq.scale')}' (its UnpackBits node is missing); lower the model again")
             notes[tensor] = dict(sorted(entries.items()))
     return notes
 

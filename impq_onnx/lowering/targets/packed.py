@@ -8,7 +8,7 @@ weight's codes and DequantizeLinear of the QDQ graph::
     W0_scale, W1_scale, .. ─► ai.impq::UnpackBits(shapes, ranks, axes, to, bits, code_min, code_step)
                            ─► W0 (= code · scale), W1, .. ─► [Add(float kernels)] ─► Conv / Gemm / MatMul
 
-``bits`` holds the width of every kernel (uint8, weight after weight; one value when all are equal);
+``bits`` holds the width of every kernel (UINT4, weight after weight; one value when all are equal);
 kernel ``k`` of a ``b``-bit width has codes ``code_min[b] + code_step[b] · u`` with ``u`` its unsigned
 ``b``-bit fields, LSB first from the kernel's first byte (each kernel starts on a byte, weights and kernels
 in order). ``code_step`` is 2 for the odd codes of the midrise grid, 1 otherwise; a float kernel has width
@@ -35,7 +35,14 @@ from onnx import helper, numpy_helper
 from impq_onnx.errors import InternalError, ModelError
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import UNPACK_NODE, packed_names, unpacked_names
-from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, COMPACT_MARK, compact_annotation, expand_annotation
+from impq_onnx.lowering.packed_layout import PACKED_DOMAIN, UNPACK_OP, kernel_layers, stored_widths, widths_tensor
+from impq_onnx.lowering.passes.annotate_bits import (
+    ANNOTATION_KEY,
+    COMPACT_MARK,
+    SUMMARY_KEY,
+    compact_annotation,
+    expand_annotation,
+)
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered, planned_layer
 from impq_onnx.lowering.targets.qdq import QdqTarget
@@ -43,10 +50,9 @@ from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
 __all__ = ["PackedTarget", "PACKED_DOMAIN", "UNPACK_OP", "SUFFIX", "pack", "unpack", "kernel_table", "grids",
-           "packed_as_standard_ops", "pack_weights", "compact", "merge_unpack", "unpack_all", "UNPACK_NODE"]
+           "packed_as_standard_ops", "pack_weights", "compact", "merge_unpack", "unpack_all", "UNPACK_NODE",
+           "widths_tensor", "stored_widths"]
 
-PACKED_DOMAIN = "ai.impq"
-UNPACK_OP = "UnpackBits"
 
 
 def _field_bits(lo: int, hi: int, step: int) -> int:
@@ -251,21 +257,24 @@ def compact(proto: onnx.ModelProto) -> None:
         for attribute in [a for a in node.attribute if a.name in defaults]:
             if defaults[attribute.name](helper.get_attribute_value(attribute)):
                 node.attribute.remove(attribute)
+    notes = read_annotations(proto)
+    merge_unpack(proto)
+    widths = stored_widths(proto)
     for prop in proto.metadata_props:
         if prop.key == ANNOTATION_KEY:
-            notes = read_annotations(proto)
             for entries in notes.values():
                 if entries.get("impq.kind") == "weight":
                     entries.pop("impq.zero_point", None)
-            prop.value = json.dumps(compact_annotation(notes), sort_keys=True, separators=(",", ":"))
-    merge_unpack(proto)
+            prop.value = json.dumps(compact_annotation(notes, widths), sort_keys=True, separators=(",", ":"))
+        elif prop.key == SUMMARY_KEY:
+            prop.value = json.dumps(json.loads(prop.value), sort_keys=True, separators=(",", ":"))
 
 
 def read_annotations(proto: onnx.ModelProto) -> dict[str, dict[str, str]]:
     """The ``impq.*`` annotation entries of ``proto``'s metadata (compact or not); ``{}`` without them."""
     text = next((p.value for p in proto.metadata_props if p.key == ANNOTATION_KEY), "{}")
     notes = json.loads(text)
-    return expand_annotation(notes) if COMPACT_MARK in notes else notes
+    return expand_annotation(notes, stored_widths(proto)) if COMPACT_MARK in notes else notes
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -315,7 +324,7 @@ def merge_unpack(proto: onnx.ModelProto) -> None:
         every = every[:1]
     merged = helper.make_node(UNPACK_OP, [dq.input[1] for _, dq in pairs], [dq.output[0] for _, dq in pairs],
                               name=UNPACK_NODE, domain=PACKED_DOMAIN, shapes=shapes, ranks=ranks, axes=axes, to=to,
-                              bits=numpy_helper.from_array(every), code_min=code_min, code_step=code_step)
+                              bits=widths_tensor(every), code_min=code_min, code_step=code_step)
     for unpack_bits, dq in pairs:
         graph.node.remove(unpack_bits)
         graph.node.remove(dq)
@@ -341,27 +350,12 @@ def _drop_zero_residuals(proto: onnx.ModelProto, merged: onnx.NodeProto) -> None
         graph.initializer.remove(zeros)
 
 
-def _layers(node: onnx.NodeProto) -> list[dict]:
-    """Per output of a merged ``UnpackBits``: ``shape``, ``axis``, ``to``, ``bits`` (per kernel)."""
-    attrs = _attributes(node)
-    layers, start, kernel = [], 0, 0
-    bits = numpy_helper.to_array(attrs["bits"])
-    for rank, axis, to in zip(attrs["ranks"], attrs["axes"], attrs["to"]):
-        shape = tuple(attrs["shapes"][start:start + rank])
-        start += rank
-        k = shape[axis]
-        layer_bits = np.repeat(bits, k) if bits.size == 1 else bits[kernel:kernel + k]
-        kernel += k
-        layers.append({"shape": shape, "axis": axis, "to": to, "bits": layer_bits})
-    return layers
-
-
 def unpack_all(node: onnx.NodeProto, data: bytes | np.ndarray) -> list[np.ndarray]:
     """The codes of every output of a merged ``UnpackBits`` node, in output order."""
     attrs = _attributes(node)
     blob = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data, np.uint8)
     out, offset = [], 0
-    for layer in _layers(node):
+    for layer in kernel_layers(node):
         shape, axis, bits = layer["shape"], layer["axis"], layer["bits"]
         out.append(unpack(blob, offset, bits, list(attrs["code_min"]), list(attrs["code_step"]), shape, axis,
                           helper.tensor_dtype_to_np_dtype(layer["to"])))
@@ -382,7 +376,7 @@ def packed_as_standard_ops(proto: onnx.ModelProto, data: bytes) -> onnx.ModelPro
     for node in [n for n in graph.node if n.domain == PACKED_DOMAIN and n.op_type == UNPACK_OP]:
         index = list(graph.node).index(node)
         graph.node.remove(node)
-        for scale, output, codes, layer in zip(node.input, node.output, unpack_all(node, data), _layers(node)):
+        for scale, output, codes, layer in zip(node.input, node.output, unpack_all(node, data), kernel_layers(node)):
             names = unpacked_names(output)
             name = codes_of.get(scale, names["codes"])
             graph.initializer.append(numpy_helper.from_array(codes, name))

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from impq_onnx.errors import ModelError
 from impq_onnx.lowering.passes import AnnotateBitsPass, QuantizeActivationsPass, QuantizeWeightsPass
 from impq_onnx.lowering.passes.annotate_bits import (
     ANNOTATION_KEY,
@@ -96,3 +97,49 @@ def test_compact_annotation_expands_to_the_same_entries_and_the_same_plan(scheme
             prop.value = json.dumps(compact)
     assert annotations(proto) == notes and read_plan_from_annotation(proto) == plan
     assert len(json.dumps(compact)) < 0.8 * len(json.dumps(notes))  # 0.72 here; ResNet-20: 0.33
+
+
+def _entry(kind: str, bits: str, **keys: str) -> dict[str, str]:
+    return {"impq.kind": kind, "impq.bits": bits, **{f"impq.{k}": v for k, v in keys.items()}}
+
+
+# Weights and activations whose names follow the lowering's naming, and ones that do not.
+NOTES = {
+    "a.weight_quantized": _entry("weight", "2,3", layer="a", axis="0", scale="a.weight_scale",
+                                 zero_point="a.weight_zero_point", scheme="midrise-max"),
+    "b.weight_quantized": _entry("weight", "1,1", layer="b", axis="0", scale="b.weight_scale",
+                                 zero_point="b.weight_zero_point", scheme="midrise-max"),
+    "c.weight": _entry("weight", "0,0", layer="conv_c", axis="0", scheme="midrise-max"),  # float: no scale
+    "d.weight_quantized": _entry("weight", "4", layer="d", axis="1", scheme="midrise-max"),  # suffix, no scale
+    "e_quantized": _entry("weight", "8", layer="e_node", axis="0", scale="other", scheme="midrise-max"),
+    "x_quantized": _entry("activation", "8", site="x", scale="x_scale", zero_point="x_zero_point", clip="null",
+                          signed="false", scheme="uniform-clip"),
+    "y": _entry("activation", "0", site="y", clip="2.5", signed="true", scheme="uniform-clip"),
+    "z": _entry("activation", "0", site="w", clip="null", signed="false", scheme="uniform-clip"),
+}
+
+
+def test_compact_annotation_leaves_out_what_the_names_and_the_node_give_and_expands_exactly():
+    widths = {"a.weight_scale": "2,3", "b.weight_scale": "1,1"}  # the UnpackBits node's, keyed by scale
+    compact = compact_annotation(NOTES, widths)
+    assert expand_annotation(compact, widths) == NOTES
+    assert expand_annotation(compact_annotation(NOTES)) == NOTES  # no node: every width annotated
+    weights = compact["weight"]
+    assert weights["implied"] == 2 and {"a.weight_quantized", "b.weight_quantized"}.isdisjoint(weights["tensors"])
+    assert "bits" not in json.dumps(weights["common"]) and weights["tensors"]["e_quantized"]["scale"] == "other"
+    assert weights["tensors"]["d.weight_quantized"]["scale"] is None  # lacks the scale its name implies
+    assert compact["activation"]["tensors"]["x_quantized"] == {"bits": "8"}  # site, scale, zero point: its name's
+    assert compact["activation"]["tensors"]["z"] == {"site": "w"}
+    for node in ({}, {"b.weight_scale": "1,1"}):  # the node missing, or with fewer weights: said so
+        with pytest.raises(ModelError, match="2 weight entries are implied by the model's UnpackBits node"):
+            expand_annotation(compact, node)
+    del compact["weight"]["tensors"]["e_quantized"]["bits"]
+    with pytest.raises(ModelError, match="'e_quantized'.*UnpackBits"):
+        expand_annotation(compact, widths)
+
+
+def test_weights_of_the_node_are_implied_only_when_every_one_has_an_entry():
+    widths = {"a.weight_scale": "2,3", "b.weight_scale": "1,1", "f.weight_scale": "2"}  # f: not annotated
+    compact = compact_annotation(NOTES, widths)
+    assert "implied" not in compact["weight"] and "b.weight_quantized" in compact["weight"]["tensors"]
+    assert expand_annotation(compact, widths) == NOTES  # no entry invented for f

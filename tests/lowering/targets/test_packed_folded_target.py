@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from impq_onnx.architectures import resnet20
 from impq_onnx.frontend.canonical import from_proto
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.lowering.lower import lower, output_files, read_lowered, write
+from impq_onnx.lowering.passes.annotate_bits import ANNOTATION_KEY, read_plan_from_annotation
 from impq_onnx.lowering.targets.packed import SUFFIX
 from impq_onnx.lowering.verify import runnable, verify
 from impq_onnx.quant.plan import PrecisionPlan
@@ -132,9 +134,8 @@ def test_two_bit_resnet20_is_under_three_tenths_of_the_eight_bit_one(resnet, sch
 
 
 def test_model_bytes_per_kernel_are_bounded(resnet):
-    """What the .onnx holds beyond the float graph: a float32 scale and bias per kernel, at most two bytes of
-    widths per kernel for a mixed plan (wide codes add nothing), and a bounded amount per layer (names,
-    annotation)."""
+    """What the .onnx holds beyond the float graph: a float32 scale and bias per kernel, half a byte of widths
+    per kernel for a mixed plan (wide codes add nothing), and a bounded amount per layer (names, annotation)."""
     canonical, sites = resnet
     kernels = sum(layer.kernels for layer in sites.layers)
     graph = onnx.ModelProto()
@@ -147,6 +148,35 @@ def test_model_bytes_per_kernel_are_bounded(resnet):
     rng = np.random.default_rng(0)
     plan.weights = {node: [int(b) for b in rng.integers(1, 9, len(bits))] for node, bits in plan.weights.items()}
     mixed = _sizes(lower(canonical, plan.validate(sites), sites, format="packed-folded"))[0]
-    assert mixed - uniform <= 2 * kernels + 256  # per-kernel widths: a byte in UnpackBits, a character annotated
+    # Per-kernel widths once, 4 bits each in UnpackBits (UINT4); a grid per width 1-8 (code_min, code_step:
+    # a negative int is a 10-byte varint).
+    assert mixed - uniform <= kernels // 2 + 16 * 8
     overhead = uniform - nodes - graph.ByteSize() - 8 * kernels
     assert overhead <= 400 * len(sites.layers), overhead  # 341 per layer for ResNet-20 when written
+
+
+def test_mixed_two_bit_resnet20_is_under_three_tenths_and_reads_back(resnet, tmp_path):
+    """A mixed per-kernel plan averaging 2 bits (widths 1-3, like the kernel searches' plans): the written
+    packed-folded pair is <= 0.30x both the same plan with every weight at 8 bits and the uniform 8-bit pair,
+    and the plan reads back from the written model alone (widths stored once, in UnpackBits)."""
+    canonical, sites = resnet
+    plan = PrecisionPlan.uniform(sites, 2, None)
+    rng = np.random.default_rng(4)
+    plan.weights = {node: [int(b) for b in rng.choice([1, 2, 2, 3], len(bits))] for node, bits in plan.weights.items()}
+    plan.validate(sites)
+    eight = plan.copy()
+    eight.weights = {node: [8] * len(bits) for node, bits in plan.weights.items()}
+    mixed = sum(_sizes(lower(canonical, plan, sites, format="packed-folded")))
+    same8 = sum(_sizes(lower(canonical, eight, sites, format="packed-folded")))
+    uniform8 = sum(_sizes(lower(canonical, PrecisionPlan.uniform(sites, 8, None), sites, format="packed-folded")))
+    assert 1.9 < plan.weight_bits_effective(sites) < 2.1
+    assert mixed / same8 <= 0.30 and mixed / uniform8 <= 0.30, (mixed, same8, uniform8)
+    write(lower(canonical, plan, sites, format="packed-folded"), tmp_path / "m.onnx")
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    assert read_plan_from_annotation(written) == plan
+    node = next(n for n in written.graph.node if n.op_type == "UnpackBits")
+    bits = next(a.t for a in node.attribute if a.name == "bits")
+    kernels = sum(layer.kernels for layer in sites.layers)
+    assert bits.data_type == onnx.TensorProto.UINT4 and len(bits.raw_data) == (kernels + 1) // 2
+    weights = json.loads(next(p.value for p in written.metadata_props if p.key == ANNOTATION_KEY))["weight"]
+    assert '"bits"' not in json.dumps(weights)  # the widths are the node's alone

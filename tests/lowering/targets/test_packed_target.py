@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
@@ -14,6 +15,7 @@ from onnx import numpy_helper
 from tiny_models import Quirks, build
 
 from impq_onnx.lowering.lower import convert, lower, read_lowered, write
+from impq_onnx.lowering.packed_layout import widths_tensor
 from impq_onnx.lowering.targets import PackedTarget
 from impq_onnx.lowering.targets.packed import PACKED_DOMAIN, SUFFIX, UNPACK_NODE, grids, kernel_table, pack, unpack
 from impq_onnx.lowering.verify import runnable, verify
@@ -151,3 +153,13 @@ def test_standalone_script_reads_a_written_model(tmp_path, capsys):
     _standalone().main(str(tmp_path / "m.onnx"))
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(sites.layers) and all("bits [" in line for line in printed)
+
+
+def test_widths_are_four_bits_each_or_a_byte_each_past_fifteen():
+    widths = np.array([1, 2, 3, 8, 0], np.uint8)
+    tensor = widths_tensor(widths)
+    assert tensor.data_type == onnx.TensorProto.UINT4
+    assert tensor.raw_data == bytes([0x21, 0x83, 0x00])  # the first width in the low nibble
+    np.testing.assert_array_equal(numpy_helper.to_array(tensor).astype(np.uint8), widths)
+    wide = widths_tensor(np.array([16, 2], np.uint8))  # 16 bits (the plan's most) does not fit 4 bits
+    assert wide.data_type == onnx.TensorProto.UINT8 and numpy_helper.to_array(wide).tolist() == [16, 2]
