@@ -66,7 +66,8 @@ from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
-           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass", "RequantizePass"]
+           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass", "RequantizePass",
+           "drop_folded_batchnorm"]
 
 
 
@@ -162,19 +163,26 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             if old.name is not None and old.name in graph.initializers and not old.uses():
                 graph.initializers.pop(old.name)
         names = folded_names(_name(conv))
-        new_bias = _replace_initializer(graph, names["bias"], b)
-        if bias is None:
-            conv.resize_inputs(3)
-        conv.replace_input_with(2, new_bias)
-        out, result = bn.outputs[0], conv.outputs[0]
-        out_name = out.name
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        removed = [v for v in bn.inputs[1:5] if v is not None] + ([bias] if bias is not None else [])
-        graph.remove(bn, safe=True)
-        result.name = out_name
-        for value in removed:
-            if value.name is not None and value.name in graph.initializers and not value.uses():
-                graph.initializers.pop(value.name)
+        drop_folded_batchnorm(graph, conv, bn, bias, _replace_initializer(graph, names["bias"], b))
+
+
+def drop_folded_batchnorm(graph: ir.Graph, conv: ir.Node, bn: ir.Node, bias: ir.Value | None,
+                          new_bias: ir.Value) -> None:
+    """After a batch-norm's factors went into ``conv``'s weights or scales: ``new_bias`` becomes the Conv's
+    bias, the Conv's output takes the batch-norm's place (and name), and the batch-norm and the constants
+    nothing reads any more leave the graph."""
+    if bias is None:
+        conv.resize_inputs(3)
+    conv.replace_input_with(2, new_bias)
+    out, result = bn.outputs[0], conv.outputs[0]
+    out_name = out.name
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    removed = [v for v in bn.inputs[1:5] if v is not None] + ([bias] if bias is not None else [])
+    graph.remove(bn, safe=True)
+    result.name = out_name
+    for value in removed:
+        if value.name is not None and value.name in graph.initializers and not value.uses():
+            graph.initializers.pop(value.name)
 
 
 class OutputQuantizersPass(ir.passes.InPlacePass):

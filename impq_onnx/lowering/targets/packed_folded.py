@@ -26,6 +26,7 @@ from impq_onnx.lowering.naming import folded_names, weight_names
 from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
+from impq_onnx.lowering.targets.ort import drop_folded_batchnorm
 from impq_onnx.lowering.targets.ort_reference import fold_factors
 from impq_onnx.lowering.targets.packed import PackedTarget, pack_weights
 from impq_onnx.quant.plan import PrecisionPlan
@@ -126,19 +127,7 @@ class FoldBatchNormScalesPass(ir.passes.InPlacePass):
                 graph.initializers.pop(old.name)
         if conv.name is None:
             raise InternalError("format packed-folded: an unnamed Conv in the graph (the graph names every node)")
-        new_bias = _set(graph, None, b, folded_names(conv.name)["bias"])
-        if bias is None:
-            conv.resize_inputs(3)
-        conv.replace_input_with(2, new_bias)
-        out, result = bn.outputs[0], conv.outputs[0]
-        out_name = out.name
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        removed = [v for v in bn.inputs[1:5] if v is not None] + ([bias] if bias is not None else [])
-        graph.remove(bn, safe=True)
-        result.name = out_name
-        for value in removed:
-            if value.name is not None and value.name in graph.initializers and not value.uses():
-                graph.initializers.pop(value.name)
+        drop_folded_batchnorm(graph, conv, bn, bias, _set(graph, None, b, folded_names(conv.name)["bias"]))
         return True
 
 
