@@ -19,7 +19,8 @@ from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import folded_names, weight_names
 from impq_onnx.quant.plan import PrecisionPlan
 
-__all__ = ["folded_simulation", "fold_factors", "bias_codes", "output_quantizers", "ACTIVATION_BITS"]
+__all__ = ["folded_simulation", "FloatInitializers", "fold_factors", "bias_codes", "output_quantizers",
+           "ACTIVATION_BITS"]
 
 ACTIVATION_BITS = 8
 _INT32 = np.iinfo(np.int32)
@@ -92,6 +93,29 @@ def output_quantizers(plan: PrecisionPlan, sites: SiteTable, output_of: Callable
 
 
 
+class FloatInitializers:
+    """A graph's initializers by name: ``array(name)`` reads one, ``put(name, values)`` writes float32 values
+    in place (or adds the initializer); ``name in it`` asks whether one exists."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.by_name = {t.name: t for t in graph.initializer}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.by_name
+
+    def array(self, name: str) -> np.ndarray:
+        return onnx.numpy_helper.to_array(self.by_name[name])
+
+    def put(self, name: str, values: np.ndarray) -> None:
+        tensor = onnx.numpy_helper.from_array(values.astype(np.float32), name)
+        if name in self.by_name:
+            self.by_name[name].CopyFrom(tensor)
+        else:
+            self.graph.initializer.append(tensor)
+            self.by_name[name] = self.graph.initializer[-1]
+
+
 def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) -> onnx.ModelProto:
     """The simulation of the folded graph, built from the canonical model without the target's graph rewrite.
 
@@ -112,17 +136,9 @@ def folded_simulation(canonical: object, plan: PrecisionPlan, sites: SiteTable) 
     QuantizeWeightsPass(plan, sites)(quantized)
     proto = as_proto(source)
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    array = lambda name: onnx.numpy_helper.to_array(inits[name])  # noqa: E731
+    inits = FloatInitializers(graph)
+    array, put = inits.array, inits.put
     nodes = {n.name: n for n in graph.node}
-
-    def put(name: str, values: np.ndarray) -> None:
-        tensor = onnx.numpy_helper.from_array(values.astype(np.float32), name)
-        if name in inits:
-            inits[name].CopyFrom(tensor)
-        else:
-            graph.initializer.append(tensor)
-            inits[name] = graph.initializer[-1]
 
     for layer in sites.layers:
         node = nodes[layer.node]

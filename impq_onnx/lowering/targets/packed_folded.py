@@ -27,7 +27,7 @@ from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
 from impq_onnx.lowering.targets.ort import drop_folded_batchnorm
-from impq_onnx.lowering.targets.ort_reference import fold_factors
+from impq_onnx.lowering.targets.ort_reference import FloatInitializers, fold_factors
 from impq_onnx.lowering.targets.packed import PackedTarget, pack_weights
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
@@ -190,18 +190,10 @@ def folded_packed_reference(canonical: object, plan: PrecisionPlan, sites: SiteT
     made = quantized.graph.initializers
     proto = as_proto(source)
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    array = lambda name: onnx.numpy_helper.to_array(inits[name])  # noqa: E731
+    inits = FloatInitializers(graph)
+    array, put = inits.array, inits.put
     nodes = {n.name: n for n in graph.node}
     scheme = weight_scheme(plan.weight_scheme)
-
-    def put(name: str, values: np.ndarray) -> None:
-        tensor = onnx.numpy_helper.from_array(values.astype(np.float32), name)
-        if name in inits:
-            inits[name].CopyFrom(tensor)
-        else:
-            graph.initializer.append(tensor)
-            inits[name] = graph.initializer[-1]
 
     for layer in sites.layers:
         node = nodes[layer.node]
