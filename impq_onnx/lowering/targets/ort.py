@@ -39,6 +39,8 @@ off (onnxruntime's fused integer kernels requantize in their own rounding order)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -67,7 +69,7 @@ from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
            "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass", "RequantizePass",
-           "drop_folded_batchnorm"]
+           "drop_folded_batchnorm", "foldable_batchnorms"]
 
 
 
@@ -118,6 +120,19 @@ def _flipped(codes: np.ndarray, flip: np.ndarray, match: WeightQuantizer, conv: 
     return wide.astype(codes.dtype)
 
 
+def foldable_batchnorms(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Node, list[np.ndarray]]]:
+    """``(conv, batch-norm, [gamma, beta, mean, var])`` of every ``Conv -> BatchNormalization`` whose parameters
+    are constant and whose Conv output nothing else reads (listed before any is folded)."""
+    for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
+        x = bn.inputs[0]
+        conv = x.producer() if x is not None else None
+        params = [_constant(v) for v in bn.inputs[1:5]]
+        if (x is None or conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1
+                or any(p is None for p in params) or len(x.uses()) != 1 or x.is_graph_output()):
+            continue
+        yield conv, bn, [p for p in params if p is not None]
+
+
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold every ``Conv -> BatchNormalization`` (constant parameters, Conv output used only there)."""
 
@@ -125,14 +140,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         graph = model.graph
         weights = {m.layer.name: m for m in weight_quantizers(graph)}
         folded = False
-        for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
-            x = bn.inputs[0]
-            conv = x.producer() if x is not None else None
-            params = [_constant(v) for v in bn.inputs[1:5]]
-            if (x is None or conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1
-                    or any(p is None for p in params) or len(x.uses()) != 1 or x.is_graph_output()):
-                continue
-            self._fold(graph, conv, bn, [p for p in params if p is not None], weights.get(conv.name))
+        for conv, bn, params in foldable_batchnorms(graph):
+            self._fold(graph, conv, bn, params, weights.get(conv.name))
             folded = True
         return ir.passes.PassResult(model, folded)
 

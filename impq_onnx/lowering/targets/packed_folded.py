@@ -26,7 +26,7 @@ from impq_onnx.lowering.naming import folded_names, weight_names
 from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
-from impq_onnx.lowering.targets.ort import drop_folded_batchnorm
+from impq_onnx.lowering.targets.ort import drop_folded_batchnorm, foldable_batchnorms
 from impq_onnx.lowering.targets.ort_reference import FloatInitializers, fold_factors
 from impq_onnx.lowering.targets.packed import PackedTarget, pack_weights
 from impq_onnx.quant.plan import PrecisionPlan
@@ -74,15 +74,9 @@ class FoldBatchNormScalesPass(ir.passes.InPlacePass):
         graph = model.graph
         weights = {m.layer.name: m for m in weight_quantizers(graph)}
         folded = False
-        for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
-            x = bn.inputs[0]
-            conv = x.producer() if x is not None else None
-            params = [_constant(v) for v in bn.inputs[1:5]]
-            if (x is None or conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1
-                    or any(p is None for p in params) or len(x.uses()) != 1 or x.is_graph_output()):
-                continue
+        for conv, bn, params in foldable_batchnorms(graph):
             bounds = self.bounds.get(conv.name or "")
-            if not self._fold(graph, conv, bn, [p for p in params if p is not None], weights.get(conv.name), bounds):
+            if not self._fold(graph, conv, bn, params, weights.get(conv.name), bounds):
                 continue
             folded = True
         return ir.passes.PassResult(model, folded)
