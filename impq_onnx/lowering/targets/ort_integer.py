@@ -58,7 +58,7 @@ _COMMUTING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueez
 _Group = tuple[list[onnx.NodeProto], list[onnx.NodeProto]]  # (integer nodes, the group's nodes they replace)
 
 
-def fused_counts(optimized: onnx.ModelProto) -> Counter:
+def fused_counts(optimized: onnx.ModelProto) -> Counter[str]:
     """How many of each fused integer kernel an onnxruntime-optimized model holds."""
     return Counter(n.op_type for n in optimized.graph.node if n.op_type in FUSED_KERNELS)
 
@@ -133,7 +133,6 @@ class _Graph:
             return None  # a Relu or Clip the quantizer's range does not make redundant: onnxruntime keeps it
         return _After(user, absorbed + through + [user], through)
 
-
     def _redundant(self, node: onnx.NodeProto, scale: np.float32, zero: np.ndarray) -> bool:
         """Whether onnxruntime drops ``node`` (Relu, Clip) in front of a quantizer (its ReluQuantFusion and
         ClipQuantFusion rules): a Relu when the zero point is the type's minimum, a Clip whose constant bounds
@@ -198,22 +197,23 @@ def _requantize(g: _Graph, acc: str, multiplier: np.ndarray, quantizer: onnx.Nod
 
 def _shifted_weight(g: _Graph, codes: np.ndarray, name: str) -> tuple[str, str]:
     """int8 codes as uint8 ``codes + 128`` with zero point 128 (``ConvInteger`` takes uint8 weights only)."""
-    if codes.dtype != np.int8:
-        raise ValueError(f"weight codes '{name}' are {codes.dtype}, not int8")
     shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
     return g.add_const(name + "/u8", shifted), g.add_const(name + "/u8_zero", np.uint8(128))
 
 
 def _accumulator(g: _Graph, node: onnx.NodeProto, prefix: str):
     """Integer nodes for ``Σ (q_x - z_x)·q_w + q_b`` of a Conv / Gemm / MatMul fed by DequantizeLinears:
-    ``(nodes, accumulator, s_x, per-output-channel s_w)``, or None when the group is not one onnxruntime fuses."""
+    ``(nodes, accumulator, s_x, per-output-channel s_w, shape of a per-channel vector)``, or None when the
+    group is not one this module writes out (uint8 input codes and int8 weight codes, as the ort target stores)."""
     x = g.dequantized(node.input[0], constant=False)
     w = g.dequantized(node.input[1], constant=True) if len(node.input) > 1 else None
-    if x is None or w is None or np.any(w[2] != 0):
+    if x is None or w is None or np.any(w[2] != 0) or x[2].dtype != np.uint8:
         return None
     x_codes, x_scale, _ = x
     x_zero_name = g.producer[node.input[0]].input[2]
     w_codes = g.value(w[0])
+    if w_codes.dtype != np.int8:
+        return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Conv":
         if w[1].size not in (1, w_codes.shape[0]):

@@ -167,3 +167,20 @@ def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activati
         "QLinearConv": 1}
     deployed, expected, _ = _runs(model, {"x": rng.integers(0, 256, (16, 3, 16, 16)).astype(np.uint8)})
     np.testing.assert_array_equal(deployed, expected)
+
+
+def test_groups_the_ort_target_never_writes_are_left_as_they_are():
+    """uint8 weight codes or int8 input codes (another tool's QDQ model): no rewrite, no error; the model keeps
+    the QDQ graph's meaning there."""
+    rng = np.random.default_rng(9)
+    for x_type, w_codes in ((TensorProto.UINT8, rng.integers(0, 256, (4, 3, 3, 3)).astype(np.uint8)),
+                            (TensorProto.INT8, rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8))):
+        x_zero = np.uint8(0) if x_type == TensorProto.UINT8 else np.int8(0)
+        inits = {"xs": np.float32(0.02), "xz": x_zero, "w": w_codes, "ws": np.full(4, 0.01, np.float32),
+                 "wz": np.zeros(4, w_codes.dtype)}
+        nodes = [_dq("x", "xs", "xz", "xd"), helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+                 helper.make_node("Conv", ["xd", "wd"], ["c"]), *_requantized("c", 0.05, 0, inits)]
+        model = _model(nodes, [helper.make_tensor_value_info("x", x_type, [None, 3, 6, 6])], inits)
+        reference = integer_reference(model)
+        assert rewritten_counts(reference) == {}
+        assert [n.op_type for n in reference.graph.node] == [n.op_type for n in model.graph.node]
