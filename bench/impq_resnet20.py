@@ -92,6 +92,10 @@ RUNS: dict[str, list[str]] = {
     "swa-w4a4-distill": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                          "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%", "--epochs", "2",
                          "--start-steps", "352", "--distill", "--guard"],
+    # the same at seed 1, on the code with the end-of-phase fine-tune (end_steps_factor 4 by default)
+    "swa-w4a4-distill-seed1": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
+                               "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%",
+                               "--epochs", "2", "--start-steps", "352", "--distill", "--guard", "--seed", "1"],
     "weights-activations": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                             "--start-act-bits", "6", "--target-act-bits", "5", "--act-schedule", "50%",
                             "--epochs", "1", "--no-land-on-target"],
