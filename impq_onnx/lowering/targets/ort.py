@@ -39,8 +39,6 @@ off (onnxruntime's fused integer kernels requantize in their own rounding order)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -56,6 +54,8 @@ from impq_onnx.lowering.naming import (
 )
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
+from impq_onnx.lowering.targets.batchnorm_fold import constant_value as _constant
+from impq_onnx.lowering.targets.batchnorm_fold import drop_folded_batchnorm, foldable_batchnorms
 from impq_onnx.lowering.targets.ort_integer import integer_reference
 from impq_onnx.lowering.targets.ort_reference import (
     ACTIVATION_BITS,
@@ -68,13 +68,8 @@ from impq_onnx.lowering.targets.qdq import QdqTarget
 from impq_onnx.quant.plan import PrecisionPlan
 
 __all__ = ["OrtTarget", "FoldBatchNormPass", "OutputQuantizersPass", "QuantizeBiasPass", "fold_factors", "bias_codes",
-           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass", "RequantizePass",
-           "drop_folded_batchnorm", "foldable_batchnorms"]
+           "output_quantizers", "folded_reference", "ACTIVATION_BITS", "ShareSiteQuantizersPass", "RequantizePass"]
 
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
 def _array(value: ir.Value | None) -> np.ndarray:
@@ -120,19 +115,6 @@ def _flipped(codes: np.ndarray, flip: np.ndarray, match: WeightQuantizer, conv: 
     return wide.astype(codes.dtype)
 
 
-def foldable_batchnorms(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Node, list[np.ndarray]]]:
-    """``(conv, batch-norm, [gamma, beta, mean, var])`` of every ``Conv -> BatchNormalization`` whose parameters
-    are constant and whose Conv output nothing else reads (listed before any is folded)."""
-    for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
-        x = bn.inputs[0]
-        conv = x.producer() if x is not None else None
-        params = [_constant(v) for v in bn.inputs[1:5]]
-        if (x is None or conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1
-                or any(p is None for p in params) or len(x.uses()) != 1 or x.is_graph_output()):
-            continue
-        yield conv, bn, [p for p in params if p is not None]
-
-
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold every ``Conv -> BatchNormalization`` (constant parameters, Conv output used only there)."""
 
@@ -173,25 +155,6 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 graph.initializers.pop(old.name)
         names = folded_names(_name(conv))
         drop_folded_batchnorm(graph, conv, bn, bias, _replace_initializer(graph, names["bias"], b))
-
-
-def drop_folded_batchnorm(graph: ir.Graph, conv: ir.Node, bn: ir.Node, bias: ir.Value | None,
-                          new_bias: ir.Value) -> None:
-    """After a batch-norm's factors went into ``conv``'s weights or scales: ``new_bias`` becomes the Conv's
-    bias, the Conv's output takes the batch-norm's place (and name), and the batch-norm and the constants
-    nothing reads any more leave the graph."""
-    if bias is None:
-        conv.resize_inputs(3)
-    conv.replace_input_with(2, new_bias)
-    out, result = bn.outputs[0], conv.outputs[0]
-    out_name = out.name
-    out.replace_all_uses_with(result, replace_graph_outputs=True)
-    removed = [v for v in bn.inputs[1:5] if v is not None] + ([bias] if bias is not None else [])
-    graph.remove(bn, safe=True)
-    result.name = out_name
-    for value in removed:
-        if value.name is not None and value.name in graph.initializers and not value.uses():
-            graph.initializers.pop(value.name)
 
 
 class OutputQuantizersPass(ir.passes.InPlacePass):

@@ -26,17 +26,14 @@ from impq_onnx.lowering.naming import folded_names, weight_names
 from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
-from impq_onnx.lowering.targets.ort import drop_folded_batchnorm, foldable_batchnorms
+from impq_onnx.lowering.targets.batchnorm_fold import constant_value as _constant
+from impq_onnx.lowering.targets.batchnorm_fold import drop_folded_batchnorm, foldable_batchnorms
 from impq_onnx.lowering.targets.ort_reference import FloatInitializers, fold_factors
 from impq_onnx.lowering.targets.packed import PackedTarget, pack_weights
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.schemes import weight_scheme
 
 __all__ = ["PackedFoldedTarget", "FoldBatchNormScalesPass", "folded_packed_reference"]
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
 def _set(graph: ir.Graph, value: ir.Value | None, array: np.ndarray, name: str | None = None) -> ir.Value:
