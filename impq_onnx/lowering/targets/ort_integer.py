@@ -177,15 +177,15 @@ class _After:
         return nodes
 
 
-def _requantize(g: _Graph, acc: str, multiplier: np.ndarray, quantizer: onnx.NodeProto, out: str,
+def _requantize(g: _Graph, acc: str, multiplier: str, quantizer: onnx.NodeProto, out: str,
                 prefix: str) -> list[onnx.NodeProto]:
-    """``out = clip(round(float(acc) · multiplier) + zero point)`` in the quantizer's type."""
+    """``out = clip(round(float(acc) · multiplier) + zero point)`` in the quantizer's type (``multiplier``: a
+    float32 tensor, constant or computed)."""
     zero = g.value(quantizer.input[2])
     info = np.iinfo(zero.dtype)
-    names = g.add_const(prefix + "multiplier", multiplier.astype(_F32))
     return [
         helper.make_node("Cast", [acc], [prefix + "acc_f"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [prefix + "acc_f", names], [prefix + "scaled"]),
+        helper.make_node("Mul", [prefix + "acc_f", multiplier], [prefix + "scaled"]),
         helper.make_node("Round", [prefix + "scaled"], [prefix + "rounded"]),
         helper.make_node("Add", [prefix + "rounded", g.add_const(prefix + "zero", _F32(int(zero)))],
                          [prefix + "shifted"]),
@@ -259,7 +259,9 @@ def _layer(g: _Graph, node: onnx.NodeProto) -> _Group | None:
         multiplier = ((x_scale * w_scale).astype(_F32) / y_scale).astype(_F32).reshape(bias_shape)
         g.count["QLinearConv" if node.op_type == "Conv" else
                 "QGemm" if node.op_type == "Gemm" else "QLinearMatMul"] += 1
-        return (nodes + _requantize(g, acc, multiplier, quantizer, after.codes(prefix), prefix) + after.tail(prefix),
+        multiplier_name = g.add_const(prefix + "multiplier", multiplier)
+        return (nodes + _requantize(g, acc, multiplier_name, quantizer, after.codes(prefix), prefix)
+                + after.tail(prefix),
                 [node, *after.absorbed])
     if node.op_type != "Gemm":
         return None
@@ -332,10 +334,9 @@ def _average_pool(g: _Graph, node: onnx.NodeProto, opset: int) -> _Group | None:
         helper.make_node("Div", [g.add_const(p + "x_scale", _F32(x_scale.reshape(()))), p + "denominator"],
                          [p + "multiplier_dyn"]),
     ]
-    tail = _requantize(g, p + "acc", np.ones((), _F32), quantizer, after.codes(p), p)
-    tail[1] = helper.make_node("Mul", [p + "acc_f", p + "multiplier_dyn"], [p + "scaled"])
     g.count["QLinearGlobalAveragePool"] += 1
-    return nodes + tail + after.tail(p), [node, *after.absorbed]
+    return (nodes + _requantize(g, p + "acc", p + "multiplier_dyn", quantizer, after.codes(p), p) + after.tail(p),
+            [node, *after.absorbed])
 
 
 def integer_reference(model: onnx.ModelProto) -> onnx.ModelProto:
