@@ -205,8 +205,9 @@ class TensorGradients(_SessionGraph):
     """``grads = TensorGradients(proto, logits, wrt)(x, seed)``: d(sum seed*logits)/d(each tensor in wrt).
 
     ``wrt`` may name graph tensors, initializers included; the result maps each name to an array
-    of that tensor's shape. ``epilogue(graph, gradients)``, if given, may append nodes that read
-    the gradient graph's tensors (``gradients`` maps each ``wrt`` name to its gradient tensor) and
+    of that tensor's shape. ``epilogue(graph, gradients, shapes)``, if given, may append nodes that read
+    the gradient graph's tensors (``gradients`` maps each ``wrt`` name to its gradient tensor; ``shapes``
+    holds the static shapes known of forward tensors and of those gradients) and
     returns the names of extra outputs; then the result holds those outputs and the gradients of
     ``returned`` only (default: none), so large gradients need not leave onnxruntime.
     Building costs about as much as one onnxruntime session.
@@ -214,7 +215,8 @@ class TensorGradients(_SessionGraph):
 
     def __init__(self, proto: onnx.ModelProto, logits: str, wrt: Iterable[str], *, threads: int | None = None,
                  input_shape: Sequence[int] | None = None,
-                 epilogue: Callable[[onnx.GraphProto, dict[str, str]], list[str]] | None = None,
+                 epilogue: Callable[[onnx.GraphProto, dict[str, str], dict[str, list[int | None]]], list[str]]
+                 | None = None,
                  returned: Iterable[str] = ()):
         model = onnx.ModelProto()
         model.CopyFrom(proto)
@@ -250,7 +252,9 @@ class TensorGradients(_SessionGraph):
         self._keys = list(returned) if epilogue is not None else list(self.wrt)
         self._names = [gradients[name] for name in self._keys]
         if epilogue is not None:
-            extra = epilogue(grad_model.graph, gradients)
+            known = dict(shapes)
+            known.update({gradients[name]: shapes[name] for name in self.wrt if name in shapes})
+            extra = epilogue(grad_model.graph, gradients, known)
             self._keys += extra
             self._names += extra
         present = {o.name for o in grad_model.graph.output}

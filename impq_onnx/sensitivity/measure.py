@@ -172,8 +172,8 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
     norm_name = {layer.node: f"{TAP_PREFIX}/norm/w/{layer.node}" for layer in sites.layers}
     norm_name.update({tensor: f"{TAP_PREFIX}/norm/a/{tensor}" for tensor in taps.activation})
 
-    def epilogue(graph, gradients):
-        norms = NormGraph(graph, f"{TAP_PREFIX}/norm")
+    def epilogue(graph, gradients, shapes):
+        norms = NormGraph(graph, f"{TAP_PREFIX}/norm", shapes)
         for layer in sites.layers:
             norms.layer(taps.geometry[layer.node], inputs[layer.node], gradients[taps.output[layer.node]],
                         norm_name[layer.node])

@@ -15,7 +15,7 @@ reference the tests check the graph form against.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -55,24 +55,34 @@ class NormGraph:
     onnxruntime's memory planner bounds the temporaries.
     """
 
-    def __init__(self, graph: onnx.GraphProto, prefix: str):
+    def __init__(self, graph: onnx.GraphProto, prefix: str, shapes: Mapping[str, list[int | None]] | None = None):
+        """``shapes``: static shapes of the graph's tensors where known (they let slice ends be constants)."""
         self.graph = graph
         self.prefix = prefix
+        self.shapes = shapes or {}
         self._count = 0
+        self._consts: dict[tuple, str] = {}  # one initializer per distinct value: a smaller graph opens faster
 
     def _name(self, hint: str) -> str:
         self._count += 1
         return f"{self.prefix}/{hint}/{self._count}"
 
     def const(self, values: Any, hint: str = "c") -> str:
-        name = self._name(hint)
-        self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
+        return self._const(np.asarray(values, np.int64), hint)
 
     def float_const(self, value: float, hint: str) -> str:
-        name = self._name(hint)
-        self.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(value), name))
-        return name
+        return self._const(np.asarray(value, np.float32), hint)
+
+    def _const(self, array: np.ndarray, hint: str) -> str:
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = self._name(hint)
+            self.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def shape(self, tensor: str) -> list[int | None] | None:
+        return self.shapes.get(tensor)
 
     def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         output = output or self._name(op_type)

@@ -143,7 +143,7 @@ def test_epilogue_outputs_replace_gradients():
     x = rng.standard_normal((5, 4)).astype(np.float32)
     seed = rng.standard_normal((5, 3)).astype(np.float32)
 
-    def epilogue(graph, gradients):
+    def epilogue(graph, gradients, shapes):
         graph.node.append(helper.make_node("ReduceSumSquare", [gradients["x"]], ["sq"], keepdims=0))
         return ["sq"]
 

@@ -203,12 +203,19 @@ def test_gradients_and_per_sample_norms_match_the_brute_force(case):
     for n in range(len(x)):  # one backward per sample: onnxruntime's weight gradient is the per-sample one
         np.testing.assert_allclose(grads(x[n : n + 1], seed[n : n + 1])["W"], per_sample[n], rtol=1e-4, atol=1e-6)
 
-    def epilogue(graph, gradients):
-        NormGraph(graph, "norms").layer(geometry, "x", gradients["y"], "kernel_norms")
-        return ["kernel_norms"]
+    for static in (False, True):  # slice ends from dy's shape at run time / constants from the known shapes
+        used = []
 
-    in_graph = TensorGradients(model, "logits", ["y"], epilogue=epilogue)(x, seed)["kernel_norms"]
-    np.testing.assert_allclose(in_graph, expected.sum(0), rtol=1e-4)
+        def epilogue(graph, gradients, shapes, static=static, used=used):
+            known = shapes if static else None
+            used.append(known is not None and gradients["y"] in known)
+            NormGraph(graph, "norms", known).layer(geometry, "x", gradients["y"], "kernel_norms")
+            return ["kernel_norms"]
+
+        in_graph = TensorGradients(model, "logits", ["y"], epilogue=epilogue,
+                                   input_shape=x.shape[1:] if static else None)(x, seed)["kernel_norms"]
+        np.testing.assert_allclose(in_graph, expected.sum(0), rtol=1e-4)
+        assert used == [static]
 
 
 @pytest.mark.parametrize("case", ["plain", "grouped", "depthwise"])

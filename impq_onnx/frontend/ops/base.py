@@ -64,6 +64,10 @@ class NormEmitter(Protocol):
 
     def square_sum(self, x: str, axes: list[int] | None, output: str | None = None) -> str: ...
 
+    def shape(self, tensor: str) -> list[int | None] | None:
+        """The static shape of a tensor of the graph (None entries: unknown sizes), or None if not known."""
+        ...
+
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind ``value`` (an initializer), or None."""

@@ -4,14 +4,15 @@ Kernels lie on weight axis 0 (``W[K, C/group, kh, kw]``: one kernel per output c
 dot product has ``C/group * kh * kw`` terms, one per output element.
 
 Per-sample weight gradient: ``dW_n[k, c, i, j] = sum_p dy_n[k, p] * xpad_n[c, p*stride + (i, j)*dilation]``,
-computed one kernel offset ``(i, j)`` at a time (one batched matmul of ``[Kg, P] x [P, Cg]`` per
-sample and group), so memory stays at one shifted copy of the input; depthwise convs reduce to an
+computed one kernel offset ``(i, j)`` at a time in numpy (one batched matmul of ``[Kg, P] x [P, Cg]``
+per sample and group), so memory stays at one shifted copy of the input; depthwise convs reduce to an
 elementwise product. Measured on ResNet-20 shapes (2 cores): ~2.5-3 ms per sample, where a
 materialised im2col with numpy ``matmul`` on a transposed view took 20x longer and the "grouped conv
 with the batch as groups" formulation in onnxruntime 4x longer. The same sums are written as onnx
-nodes (per offset a ``Slice`` of the padded channels-last input and one batched ``MatMul``) for the
-gradient graph. :func:`conv_square_norms` and :func:`emit_conv_square_norms` keep either weight axis
-0 or 1, so ``ConvTranspose`` (whose weight gradient is this one with ``x`` and ``dy`` swapped) uses them too.
+nodes for the gradient graph (:func:`emit_conv_square_norms`: per offset a ``Slice`` of the padded
+channels-last input and one batched ``MatMul``). :func:`conv_square_norms` and
+:func:`emit_conv_square_norms` keep either weight axis 0 or 1, so ``ConvTranspose`` (whose weight
+gradient is this one with ``x`` and ``dy`` swapped) uses them too.
 
 Gradient graph: convs with ``auto_pad`` get explicit ``pads`` first (onnxruntime-training 1.19's
 ``ConvGrad`` computes wrong gradients for ``auto_pad`` convs; the forward is right; measured on a
@@ -179,7 +180,15 @@ def conv_square_norms(geometry: ConvGeometry, x: np.ndarray, dy: np.ndarray) -> 
 
 
 def emit_conv_square_norms(norms: NormEmitter, geometry: ConvGeometry, x: str, dy: str, output: str) -> str:
-    """:func:`conv_square_norms` summed over the batch, as nodes of the gradient graph."""
+    """:func:`conv_square_norms` summed over the batch, as nodes of the gradient graph.
+
+    Per kernel offset a ``Slice`` of the padded input (channels last) and a batched ``MatMul`` (a
+    depthwise conv: ``Mul`` + ``ReduceSum``). The slice ends are constants when ``norms`` knows the
+    output size (half the nodes: a session on the graph opens about twice as fast), else computed from
+    ``dy``'s shape at run time. (One ``MatMul`` on the offsets' slices concatenated into an im2col matrix
+    has a fifth of the nodes but measured 1.2x the CPU time on ResNet-20: ``Concat`` and the wider
+    ``MatMul`` cost more than the nodes save.)
+    """
     k_out, c_group, kh, kw = geometry.weight_shape
     if len(geometry.weight_shape) != 4 or geometry.auto_pad not in ("NOTSET", ""):
         raise ModelError("the graph form of per-sample conv gradients needs a 2-D conv with explicit pads")
@@ -195,40 +204,46 @@ def emit_conv_square_norms(norms: NormEmitter, geometry: ConvGeometry, x: str, d
     if not depthwise:
         xp = norms.op("Transpose", [xp], perm=[0, 2, 3, 1])  # channels last: a slice is [N, Ho, Wo, C]
         d = norms.op("Reshape", [dy, norms.const([0, k_out, -1] if g == 1 else [0, g, k_group, -1])])
-    # the output size fixes the slice ends; it is known only at run time, so take it from dy
-    shape = norms.op("Shape", [dy])
-    ho = norms.op("Gather", [shape, norms.const(2)])
-    wo = norms.op("Gather", [shape, norms.const(3)])
-    spans = [norms.op("Add", [norms.op("Mul", [norms.op("Sub", [o, norms.const(1)]), norms.const(s)]),
-                              norms.const(1)]) for o, s in ((ho, sh), (wo, sw))]
-    terms = []
+    ends = _slice_ends(norms, geometry, dy)
     axes = norms.const([2, 3] if depthwise else [1, 2])
     steps = norms.const([sh, sw])
-    for i in range(kh):
-        for j in range(kw):
-            starts = norms.const([i * dh, j * dw])
-            ends = norms.op("Concat", [norms.op("Unsqueeze", [norms.op("Add", [span, norms.const(off)]),
-                                                             norms.const([0])])
-                                       for span, off in zip(spans, (i * dh, j * dw))], axis=0)
-            shifted = norms.op("Slice", [xp, starts, ends, axes, steps])
-            if depthwise:
-                grad = norms.op("ReduceSum", [norms.op("Mul", [dy, shifted]), norms.const([2, 3])], keepdims=0)
-                square = norms.op("Mul", [grad, grad])  # [N, C]
-                terms.append(norms.op("ReduceSum", [square, norms.const([1])], keepdims=1) if keep_in else square)
-                continue
-            if g == 1:  # [N, K, P] x [N, P, C]: no per-offset transpose
-                grad = norms.op("MatMul", [d, norms.op("Reshape", [shifted, norms.const([0, -1, c_group])])])
-                terms.append(norms.op("ReduceSum", [norms.op("Mul", [grad, grad]), norms.const([1 if keep_in else 2])],
-                                      keepdims=0))
-                continue
-            cols = norms.op("Reshape", [shifted, norms.const([0, -1, g, c_group])])
-            cols = norms.op("Transpose", [cols], perm=[0, 2, 1, 3])  # [N, g, P, Cg]
-            grad = norms.op("MatMul", [d, cols])  # [N, g, Kg, Cg]
-            terms.append(norms.op("ReduceSum", [norms.op("Mul", [grad, grad]), norms.const([1, 2] if keep_in else [3])],
+    terms = []
+    for i, j in ((i, j) for i in range(kh) for j in range(kw)):  # each slice is consumed before the next is made
+        part = norms.op("Slice", [xp, norms.const([i * dh, j * dw]), ends(i * dh, j * dw), axes, steps])
+        if depthwise:
+            grad = norms.op("ReduceSum", [norms.op("Mul", [dy, part]), norms.const([2, 3])], keepdims=0)
+            square = norms.op("Mul", [grad, grad])  # [N, C]
+            terms.append(norms.op("ReduceSum", [square, norms.const([1])], keepdims=1) if keep_in else square)
+            continue
+        if g == 1:  # [N, K, P] x [N, P, C]: no per-offset transpose
+            grad = norms.op("MatMul", [d, norms.op("Reshape", [part, norms.const([0, -1, c_group])])])
+            terms.append(norms.op("ReduceSum", [norms.op("Mul", [grad, grad]), norms.const([1 if keep_in else 2])],
                                   keepdims=0))
+            continue
+        cols = norms.op("Reshape", [part, norms.const([0, -1, g, c_group])])
+        cols = norms.op("Transpose", [cols], perm=[0, 2, 1, 3])  # [N, g, P, Cg]
+        grad = norms.op("MatMul", [d, cols])  # [N, g, Kg, Cg]
+        terms.append(norms.op("ReduceSum", [norms.op("Mul", [grad, grad]), norms.const([1, 2] if keep_in else [3])],
+                              keepdims=0))
     total = norms.op("Sum", terms) if len(terms) > 1 else terms[0]
     return norms.op("Reshape", [norms.op("ReduceSum", [total, norms.const([0])], keepdims=0), norms.const([-1])],
                     output)
+
+
+def _slice_ends(norms: NormEmitter, geometry: ConvGeometry, dy: str):
+    """``ends(row_offset, col_offset)``: the end indices of the strided input slice for one kernel offset."""
+    sh, sw = geometry.strides
+    out = norms.shape(dy)
+    if out is not None and len(out) == 4 and out[2] is not None and out[3] is not None:
+        ho, wo = out[2], out[3]
+        return lambda r, c: norms.const([r + sh * (ho - 1) + 1, c + sw * (wo - 1) + 1])
+    # the output size is known only at run time: take it from dy
+    shape = norms.op("Shape", [dy])
+    sizes = [norms.op("Gather", [shape, norms.const(axis)]) for axis in (2, 3)]
+    spans = [norms.op("Add", [norms.op("Mul", [norms.op("Sub", [o, norms.const(1)]), norms.const(s)]),
+                              norms.const(1)]) for o, s in zip(sizes, (sh, sw))]
+    span = norms.op("Concat", [norms.op("Unsqueeze", [v, norms.const([0])]) for v in spans], axis=0)
+    return lambda r, c: norms.op("Add", [span, norms.const([r, c])])
 
 
 def conv_grad_as_transpose(grad_model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> int:
