@@ -50,7 +50,12 @@ def _profile_summary(prefix: str, top: int = 12) -> list[str]:
     return lines
 
 
-def _torch_throughput(batch: int, threads: int, steps: int, warmup: int) -> float | None:
+def _torch_throughput(batch: int, threads: int, steps: int, warmup: int, weight_bits: int | None = None,
+                      act_bits: int | None = None) -> float | None:
+    """Images/s of the same training step in torch; ``weight_bits``, ``act_bits``: fake-quantized the way the
+    IMPQ reference code (torch) simulates them (``../shared/IMPQ-NOTES.md``): weights per output channel
+    mid-rise with step ``2 max|w_k| / 2^B`` recomputed every step, activations (every conv's and the
+    classifier's input) clipped and rounded to ``2^B`` levels, straight-through gradients."""
     try:
         import torch
         import torch.nn as nn
@@ -59,24 +64,53 @@ def _torch_throughput(batch: int, threads: int, steps: int, warmup: int) -> floa
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
+    def act(x, signed: bool, clip: float = 3.0):
+        bits = act_bits
+        if bits is None:
+            return x
+        y = torch.clamp(x, -clip if signed else 0.0, clip)
+        step = clip * 2.0 ** -(bits - 1 if signed else bits)
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        return y + (torch.clamp(torch.round(y / step), lo, hi) * step - y).detach()
+
+    def weight(w):
+        bits = weight_bits
+        if bits is None:
+            return w
+        step = (w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 2.0 ** (1 - bits)).clamp_min(1e-30)
+        r = torch.clamp(torch.round(w / step - 0.5), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return w + ((r + 0.5) * step - w).detach()
+
+    class Conv(nn.Conv2d):
+        signed = False
+
+        def forward(self, x):
+            return self._conv_forward(act(x, self.signed), weight(self.weight), self.bias)
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(act(x, False), weight(self.weight), self.bias)
+
     class Block(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()
-            self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-            self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.c1, self.b1 = Conv(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.c2, self.b2 = Conv(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.short = (nn.Sequential(Conv(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
                           if stride != 1 or cin != cout else nn.Identity())
 
         def forward(self, x):
             y = torch.relu(self.b1(self.c1(x)))
             return torch.relu(self.b2(self.c2(y)) + self.short(x))
 
-    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    stem = Conv(3, 16, 3, 1, 1, bias=False)
+    stem.signed = True  # the image input
+    layers, cin = [stem, nn.BatchNorm2d(16), nn.ReLU()], 16
     for cout, stride in ((16, 1), (32, 2), (64, 2)):
         for i in range(3):
             layers.append(Block(cin, cout, stride if i == 0 else 1))
             cin = cout
-    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(64, 10))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     net.train()
@@ -89,14 +123,14 @@ def _torch_throughput(batch: int, threads: int, steps: int, warmup: int) -> floa
     return batch * (steps - warmup) / (time.perf_counter() - start)
 
 
-def _torch_reference(args) -> float | None:
-    """The torch rate, here or (``--torch-python``) in a subprocess; the best of ``--repeats`` runs."""
+def _torch_reference(args, weight_bits: int | None, act_bits: int | None) -> float | None:
+    """One torch run's rate, here or (``--torch-python``) in a subprocess."""
     if args.torch_python is None:
-        rates = [_torch_throughput(args.batch, args.threads, args.steps, args.warmup) for _ in range(args.repeats)]
-        return None if rates[0] is None else max(rates)
+        return _torch_throughput(args.batch, args.threads, args.steps, args.warmup, weight_bits, act_bits)
     command = [args.torch_python, os.path.abspath(__file__), "--torch-only", "--batch", str(args.batch), "--threads",
-               str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
-               str(args.repeats)]
+               str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", "1"]
+    command += ["--torch-weight-bits", str(weight_bits)] if weight_bits else []
+    command += ["--torch-act-bits", str(act_bits)] if act_bits else []
     out = subprocess.run(command, capture_output=True, text=True)
     words = out.stdout.split()
     if out.returncode != 0 or "img/s" not in words:
@@ -121,17 +155,18 @@ def main() -> None:
                         "[default: this one, when it can import torch]")
     parser.add_argument("--torch-only", action="store_true", help="time only the torch reference (any interpreter "
                         "with torch and numpy; impq_onnx is not imported)")
+    parser.add_argument("--torch-weight-bits", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-act-bits", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if any(r < 1 for r in args.replicas):
         parser.error("--replicas counts must be at least 1")
     if args.optimizer != "sgd" and any(r > 1 for r in args.replicas):
         parser.error("--replicas above 1 needs --optimizer sgd")
     if args.torch_only:
-        rate = max(_torch_throughput(args.batch, args.threads, args.steps, args.warmup) or 0.0
-                   for _ in range(args.repeats))
-        print(f"{'torch float (SGD momentum)':36s} {rate:8.1f} img/s" if rate else "torch: not importable")
+        rate = max(_torch_throughput(args.batch, args.threads, args.steps, args.warmup, args.torch_weight_bits,
+                                     args.torch_act_bits) or 0.0 for _ in range(args.repeats))
+        print(f"{'torch':36s} {rate:8.1f} img/s" if rate else "torch: not importable")
         return
-    torch_rate = _torch_reference(args)
 
     from impq_onnx.architectures import resnet20
     from impq_onnx.engine import fine_tune
@@ -143,14 +178,15 @@ def main() -> None:
     sites = find_sites(canonical, (1, 3, 32, 32))
     w4 = PrecisionPlan.uniform(sites, 4, None)
     w4a4 = PrecisionPlan.uniform(sites, 4, 4, default_clip=3.0)  # the input has no batch-norm: fixed clip
-    print(f"torch float (SGD momentum), same batch and threads: "
-          f"{'not available, ratios skipped' if torch_rate is None else f'{torch_rate:.1f} img/s'}")
-    configs = [("float", None), ("w4 (weights 4-bit)", w4), ("w4a4 (weights+activations 4-bit)", w4a4)]
+    # (label, plan, torch's weight and activation bits): torch runs the same simulation in the same run
+    configs = [("float", None, None, None), ("w4 (weights 4-bit)", w4, 4, None),
+               ("w4a4 (weights+activations 4-bit)", w4a4, 4, 4)]
     batches = _batches(4, args.batch)
     print(f"ResNet-20, batch {args.batch}, {args.threads} threads, {args.steps} steps "
           f"({args.warmup} untimed), optimizer {args.optimizer}"
-          + ("" if args.replicas == [1] else f", replicas {' '.join(map(str, args.replicas))}"))
-    for label, plan in configs:
+          + ("" if args.replicas == [1] else f", replicas {' '.join(map(str, args.replicas))}")
+          + "; torch (SGD momentum) runs the same configuration, interleaved with onnxruntime's runs")
+    for label, plan, weight_bits, act_bits in configs:
         prefixes = {}
         for replicas in args.replicas:
             prefixes[replicas] = None
@@ -159,13 +195,18 @@ def main() -> None:
                 name = label.split()[0] + ("" if args.replicas == [1] else f"-R{replicas}")
                 prefixes[replicas] = os.path.abspath(os.path.join(args.profile, name))
         runs: dict[int, list] = {r: [] for r in args.replicas}
+        torch_rates: list[float | None] = []
         for _ in range(args.repeats):
+            torch_rates.append(_torch_reference(args, weight_bits, act_bits))
             for replicas in args.replicas:  # interleaved: a change of load hits every count alike
                 trained = fine_tune(canonical, plan, sites, batches, steps=args.steps, lr=0.01,
                                     optimizer=args.optimizer, threads=args.threads, progress=False,
                                     profile=prefixes[replicas], replicas=replicas)
                 timed = trained.step_seconds[args.warmup:]
                 runs[replicas].append((args.batch * len(timed) / sum(timed), np.median(timed)))
+        torch_rate = None if None in torch_rates else max(torch_rates)
+        print(f"{'torch ' + label:40s} " + ("not available, ratios skipped" if torch_rate is None
+                                             else f"{torch_rate:8.1f} img/s"))
         base = max(runs[args.replicas[0]])[0]
         for replicas in args.replicas:
             rate, median = max(runs[replicas])
