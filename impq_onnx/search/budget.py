@@ -17,7 +17,8 @@ and returns the group count that reaches the target in that many steps (at least
 count above the reducible groups means more than one bit per group in this step: the step then lowers in
 passes, every reducible group by one bit and then the least sensitive again, until the count is used
 (a 300-second budget on a 224-px model holds one lowering step, and 8 -> 4 bits needs four bits off most
-groups). ``land_on_target`` trims the last pass so it stops at the target. A group never goes below one
+groups) and the effective bits the count stands for are reached (the count assumes groups of average size;
+the least sensitive are often small ones). ``land_on_target`` trims the last pass so it stops at the target. A group never goes below one
 bit, so a target below that is missed (exit 4), never met by a silent shortfall.
 """
 
