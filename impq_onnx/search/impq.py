@@ -23,7 +23,7 @@ import time
 
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import calibrate_clips, simulate
-from impq_onnx.search.budget import MAX_PASSES, budget_groups
+from impq_onnx.search.budget import MAX_PASSES, affordable_end_steps, budget_groups
 from impq_onnx.search.iteration import (
     EVAL_BATCH,
     derive_seed,
@@ -248,6 +248,10 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
         sensitivity_seconds = time.perf_counter() - start
         landing = kind == "lower" and _on_target(cfg, state.plan, phase, sites)  # the plan the phase ends with
         steps = fine_tune_steps(cfg, train, start=kind == "start", end=landing)
+        if landing:  # the longer landing fine-tune, within what a time budget still holds
+            steps = affordable_end_steps(steps=steps, base_steps=fine_tune_steps(cfg, train),
+                                         time_budget=cfg.time_budget, elapsed=state.elapsed, records=state.records,
+                                         phases_left=len(context.phases) - state.phase)
         lr, derived = run_lr(context, state, model, steps)
         tuned = guarded_fine_tune(context, state, model, steps, lr=lr)
         state.values = tuned.values

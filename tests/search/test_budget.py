@@ -65,3 +65,29 @@ def test_the_one_off_learning_rate_probe_is_not_an_iteration_s_time():
     probed = _records(500.0)
     probed[0].extra.update(lr_derived={"lr": 0.0015}, lr_probe_seconds=400.0)
     assert _groups(records=probed) == _groups(records=_records(100.0)) == 45
+
+
+def _end_steps(**kw):
+    from impq_onnx.search.budget import affordable_end_steps
+
+    # the EfficientNet-Lite0 run: iterations of ~157 s whose 60-step fine-tunes took 110 s (1.83 s a step)
+    records = [dataclasses.replace(r, fine_tune_steps=60, fine_tune_seconds=110.0)
+               for r in _records(157.0, 163.0, 157.0)]
+    args = dict(steps=240, base_steps=60, time_budget=1200.0, elapsed=896.0, records=records, phases_left=1)
+    args.update(kw)
+    return affordable_end_steps(**args)
+
+
+def test_the_landing_fine_tune_is_cut_to_the_time_left():
+    # 304 s left, one ordinary iteration (157 s) reserved: 147 s pay for 80 extra steps of 1.83 s
+    assert _end_steps() == 60 + 80
+    assert _end_steps(time_budget=100_000.0) == 240  # time enough: the whole end_steps_factor
+    assert _end_steps(time_budget=1000.0) == 60  # less than an iteration left: never below the ordinary steps
+    assert _end_steps(phases_left=2) == 60  # a later phase shares the 304 s: 152 s, less than an iteration
+    assert _end_steps(phases_left=2, time_budget=1500.0) == 60 + 79  # (604 / 2 - 157) / 1.83
+
+
+def test_no_budget_or_no_end_factor_keeps_the_steps():
+    assert _end_steps(time_budget=None) == 240
+    assert _end_steps(steps=60) == 60
+    assert _end_steps(records=[]) == 240
