@@ -7,6 +7,7 @@ the user states. Nothing here edits the model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -127,10 +128,16 @@ def _bn_stats(node: ir.Node) -> BatchNormStats | None:
 
 
 def _producing_batchnorm(value: ir.Value) -> BatchNormStats | None:
-    node = value.producer()
+    """The batch-norm behind ``value`` (through pass-through ops), with the lowest upper bound of a constant
+    ``Clip`` on the way as its ``cap``."""
+    node, cap = value.producer(), None
     while node is not None and node.op_type in _PASS_THROUGH:
+        high = _const(node.inputs[2]) if node.op_type == "Clip" and len(node.inputs) > 2 else None
+        if high is not None and high.size == 1:
+            cap = float(high.reshape(-1)[0]) if cap is None else min(cap, float(high.reshape(-1)[0]))
         node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-    return _bn_stats(node) if node is not None and node.op_type == "BatchNormalization" else None
+    stats = _bn_stats(node) if node is not None and node.op_type == "BatchNormalization" else None
+    return stats if stats is None or cap is None or cap <= 0 else dataclasses.replace(stats, cap=cap)
 
 
 def _is_non_negative(value: ir.Value, depth: int = 0) -> bool:

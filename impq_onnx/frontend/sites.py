@@ -43,11 +43,15 @@ class BatchNormStats:
     node: str
     gamma: tuple[float, ...]
     beta: tuple[float, ...]
+    cap: float | None = None  # the upper bound of a Clip between the batch-norm and the site (ReLU6: 6)
 
     @property
     def clip(self) -> float:
-        """The reference code's activation clip: ``max_c(beta + 6*|gamma|)``."""
-        return max(b + 6.0 * abs(g) for b, g in zip(self.beta, self.gamma))
+        """The reference code's activation clip, ``max_c(beta + 6*|gamma|)``, at most ``cap``: past a ReLU6
+        no value exceeds 6, and a wider clip leaves the upper codes unused (EfficientNet-Lite0's first
+        ReLU6 site used codes 0..19 of 0..255 at 8 bits with the clip of its batch-norm, about 80)."""
+        clip = max(b + 6.0 * abs(g) for b, g in zip(self.beta, self.gamma))
+        return clip if self.cap is None else min(clip, self.cap)
 
 
 @dataclasses.dataclass(frozen=True)
