@@ -158,26 +158,33 @@ def test_steps_from_epochs_and_start_steps():
     assert iteration.fine_tune_steps(cfg, train, start=True) == 11
 
 
-def test_a_budget_short_of_steps_lowers_several_bits_in_one_step(net, stand_ins):
-    """One step left in the budget, 8 -> 4 bits to go: the step lowers in passes (every group, then the least
-    sensitive again) and lands on the target, instead of one bit per group and a missed target."""
+def _one_step_left():
+    """A weights-phase config with target 4 and a 250 s budget, a record of 100 s, and 20 training images:
+    with 100 s elapsed the budget holds one lowering step."""
     import dataclasses
     import json
     from pathlib import Path
 
     from impq_onnx.search.state import IterationRecord
 
-    base, sites = net
     row = json.loads((Path(__file__).parent / "data" / "v1" / "faq.iterations.json").read_text())[0]
     records = [dataclasses.replace(IterationRecord.from_dict(row), seconds=100.0)]
     cfg = CompressConfig(model="m.onnx", data="d", granularity="kernel", phases="weights", target_bits=4.0,
                          target_act_bits=None, time_budget=250.0)
-    plan = PrecisionPlan.uniform(sites, 8, None, granularity="kernel")
     rng = np.random.default_rng(0)
     train = dataset_from_arrays(rng.integers(0, 255, (20, 28, 28), np.uint8), rng.integers(0, 10, 20),
                                 PRESETS["fashion-mnist"])
+    return cfg, train, (records, 100.0, 1)
+
+
+def test_a_budget_short_of_steps_lowers_several_bits_in_one_step(net, stand_ins):
+    """One step left in the budget, 8 -> 4 bits to go: the step lowers in passes (every group, then the least
+    sensitive again) and lands on the target, instead of one bit per group and a missed target."""
+    base, sites = net
+    cfg, train, budget = _one_step_left()
+    plan = PrecisionPlan.uniform(sites, 8, None, granularity="kernel")
     lowered_plan, lowered, reducible, _ = impq._lowering_step(cfg, plan, "weights", base, sites, train, 1, 0,
-                                                             budget=(records, 100.0, 1))
+                                                             budget=budget)
     assert lowered > reducible == len(sites.weight_groups("kernel"))  # more than one bit per group
     assert 3.9 < lowered_plan.weight_bits_effective(sites) <= 4.0
     assert min(b for bits in lowered_plan.weights.values() for b in bits) >= 1
@@ -189,26 +196,14 @@ def test_a_budget_step_past_its_count_still_reaches_the_target(net, stand_ins):
     """One step left, 5.x -> 4 bits: one pass over every group, then more than the count's worth of the least
     sensitive ones, because those are small kernels (here the stand-in ranks the first layer's 9-weight kernels
     least sensitive); the count alone stopped above the target (EfficientNet-Lite0: 4.0013 for 4)."""
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from impq_onnx.search.state import IterationRecord
-
     base, sites = net
-    row = json.loads((Path(__file__).parent / "data" / "v1" / "faq.iterations.json").read_text())[0]
-    records = [dataclasses.replace(IterationRecord.from_dict(row), seconds=100.0)]
-    cfg = CompressConfig(model="m.onnx", data="d", granularity="kernel", phases="weights", target_bits=4.0,
-                         target_act_bits=None, time_budget=250.0)
+    cfg, train, budget = _one_step_left()
     plan = PrecisionPlan.uniform(sites, 5, None, granularity="kernel")
     largest = max(sites.layers, key=lambda layer: layer.kernel_params)
     plan.weights[largest.node] = [6] * largest.kernels  # the bits above 5 sit in the largest kernels
     first = min(layer.kernel_params for layer in sites.layers)
     assert first * 4 < largest.kernel_params and plan.weight_bits_effective(sites) > 5.0
-    rng = np.random.default_rng(0)
-    train = dataset_from_arrays(rng.integers(0, 255, (20, 28, 28), np.uint8), rng.integers(0, 10, 20),
-                                PRESETS["fashion-mnist"])
     lowered_plan, lowered, reducible, _ = impq._lowering_step(cfg, plan, "weights", base, sites, train, 1, 0,
-                                                             budget=(records, 100.0, 1))
+                                                             budget=budget)
     assert lowered > reducible
     assert 3.9 < lowered_plan.weight_bits_effective(sites) <= 4.0
