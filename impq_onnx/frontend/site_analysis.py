@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from impq_onnx.errors import ModelError
 from impq_onnx.frontend.ops import LAYER_OPS, layer_op
+from impq_onnx.frontend.ops.base import const_array
 from impq_onnx.frontend.sites import ActivationSite, BatchNormStats, FloatLayer, QuantLayer, SiteTable
 
 __all__ = ["find_sites", "analyse", "concrete_input_shape", "DEFAULT_IMAGE_SIZE"]
@@ -106,12 +107,6 @@ def _measured_shapes(canonical, shape: tuple[int, ...], names: list[str]) -> dic
     return {name: tuple(v.shape) for name, v in zip(names, values)}
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _follow_batchnorm(value: ir.Value) -> BatchNormStats | None:
     """The BatchNormalization that alone consumes ``value`` (a conv output), if any."""
     consumers = list(value.consumers())
@@ -121,7 +116,7 @@ def _follow_batchnorm(value: ir.Value) -> BatchNormStats | None:
 
 
 def _bn_stats(node: ir.Node) -> BatchNormStats | None:
-    gamma, beta = _const(node.inputs[1]), _const(node.inputs[2])
+    gamma, beta = const_array(node.inputs[1]), const_array(node.inputs[2])
     if gamma is None or beta is None:
         return None
     return BatchNormStats(node.name, tuple(float(g) for g in gamma.ravel()), tuple(float(b) for b in beta.ravel()))
@@ -132,9 +127,10 @@ def _producing_batchnorm(value: ir.Value) -> BatchNormStats | None:
     ``Clip`` on the way as its ``cap``."""
     node, cap = value.producer(), None
     while node is not None and node.op_type in _PASS_THROUGH:
-        high = _const(node.inputs[2]) if node.op_type == "Clip" and len(node.inputs) > 2 else None
+        high = const_array(node.inputs[2]) if node.op_type == "Clip" and len(node.inputs) > 2 else None
         if high is not None and high.size == 1:
-            cap = float(high.reshape(-1)[0]) if cap is None else min(cap, float(high.reshape(-1)[0]))
+            bound = float(high.reshape(-1)[0])
+            cap = bound if cap is None else min(cap, bound)
         node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
     stats = _bn_stats(node) if node is not None and node.op_type == "BatchNormalization" else None
     return stats if stats is None or cap is None or cap <= 0 else dataclasses.replace(stats, cap=cap)
@@ -147,7 +143,7 @@ def _is_non_negative(value: ir.Value, depth: int = 0) -> bool:
     if node.op_type in _NON_NEGATIVE:
         return True
     if node.op_type == "Clip":
-        low = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        low = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         return low is not None and float(low) >= 0
     if node.op_type in _PASS_THROUGH or node.op_type in ("Concat", "Add", "Mul", "Max"):
         data = [v for v in node.inputs if v is not None and v.const_value is None]

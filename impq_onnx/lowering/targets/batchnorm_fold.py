@@ -9,12 +9,9 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["constant_value", "foldable_batchnorms", "drop_folded_batchnorm"]
+from impq_onnx.frontend.ops.base import const_array
 
-
-def constant_value(value: ir.Value | None) -> np.ndarray | None:
-    """The array of a constant value (an initializer), None for a computed one or no value."""
-    return None if value is None or value.const_value is None else value.const_value.numpy()
+__all__ = ["foldable_batchnorms", "drop_folded_batchnorm"]
 
 
 def foldable_batchnorms(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Node, list[np.ndarray]]]:
@@ -23,7 +20,7 @@ def foldable_batchnorms(graph: ir.Graph) -> Iterator[tuple[ir.Node, ir.Node, lis
     for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
         x = bn.inputs[0]
         conv = x.producer() if x is not None else None
-        params = [constant_value(v) for v in bn.inputs[1:5]]
+        params = [const_array(v) for v in bn.inputs[1:5]]
         if (x is None or conv is None or conv.op_type != "Conv" or len(bn.outputs) != 1
                 or any(p is None for p in params) or len(x.uses()) != 1 or x.is_graph_output()):
             continue

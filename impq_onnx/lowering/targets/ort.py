@@ -44,6 +44,7 @@ import onnx
 import onnx_ir as ir
 
 from impq_onnx.errors import InternalError, PlanError
+from impq_onnx.frontend.ops.base import const_array as _constant
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import (
     activation_names,
@@ -54,7 +55,6 @@ from impq_onnx.lowering.naming import (
 )
 from impq_onnx.lowering.patterns import WeightQuantizer, activation_quantizers, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
-from impq_onnx.lowering.targets.batchnorm_fold import constant_value as _constant
 from impq_onnx.lowering.targets.batchnorm_fold import drop_folded_batchnorm, foldable_batchnorms
 from impq_onnx.lowering.targets.ort_integer import integer_reference
 from impq_onnx.lowering.targets.ort_reference import (

@@ -21,12 +21,12 @@ import onnx
 import onnx_ir as ir
 
 from impq_onnx.errors import InternalError
+from impq_onnx.frontend.ops.base import const_array as _constant
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.lowering.naming import folded_names, weight_names
 from impq_onnx.lowering.passes.split_conv_bias import SplitConvBiasPass
 from impq_onnx.lowering.patterns import WeightQuantizer, weight_quantizers
 from impq_onnx.lowering.targets.base import Lowered
-from impq_onnx.lowering.targets.batchnorm_fold import constant_value as _constant
 from impq_onnx.lowering.targets.batchnorm_fold import drop_folded_batchnorm, foldable_batchnorms
 from impq_onnx.lowering.targets.ort_reference import FloatInitializers, fold_factors
 from impq_onnx.lowering.targets.packed import PackedTarget, pack_weights
