@@ -26,7 +26,6 @@ scale linearly, everything else is fixed per iteration.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -96,7 +95,7 @@ def synthetic_images(root: Path, classes: int, per_class: int, size: int = 256) 
 
 def profile_iteration(model_path: str, data: str, work: Path, **options) -> dict[str, float]:
     """Wall seconds per row of ROWS for one weight-lowering iteration (after an unrecorded warm-up one)."""
-    from impq_onnx.compress_config import DERIVED, CompressConfig
+    from impq_onnx.compress_config import CompressConfig
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
@@ -121,7 +120,7 @@ def profile_iteration(model_path: str, data: str, work: Path, **options) -> dict
 
     cfg = CompressConfig.resolve(model=model_path, data=data, work_dir=str(work), target_bits=None, **options)
     # the defaults compress resolves when a run starts (batch-norm mode, end-steps factor)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in DERIVED.items() if getattr(cfg, k) is None and v is not None})
+    cfg = cfg.with_derived_defaults()
     base = load(cfg.model)
     model_data = open_model_data(base, cfg.data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                  max_val_samples=cfg.max_val_samples, cache_dir=work / "decoded")

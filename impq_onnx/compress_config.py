@@ -167,6 +167,13 @@ class CompressConfig:
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
         return self
 
+    def with_derived_defaults(self) -> CompressConfig:
+        """This config with every ``DERIVED`` option still not given set to its current default (``lr`` stays
+        None: the run derives it)."""
+        given: dict[str, Any] = {name: value for name, value in DERIVED.items()
+                                 if getattr(self, name) is None and value is not None}
+        return dataclasses.replace(self, **given)
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import yaml
 
-from impq_onnx.compress_config import DERIVED, CompressConfig
+from impq_onnx.compress_config import CompressConfig
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.lowering.lower import derived_paths, output_files
@@ -286,7 +286,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                          data={"float_top1": reference.top1, "train_images": len(train), "val_images": len(val),
                                "weight_groups": groups, "activation_sites": len(sites.activations)}))
     # Not given and not taken from an old work dir: the current default (recorded in config.yaml and report.json).
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in DERIVED.items() if getattr(cfg, k) is None and v is not None})
+    cfg = cfg.with_derived_defaults()
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     if seen_classes is not None:
