@@ -184,17 +184,39 @@ def _check_work_dir(work_dir: Path, inputs: dict[str, Path], trees: dict[str, Pa
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered on exit), so a rename sequence is never cut in two."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # not the main thread's business, or no sigmask
+    """Hold SIGINT and SIGTERM back (delivered on exit), so a rename sequence is never cut in two.
+
+    Python runs a signal's handler in the main thread, whichever thread the kernel gave the signal to (a
+    process-directed signal goes to any thread that does not block it: numpy's BLAS workers, onnxruntime's
+    pool), so blocking it in this thread's sigmask is not enough. The handlers are swapped for one that
+    only notes the signal; on exit the old handlers come back and the first noted signal goes to its own.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    noted: list[signal.Signals] = []
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signal.Signals(signum))
+
+    try:  # a handler not installed from Python (getsignal gives None) is left alone: it cannot be put back
+        old = {signum: signal.signal(signum, note) for signum in held if signal.getsignal(signum) is not None}
+    except ValueError:  # not the main thread: Python runs no handler here, nothing can cut this thread
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        if noted:
+            _deliver(noted[0], old[noted[0]])
+
+
+def _deliver(signum: int, handler: object) -> None:
+    """What the signal would have done outside the deferred block: its Python handler, or the default action."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
 
 
 class OutputSet:
