@@ -105,14 +105,15 @@ class _Walk:
 
     def images_under(self, folder: Path) -> list[Path]:
         """Image files anywhere below ``folder`` (a class folder), sorted by relative path; hidden names skipped."""
-        found: list[Path] = []
-        pending = [os.fspath(folder)]
+        found: list[str] = []  # paths as strings until sorted: 10,000 Path objects cost a tenth of a second
+        top = os.fspath(folder)
+        pending = [top]
         while pending:
             for entry in self.listing(pending.pop()):
                 linked = entry.is_symlink()
                 if not linked and entry.is_file(follow_symlinks=False):  # the directory entry's type: no stat
                     if _is_image(entry.name):
-                        found.append(Path(entry.path))
+                        found.append(entry.path)
                     continue
                 try:
                     info = entry.stat()
@@ -135,10 +136,11 @@ class _Walk:
                         pending.append(entry.path)
                 elif _is_image(entry.name):
                     if stat.S_ISREG(info.st_mode):
-                        found.append(Path(entry.path))
+                        found.append(entry.path)
                     else:
                         self.skip("entries that are not regular files", entry.path)
-        return sorted(found, key=lambda p: os.fsencode(p.relative_to(folder)))
+        prefix = os.path.join(top, "")  # every entry.path is os.path.join(top, relative path)
+        return [Path(p) for p in sorted(found, key=lambda p: os.fsencode(p[len(prefix):]))]
 
     def report(self) -> None:
         for reason, paths in self.skipped.items():
