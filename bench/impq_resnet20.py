@@ -96,6 +96,11 @@ RUNS: dict[str, list[str]] = {
     "swa-w4a4-distill-seed1": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                                "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%",
                                "--epochs", "2", "--start-steps", "352", "--distill", "--guard", "--seed", "1"],
+    # seed 0 again on the code of seed 1's run and later (the landing's end-of-phase fine-tune, the sensitivity's
+    # Conv input gradient): the first seed 0 run predates both
+    "swa-w4a4-distill-seed0": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
+                               "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%",
+                               "--epochs", "2", "--start-steps", "352", "--distill", "--guard", "--seed", "0"],
     "weights-activations": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                             "--start-act-bits", "6", "--target-act-bits", "5", "--act-schedule", "50%",
                             "--epochs", "1", "--no-land-on-target"],
