@@ -141,7 +141,7 @@ def _shapes(proto: onnx.ModelProto, input_shape: Sequence[int] | None) -> dict[s
     except Exception:  # shapes are an optimisation here; without them nothing is rewritten
         return {}
     shapes = {t.name: list(t.dims) for t in inferred.graph.initializer}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
     return shapes
 
@@ -210,6 +210,11 @@ class TensorGradients(_SessionGraph):
     holds the static shapes known of forward tensors and of those gradients) and
     returns the names of extra outputs; then the result holds those outputs and the gradients of
     ``returned`` only (default: none), so large gradients need not leave onnxruntime.
+    ``seed_graph(graph, shapes)``, if given, appends the nodes that compute the seed (``SEED_INPUT``) from
+    the graph's own tensors (its logits: one run instead of a forward pass, then a backward one) and
+    returns ``(inputs, outputs)``: the graph inputs it reads in place of the seed, fed by ``inputs=`` of
+    each call, and the extra outputs of the result; or None, and the seed stays an input
+    (``seed_in_graph`` says which).
     Building costs about as much as one onnxruntime session.
     """
 
@@ -217,7 +222,10 @@ class TensorGradients(_SessionGraph):
                  input_shape: Sequence[int] | None = None,
                  epilogue: Callable[[onnx.GraphProto, dict[str, str], dict[str, list[int | None]]], list[str]]
                  | None = None,
-                 returned: Iterable[str] = ()):
+                 returned: Iterable[str] = (),
+                 seed_graph: Callable[[onnx.GraphProto, dict[str, list[int | None]]],
+                                      tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]] | None]
+                 | None = None):
         model = onnx.ModelProto()
         model.CopyFrom(proto)
         if input_shape is not None:  # pool gradients over unknown spatial sizes are wrong (see training)
@@ -257,8 +265,18 @@ class TensorGradients(_SessionGraph):
             extra = epilogue(grad_model.graph, gradients, known)
             self._keys += extra
             self._names += extra
+        made = seed_graph(grad_model.graph, shapes) if seed_graph is not None else None
+        self.seed_in_graph = made is not None
+        if made is not None:
+            new_inputs, new_outputs = made
+            kept_inputs = [i for i in grad_model.graph.input if i.name != SEED_INPUT]
+            del grad_model.graph.input[:]
+            grad_model.graph.input.extend(kept_inputs + list(new_inputs))
+            grad_model.graph.output.extend(new_outputs)
+            self._keys += [o.name for o in new_outputs]
+            self._names += [o.name for o in new_outputs]
         present = {o.name for o in grad_model.graph.output}
-        if epilogue is not None:  # only what is asked for leaves the session
+        if epilogue is not None or made is not None:  # only what is asked for leaves the session
             kept = [o for o in grad_model.graph.output if o.name in self._names]
             del grad_model.graph.output[:]
             grad_model.graph.output.extend(kept)
@@ -269,7 +287,11 @@ class TensorGradients(_SessionGraph):
         self._bytes = grad_model.SerializeToString()
         self._session = _session(self._bytes, threads)
 
-    def __call__(self, x: np.ndarray, seed: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {self.input_name: np.ascontiguousarray(x, np.float32), SEED_INPUT: np.ascontiguousarray(seed, np.float32)}
+    def __call__(self, x: np.ndarray, seed: np.ndarray | None, inputs: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+        """``seed``: the ``[N, classes]`` seed, or None when ``seed_graph`` computes it (from ``inputs``)."""
+        feeds = {self.input_name: np.ascontiguousarray(x, np.float32), **(inputs or {})}
+        if seed is not None:
+            feeds[SEED_INPUT] = np.ascontiguousarray(seed, np.float32)
         values = self._session.run(self._names, feeds)
         return dict(zip(self._keys, values))

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["TIE_RELATIVE", "RunnerUps", "runner_ups", "rank_seeds", "probe_seeds"]
+__all__ = ["TIE_RELATIVE", "RunnerUps", "runner_ups", "rank_seeds", "probe_seeds", "emit_probe_seeds"]
 
 TIE_RELATIVE = float(np.finfo(np.float32).eps)
 
@@ -80,3 +82,58 @@ def probe_seeds(ups: RunnerUps, rng: np.random.Generator) -> np.ndarray:
     np.add.at(seed, (rows, ups.classes.reshape(-1)), w.reshape(-1))
     seed[np.arange(n), ups.predicted] -= w.sum(axis=1)
     return seed.astype(np.float32)
+
+
+def emit_probe_seeds(graph: onnx.GraphProto, logits: str, num_classes: int, count: int, signs: str, seed: str,
+                     prefix: str) -> str:
+    """Append to ``graph`` the nodes of :func:`runner_ups` + :func:`probe_seeds` on ``logits``.
+
+    The gradient graph then needs no separate forward pass to pick the runner-ups: ``signs`` (an input,
+    ``[N, R]`` float64, ``R = min(count, num_classes - 1)``, drawn as :func:`probe_seeds` draws them) and
+    the graph's own logits make ``seed`` (``[N, classes]`` float32). The arithmetic is numpy's, in float64
+    (``TopK`` breaks equal gaps by the lower class index, as the stable argsort does), so the seeds are
+    the same numbers. Returns the name of an int64 scalar: the ties skipped in the batch.
+    """
+    r = max(1, min(int(count), int(num_classes) - 1))
+    nodes: list[onnx.NodeProto] = []
+    consts: list[onnx.TensorProto] = []
+
+    def op(op_type: str, inputs: list[str], **attrs) -> str:
+        out = f"{prefix}/{op_type}/{len(nodes)}"
+        nodes.append(helper.make_node(op_type, inputs, [out], name=f"{out}/node", **attrs))
+        return out
+
+    def const(value, dtype) -> str:
+        name = f"{prefix}/const/{len(consts)}"
+        consts.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    z = op("Cast", [logits], to=TensorProto.DOUBLE)
+    predicted = op("ArgMax", [z], axis=1, keepdims=1)  # [N, 1], the first of equal maxima, as np.argmax
+    top = op("GatherElements", [z, predicted], axis=1)  # [N, 1]
+    is_predicted = op("Equal", [const(np.arange(num_classes)[None, :], np.int64), predicted])  # [N, C]
+    gap = op("Where", [is_predicted, const(np.inf, np.float64), op("Sub", [top, z])])
+    negative, classes = f"{prefix}/negative_margin", f"{prefix}/classes"
+    nodes.append(helper.make_node("TopK", [op("Neg", [gap]), const([r], np.int64)], [negative, classes],
+                                  name=f"{prefix}/TopK", axis=1, largest=1, sorted=1))
+    margin = op("Neg", [negative])  # [N, R], closest runner-up first
+    scale = op("Max", [op("Abs", [top]), op("Abs", [op("GatherElements", [z, classes], axis=1)])])
+    finite = op("Equal", [op("Sub", [margin, margin]), const(0.0, np.float64)])  # inf - inf, NaN: NaN
+    tie = op("Or", [op("Not", [finite]), op("LessOrEqual", [margin, op("Mul", [const(TIE_RELATIVE, np.float64),
+                                                                                 scale])])])
+    one, zero = const(1.0, np.float64), const(0.0, np.float64)
+    inverse = op("Where", [tie, zero, op("Div", [one, op("Where", [tie, one, margin])])])
+    w = op("Mul", [signs, inverse])  # [N, R]
+    picked = op("Cast", [op("Equal", [op("Unsqueeze", [classes, const([2], np.int64)]),
+                                      const(np.arange(num_classes)[None, None, :], np.int64)])],
+                to=TensorProto.DOUBLE)  # [N, R, C]
+    axis1 = const([1], np.int64)  # ReduceSum's axes are an input from opset 13 (the canonical form's least)
+    up = op("ReduceSum", [op("Mul", [picked, op("Unsqueeze", [w, const([2], np.int64)])]), axis1], keepdims=0)
+    down = op("Mul", [op("Cast", [is_predicted], to=TensorProto.DOUBLE), op("ReduceSum", [w, axis1], keepdims=1)])
+    nodes.append(helper.make_node("Cast", [op("Sub", [up, down])], [seed], name=f"{prefix}/seed", to=TensorProto.FLOAT))
+    ties = f"{prefix}/ties"
+    nodes.append(helper.make_node("ReduceSum", [op("Cast", [tie], to=TensorProto.INT64)], [ties], name=f"{ties}/node",
+                                  keepdims=0))
+    graph.initializer.extend(consts)
+    graph.node.extend(nodes)
+    return ties

@@ -195,8 +195,8 @@ def test_ties_are_skipped_without_nan():
     w[2:] *= 0.1
     canonical = from_proto(linear_classifier(w, b))
     sites = find_sites(canonical, (1, D))
-    for method in ("exact", "fast"):
-        table = noise_gain(canonical, sites, [x], method=method, probes=None, runner_ups=2)
+    for method, probes in (("exact", None), ("fast", None), ("fast", 1)):  # fast with probes: runner-ups in the graph
+        table = noise_gain(canonical, sites, [x], method=method, probes=probes, runner_ups=2)
         assert table.finite()
         assert table.ties == len(x)
         assert table.weights["fc/1"] == 0.0  # the tied class only appears in the skipped pairs
@@ -303,3 +303,68 @@ def test_depthwise_and_matmul_layers_fast_matches_exact(head):
             assert fast.weights[name] == pytest.approx(value, rel=1e-4, abs=1e-9 * top), (rebuild, name)
         for name, value in exact.activations.items():
             assert fast.activations[name] == pytest.approx(value, rel=1e-4), (rebuild, name)
+
+
+def _in_graph_seeds(z: np.ndarray, count: int, signs: np.ndarray):
+    """Run emit_probe_seeds alone on ``z`` (float32 logits) in onnxruntime: (seed, ties)."""
+    import onnx
+
+    from impq_onnx.runtime import inference_session
+    from impq_onnx.sensitivity.margins import emit_probe_seeds
+
+    n, c = z.shape
+    graph = helper.make_graph([], "seeds", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", c]),
+                                            helper.make_tensor_value_info("signs", TensorProto.DOUBLE, ["N", None])],
+                              [])
+    ties = emit_probe_seeds(graph, "z", c, count, "signs", "seed", "p")
+    graph.output.extend([helper.make_tensor_value_info("seed", TensorProto.FLOAT, ["N", c]),
+                         helper.make_tensor_value_info(ties, TensorProto.INT64, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    seed, tie_count = inference_session(model.SerializeToString()).run(None, {"z": z, "signs": signs})
+    return seed, int(tie_count)
+
+
+@pytest.mark.parametrize("count", [2, 4, 10])
+def test_in_graph_seeds_are_numpys(count):
+    """The gradient graph picks the runner-ups itself (no forward pass first): the same seeds as
+    runner_ups + probe_seeds, bit for bit, for ties with the prediction, equal gaps among runner-ups
+    (broken by class index) and random logits, with the signs drawn the way probe_seeds draws them."""
+    rng = np.random.default_rng(11)
+    z = np.concatenate([
+        np.array([[1.0, 3.0, 2.5, 3.0, -1.0], [0.0, 1.0, 0.0, 0.0, 5.0], [2.0, 2.0, 2.0, 2.0, 2.0],
+                  [1e-9, 0.0, -1e-9, 3e4, 3e4 * (1 - 1e-7)]]),
+        rng.standard_normal((12, 5)) * 3]).astype(np.float32)
+    ups = runner_ups(z, count)
+    want = probe_seeds(ups, np.random.default_rng(5))
+    signs = np.random.default_rng(5).choice(np.array([-1.0, 1.0]), size=ups.classes.shape)
+    seed, ties = _in_graph_seeds(z, count, signs)
+    assert seed.dtype == np.float32 and np.array_equal(seed, want)
+    assert ties == ups.ties > 0
+
+
+def test_fused_fast_path_runs_one_graph_and_matches_the_forward_pass_path(monkeypatch):
+    """With probes and the norms in the graph, one session per replica (the gradient graph, reading the
+    probe signs instead of a seed) measures what the forward-pass-first path (numpy norms) measures."""
+    import onnx
+
+    import impq_onnx.engine.gradients as gradients
+    from impq_onnx.engine.gradients import SEED_INPUT
+
+    opened = []
+    session = gradients._session
+    monkeypatch.setattr(gradients, "_session", lambda data, *a, **k: opened.append(data) or session(data, *a, **k))
+    canonical, sites = canonical_and_sites(tiny_cnn(seed=5))
+    x, _ = quadrant_batch(25, np.random.default_rng(7))
+    fused = noise_gain(canonical, sites, [x], probes=2, chunk=9, rebuild="graph", seed=3)
+    inputs = [[i.name for i in onnx.load_from_string(data).graph.input] for data in opened]
+    assert len(opened) == 1 and SEED_INPUT not in inputs[0] and "impq.sens/signs" in inputs[0]
+    two_pass = noise_gain(canonical, sites, [x], probes=2, chunk=9, rebuild="numpy", seed=3)
+    assert len(opened) == 3  # the numpy path: a forward session, then the gradient session
+    assert fused.n_samples == two_pass.n_samples == 25 and fused.ties == two_pass.ties
+    top = max(two_pass.weights.values())
+    for name, value in two_pass.weights.items():
+        assert fused.weights[name] == pytest.approx(value, rel=1e-4, abs=1e-9 * top), name
+    for name, value in two_pass.activations.items():
+        assert fused.activations[name] == pytest.approx(value, rel=1e-4), name
