@@ -101,10 +101,6 @@ RUNS: dict[str, list[str]] = {
     "swa-w4a4-distill-seed0": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                                "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%",
                                "--epochs", "2", "--start-steps", "352", "--distill", "--guard", "--seed", "0"],
-    # issue 23's W4A4 point on MobileNet-V1-CIFAR (models/mobilenet-v1-cifar10, --model): seed 1's recipe
-    "mbv1-w4a4-distill": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
-                          "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%",
-                          "--epochs", "2", "--start-steps", "352", "--distill", "--guard", "--seed", "0"],
     "weights-activations": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                             "--start-act-bits", "6", "--target-act-bits", "5", "--act-schedule", "50%",
                             "--epochs", "1", "--no-land-on-target"],
