@@ -195,8 +195,9 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
     runner_count: dict[str, Any] = {}  # what seed_graph made: the runner-up count, the ties output
 
     def seed_graph(graph, shapes):
-        classes = (shapes.get(logits) or [None])[-1]
-        if not classes:  # unknown until run: a forward pass picks the runner-ups
+        shape = shapes.get(logits) or []
+        classes = shape[-1] if len(shape) == 2 else None
+        if not classes or classes < 2:  # unknown until run (or not [N, classes]): a forward pass picks them
             return None
         runner_count["r"] = r = max(1, min(int(runner_up_count), classes - 1))
         runner_count["ties"] = ties = emit_probe_seeds(graph, logits, classes, runner_up_count, SIGNS_INPUT,
