@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["TIE_RELATIVE", "RunnerUps", "runner_ups", "rank_seeds", "probe_seeds", "emit_probe_seeds"]
+__all__ = ["TIE_RELATIVE", "RunnerUps", "runner_ups", "rank_seeds", "probe_signs", "probe_seeds", "emit_probe_seeds"]
 
 TIE_RELATIVE = float(np.finfo(np.float32).eps)
 
@@ -68,6 +68,11 @@ def rank_seeds(ups: RunnerUps, rank: int) -> np.ndarray:
     return seed.astype(np.float32)
 
 
+def probe_signs(rng: np.random.Generator, samples: int, runner_ups: int) -> np.ndarray:
+    """``[samples, runner_ups]`` independent random signs (float64 -1 / +1): one probe's draw from ``rng``."""
+    return rng.choice(np.array([-1.0, 1.0]), size=(samples, runner_ups))
+
+
 def probe_seeds(ups: RunnerUps, rng: np.random.Generator) -> np.ndarray:
     """One Rademacher probe: ``sum_r eps_r * seed_r`` with independent random signs ``eps``.
 
@@ -75,8 +80,7 @@ def probe_seeds(ups: RunnerUps, rng: np.random.Generator) -> np.ndarray:
     have zero mean because the signs are independent.
     """
     n, r = ups.classes.shape
-    signs = rng.choice(np.array([-1.0, 1.0]), size=(n, r))
-    w = signs * ups.inverse_margin
+    w = probe_signs(rng, n, r) * ups.inverse_margin
     seed = np.zeros((n, ups.num_classes), np.float64)
     rows = np.repeat(np.arange(n), r)
     np.add.at(seed, (rows, ups.classes.reshape(-1)), w.reshape(-1))
@@ -89,7 +93,7 @@ def emit_probe_seeds(graph: onnx.GraphProto, logits: str, num_classes: int, coun
     """Append to ``graph`` the nodes of :func:`runner_ups` + :func:`probe_seeds` on ``logits``.
 
     The gradient graph then needs no separate forward pass to pick the runner-ups: ``signs`` (an input,
-    ``[N, R]`` float64, ``R = min(count, num_classes - 1)``, drawn as :func:`probe_seeds` draws them) and
+    ``[N, R]`` float64, ``R = min(count, num_classes - 1)``, from :func:`probe_signs`) and
     the graph's own logits make ``seed`` (``[N, classes]`` float32). The arithmetic is numpy's, in float64
     (``TopK`` breaks equal gaps by the lower class index, as the stable argsort does), so the seeds are
     the same numbers. Returns the name of an int64 scalar: the ties skipped in the batch.

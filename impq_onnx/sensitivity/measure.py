@@ -28,7 +28,7 @@ from onnx import helper
 from impq_onnx.engine.gradients import SEED_INPUT, ForwardTensors, TensorGradients, explicit_conv_pads
 from impq_onnx.errors import ModelError
 from impq_onnx.runtime import lap, resolve_threads
-from impq_onnx.sensitivity.margins import emit_probe_seeds, probe_seeds, rank_seeds, runner_ups
+from impq_onnx.sensitivity.margins import emit_probe_seeds, probe_seeds, probe_signs, rank_seeds, runner_ups
 from impq_onnx.frontend.ops import LayerGeometry
 from impq_onnx.sensitivity.per_sample import NormGraph, kernel_square_norms
 from impq_onnx.frontend.sites import SiteTable
@@ -171,7 +171,10 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
     ``replicas=R > 1``: R sessions of the same graphs, ``threads // R`` intra-op threads each, measure
     the parts of every chunk side by side (as the fine-tune's replicas do: onnxruntime's intra-op
     threading is poor on these small GEMMs). The probe signs are drawn for the whole chunk, so the
-    sums equal the single-session ones up to float rounding.
+    sums equal the single-session ones up to float rounding. With probes and ``rebuild="graph"`` the
+    gradient graph picks the runner-ups from its own logits (:func:`emit_probe_seeds`: the same numbers
+    as :func:`runner_ups` + :func:`probe_seeds`), so a chunk is one session run per probe, with no
+    forward pass before it; where the class count is not known from the graph, a forward pass first.
     """
     if rebuild not in ("graph", "numpy"):
         raise ValueError(f"rebuild must be 'graph' or 'numpy', not {rebuild!r}")
@@ -234,8 +237,8 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
             if fused:
                 assert probes is not None
                 r = runner_count["r"]
-                for probe in range(probes):  # the signs drawn as probe_seeds draws them
-                    signs = rng.choice(np.array([-1.0, 1.0]), size=(len(x), r))
+                for probe in range(probes):  # the same draws as probe_seeds makes
+                    signs = probe_signs(rng, len(x), r)
                     pieces = [(parts[i], signs[bounds[i]:bounds[i + 1]]) for i in range(len(parts))]
                     results = spread(lambda w, part, sign: w[1](part, None, {SIGNS_INPUT: sign}), pieces)
                     _add_norms(sums, results, sites, taps, norm_name, 1.0 / probes)
