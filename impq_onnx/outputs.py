@@ -24,7 +24,7 @@ import signal
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
 from impq_onnx.run_lock import RunLock
@@ -197,14 +197,16 @@ def deferred_signals() -> Iterator[None]:
     def note(signum: int, frame: object) -> None:
         noted.append(signal.Signals(signum))
 
-    try:  # a handler not installed from Python (getsignal gives None) is left alone: it cannot be put back
-        old = {signum: signal.signal(signum, note) for signum in held if signal.getsignal(signum) is not None}
-    except ValueError:  # not the main thread: Python runs no handler here, nothing can cut this thread
-        yield
-        return
+    old: dict[signal.Signals, Any] = {}
     try:
+        try:  # a handler not installed from Python (getsignal gives None) is left alone: it cannot be put back
+            for signum in held:
+                if signal.getsignal(signum) is not None:
+                    old[signum] = signal.signal(signum, note)
+        except ValueError:  # not the main thread: Python runs no handler here, nothing can cut this thread
+            pass
         yield
-    finally:
+    finally:  # also when a signal's own handler raised between two swaps: what was swapped is put back
         for signum, handler in old.items():
             signal.signal(signum, handler)
         if noted:

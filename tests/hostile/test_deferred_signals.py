@@ -96,3 +96,19 @@ def test_output_set_opened_under_a_signal_leaves_no_staging_folder(other_thread_
         with outputs:
             pytest.fail("the signal did not stop the run")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_outside_the_main_thread_nothing_is_swapped() -> None:
+    """Python runs handlers in the main thread only, and signal.signal refuses other threads: the block runs
+    as it is, and the main thread's handlers stay what they were."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    ran: list[bool] = []
+
+    def body() -> None:
+        with deferred_signals():
+            ran.append(True)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert ran == [True] and {s: signal.getsignal(s) for s in before} == before
