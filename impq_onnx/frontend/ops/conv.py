@@ -284,8 +284,12 @@ def conv_grad_as_transpose(grad_model: onnx.ModelProto, shapes: dict[str, list[i
             extra.append(n - (st * (out - 1) + span - pads[i] - pads[i + spatial]))
         if any(e < 0 or e >= max(st, dl) for e, st, dl in zip(extra, strides, dilations)):
             continue
-        conv_pads = _as_conv_pads(attrs, weight, list(kernel))
-        if conv_pads is not None:
+        # stride 1, plain or depthwise: the Conv (a strided conv's input gradient needs a zero-dilated output
+        # gradient, a grouped conv's weight a transpose per group)
+        conv_pads = [span - 1 - p for span, p in zip(spans * 2, pads)]
+        depthwise = len(weight) == 2 + spatial and weight[1] == 1 and group == weight[0]
+        if set(strides) == {1} and min(conv_pads) >= 0 and (group == 1 or depthwise) \
+                and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
             nodes[-1:] = _input_gradient_as_conv(grad_model.graph, node, spatial, group, dilations, list(kernel),
                                                  conv_pads)
         else:
@@ -298,27 +302,6 @@ def conv_grad_as_transpose(grad_model: onnx.ModelProto, shapes: dict[str, list[i
     del grad_model.graph.node[:]
     grad_model.graph.node.extend(nodes)
     return replaced
-
-
-def _as_conv_pads(attrs: dict, weight: Sequence[int | None], kernel: list[int]) -> list[int] | None:
-    """The pads of the ``Conv`` that computes a conv's input gradient, or None where it cannot.
-
-    Stride 1 only (a strided conv's input gradient needs a zero-dilated output gradient), and plain or
-    depthwise (one input channel per group, as many groups as kernels) only: a grouped conv's weight
-    would need a transpose per group.
-    """
-    spatial = len(kernel)
-    strides = list(attrs.get("strides") or [1] * spatial)
-    dilations = list(attrs.get("dilations") or [1] * spatial)
-    pads = list(attrs.get("pads") or [0] * 2 * spatial)
-    group = int(attrs.get("group", 1))
-    depthwise = len(weight) == 2 + spatial and weight[1] == 1 and group == weight[0]
-    if set(strides) != {1} or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
-            or not (group == 1 or depthwise):
-        return None
-    spans = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
-    conv_pads = [span - 1 - p for span, p in zip(spans * 2, pads)]
-    return conv_pads if min(conv_pads) >= 0 else None
 
 
 def _input_gradient_as_conv(graph: onnx.GraphProto, node: onnx.NodeProto, spatial: int, group: int,
