@@ -234,33 +234,29 @@ def fast_sums(proto: onnx.ModelProto, logits: str, sites: SiteTable, chunks: Ite
         for x in chunks:
             parts = list(np.array_split(x, min(replicas, len(x))))
             bounds = np.cumsum([0] + [len(p) for p in parts])
+            # a pass: (seed, probe signs) for the whole chunk; fused, the graph makes the seed from the signs
             if fused:
                 assert probes is not None
-                r = runner_count["r"]
-                for probe in range(probes):  # the same draws as probe_seeds makes
-                    signs = probe_signs(rng, len(x), r)
-                    pieces = [(parts[i], signs[bounds[i]:bounds[i + 1]]) for i in range(len(parts))]
-                    results = spread(lambda w, part, sign: w[1](part, None, {SIGNS_INPUT: sign}), pieces)
-                    _add_norms(sums, results, sites, taps, norm_name, 1.0 / probes)
-                    if probe == 0:
-                        sums.ties += sum(int(g[runner_count["ties"]]) for g in results)
-                sums.runner_ups = r
-                sums.samples += len(x)
-                continue
-            outs = spread(lambda w, part: w[0](part), [(part,) for part in parts])
-            z = np.concatenate([o[0] for o in outs])
-            kept = {name: np.concatenate([o[1][name] for o in outs]) for name in outs[0][1]}
-            ups = runner_ups(z, runner_up_count)
-            sums.ties += ups.ties
-            sums.runner_ups = ups.classes.shape[1]
-            passes = ([rank_seeds(ups, r) for r in range(ups.classes.shape[1])] if probes is None
-                      else [probe_seeds(ups, rng) for _ in range(probes)])
+                sums.runner_ups = runner_count["r"]
+                passes = [(None, probe_signs(rng, len(x), runner_count["r"])) for _ in range(probes)]
+            else:
+                outs = spread(lambda w, part: w[0](part), [(part,) for part in parts])
+                z = np.concatenate([o[0] for o in outs])
+                kept = {name: np.concatenate([o[1][name] for o in outs]) for name in outs[0][1]}
+                ups = runner_ups(z, runner_up_count)
+                sums.ties += ups.ties
+                sums.runner_ups = ups.classes.shape[1]
+                seeds = ([rank_seeds(ups, r) for r in range(ups.classes.shape[1])] if probes is None
+                         else [probe_seeds(ups, rng) for _ in range(probes)])
+                passes = [(seed, None) for seed in seeds if np.any(seed)]
             scale = 1.0 if probes is None else 1.0 / probes
-            for s in passes:
-                if not np.any(s):
-                    continue
-                pieces = [(parts[i], s[bounds[i]:bounds[i + 1]]) for i in range(len(parts))]
-                results = spread(lambda w, part, seed: w[1](part, seed), pieces)
+            for index, (seed, signs) in enumerate(passes):
+                pieces = [(parts[i], *(None if a is None else a[bounds[i]:bounds[i + 1]] for a in (seed, signs)))
+                          for i in range(len(parts))]
+                results = spread(lambda w, part, sd, sg: w[1](part, sd, None if sg is None else {SIGNS_INPUT: sg}),
+                                 pieces)
+                if fused and index == 0:  # the same logits, so the same ties, in every probe
+                    sums.ties += sum(int(g[runner_count["ties"]]) for g in results)
                 if in_graph:
                     _add_norms(sums, results, sites, taps, norm_name, scale)
                     continue
