@@ -28,6 +28,7 @@ _CHOICES = {
     "batchnorm": BATCHNORM_MODES,
     "weighting": ("paper", "reference", "step"),
     "sensitivity_method": ("fast", "exact"),
+    "act_clip": ("paper", "mse"),
     "format": TARGETS,  # the live registry: a registered target is a valid option
 }
 # Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
@@ -70,6 +71,12 @@ class CompressConfig:
     weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
+    act_clip: str = _opt("paper", "Activation clip per site: paper (impq: max over channels of beta + 6|gamma| of "
+                                  "the batch-norm before the site, else the 99.9th percentile of the float "
+                                  "model's values; uniform-ptq: that percentile) or mse (impq and uniform-ptq: "
+                                  "whenever a site's bits are set, the clip whose quantization at those bits has "
+                                  "the least squared error on the current model's values over 5 training "
+                                  "batches).")
     schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150 (or "
                                 "NAME:ARGS of a registered schedule, e.g. fixed:400).")
     act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
@@ -163,6 +170,9 @@ class CompressConfig:
         self.threads = resolve_threads(self.threads)
         if self.replicas is None:
             self.replicas = default_replicas(self.threads, self.batch_size, self.optimizer)
+        if self.act_clip == "mse" and self.method not in ("impq", "uniform-ptq"):
+            raise ConfigError(f"option 'act_clip': mse works with method impq or uniform-ptq; {self.method} sets "
+                              "its own clips (give act_clip: paper, or leave it out)")
         if self.replicas > 1 and self.optimizer != "sgd":
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
         return self

@@ -8,7 +8,8 @@ The quantizers are defined exactly in :mod:`impq_onnx.quant.quantizers`. The res
 artifacts; it uses ``com.microsoft::FakeQuant`` (an onnxruntime contrib op).
 
 :func:`calibrate_clips` fills the clips of activation sites that have no batch-norm before them with
-the 99.9th percentile of the float model's activations over a few batches.
+the 99.9th percentile of the float model's activations over a few batches; :func:`fit_clips_mse` sets a
+site's clip to the one with the least squared quantization error at its bits (``--act-clip mse``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from onnx import helper
 
 from impq_onnx.errors import DataError, InternalError, PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
-from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer
+from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer, quantize_activation
 from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.frontend.sites import SiteTable
 
-__all__ = ["simulate", "calibrate_clips", "quantized_weight_name", "as_proto", "SIMULATION_PREFIX"]
+__all__ = ["simulate", "calibrate_clips", "fit_clips_mse", "mse_clip", "quantized_weight_name", "as_proto", "SIMULATION_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,29 +151,19 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     return order
 
 
-def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *, percentile: float = 99.9,
-                    max_batches: int = 5, only_missing: bool = True, threads: int | None = None, seed: int = 0) -> PrecisionPlan:
-    """A copy of ``plan`` whose activation clips are the ``percentile`` of the float model's values.
-
-    Unsigned sites use the values themselves, signed sites their magnitudes. With ``only_missing``
-    (default) sites whose clip is already known (from a batch-norm) keep it. At most
-    ``CALIBRATION_SAMPLES`` values per site and batch are kept (a fixed-seed random subset).
-    ``batches`` yields ``(x, y)`` or ``x`` numpy batches; only the first ``max_batches`` are read.
-    """
+def _site_values(model, names: list[str], batches: Iterable, *, max_batches: int, keep: int,
+                 threads: int | None, seed: int) -> tuple[dict[str, np.ndarray], int]:
+    """The values of tensors ``names`` of ``model`` over the first ``max_batches`` of ``batches`` (at most
+    ``keep`` per tensor and batch, a fixed-seed random subset), and the number of batches read."""
     from impq_onnx.runtime import inference_session
 
-    todo = [s for s in sites.activations if not (only_missing and plan.clips[s.tensor].value is not None)]
-    result = plan.copy()
-    if not todo:
-        return result
     proto = as_proto(model)
     present = {o.name for o in proto.graph.output}
-    for site in todo:
-        if site.tensor not in present:
-            proto.graph.output.append(helper.make_tensor_value_info(site.tensor, onnx.TensorProto.FLOAT, None))
+    for name in names:
+        if name not in present:
+            proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = inference_session(proto.SerializeToString(), threads)
     input_name = session.get_inputs()[0].name
-    names = [s.tensor for s in todo]
     rng = np.random.default_rng(seed)
     values: dict[str, list[np.ndarray]] = {n: [] for n in names}
     seen = 0
@@ -188,14 +179,32 @@ def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Itera
                 outs[i].append(np.array(out, copy=True).reshape(-1))  # outputs may alias a reused buffer
         for name, parts in zip(names, outs):
             flat = np.concatenate(parts)
-            if flat.size > CALIBRATION_SAMPLES:
-                flat = flat[rng.choice(flat.size, CALIBRATION_SAMPLES, replace=False)]
+            if flat.size > keep:
+                flat = flat[rng.choice(flat.size, keep, replace=False)]
             values[name].append(flat)
         seen += 1
     if seen == 0:
         raise DataError("calibrating activation clips needs at least one batch of data")
+    return {name: np.concatenate(parts) for name, parts in values.items()}, seen
+
+
+def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Iterable, *, percentile: float = 99.9,
+                    max_batches: int = 5, only_missing: bool = True, threads: int | None = None, seed: int = 0) -> PrecisionPlan:
+    """A copy of ``plan`` whose activation clips are the ``percentile`` of the float model's values.
+
+    Unsigned sites use the values themselves, signed sites their magnitudes. With ``only_missing``
+    (default) sites whose clip is already known (from a batch-norm) keep it. At most
+    ``CALIBRATION_SAMPLES`` values per site and batch are kept (a fixed-seed random subset).
+    ``batches`` yields ``(x, y)`` or ``x`` numpy batches; only the first ``max_batches`` are read.
+    """
+    todo = [s for s in sites.activations if not (only_missing and plan.clips[s.tensor].value is not None)]
+    result = plan.copy()
+    if not todo:
+        return result
+    values, seen = _site_values(model, [s.tensor for s in todo], batches, max_batches=max_batches,
+                                keep=CALIBRATION_SAMPLES, threads=threads, seed=seed)
     for site in todo:
-        data = np.concatenate(values[site.tensor])
+        data = values[site.tensor]
         signed = result.clips[site.tensor].signed
         data = np.abs(data) if signed else np.maximum(data, 0)
         clip = float(np.percentile(data, percentile))
@@ -205,3 +214,51 @@ def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Itera
         logger.info("clip of %s: %.4g (%sth percentile over %d batches)", site.tensor, clip, percentile, seen)
     return result
 
+
+MSE_SAMPLES = 65_536  # values kept per site and batch for the least-squares clip
+_COARSE = 2.0 ** (-np.arange(64) / 8.0)  # the top value down to 1/256 of it, 9 % apart
+_FINE = 33
+
+
+def mse_clip(values: np.ndarray, bits: int, signed: bool) -> float | None:
+    """The clip whose activation quantizer at ``bits`` (:func:`impq_onnx.quant.quantizers.quantize_activation`)
+    has the least mean squared error on ``values``: the largest magnitude down to 1/256 of it on a geometric
+    grid, then a linear grid between the best one's neighbours. None when no value is above zero."""
+    v = np.asarray(values, np.float32).reshape(-1)
+    v = v[np.isfinite(v)]
+    top = float(np.max(np.abs(v) if signed else v, initial=0.0))
+    if not top > 0:
+        return None
+
+    def error(clip: float) -> float:
+        return float(np.mean(np.square(quantize_activation(v, bits, clip, signed) - v, dtype=np.float64)))
+
+    coarse = [float(top * f) for f in _COARSE]
+    errors = [error(c) for c in coarse]
+    best = int(np.argmin(errors))
+    hi, lo = coarse[max(best - 1, 0)], coarse[min(best + 1, len(coarse) - 1)]
+    fine = [float(c) for c in np.linspace(lo, hi, _FINE)]
+    fine_errors = [error(c) for c in fine]
+    i = int(np.argmin(fine_errors))
+    return fine[i] if fine_errors[i] < errors[best] else coarse[best]
+
+
+def fit_clips_mse(model, plan: PrecisionPlan, sites: SiteTable, tensors: Iterable[str], batches: Iterable, *,
+                  max_batches: int = 5, threads: int | None = None, seed: int = 0) -> PrecisionPlan:
+    """A copy of ``plan`` in which each site of ``tensors`` (that has bits) gets the :func:`mse_clip` of
+    ``model``'s values there at its bits (``--act-clip mse``); a site whose values are all zero or below keeps
+    its clip. At most ``MSE_SAMPLES`` values per site and batch, a fixed-seed random subset."""
+    result = plan.copy()
+    todo = [t for t in tensors if result.activations.get(t) is not None]
+    if not todo:
+        return result
+    values, seen = _site_values(model, todo, batches, max_batches=max_batches, keep=MSE_SAMPLES, threads=threads,
+                                seed=seed)
+    for tensor in todo:
+        old = result.clips[tensor]
+        clip = mse_clip(values[tensor], result.activations[tensor], old.signed)
+        if clip is not None:
+            result.clips[tensor] = ActivationClip(clip, old.signed)
+            logger.info("clip of %s at %d bits: %.4g (least squared error over %d batches)", tensor,
+                        result.activations[tensor], clip, seen)
+    return result

@@ -22,7 +22,7 @@ import math
 import time
 
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.simulate import calibrate_clips, simulate
+from impq_onnx.quant.simulate import calibrate_clips, fit_clips_mse, simulate
 from impq_onnx.search.budget import MAX_PASSES, affordable_end_steps, budget_groups
 from impq_onnx.search.iteration import (
     EVAL_BATCH,
@@ -89,8 +89,19 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
     for site in sites.activations:
         plan.activations[site.tensor] = cfg.start_act_bits
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
-    return calibrate_clips(model, plan, sites, batches, threads=cfg.threads,
+    plan = calibrate_clips(model, plan, sites, batches, threads=cfg.threads,
                            seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
+    return _fit_clips(cfg, plan, model, sites, train, iteration, [site.tensor for site in sites.activations])
+
+
+def _fit_clips(cfg, plan: PrecisionPlan, model, sites, train, iteration: int, tensors: list[str]) -> PrecisionPlan:
+    """With ``act_clip: mse``, the clips of ``tensors`` fitted to their bits on ``model`` (the current weights);
+    with ``paper``, ``plan`` unchanged (a work dir from before the option has no ``act_clip``: paper)."""
+    if getattr(cfg, "act_clip", "paper") != "mse" or not tensors:
+        return plan
+    batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
+    return fit_clips_mse(model, plan, sites, tensors, batches, threads=cfg.threads,
+                         seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
 
 
 # ---- one iteration -------------------------------------------------------------------------------
@@ -126,7 +137,7 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step,
                        samples=cfg.sensitivity_samples, threads=cfg.threads,
                        seed=derive_seed(cfg.seed, iteration, "probes"), progress=progress)
     scores = dict(table.weights if phase == "weights" else table.activations)
-    reducible, lowered = len(candidates), 0
+    reducible, lowered, measured = len(candidates), 0, plan
     # n > reducible (a time budget short of steps): one pass per bit; past the count, passes go on in
     # sensitivity order until the budget's goal is reached (the last of them landing on it)
     for _ in range(MAX_PASSES + 1):
@@ -141,6 +152,10 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step,
         if target is not None and _phase_bits(plan, phase, sites) <= target + 1e-9:
             break
         candidates = _reducible(plan, sites, phase, cfg.granularity)
+    if phase == "activations":  # with act_clip mse, each lowered site's clip is refitted to its new bits
+        lowered_sites = [site.tensor for site in sites.activations
+                         if plan.activations[site.tensor] != measured.activations[site.tensor]]
+        plan = _fit_clips(cfg, plan, model, sites, train, iteration, lowered_sites)
     return plan, lowered, reducible, table
 
 

@@ -6,7 +6,8 @@ One iteration (``kind: calibrate``, ``fine_tune_steps: 0``, ``fine_tune_loss: nu
   ``weight_scheme``), every activation site at ``round(target_act_bits)`` bits; a target of ``none``
   keeps that side float, and a side not in ``phases`` stays float (``--phases weights``: weights only);
 - every activation clip is the 99.9th percentile of the float model's values over 5 training batches
-  (:func:`impq_onnx.quant.simulate.calibrate_clips` with ``only_missing=False``: batch-norm clips are not used);
+  (:func:`impq_onnx.quant.simulate.calibrate_clips` with ``only_missing=False``: batch-norm clips are not used),
+  or with ``act_clip: mse`` the clip of least squared error at the site's bits (:func:`fit_clips_mse`);
 - the float weights are left as they are.
 """
 
@@ -17,7 +18,7 @@ import time
 from typing import Any
 
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.simulate import calibrate_clips
+from impq_onnx.quant.simulate import calibrate_clips, fit_clips_mse
 from impq_onnx.search.iteration import derive_seed, finish_iteration, record_iteration
 from impq_onnx.search.state import PHASE_ORDERS, SearchContext, SearchState
 
@@ -42,8 +43,13 @@ def calibrated_plan(cfg: Any, base: Any, sites: Any, train: Any, weight_bits: in
     plan = PrecisionPlan.uniform(sites, weight_bits, act_bits, weight_scheme=weight_scheme,
                                  granularity=cfg.granularity)
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0, "calibrate"))
-    return calibrate_clips(base, plan, sites, batches, percentile=99.9, max_batches=5, only_missing=False,
+    plan = calibrate_clips(base, plan, sites, batches, percentile=99.9, max_batches=5, only_missing=False,
                            threads=cfg.threads, seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
+    if getattr(cfg, "act_clip", "paper") != "mse":
+        return plan
+    batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0, "calibrate"))
+    return fit_clips_mse(base, plan, sites, [site.tensor for site in sites.activations], batches,
+                         threads=cfg.threads, seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
 
 
 def run_ptq(context: SearchContext, state: SearchState) -> SearchState:

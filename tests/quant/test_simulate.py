@@ -15,7 +15,8 @@ from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.errors import PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
 from impq_onnx.runtime import inference_session
-from impq_onnx.quant.simulate import calibrate_clips, quantized_weight_name, simulate
+from impq_onnx.quant.simulate import (MSE_SAMPLES, calibrate_clips, fit_clips_mse, mse_clip, quantized_weight_name,
+                                      simulate)
 from quant_models import SIZE, canonical_and_sites, quadrant_batch, quadrant_batches, tiny_cnn
 
 SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
@@ -275,3 +276,51 @@ def test_calibrate_fills_missing_clips_with_the_percentile(tiny):
     assert calibrated.clips["x"] == ActivationClip(pytest.approx(float(np.percentile(np.abs(xs), 99.9)), rel=1e-6), True)
     sim = simulate(canonical, calibrated, sites)
     inference_session(sim.SerializeToString())
+
+
+def _quant_error(v, bits, clip, signed):
+    return float(np.mean(np.square(quantizers.quantize_activation(v, bits, clip, signed) - v, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_mse_clip_is_as_good_as_a_dense_scan(bits, signed):
+    """The grid search lands within 1 % of the best error that a dense scan of 4,000 clips finds, for a
+    Gaussian, a heavy-tailed and a two-scale sample (ReLU-like or symmetric)."""
+    rng = np.random.default_rng(bits)
+    two_scale = np.concatenate([rng.standard_normal(19_000) * 0.05, rng.standard_normal(1_000) * 4])
+    for v in (rng.standard_normal(20_000), rng.standard_t(3, 20_000), two_scale):
+        v = (v if signed else np.maximum(v, 0)).astype(np.float32)
+        clip = mse_clip(v, bits, signed)
+        top = float(np.max(np.abs(v)))
+        dense = min(_quant_error(v, bits, c, signed) for c in np.linspace(top / 400, top, 4000))
+        assert _quant_error(v, bits, clip, signed) <= dense * 1.01
+        assert isinstance(clip, float) and 0 < clip <= top
+
+
+def test_mse_clip_of_values_at_or_below_zero_is_none():
+    assert mse_clip(np.array([-1.0, 0.0, -3.0], np.float32), 4, signed=False) is None
+    assert mse_clip(np.zeros(10, np.float32), 4, signed=True) is None
+    assert mse_clip(np.array([np.nan, 2.0, np.inf], np.float32), 4, signed=False) == pytest.approx(2.0, rel=0.1)
+
+
+def test_fit_clips_mse_sets_only_the_named_sites_and_is_seeded(tiny):
+    """Only the named sites with bits change; their clip is the mse_clip of the model's values there, the
+    same for the same seed; the plan given is not modified."""
+    canonical, sites = tiny
+    plan = calibrate_clips(canonical, PrecisionPlan.uniform(sites, 4, 3), sites, quadrant_batches(8, 16)())
+    before = plan.copy()
+    fitted = fit_clips_mse(canonical, plan, sites, ["r1"], quadrant_batches(8, 16)(), seed=0)
+    assert plan.clips == before.clips
+    assert fitted.clips["x"] == plan.clips["x"]
+    assert fitted.clips["r1"].signed == plan.clips["r1"].signed and fitted.clips["r1"] != plan.clips["r1"]
+    again = fit_clips_mse(canonical, plan, sites, ["r1"], quadrant_batches(8, 16)(), seed=0)
+    assert again.clips == fitted.clips
+    proto = canonical.to_proto()
+    proto.graph.output.append(helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, None))
+    session = inference_session(proto.SerializeToString())
+    values = np.concatenate([session.run(["r1"], {"x": x})[0].reshape(-1) for x, _ in quadrant_batches(5, 16)()])
+    assert values.size <= 5 * MSE_SAMPLES  # all of them kept: the fit saw exactly these
+    assert fitted.clips["r1"].value == mse_clip(values, 3, plan.clips["r1"].signed)
+    float_site = PrecisionPlan.uniform(sites, 4, None)
+    assert fit_clips_mse(canonical, float_site, sites, ["r1"], quadrant_batches(8, 16)()).clips == float_site.clips

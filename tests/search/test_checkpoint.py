@@ -72,3 +72,25 @@ def test_iterations_commit_and_prune(tmp_path):
     assert lr_work.check_identity({"seed": 0, "lr": None}, {"lr": 0.005}) == {}
     with pytest.raises(ConfigError, match="'lr' was None and is now 0.005"):
         lr_work.check_identity({"seed": 0, "lr": 0.005}, {"lr": 0.005})
+
+
+def test_a_work_dir_from_before_act_clip_resumes_only_with_the_paper_clip(tmp_path):
+    from impq_onnx.compression import _LEGACY, CompressConfig
+
+    work = WorkDir(tmp_path / "w")
+    work.start({"seed": 0})  # run.json of a version without the option
+    default = CompressConfig().act_clip
+    assert work.check_identity({"seed": 0, "act_clip": default}, _LEGACY) == {}
+    with pytest.raises(ConfigError, match="without the option 'act_clip' \\(now 'mse'\\)"):
+        work.check_identity({"seed": 0, "act_clip": "mse"}, _LEGACY)
+
+
+def test_act_clip_mse_is_refused_for_methods_with_their_own_clips():
+    from impq_onnx.compression import CompressConfig
+
+    for method in ("faq", "activation-density"):
+        with pytest.raises(ConfigError, match=f"'act_clip': mse works with method impq or uniform-ptq; {method}"):
+            CompressConfig(model="m.onnx", data="d", method=method, act_clip="mse").validate()
+    with pytest.raises(ConfigError, match="option 'act_clip': 'least-squares' is not one of paper, mse"):
+        CompressConfig(model="m.onnx", data="d", act_clip="least-squares").validate()
+    assert CompressConfig(model="m.onnx", data="d", method="uniform-ptq", act_clip="mse").validate().act_clip == "mse"

@@ -207,3 +207,21 @@ def test_a_budget_step_past_its_count_still_reaches_the_target(net, stand_ins):
                                                              budget=budget)
     assert lowered > reducible
     assert 3.9 < lowered_plan.weight_bits_effective(sites) <= 4.0
+
+
+def test_act_clip_mse_fits_the_clips_at_the_start_and_refits_each_lowered_site(net, tmp_path, stand_ins):
+    """act_clip mse: the activation phase's start gives every site the least-squares clip at the start bits;
+    each lowering refits exactly the sites it lowered (their clip changes, the others' do not). paper keeps the
+    batch-norm clips throughout."""
+    options = dict(phases="activations", start_act_bits=4, max_iterations=2, target_act_bits=None)
+    mse, work = _run(net, tmp_path, act_clip="mse", **options)
+    paper, paper_work = _run(net, tmp_path / "paper", **options)
+    plans = [PrecisionPlan.load(work.iteration_dir(r.iteration) / "plan.yaml") for r in mse.records]
+    paper_plans = [PrecisionPlan.load(paper_work.iteration_dir(r.iteration) / "plan.yaml") for r in paper.records]
+    assert all(p.clips == paper_plans[0].clips for p in paper_plans)
+    fitted = {t for t, c in plans[0].clips.items() if c != paper_plans[0].clips[t]}
+    assert fitted  # a batch-norm clip of these random-weight sites is not the least-squares one
+    for before, after in zip(plans, plans[1:]):
+        lowered = {t for t in after.activations if after.activations[t] != before.activations[t]}
+        changed = {t for t in after.clips if after.clips[t] != before.clips[t]}
+        assert lowered and changed <= lowered and len(changed) >= len(lowered) - 1

@@ -94,6 +94,18 @@ def test_uniform_ptq_calibrates_only(tmp_path):
 
 
 @needs_model
+def test_uniform_ptq_with_act_clip_mse_fits_every_clip_to_the_bits(tmp_path):
+    """act_clip mse: every site's clip is the least-squares one at the uniform bits (3 here), not the 99.9th
+    percentile; the simulated model then agrees with the float one at least as often on the test images."""
+    paper, paper_report, paper_plan = _run(tmp_path / "paper", "uniform-ptq", target_bits=None, target_act_bits=3)
+    mse, mse_report, mse_plan = _run(tmp_path / "mse", "uniform-ptq", target_bits=None, target_act_bits=3,
+                                     act_clip="mse")
+    assert mse_report["config"]["act_clip"] == "mse" and paper_report["config"]["act_clip"] == "paper"
+    assert all(mse_plan.clips[t] != paper_plan.clips[t] for t in paper_plan.activations)
+    assert mse.final["test_agreement"] >= paper.final["test_agreement"]
+
+
+@needs_model
 def test_faq_uses_power_of_two_steps_and_exponential_decay(tmp_path):
     _, report, plan = _run(tmp_path, "faq", target_bits=3.6, target_act_bits=4, max_iterations=3)
     records = report["iterations"]
