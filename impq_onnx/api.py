@@ -237,7 +237,7 @@ def compress(
     weight_scheme: str | Default = DEFAULT,
     start_bits: int | Default = DEFAULT,
     start_act_bits: int | Default = DEFAULT,
-    act_clip: str | Default = DEFAULT,
+    act_clip: str | None | Default = DEFAULT,
     schedule: str | Default = DEFAULT,
     act_schedule: str | Default = DEFAULT,
     target_bits: float | None | Default = DEFAULT,

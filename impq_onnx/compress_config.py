@@ -33,7 +33,9 @@ _CHOICES = {
 }
 # Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
 # a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
-DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR}
+DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR, "act_clip": "mse"}
+# act_clip's derived default for the methods other than impq (uniform-ptq keeps its percentile floor)
+OTHER_METHODS_ACT_CLIP = "paper"
 
 
 def _opt(default, help_text: str):
@@ -71,12 +73,14 @@ class CompressConfig:
     weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
-    act_clip: str = _opt("paper", "Activation clip per site: paper (impq: max over channels of beta + 6|gamma| of "
-                                  "the batch-norm before the site, else the 99.9th percentile of the float "
-                                  "model's values; uniform-ptq: that percentile) or mse (impq and uniform-ptq: "
-                                  "whenever a site's bits are set, the clip whose quantization at those bits has "
-                                  "the least squared error on the current model's values over 5 training "
-                                  "batches).")
+    act_clip: str | None = _opt(None, "Activation clip per site: mse (whenever a site's bits are set, the clip whose "
+                                      "quantization at those bits has the least squared error on the current "
+                                      "model's values over 5 training batches) or paper (impq: max over channels "
+                                      "of beta + 6|gamma| of the batch-norm before the site, else the 99.9th "
+                                      "percentile of the float model's values; uniform-ptq: that percentile) "
+                                      "[default: mse for impq, paper for the other methods (faq and "
+                                      "activation-density only take paper); work dirs written before the option "
+                                      "resume with paper].")
     schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150 (or "
                                 "NAME:ARGS of a registered schedule, e.g. fixed:400).")
     act_schedule: str = _opt("50%", "Activation sites lowered per iteration (same forms).")
@@ -182,6 +186,8 @@ class CompressConfig:
         None: the run derives it)."""
         given: dict[str, Any] = {name: value for name, value in DERIVED.items()
                                  if getattr(self, name) is None and value is not None}
+        if "act_clip" in given and self.method != "impq":
+            given["act_clip"] = OTHER_METHODS_ACT_CLIP
         return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
 
 def _fit_clips(cfg, plan: PrecisionPlan, model, sites, train, iteration: int, tensors: list[str]) -> PrecisionPlan:
     """With ``act_clip: mse``, the clips of ``tensors`` fitted to their bits on ``model`` (the current weights);
-    with ``paper``, ``plan`` unchanged (a work dir from before the option has no ``act_clip``: paper)."""
+    with ``paper`` (or None: a config whose derived defaults were not resolved), ``plan`` unchanged."""
     if getattr(cfg, "act_clip", "paper") != "mse" or not tensors:
         return plan
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))

@@ -79,8 +79,9 @@ def test_a_work_dir_from_before_act_clip_resumes_only_with_the_paper_clip(tmp_pa
 
     work = WorkDir(tmp_path / "w")
     work.start({"seed": 0})  # run.json of a version without the option
-    default = CompressConfig().act_clip
-    assert work.check_identity({"seed": 0, "act_clip": default}, _LEGACY) == {}
+    assert CompressConfig().act_clip is None  # not given: resolved when the run starts (mse for impq)
+    assert work.check_identity({"seed": 0, "act_clip": None}, _LEGACY) == {"act_clip": "paper"}
+    assert work.check_identity({"seed": 0, "act_clip": "paper"}, _LEGACY) == {}
     with pytest.raises(ConfigError, match="without the option 'act_clip' \\(now 'mse'\\)"):
         work.check_identity({"seed": 0, "act_clip": "mse"}, _LEGACY)
 
@@ -94,3 +95,7 @@ def test_act_clip_mse_is_refused_for_methods_with_their_own_clips():
     with pytest.raises(ConfigError, match="option 'act_clip': 'least-squares' is not one of paper, mse"):
         CompressConfig(model="m.onnx", data="d", act_clip="least-squares").validate()
     assert CompressConfig(model="m.onnx", data="d", method="uniform-ptq", act_clip="mse").validate().act_clip == "mse"
+    # not given: mse for impq, paper for every other method (faq and activation-density set their own clips)
+    for method, clip in (("impq", "mse"), ("uniform-ptq", "paper"), ("faq", "paper"), ("activation-density", "paper")):
+        cfg = CompressConfig(model="m.onnx", data="d", method=method).validate()
+        assert cfg.with_derived_defaults().act_clip == clip
