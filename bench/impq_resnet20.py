@@ -238,7 +238,10 @@ def main(argv=None) -> int:
         for name in names:
             cmd = command(name, args.model, args.data, work, args.threads)
             print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # 4: ended by a stop rule before its target (--max-accuracy-drop, --max-iterations), outputs written
+            if done.returncode not in (0, 4):
+                raise subprocess.CalledProcessError(done.returncode, cmd)
     out = Path(args.out)
     rows = collect_rows(work, out.with_suffix(".json"))
     gbitops8 = reference_gbitops(args.model)
