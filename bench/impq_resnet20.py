@@ -110,6 +110,11 @@ RUNS: dict[str, list[str]] = {
     "swa-w4a4-distill-seed0": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                                "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%",
                                "--epochs", "2", "--start-steps", "352", "--distill", "--guard", "--seed", "0"],
+    # the same with the activation clip fitted to the bits (--act-clip mse, impq's default since; the runs above
+    # ran before the option and resume with paper)
+    "swa-w4a4-mse-seed0": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
+                           "--start-act-bits", "6", "--target-act-bits", "4", "--act-schedule", "50%", "--epochs", "2",
+                           "--start-steps", "352", "--distill", "--guard", "--seed", "0", "--act-clip", "mse"],
     "weights-activations": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
                             "--start-act-bits", "6", "--target-act-bits", "5", "--act-schedule", "50%",
                             "--epochs", "1", "--no-land-on-target"],
