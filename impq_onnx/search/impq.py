@@ -22,7 +22,7 @@ import math
 import time
 
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.simulate import calibrate_clips, fit_clips_mse, simulate
+from impq_onnx.quant.simulate import calibrate_clips, simulate
 from impq_onnx.search.budget import MAX_PASSES, affordable_end_steps, budget_groups
 from impq_onnx.search.iteration import (
     EVAL_BATCH,
@@ -35,6 +35,7 @@ from impq_onnx.search.iteration import (
     run_lr,
     with_values,
 )
+from impq_onnx.search.ptq import fitted_clips
 from impq_onnx.search.schedule import parse_schedule
 from impq_onnx.search.state import PHASE_ORDERS, IterationRecord, SearchContext, SearchState
 from impq_onnx.sensitivity import noise_gain
@@ -91,17 +92,7 @@ def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iter
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
     plan = calibrate_clips(model, plan, sites, batches, threads=cfg.threads,
                            seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
-    return _fit_clips(cfg, plan, model, sites, train, iteration, [site.tensor for site in sites.activations])
-
-
-def _fit_clips(cfg, plan: PrecisionPlan, model, sites, train, iteration: int, tensors: list[str]) -> PrecisionPlan:
-    """With ``act_clip: mse``, the clips of ``tensors`` fitted to their bits on ``model`` (the current weights);
-    with ``paper`` (or None: a config whose derived defaults were not resolved), ``plan`` unchanged."""
-    if getattr(cfg, "act_clip", "paper") != "mse" or not tensors:
-        return plan
-    batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
-    return fit_clips_mse(model, plan, sites, tensors, batches, threads=cfg.threads,
-                         seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
+    return fitted_clips(cfg, plan, model, sites, train, iteration, [site.tensor for site in sites.activations])
 
 
 # ---- one iteration -------------------------------------------------------------------------------
@@ -155,7 +146,7 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step,
     if phase == "activations":  # with act_clip mse, each lowered site's clip is refitted to its new bits
         lowered_sites = [site.tensor for site in sites.activations
                          if plan.activations[site.tensor] != measured.activations[site.tensor]]
-        plan = _fit_clips(cfg, plan, model, sites, train, iteration, lowered_sites)
+        plan = fitted_clips(cfg, plan, model, sites, train, iteration, lowered_sites)
     return plan, lowered, reducible, table
 
 

@@ -22,7 +22,7 @@ from impq_onnx.quant.simulate import calibrate_clips, fit_clips_mse
 from impq_onnx.search.iteration import derive_seed, finish_iteration, record_iteration
 from impq_onnx.search.state import PHASE_ORDERS, SearchContext, SearchState
 
-__all__ = ["calibrated_plan", "run_ptq", "uniform_bits"]
+__all__ = ["calibrated_plan", "fitted_clips", "run_ptq", "uniform_bits"]
 
 
 def uniform_bits(cfg: Any) -> tuple[int | None, int | None]:
@@ -45,11 +45,19 @@ def calibrated_plan(cfg: Any, base: Any, sites: Any, train: Any, weight_bits: in
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0, "calibrate"))
     plan = calibrate_clips(base, plan, sites, batches, percentile=99.9, max_batches=5, only_missing=False,
                            threads=cfg.threads, seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
-    if getattr(cfg, "act_clip", "paper") != "mse":
+    return fitted_clips(cfg, plan, base, sites, train, 0, [site.tensor for site in sites.activations])
+
+
+def fitted_clips(cfg: Any, plan: PrecisionPlan, model: Any, sites: Any, train: Any, iteration: int,
+                 tensors: list[str]) -> PrecisionPlan:
+    """With ``act_clip: mse``, ``plan`` with the clips of ``tensors`` fitted to their bits on ``model`` (the
+    current weights; the iteration's calibration batches and subset seed); with ``paper`` (or None: a config
+    whose derived defaults were not resolved), ``plan`` unchanged."""
+    if getattr(cfg, "act_clip", "paper") != "mse" or not tensors:
         return plan
-    batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0, "calibrate"))
-    return fit_clips_mse(base, plan, sites, [site.tensor for site in sites.activations], batches,
-                         threads=cfg.threads, seed=derive_seed(cfg.seed, 0, "calibrate-subset"))
+    batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
+    return fit_clips_mse(model, plan, sites, tensors, batches, threads=cfg.threads,
+                         seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
 
 
 def run_ptq(context: SearchContext, state: SearchState) -> SearchState:
