@@ -174,7 +174,7 @@ def ordering(canonical, sites, x, args) -> None:
     print(f"ordering vs truth (mismatch with one layer/site at {args.truth_bits} bits, {len(x)} samples; "
           f"truth range w {min(truth_w.values()):.3f}..{max(truth_w.values()):.3f}, "
           f"a {min(truth_a.values()):.3f}..{max(truth_a.values()):.3f}):")
-    for weighting in ("paper", "reference", "step"):
+    for weighting in ("paper", "reference", "step", "measured"):
         table = noise_gain(canonical, sites, [x], plan=base, probes=None, granularity="layer", weighting=weighting)
         print(f"  {weighting:>9}: rho(layer weights) {spearman(truth_w, table.weights):.4f}, "
               f"rho(activation sites) {spearman(truth_a, table.activations):.4f}")

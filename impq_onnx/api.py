@@ -186,7 +186,7 @@ def evaluate(model: ModelLike, data: DataLike, *, plan: PlanLike | None = None,
 @_library_call
 def sensitivity(model: ModelLike, data: DataLike, *, plan: PlanLike | None = None, samples: int = 256,
                 granularity: Literal["kernel", "layer", "network"] = "kernel", runner_ups: int = 10,
-                weighting: Literal["paper", "reference", "step"] = "paper",
+                weighting: Literal["paper", "reference", "step", "measured"] = "paper",
                 method: Literal["fast", "exact"] = "fast", preprocess: str | Preprocess | None = None,
                 seed: int = 0, threads: int = 2, input_shape: tuple[int, ...] | None = None,
                 logits: str | None = None) -> SensitivityTable:

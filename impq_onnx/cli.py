@@ -179,7 +179,9 @@ def _compress_options(func):
 @click.option("--samples", default=256, show_default=True, help="Images to average over.")
 @click.option("--granularity", type=click.Choice(["kernel", "layer", "network"]), default="kernel", show_default=True)
 @click.option("--runner-ups", default=10, show_default=True, help="Runner-up classes S (capped at classes - 1).")
-@click.option("--weighting", type=click.Choice(["paper", "reference", "step"]), default="paper", show_default=True)
+@click.option("--weighting", type=click.Choice(["paper", "reference", "step", "measured"]), default="paper",
+              show_default=True, help="paper: 2^-B; reference: the authors' code; step: the real step squared; "
+              "measured: the quantizer's mean squared error on the group's own weights or activation values.")
 @click.option("--method", type=click.Choice(["fast", "exact"]), default="fast", show_default=True)
 @click.option("--preprocess", help="Preset or YAML file; default: from the input shape.")
 @click.option("-o", "--output-prefix", type=click.Path(dir_okay=False),

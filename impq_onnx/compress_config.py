@@ -26,7 +26,7 @@ _CHOICES = {
     "weight_scheme": SCHEMES,  # the live registry: a registered scheme is a valid option
     "optimizer": ("sgd", "adamw"),
     "batchnorm": BATCHNORM_MODES,
-    "weighting": ("paper", "reference", "step"),
+    "weighting": ("paper", "reference", "step", "measured"),
     "sensitivity_method": ("fast", "exact"),
     "act_clip": ("paper", "mse"),
     "format": TARGETS,  # the live registry: a registered target is a valid option
@@ -124,8 +124,9 @@ class CompressConfig:
                              "either way.")
     sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
     runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
-    weighting: str = _opt("paper", "Noise-gain weighting: paper (2^-B), reference (the authors' code) or "
-                                    "step (the group's real quantization step squared).")
+    weighting: str = _opt("paper", "Noise-gain weighting: paper (2^-B), reference (the authors' code), step "
+                                    "(the group's real quantization step squared) or measured (the mean squared "
+                                    "error of the group's quantizer on its own weights or activation values).")
     sensitivity_method: str = _opt("fast", "Noise-gain method: fast or exact.")
     seed: int = _opt(0, "Seed of every random choice (split, data order, probes).")
     threads: int | None = _opt(None, "onnxruntime threads [default: the cores this process may use; the resolved "

@@ -287,6 +287,22 @@ def test_step_weighting_ranks_the_lowering(tmp_path):
 
 
 @needs_model
+def test_measured_weighting_ranks_the_activation_lowering(tmp_path):
+    """--weighting measured drives the activation phase: the sites lowered are the least sensitive by the
+    measured M that the iteration's sensitivity.json records."""
+    result = compress(MODEL, DATA, output=tmp_path / "m.onnx", progress=False, phases="activations",
+                      weighting="measured", **dict(TINY, max_iterations=1, start_act_bits=6, target_act_bits=5.5,
+                                                   land_on_target=False, act_schedule="2"))
+    assert result.config.weighting == "measured" and result.iterations[-1].lowered == 2
+    sensitivity = json.loads((tmp_path / "m.work" / "iterations" / "0001" / "sensitivity.json").read_text())
+    assert sensitivity["weighting"] == "measured"
+    scores = sensitivity["activations"]
+    plan = yaml.safe_load((tmp_path / "m.plan.yaml").read_text())["activations"]
+    lowered = sorted(name for name, bits in plan.items() if bits == 5)
+    assert lowered == sorted(sorted(scores, key=lambda name: scores[name])[:2])
+
+
+@needs_model
 def test_a_fresh_run_evaluates_the_float_model_on_validation_once(tmp_path, monkeypatch):
     """The float model's validation classes come from its reference evaluation; every agreement figure of the
     search compares with them."""

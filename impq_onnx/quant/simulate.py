@@ -28,7 +28,8 @@ from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer,
 from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.frontend.sites import SiteTable
 
-__all__ = ["simulate", "calibrate_clips", "fit_clips_mse", "mse_clip", "quantized_weight_name", "as_proto", "SIMULATION_PREFIX"]
+__all__ = ["simulate", "calibrate_clips", "fit_clips_mse", "mse_clip", "quantized_weight_name", "as_proto",
+           "SIMULATION_PREFIX", "site_values", "MSE_SAMPLES"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     return order
 
 
-def _site_values(model, names: list[str], batches: Iterable, *, max_batches: int, keep: int,
+def site_values(model, names: list[str], batches: Iterable, *, max_batches: int, keep: int,
                  threads: int | None, seed: int) -> tuple[dict[str, np.ndarray], int]:
     """The values of tensors ``names`` of ``model`` over the first ``max_batches`` of ``batches`` (at most
     ``keep`` per tensor and batch, a fixed-seed random subset), and the number of batches read."""
@@ -201,7 +202,7 @@ def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Itera
     result = plan.copy()
     if not todo:
         return result
-    values, seen = _site_values(model, [s.tensor for s in todo], batches, max_batches=max_batches,
+    values, seen = site_values(model, [s.tensor for s in todo], batches, max_batches=max_batches,
                                 keep=CALIBRATION_SAMPLES, threads=threads, seed=seed)
     for site in todo:
         data = values[site.tensor]
@@ -252,7 +253,7 @@ def fit_clips_mse(model, plan: PrecisionPlan, sites: SiteTable, tensors: Iterabl
     todo = [t for t in tensors if result.activations.get(t) is not None]
     if not todo:
         return result
-    values, seen = _site_values(model, todo, batches, max_batches=max_batches, keep=MSE_SAMPLES, threads=threads,
+    values, seen = site_values(model, todo, batches, max_batches=max_batches, keep=MSE_SAMPLES, threads=threads,
                                 seed=seed)
     for tensor in todo:
         old = result.clips[tensor]

@@ -16,6 +16,16 @@ For each sample (prediction ``Yhat`` = the model's own argmax) and each runner-u
                 gain analysis without the paper's assumption that every tensor spans [-1, 1]; one bit
                 less multiplies it by 4 instead of 2, which changes values, not the order within one
                 bit width.
+    measured:   the paper's expression with ``2^-B / 24`` replaced by ``e / 2`` (``Delta^2 / 12`` by
+                ``e``), ``e`` the mean squared error of the group's quantizer at its bits, measured: for a
+                kernel on its own float weights (the plan's scheme), for an activation site on its values
+                in the measured model over the first ``MEASURED_SAMPLES`` samples (its clip and
+                signedness from the plan). ``step`` assumes the values fill the quantizer's range
+                evenly; after a ReLU most values are zero and quantize exactly, while a normalized image
+                input is dense and signed. On MobileNet-V1-CIFAR at 4 bits (float weights) the rank
+                correlation of site M with the damage of one site at 3 bits is 0.37 (paper), 0.80
+                (step), 0.80 (measured); ResNet-20 -0.12 / 0.25 / 0.53; the Fashion-MNIST demo model
+                0.8 / 0.5 / 0.8 (``bench/weighting_truth.py``).
 
 ``E_n`` is the mean over all measured samples; (sample, runner-up) pairs whose margin is a tie
 (zero, see :mod:`~impq_onnx.sensitivity.margins`) contribute nothing. Batch-norm is in inference
@@ -89,12 +99,13 @@ __all__ = ["noise_gain", "SensitivityTable", "WEIGHTINGS", "METHODS", "DEFAULT_F
 
 logger = logging.getLogger(__name__)
 
-WEIGHTINGS = ("paper", "reference", "step")
+WEIGHTINGS = ("paper", "reference", "step", "measured")
 METHODS = ("fast", "exact")
 DEFAULT_FLOAT_BITS = 8
 DEFAULT_PROBES: int | None = 1
 DEFAULT_CLIP = 4.0  # the reference code's activation clip when no batch-norm precedes the site
 _MEMORY_BUDGET = 512 * 2**20  # bytes of per-chunk tensors the fast path aims to stay under
+MEASURED_SAMPLES = 64  # the first samples whose activations the "measured" weighting quantizes
 _MAX_CHUNK = 32  # ResNet-20, 1 probe: 180 samples/s at 32, 160 at 48, 155 at 80, 115 at 128 (cache-bound)
 
 
@@ -136,6 +147,9 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
     elif replicas is None:
         replicas = default_replicas(resolve_threads(threads), size)
     chunks = sample_chunks(batches, size, samples)
+    kept: list[np.ndarray] = []
+    if weighting == "measured":
+        chunks = _keeping(chunks, kept, MEASURED_SAMPLES)
     if progress is not None:
         chunks = _reported(chunks, samples, start, progress)
     if method == "exact":
@@ -148,7 +162,8 @@ def noise_gain(canonical, sites: SiteTable, batches: Iterable, *, plan=None, gra
         from impq_onnx.errors import DataError
 
         raise DataError("sensitivity needs at least one sample; the data yielded none")
-    weights, activations = _weigh(sums, sites, proto, plan, granularity, weighting, float_bits)
+    values = _activation_values(proto, sites, kept, threads, seed) if weighting == "measured" else None
+    weights, activations = _weigh(sums, sites, proto, plan, granularity, weighting, float_bits, values)
     seconds = time.perf_counter() - start
     label = method if method == "exact" else f"fast/{'ranks' if probes is None else f'probes={probes}'}"
     logger.info("sensitivity of %d samples in %.1f s (%s, %d ties skipped)", sums.samples, seconds, label, sums.ties)
@@ -193,16 +208,44 @@ def _bits(bits: int | None, float_bits: int) -> int:
     return float_bits if bits is None else bits
 
 
-def _weigh(sums: GradientSums, sites: SiteTable, proto, plan, granularity: str, weighting: str, float_bits: int):
+def _keeping(chunks: Iterable[np.ndarray], kept: list[np.ndarray], limit: int) -> Iterator[np.ndarray]:
+    """``chunks`` unchanged, with copies of their first ``limit`` samples appended to ``kept``."""
+    count = 0
+    for chunk in chunks:
+        if count < limit:
+            kept.append(np.array(chunk[: limit - count], copy=True))
+            count += len(kept[-1])
+        yield chunk
+
+
+def _activation_values(proto, sites: SiteTable, kept: list[np.ndarray], threads: int | None,
+                       seed: int) -> dict[str, np.ndarray]:
+    """Every activation site's values on the ``kept`` samples, in the measured (simulated) model: a tensor's
+    values before its own quantizer, after those upstream of it."""
+    from impq_onnx.quant.simulate import MSE_SAMPLES, site_values
+
+    if not kept:
+        return {}
+    values, _ = site_values(proto, [site.tensor for site in sites.activations], kept, max_batches=len(kept),
+                            keep=MSE_SAMPLES, threads=threads, seed=seed)
+    return values
+
+
+def _weigh(sums: GradientSums, sites: SiteTable, proto, plan, granularity: str, weighting: str, float_bits: int,
+           values: dict[str, np.ndarray] | None = None):
     n = sums.samples
     layers = {layer.node: layer for layer in sites.layers}
     mean_abs = _mean_abs_weights(sites, proto, plan) if weighting == "reference" else None
     steps = _weight_steps(sites, proto, plan, float_bits) if weighting == "step" else None
+    noise = _weight_noise(sites, proto, plan, float_bits) if weighting == "measured" else None
     weights = {}
     for group in sites.weight_groups(granularity):
         bits = _bits(plan.group_bits(group) if plan is not None else None, float_bits)
         total = sum(float(sums.kernels[node][k]) for node, k in group.members)
-        if weighting == "step":
+        if noise is not None:  # Delta^2/12 replaced by the measured mean squared error; 1/24 = 1/(2*12)
+            weights[group.name] = sum(float(sums.kernels[node][k]) * float(noise[node][k])
+                                      for node, k in group.members) / (2.0 * n)
+        elif weighting == "step":
             weights[group.name] = sum(float(sums.kernels[node][k]) * steps[node][k] ** 2
                                       for node, k in group.members) / (24.0 * n)
         elif weighting == "paper":
@@ -215,7 +258,9 @@ def _weigh(sums: GradientSums, sites: SiteTable, proto, plan, granularity: str, 
     for site in sites.activations:
         bits = _bits(plan.activations.get(site.tensor) if plan is not None else None, float_bits)
         total = sums.activations[site.tensor] / n
-        if weighting == "step":
+        if weighting == "measured":
+            activations[site.tensor] = _activation_noise(site, plan, bits, values or {}) * total / 2.0
+        elif weighting == "step":
             from impq_onnx.quant.quantizers import activation_grid
 
             step = activation_grid(bits, _clip(site, plan), not site.unsigned)[0]
@@ -225,6 +270,37 @@ def _weigh(sums: GradientSums, sites: SiteTable, proto, plan, granularity: str, 
         else:
             activations[site.tensor] = 2.0 ** -bits * total * _clip(site, plan)
     return weights, activations
+
+
+def _activation_noise(site, plan, bits: int, values: dict[str, np.ndarray]) -> float:
+    """Mean squared error of ``site``'s quantizer at ``bits`` with its clip on its measured values (0 with none)."""
+    from impq_onnx.quant.quantizers import quantize_activation
+
+    v = values.get(site.tensor)
+    if v is None or not v.size:
+        return 0.0
+    signed = plan.clips[site.tensor].signed if plan is not None and site.tensor in plan.clips else not site.unsigned
+    q = quantize_activation(v, bits, _clip(site, plan), signed)
+    return float(np.mean(np.square(q.astype(np.float64) - v.astype(np.float64))))
+
+
+def _weight_noise(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, np.ndarray]:
+    """Per layer, per kernel: the mean squared error of the plan's weight quantizer at the kernel's bits (a float
+    kernel at ``float_bits``) on the current float weights."""
+    from onnx import numpy_helper
+
+    from impq_onnx.quant.schemes import weight_scheme
+
+    scheme = weight_scheme(plan.weight_scheme if plan is not None else "midrise-max")
+    initializers = {t.name: t for t in proto.graph.initializer}
+    result = {}
+    for layer in sites.layers:
+        w = numpy_helper.to_array(initializers[layer.weight]).astype(np.float32)
+        bits = plan.weights[layer.node] if plan is not None else [None] * layer.kernels
+        q = scheme.quantize(w, [_bits(b, float_bits) for b in bits], layer.kernel_axis)
+        axes = tuple(a for a in range(w.ndim) if a != layer.kernel_axis)
+        result[layer.node] = np.square(q.astype(np.float64) - w.astype(np.float64)).mean(axis=axes)
+    return result
 
 
 def _clip(site, plan) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -70,6 +71,57 @@ def test_reference_weighting_on_linear_classifier(linear):
         expected = paper.weights[f"fc/{k}"] * 24 / D * float(np.mean(np.abs(w[k])))
         assert ref.weights[f"fc/{k}"] == pytest.approx(expected, rel=1e-6)
     assert ref.activations["x"] == pytest.approx(paper.activations["x"] * 24 * 4.0, rel=1e-6)  # no BN: clip 4.0
+
+
+def _hand_midrise(w: np.ndarray, bits: int) -> np.ndarray:
+    """IMPQ-NOTES' reference weight quantizer, per row: step 2 max|w| / 2^B, levels (r + 1/2) step, no zero."""
+    step = 2 * np.abs(w).max(axis=1, keepdims=True) / 2**bits
+    return (np.clip(np.floor(w / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) + 0.5) * step
+
+
+def test_measured_weighting_on_linear_classifier(linear, monkeypatch):
+    """measured = the paper's gradient sum x e / 2, e the mean squared error of the group's quantizer measured
+    on its own weights (per kernel) or on the site's values over the first MEASURED_SAMPLES samples."""
+    sensitivity = importlib.import_module("impq_onnx.sensitivity")  # the package attribute is the API function
+
+    canonical, sites, w, b, x = linear
+    bits, clip = 3, 1.5
+    plan = PrecisionPlan.uniform(sites, bits, bits, default_clip=clip)
+    assert plan.clips["x"].signed
+    monkeypatch.setattr(sensitivity, "MEASURED_SAMPLES", 5)  # the first 5 of 12 samples, over two batches
+    shifted = x.copy()
+    shifted[8:] *= 100  # read only by the gradient sums, not by the measured activation error
+    batches = [shifted[:3], shifted[3:]]
+    paper = noise_gain(canonical, sites, batches, plan=plan, probes=None)
+    measured = noise_gain(canonical, sites, batches, plan=plan, probes=None, weighting="measured")
+    gradients = 24 * 2.0**bits  # the paper's factor, taken off its M
+    errors = np.mean((_hand_midrise(w, bits).astype(np.float64) - w) ** 2, axis=1)
+    for k in range(C):
+        assert measured.weights[f"fc/{k}"] == pytest.approx(paper.weights[f"fc/{k}"] * gradients * errors[k] / 2,
+                                                            rel=1e-5)
+    step = clip / 2 ** (bits - 1)
+    v = shifted[:5].astype(np.float64)
+    q = step * np.clip(np.rint(np.clip(v, -clip, clip) / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    error = np.mean((q - v) ** 2)
+    assert measured.activations["x"] == pytest.approx(paper.activations["x"] * gradients * error / 2, rel=1e-5)
+    assert measured.weighting == "measured"
+
+
+def test_measured_weighting_sees_the_values_a_site_has():
+    """A site whose values all sit on its quantizer's grid (the pooled features after a ReLU that is off for every
+    sample: exact zeros) measures M = 0 under ``measured``, while its gradients, and so ``step``, are not zero."""
+    model = tiny_cnn()
+    for t in model.graph.initializer:
+        if t.name == "conv2.w":  # conv2 reads the ReLU's r1 >= 0 through weights <= 0: its own ReLU is off
+            t.CopyFrom(numpy_helper.from_array(-np.abs(numpy_helper.to_array(t)), t.name))
+        if t.name == "fc.b":  # distinct logits, so no margin is a tie
+            t.CopyFrom(numpy_helper.from_array(np.arange(CLASSES, dtype=np.float32), t.name))
+    canonical, sites = canonical_and_sites(model)
+    x, _ = quadrant_batch(16, np.random.default_rng(1))
+    plan = PrecisionPlan.uniform(sites, 4, 4, default_clip=4.0)
+    step = noise_gain(canonical, sites, [x], plan=plan, probes=None, weighting="step")
+    measured = noise_gain(canonical, sites, [x], plan=plan, probes=None, weighting="measured")
+    assert step.activations["f"] > 0 and measured.activations["f"] == 0.0
 
 
 def test_dead_channel_has_zero_sensitivity():
