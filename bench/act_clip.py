@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import impq_onnx
-from impq_onnx.api import _data
+from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import evaluate
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     model = impq_onnx.load(args.model)
-    data = _data(model, args.data, None)
+    data = open_model_data(model, args.data, None)
     sites = find_sites(model, (1, *data.evaluation.sample_shape))
 
     def batches():

@@ -33,7 +33,8 @@ _CHOICES = {
 }
 # Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
 # a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
-DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR, "act_clip": "mse"}
+DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR, "act_clip": "mse",
+           "weighting": "measured"}
 # act_clip's derived default for the methods other than impq (uniform-ptq keeps its percentile floor)
 OTHER_METHODS_ACT_CLIP = "paper"
 
@@ -124,9 +125,11 @@ class CompressConfig:
                              "either way.")
     sensitivity_samples: int = _opt(256, "Training images per sensitivity measurement.")
     runner_ups: int = _opt(10, "Runner-up classes in the noise gain.")
-    weighting: str = _opt("paper", "Noise-gain weighting: paper (2^-B), reference (the authors' code), step "
-                                    "(the group's real quantization step squared) or measured (the mean squared "
-                                    "error of the group's quantizer on its own weights or activation values).")
+    weighting: str | None = _opt(None, "Noise-gain weighting: measured (the mean squared error of the group's "
+                                       "quantizer on its own weights or activation values), paper (2^-B), reference "
+                                       "(the authors' code) or step (the group's real quantization step squared) "
+                                       "[default: measured; a work dir written before it was the default resumes "
+                                       "with paper].")
     sensitivity_method: str = _opt("fast", "Noise-gain method: fast or exact.")
     seed: int = _opt(0, "Seed of every random choice (split, data order, probes).")
     threads: int | None = _opt(None, "onnxruntime threads [default: the cores this process may use; the resolved "

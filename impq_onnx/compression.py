@@ -44,7 +44,8 @@ __all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "repo
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
-_LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper"}
+_LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",
+           "weighting": "paper"}
 
 
 @dataclasses.dataclass

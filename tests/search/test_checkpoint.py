@@ -86,6 +86,25 @@ def test_a_work_dir_from_before_act_clip_resumes_only_with_the_paper_clip(tmp_pa
         work.check_identity({"seed": 0, "act_clip": "mse"}, _LEGACY)
 
 
+def test_a_work_dir_that_ranked_with_the_paper_weighting_resumes_with_it(tmp_path):
+    """weighting became a derived default (measured): a work dir that recorded the old default resumes with it
+    when the option is not given; one that recorded another weighting needs that weighting given again."""
+    from impq_onnx.compression import _LEGACY, CompressConfig
+
+    assert CompressConfig().weighting is None
+    assert CompressConfig(model="m.onnx", data="d").validate().with_derived_defaults().weighting == "measured"
+    work = WorkDir(tmp_path / "w")
+    work.start({"seed": 0, "weighting": "paper"})
+    assert work.check_identity({"seed": 0, "weighting": None}, _LEGACY) == {"weighting": "paper"}
+    assert work.check_identity({"seed": 0, "weighting": "paper"}, _LEGACY) == {}
+    with pytest.raises(ConfigError, match="'weighting' was 'paper' and is now 'measured'"):
+        work.check_identity({"seed": 0, "weighting": "measured"}, _LEGACY)
+    stepped = WorkDir(tmp_path / "s")
+    stepped.start({"seed": 0, "weighting": "step"})
+    with pytest.raises(ConfigError, match="'weighting' was 'step' and is now None"):
+        stepped.check_identity({"seed": 0, "weighting": None}, _LEGACY)
+
+
 def test_act_clip_mse_is_refused_for_methods_with_their_own_clips():
     from impq_onnx.compression import CompressConfig
 
