@@ -153,7 +153,7 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 
 def site_values(model, names: list[str], batches: Iterable, *, max_batches: int, keep: int,
-                 threads: int | None, seed: int) -> tuple[dict[str, np.ndarray], int]:
+                threads: int | None, seed: int) -> tuple[dict[str, np.ndarray], int]:
     """The values of tensors ``names`` of ``model`` over the first ``max_batches`` of ``batches`` (at most
     ``keep`` per tensor and batch, a fixed-seed random subset), and the number of batches read."""
     from impq_onnx.runtime import inference_session
@@ -203,7 +203,7 @@ def calibrate_clips(model, plan: PrecisionPlan, sites: SiteTable, batches: Itera
     if not todo:
         return result
     values, seen = site_values(model, [s.tensor for s in todo], batches, max_batches=max_batches,
-                                keep=CALIBRATION_SAMPLES, threads=threads, seed=seed)
+                               keep=CALIBRATION_SAMPLES, threads=threads, seed=seed)
     for site in todo:
         data = values[site.tensor]
         signed = result.clips[site.tensor].signed
@@ -254,7 +254,7 @@ def fit_clips_mse(model, plan: PrecisionPlan, sites: SiteTable, tensors: Iterabl
     if not todo:
         return result
     values, seen = site_values(model, todo, batches, max_batches=max_batches, keep=MSE_SAMPLES, threads=threads,
-                                seed=seed)
+                               seed=seed)
     for tensor in todo:
         old = result.clips[tensor]
         clip = mse_clip(values[tensor], result.activations[tensor], old.signed)
