@@ -287,20 +287,14 @@ def _activation_noise(site, plan, bits: int, values: dict[str, np.ndarray]) -> f
 def _weight_noise(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, np.ndarray]:
     """Per layer, per kernel: the mean squared error of the plan's weight quantizer at the kernel's bits (a float
     kernel at ``float_bits``) on the current float weights."""
-    from onnx import numpy_helper
 
-    from impq_onnx.quant.schemes import weight_scheme
+    def error(scheme, w: np.ndarray, axis: int, bits: list[int]) -> np.ndarray:
+        w = w.astype(np.float32)
+        q = scheme.quantize(w, bits, axis)
+        axes = tuple(a for a in range(w.ndim) if a != axis)
+        return np.square(q.astype(np.float64) - w.astype(np.float64)).mean(axis=axes)
 
-    scheme = weight_scheme(plan.weight_scheme if plan is not None else "midrise-max")
-    initializers = {t.name: t for t in proto.graph.initializer}
-    result = {}
-    for layer in sites.layers:
-        w = numpy_helper.to_array(initializers[layer.weight]).astype(np.float32)
-        bits = plan.weights[layer.node] if plan is not None else [None] * layer.kernels
-        q = scheme.quantize(w, [_bits(b, float_bits) for b in bits], layer.kernel_axis)
-        axes = tuple(a for a in range(w.ndim) if a != layer.kernel_axis)
-        result[layer.node] = np.square(q.astype(np.float64) - w.astype(np.float64)).mean(axis=axes)
-    return result
+    return _per_layer(sites, proto, plan, float_bits, error)
 
 
 def _clip(site, plan) -> float:
@@ -313,6 +307,13 @@ def _clip(site, plan) -> float:
 
 def _weight_steps(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, np.ndarray]:
     """Per layer, per kernel: the quantization step of the plan's scheme at the kernel's bits."""
+    return _per_layer(sites, proto, plan, float_bits,
+                      lambda scheme, w, axis, bits: scheme.sensitivity_steps(w, axis, bits))
+
+
+def _per_layer(sites: SiteTable, proto, plan, float_bits: int, measure) -> dict[str, np.ndarray]:
+    """Per layer: ``measure(scheme, w, kernel_axis, bits)``, ``w`` the layer's float weight, ``bits`` its kernels'
+    bits in ``plan`` (a float kernel at ``float_bits``), ``scheme`` the plan's weight scheme."""
     from onnx import numpy_helper
 
     from impq_onnx.quant.schemes import weight_scheme
@@ -323,7 +324,7 @@ def _weight_steps(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, n
     for layer in sites.layers:
         w = numpy_helper.to_array(initializers[layer.weight])
         bits = plan.weights[layer.node] if plan is not None else [None] * layer.kernels
-        result[layer.node] = scheme.sensitivity_steps(w, layer.kernel_axis, [_bits(b, float_bits) for b in bits])
+        result[layer.node] = measure(scheme, w, layer.kernel_axis, [_bits(b, float_bits) for b in bits])
     return result
 
 
