@@ -96,6 +96,12 @@ RUNS: dict[str, list[str]] = {
     # iteration, 5 epochs each after a 1-epoch start (352 steps of 128), distilled: ~36 epochs in all
     "swa-kernel-174-distill": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5",
                                               "--start-steps", "352", "--schedule", "25%", "--distill"],
+    # the same with the weight step that minimizes a Gaussian kernel's squared error (midrise-rms); everything
+    # else pinned to what the run above resumed with (it predates the derived defaults)
+    "swa-kernel-174-rms": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5",
+                                          "--start-steps", "352", "--schedule", "25%", "--distill",
+                                          "--weight-scheme", "midrise-rms", "--batchnorm", "train", "--weighting",
+                                          "paper", "--end-steps-factor", "1"],
     # issue 23's W4A4 point on the SWA baseline: 4-bit weights from the start (1 epoch), then activations 6 -> 4
     # bits, half of the reducible sites per iteration, 2 distilled epochs each, guarded
     "swa-w4a4-distill": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",

@@ -10,10 +10,16 @@ import onnx_ir as ir
 
 from impq_onnx.frontend.canonical import from_proto
 from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.runtime import inference_session
 from impq_onnx.frontend.site_analysis import find_sites
 
-SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std")
+SCHEMES = ("midrise-max", "symmetric-rms", "pow2-std", "midrise-rms")
+
+
+def midrise(scheme: str) -> bool:
+    """Whether ``scheme`` has the zero-free midrise grid at every width (odd codes: 8 bits need 9-bit codes)."""
+    return weight_scheme(scheme).grid(8).offset != 0
 
 
 def tiny(model: onnx.ModelProto, shape=(1, 3, 8, 8)):

@@ -29,7 +29,7 @@ from lowering_cases import inputs, mixed_plan, run, tiny
 from quant_models import canonical_and_sites, quadrant_batch, tiny_cnn
 from tiny_models import Quirks, build
 
-BUILT_IN = ("midrise-max", "symmetric-rms", "pow2-std")
+BUILT_IN = ("midrise-max", "symmetric-rms", "pow2-std", "midrise-rms")
 
 
 class MeanAbs(WeightScheme):
@@ -158,7 +158,7 @@ def test_option_and_plan_accept_a_registered_scheme(mean_abs):
 def test_unknown_scheme_is_one_line_error_naming_the_nearest():
     with pytest.raises(PlanError, match=r"^weight_scheme 'midrise-mx' is unknown; did you mean 'midrise-max'\?$"):
         weight_scheme("midrise-mx")
-    with pytest.raises(PlanError, match="use one of midrise-max, symmetric-rms, pow2-std"):
+    with pytest.raises(PlanError, match="use one of midrise-max, symmetric-rms, pow2-std, midrise-rms"):
         PrecisionPlan({}, {}, {}, weight_scheme="zzz").validate()
     with pytest.raises(PlanError, match="already registered"):
         register(type("Other", (MeanAbs,), {"name": "midrise-max"})())
@@ -167,7 +167,33 @@ def test_unknown_scheme_is_one_line_error_naming_the_nearest():
 
 def test_no_stage_branches_on_a_scheme_name():
     package = pathlib.Path(__file__).resolve().parents[2] / "impq_onnx"
-    pattern = re.compile(r"scheme\s*[!=]=|==\s*\"(midrise-max|symmetric-rms|pow2-std)\"")
+    pattern = re.compile(r"scheme\s*[!=]=|==\s*\"(midrise-max|symmetric-rms|pow2-std|midrise-rms)\"")
     found = [f"{p.relative_to(package)}:{i}" for p in package.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_midrise_rms_steps_are_the_gaussian_optimum():
+    from impq_onnx.quant.schemes.midrise_rms import GAUSSIAN_STEP, gaussian_mse, gaussian_step
+
+    assert GAUSSIAN_STEP[:4] == pytest.approx((1.596, 0.9957, 0.5860, 0.3352), abs=5e-4)  # Max (1960), Table II
+    for bits in range(1, 9):  # the frozen table is the search's result (above 8 bits the search takes seconds)
+        assert GAUSSIAN_STEP[bits - 1] == pytest.approx(gaussian_step(bits, tol=1e-8), rel=1e-6)
+        best = gaussian_mse(GAUSSIAN_STEP[bits - 1], bits)
+        assert best < gaussian_mse(GAUSSIAN_STEP[bits - 1] * 1.01, bits)
+        assert best < gaussian_mse(GAUSSIAN_STEP[bits - 1] * 0.99, bits)
+    assert gaussian_mse(GAUSSIAN_STEP[0], 1) == pytest.approx(1 - 2 / np.pi)  # ±E|w| levels: the variance left
+    assert len(GAUSSIAN_STEP) == 16 and all(a > b for a, b in zip(GAUSSIAN_STEP, GAUSSIAN_STEP[1:]))
+
+
+def test_midrise_rms_has_less_error_than_midrise_max_below_4_bits():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * rng.uniform(0.01, 1, (32, 1, 1, 1)).astype(np.float32)
+    energy = float(np.sum(w.astype(np.float64) ** 2))
+    for bits, ratio in ((1, 0.6), (2, 0.8), (3, 0.95)):  # Gaussian kernels of 144 weights: 0.47, 0.70, 0.85
+        err = {name: float(np.sum((weight_scheme(name).quantize(w, [bits] * 32, 0) - w).astype(np.float64) ** 2))
+               / energy for name in ("midrise-max", "midrise-rms")}
+        assert err["midrise-rms"] < ratio * err["midrise-max"], (bits, err)
+    at_1_bit = weight_scheme("midrise-rms").quantize(w, [1] * 32, 0)
+    rms = np.sqrt(np.mean(w * w, axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(np.abs(at_1_bit), np.broadcast_to(rms * np.sqrt(2 / np.pi), w.shape), rtol=1e-3)

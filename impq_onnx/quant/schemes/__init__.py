@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from impq_onnx.quant.schemes.base import SCHEMES, Grid, WeightScheme, register, scheme_names, weight_scheme
 from impq_onnx.quant.schemes.midrise_max import MidriseMax
+from impq_onnx.quant.schemes.midrise_rms import MidriseRms
 from impq_onnx.quant.schemes.pow2_std import Pow2Std
 from impq_onnx.quant.schemes.symmetric_rms import SymmetricRms
 
@@ -17,6 +18,7 @@ __all__ = ["Grid", "WeightScheme", "SCHEMES", "register", "weight_scheme", "sche
 register(MidriseMax())
 register(SymmetricRms())
 register(Pow2Std())
+register(MidriseRms())
 
 
 def help_text() -> str:

@@ -10,7 +10,7 @@ from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.lowering.passes import QuantizeWeightsPass
 from impq_onnx.lowering.passes.quantize_weights import code_bounds, kernel_codes, storage_dtype
 from impq_onnx.quant.simulate import simulate
-from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
+from lowering_cases import SCHEMES, inputs, midrise, mixed_plan, ops, run, tiny
 from quant_models import tiny_cnn
 from tiny_models import Quirks, build
 
@@ -28,7 +28,7 @@ def test_weights_pass_counts_numbers_idempotence(name, scheme):
     assert result.modified
     added = ops(model) - before
     # an Add after the DequantizeLinear where a layer has a float kernel or codes wider than int8
-    adds = sum(any(b is None or b >= (8 if scheme == "midrise-max" else 9) for b in plan.weights[layer.node])
+    adds = sum(any(b is None or b >= (8 if midrise(scheme) else 9) for b in plan.weights[layer.node])
                for layer in sites.layers)
     assert added == {"DequantizeLinear": len(sites.layers), "Add": adds}
     assert not set(before) - set(ops(model))

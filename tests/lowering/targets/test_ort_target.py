@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from lowering_cases import SCHEMES, inputs, ops, run, tiny
+from lowering_cases import SCHEMES, inputs, midrise, ops, run, tiny
 from onnx import numpy_helper
 from tiny_models import Quirks, build, weights
 
@@ -56,7 +56,7 @@ def _inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_graph_shape_and_exact_against_the_folded_simulation(scheme):
     canonical, sites = tiny(build(Quirks()))
-    plan = _plan(sites, scheme, top=8 if scheme != "midrise-max" else 7)
+    plan = _plan(sites, scheme, top=7 if midrise(scheme) else 8)
     lowered = lower(canonical, plan, sites, format="ort")
     counts = ops(lowered.proto)
     assert "BatchNormalization" not in counts and "Clip" not in counts and "Add" not in counts

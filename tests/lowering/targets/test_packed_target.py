@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from lowering_cases import SCHEMES, inputs, mixed_plan, ops, run, tiny
+from lowering_cases import SCHEMES, inputs, midrise, mixed_plan, ops, run, tiny
 from onnx import numpy_helper
 from tiny_models import Quirks, build
 
@@ -100,7 +100,7 @@ def test_packed_model_unpacks_to_the_qdq_model_bit_for_bit(scheme, tmp_path):
     qdq_inits = {t.name: numpy_helper.to_array(t) for t in qdq.proto.graph.initializer}
     zero_adds = {n.input[1] for n in qdq.proto.graph.node if n.op_type == "Add"
                  and n.input[1].endswith("_float_kernels") and not qdq_inits[n.input[1]].any()}
-    assert bool(zero_adds) == (scheme == "midrise-max")  # 8-bit midrise codes are int32: their zero Add is left
+    assert bool(zero_adds) == midrise(scheme)  # 8-bit midrise codes are int32: their zero Add is left
     # out of the written model and put back (under another name) in the standard-op form
     for t in qdq.proto.graph.initializer:  # codes, scales, residuals: same dtype, same bits
         if t.name in zero_points | zero_adds:  # all 0: DequantizeLinear's default, or the zero Add's addend

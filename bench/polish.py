@@ -1,0 +1,72 @@
+"""Does fine-tuning a finished compress run longer, at its final plan, gain anything? (issue 23)
+
+Takes a finished run's ``<stem>.float.onnx`` (the fine-tuned weights) and ``<stem>.plan.yaml``, fine-tunes
+``--epochs`` more under that plan the way compress does (distillation from the original model, the CIFAR
+augmentation, cosine from ``--lr`` to 0, batch-norm frozen), and prints validation (compress's split for
+``--seed``/``--val-fraction``) and test top-1 / agreement before and after.
+
+    tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
+    .venv/bin/python bench/polish.py bench/runs/mobilenet-v1-w4a4/mbv1-w4a4-distill-measured \\
+        --model models/mobilenet-v1-cifar10/model.onnx --data /tmp/cifar10 --seed 0 --epochs 4 --lr 0.0005
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import impq_onnx
+from impq_onnx.data.dataset import derive_seed
+from impq_onnx.data.model_data import open_model_data
+from impq_onnx.engine import evaluate, fine_tune
+from impq_onnx.frontend.site_analysis import find_sites
+from impq_onnx.quant.plan import PrecisionPlan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stem", help="a compress output without its suffix (<stem>.float.onnx, <stem>.plan.yaml)")
+    parser.add_argument("--model", required=True, help="the original float model (the teacher, the agreement)")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (its validation split)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--lr", type=float, default=0.0005)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=None, help="a decoded-image cache folder (a work dir's decoded/)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    teacher = impq_onnx.load(args.model)
+    tuned = impq_onnx.load(f"{args.stem}.float.onnx")
+    plan = PrecisionPlan.load(f"{args.stem}.plan.yaml")
+    data = open_model_data(teacher, args.data, None, val_fraction=args.val_fraction, seed=args.seed,
+                           cache_dir=args.cache)
+    sites = find_sites(tuned, (1, *data.preprocess.sample_shape))
+
+    def scores(model) -> str:
+        out = []
+        for name, part in (("val", data.val), ("test", data.test)):
+            r = evaluate(model, part.batches(250), plan=plan, sites=sites, float_model=teacher, threads=args.threads)
+            out.append(f"{name} top-1 {100 * r.top1:.2f} % agreement {100 * r.agreement:.2f} %")
+        return ", ".join(out)
+
+    print(f"{args.stem}: as written: {scores(tuned)}", flush=True)
+    epoch = [0]
+
+    def batches():
+        seed = derive_seed(args.seed, 10_000, "polish", epoch[0])
+        epoch[0] += 1
+        return data.train.batches(args.batch_size, shuffle=True, seed=seed, augment=True, drop_last=True)
+
+    steps = max(1, round(args.epochs * (len(data.train) // args.batch_size)))
+    trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
+                        batchnorm="frozen", threads=args.threads, seed=derive_seed(args.seed, 10_000, "fine-tune"),
+                        progress=False)
+    polished = trained.apply_to(tuned)
+    print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g} ({steps} steps): {scores(polished)}; "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
