@@ -6,8 +6,12 @@ augmentation, cosine from ``--lr`` to 0, batch-norm frozen), and prints validati
 ``--seed``/``--val-fraction``) and test top-1 / agreement before and after.
 
     tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
-    .venv/bin/python bench/polish.py bench/runs/mobilenet-v1-w4a4/mbv1-w4a4-distill-measured \\
+    .venv/bin/python bench/polish.py /tmp/runs/mbv1-meas/mbv1-w4a4-measured \\
         --model models/mobilenet-v1-cifar10/model.onnx --data /tmp/cifar10 --seed 0 --epochs 4 --lr 0.0005
+
+(``/tmp/runs/mbv1-meas/mbv1-w4a4-measured.onnx`` written by the MobileNet-V1 command of ``bench/runs/README.md``:
+the committed outputs leave out the 3.3 MB ``.float.onnx``.) A ``<stem>`` whose ``.float.onnx`` is the float
+model and whose plan is any plan makes it a fixed-plan fine-tune from float (``bench/results/candidates.md``).
 """
 
 from __future__ import annotations
