@@ -106,7 +106,8 @@ RUNS: dict[str, list[str]] = {
     **{f"swa-kernel-174-{short}-seed1": WEIGHTS_ONLY + [
         "kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5", "--start-steps", "352",
         "--schedule", "25%", "--distill", "--weight-scheme", scheme, "--batchnorm", "train", "--weighting", "paper",
-        "--end-steps-factor", "1", "--seed", "1"] for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
+        "--end-steps-factor", "1", "--seed", "1"]
+       for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
     # issue 23's W4A4 point on the SWA baseline: 4-bit weights from the start (1 epoch), then activations 6 -> 4
     # bits, half of the reducible sites per iteration, 2 distilled epochs each, guarded
     "swa-w4a4-distill": ["--phases", "weights-activations", "--start-bits", "4", "--target-bits", "4",
