@@ -68,6 +68,16 @@ def kernel_2bit(epochs: str, *extra: str) -> list[str]:
                            "--schedule", "50%", *extra]
 
 
+def kernel_174(*extra: str) -> list[str]:
+    """Issue 23's target on the SWA baseline: 3 -> 1.74 bits, a quarter of the reducible kernels per iteration,
+    5 epochs each after a 1-epoch start (352 steps of 128), distilled (~36 epochs in all), then ``extra``."""
+    return WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5",
+                           "--start-steps", "352", "--schedule", "25%", "--distill", *extra]
+
+
+# what swa-kernel-174-distill resumed with (it predates the derived defaults): its controlled comparisons pin them
+PINNED_174 = ["--batchnorm", "train", "--weighting", "paper", "--end-steps-factor", "1"]
+
 RUNS: dict[str, list[str]] = {
     "uniform4-midrise-max": ["--phases", "weights", "--start-bits", "4", "--target-bits", "4", "--epochs", "1",
                              "--weight-scheme", "midrise-max"],
@@ -92,21 +102,11 @@ RUNS: dict[str, list[str]] = {
                                                "1.0", "--epochs", "1", "--schedule", "50%", "--max-iterations", "6",
                                                "--distill"]
        for g in ("kernel", "layer", "network")},
-    # issue 23's target on the SWA baseline: 3 -> 1.74 bits, a quarter of the reducible kernels per
-    # iteration, 5 epochs each after a 1-epoch start (352 steps of 128), distilled: ~36 epochs in all
-    "swa-kernel-174-distill": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5",
-                                              "--start-steps", "352", "--schedule", "25%", "--distill"],
-    # the same with the weight step that minimizes a Gaussian kernel's squared error (midrise-rms); everything
-    # else pinned to what the run above resumed with (it predates the derived defaults)
-    "swa-kernel-174-rms": WEIGHTS_ONLY + ["kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5",
-                                          "--start-steps", "352", "--schedule", "25%", "--distill",
-                                          "--weight-scheme", "midrise-rms", "--batchnorm", "train", "--weighting",
-                                          "paper", "--end-steps-factor", "1"],
+    "swa-kernel-174-distill": kernel_174(),
+    # the same with the weight step that minimizes a Gaussian kernel's squared error (midrise-rms)
+    "swa-kernel-174-rms": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174),
     # the pair at seed 1 (its validation split differs), for issue 23's two seeds and the scheme's default
-    **{f"swa-kernel-174-{short}-seed1": WEIGHTS_ONLY + [
-        "kernel", "--start-bits", "3", "--target-bits", "1.74", "--epochs", "5", "--start-steps", "352",
-        "--schedule", "25%", "--distill", "--weight-scheme", scheme, "--batchnorm", "train", "--weighting", "paper",
-        "--end-steps-factor", "1", "--seed", "1"]
+    **{f"swa-kernel-174-{short}-seed1": kernel_174("--weight-scheme", scheme, *PINNED_174, "--seed", "1")
        for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
     # issue 23's W4A4 point on the SWA baseline: 4-bit weights from the start (1 epoch), then activations 6 -> 4
     # bits, half of the reducible sites per iteration, 2 distilled epochs each, guarded
