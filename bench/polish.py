@@ -23,6 +23,7 @@ import impq_onnx
 from impq_onnx.data.dataset import derive_seed
 from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import evaluate, fine_tune
+from impq_onnx.engine.evaluation import predicted_classes
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
 
@@ -48,10 +49,16 @@ def main() -> None:
                            cache_dir=args.cache)
     sites = find_sites(tuned, (1, *data.preprocess.sample_shape))
 
+    parts = {"val": data.val, "test": data.test}
+    # the float model's classes once per split, for the agreement before and after (not two runs of it each)
+    reference = {name: predicted_classes(teacher, part.batches(250), threads=args.threads)
+                 for name, part in parts.items()}
+
     def scores(model) -> str:
         out = []
-        for name, part in (("val", data.val), ("test", data.test)):
-            r = evaluate(model, part.batches(250), plan=plan, sites=sites, float_model=teacher, threads=args.threads)
+        for name, part in parts.items():
+            r = evaluate(model, part.batches(250), plan=plan, sites=sites, float_classes=reference[name],
+                         threads=args.threads)
             out.append(f"{name} top-1 {100 * r.top1:.2f} % agreement {100 * r.agreement:.2f} %")
         return ", ".join(out)
 
