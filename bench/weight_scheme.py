@@ -25,8 +25,8 @@ from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import evaluate, recompute_batchnorm
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.quant.simulate import simulate
+from impq_onnx.sensitivity import weight_noise
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
     model = impq_onnx.load(args.model)
     data = open_model_data(model, args.data, None)
     sites = find_sites(model, (1, *data.evaluation.sample_shape))
-    weights = {t.name: numpy_helper.to_array(t) for t in model.to_proto().graph.initializer}
+    proto = model.to_proto()
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     stats = f"re-estimated on {args.batchnorm_stats} batches" if args.batchnorm_stats else "as trained"
     print(f"{args.model}: {len(sites.layers)} layers, {sum(layer.kernels for layer in sites.layers)} kernels; "
           f"{len(data.evaluation)} evaluation images; batch-norm statistics {stats}; load {os.getloadavg()[0]:.1f}")
@@ -52,12 +53,9 @@ def main() -> None:
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.schemes.split(","):
             plan = PrecisionPlan.uniform(sites, bits, None, weight_scheme=name)
-            error = energy = 0.0
-            for layer in sites.layers:
-                w = np.asarray(weights[layer.weight], np.float32)
-                q = weight_scheme(name).quantize(w, [bits] * layer.kernels, layer.kernel_axis)
-                error += float(np.sum((q - w).astype(np.float64) ** 2))
-                energy += float(np.sum(w.astype(np.float64) ** 2))
+            noise = weight_noise(sites, proto, plan, bits)  # per layer, per kernel: mean squared error
+            error = sum(float(np.sum(noise[layer.node])) * layer.kernel_params for layer in sites.layers)
+            energy = sum(float(np.sum(np.asarray(weights[layer.weight], np.float64) ** 2)) for layer in sites.layers)
             if args.batchnorm_stats:
                 tuned = recompute_batchnorm(simulate(model, plan, sites), data.train.batches(128, shuffle=True),
                                             threads=args.threads, max_batches=args.batchnorm_stats)

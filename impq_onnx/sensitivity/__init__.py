@@ -237,7 +237,7 @@ def _weigh(sums: GradientSums, sites: SiteTable, proto, plan, granularity: str, 
     layers = {layer.node: layer for layer in sites.layers}
     mean_abs = _mean_abs_weights(sites, proto, plan) if weighting == "reference" else None
     steps = _weight_steps(sites, proto, plan, float_bits) if weighting == "step" else None
-    noise = _weight_noise(sites, proto, plan, float_bits) if weighting == "measured" else None
+    noise = weight_noise(sites, proto, plan, float_bits) if weighting == "measured" else None
     weights = {}
     for group in sites.weight_groups(granularity):
         bits = _bits(plan.group_bits(group) if plan is not None else None, float_bits)
@@ -284,7 +284,7 @@ def _activation_noise(site, plan, bits: int, values: dict[str, np.ndarray]) -> f
     return float(np.mean(np.square(q.astype(np.float64) - v.astype(np.float64))))
 
 
-def _weight_noise(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, np.ndarray]:
+def weight_noise(sites: SiteTable, proto, plan, float_bits: int) -> dict[str, np.ndarray]:
     """Per layer, per kernel: the mean squared error of the plan's weight quantizer at the kernel's bits (a float
     kernel at ``float_bits``) on the current float weights."""
 
