@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=0.0005)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batchnorm", default="frozen", choices=("frozen", "train"),
+                        help="compress's --batchnorm (the ResNet-20 1.74-bit runs used train)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="a decoded-image cache folder (a work dir's decoded/)")
     args = parser.parse_args()
@@ -72,11 +74,11 @@ def main() -> None:
 
     steps = max(1, round(args.epochs * (len(data.train) // args.batch_size)))
     trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
-                        batchnorm="frozen", threads=args.threads, seed=derive_seed(args.seed, 10_000, "fine-tune"),
-                        progress=False)
+                        batchnorm=args.batchnorm, threads=args.threads,
+                        seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
     polished = trained.apply_to(tuned)
-    print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g} ({steps} steps): {scores(polished)}; "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm} ({steps} steps): "
+          f"{scores(polished)}; {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
