@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batchnorm", default="frozen", choices=("frozen", "train"),
                         help="compress's --batchnorm (the ResNet-20 1.74-bit runs used train)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="compress's --weight-decay")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the distillation temperature")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="a decoded-image cache folder (a work dir's decoded/)")
     args = parser.parse_args()
@@ -74,10 +76,12 @@ def main() -> None:
 
     steps = max(1, round(args.epochs * (len(data.train) // args.batch_size)))
     trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
+                        weight_decay=args.weight_decay, temperature=args.temperature,
                         batchnorm=args.batchnorm, threads=args.threads,
                         seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
     polished = trained.apply_to(tuned)
-    print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm} ({steps} steps): "
+    print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm}, "
+          f"weight decay {args.weight_decay:g}, temperature {args.temperature:g} ({steps} steps): "
           f"{scores(polished)}; {time.perf_counter() - start:.0f} s", flush=True)
 
 
