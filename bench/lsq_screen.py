@@ -16,7 +16,9 @@ Prints validation and test top-1 / agreement of the fine-tuned simulated model, 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,6 +36,9 @@ from impq_onnx.quant.quantizers import WIDE
 from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.quant.schemes.base import Grid, _kernel_shape
 from impq_onnx.quant.simulate import simulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from polish import epoch_batches  # noqa: E402  (bench/polish.py: the same batches and steps)
 
 
 def learnable_steps(proto: onnx.ModelProto, sites, plan: PrecisionPlan, lr_scale: float = 1.0,
@@ -114,14 +119,7 @@ def main() -> None:
     original = training._trainable_names
     training._trainable_names = lambda p, s: original(p, s) + [n for n in names if n in
                                                                {t.name for t in p.graph.initializer}]
-    epoch = [0]
-
-    def batches():
-        seed = derive_seed(args.seed, 10_000, "polish", epoch[0])
-        epoch[0] += 1
-        return data.train.batches(args.batch_size, shuffle=True, seed=seed, augment=True, drop_last=True)
-
-    steps = max(1, round(args.epochs * (len(data.train) // args.batch_size)))
+    batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
     trained = fine_tune(proto, None, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
                         batchnorm=args.batchnorm, threads=args.threads,
                         seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)

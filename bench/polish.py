@@ -28,6 +28,19 @@ from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
 
 
+def epoch_batches(train, seed: int, batch_size: int, epochs: float):
+    """``(batches, steps)`` for ``fine_tune``: augmented, shuffled batches with a new seeded order per epoch, and
+    the steps of ``epochs`` passes (also used by ``bench/lsq_screen.py``)."""
+    epoch = [0]
+
+    def batches():
+        order = derive_seed(seed, 10_000, "polish", epoch[0])
+        epoch[0] += 1
+        return train.batches(batch_size, shuffle=True, seed=order, augment=True, drop_last=True)
+
+    return batches, max(1, round(epochs * (len(train) // batch_size)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stem", help="a compress output without its suffix (<stem>.float.onnx, <stem>.plan.yaml)")
@@ -67,14 +80,7 @@ def main() -> None:
         return ", ".join(out)
 
     print(f"{args.stem}: as written: {scores(tuned)}", flush=True)
-    epoch = [0]
-
-    def batches():
-        seed = derive_seed(args.seed, 10_000, "polish", epoch[0])
-        epoch[0] += 1
-        return data.train.batches(args.batch_size, shuffle=True, seed=seed, augment=True, drop_last=True)
-
-    steps = max(1, round(args.epochs * (len(data.train) // args.batch_size)))
+    batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
     trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
                         weight_decay=args.weight_decay, temperature=args.temperature,
                         batchnorm=args.batchnorm, threads=args.threads,
