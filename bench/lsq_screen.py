@@ -28,8 +28,7 @@ import impq_onnx
 import impq_onnx.engine.training as training
 from impq_onnx.data.dataset import derive_seed
 from impq_onnx.data.model_data import open_model_data
-from impq_onnx.engine import evaluate, fine_tune
-from impq_onnx.engine.evaluation import predicted_classes
+from impq_onnx.engine import fine_tune
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import WIDE
@@ -38,7 +37,7 @@ from impq_onnx.quant.schemes.base import Grid, _kernel_shape
 from impq_onnx.quant.simulate import simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from polish import epoch_batches  # noqa: E402  (bench/polish.py: the same batches and steps)
+from polish import epoch_batches, float_classes, score_line  # noqa: E402  (bench/polish.py: same batches, scores)
 
 
 def learnable_steps(proto: onnx.ModelProto, sites, plan: PrecisionPlan, lr_scale: float = 1.0,
@@ -123,19 +122,15 @@ def main() -> None:
     trained = fine_tune(proto, None, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
                         batchnorm=args.batchnorm, threads=args.threads,
                         seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
-    result = trained.apply_to(proto)
-    out = []
-    for name, part in (("val", data.val), ("test", data.test)):
-        reference = predicted_classes(teacher, part.batches(250), threads=args.threads)
-        r = evaluate(result, part.batches(250), float_classes=reference, threads=args.threads)
-        out.append(f"{name} top-1 {100 * r.top1:.2f} % agreement {100 * r.agreement:.2f} %")
+    parts = {"val": data.val, "test": data.test}
+    scores = score_line(trained.apply_to(proto), parts, float_classes(teacher, parts, args.threads), args.threads)
     change = [float(np.mean(trained.values[p] * k / s)) for p, k, s in scales.values()]
     moved = f"; learned step / initial step, mean over layers {np.mean(change):.3f} (min {min(change):.3f}, " \
             f"max {max(change):.3f})" if change else ""
     kind = f"learned steps (scale {args.step_lr_scale:g}{', LSQ clamp' if args.lsq_clamp else ''})" if names \
         else "fixed steps"
     print(f"{args.stem}: {kind}, +{args.epochs:g} epochs at lr {args.lr:g}, "
-          f"batch-norm {args.batchnorm}: {', '.join(out)}{moved}; {time.perf_counter() - start:.0f} s", flush=True)
+          f"batch-norm {args.batchnorm}: {scores}{moved}; {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,21 @@ def epoch_batches(train, seed: int, batch_size: int, epochs: float):
     return batches, max(1, round(epochs * (len(train) // batch_size)))
 
 
+def float_classes(teacher, parts: dict, threads: int) -> dict:
+    """The float model's classes per split, computed once for every agreement figure on it."""
+    return {name: predicted_classes(teacher, part.batches(250), threads=threads) for name, part in parts.items()}
+
+
+def score_line(model, parts: dict, reference: dict, threads: int, **simulation) -> str:
+    """Top-1 and agreement with ``reference`` per split, as one line; ``simulation``: ``plan`` and ``sites`` for a
+    float model evaluated under a plan (none for a model that is already simulated)."""
+    out = []
+    for name, part in parts.items():
+        r = evaluate(model, part.batches(250), float_classes=reference[name], threads=threads, **simulation)
+        out.append(f"{name} top-1 {100 * r.top1:.2f} % agreement {100 * r.agreement:.2f} %")
+    return ", ".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stem", help="a compress output without its suffix (<stem>.float.onnx, <stem>.plan.yaml)")
@@ -67,17 +82,10 @@ def main() -> None:
     sites = find_sites(tuned, (1, *data.preprocess.sample_shape))
 
     parts = {"val": data.val, "test": data.test}
-    # the float model's classes once per split, for the agreement before and after (not two runs of it each)
-    reference = {name: predicted_classes(teacher, part.batches(250), threads=args.threads)
-                 for name, part in parts.items()}
+    reference = float_classes(teacher, parts, args.threads)  # once, for the agreement before and after
 
     def scores(model) -> str:
-        out = []
-        for name, part in parts.items():
-            r = evaluate(model, part.batches(250), plan=plan, sites=sites, float_classes=reference[name],
-                         threads=args.threads)
-            out.append(f"{name} top-1 {100 * r.top1:.2f} % agreement {100 * r.agreement:.2f} %")
-        return ", ".join(out)
+        return score_line(model, parts, reference, args.threads, plan=plan, sites=sites)
 
     print(f"{args.stem}: as written: {scores(tuned)}", flush=True)
     batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
