@@ -234,7 +234,7 @@ def compress(
     max_val_samples: int | None | Default = DEFAULT,
     phases: str | Default = DEFAULT,
     granularity: str | Default = DEFAULT,
-    weight_scheme: str | Default = DEFAULT,
+    weight_scheme: str | None | Default = DEFAULT,
     start_bits: int | Default = DEFAULT,
     start_act_bits: int | Default = DEFAULT,
     act_clip: str | None | Default = DEFAULT,

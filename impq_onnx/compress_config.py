@@ -34,9 +34,12 @@ _CHOICES = {
 # Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
 # a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
 DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR, "act_clip": "mse",
-           "weighting": "measured"}
+           "weighting": "measured", "weight_scheme": "midrise-max"}
 # act_clip's derived default for the methods other than impq (uniform-ptq keeps its percentile floor)
 OTHER_METHODS_ACT_CLIP = "paper"
+# weight_scheme's derived default for an impq weight phase whose target_bits is below LOW_BIT_TARGET: the step
+# fitted to each kernel's RMS (bench/results/candidates.md: 1.74-bit ResNet-20, two seeds)
+LOW_BIT_WEIGHT_SCHEME, LOW_BIT_TARGET = "midrise-rms", 4.0
 
 
 def _opt(default, help_text: str):
@@ -71,7 +74,9 @@ class CompressConfig:
     max_val_samples: int | None = _opt(None, "Use at most this many validation images per evaluation.")
     phases: str = _opt("weights-activations", "Phase order: " + ", ".join(_CHOICES["phases"]) + ".")
     granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
-    weight_scheme: str = _opt("midrise-max", f"Weight quantizer: {scheme_help()}.")
+    weight_scheme: str | None = _opt(None, f"Weight quantizer: {scheme_help()} [default: {LOW_BIT_WEIGHT_SCHEME} "
+                                           f"for impq with target_bits below {LOW_BIT_TARGET:g}, else "
+                                           f"{DERIVED['weight_scheme']}].")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
     act_clip: str | None = _opt(None, "Activation clip per site: mse (whenever a site's bits are set, the clip whose "
@@ -192,7 +197,14 @@ class CompressConfig:
                                  if getattr(self, name) is None and value is not None}
         if "act_clip" in given and self.method != "impq":
             given["act_clip"] = OTHER_METHODS_ACT_CLIP
+        if "weight_scheme" in given and self.low_bit_weights():
+            given["weight_scheme"] = LOW_BIT_WEIGHT_SCHEME
         return dataclasses.replace(self, **given)
+
+    def low_bit_weights(self) -> bool:
+        """An impq run whose weight phase aims below ``LOW_BIT_TARGET`` bits (weight_scheme's derived default)."""
+        return (self.method == "impq" and "weights" in self.phases and self.target_bits is not None
+                and self.target_bits < LOW_BIT_TARGET)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}

@@ -45,7 +45,7 @@ _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",
-           "weighting": "paper"}
+           "weighting": "paper", "weight_scheme": "midrise-max"}
 
 
 @dataclasses.dataclass
@@ -261,9 +261,14 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     workdir = WorkDir(paths["work_dir"])
     identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
     identity["model_sha256"] = digest
-    if cfg.resume and workdir.has_state():
+    resuming = cfg.resume and workdir.has_state()
+    if resuming:
         # A work dir of a version before a default became derived resumes with the value it ran with.
         cfg = dataclasses.replace(cfg, **workdir.check_identity(identity, _LEGACY))
+    # Not given and not taken from an old work dir: the current default (recorded in config.yaml and report.json;
+    # the work dir's identity keeps "not given").
+    cfg = cfg.with_derived_defaults()
+    if resuming:
         state, reference_metrics = SearchState.resume(workdir)
         seen_classes = None
         if report:
@@ -286,8 +291,6 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                          "activation sites",
                          data={"float_top1": reference.top1, "train_images": len(train), "val_images": len(val),
                                "weight_groups": groups, "activation_sites": len(sites.activations)}))
-    # Not given and not taken from an old work dir: the current default (recorded in config.yaml and report.json).
-    cfg = cfg.with_derived_defaults()
     context = SearchContext(cfg, base, sites, train, val, workdir, reference_metrics,
                             other_float_bytes=_other_float_bytes(base, sites), progress=report)
     if seen_classes is not None:

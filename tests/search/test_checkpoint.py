@@ -118,3 +118,26 @@ def test_act_clip_mse_is_refused_for_methods_with_their_own_clips():
     for method, clip in (("impq", "mse"), ("uniform-ptq", "paper"), ("faq", "paper"), ("activation-density", "paper")):
         cfg = CompressConfig(model="m.onnx", data="d", method=method).validate()
         assert cfg.with_derived_defaults().act_clip == clip
+
+
+def test_weight_scheme_is_midrise_rms_only_for_an_impq_weight_phase_below_4_bits(tmp_path):
+    """weight_scheme became a derived default: the RMS-fitted step where impq's weight target is below 4 bits, the
+    max step everywhere else; a work dir that recorded the old default (midrise-max) resumes with it."""
+    from impq_onnx.compression import _LEGACY, CompressConfig
+
+    assert CompressConfig().weight_scheme is None
+    cases = [({"target_bits": 1.74}, "midrise-rms"), ({"target_bits": 3.99}, "midrise-rms"),
+             ({"target_bits": 4.0}, "midrise-max"), ({"target_bits": None}, "midrise-max"),
+             ({"target_bits": 2, "phases": "activations"}, "midrise-max"),
+             ({"target_bits": 2, "method": "uniform-ptq"}, "midrise-max"),
+             ({"target_bits": 2, "method": "activation-density", "act_clip": "paper"}, "midrise-max"),
+             ({"target_bits": 2, "weight_scheme": "midrise-max"}, "midrise-max"),
+             ({"target_bits": 8, "weight_scheme": "midrise-rms"}, "midrise-rms")]
+    for options, scheme in cases:
+        cfg = CompressConfig(model="m.onnx", data="d", **options).validate()
+        assert cfg.with_derived_defaults().weight_scheme == scheme, options
+    work = WorkDir(tmp_path / "w")
+    work.start({"seed": 0, "weight_scheme": "midrise-max"})  # a work dir of the version with the fixed default
+    assert work.check_identity({"seed": 0, "weight_scheme": None}, _LEGACY) == {"weight_scheme": "midrise-max"}
+    with pytest.raises(ConfigError, match="'weight_scheme' was 'midrise-max' and is now 'midrise-rms'"):
+        work.check_identity({"seed": 0, "weight_scheme": "midrise-rms"}, _LEGACY)
