@@ -105,6 +105,10 @@ RUNS: dict[str, list[str]] = {
     "swa-kernel-174-distill": kernel_174(),
     # the same with the weight step that minimizes a Gaussian kernel's squared error (midrise-rms)
     "swa-kernel-174-rms": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174),
+    # the rms run with 1 epoch per lowering instead of 5 (~7 epochs in all): is a plan found with short fine-tunes as
+    # good, once fine-tuned from float (bench/polish.py)? The final plan from float for 10 epochs matched the
+    # 31-epoch run (bench/results/candidates.md)
+    "swa-kernel-174-rms-ep1": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "1"),
     # the pair at seed 1 (its validation split differs), for issue 23's two seeds and the scheme's default
     **{f"swa-kernel-174-{short}-seed1": kernel_174("--weight-scheme", scheme, *PINNED_174, "--seed", "1")
        for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
