@@ -116,8 +116,12 @@ def main() -> None:
     if args.learn_steps:
         names, scales = learnable_steps(proto, sites, plan, args.step_lr_scale, args.lsq_clamp)
     original = training._trainable_names
-    training._trainable_names = lambda p, s: original(p, s) + [n for n in names if n in
-                                                               {t.name for t in p.graph.initializer}]
+
+    def with_steps(p, s):  # the learned steps the training graph still holds, beside the weights
+        held = {t.name for t in p.graph.initializer}
+        return original(p, s) + [n for n in names if n in held]
+
+    training._trainable_names = with_steps
     batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
     trained = fine_tune(proto, None, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
                         batchnorm=args.batchnorm, threads=args.threads,

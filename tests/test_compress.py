@@ -272,9 +272,10 @@ def test_the_lowering_that_lands_on_the_target_fine_tunes_longer(tmp_path):
     assert above.stop_reason == "max_iterations" and above.iterations[-1].weight_bits_effective > 3.0
     assert [r.fine_tune_steps for r in above.iterations] == [2, 3]
     assert above.config.end_steps_factor == 4.0  # not given: the default, recorded in config.yaml
-    assert yaml.safe_load(above.paths["config"].read_text())["end_steps_factor"] == 4.0
+    config = yaml.safe_load(above.paths["config"].read_text())
+    assert config["end_steps_factor"] == 4.0
     # a weight target below 4 bits, scheme not given: the RMS-fitted step, in the config, the plan and the model
-    assert yaml.safe_load(above.paths["config"].read_text())["weight_scheme"] == "midrise-rms"
+    assert config["weight_scheme"] == "midrise-rms"
     assert yaml.safe_load(above.paths["plan"].read_text())["weight_scheme"] == "midrise-rms"
     assert json.loads(above.paths["report"].read_text())["config"]["weight_scheme"] == "midrise-rms"
 
