@@ -327,6 +327,7 @@ def lower(model: ModelLike, plan: PlanLike, *, output: PathLike | None = None, f
           static_batch: int | None = None) -> LowerResult:
     """``model`` quantized under ``plan`` in ``format`` (qdq, qonnx, encodings, ...); written to ``output``
     (and ``<output>.bits.json``, all or nothing) when given."""
+    from impq_onnx.frontend.model_file import model_inputs
     from impq_onnx.frontend.passes.dynamic_batch import restore_declared_batch
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering import lower as run_lower
@@ -344,7 +345,7 @@ def lower(model: ModelLike, plan: PlanLike, *, output: PathLike | None = None, f
         target = Path(output)
         derived = derived_paths(target, format)
         check_paths([("output", target)] + [("the derived output", p) for p in derived],
-                    {"the input model": Path(model) if _is_path(model) else None,  # type: ignore[arg-type]
+                    {**(model_inputs(model) if _is_path(model) else {}),  # type: ignore[arg-type]
                      "the plan": Path(plan) if _is_path(plan) else None},  # type: ignore[arg-type]
                     flag="output=")
         outputs = OutputSet([target, *derived], locked=[target])

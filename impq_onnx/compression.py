@@ -236,8 +236,10 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     if sources.model is None:
-        digest = hashlib.sha256(Path(cfg.model).read_bytes() if Path(cfg.model).is_file() else b"").hexdigest()
-        base = load(cfg.model)
+        from impq_onnx.frontend.model_file import model_digest
+
+        base = load(cfg.model)  # refuses external data outside the model's folder before the digest reads it
+        digest = model_digest(cfg.model)
     elif isinstance(sources.model, onnx.ModelProto):
         from impq_onnx.frontend.canonical import from_proto
 
@@ -363,9 +365,11 @@ def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathL
 
         derived += [paths["report_html"]] + [Path(f"{paths['report_html'].with_suffix('')}.{name}.png")
                                              for name in FIGURES]
+    from impq_onnx.frontend.model_file import model_inputs
+
     data = Path(cfg.data) if sources.data is None else None
     check_paths([("--output", output)] + [("the derived output", p) for p in derived],
-                {"the input model": Path(cfg.model) if sources.model is None else None,
+                {**(model_inputs(cfg.model) if sources.model is None else {}),
                  "the config file": _input_file(config),
                  "the preprocess file": _input_file(cfg.preprocess),
                  "the data file": data if data is not None and data.is_file() else None,

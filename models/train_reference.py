@@ -12,6 +12,7 @@
     python models/train_reference.py mobilenet_v1_cifar --width 0.5 --train /tmp/cifar10/train \
         --test /tmp/cifar10/test --epochs 20 --lr 0.1 --batch-size 128 --augment \
         -o models/mobilenet-v1-cifar10/model.onnx
+    python models/split_external.py models/mobilenet-v1-cifar10/model.onnx  # committed files stay under 2 MB
 
 Training runs epoch by epoch; after each epoch the weights and a JSON state are written atomically to
 ``<output>.work/`` so a killed run continues with ``--resume``. The learning rate follows a cosine over

@@ -8,6 +8,7 @@ only ever opened for reading.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from onnx import TensorProto, external_data_helper
 
 from impq_onnx.errors import ModelError
 
-__all__ = ["read_model", "MAX_OPSET", "MIN_OPSET", "MAX_TENSOR_BYTES"]
+__all__ = ["read_model", "model_digest", "model_inputs", "MAX_OPSET", "MIN_OPSET", "MAX_TENSOR_BYTES"]
 
 MIN_OPSET = 7
 # onnxruntime(-training) 1.19 implements the default domain up to opset 21.
@@ -58,6 +59,53 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     check_tensor_sizes(proto, path)
     _load_external_data(proto, path)
     return proto
+
+
+def _parse_quietly(data: bytes) -> onnx.ModelProto | None:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        return None
+    return proto
+
+
+def _external_locations(proto: onnx.ModelProto | None) -> list[str]:
+    """The external data files ``proto``'s tensors name, each once, in the order they first name them."""
+    if proto is None:
+        return []
+    return list(dict.fromkeys(external_data_helper.ExternalDataInfo(t).location for t in _all_tensors(proto)
+                              if t.data_location == TensorProto.EXTERNAL))
+
+
+def model_inputs(path: str | os.PathLike, what: str = "the input model") -> dict[str, Path]:
+    """``path`` and the external data files its tensors name, as the inputs no output may overwrite
+    (:func:`impq_onnx.outputs.check_paths`): ``--output weights.bin`` must not replace the weights of a model
+    that keeps them in ``weights.bin``. A file that does not parse is only itself (reading it refuses it later)."""
+    path = Path(path)
+    inputs = {what: path}
+    if path.is_file():
+        for location in _external_locations(_parse_quietly(path.read_bytes())):
+            inputs[f"{what}'s external data file '{location}'"] = path.parent / location
+    return inputs
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """The sha256 a work dir records for a model file: of the file's bytes, then, when its tensors keep their data in
+    external files, of each file's name and bytes in the order the tensors first name them, so that a resume
+    notices new weights in either. A single-file model's digest is the sha256 of the file (what every work dir has
+    recorded). Call it after :func:`read_model` accepted the file: the locations are not checked again here."""
+    path = Path(path)
+    if not path.is_file():
+        return hashlib.sha256(b"").hexdigest()
+    data = path.read_bytes()
+    digest = hashlib.sha256(data)
+    for location in _external_locations(_parse_quietly(data)):
+        digest.update(b"\0" + os.fsencode(location) + b"\0")
+        target = path.resolve().parent / location
+        if target.is_file():
+            digest.update(target.read_bytes())
+    return digest.hexdigest()
 
 
 def check_opset(proto: onnx.ModelProto, path: Path | str) -> int:
@@ -154,4 +202,4 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
             f.seek(offset)
             tensor.raw_data = f.read(length)
         del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # as if stored inline: the same model in one file or many, same bytes

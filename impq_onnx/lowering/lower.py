@@ -207,12 +207,13 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
     """Load ``model_path``, lower it under the plan at ``plan_path``, write ``output_path`` (+ sidecar)."""
     from impq_onnx.frontend.canonical import load
     from impq_onnx.frontend.site_analysis import find_sites
+    from impq_onnx.frontend.model_file import model_inputs
     from impq_onnx.outputs import OutputSet, check_paths
 
     output_path = Path(output_path)
     derived = derived_paths(output_path, format)
     check_paths([("-o/--output-path", output_path)] + [("the derived output", p) for p in derived],
-                {"the input model": Path(model_path), "the plan": Path(plan_path)}, flag="-o")
+                {**model_inputs(model_path), "the plan": Path(plan_path)}, flag="-o")
     with OutputSet([output_path, *derived], locked=[output_path]) as outputs:  # locked, staged
         canonical = load(model_path, output=output)
         sites = find_sites(canonical, input_shape)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 import pytest
@@ -9,7 +11,9 @@ from onnx import TensorProto, external_data_helper, helper
 
 import impq_onnx
 from impq_onnx.errors import ModelError
+from impq_onnx.frontend.model_file import model_digest
 from impq_onnx.runtime import inference_session
+from quant_models import tiny_cnn
 from tiny_models import Quirks, build, sample_input
 
 
@@ -180,3 +184,58 @@ def test_typed_data_fields_are_counted():
     del tensor.float_data[-1]
     with pytest.raises(ModelError, match="stores 5 values instead of 6"):
         impq_onnx.from_proto(proto)
+
+
+def _external_cnn(folder, seed: int):
+    """quant_models.tiny_cnn(seed) saved as folder/m.onnx with every initializer in folder/w.bin; the .onnx bytes
+    do not depend on the seed (same names, shapes, offsets), only w.bin's do."""
+    proto = tiny_cnn(seed)
+    external_data_helper.convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="w.bin",
+                                                        size_threshold=0)
+    (folder / "w.bin").unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(proto, folder / "m.onnx")
+    return folder / "m.onnx"
+
+
+def test_the_digest_covers_external_data_and_is_the_file_hash_without_it(tmp_path):
+    single = tmp_path / "single.onnx"
+    onnx.save(build(Quirks()), single)
+    assert model_digest(single) == hashlib.sha256(single.read_bytes()).hexdigest()  # what old work dirs recorded
+    path = _external_cnn(tmp_path, 0)
+    first, graph = model_digest(path), path.read_bytes()
+    _external_cnn(tmp_path, 1)
+    assert path.read_bytes() == graph  # only the weights file changed ...
+    assert model_digest(path) != first  # ... and the digest sees it
+    _external_cnn(tmp_path, 0)
+    assert model_digest(path) == first
+
+
+def test_a_resume_refuses_a_model_whose_external_weights_changed(tmp_path):
+    from quant_models import quadrant_batch
+
+    from impq_onnx.compression import compress
+    from impq_onnx.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    (x, y), (xv, yv) = quadrant_batch(96, rng), quadrant_batch(32, rng)
+    data = {"train": (x, y), "val": (xv, yv)}
+    tiny = dict(preprocess="model-input", phases="weights", max_iterations=0, steps=2, batch_size=16, lr=0.005,
+                sensitivity_samples=16, target_bits=None, target_act_bits=None, report=False, progress=False)
+    path = _external_cnn(tmp_path, 0)
+    compress(str(path), data, output=tmp_path / "out.onnx", **tiny)
+    _external_cnn(tmp_path, 1)  # new weights under the same graph file
+    with pytest.raises(ConfigError, match="'model_sha256' was"):
+        compress(str(path), data, output=tmp_path / "out.onnx", resume=True, **tiny)
+    _external_cnn(tmp_path, 0)  # the weights it ran with: resumes
+    assert compress(str(path), data, output=tmp_path / "out.onnx", resume=True, **tiny).iterations
+
+
+def test_no_output_may_overwrite_the_models_external_data(tmp_path):
+    from impq_onnx.frontend.model_file import model_inputs
+    from impq_onnx.outputs import PathError, check_paths
+
+    path = _external_cnn(tmp_path, 0)
+    inputs = model_inputs(path)
+    assert inputs == {"the input model": path, "the input model's external data file 'w.bin'": tmp_path / "w.bin"}
+    with pytest.raises(PathError, match="external data file 'w.bin'"):
+        check_paths([("--output", tmp_path / "w.bin")], inputs)

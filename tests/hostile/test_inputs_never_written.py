@@ -85,3 +85,24 @@ def test_lower_writes_beside_its_inputs_when_nothing_clashes(ws: Workspace) -> N
     assert {k: after[k] for k in before} == before
     assert set(after) - set(before) == {"q.onnx", "q.onnx.bits.json"}
     assert not [p for p in Path(ws.root).iterdir() if p.name.startswith(".")]  # no lock, no staging left
+
+
+@pytest.mark.parametrize("command", ["compress", "lower"])
+def test_no_output_overwrites_the_models_external_data(ws: Workspace, command: str) -> None:
+    # a model that keeps its weights in w.bin beside it: w.bin is an input too, under the output's name or a
+    # derived output's (x.onnx.bits.json)
+    import onnx
+    from onnx import external_data_helper
+
+    for location in ("w.bin", "x.onnx.bits.json"):
+        proto = onnx.load(ws.model)
+        external_data_helper.convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=location,
+                                                            size_threshold=0)
+        onnx.save(proto, ws.root / f"ext-{location}.onnx")
+    for location, output in (("w.bin", "w.bin"), ("x.onnx.bits.json", "x.onnx")):
+        before, names = ws.digests(), ws.names()
+        args = (["--data", "d.npz", "--output", output] if command == "compress"
+                else ["--plan", "p.plan.yaml", "-o", output])
+        code, stderr = cli(command, f"ext-{location}.onnx", *args, cwd=ws.root)
+        one_line_error(code, stderr, 2, f"the input model's external data file '{location}'")
+        assert ws.digests() == before and ws.names() == names
