@@ -31,15 +31,26 @@ _CHOICES = {
     "act_clip": ("paper", "mse"),
     "format": TARGETS,  # the live registry: a registered target is a valid option
 }
-# Options whose default is None ("not given") in the work dir's identity and resolved when the run starts:
-# a work dir that ran at the _LEGACY value resumes with it; a new run gets this value (None: derived later).
-DERIVED = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR, "act_clip": "mse",
-           "weighting": "measured", "weight_scheme": "midrise-max"}
 # act_clip's derived default for the methods other than impq (uniform-ptq keeps its percentile floor)
 OTHER_METHODS_ACT_CLIP = "paper"
 # weight_scheme's derived default for an impq weight phase whose target_bits is below LOW_BIT_TARGET: the step
-# fitted to each kernel's RMS (bench/results/candidates.md: 1.74-bit ResNet-20, two seeds)
-LOW_BIT_WEIGHT_SCHEME, LOW_BIT_TARGET = "midrise-rms", 4.0
+# fitted to each kernel's RMS (bench/results/candidates.md: 1.74-bit ResNet-20, two seeds); otherwise this one
+LOW_BIT_WEIGHT_SCHEME, LOW_BIT_TARGET, WEIGHT_SCHEME = "midrise-rms", 4.0, "midrise-max"
+
+
+def _act_clip(cfg: CompressConfig) -> str:
+    return "mse" if cfg.method == "impq" else OTHER_METHODS_ACT_CLIP
+
+
+def _weight_scheme(cfg: CompressConfig) -> str:
+    return LOW_BIT_WEIGHT_SCHEME if cfg.low_bit_weights() else WEIGHT_SCHEME
+
+
+# Options whose default is None ("not given") in the work dir's identity and resolved when the run starts
+# (CompressConfig.with_derived_defaults): a work dir that ran at the _LEGACY value resumes with it; a new run gets
+# this value, or what this function of the config gives (None: derived later, in the run).
+DERIVED: dict[str, Any] = {"batchnorm": "frozen", "lr": None, "end_steps_factor": END_STEPS_FACTOR,
+                           "act_clip": _act_clip, "weighting": "measured", "weight_scheme": _weight_scheme}
 
 
 def _opt(default, help_text: str):
@@ -76,7 +87,7 @@ class CompressConfig:
     granularity: str = _opt("kernel", "Weight group: kernel, layer or network.")
     weight_scheme: str | None = _opt(None, f"Weight quantizer: {scheme_help()} [default: {LOW_BIT_WEIGHT_SCHEME} "
                                            f"for impq with target_bits below {LOW_BIT_TARGET:g}, else "
-                                           f"{DERIVED['weight_scheme']}].")
+                                           f"{WEIGHT_SCHEME}].")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
     act_clip: str | None = _opt(None, "Activation clip per site: mse (whenever a site's bits are set, the clip whose "
@@ -193,13 +204,9 @@ class CompressConfig:
     def with_derived_defaults(self) -> CompressConfig:
         """This config with every ``DERIVED`` option still not given set to its current default (``lr`` stays
         None: the run derives it)."""
-        given: dict[str, Any] = {name: value for name, value in DERIVED.items()
-                                 if getattr(self, name) is None and value is not None}
-        if "act_clip" in given and self.method != "impq":
-            given["act_clip"] = OTHER_METHODS_ACT_CLIP
-        if "weight_scheme" in given and self.low_bit_weights():
-            given["weight_scheme"] = LOW_BIT_WEIGHT_SCHEME
-        return dataclasses.replace(self, **given)
+        given = {name: value(self) if callable(value) else value for name, value in DERIVED.items()
+                 if getattr(self, name) is None}
+        return dataclasses.replace(self, **{name: value for name, value in given.items() if value is not None})
 
     def low_bit_weights(self) -> bool:
         """An impq run whose weight phase aims below ``LOW_BIT_TARGET`` bits (weight_scheme's derived default)."""
