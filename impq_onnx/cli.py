@@ -116,7 +116,7 @@ def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, b
     from impq_onnx.frontend.site_analysis import find_sites
 
     output = logits_name(logits, output_alias)
-    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
+    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess, classes)) as (progress, out):
         canonical = load(model, output=output)
         for name, count in nonfinite_initializers(canonical)[:1]:
             click.echo(f"impq-onnx: warning: {model}: initializer '{name}' holds {count} NaN/infinite value(s); "
@@ -167,6 +167,21 @@ def _compress_options(func):
     return func
 
 
+def _check_sensitivity_outputs(outputs, model, data, plan_path, preprocess, classes) -> None:
+    """Refuse, before any work, a JSON or CSV output that is one of the command's inputs (the model or its external
+    data, the plan, the preprocess, data or classes file) or lies in the data folder."""
+    from pathlib import Path
+
+    from impq_onnx.frontend.model_file import model_inputs
+    from impq_onnx.outputs import check_paths
+
+    def given(path):
+        return Path(path) if path is not None and Path(path).is_file() else None
+
+    check_paths([(f"the {p.suffix[1:].upper()} output", p) for p in outputs],
+                {**model_inputs(model), "the plan": given(plan_path), "the preprocess file": given(preprocess),
+                 "the data file": given(data), "the classes file": given(classes)},
+                trees={"the data folder": Path(data) if Path(data).is_dir() else None}, flag="-o/--output-prefix")
 
 
 @main.command("sensitivity", epilog=examples(
@@ -217,7 +232,10 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.data.prefetch import Prefetch
     from impq_onnx.runtime import resolve_threads
 
-    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess)) as (progress, out):
+    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess, classes)) as (progress, out):
+        prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
+        json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
+        _check_sensitivity_outputs([json_path, csv_path], model, data, plan_path, preprocess, classes)
         canonical = load(model, output=logits)
         # Only the measured images are decoded (on every core, ahead of the gradients in a prefetch thread); a
         # broken one among them is the same one-line error the up-front check would give.
@@ -235,8 +253,6 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
             table = noise_gain(measured, sites, batches, plan=plan, granularity=granularity,
                                runner_ups=runner_ups, weighting=weighting, method=method,
                                samples=min(samples, len(dataset)), seed=seed, threads=threads, progress=progress)
-        prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
-        json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
         write_all({json_path: table.to_json(), csv_path: table.to_csv()})
         layer_m: dict[str, float] = {}
         for name, value in table.weights.items():
@@ -338,7 +354,8 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
     from impq_onnx.frontend.site_analysis import find_sites
     from impq_onnx.lowering.verify import verify
 
-    with reporting(quiet, events, as_json, (lowered, model_path, plan_path, data, preprocess)) as (progress, out):
+    inputs = (lowered, model_path, plan_path, data, preprocess, classes)
+    with reporting(quiet, events, as_json, inputs) as (progress, out):
         canonical = load(model_path, output=logits)
         dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
                                   classes=classes, input_shape=input_shape).evaluation
@@ -392,7 +409,7 @@ def compress_command(model, config, as_json, quiet, events, **options) -> None:
     """
     from impq_onnx.compression import compress
 
-    inputs = (model, config, options.get("data"), options.get("preprocess"))
+    inputs = (model, config, options.get("data"), options.get("preprocess"), options.get("classes"))
     with reporting(quiet, events, as_json, inputs) as (progress, _):
         result = compress(model, config=config, progress=progress, **options)
     if as_json:

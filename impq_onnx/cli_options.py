@@ -98,6 +98,29 @@ def dump(document: dict) -> None:
     click.echo(json.dumps(json_safe(document), allow_nan=False))
 
 
+def _check_events_file(events, inputs: tuple) -> None:
+    """``--events`` must not be an input file (nor a link to one, nor a model's external data file) and must not
+    lie in an input folder (the data)."""
+    from pathlib import Path
+
+    from impq_onnx.frontend.model_file import model_inputs
+    from impq_onnx.outputs import check_not_an_input
+
+    files: dict[str, Path] = {}
+    trees: dict[str, Path] = {}
+    for given in inputs:
+        path = Path(given) if given else None
+        if path is None or not path.exists():
+            continue
+        if path.is_dir():
+            trees[f"the input folder {given}"] = path
+        elif path.suffix.lower() == ".onnx":
+            files.update(model_inputs(path, f"the input {given}"))
+        else:
+            files[f"the input {given}"] = path
+    check_not_an_input("--events", events, files, trees, flag="--events")
+
+
 @contextlib.contextmanager
 def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tuple = ()):
     """The command's progress callback (:class:`~impq_onnx.cli_progress.Renderer`) and the stream its human
@@ -105,7 +128,6 @@ def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tu
     from pathlib import Path
 
     from impq_onnx.cli_progress import Renderer
-    from impq_onnx.errors import UserError
 
     if events == "-" and as_json:
         raise click.UsageError("--events - and --json both write to stdout; give --events a file")
@@ -113,10 +135,8 @@ def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tu
     if events == "-":
         stream = sys.stdout
     elif events:
+        _check_events_file(Path(events), inputs)
         target = Path(events).resolve()
-        for given in inputs:
-            if given and Path(given).exists() and Path(given).resolve() == target:
-                raise UserError(f"--events {events} is the input {given}; choose another file")
         target.parent.mkdir(parents=True, exist_ok=True)
         stream = open(events, "w", encoding="utf-8")  # closed below
     renderer = Renderer(quiet=quiet, events=stream)

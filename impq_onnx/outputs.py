@@ -29,7 +29,8 @@ from typing import Any, Iterator, Mapping
 from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
 from impq_onnx.run_lock import RunLock
 
-__all__ = ["PathError", "show", "describe_os_error", "check_paths", "OutputSet", "deferred_signals"]
+__all__ = ["PathError", "show", "describe_os_error", "check_paths", "check_not_an_input", "OutputSet",
+           "deferred_signals"]
 
 
 class PathError(UserError):
@@ -119,19 +120,10 @@ def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | Non
     folders = {what: Path(p) for what, p in trees.items() if p is not None}
     for what, path in [*given.items(), *outputs, *(() if work_dir is None else (("--work-dir", work_dir),))]:
         _check_name(Path(path), what)
-    seen_inputs = {what: _identity(path) for what, path in given.items()}
     seen_outputs: dict[Path, str] = {}
     for what, path in outputs:
         path = Path(path)
-        resolved, inode = _identity(path)
-        for name, (in_resolved, in_inode) in seen_inputs.items():
-            if resolved == in_resolved or (inode is not None and inode == in_inode):
-                raise PathError(f"{what} {show(path)} is {name} {show(given[name])}; it would be overwritten: "
-                                f"write the outputs elsewhere (another {flag})")
-        for name, folder in folders.items():
-            if folder.is_dir() and _inside(resolved, _identity(folder)[0]):
-                raise PathError(f"{what} {show(path)} lies inside {name} {show(folder)}; write the outputs "
-                                f"outside the data (another {flag})")
+        resolved = check_not_an_input(what, path, given, folders, flag)
         if resolved in seen_outputs:
             raise PathError(f"{what} {show(path)} and {seen_outputs[resolved]} are the same file; choose another "
                             f"{flag}")
@@ -139,6 +131,24 @@ def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | Non
         _check_writable_file(path, what)
     if work_dir is not None:
         _check_work_dir(Path(work_dir), given, folders, seen_outputs)
+
+
+def check_not_an_input(what: str, path: Path, inputs: Mapping[str, Path], trees: Mapping[str, Path] = {},
+                       flag: str = "--output") -> Path:
+    """Refuse an output ``path`` that is one of ``inputs`` (by resolved path or by inode: a symlink or hard
+    link to it) or lies in one of the ``trees``; return its resolved path. The part of :func:`check_paths` that
+    also holds for an output that need not be a regular file (``--events`` may be a pipe)."""
+    resolved, inode = _identity(path)
+    for name, given in inputs.items():
+        in_resolved, in_inode = _identity(given)
+        if resolved == in_resolved or (inode is not None and inode == in_inode):
+            raise PathError(f"{what} {show(path)} is {name} {show(given)}; it would be overwritten: "
+                            f"write the outputs elsewhere (another {flag})")
+    for name, folder in trees.items():
+        if folder.is_dir() and _inside(resolved, _identity(folder)[0]):
+            raise PathError(f"{what} {show(path)} lies inside {name} {show(folder)}; write the outputs "
+                            f"outside the data (another {flag})")
+    return resolved
 
 
 def _check_writable_file(path: Path, what: str) -> None:

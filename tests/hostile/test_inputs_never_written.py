@@ -106,3 +106,49 @@ def test_no_output_overwrites_the_models_external_data(ws: Workspace, command: s
         code, stderr = cli(command, f"ext-{location}.onnx", *args, cwd=ws.root)
         one_line_error(code, stderr, 2, f"the input model's external data file '{location}'")
         assert ws.digests() == before and ws.names() == names
+
+
+@pytest.mark.parametrize("extra, prefix, words", [
+    (["--classes", "lab.json"], "lab", "the JSON output lab.json is the classes file"),
+    (["--plan", "p.json"], "p", "the JSON output p.json is the plan"),
+    (["--preprocess", "pre.json"], "pre", "the JSON output pre.json is the preprocess file"),
+    ([], "images/cls/s", "lies inside the data folder"),
+])
+def test_sensitivity_never_writes_an_input(ws: Workspace, extra: list[str], prefix: str, words: str) -> None:
+    root = ws.root
+    (root / "lab.json").write_text('["a", "b", "c", "d"]')
+    (root / "p.json").write_bytes(ws.plan.read_bytes())  # a plan under a .json name (YAML reads JSON)
+    (root / "pre.json").write_text('{"size": [8, 8]}')
+    (root / "images" / "cls").mkdir(parents=True)
+    data = "images" if prefix.startswith("images") else "d.npz"
+    before, names = ws.digests(), ws.names()
+    code, stderr = cli("sensitivity", "m.onnx", "--data", data, "--samples", "8", *extra, "-o", prefix, cwd=root)
+    one_line_error(code, stderr, 2, words, "-o/--output-prefix")
+    assert ws.digests() == before and ws.names() == names
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sensitivity", "compress"])
+@pytest.mark.parametrize("events, data, words", [
+    ("lab.json", "d.npz", "is the input lab.json"),  # the classes file
+    ("hard.jsonl", "d.npz", "is the input lab.json"),  # a hard link to it
+    ("w.bin", "d.npz", "is the input ext.onnx's external data file 'w.bin'"),
+    ("images/cls/e.jsonl", "images", "lies inside the input folder images"),
+])
+def test_events_never_overwrite_an_input(ws: Workspace, command: str, events: str, data: str, words: str) -> None:
+    import onnx
+    from onnx import external_data_helper
+
+    root = ws.root
+    (root / "lab.json").write_text('["a", "b", "c", "d"]')
+    os.link(root / "lab.json", root / "hard.jsonl")
+    (root / "images" / "cls").mkdir(parents=True)
+    proto = onnx.load(ws.model)
+    external_data_helper.convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="w.bin",
+                                                        size_threshold=0)
+    onnx.save(proto, root / "ext.onnx")
+    before, names = ws.digests(), ws.names()
+    extra = ["--output", "o.onnx"] if command == "compress" else []
+    code, stderr = cli(command, "ext.onnx", "--data", data, "--classes", "lab.json", *extra, "--events", events,
+                       cwd=root)
+    one_line_error(code, stderr, 2, "--events", words)
+    assert ws.digests() == before and ws.names() == names
