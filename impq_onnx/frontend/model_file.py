@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, external_data_helper
+from onnx import TensorProto
 
 from impq_onnx.errors import ModelError
 
@@ -74,8 +74,26 @@ def _external_locations(proto: onnx.ModelProto | None) -> list[str]:
     """The external data files ``proto``'s tensors name, each once, in the order they first name them."""
     if proto is None:
         return []
-    return list(dict.fromkeys(external_data_helper.ExternalDataInfo(t).location for t in _all_tensors(proto)
-                              if t.data_location == TensorProto.EXTERNAL))
+    locations = (_external_entries(t).get("location") for t in _all_tensors(proto)
+                 if t.data_location == TensorProto.EXTERNAL)
+    return list(dict.fromkeys(location for location in locations if location))
+
+
+def _external_entries(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _external_number(tensor: TensorProto, entries: dict[str, str], key: str, path) -> int | None:
+    """The tensor's external ``offset`` or ``length`` (None when absent), or a one-line ModelError: onnx's own
+    reader raises a bare ValueError on ``offset: "abc"``."""
+    value = entries.get(key)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ModelError(f"{path}: tensor '{tensor.name}' gives its external data {key} as {value!r}, not a whole "
+                         "number; the file is corrupt") from None
 
 
 def model_inputs(path: str | os.PathLike, what: str = "the input model") -> dict[str, Path]:
@@ -180,8 +198,11 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     base = path.resolve().parent
     external = [t for t in _all_tensors(proto) if t.data_location == TensorProto.EXTERNAL]
     for tensor in external:
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location
+        entries = _external_entries(tensor)
+        location = entries.get("location", "")
+        if not location:
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data externally but names no file; "
+                             "the file is corrupt")
         target = (base / location).resolve()
         if os.path.isabs(location) or ".." in Path(location).parts or base not in target.parents:
             raise ModelError(
@@ -191,8 +212,9 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise ModelError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
         size = target.stat().st_size
-        offset = int(info.offset or 0)
-        length = int(info.length) if info.length else size - offset
+        offset = _external_number(tensor, entries, "offset", path) or 0
+        given_length = _external_number(tensor, entries, "length", path)
+        length = size - offset if given_length is None else given_length
         if offset < 0 or offset + length > size or length != _nbytes(_claimed_elements(tensor, path), tensor.data_type):
             raise ModelError(
                 f"{path}: tensor '{tensor.name}' claims bytes {offset}..{offset + length} of '{location}' "

@@ -150,6 +150,24 @@ def test_external_data_shorter_than_claimed(tmp_path):
         impq_onnx.load(path)
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("offset", "abc", "gives its external data offset as 'abc', not a whole number"),
+    ("length", "1e3", "gives its external data length as '1e3', not a whole number"),
+    ("location", "", "keeps its data externally but names no file"),
+])
+def test_malformed_external_data_entries_are_one_line(tmp_path, key, value, words):
+    # onnx's ExternalDataInfo raised a bare ValueError on these (an internal error, exit 1, before)
+    path = _save_external(tmp_path, "weights.bin")
+    proto = onnx.load(path, load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == key:
+            entry.value = value
+    onnx.save(proto, path, save_as_external_data=False)
+    with pytest.raises(ModelError) as exc:
+        impq_onnx.load(path)
+    assert words in _one_line(exc) and proto.graph.initializer[0].name in str(exc.value)
+
+
 def test_absurd_tensor_size_fails_cleanly(tmp_path):
     proto = build(Quirks())
     huge = proto.graph.initializer[0]
