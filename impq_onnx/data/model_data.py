@@ -122,6 +122,21 @@ def check_fits(canonical: CanonicalModel, dataset: Dataset) -> None:
                         f"which has {classes} outputs; labels must be 0..{classes - 1}")
 
 
+def _check_class_count(model: CanonicalModel, class_order: tuple[str, ...] | None, given) -> None:
+    """``--classes`` names one class per model output, in its order: a list of another length is a mistake, named
+    with its source (the folder count check would blame the data)."""
+    if class_order is None:
+        return
+    logits = model.model.graph.outputs[0].shape
+    outputs = logits[-1] if logits is not None and len(logits) >= 2 else None
+    if isinstance(outputs, int) and len(class_order) != outputs:
+        from impq_onnx.data.limits import shown
+
+        where = shown(given) if not isinstance(given, (list, tuple)) and Path(given).is_file() else "option 'classes'"
+        raise DataError(f"{where}: {len(class_order)} class names, but {model.label} has {outputs} outputs; give one "
+                        "name per output, in the model's output order")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelData:
     """The user's data for one model: which folder plays which part, and the datasets.
@@ -252,6 +267,7 @@ def open_model_data(model: CanonicalModel, data: str | Path | InMemoryData,
     from impq_onnx.data.imagefolder import parse_classes
 
     class_order = parse_classes(classes)
+    _check_class_count(model, class_order, classes)
     if isinstance(data, InMemoryData):
         preprocessing = resolve_preprocess(model, preprocess, data.train, input_shape)
         return ModelData(model, preprocessing, data.train, data.val, data.test, val_fraction, seed, max_val_samples,

@@ -107,5 +107,12 @@ def test_evaluate_uses_the_given_order(tmp_path: Path) -> None:
     assert top1("--classes", ",".join(NAMES)) == 1.0
     assert top1("--classes", str(labels)) == 1.0
     assert top1("--classes", ",".join(reversed(NAMES))) < 1.0
-    bad = CliRunner().invoke(main, ["evaluate", str(model), "--data", str(data), "--classes", "zeta,eps"])
+    # a full list that leaves a data folder out, then lists of another length than the model's outputs
+    bad = CliRunner().invoke(main, ["evaluate", str(model), "--data", str(data), "--classes",
+                                    ",".join(NAMES[:-1] + ["other"])])
     assert bad.exit_code == 2 and "is not in --classes" in bad.output
+    bad = CliRunner().invoke(main, ["evaluate", str(model), "--data", str(data), "--classes", "zeta,eps"])
+    assert bad.exit_code == 2 and f"option 'classes': 2 class names, but {model} has {CLASSES} outputs" in bad.output
+    labels.write_text("\n".join(NAMES + ["extra"]) + "\n")
+    bad = CliRunner().invoke(main, ["evaluate", str(model), "--data", str(data), "--classes", str(labels)])
+    assert bad.exit_code == 2 and f"{CLASSES + 1} class names, but" in bad.output and "labels.txt" in bad.output

@@ -63,6 +63,8 @@ def test_compress_runs_on_one_image_per_class(tmp_path: Path, caplog: pytest.Log
     labels = ",".join([f"c{i}" for i in range(CLASSES)] + [f"z{i:02d}" for i in range(20)])
     with caplog.at_level(logging.WARNING):
         with pytest.raises(Exception, match="25 class folders, but"):
+            compress(path, data, output=tmp_path / "bad.onnx", progress=False, report=False)
+        with pytest.raises(Exception, match="25 class names, but"):  # a list naming them all: the list is wrong
             compress(path, data, output=tmp_path / "bad.onnx", progress=False, classes=labels, report=False)
     for i in range(20):
         (tmp_path / "data" / f"z{i:02d}").rmdir()
