@@ -118,6 +118,8 @@ def test_external_data_is_loaded_relative_to_the_model(tmp_path):
     logits = session.run(None, {"image": x})[0]
     reference = inference_session(build(Quirks()).SerializeToString()).run(None, {"image": x})[0]
     assert np.max(np.abs(logits - reference)) <= 1e-6
+    onnx.save(build(Quirks()), tmp_path / "inline.onnx")
+    assert canonical.to_bytes() == impq_onnx.load(tmp_path / "inline.onnx").to_bytes()  # as if stored inline
 
 
 @pytest.mark.parametrize("location", ["../weights.bin", "/etc/passwd", "sub/../../weights.bin"])
