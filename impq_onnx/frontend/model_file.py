@@ -91,9 +91,9 @@ def _external_number(tensor: TensorProto, entries: dict[str, str], key: str, pat
         return None
     try:
         return int(value)
-    except ValueError:
+    except ValueError as exc:
         raise ModelError(f"{path}: tensor '{tensor.name}' gives its external data {key} as {value!r}, not a whole "
-                         "number; the file is corrupt") from None
+                         "number; the file is corrupt") from exc
 
 
 def model_inputs(path: str | os.PathLike, what: str = "the input model") -> dict[str, Path]:
