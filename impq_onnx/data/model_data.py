@@ -122,7 +122,8 @@ def check_fits(canonical: CanonicalModel, dataset: Dataset) -> None:
                         f"which has {classes} outputs; labels must be 0..{classes - 1}")
 
 
-def _check_class_count(model: CanonicalModel, class_order: tuple[str, ...] | None, given) -> None:
+def _check_class_count(model: CanonicalModel, class_order: tuple[str, ...] | None,
+                       given: str | Path | list[str] | tuple[str, ...] | None) -> None:
     """``--classes`` names one class per model output, in its order: a list of another length is a mistake, named
     with its source (the folder count check would blame the data)."""
     if class_order is None:
@@ -132,7 +133,9 @@ def _check_class_count(model: CanonicalModel, class_order: tuple[str, ...] | Non
     if isinstance(outputs, int) and len(class_order) != outputs:
         from impq_onnx.data.limits import shown
 
-        where = shown(given) if not isinstance(given, (list, tuple)) and Path(given).is_file() else "option 'classes'"
+        where = "option 'classes'"
+        if isinstance(given, (str, Path)) and Path(given).is_file():
+            where = shown(given)
         raise DataError(f"{where}: {len(class_order)} class names, but {model.label} has {outputs} outputs; give one "
                         "name per output, in the model's output order")
 
