@@ -122,7 +122,9 @@ def model_digest(path: str | os.PathLike) -> str:
         digest.update(b"\0" + os.fsencode(location) + b"\0")
         target = path.resolve().parent / location
         if target.is_file():
-            digest.update(target.read_bytes())
+            with open(target, "rb") as f:  # in chunks: a data file may be far larger than the tensors it holds
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 
