@@ -99,6 +99,12 @@ def split_folders(path: str | Path) -> tuple[Path, Path | None]:
     return path, None
 
 
+def _output_classes(model: CanonicalModel) -> object:
+    """The logits' last dimension (an int when the model declares it, else a name or None)."""
+    logits = model.model.graph.outputs[0].shape
+    return logits[-1] if logits is not None and len(logits) >= 2 else None
+
+
 def check_fits(canonical: CanonicalModel, dataset: Dataset) -> None:
     """A :class:`DataError` naming the data and the model when the images or the classes do not fit it."""
     shape = canonical.input_shape()
@@ -110,8 +116,7 @@ def check_fits(canonical: CanonicalModel, dataset: Dataset) -> None:
                 f"'{canonical.input_name}' of {canonical.label} needs {list(shape[1:])} (axis {axis}); "
                 "set --preprocess size/layout"
             )
-    logits = canonical.model.graph.outputs[0].shape
-    classes = logits[-1] if logits is not None and len(logits) >= 2 else None
+    classes = _output_classes(canonical)
     if isinstance(classes, int) and dataset.classes and len(dataset.classes) != classes:
         raise DataError(
             f"{dataset.name}: {len(dataset.classes)} class folders, but {canonical.label} has {classes} outputs; "
@@ -128,8 +133,7 @@ def _check_class_count(model: CanonicalModel, class_order: tuple[str, ...] | Non
     with its source (the folder count check would blame the data)."""
     if class_order is None:
         return
-    logits = model.model.graph.outputs[0].shape
-    outputs = logits[-1] if logits is not None and len(logits) >= 2 else None
+    outputs = _output_classes(model)
     if isinstance(outputs, int) and len(class_order) != outputs:
         from impq_onnx.data.limits import shown
 
