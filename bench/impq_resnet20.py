@@ -112,6 +112,13 @@ RUNS: dict[str, list[str]] = {
     # the same at seed 1 (its validation split differs), for issue 23's second seed of the cheap-search recipe
     "swa-kernel-174-rms-ep1-seed1": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "1",
                                                "--seed", "1"),
+    # issue 23's recipe inside compress: each ep1 search's plan refit from float for 30 epochs (--refit-epochs).
+    # The work dirs start as copies of the searches' (refit_epochs is not part of a run's identity), so only the
+    # refit runs: cp -r swa-kernel-174-rms-ep1.work swa-kernel-174-rms-ep1-refit30.work (and -seed1)
+    "swa-kernel-174-rms-ep1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "1",
+                                                 "--refit-epochs", "30"),
+    "swa-kernel-174-rms-ep1-seed1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs",
+                                                       "1", "--seed", "1", "--refit-epochs", "30"),
     # the pair at seed 1 (its validation split differs), for issue 23's two seeds and the scheme's default
     **{f"swa-kernel-174-{short}-seed1": kernel_174("--weight-scheme", scheme, *PINNED_174, "--seed", "1")
        for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
@@ -173,6 +180,7 @@ def row(name: str, work: Path) -> dict | None:
         return None
     report = json.loads(path.read_text())
     final, ref, records = report["final"], report["reference"], report["iterations"]
+    refit = report.get("refit") or {"steps": 0, "seconds": 0.0}  # --refit-epochs: its epochs and hours count
     return {
         "run": name, "options": " ".join(RUNS[name]), "stop": report["stop_reason"],
         "iterations": len(records), "output_iteration": final["iteration"],
@@ -183,10 +191,10 @@ def row(name: str, work: Path) -> dict | None:
         "test_agreement": final.get("test_agreement"), "float_val_top1": ref.get("top1"),
         "val_top1": final.get("val_top1"),
         # CIFAR-10 has 50,000 training images; the two-folder runs hold val_fraction of them out.
-        "fine_tune_epochs": sum(r["fine_tune_steps"] for r in records) * 128
+        "fine_tune_epochs": (sum(r["fine_tune_steps"] for r in records) + refit["steps"]) * 128
         / (50000 if name in THREE_WAY else 50000 * (1 - report["config"]["val_fraction"])),
         "test_images": final.get("test_n"),
-        "hours": records[-1]["elapsed"] / 3600,
+        "hours": (records[-1]["elapsed"] + refit["seconds"]) / 3600,
         "path": [(r["iteration"], round(r["weight_bits_effective"], 3), round(r["activation_bits_effective"], 3),
                   r["val_top1"]) for r in records],
     }

@@ -250,6 +250,7 @@ def compress(
     epochs: float | None | Default = DEFAULT,
     start_steps: int | None | Default = DEFAULT,
     end_steps_factor: float | None | Default = DEFAULT,
+    refit_epochs: float | Default = DEFAULT,
     time_budget: float | None | Default = DEFAULT,
     batch_size: int | Default = DEFAULT,
     lr: float | Default = DEFAULT,

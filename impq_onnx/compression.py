@@ -40,8 +40,9 @@ from impq_onnx.search.state import IterationRecord
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "report_available", "target_reached"]
 
-# Options that do not change what the run computes: a resume may change them.
-_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report")
+# Options that do not change what the search computes: a resume may change them. refit_epochs changes only what
+# follows the search, and the refit checks its own settings (impq_onnx.search.refit).
+_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report", "refit_epochs")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",
@@ -304,8 +305,15 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
         # The derived rate is what config.yaml and the report record: a --config rerun computes the same.
         cfg = dataclasses.replace(cfg, lr=float(derived["lr"]))
     plan, values = workdir.load_iteration(state.final)
-    final_model = with_values(base, values)
     final = state.record(state.final).final_metrics()
+    from impq_onnx.search.iteration import FIXED_LR
+    from impq_onnx.search.refit import refit
+
+    refitted = refit(context, state, cfg.lr if cfg.lr is not None else FIXED_LR)
+    if refitted is not None and refitted.kept:
+        values = refitted.values
+        final.update({key: refitted.record[key] for key in ("val_top1", "val_top5", "val_agreement")})
+    final_model = with_values(base, values)
     final["elapsed"] = state.elapsed
     reference = dict(reference_metrics)
     if test is not None:
@@ -321,6 +329,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
                 "reference": reference, "final": final, "verification": verification,
                 "calibration_only": calibration_only, "warnings": warnings,
                 "learning_rate": {"lr": cfg.lr, "derived": derived},
+                "refit": None if refitted is None else refitted.record,
                 "iterations": [r.to_dict() for r in state.records],
                 "config": cfg.to_dict(), "environment": run_environment()}
     report_json = (json.dumps(document, indent=1, allow_nan=True) + "\n").encode()

@@ -257,6 +257,9 @@ def fine_tune(
     progress: bool | Progress = True,
     profile: str | None = None,
     replicas: int | None = None,
+    start_step: int = 0,
+    stop_step: int | None = None,
+    velocity: dict[str, np.ndarray] | None = None,
 ) -> TrainedWeights:
     """Fine-tune ``model`` (float; CanonicalModel or ModelProto) under ``plan`` (None: float training).
 
@@ -277,6 +280,10 @@ def fine_tune(
     ``threads`` None: every available core; ``replicas`` None: the fastest count for them and the first
     batch's size (:func:`impq_onnx.runtime.default_replicas`). Replicas change the numbers (batch-norm
     statistics, summation order), so a caller that records its configuration resolves them itself.
+    ``start_step`` / ``stop_step`` (default 0 / ``steps``) run only that part of the ``steps``-step schedule,
+    and ``velocity`` (SGD only) is the momentum, read and updated in place: consecutive parts, each on the
+    previous part's weights and velocity with ``batches`` continuing where it stopped, compute what one call
+    does, so a long fine-tune can be checkpointed between them (:mod:`impq_onnx.search.refit`).
     """
     import onnxruntime as ort
 
@@ -286,6 +293,13 @@ def fine_tune(
         raise ConfigError(f"optimizer {optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, not {steps}")
+    stop_step = steps if stop_step is None else stop_step
+    if not 0 <= start_step < stop_step <= steps:
+        raise ConfigError(f"a fine-tune part runs steps {start_step} to {stop_step} of 0 to {steps}: give "
+                          "0 <= start_step < stop_step <= steps")
+    if (start_step or stop_step < steps or velocity) and optimizer != "sgd":
+        raise ConfigError(f"a fine-tune in parts (start_step, stop_step, velocity) needs optimizer 'sgd': "
+                          f"{optimizer}'s state stays inside onnxruntime")
     if lr_schedule not in SCHEDULES:
         raise ConfigError(f"learning-rate schedule {lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if lr_schedule == "exponential" and not (lr > 0 and final_lr > 0):
@@ -366,19 +380,19 @@ def fine_tune(
             group = Replicas(os.path.join(tmp, "training_model.onnx"), state, trainable, running, options,
                              teacher_session, sites.input_name, profiled=profile is not None)
         lap("session creation")
-        velocity: dict[str, np.ndarray] = {}
+        velocity = {} if velocity is None else velocity
         warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
         losses: list[float] = []
         images, start = 0, time.perf_counter()
         if report:
-            report(Event("phase_start", "fine-tune", "", 0, steps))
+            report(Event("phase_start", "fine-tune", "", start_step, steps))
         line = ""
         stat_names = list(running)
         batch = (x0, y0)
         step_seconds: list[float] = []
-        for step in range(steps):
+        for step in range(start_step, stop_step):
             tick = time.perf_counter()
-            if step:
+            if step > start_step:
                 batch = _split(next(stream))
             x, y = batch
             rate = learning_rate(lr_schedule, step, steps, lr, warmup, final_lr)
@@ -420,7 +434,7 @@ def fine_tune(
                              {"loss": mean_loss, "lr": rate, "images_per_second": speed}))
         seconds = time.perf_counter() - start
         if report:
-            report(Event("phase_end", "fine-tune", line, steps, steps,  # the last step's line
+            report(Event("phase_end", "fine-tune", line, stop_step, steps,  # the last step's line
                          {"loss": float(np.mean(losses[-20:])), "seconds": seconds}))
         lap("fine-tune steps")
         stream.close()  # stops the prefetch thread
@@ -431,7 +445,7 @@ def fine_tune(
             values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
         del opt, module, group  # a profiled session writes its file when it ends
     lap("fine-tune other")
-    return TrainedWeights(values, losses, steps, images, seconds, step_seconds)
+    return TrainedWeights(values, losses, stop_step - start_step, images, seconds, step_seconds)
 
 
 def _declare_logits_shape(proto: onnx.ModelProto, logits: str, model, x0: np.ndarray, threads: int) -> None:

@@ -367,3 +367,36 @@ def test_laps_split_a_fine_tune_into_its_parts(tiny):
     assert all(v >= 0 for v in laps.seconds.values()) and sum(laps.seconds.values()) <= wall
     lap("outside")  # not recorded: no recording is active any more
     assert "outside" not in laps.seconds
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_fine_tune_in_parts_computes_what_one_call_does(tiny, replicas):
+    """Two parts of a 24-step schedule (steps 0-12, then 12-24 on the first part's weights and velocity,
+    the batches continuing at the second epoch of 12) give the one call's losses and weights bit for bit:
+    what a checkpointed refit relies on (batch-norm in train mode, so its running statistics carry too)."""
+    canonical, sites = tiny
+    plan = PrecisionPlan.uniform(sites, 3, None)
+    args = dict(steps=24, lr=0.05, warmup_steps=3, progress=False, replicas=replicas, batchnorm="train")
+    whole = fine_tune(canonical, plan, sites, quadrant_batches(12, 32), **args)
+    velocity: dict = {}
+    first = fine_tune(canonical, plan, sites, quadrant_batches(12, 32), stop_step=12, velocity=velocity, **args)
+    assert velocity and first.steps == 12
+    second = fine_tune(first.apply_to(canonical), plan, sites, quadrant_batches(12, 32), start_step=12,
+                       velocity=velocity, **args)
+    assert first.losses + second.losses == whole.losses
+    assert set(second.values) == set(whole.values)
+    for name, value in whole.values.items():
+        np.testing.assert_array_equal(second.values[name], value, err_msg=name)
+    # without the velocity the second part is a different (restarted-momentum) fine-tune: the check can fail
+    restarted = fine_tune(first.apply_to(canonical), plan, sites, quadrant_batches(12, 32), start_step=12, **args)
+    assert restarted.losses != second.losses
+
+
+def test_a_fine_tune_part_is_checked(tiny):
+    canonical, sites = tiny
+    with pytest.raises(ConfigError, match="start_step < stop_step <= steps"):
+        _train(canonical, None, sites, steps=10, start_step=10)
+    with pytest.raises(ConfigError, match="start_step < stop_step <= steps"):
+        _train(canonical, None, sites, steps=10, stop_step=11)
+    with pytest.raises(ConfigError, match="needs optimizer 'sgd'"):
+        _train(canonical, None, sites, steps=10, stop_step=5, optimizer="adamw")

@@ -1,0 +1,186 @@
+"""The refit: the search's output plan fine-tuned once more, from the input model's float weights.
+
+IMPQ's search fine-tunes a little after each lowering, so its last weights carry every earlier plan's
+compromises. Issue 23 measured the alternative (``bench/results/candidates.md``, "The final plan alone"): the
+plan a short search found, put on the float weights and fine-tuned once for many epochs, ends well above the
+search's own weights (ResNet-20, 1.74 bits: 87.80 % as the 7-epoch search wrote it, 88.98 % after 30 epochs
+from float). ``compress --refit-epochs N`` does that after any search: one fine-tune of ``N`` epochs over the
+training split, with the run's options (learning rate, batch size, optimizer, batch-norm mode, distillation,
+augmentation), a cosine schedule from the run's rate to 0, on the plan of the search's output iteration.
+
+It runs in parts of whole epochs (at least ``PART_MIN_STEPS`` steps each) and checkpoints after each in
+``<work_dir>/refit/`` (``weights.npz``, ``velocity.npz`` - the SGD momentum - and ``refit.json`` last, the
+commit point): a killed refit resumes after its last part and ends with the same bytes as an uninterrupted
+one (:func:`impq_onnx.engine.fine_tune` computes the same in parts). AdamW keeps its state inside
+onnxruntime, so with ``optimizer: adamw`` the refit is one part. The search's work directory is a prefix of
+any refit: ``refit_epochs`` is not part of the run's identity, and a finished run resumed with a refit runs
+only the refit. A refit folder written with other settings (epochs, rate, output iteration) is refused, not
+overwritten.
+
+The output is the refit when its validation result is at least the search's output iteration's (the guard's
+comparison, :func:`~impq_onnx.search.iteration.guard_key`; with ``guard`` off, always); otherwise the search's,
+and the report says which (``refit.kept``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from impq_onnx.engine import EvalResult, FineTuneDiverged, fine_tune
+from impq_onnx.errors import ConfigError
+from impq_onnx.events import Event
+from impq_onnx.files import write_atomic
+from impq_onnx.search.checkpoint import values_from_bytes, values_to_bytes
+from impq_onnx.search.iteration import derive_seed, evaluate_values, guard_key, labelled_batches, with_values
+from impq_onnx.search.state import SearchContext, SearchState
+
+__all__ = ["PART_MIN_STEPS", "REFIT_ITERATION", "RefitResult", "refit", "refit_steps"]
+
+# The iteration slot of the refit's seeds (data order per epoch, onnxruntime's seed), with the purposes below:
+# those of bench/polish.py, whose runs measured the recipe, so compress reproduces its figures.
+REFIT_ITERATION = 10_000
+_DATA_PURPOSE, _TRAIN_PURPOSE = "polish", "fine-tune"
+PART_MIN_STEPS = 200  # a part is the fewest whole epochs with at least this many steps (each part rebuilds sessions)
+_VERSION = 1
+
+
+@dataclasses.dataclass
+class RefitResult:
+    """The refit's weights (base + these) and its report block (``record``)."""
+
+    values: dict[str, np.ndarray]
+    record: dict[str, Any]
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.record["kept"])
+
+
+def refit_steps(cfg: Any, train: Any) -> tuple[int, int]:
+    """``(steps, steps per epoch)`` of a refit of ``cfg.refit_epochs`` epochs over ``train``."""
+    per_epoch = max(1, len(train) // cfg.batch_size)
+    return max(1, math.ceil(cfg.refit_epochs * per_epoch - 1e-9)), per_epoch
+
+
+def _batches(cfg: Any, train: Any, first_epoch: int) -> Any:
+    """The refit's per-epoch batch factory from epoch ``first_epoch`` on (the data order of epoch e derives from
+    the seed and e only, so a resumed part sees what an uninterrupted one would)."""
+    epoch = [first_epoch]
+
+    def factory() -> Any:
+        order = derive_seed(cfg.seed, REFIT_ITERATION, _DATA_PURPOSE, epoch[0])
+        epoch[0] += 1
+        return labelled_batches(train, cfg.batch_size, shuffle=True, seed=order, augment=cfg.augment,
+                                drop_last=len(train) >= cfg.batch_size)
+
+    return factory
+
+
+def _settings(cfg: Any, lr: float, final: int, steps: int) -> dict[str, Any]:
+    return {"version": _VERSION, "from_iteration": final, "epochs": float(cfg.refit_epochs), "steps": steps,
+            "lr": float(lr)}
+
+
+def _load(folder: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The committed progress in ``folder`` (None: none), refused when it ran with other settings."""
+    path = folder / "refit.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); remove {folder} to refit anew") from exc
+    differs = [key for key in settings if saved.get(key) != settings[key]]
+    if differs:
+        key = differs[0]
+        raise ConfigError(f"{folder} holds a refit with {key} {saved.get(key)!r}, not {settings[key]!r}: give "
+                          f"the same refit_epochs and lr, or remove {folder} to refit anew")
+    return dict(saved)
+
+
+def _commit(folder: Any, progress: dict[str, Any], values: dict[str, np.ndarray],
+            velocity: dict[str, np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "weights.npz", values_to_bytes(values))
+    write_atomic(folder / "velocity.npz", values_to_bytes(velocity))
+    write_atomic(folder / "refit.json", json.dumps(progress, indent=1, sort_keys=True, allow_nan=True) + "\n")
+
+
+def _search_key(cfg: Any, record: Any) -> tuple[float, float]:
+    return guard_key(cfg, EvalResult(record.val_top1, record.val_top5, record.val_agreement, record.val_n, 0.0))
+
+
+def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult | None:
+    """Refit the plan of ``state.final`` from the float weights for ``refit_epochs`` epochs at ``lr`` (the
+    run's resolved rate), resuming ``<work_dir>/refit``; None when ``refit_epochs`` is 0."""
+    cfg = context.config
+    if not cfg.refit_epochs or state.final is None:
+        return None
+    folder = context.workdir.path / "refit"
+    plan, _ = context.workdir.load_iteration(state.final)
+    steps, per_epoch = refit_steps(cfg, context.train)
+    part = steps if cfg.optimizer != "sgd" else per_epoch * max(1, math.ceil(PART_MIN_STEPS / per_epoch))
+    settings = _settings(cfg, lr, state.final, steps)
+    progress = _load(folder, settings) or dict(settings, done=0, seconds=0.0, losses=[], result=None)
+    values: dict[str, np.ndarray] = {}
+    velocity: dict[str, np.ndarray] = {}
+    if progress["done"]:
+        values = values_from_bytes((folder / "weights.npz").read_bytes())
+        velocity = values_from_bytes((folder / "velocity.npz").read_bytes())
+    report = context.progress
+    if report:
+        text = (f"refit: the plan of iteration {state.final} from the float weights, {cfg.refit_epochs:g} epochs "
+                f"({steps} steps) at lr {lr:g}" + (f", resuming after step {progress['done']}" if progress["done"]
+                                                  else ""))
+        report(Event("message", "refit", text, progress["done"], steps, data={"steps": steps, "lr": lr}))
+    while progress["done"] < steps and progress["result"] is None:
+        start, tick = progress["done"], time.perf_counter()
+        stop = min(steps, start + part)
+        try:
+            trained = fine_tune(with_values(context.base, values), plan, context.sites,
+                                _batches(cfg, context.train, start // per_epoch), steps=steps, lr=lr,
+                                optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                batchnorm=cfg.batchnorm, threads=cfg.threads, replicas=cfg.replicas,
+                                distill=True if cfg.distill else None, teacher=context.base,
+                                seed=derive_seed(cfg.seed, REFIT_ITERATION, _TRAIN_PURPOSE),
+                                start_step=start, stop_step=stop,
+                                velocity=velocity if cfg.optimizer == "sgd" else None,
+                                progress=context.inner_progress() or False)
+        except FineTuneDiverged as exc:
+            progress["result"] = {"diverged": f"loss {exc}"}
+            break
+        values = {**values, **trained.values}
+        progress.update(done=stop, seconds=progress["seconds"] + time.perf_counter() - tick,
+                        losses=progress["losses"] + [float(np.mean(trained.losses))])
+        _commit(folder, progress, values, velocity)
+        if report:
+            report(Event("message", "refit", f"refit: step {stop}/{steps} (epoch {stop / per_epoch:g}), mean loss "
+                         f"{progress['losses'][-1]:.4f}", stop, steps, data={"loss": progress["losses"][-1]}))
+    search = state.record(state.final)
+    if progress["result"] is None:
+        result = evaluate_values(context, plan, values)
+        kept = not cfg.guard or guard_key(cfg, result) >= _search_key(cfg, search)
+        progress["result"] = {"val_top1": result.top1, "val_top5": result.top5, "val_agreement": result.agreement,
+                              "val_n": result.n, "kept": kept}
+        _commit(folder, progress, values, velocity)
+    outcome = progress["result"]
+    kept = bool(outcome.get("kept", False))
+    record = {"from_iteration": state.final, "epochs": float(cfg.refit_epochs), "steps": steps, "lr": float(lr),
+              "seconds": progress["seconds"], **outcome, "kept": kept,
+              "search_val_top1": search.val_top1, "search_val_agreement": search.val_agreement}
+    if report:
+        if "diverged" in outcome:
+            text = f"refit: diverged ({outcome['diverged']}); the output is the search's iteration {state.final}"
+        else:
+            top1 = "n/a" if outcome["val_top1"] is None else f"{100 * outcome['val_top1']:.1f}%"
+            text = (f"refit: validation top-1 {top1}, agreement with float {100 * (outcome['val_agreement'] or 0):.1f}"
+                    f"% vs the search's {100 * (search.val_agreement or 0):.1f}%: "
+                    + ("kept" if kept else f"not kept, the output is the search's iteration {state.final}"))
+        report(Event("message", "refit", text, steps, steps, data=record))
+    return RefitResult(values if kept else {}, record)

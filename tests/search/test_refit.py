@@ -1,0 +1,144 @@
+"""compress --refit-epochs: the search's output plan fine-tuned again from the float weights, checkpointed in parts
+(impq_onnx.search.refit), on the bundled Fashion-MNIST model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from impq_onnx.compression import compress
+from impq_onnx.errors import ConfigError
+from impq_onnx.frontend.canonical import load
+from impq_onnx.search import refit as refit_module
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "fashion-mnist" / "model.onnx"
+DATA = ROOT / "models" / "fashion-mnist"
+pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the bundled Fashion-MNIST model is not built yet")
+# One lowering of the weight phase; 480 training images at batch 16 are 30 steps an epoch: a 2-epoch refit is
+# 60 steps, in 2 parts of one epoch with PART_MIN_STEPS at 1.
+OPTIONS = dict(steps=3, start_steps=6, sensitivity_samples=32, max_val_samples=40, batch_size=16, max_iterations=1,
+               target_bits=None, phases="weights", seed=2, lr=0.005, guard=False, report=False, progress=False)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _run(folder: Path, **options):
+    return compress(MODEL, DATA, output=folder / "out.onnx", **dict(OPTIONS, **options))
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in ("out.onnx", "out.float.onnx", "out.plan.yaml")}
+
+
+def _report(folder: Path) -> dict:
+    return json.loads((folder / "out.report.json").read_text())
+
+
+def _strip(refit: dict) -> dict:
+    return {k: v for k, v in refit.items() if k != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """An uninterrupted run with a 2-epoch refit in 2 parts, and the same run without the refit (guard off: the
+    refit is the output)."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(refit_module, "PART_MIN_STEPS", 1)
+    try:
+        refitted, plain = tmp_path_factory.mktemp("refit"), tmp_path_factory.mktemp("plain")
+        _run(refitted, refit_epochs=2)
+        _run(plain)
+    finally:
+        patch.undo()
+    return refitted, plain
+
+
+def test_the_refit_starts_from_float_on_the_search_plan_and_is_reported(whole):
+    refitted, plain = whole
+    report, search = _report(refitted), _report(plain)
+    block = report["refit"]
+    assert search["refit"] is None
+    assert block["from_iteration"] == 1 and block["steps"] == 60 and block["epochs"] == 2.0 and block["lr"] == 0.005
+    # the search is the same run: same records, same plan; the output's weights are the refit's
+    assert (refitted / "out.plan.yaml").read_bytes() == (plain / "out.plan.yaml").read_bytes()
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "elapsed"} for r in rs]  # noqa: E731
+    assert strip(report["iterations"]) == strip(search["iterations"])
+    assert block["search_val_agreement"] == search["final"]["val_agreement"]
+    progress = json.loads((refitted / "out.work" / "refit" / "refit.json").read_text())
+    assert progress["done"] == 60 and len(progress["losses"]) == 2  # two committed parts
+    assert block["kept"] and report["final"]["val_agreement"] == block["val_agreement"]
+    # from float: every quantized weight moved from the input model's, and not to where the search left it
+    from onnx import numpy_helper
+
+    def weights(path: Path) -> dict[str, np.ndarray]:
+        return {t.name: numpy_helper.to_array(t) for t in load(path).to_proto().graph.initializer}
+
+    tuned, search_tuned, base = weights(refitted / "out.float.onnx"), weights(plain / "out.float.onnx"), weights(MODEL)
+    for name in ("conv1.weight", "conv4.weight", "fc.weight"):
+        assert not np.array_equal(tuned[name], base[name]) and not np.array_equal(tuned[name], search_tuned[name])
+
+
+def test_a_refit_in_parts_writes_what_a_refit_in_one_part_does(tmp_path, whole):
+    """PART_MIN_STEPS (200) above the refit's 60 steps: one fine-tune call; the fixture's ran two."""
+    _run(tmp_path, refit_epochs=2)
+    assert len(json.loads((tmp_path / "out.work" / "refit" / "refit.json").read_text())["losses"]) == 1
+    assert _outputs(tmp_path) == _outputs(whole[0])
+
+
+def test_a_refit_that_validates_below_the_search_is_not_written(tmp_path):
+    """With the guard on, this run's refit agrees with float on 97.5 % of the validation images and the search's
+    output on 100 %: the search's output is written, as without the refit."""
+    _run(tmp_path / "plain", guard=True)
+    _run(tmp_path / "refit", guard=True, refit_epochs=2)
+    block = _report(tmp_path / "refit")["refit"]
+    assert not block["kept"] and block["val_agreement"] < block["search_val_agreement"]
+    assert _outputs(tmp_path / "refit") == _outputs(tmp_path / "plain")
+
+
+def test_an_interrupted_refit_resumes_to_the_uninterrupted_bytes(tmp_path, whole, monkeypatch):
+    refitted, _ = whole
+    monkeypatch.setattr(refit_module, "PART_MIN_STEPS", 1)
+
+    def stop_after_the_first_part(event):
+        if event.phase == "refit" and str(event).startswith("refit: step 30/60"):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(tmp_path, refit_epochs=2, progress=stop_after_the_first_part)
+    assert not (tmp_path / "out.onnx").exists()
+    assert json.loads((tmp_path / "out.work" / "refit" / "refit.json").read_text())["done"] == 30
+    events = []
+    _run(tmp_path, refit_epochs=2, resume=True, progress=events.append)
+    assert any("resuming after step 30" in str(e) for e in events)
+    assert not any("step 30/60" in str(e) for e in events if e.phase == "refit")  # the first part is not run again
+    assert _outputs(tmp_path) == _outputs(refitted)
+    assert _strip(_report(tmp_path)["refit"]) == _strip(_report(refitted)["refit"])
+
+
+def test_a_finished_run_resumed_with_a_refit_runs_only_the_refit(tmp_path, whole, monkeypatch):
+    refitted, _ = whole
+    monkeypatch.setattr(refit_module, "PART_MIN_STEPS", 1)
+    _run(tmp_path)
+    events = []
+    _run(tmp_path, refit_epochs=2, resume=True, progress=events.append)
+    assert not any(e.kind == "iteration" for e in events)  # no search iteration ran again
+    assert _outputs(tmp_path) == _outputs(refitted)
+    # a refit folder of other settings is refused, not overwritten
+    with pytest.raises(ConfigError, match=r"refit.* holds a refit with epochs 2.0, not 3.0: .*remove"):
+        _run(tmp_path, refit_epochs=3, resume=True)
+    # refit_epochs 0 writes the search's output again (the refit folder is left alone)
+    _run(tmp_path, resume=True)
+    assert _report(tmp_path)["refit"] is None
+
+
+def test_uniform_ptq_takes_no_refit(tmp_path):
+    with pytest.raises(ConfigError, match="option 'refit_epochs': uniform-ptq does not fine-tune"):
+        _run(tmp_path, method="uniform-ptq", refit_epochs=1)
+    with pytest.raises(ConfigError, match="refit_epochs"):
+        _run(tmp_path, refit_epochs=-1)
