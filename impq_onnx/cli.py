@@ -173,14 +173,11 @@ def _check_sensitivity_outputs(outputs, model, data, plan_path, preprocess, clas
     from pathlib import Path
 
     from impq_onnx.frontend.model_file import model_inputs
-    from impq_onnx.outputs import check_paths
-
-    def given(path):
-        return Path(path) if path is not None and Path(path).is_file() else None
+    from impq_onnx.outputs import check_paths, input_file
 
     check_paths([(f"the {p.suffix[1:].upper()} output", p) for p in outputs],
-                {**model_inputs(model), "the plan": given(plan_path), "the preprocess file": given(preprocess),
-                 "the data file": given(data), "the classes file": given(classes)},
+                {**model_inputs(model), "the plan": input_file(plan_path), "the preprocess file": input_file(preprocess),
+                 "the data file": input_file(data), "the classes file": input_file(classes)},
                 trees={"the data folder": Path(data) if Path(data).is_dir() else None}, flag="-o/--output-prefix")
 
 

@@ -33,7 +33,7 @@ from impq_onnx.compress_config import CompressConfig
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.lowering.lower import derived_paths, output_files
-from impq_onnx.outputs import OutputSet, check_paths
+from impq_onnx.outputs import OutputSet, check_paths, input_file
 from impq_onnx.search.iteration import known_float_classes
 from impq_onnx.search.methods import METHODS
 from impq_onnx.search.state import IterationRecord
@@ -360,10 +360,6 @@ def report_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _input_file(path: str | os.PathLike | None) -> Path | None:
-    return Path(path) if path is not None and Path(path).exists() else None
-
-
 def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathLike | None,
              sources: _Sources = _Sources()) -> OutputSet:
     """Every file the run writes, checked against every input (:func:`check_paths`), as a locked OutputSet."""
@@ -379,10 +375,10 @@ def _outputs(cfg: CompressConfig, paths: dict[str, Path], config: str | os.PathL
     data = Path(cfg.data) if sources.data is None else None
     check_paths([("--output", output)] + [("the derived output", p) for p in derived],
                 {**(model_inputs(cfg.model) if sources.model is None else {}),
-                 "the config file": _input_file(config),
-                 "the preprocess file": _input_file(cfg.preprocess),
+                 "the config file": input_file(config),
+                 "the preprocess file": input_file(cfg.preprocess),
                  "the data file": data if data is not None and data.is_file() else None,
-                 "the classes file": _input_file(cfg.classes)},
+                 "the classes file": input_file(cfg.classes)},
                 trees={"the data folder": data if data is not None and data.is_dir() else None},
                 work_dir=paths["work_dir"])
     return OutputSet([output, *derived], locked=[output, paths["work_dir"]])

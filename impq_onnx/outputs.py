@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
 from impq_onnx.run_lock import RunLock
 
-__all__ = ["PathError", "show", "describe_os_error", "check_paths", "check_not_an_input", "OutputSet",
+__all__ = ["PathError", "show", "describe_os_error", "check_paths", "check_not_an_input", "input_file", "OutputSet",
            "deferred_signals"]
 
 
@@ -105,6 +105,12 @@ def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def input_file(path: str | os.PathLike | None) -> Path | None:
+    """An option's value as an input file for :func:`check_paths`: None when it names no existing file (not
+    given, or not a path: a ``--classes`` list, a preprocess preset's name)."""
+    return Path(path) if path is not None and Path(path).is_file() else None
 
 
 def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | None], *,
