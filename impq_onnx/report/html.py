@@ -69,7 +69,18 @@ def summary_rows(run: RunData) -> list[tuple[str, str]]:
         (f"{split} agreement with float", _pct(final.get(f"{split}_agreement"))),
         ("validation top-1", _pct(final.get("val_top1"))) if split == "test" else None,
         ("wall time (search)", _num(final.get("elapsed"), 1, " s")),
+        ("refit", _refit_text(run.refit)) if run.refit else None,
     ]
+
+
+def _refit_text(refit: dict) -> str:
+    """The refit block (compress --refit-epochs) in words: what ran, and whether the output is its model."""
+    if "diverged" in refit:
+        return f"{refit['epochs']:g} epochs from float diverged ({refit['diverged']}); the search's model is written"
+    verdict = "written" if refit.get("kept") else "not kept, the search's model is written"
+    return (f"{refit['epochs']:g} epochs from float on iteration {refit['from_iteration']}'s plan, "
+            f"{_num(refit.get('seconds'), 1, ' s')}: validation agreement {_pct(refit.get('val_agreement'))} vs the "
+            f"search's {_pct(refit.get('search_val_agreement'))}, {verdict}")
 
 
 _FLOAT_BITS = 32  # a float kernel's bits in the share of weight bits, as in B_w,eff

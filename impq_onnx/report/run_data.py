@@ -60,6 +60,7 @@ class RunData:
     sensitivity_iteration: int | None
     report_path: Path | None
     environment: dict | None = None  # versions and command line of the compress run (its report.json)
+    refit: dict | None = None  # the report's refit block (compress --refit-epochs; impq_onnx.search.refit)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -197,5 +198,5 @@ def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path,
         stop_reason=state.get("stop"), config=config, verification=document.get("verification"), plan=plan,
         layers=layers, unpaired_activations=rest, sensitivity=sensitivity,
         sensitivity_iteration=sensitivity_iteration, report_path=report_path,
-        environment=document.get("environment"),
+        environment=document.get("environment"), refit=document.get("refit"),
     )

@@ -84,6 +84,17 @@ def test_the_refit_starts_from_float_on_the_search_plan_and_is_reported(whole):
         assert not np.array_equal(tuned[name], base[name]) and not np.array_equal(tuned[name], search_tuned[name])
 
 
+def test_the_report_page_says_what_the_refit_did(whole):
+    from impq_onnx.report import read_run
+    from impq_onnx.report.html import summary_rows
+
+    refitted, plain = whole
+    rows = dict(r for r in summary_rows(read_run(refitted / "out.work")) if r is not None)
+    assert rows["refit"].startswith("2 epochs from float on iteration 1's plan") and rows["refit"].endswith(", written")
+    assert f"vs the search's {100 * _report(refitted)['refit']['search_val_agreement']:.2f} %" in rows["refit"]
+    assert "refit" not in dict(r for r in summary_rows(read_run(plain / "out.work")) if r is not None)
+
+
 def test_a_refit_in_parts_writes_what_a_refit_in_one_part_does(tmp_path, whole):
     """PART_MIN_STEPS (200) above the refit's 60 steps: one fine-tune call; the fixture's ran two."""
     _run(tmp_path, refit_epochs=2)
@@ -99,6 +110,11 @@ def test_a_refit_that_validates_below_the_search_is_not_written(tmp_path):
     block = _report(tmp_path / "refit")["refit"]
     assert not block["kept"] and block["val_agreement"] < block["search_val_agreement"]
     assert _outputs(tmp_path / "refit") == _outputs(tmp_path / "plain")
+    from impq_onnx.report import read_run
+    from impq_onnx.report.html import summary_rows
+
+    rows = dict(r for r in summary_rows(read_run(tmp_path / "refit" / "out.work")) if r is not None)
+    assert rows["refit"].endswith("not kept, the search's model is written")
 
 
 def test_an_interrupted_refit_resumes_to_the_uninterrupted_bytes(tmp_path, whole, monkeypatch):
