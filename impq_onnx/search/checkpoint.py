@@ -22,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,16 @@ def values_from_bytes(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         names = json.loads(str(npz["__names__"]))
         return {name: np.array(npz[f"a{i}"]) for i, name in enumerate(names)}
+
+
+def read_values(path: Path, work_dir: Path, fix: str = "remove it to start over") -> dict[str, np.ndarray]:
+    """The parameter values a checkpoint file holds, or a one-line ConfigError naming it and ``fix``: a damaged
+    work dir (a truncated copy, a hand edit) is not a bug of the run that reads it."""
+    try:
+        return values_from_bytes(path.read_bytes())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"work_dir {work_dir}: {path.relative_to(work_dir)} is not a checkpoint impq-onnx wrote "
+                          f"({type(exc).__name__}); the work dir is damaged: {fix}") from exc
 
 
 class WorkDir:
@@ -145,7 +156,7 @@ class WorkDir:
     def load_iteration(self, iteration: int) -> tuple[PrecisionPlan, dict[str, np.ndarray]]:
         folder = self.iteration_dir(iteration)
         plan = PrecisionPlan.load(folder / "plan.yaml")
-        return plan, values_from_bytes((folder / "weights.npz").read_bytes())
+        return plan, read_values(folder / "weights.npz", self.path)
 
     def prune(self, keep: set[int]) -> None:
         """Drop the weights of committed iterations not in ``keep`` (plans and metrics stay)."""

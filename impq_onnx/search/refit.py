@@ -36,7 +36,7 @@ from impq_onnx.engine import EvalResult, FineTuneDiverged, fine_tune
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event
 from impq_onnx.files import write_atomic
-from impq_onnx.search.checkpoint import values_from_bytes, values_to_bytes
+from impq_onnx.search.checkpoint import read_values, values_to_bytes
 from impq_onnx.search.iteration import derive_seed, evaluate_values, guard_key, labelled_batches, with_values
 from impq_onnx.search.state import SearchContext, SearchState
 
@@ -96,6 +96,10 @@ def _load(folder: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc}); remove {folder} to refit anew") from exc
+    if not (isinstance(saved, dict) and isinstance(saved.get("done"), int) and isinstance(saved.get("losses"), list)
+            and isinstance(saved.get("seconds"), (int, float)) and isinstance(saved.get("result"), (dict, type(None)))
+            and 0 <= saved["done"] <= settings["steps"]):
+        raise ConfigError(f"{path}: not a refit record impq-onnx wrote; remove {folder} to refit anew")
     differs = [key for key in settings if saved.get(key) != settings[key]]
     if differs:
         key = differs[0]
@@ -131,8 +135,9 @@ def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult 
     values: dict[str, np.ndarray] = {}
     velocity: dict[str, np.ndarray] = {}
     if progress["done"]:
-        values = values_from_bytes((folder / "weights.npz").read_bytes())
-        velocity = values_from_bytes((folder / "velocity.npz").read_bytes())
+        fix = f"remove {folder} to refit anew"
+        values = read_values(folder / "weights.npz", context.workdir.path, fix)
+        velocity = read_values(folder / "velocity.npz", context.workdir.path, fix)
     report = context.progress
     if report:
         text = (f"refit: the plan of iteration {state.final} from the float weights, {cfg.refit_epochs:g} epochs "

@@ -141,3 +141,27 @@ def test_weight_scheme_is_midrise_rms_only_for_an_impq_weight_phase_below_4_bits
     assert work.check_identity({"seed": 0, "weight_scheme": None}, _LEGACY) == {"weight_scheme": "midrise-max"}
     with pytest.raises(ConfigError, match="'weight_scheme' was 'midrise-max' and is now 'midrise-rms'"):
         work.check_identity({"seed": 0, "weight_scheme": "midrise-rms"}, _LEGACY)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pickled", "foreign npz", "missing"])
+def test_a_damaged_weights_checkpoint_is_a_one_line_error_naming_it(tmp_path, damage):
+    import io
+
+    sites = find_sites(from_proto(fashion_net()), (1, 1, 28, 28))
+    work = WorkDir(tmp_path / "work")
+    work.start({"seed": 0})
+    work.save_iteration(0, PrecisionPlan.uniform(sites, 4, None), {"w": np.ones(3, np.float32)}, {"iteration": 0})
+    path = work.iteration_dir(0) / "weights.npz"
+    good = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    else:
+        buffer = io.BytesIO()
+        if damage == "pickled":
+            np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        elif damage == "foreign npz":
+            np.savez(buffer, x=np.zeros(2))
+        path.write_bytes({"garbage": b"not a zip", "truncated": good[: len(good) // 2]}.get(damage, buffer.getvalue()))
+    with pytest.raises(ConfigError, match=r"^work_dir .*work: iterations/0000/weights.npz is not a checkpoint impq-onnx "
+                                          r"wrote \(\w+\); the work dir is damaged: remove it to start over$"):
+        work.load_iteration(0)

@@ -158,3 +158,25 @@ def test_uniform_ptq_takes_no_refit(tmp_path):
         _run(tmp_path, method="uniform-ptq", refit_epochs=1)
     with pytest.raises(ConfigError, match="refit_epochs"):
         _run(tmp_path, refit_epochs=-1)
+
+
+def test_a_damaged_refit_checkpoint_is_a_one_line_error_naming_it(tmp_path, whole):
+    import shutil
+
+    refitted, _ = whole
+    shutil.copytree(refitted / "out.work", tmp_path / "out.work")
+    (tmp_path / "out.work" / "refit" / "velocity.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ConfigError, match=r"refit/velocity.npz is not a checkpoint impq-onnx wrote \(BadZipFile\); "
+                                          r"the work dir is damaged: remove .*out.work/refit to refit anew$"):
+        _run(tmp_path, refit_epochs=2, resume=True)
+    (tmp_path / "out.work" / "refit" / "refit.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"refit.json: unreadable .*; remove .*refit to refit anew$"):
+        _run(tmp_path, refit_epochs=2, resume=True)
+    settings = {"version": 1, "from_iteration": 1, "epochs": 2.0, "steps": 60, "lr": 0.005}
+    for record in ([], dict(settings, done="30", seconds=1.0, losses=[], result=None),
+                   dict(settings, done=61, seconds=1.0, losses=[], result=None)):
+        (tmp_path / "out.work" / "refit" / "refit.json").write_text(json.dumps(record))
+        with pytest.raises(ConfigError, match=r"refit.json: not a refit record impq-onnx wrote; remove .*refit to "
+                                              r"refit anew$"):
+            _run(tmp_path, refit_epochs=2, resume=True)
+    assert not (tmp_path / "out.onnx").exists()
