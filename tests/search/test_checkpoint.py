@@ -162,6 +162,7 @@ def test_a_damaged_weights_checkpoint_is_a_one_line_error_naming_it(tmp_path, da
         elif damage == "foreign npz":
             np.savez(buffer, x=np.zeros(2))
         path.write_bytes({"garbage": b"not a zip", "truncated": good[: len(good) // 2]}.get(damage, buffer.getvalue()))
-    with pytest.raises(ConfigError, match=r"^work_dir .*work: iterations/0000/weights.npz is not a checkpoint impq-onnx "
-                                          r"wrote \(\w+\); the work dir is damaged: remove it to start over$"):
+    with pytest.raises(ConfigError, match=r"^work_dir .*work: iterations/0000/weights.npz is not a checkpoint "
+                                          r"impq-onnx wrote \(\w+\); the work dir is damaged: remove it to start "
+                                          r"over$"):
         work.load_iteration(0)
