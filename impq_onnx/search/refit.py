@@ -157,8 +157,9 @@ def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult 
                                 start_step=start, stop_step=stop,
                                 velocity=velocity if cfg.optimizer == "sgd" else None,
                                 progress=context.inner_progress() or False)
-        except FineTuneDiverged as exc:
-            progress["result"] = {"diverged": f"loss {exc}"}
+        except FineTuneDiverged as exc:  # recorded: a resume writes the search's output, not the same divergence
+            progress["result"] = {"diverged": str(exc), "kept": False}
+            _commit(folder, progress, values, velocity)
             break
         values = {**values, **trained.values}
         progress.update(done=stop, seconds=progress["seconds"] + time.perf_counter() - tick,

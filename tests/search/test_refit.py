@@ -180,3 +180,25 @@ def test_a_damaged_refit_checkpoint_is_a_one_line_error_naming_it(tmp_path, whol
                                               r"refit anew$"):
             _run(tmp_path, refit_epochs=2, resume=True)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_diverging_refit_writes_the_search_output_and_says_so(tmp_path, whole, monkeypatch):
+    """The refit's own handling of a divergence (the fine-tune itself is tested in tests/engine): its part raises
+    FineTuneDiverged; the output is the search's, the report and the page say why, and a resume keeps that."""
+    from impq_onnx.engine import FineTuneDiverged
+
+    _, plain = whole
+
+    def diverging(*args, **kwargs):
+        raise FineTuneDiverged(float("nan"), 7, [0.5], 0.1)
+
+    monkeypatch.setattr(refit_module, "fine_tune", diverging)
+    events = []
+    _run(tmp_path, refit_epochs=2, progress=events.append)
+    block = _report(tmp_path)["refit"]
+    assert block["diverged"] == "the training loss became nan at step 7; lower the learning rate" and not block["kept"]
+    assert _outputs(tmp_path) == _outputs(plain)
+    assert any(str(e).startswith("refit: diverged (the training loss became nan") for e in events)
+    monkeypatch.undo()
+    _run(tmp_path, refit_epochs=2, resume=True)  # recorded: not run again
+    assert _outputs(tmp_path) == _outputs(plain) and _report(tmp_path)["refit"]["diverged"] == block["diverged"]
