@@ -140,9 +140,10 @@ def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult 
         velocity = read_values(folder / "velocity.npz", context.workdir.path, fix)
     report = context.progress
     if report:
+        resumed = ("" if not progress["done"] else ", finished: its result is read back"
+                   if progress["result"] is not None else f", resuming after step {progress['done']}")
         text = (f"refit: the plan of iteration {state.final} from the float weights, {cfg.refit_epochs:g} epochs "
-                f"({steps} steps) at lr {lr:g}" + (f", resuming after step {progress['done']}" if progress["done"]
-                                                  else ""))
+                f"({steps} steps) at lr {lr:g}{resumed}")
         report(Event("message", "refit", text, progress["done"], steps, data={"steps": steps, "lr": lr}))
     while progress["done"] < steps and progress["result"] is None:
         start, tick = progress["done"], time.perf_counter()

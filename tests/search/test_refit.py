@@ -145,6 +145,10 @@ def test_a_finished_run_resumed_with_a_refit_runs_only_the_refit(tmp_path, whole
     _run(tmp_path, refit_epochs=2, resume=True, progress=events.append)
     assert not any(e.kind == "iteration" for e in events)  # no search iteration ran again
     assert _outputs(tmp_path) == _outputs(refitted)
+    events = []
+    _run(tmp_path, refit_epochs=2, resume=True, progress=events.append)  # finished: nothing trains
+    assert any(str(e).endswith("at lr 0.005, finished: its result is read back") for e in events)
+    assert not any(e.phase == "fine-tune" for e in events) and _outputs(tmp_path) == _outputs(refitted)
     # a refit folder of other settings is refused, not overwritten
     with pytest.raises(ConfigError, match=r"refit.* holds a refit with epochs 2.0, not 3.0: .*remove"):
         _run(tmp_path, refit_epochs=3, resume=True)
