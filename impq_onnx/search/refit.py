@@ -48,6 +48,7 @@ REFIT_ITERATION = 10_000
 _DATA_PURPOSE, _TRAIN_PURPOSE = "polish", "fine-tune"
 PART_MIN_STEPS = 200  # a part is the fewest whole epochs with at least this many steps (each part rebuilds sessions)
 _VERSION = 1
+_OUTCOME_KEYS = ("diverged", "val_top1", "val_top5", "val_agreement", "val_n")
 
 
 @dataclasses.dataclass
@@ -178,9 +179,10 @@ def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult 
         _commit(folder, progress, values, velocity)
     outcome = progress["result"]
     kept = bool(outcome.get("kept", False))
+    # in this order whether the outcome was computed now or read back from refit.json (sorted): report.json's bytes
     record = {"from_iteration": state.final, "epochs": float(cfg.refit_epochs), "steps": steps, "lr": float(lr),
-              "seconds": progress["seconds"], **outcome, "kept": kept,
-              "search_val_top1": search.val_top1, "search_val_agreement": search.val_agreement}
+              "seconds": progress["seconds"], **{key: outcome[key] for key in _OUTCOME_KEYS if key in outcome},
+              "kept": kept, "search_val_top1": search.val_top1, "search_val_agreement": search.val_agreement}
     if report:
         if "diverged" in outcome:
             text = f"refit: diverged ({outcome['diverged']}); the output is the search's iteration {state.final}"
