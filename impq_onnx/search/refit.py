@@ -9,9 +9,10 @@ training split, with the run's options (learning rate, batch size, optimizer, ba
 augmentation), a cosine schedule from the run's rate to 0, on the plan of the search's output iteration.
 
 It runs in parts of whole epochs (at least ``PART_MIN_STEPS`` steps each) and checkpoints after each in
-``<work_dir>/refit/`` (``weights.npz``, ``velocity.npz`` - the SGD momentum - and ``refit.json`` last, the
-commit point): a killed refit resumes after its last part and ends with the same bytes as an uninterrupted
-one (:func:`impq_onnx.engine.fine_tune` computes the same in parts). AdamW keeps its state inside
+``<work_dir>/refit/``: ``weights-<step>.npz`` and ``velocity-<step>.npz`` (the SGD momentum) after ``<step>``
+steps, then ``refit.json`` (the commit point, naming that step), then the previous part's files are removed. A
+kill at any moment leaves ``refit.json`` naming files that are there and belong together; the refit resumes
+after its last committed part and ends with the same bytes as an uninterrupted one (:func:`impq_onnx.engine.fine_tune` computes the same in parts). AdamW keeps its state inside
 onnxruntime, so with ``optimizer: adamw`` the refit is one part. The search's work directory is a prefix of
 any refit: ``refit_epochs`` is not part of the run's identity, and a finished run resumed with a refit runs
 only the refit. A refit folder written with other settings (epochs, rate, output iteration) is refused, not
@@ -109,12 +110,22 @@ def _load(folder: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
     return dict(saved)
 
 
+def _part_files(folder: Any, done: int) -> tuple[Any, Any]:
+    """The weights and velocity files of the part that ends after ``done`` steps."""
+    return folder / f"weights-{done}.npz", folder / f"velocity-{done}.npz"
+
+
 def _commit(folder: Any, progress: dict[str, Any], values: dict[str, np.ndarray],
             velocity: dict[str, np.ndarray]) -> None:
+    """The part's files first, ``refit.json`` (naming them) last, then any other part's files removed."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "weights.npz", values_to_bytes(values))
-    write_atomic(folder / "velocity.npz", values_to_bytes(velocity))
+    weights, momentum = _part_files(folder, progress["done"])
+    write_atomic(weights, values_to_bytes(values))
+    write_atomic(momentum, values_to_bytes(velocity))
     write_atomic(folder / "refit.json", json.dumps(progress, indent=1, sort_keys=True, allow_nan=True) + "\n")
+    for old in sorted(folder.glob("*-*.npz")):
+        if old not in (weights, momentum):
+            old.unlink(missing_ok=True)
 
 
 def _search_key(cfg: Any, record: Any) -> tuple[float, float]:
@@ -137,8 +148,9 @@ def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult 
     velocity: dict[str, np.ndarray] = {}
     if progress["done"]:
         fix = f"remove {folder} to refit anew"
-        values = read_values(folder / "weights.npz", context.workdir.path, fix)
-        velocity = read_values(folder / "velocity.npz", context.workdir.path, fix)
+        weights, momentum = _part_files(folder, progress["done"])
+        values = read_values(weights, context.workdir.path, fix)
+        velocity = read_values(momentum, context.workdir.path, fix)
     report = context.progress
     if report:
         resumed = ("" if not progress["done"] else ", finished: its result is read back"

@@ -73,6 +73,9 @@ def test_the_refit_starts_from_float_on_the_search_plan_and_is_reported(whole):
     assert block["search_val_agreement"] == search["final"]["val_agreement"]
     progress = json.loads((refitted / "out.work" / "refit" / "refit.json").read_text())
     assert progress["done"] == 60 and len(progress["losses"]) == 2  # two committed parts
+    # the last part's files only: each commit removes the part before
+    assert sorted(p.name for p in (refitted / "out.work" / "refit").iterdir()) == [
+        "refit.json", "velocity-60.npz", "weights-60.npz"]
     assert block["kept"] and report["final"]["val_agreement"] == block["val_agreement"]
     # from float: every quantized weight moved from the input model's, and not to where the search left it
     from onnx import numpy_helper
@@ -130,6 +133,8 @@ def test_an_interrupted_refit_resumes_to_the_uninterrupted_bytes(tmp_path, whole
         _run(tmp_path, refit_epochs=2, progress=stop_after_the_first_part)
     assert not (tmp_path / "out.onnx").exists()
     assert json.loads((tmp_path / "out.work" / "refit" / "refit.json").read_text())["done"] == 30
+    # killed after the next part's weights were written but before refit.json named them: ignored, then replaced
+    (tmp_path / "out.work" / "refit" / "weights-60.npz").write_bytes(b"the next part, never committed")
     events = []
     _run(tmp_path, refit_epochs=2, resume=True, progress=events.append)
     assert any("resuming after step 30" in str(e) for e in events)
@@ -173,8 +178,8 @@ def test_a_damaged_refit_checkpoint_is_a_one_line_error_naming_it(tmp_path, whol
 
     refitted, _ = whole
     shutil.copytree(refitted / "out.work", tmp_path / "out.work")
-    (tmp_path / "out.work" / "refit" / "velocity.npz").write_bytes(b"PK\x03\x04 cut short")
-    with pytest.raises(ConfigError, match=r"refit/velocity.npz is not a checkpoint impq-onnx wrote \(BadZipFile\); "
+    (tmp_path / "out.work" / "refit" / "velocity-60.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ConfigError, match=r"refit/velocity-60.npz is not a checkpoint impq-onnx wrote \(BadZipFile\); "
                                           r"the work dir is damaged: remove .*out.work/refit to refit anew$"):
         _run(tmp_path, refit_epochs=2, resume=True)
     (tmp_path / "out.work" / "refit" / "refit.json").write_text("{")
