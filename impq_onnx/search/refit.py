@@ -12,8 +12,9 @@ It runs in parts of whole epochs (at least ``PART_MIN_STEPS`` steps each) and ch
 ``<work_dir>/refit/``: ``weights-<step>.npz`` and ``velocity-<step>.npz`` (the SGD momentum) after ``<step>``
 steps, then ``refit.json`` (the commit point, naming that step), then the previous part's files are removed. A
 kill at any moment leaves ``refit.json`` naming files that are there and belong together; the refit resumes
-after its last committed part and ends with the same bytes as an uninterrupted one (:func:`impq_onnx.engine.fine_tune` computes the same in parts). AdamW keeps its state inside
-onnxruntime, so with ``optimizer: adamw`` the refit is one part. The search's work directory is a prefix of
+after its last committed part and ends with the same bytes as an uninterrupted one
+(:func:`impq_onnx.engine.fine_tune` computes the same in parts). AdamW keeps its state inside onnxruntime, so
+with ``optimizer: adamw`` the refit is one part. The search's work directory is a prefix of
 any refit: ``refit_epochs`` is not part of the run's identity, and a finished run resumed with a refit runs
 only the refit. A refit folder written with other settings (epochs, rate, output iteration) is refused, not
 overwritten.
