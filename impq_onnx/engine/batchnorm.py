@@ -20,7 +20,7 @@ from impq_onnx.errors import DataError
 from impq_onnx.runtime import inference_session
 from impq_onnx.quant.simulate import as_proto
 from impq_onnx.engine.batchnorm_graph import batchnorm_to_training
-from impq_onnx.engine.training import _split
+from impq_onnx.engine.batches import split
 
 __all__ = ["recompute_batchnorm"]
 
@@ -48,7 +48,7 @@ def recompute_batchnorm(model, batches: Iterable, *, threads: int | None = None,
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
-        x, _ = _split(batch)
+        x, _ = split(batch)
         values = session.run(names, {input_name: x})
         for n, v in zip(names, values):
             totals[n] += len(x) * np.asarray(v, np.float64)

@@ -31,13 +31,13 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from impq_onnx.data.prefetch import Prefetch
+from impq_onnx.engine.batches import epochs, fixed_batch, fixed_chunks, split
 from impq_onnx.engine import ort_training as _ort_training
 from impq_onnx.engine.differentiable import check_differentiable, concrete_image_size, make_differentiable
 from impq_onnx.errors import ConfigError, DataError, ModelError
@@ -207,32 +207,6 @@ def _make_gradients_runnable(path: str) -> int:
     return changed
 
 
-def _epochs(batches) -> Iterator:
-    """Cycle over ``batches`` (a factory, called once per epoch, or a re-iterable), prepared ahead in a
-    prefetch thread (same batches, same order) while onnxruntime computes; the thread stops when this
-    generator is closed (explicitly, or when fine_tune's frame lets it go)."""
-    with Prefetch(_cycle(batches)) as ahead:
-        yield from ahead
-
-
-def _cycle(batches) -> Iterator:
-    while True:
-        produced = False
-        for batch in (batches() if callable(batches) else batches):
-            produced = True
-            yield batch
-        if not produced:
-            raise DataError("the training data yielded no batches")
-
-
-def _split(batch):
-    if isinstance(batch, (tuple, list)):
-        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
-    else:
-        x, y = batch, None
-    return np.ascontiguousarray(x, np.float32), (None if y is None else np.ascontiguousarray(y, np.int64))
-
-
 def fine_tune(
     model,
     plan: PrecisionPlan | None,
@@ -315,12 +289,12 @@ def fine_tune(
     ort.capi._pybind_state.set_seed(seed)
     report = progress_callback(progress)
 
-    stream = _epochs(batches)
+    stream = epochs(batches)
     first = next(stream)
-    x0, y0 = _split(first)
+    x0, y0 = split(first)
     lap("data")
     replicas = default_replicas(threads, len(x0), optimizer) if replicas is None else int(replicas)
-    fixed = _fixed_batch(as_proto(model))
+    fixed = fixed_batch(as_proto(model))
     if fixed is not None and fixed != len(x0):
         replicas = 1  # each step accumulates the gradients of the batch's chunks of the fixed size
     replica_threads = threads if replicas == 1 else max(1, threads // replicas)
@@ -393,7 +367,7 @@ def fine_tune(
         for step in range(start_step, stop_step):
             tick = time.perf_counter()
             if step > start_step:
-                batch = _split(next(stream))
+                batch = split(next(stream))
             x, y = batch
             rate = learning_rate(lr_schedule, step, steps, lr, warmup, final_lr)
             if group is not None:
@@ -403,7 +377,7 @@ def fine_tune(
                     raise FineTuneDiverged(loss, step, losses, time.perf_counter() - start)
                 group.sgd_step(velocity, rate, momentum, weight_decay)
             else:
-                parts = _fixed_chunks(len(x), fixed)
+                parts = fixed_chunks(len(x), fixed)
                 chunk_losses = []
                 for part in parts:  # onnxruntime adds up the gradients of the parts until lazy_reset_grad
                     xs = x[part]
@@ -462,27 +436,12 @@ def _declare_logits_shape(proto: onnx.ModelProto, logits: str, model, x0: np.nda
 
     base = as_proto(model)
     session = inference_session(base.SerializeToString(), threads)
-    fixed = _fixed_batch(base)
+    fixed = fixed_batch(base)
     classes = session.run([logits], {session.get_inputs()[0].name: x0[: fixed or 1]})[0].shape[-1]
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     new = helper.make_tensor_value_info(logits, tensor.elem_type or onnx.TensorProto.FLOAT, [
         batch.dim_value if batch.HasField("dim_value") else (batch.dim_param or "N"), int(classes)])
     output.CopyFrom(new)
-
-
-def _fixed_batch(proto: onnx.ModelProto) -> int | None:
-    """The batch a model whose graph bakes it in (the canonical form could not free it) must run at."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
-
-
-def _fixed_chunks(count: int, fixed: int | None) -> list[slice]:
-    """The whole batch, or its consecutive chunks of the model's fixed batch size (a short rest is dropped)."""
-    if fixed is None or fixed == count:
-        return [slice(0, count)]
-    if count < fixed:
-        raise DataError(f"the model's batch is fixed at {fixed}: fine-tune with a batch size of at least {fixed}")
-    return [slice(start, start + fixed) for start in range(0, count - fixed + 1, fixed)]
 
 
 def _sgd_step(state, names: list[str], velocity: dict[str, np.ndarray], lr: float, momentum: float,
