@@ -309,7 +309,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     from impq_onnx.search.iteration import FIXED_LR
     from impq_onnx.search.refit import refit
 
-    refitted = refit(context, state, cfg.lr if cfg.lr is not None else FIXED_LR)
+    refitted = refit(context, state, plan, cfg.lr if cfg.lr is not None else FIXED_LR)
     if refitted is not None and refitted.kept:
         values = refitted.values
         final.update({key: refitted.record[key] for key in ("val_top1", "val_top5", "val_agreement")})

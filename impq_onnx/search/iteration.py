@@ -63,12 +63,14 @@ def labelled_batches(dataset: Any, batch_size: int, **kwargs: Any) -> Iterator[t
         yield (x, y) if dataset.labelled else (x, None)
 
 
-def train_batches(cfg: Any, train: Any, iteration: int) -> Callable[[], Iterator[tuple[Any, Any]]]:
-    """The per-epoch batch factory of iteration ``iteration``: data order derives from (seed, iteration, epoch)."""
-    epoch = [0]
+def train_batches(cfg: Any, train: Any, iteration: int, purpose: str = "train",
+                  first_epoch: int = 0) -> Callable[[], Iterator[tuple[Any, Any]]]:
+    """The per-epoch batch factory of iteration ``iteration``: data order derives from (seed, iteration,
+    ``purpose``, epoch), the epochs counted from ``first_epoch`` (a fine-tune resumed in parts continues there)."""
+    epoch = [first_epoch]
 
     def factory() -> Iterator[tuple[Any, Any]]:
-        seed = derive_seed(cfg.seed, iteration, "train", epoch[0])
+        seed = derive_seed(cfg.seed, iteration, purpose, epoch[0])
         epoch[0] += 1
         return labelled_batches(train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment,
                                 drop_last=len(train) >= cfg.batch_size)

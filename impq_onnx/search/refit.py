@@ -38,8 +38,9 @@ from impq_onnx.engine import EvalResult, FineTuneDiverged, fine_tune
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event
 from impq_onnx.files import write_atomic
+from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import read_values, values_to_bytes
-from impq_onnx.search.iteration import derive_seed, evaluate_values, guard_key, labelled_batches, with_values
+from impq_onnx.search.iteration import derive_seed, evaluate_values, guard_key, train_batches, with_values
 from impq_onnx.search.state import SearchContext, SearchState
 
 __all__ = ["PART_MIN_STEPS", "REFIT_ITERATION", "RefitResult", "refit", "refit_steps"]
@@ -69,20 +70,6 @@ def refit_steps(cfg: Any, train: Any) -> tuple[int, int]:
     """``(steps, steps per epoch)`` of a refit of ``cfg.refit_epochs`` epochs over ``train``."""
     per_epoch = max(1, len(train) // cfg.batch_size)
     return max(1, math.ceil(cfg.refit_epochs * per_epoch - 1e-9)), per_epoch
-
-
-def _batches(cfg: Any, train: Any, first_epoch: int) -> Any:
-    """The refit's per-epoch batch factory from epoch ``first_epoch`` on (the data order of epoch e derives from
-    the seed and e only, so a resumed part sees what an uninterrupted one would)."""
-    epoch = [first_epoch]
-
-    def factory() -> Any:
-        order = derive_seed(cfg.seed, REFIT_ITERATION, _DATA_PURPOSE, epoch[0])
-        epoch[0] += 1
-        return labelled_batches(train, cfg.batch_size, shuffle=True, seed=order, augment=cfg.augment,
-                                drop_last=len(train) >= cfg.batch_size)
-
-    return factory
 
 
 def _settings(cfg: Any, lr: float, final: int, steps: int) -> dict[str, Any]:
@@ -133,14 +120,13 @@ def _search_key(cfg: Any, record: Any) -> tuple[float, float]:
     return guard_key(cfg, EvalResult(record.val_top1, record.val_top5, record.val_agreement, record.val_n, 0.0))
 
 
-def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult | None:
-    """Refit the plan of ``state.final`` from the float weights for ``refit_epochs`` epochs at ``lr`` (the
+def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: float) -> RefitResult | None:
+    """Refit ``plan`` (that of ``state.final``) from the float weights for ``refit_epochs`` epochs at ``lr`` (the
     run's resolved rate), resuming ``<work_dir>/refit``; None when ``refit_epochs`` is 0."""
     cfg = context.config
     if not cfg.refit_epochs or state.final is None:
         return None
     folder = context.workdir.path / "refit"
-    plan, _ = context.workdir.load_iteration(state.final)
     steps, per_epoch = refit_steps(cfg, context.train)
     part = steps if cfg.optimizer != "sgd" else per_epoch * max(1, math.ceil(PART_MIN_STEPS / per_epoch))
     settings = _settings(cfg, lr, state.final, steps)
@@ -163,8 +149,8 @@ def refit(context: SearchContext, state: SearchState, lr: float) -> RefitResult 
         start, tick = progress["done"], time.perf_counter()
         stop = min(steps, start + part)
         try:
-            trained = fine_tune(with_values(context.base, values), plan, context.sites,
-                                _batches(cfg, context.train, start // per_epoch), steps=steps, lr=lr,
+            batches = train_batches(cfg, context.train, REFIT_ITERATION, _DATA_PURPOSE, start // per_epoch)
+            trained = fine_tune(with_values(context.base, values), plan, context.sites, batches, steps=steps, lr=lr,
                                 optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 batchnorm=cfg.batchnorm, threads=cfg.threads, replicas=cfg.replicas,
                                 distill=True if cfg.distill else None, teacher=context.base,
