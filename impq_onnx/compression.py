@@ -226,7 +226,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
               progress: bool | Progress, sources: _Sources = _Sources()) -> CompressResult:
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.engine import evaluate
-    from impq_onnx.frontend.canonical import load
+    from impq_onnx.frontend.canonical import load_with_digest
     from impq_onnx.search.checkpoint import WorkDir
     from impq_onnx.search.iteration import EVAL_BATCH, labelled_batches, with_values
     from impq_onnx.search.state import SearchContext, SearchState
@@ -237,10 +237,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     if sources.model is None:
-        from impq_onnx.frontend.model_file import model_digest
-
-        base = load(cfg.model)  # refuses external data outside the model's folder before the digest reads it
-        digest = model_digest(cfg.model)
+        base, digest = load_with_digest(cfg.model)
     elif isinstance(sources.model, onnx.ModelProto):
         from impq_onnx.frontend.canonical import from_proto
 

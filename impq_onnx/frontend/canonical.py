@@ -24,7 +24,7 @@ from onnx_ir.passes.common import (
 )
 
 from impq_onnx.errors import ModelError
-from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model
+from impq_onnx.frontend.model_file import check_opset, check_tensor_sizes, read_model, read_model_digest
 from impq_onnx.frontend.ops import layer_op
 from impq_onnx.frontend.passes import Float16ToFloat32Pass, NameNodesPass, StripClassifierHeadPass
 from impq_onnx.frontend.passes.dynamic_batch import (
@@ -95,6 +95,15 @@ def load(path: str | os.PathLike, output: str | None = None, *, check_runtime: b
     """
     path = Path(path)
     return _canonicalise(read_model(path), path, output, check_runtime)
+
+
+def load_with_digest(path: str | os.PathLike, output: str | None = None, *,
+                     check_runtime: bool = True) -> tuple[CanonicalModel, str]:
+    """:func:`load`, and the digest a work dir records for the file (:func:`model_file.model_digest`), from one
+    read and one parse of it."""
+    path = Path(path)
+    proto, digest = read_model_digest(path)
+    return _canonicalise(proto, path, output, check_runtime), digest
 
 
 def from_proto(proto: onnx.ModelProto, output: str | None = None, *, check_runtime: bool = True,

@@ -18,7 +18,8 @@ from onnx import TensorProto
 
 from impq_onnx.errors import ModelError
 
-__all__ = ["read_model", "model_digest", "model_inputs", "MAX_OPSET", "MIN_OPSET", "MAX_TENSOR_BYTES"]
+__all__ = ["read_model", "read_model_digest", "model_digest", "model_inputs", "MAX_OPSET", "MIN_OPSET",
+           "MAX_TENSOR_BYTES"]
 
 MIN_OPSET = 7
 # onnxruntime(-training) 1.19 implements the default domain up to opset 21.
@@ -44,6 +45,23 @@ def _nbytes(count: int, data_type: int) -> int:
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse ``path`` into a ModelProto with external data loaded, or raise a one-line ModelError."""
     path = Path(path)
+    proto = _parse_file(path)[1]
+    _load_external_data(proto, path)
+    return proto
+
+
+def read_model_digest(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+    """:func:`read_model` and :func:`model_digest` from one read of the file: the digest is of the very bytes the
+    model was parsed from, and the file is parsed once."""
+    path = Path(path)
+    data, proto = _parse_file(path)
+    locations = _external_locations(proto)
+    _load_external_data(proto, path)  # refuses external data outside the model's folder before the digest reads it
+    return proto, _digest(path, data, locations)
+
+
+def _parse_file(path: Path) -> tuple[bytes, onnx.ModelProto]:
+    """The file's bytes and its parse (external data not loaded), checked, or a one-line ModelError."""
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     data = path.read_bytes()
@@ -57,8 +75,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: not an ONNX model (no IR version or empty graph); is it an .onnx file?")
     check_opset(proto, path)
     check_tensor_sizes(proto, path)
-    _load_external_data(proto, path)
-    return proto
+    return data, proto
 
 
 def _parse_quietly(data: bytes) -> onnx.ModelProto | None:
@@ -117,8 +134,12 @@ def model_digest(path: str | os.PathLike) -> str:
     if not path.is_file():
         return hashlib.sha256(b"").hexdigest()
     data = path.read_bytes()
+    return _digest(path, data, _external_locations(_parse_quietly(data)))
+
+
+def _digest(path: Path, data: bytes, locations: list[str]) -> str:
     digest = hashlib.sha256(data)
-    for location in _external_locations(_parse_quietly(data)):
+    for location in locations:
         digest.update(b"\0" + os.fsencode(location) + b"\0")
         target = path.resolve().parent / location
         if target.is_file():

@@ -11,7 +11,8 @@ from onnx import TensorProto, external_data_helper, helper
 
 import impq_onnx
 from impq_onnx.errors import ModelError
-from impq_onnx.frontend.model_file import model_digest
+from impq_onnx.frontend.canonical import load_with_digest
+from impq_onnx.frontend.model_file import model_digest, read_model, read_model_digest
 from impq_onnx.runtime import inference_session
 from quant_models import tiny_cnn
 from tiny_models import Quirks, build, sample_input
@@ -228,6 +229,23 @@ def test_the_digest_covers_external_data_and_is_the_file_hash_without_it(tmp_pat
     assert model_digest(path) != first  # ... and the digest sees it
     _external_cnn(tmp_path, 0)
     assert model_digest(path) == first
+
+
+def test_loading_with_the_digest_gives_the_model_and_the_digest_of_one_read(tmp_path):
+    """compress reads the model once for both (canonical.load_with_digest); each must equal its own reader's."""
+    single = tmp_path / "single.onnx"
+    onnx.save(build(Quirks()), single)
+    external = _external_cnn(tmp_path, 0)
+    for path in (single, external):
+        proto, digest = read_model_digest(path)
+        assert digest == model_digest(path)
+        assert proto.SerializeToString() == read_model(path).SerializeToString()
+        model, digest = load_with_digest(path)
+        assert digest == model_digest(path)
+        assert model.to_bytes() == impq_onnx.load(path).to_bytes()
+    (tmp_path / "w.bin").write_bytes(b"short")  # external data that does not match: refused, not digested
+    with pytest.raises(ModelError, match="external data does not match"):
+        read_model_digest(external)
 
 
 def test_a_resume_refuses_a_model_whose_external_weights_changed(tmp_path):
