@@ -1,4 +1,4 @@
-"""Would learned per-kernel steps (LSQ-style) help at a fixed low-bit plan? A screen, not a feature (issue 23).
+"""Would learned per-kernel steps or activation clips (LSQ-style) help at a fixed low-bit plan? A screen (issue 23).
 
 Builds the fine-tune's simulated model for ``<stem>.float.onnx`` under ``<stem>.plan.yaml`` (as ``bench/polish.py``
 does), then, with ``--learn-steps``, replaces each layer's step (the scheme's ``stat * factor``, cut from the
@@ -7,10 +7,14 @@ sqrt(1 / sqrt(N * Q))`` (``N`` the kernel's weights, ``Q = 2^(B-1)``), so plain 
 LSQ's gradient scale ``1 / sqrt(N * Q)``. The quantizer stays ``q = (clip(rint(w / step - offset)) + offset) *
 step`` with its straight-through rounding, so the step's gradient is LSQ's inside the range (``r + offset - w /
 step``). Without ``--learn-steps`` it is the fixed-step fine-tune of ``bench/polish.py`` through the same code.
-Prints validation and test top-1 / agreement of the fine-tuned simulated model, and the steps' mean change.
+``--learn-clips`` does the same for the activation quantizers (:func:`learnable_clips`: a learned clip, PACT's
+idea in LSQ's form). Prints validation and test top-1 / agreement of the fine-tuned simulated model, and the
+steps' and clips' mean change.
 
     .venv/bin/python bench/lsq_screen.py /tmp/qat/rms --model models/resnet20-cifar10/swa/model.onnx \\
         --data /tmp/cifar10 --seed 0 --epochs 2 --lr 0.01 --batchnorm train --learn-steps
+    .venv/bin/python bench/lsq_screen.py /tmp/mbv1/s0 --model models/mobilenet-v1-cifar10/model.onnx \
+        --data /tmp/cifar10 --seed 0 --epochs 2 --lr 0.0015 --batchnorm frozen --learn-clips --clip-lr-scale 30
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import fine_tune
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.quantizers import WIDE
+from impq_onnx.quant.quantizers import WIDE, GraphBuilder, activation_grid
 from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.quant.schemes.base import Grid, _kernel_shape
-from impq_onnx.quant.simulate import simulate
+from impq_onnx.quant.simulate import SIMULATION_PREFIX, _topological, simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from polish import epoch_batches, float_classes, score_line  # noqa: E402  (bench/polish.py: same batches, scores)
@@ -90,6 +94,44 @@ def _lsq_clamp(proto: onnx.ModelProto, node: str) -> None:
                 n.input[i] = clamped
 
 
+def learnable_clips(proto: onnx.ModelProto, sites, plan: PrecisionPlan,
+                    lr_scale: float = 1.0) -> tuple[list[str], dict]:
+    """Replace each quantized activation site's quantizer (fixed clip ``c``) by one whose step is learned, LSQ's
+    form of a learned clip (PACT's ``c`` is the step times ``2^B``): ``q = rint(Max(Min(x / s, hi), lo)) * s``,
+    ``s = k * p``, ``p`` a new initializer starting at the fixed quantizer's step, ``k = sqrt(lr_scale /
+    sqrt(N * hi))`` (``N`` the site's elements per sample). The same function as the fixed quantizer at the start;
+    ``s``'s gradient is LSQ's: ``rint(x/s) - x/s`` inside the range, the range's end outside it. Returns the
+    names of the ``p``s and, per site, ``(p name, k, initial step)``."""
+    names, scales = [], {}
+    for site in sites.activations:
+        bits = plan.activations.get(site.tensor)
+        if bits is None:
+            continue
+        clip = plan.clips[site.tensor]
+        step, lo, hi = activation_grid(bits, clip.value, clip.signed)
+        prefix = f"{SIMULATION_PREFIX}/{site.tensor}/"
+        old = [n for n in proto.graph.node if n.output and n.output[0].startswith(prefix)]
+        out = next(n for n in old if n.op_type == "Sub" and "/aq_" in n.output[0]).output[0]
+        for n in old:
+            proto.graph.node.remove(n)
+        g = GraphBuilder(f"clip/{site.tensor}", 17)
+        k = np.float32(np.sqrt(lr_scale / np.sqrt(site.elements * hi)))
+        p_name = f"clip/{site.tensor}/p"
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray([step / k], np.float32), p_name))
+        s = g.op("Mul", [p_name, g.const(k, "k")])
+        level = g.op("Max", [g.op("Min", [g.op("Div", [site.tensor, s]), g.const(float(hi), "hi")]),
+                             g.const(float(lo), "lo")])
+        g.nodes.append(helper.make_node("Mul", [g.round_ste(level), s], [out], name=f"clip/{site.tensor}/out"))
+        proto.graph.node.extend(g.nodes)
+        proto.graph.initializer.extend(g.initializers)
+        names.append(p_name)
+        scales[site.tensor] = (p_name, k, step)
+    ordered = _topological(list(proto.graph.node))
+    del proto.graph.node[:]
+    proto.graph.node.extend(ordered)
+    return names, scales
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stem")
@@ -104,6 +146,8 @@ def main() -> None:
     parser.add_argument("--learn-steps", action="store_true")
     parser.add_argument("--step-lr-scale", type=float, default=1.0, help="times LSQ's gradient scale of the steps")
     parser.add_argument("--lsq-clamp", action="store_true", help="LSQ's zero gradient outside the range")
+    parser.add_argument("--learn-clips", action="store_true", help="learned activation steps (clips), LSQ's form")
+    parser.add_argument("--clip-lr-scale", type=float, default=1.0, help="times LSQ's gradient scale of the clips")
     args = parser.parse_args()
     start = time.perf_counter()
     teacher = impq_onnx.load(args.model)
@@ -115,6 +159,10 @@ def main() -> None:
     names, scales = ([], {})
     if args.learn_steps:
         names, scales = learnable_steps(proto, sites, plan, args.step_lr_scale, args.lsq_clamp)
+    clip_names, clip_scales = ([], {})
+    if args.learn_clips:
+        clip_names, clip_scales = learnable_clips(proto, sites, plan, args.clip_lr_scale)
+        names = names + clip_names
     original = training._trainable_names
 
     def with_steps(p, s):  # the learned steps the training graph still holds, beside the weights
@@ -129,12 +177,16 @@ def main() -> None:
     parts = {"val": data.val, "test": data.test}
     scores = score_line(trained.apply_to(proto), parts, float_classes(teacher, parts, args.threads), args.threads)
     change = [float(np.mean(trained.values[p] * k / s)) for p, k, s in scales.values()]
+    clips = [float(trained.values[p][0] * k / s) for p, k, s in clip_scales.values()]
+    moved_clips = f"; learned clip / initial clip, mean over sites {np.mean(clips):.3f} (min {min(clips):.3f}, " \
+        f"max {max(clips):.3f})" if clips else ""
     moved = f"; learned step / initial step, mean over layers {np.mean(change):.3f} (min {min(change):.3f}, " \
             f"max {max(change):.3f})" if change else ""
-    kind = f"learned steps (scale {args.step_lr_scale:g}{', LSQ clamp' if args.lsq_clamp else ''})" if names \
+    kind = f"learned steps (scale {args.step_lr_scale:g}{', LSQ clamp' if args.lsq_clamp else ''})" if scales \
         else "fixed steps"
+    kind += f", learned clips (scale {args.clip_lr_scale:g})" if clip_names else ""
     print(f"{args.stem}: {kind}, +{args.epochs:g} epochs at lr {args.lr:g}, "
-          f"batch-norm {args.batchnorm}: {scores}{moved}; {time.perf_counter() - start:.0f} s", flush=True)
+          f"batch-norm {args.batchnorm}: {scores}{moved}{moved_clips}; {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
