@@ -30,9 +30,11 @@ Conv without an output quantizer, an AveragePool) are then computed in the same 
 graph, while the integer parts are exact whatever order they are summed in. Measured bit-exact against
 onnxruntime 1.19.2 and 1.32.0's fused kernels on an AVX-512 x86-64 CPU (``tests/lowering/targets/
 test_ort_integer.py``; ResNet-20 and MobileNet-V1 on all 10,000 CIFAR-10 test images in ``bench/deploy.py``;
-the zoo's exported models). Other kernels (ARM, SSE2-only CPUs) requantize differently; :func:`fused_counts`
-names what onnxruntime fused, so a caller can tell when a group was fused that this module does not
-rewrite.
+the zoo's exported models). Other kernels requantize differently: ARM, SSE2-only CPUs, and AVX2-only x86-64
+CPUs (measured on an AMD EPYC without AVX-512: random 8-bit codes through QLinearConv and QGemm differ, the zoo's
+4-bit-weight models still match). :func:`modelled_cpu` tells whether this CPU is one the module models, and
+:func:`fused_counts` names what onnxruntime fused, so a caller can tell when a group was fused that this module
+does not rewrite.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["integer_reference", "fused_counts", "rewritten_counts", "FUSED_KERNELS", "REWRITTEN"]
+__all__ = ["integer_reference", "fused_counts", "rewritten_counts", "modelled_cpu", "FUSED_KERNELS", "REWRITTEN"]
 _GROUPS_KEY = "impq.integer_groups"
 
 # onnxruntime's fused integer kernels, and which of them integer_reference writes out.
@@ -56,6 +58,19 @@ _F32 = np.float32
 # quantizer in front of: the integer kernel's codes go through them.
 _COMMUTING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 _Group = tuple[list[onnx.NodeProto], list[onnx.NodeProto]]  # (integer nodes, the group's nodes they replace)
+
+
+def modelled_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU runs the integer kernels :func:`integer_reference` models: an x86-64 CPU with AVX-512BW
+    (read from ``cpuinfo``'s flags). An AVX2-only CPU (many AMD EPYC and Ryzen parts) takes onnxruntime's AVX2
+    kernels, which requantize otherwise (measured: 5 of the tests that ask for bit equality fail there); where
+    the flags cannot be read, the answer is no."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512bw" in flags
 
 
 def fused_counts(optimized: onnx.ModelProto) -> Counter[str]:

@@ -3,6 +3,8 @@ float QDQ graph does not; verify compares the deployed model with it."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +18,11 @@ from impq_onnx.lowering.targets.ort import OrtTarget
 from impq_onnx.lowering.targets.ort_integer import integer_reference, rewritten_counts
 from impq_onnx.lowering.verify import verify
 from impq_onnx.runtime import inference_session
+
+verify_module = importlib.import_module("impq_onnx.lowering.verify")  # the package exports a function of its name
+# The reference is the arithmetic of onnxruntime's x86-64 AVX-512 kernels; an AVX2-only CPU requantizes otherwise.
+modelled = pytest.mark.skipif(not ort_integer.modelled_cpu(),
+                              reason="the integer reference models x86-64 AVX-512BW kernels; this CPU has none")
 
 
 def _runs(model: onnx.ModelProto, feeds: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,6 +69,7 @@ def test_add_over_every_pair_of_codes():
     assert moved > 0  # the float QDQ graph is not what onnxruntime deploys: the reference is needed
 
 
+@modelled
 def test_conv_relu_requantization_with_bias_and_per_channel_scales():
     """A full and a depthwise Conv (QLinearConv): exact integer sums times (s_x·s_w)/s_y, rounded once."""
     moved = 0
@@ -86,6 +94,7 @@ def test_conv_relu_requantization_with_bias_and_per_channel_scales():
     assert moved > 0  # the float sums of the QDQ graph round a few borderline outputs the other way
 
 
+@modelled
 def test_average_pool_and_gemm_with_float_output():
     rng = np.random.default_rng(7)
     inits = {"xs": np.float32(0.031), "xz": np.uint8(128), "w": rng.integers(-127, 128, (10, 8)).astype(np.int8),
@@ -107,6 +116,7 @@ def test_average_pool_and_gemm_with_float_output():
     np.testing.assert_array_equal(deployed, expected)
 
 
+@modelled
 def test_verify_checks_the_deployed_model_against_the_integer_reference(monkeypatch):
     canonical, sites = tiny(_residual_block(slice_pad=True))
     plan = _plan(sites, "symmetric-rms", top=8)
@@ -139,6 +149,7 @@ def test_a_fused_kernel_the_reference_does_not_write_is_reported_not_failed(monk
     assert result.ok, result.to_dict()
 
 
+@modelled
 @pytest.mark.parametrize("activation", ["Relu", "Clip"])
 def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activation):
     """Conv -> Relu (or ReLU6's Clip) -> MaxPool -> QuantizeLinear (a ResNet stem): onnxruntime drops the
@@ -184,3 +195,31 @@ def test_groups_the_ort_target_never_writes_are_left_as_they_are():
         reference = integer_reference(model)
         assert rewritten_counts(reference) == {}
         assert [n.op_type for n in reference.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_the_modelled_cpu_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    assert not ort_integer.modelled_cpu(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n")
+    assert ort_integer.modelled_cpu(str(info))
+    assert not ort_integer.modelled_cpu(str(tmp_path / "missing"))  # not Linux: unknown, so not modelled
+
+
+def test_on_a_cpu_the_reference_does_not_model_the_deployed_difference_is_reported_not_failed(monkeypatch):
+    canonical, sites = tiny(_residual_block(slice_pad=True))
+    plan = _plan(sites, "symmetric-rms", top=8)
+    lowered = lower(canonical, plan, sites, format="ort")
+
+    def off_by_a_little(self, model):  # a reference that certainly differs from what runs
+        reference = integer_reference(model)
+        for t in reference.graph.initializer:
+            if t.name.endswith("/integer/multiplier"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.03), t.name))
+        return reference
+
+    monkeypatch.setattr(OrtTarget, "deployed_reference", off_by_a_little)
+    monkeypatch.setattr(verify_module, "modelled_cpu", lambda: False)
+    result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
+    assert result.deployed_max_logit_diff > 0 and result.deployed_covered is False
+    assert result.ok, result.to_dict()
