@@ -63,7 +63,7 @@ _Group = tuple[list[onnx.NodeProto], list[onnx.NodeProto]]  # (integer nodes, th
 def modelled_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU runs the integer kernels :func:`integer_reference` models: an x86-64 CPU with AVX-512BW
     (read from ``cpuinfo``'s flags). An AVX2-only CPU (many AMD EPYC and Ryzen parts) takes onnxruntime's AVX2
-    kernels, which requantize otherwise (measured: 5 of the tests that ask for bit equality fail there); where
+    kernels, which compute otherwise (measured: 5 of the tests that ask for bit equality fail there); where
     the flags cannot be read, the answer is no."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:

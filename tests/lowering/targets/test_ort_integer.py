@@ -116,6 +116,15 @@ def test_average_pool_and_gemm_with_float_output():
     np.testing.assert_array_equal(deployed, expected)
 
 
+def _off_by_a_little(self, model):
+    """An OrtTarget.deployed_reference whose requantization multipliers are 3 % off: certainly not what runs."""
+    reference = integer_reference(model)
+    for t in reference.graph.initializer:
+        if t.name.endswith("/integer/multiplier"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.03), t.name))
+    return reference
+
+
 @modelled
 def test_verify_checks_the_deployed_model_against_the_integer_reference(monkeypatch):
     canonical, sites = tiny(_residual_block(slice_pad=True))
@@ -126,14 +135,7 @@ def test_verify_checks_the_deployed_model_against_the_integer_reference(monkeypa
     assert result.ok and result.deployed_covered and result.deployed_max_logit_diff == 0.0, result.to_dict()
     assert result.deployed_agreement == 1.0 and result.fused_kernels["QLinearConv"] == 2
 
-    def off_by_a_little(self, model):  # a reference whose requantization multipliers are 3 % off
-        reference = integer_reference(model)
-        for t in reference.graph.initializer:
-            if t.name.endswith("/integer/multiplier"):
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.03), t.name))
-        return reference
-
-    monkeypatch.setattr(OrtTarget, "deployed_reference", off_by_a_little)
+    monkeypatch.setattr(OrtTarget, "deployed_reference", _off_by_a_little)
     wrong = verify(lowered, canonical, plan, sites, batches)
     assert not wrong.ok and wrong.deployed_max_logit_diff > 0
     assert any(m.startswith("deployed: with every graph optimization") for m in wrong.record_mismatches)
@@ -211,14 +213,7 @@ def test_on_a_cpu_the_reference_does_not_model_the_deployed_difference_is_report
     plan = _plan(sites, "symmetric-rms", top=8)
     lowered = lower(canonical, plan, sites, format="ort")
 
-    def off_by_a_little(self, model):  # a reference that certainly differs from what runs
-        reference = integer_reference(model)
-        for t in reference.graph.initializer:
-            if t.name.endswith("/integer/multiplier"):
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.03), t.name))
-        return reference
-
-    monkeypatch.setattr(OrtTarget, "deployed_reference", off_by_a_little)
+    monkeypatch.setattr(OrtTarget, "deployed_reference", _off_by_a_little)
     monkeypatch.setattr(verify_module, "modelled_cpu", lambda: False)
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
     assert result.deployed_max_logit_diff > 0 and result.deployed_covered is False
