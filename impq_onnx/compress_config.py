@@ -28,7 +28,7 @@ _CHOICES = {
     "batchnorm": BATCHNORM_MODES,
     "weighting": ("paper", "reference", "step", "measured"),
     "sensitivity_method": ("fast", "exact"),
-    "act_clip": ("paper", "mse"),
+    "act_clip": ("paper", "mse", "learned"),
     "format": TARGETS,  # the live registry: a registered target is a valid option
 }
 # act_clip's derived default for the methods other than impq (uniform-ptq keeps its percentile floor)
@@ -95,7 +95,9 @@ class CompressConfig:
                                       "model's values over 5 training batches) or paper (impq: max over channels "
                                       "of beta + 6|gamma| of the batch-norm before the site, else the 99.9th "
                                       "percentile of the float model's values; uniform-ptq: that percentile) "
-                                      "[default: mse for impq, paper for the other methods (faq and "
+                                      "or learned (impq only: mse's clip to start from, then each fine-tune "
+                                      "trains the site's step with the weights, LSQ-style, and the plan keeps "
+                                      "what it learned) [default: mse for impq, paper for the other methods (faq and "
                                       "activation-density only take paper); work dirs written before the option "
                                       "resume with paper].")
     schedule: str = _opt("50%", "Weight groups lowered per iteration: 400, 50%, 0.5 or 400x3,200,150 (or "
@@ -205,6 +207,10 @@ class CompressConfig:
         if self.act_clip == "mse" and self.method not in ("impq", "uniform-ptq"):
             raise ConfigError(f"option 'act_clip': mse works with method impq or uniform-ptq; {self.method} sets "
                               "its own clips (give act_clip: paper, or leave it out)")
+        if self.act_clip == "learned" and self.method != "impq":
+            raise ConfigError(f"option 'act_clip': learned works with method impq; {self.method} "
+                              f"{'does not fine-tune' if self.method == 'uniform-ptq' else 'sets its own clips'} "
+                              "(give act_clip: mse or paper, or leave it out)")
         if self.refit_epochs and self.method == "uniform-ptq":
             raise ConfigError("option 'refit_epochs': uniform-ptq does not fine-tune; use another method or leave "
                               "refit_epochs at 0")

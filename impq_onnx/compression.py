@@ -308,7 +308,7 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
 
     refitted = refit(context, state, plan, cfg.lr if cfg.lr is not None else FIXED_LR)
     if refitted is not None and refitted.kept:
-        values = refitted.values
+        values, plan = refitted.values, refitted.plan
         final.update({key: refitted.record[key] for key in ("val_top1", "val_top5", "val_agreement")})
     final_model = with_values(base, values)
     final["elapsed"] = state.elapsed

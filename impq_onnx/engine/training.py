@@ -44,7 +44,7 @@ from impq_onnx.errors import ConfigError, DataError, ModelError
 from impq_onnx.events import Event, Progress, progress_callback
 from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, simulate
+from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, learned_clips, learned_step_name, simulate
 from impq_onnx.frontend.sites import SiteTable
 from impq_onnx.engine.replicas import Replicas, sgd_update
 from impq_onnx.engine.batchnorm_graph import BATCHNORM_MODES, batchnorm_frozen, batchnorm_to_training, own_batchnorms
@@ -66,6 +66,7 @@ class TrainedWeights:
     images: int
     seconds: float
     step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each step
+    clips: dict[str, float] = dataclasses.field(default_factory=dict)  # learned activation clips (learn_clips)
 
     @property
     def images_per_second(self) -> float:
@@ -234,6 +235,7 @@ def fine_tune(
     start_step: int = 0,
     stop_step: int | None = None,
     velocity: dict[str, np.ndarray] | None = None,
+    learn_clips: float = 0.0,
 ) -> TrainedWeights:
     """Fine-tune ``model`` (float; CanonicalModel or ModelProto) under ``plan`` (None: float training).
 
@@ -258,6 +260,10 @@ def fine_tune(
     and ``velocity`` (SGD only) is the momentum, read and updated in place: consecutive parts, each on the
     previous part's weights and velocity with ``batches`` continuing where it stopped, compute what one call
     does, so a long fine-tune can be checkpointed between them (:mod:`impq_onnx.search.refit`).
+    ``learn_clips`` > 0 trains each quantized activation site's step with the weights (LSQ's form of a learned
+    clip, its gradient scale that many times LSQ's; ``simulate(..., learn_clips=...)``): the result's ``clips``
+    holds the learned clip values (:func:`impq_onnx.quant.simulate.learned_clips`), for the plan of a next
+    part or of the output; its ``values`` hold only the model's parameters (``velocity`` also the steps').
     """
     import onnxruntime as ort
 
@@ -302,18 +308,20 @@ def fine_tune(
     if not distill and y0 is None:
         raise DataError("the training data has no labels; fine-tune with distill=True")
 
-    proto = simulate(model, plan, sites) if plan is not None else as_proto(model)
+    proto = simulate(model, plan, sites, learn_clips=learn_clips) if plan is not None else as_proto(model)
+    steps_learned = [learned_step_name(s.tensor) for s in sites.activations
+                     if learn_clips > 0 and plan is not None and plan.activations.get(s.tensor) is not None]
     concrete_image_size(proto, x0.shape)
     running: dict[str, str] = {}
     if batchnorm == "frozen":  # scale and shift found while the BatchNormalization nodes are still there
-        frozen_trainable = _trainable_names(proto, sites)
+        frozen_trainable = _trainable_names(proto, sites) + steps_learned
         batchnorm_frozen(proto)
     else:
         running = batchnorm_to_training(proto, batchnorm_momentum)
     _relu_as_clip(proto)
     make_differentiable(proto)
     check_differentiable(proto, getattr(model, "label", "the model"))
-    trainable = frozen_trainable if batchnorm == "frozen" else _trainable_names(proto, sites)
+    trainable = frozen_trainable if batchnorm == "frozen" else _trainable_names(proto, sites) + steps_learned
     frozen = sorted(set(running.values()) | _kept_apart(proto, trainable))
     logits = sites.logits
     _declare_logits_shape(proto, logits, model, x0, replica_threads)
@@ -419,7 +427,12 @@ def fine_tune(
             values = {name: np.array(state.parameters[name].data) for name in trainable + frozen}
         del opt, module, group  # a profiled session writes its file when it ends
     lap("fine-tune other")
-    return TrainedWeights(values, losses, stop_step - start_step, images, seconds, step_seconds)
+    clips = learned_clips(plan, sites, values, learn_clips) if steps_learned and plan is not None else {}
+    for name in steps_learned:  # a next part starts from |p| (the clip): the mirrored momentum continues exactly
+        if name in velocity and float(np.asarray(values[name]).reshape(-1)[0]) < 0:
+            velocity[name] = -velocity[name]
+    values = {name: value for name, value in values.items() if name not in steps_learned}
+    return TrainedWeights(values, losses, stop_step - start_step, images, seconds, step_seconds, clips)
 
 
 def _declare_logits_shape(proto: onnx.ModelProto, logits: str, model, x0: np.ndarray, threads: int) -> None:

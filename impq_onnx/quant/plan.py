@@ -127,6 +127,15 @@ class PrecisionPlan:
     def copy(self) -> "PrecisionPlan":
         return copy.deepcopy(self)
 
+    def with_clips(self, clips: dict[str, float]) -> "PrecisionPlan":
+        """A copy with the clip values of ``clips`` (tensor -> value; signedness kept); ``self`` when empty."""
+        if not clips:
+            return self
+        result = self.copy()
+        for tensor, value in clips.items():
+            result.clips[tensor] = ActivationClip(float(value), result.clips[tensor].signed)
+        return result
+
     # ---- group access (what the search uses) --------------------------------------------------
     def group_bits(self, group: WeightGroup) -> int | None:
         """The bits of a weight group (its members must agree; the highest wins if they do not)."""

@@ -17,6 +17,10 @@ Activations (one clip ``c`` per site, bits ``B``)::
 
 with gradient 1 where ``x`` is inside the clip range and 0 outside.
 
+A learned clip (``act_clip: learned``, fine-tuning only) computes the same function in LSQ's form,
+``q = s * rint(clip(x / s, lo, hi))`` with the step ``s = k * p`` a trainable parameter ``p`` times a power of
+two ``k`` (:func:`build_learned_activation_quantizer`); the clip is ``s * 2^B`` (``s * 2^(B-1)`` signed).
+
 ONNX construction (onnxruntime 1.19 differentiates all of it): rounding is ``com.microsoft::FakeQuant``
 (straight-through, mask always 1 here because its integer range is wide); the weight step passes
 through :meth:`GraphBuilder.stop_gradient` (a power of two from ``Pow``'s exponent input times an
@@ -39,6 +43,9 @@ __all__ = [
     "GraphBuilder",
     "pow2_ceil",
     "build_activation_quantizer",
+    "build_learned_activation_quantizer",
+    "learned_step_factor",
+    "LEARNED_CLIP_GRADIENT_SCALE",
     "TINY",
     "WIDE",
 ]
@@ -155,3 +162,30 @@ def build_activation_quantizer(g: GraphBuilder, x: str, bits: int, clip: float, 
     f = g.round_ste(y, step_name, lo, hi + 1)
     over = g.op("Cast", [g.op("Greater", [f, g.const((hi + 0.5) * step, "top")])], to=TensorProto.FLOAT)
     return g.op("Sub", [f, g.op("Mul", [over, step_name])], hint="aq")
+
+
+# The learned activation step's gradient scale, in multiples of LSQ's ``1 / sqrt(N * Q_p)``: screened on both
+# MobileNet-V1 W4A4 plans (bench/results/candidates.md, "Learned activation clips"), where 1 did not help.
+LEARNED_CLIP_GRADIENT_SCALE = 300.0
+
+
+def learned_step_factor(elements: int, bits: int, signed: bool, scale: float = LEARNED_CLIP_GRADIENT_SCALE) -> float:
+    """``k`` of the learned step ``s = k * p``: the power of two nearest ``sqrt(scale / sqrt(N * Q_p))`` (``N`` the
+    site's elements per sample, ``Q_p`` the top level), so that plain SGD on ``p`` moves ``s`` with LSQ's gradient
+    scale times ``scale`` (within a factor of 2). A power of two makes ``s = k * p`` and ``p = s / k`` exact, so a
+    clip written into the plan and read back gives the same ``p``, bit for bit."""
+    top = activation_grid(bits, 1.0, signed)[2]
+    ideal = np.sqrt(scale / np.sqrt(max(1, elements) * top))
+    return float(2.0 ** np.round(np.log2(ideal)))
+
+
+def build_learned_activation_quantizer(g: GraphBuilder, x: str, bits: int, signed: bool, p: str, k: float) -> str:
+    """Append ``s * rint(clip(x / s, lo, hi))`` with ``s = |p| * k`` (``p`` a trainable scalar initializer; the
+    absolute value keeps a step that a large learning rate pushed past zero a step) and a straight-through
+    rounding: ``s``'s gradient is LSQ's (``rint(x/s) - x/s`` inside the range, the range's end outside it),
+    ``x``'s is 1 inside the range and 0 outside. At ``p = step / k`` its forward values are
+    :func:`build_activation_quantizer`'s."""
+    _, lo, hi = activation_grid(bits, 1.0, signed)
+    s = g.op("Mul", [g.op("Abs", [p]), g.const(k, "k")], hint="learned_step")
+    level = g.op("Max", [g.op("Min", [g.op("Div", [x, s]), g.const(float(hi), "hi")]), g.const(float(lo), "lo")])
+    return g.op("Mul", [g.round_ste(level), s], hint="aq")

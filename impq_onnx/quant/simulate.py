@@ -10,6 +10,10 @@ artifacts; it uses ``com.microsoft::FakeQuant`` (an onnxruntime contrib op).
 :func:`calibrate_clips` fills the clips of activation sites that have no batch-norm before them with
 the 99.9th percentile of the float model's activations over a few batches; :func:`fit_clips_mse` sets a
 site's clip to the one with the least squared quantization error at its bits (``--act-clip mse``).
+
+``simulate(..., learn_clips=S)`` builds each activation quantizer in its learned form (the fine-tune's, with
+``--act-clip learned``): the step is a trainable initializer (:func:`learned_step_name`) and
+:func:`learned_clips` reads the clips back from the trained values.
 """
 
 from __future__ import annotations
@@ -20,16 +24,23 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from impq_onnx.errors import DataError, InternalError, PlanError
 from impq_onnx.quant.plan import ActivationClip, PrecisionPlan
-from impq_onnx.quant.quantizers import GraphBuilder, build_activation_quantizer, quantize_activation
+from impq_onnx.quant.quantizers import (
+    GraphBuilder,
+    activation_grid,
+    build_activation_quantizer,
+    build_learned_activation_quantizer,
+    learned_step_factor,
+    quantize_activation,
+)
 from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.frontend.sites import SiteTable
 
 __all__ = ["simulate", "calibrate_clips", "fit_clips_mse", "mse_clip", "quantized_weight_name", "as_proto",
-           "SIMULATION_PREFIX", "site_values", "MSE_SAMPLES"]
+           "SIMULATION_PREFIX", "site_values", "MSE_SAMPLES", "learned_step_name", "learned_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +68,33 @@ def quantized_weight_name(layer: str) -> str:
     return f"{SIMULATION_PREFIX}/{layer}/wq"
 
 
+def learned_step_name(tensor: str) -> str:
+    """Name of the trainable initializer ``p`` of activation site ``tensor``'s learned step ``s = k * p``."""
+    return f"{SIMULATION_PREFIX}/{tensor}/learned_step"
+
+
+def _learned_factor(plan: PrecisionPlan, site, scale: float) -> float:
+    return learned_step_factor(site.elements, plan.activations[site.tensor], plan.clips[site.tensor].signed, scale)
+
+
+def learned_clips(plan: PrecisionPlan, sites: SiteTable, values: dict[str, np.ndarray], scale: float) -> dict[str, float]:
+    """The clips (``s * 2^B``, ``s * 2^(B-1)`` signed; float32 values) of the sites whose learned step
+    (:func:`learned_step_name`) ``values`` holds, from a fine-tune of ``simulate(..., learn_clips=scale)`` under
+    ``plan``: ``|p| * k``, the step the fine-tune computed with. A step that training drove to exactly zero or to
+    a non-finite value keeps the plan's clip."""
+    clips = {}
+    for site in sites.activations:
+        name = learned_step_name(site.tensor)
+        if name not in values or plan.activations.get(site.tensor) is None:
+            continue
+        bits, signed = plan.activations[site.tensor], plan.clips[site.tensor].signed
+        step = np.abs(np.float32(np.asarray(values[name], np.float32).reshape(-1)[0])) * np.float32(
+            _learned_factor(plan, site, scale))
+        if np.isfinite(step) and step > 0:
+            clips[site.tensor] = float(step * np.float32(2.0 ** (bits - 1 if signed else bits)))
+    return clips
+
+
 def _default_opset(proto: onnx.ModelProto) -> int:
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -64,11 +102,14 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return 13
 
 
-def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bool = False) -> onnx.ModelProto:
+def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bool = False,
+             learn_clips: float = 0.0) -> onnx.ModelProto:
     """The fake-quant graph of ``model`` under ``plan``; the float model is not modified.
 
     ``expose_weights`` adds each quantized weight (named :func:`quantized_weight_name`) as an extra
-    graph output, after the logits.
+    graph output, after the logits. ``learn_clips`` > 0 builds the activation quantizers in their learned form
+    (the same function, the step an initializer :func:`learned_step_name` to train, its gradient scale
+    ``learn_clips`` times LSQ's; see :func:`impq_onnx.quant.quantizers.learned_step_factor`).
     """
     plan.validate(sites)
     proto = as_proto(model)
@@ -104,7 +145,14 @@ def simulate(model, plan: PrecisionPlan, sites: SiteTable, *, expose_weights: bo
                 f"clips['{site.tensor}']: no clip value (no batch-norm before it); calibrate the clips first"
             )
         g = GraphBuilder(f"{SIMULATION_PREFIX}/{site.tensor}", opset)
-        q = build_activation_quantizer(g, site.tensor, bits, clip.value, clip.signed)
+        if learn_clips > 0:
+            k = _learned_factor(plan, site, learn_clips)
+            step = np.float32(activation_grid(bits, clip.value, clip.signed)[0])
+            p = learned_step_name(site.tensor)
+            g.initializers.append(numpy_helper.from_array(np.asarray([step / np.float32(k)], np.float32), p))
+            q = build_learned_activation_quantizer(g, site.tensor, bits, clip.signed, p, k)
+        else:
+            q = build_activation_quantizer(g, site.tensor, bits, clip.value, clip.signed)
         builder.nodes.extend(g.nodes)
         builder.initializers.extend(g.initializers)
         for name in site.layers:

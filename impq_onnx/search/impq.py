@@ -260,7 +260,7 @@ def run_search(context: SearchContext, state: SearchState) -> SearchState:
                                          phases_left=len(context.phases) - state.phase)
         lr, derived = run_lr(context, state, model, steps)
         tuned = guarded_fine_tune(context, state, model, steps, lr=lr)
-        state.values = tuned.values
+        state.values, state.plan = tuned.values, state.plan.with_clips(tuned.clips)
         record = record_iteration(context, state, started=start, phase=phase, kind=kind, trained=tuned.trained,
                                   lowered=lowered, reducible=reducible, extra={**derived, **tuned.extra},
                                   result=tuned.result,

@@ -29,6 +29,7 @@ from impq_onnx.data.dataset import derive_seed  # one definition: compress's val
 from impq_onnx.engine import EvalResult, FineTuneDiverged, TrainedWeights, evaluate, fine_tune
 from impq_onnx.engine.evaluation import predicted_classes
 from impq_onnx.events import Event, lowering_text
+from impq_onnx.quant.quantizers import LEARNED_CLIP_GRADIENT_SCALE
 from impq_onnx.search.state import IterationRecord, SearchContext, SearchState
 
 __all__ = ["END_STEPS_FACTOR", "EVAL_BATCH", "FIXED_LR", "LR_PROBE_MIN_STEPS", "LR_PROBE_RATES", "LR_RETRY_DIVISOR",
@@ -107,7 +108,12 @@ def run_fine_tune(context: SearchContext, state: SearchState, model: Any, steps:
                      batchnorm=cfg.batchnorm,
                      threads=cfg.threads, replicas=cfg.replicas, distill=True if cfg.distill else None,
                      teacher=context.base, seed=derive_seed(cfg.seed, iteration, "fine-tune"),
-                     progress=context.inner_progress() or False)
+                     progress=context.inner_progress() or False, learn_clips=learn_clips(cfg))
+
+
+def learn_clips(cfg: Any) -> float:
+    """The learned activation steps' gradient scale of the run's fine-tunes (``act_clip: learned``), else 0."""
+    return LEARNED_CLIP_GRADIENT_SCALE if getattr(cfg, "act_clip", None) == "learned" else 0.0
 
 
 def known_float_classes(context: SearchContext, classes: np.ndarray) -> None:
@@ -153,6 +159,7 @@ class GuardedFineTune:
     result: EvalResult
     trained: TrainedWeights
     extra: dict[str, Any]
+    clips: dict[str, float] = dataclasses.field(default_factory=dict)  # learned clips kept (act_clip: learned)
 
 
 def _metrics(result: EvalResult | None) -> dict[str, Any] | None:
@@ -177,7 +184,7 @@ def _attempt(context: SearchContext, state: SearchState, model: Any, steps: int,
         return TrainedWeights({}, exc.losses, exc.step, 0, exc.seconds), None
     if not all(np.isfinite(v).all() for v in trained.values.values()):
         return trained, None
-    return trained, evaluate_values(context, state.plan, {**state.values, **trained.values})
+    return trained, evaluate_values(context, state.plan.with_clips(trained.clips), {**state.values, **trained.values})
 
 
 def guarded_fine_tune(context: SearchContext, state: SearchState, model: Any, steps: int, *,
@@ -192,7 +199,8 @@ def guarded_fine_tune(context: SearchContext, state: SearchState, model: Any, st
     Everything here depends only on the seed and the committed state, so a resume replays it.
     ``extra``: ``fine_tune_kept``, ``fine_tune_lr`` (of the last attempt), ``fine_tune_retried``,
     ``before_fine_tune`` and ``after_fine_tune`` (``val_top1``, ``val_agreement``; None when not measured
-    or diverged)."""
+    or diverged). With ``act_clip: learned`` the fine-tune's learned clips are evaluated with it and, when it is
+    kept, returned in ``clips`` for the caller's plan."""
     cfg, iteration = context.config, state.iteration + 1
     before = evaluate_values(context, state.plan, state.values) if cfg.guard else None
     trained, after = _attempt(context, state, model, steps, lr)
@@ -219,7 +227,7 @@ def guarded_fine_tune(context: SearchContext, state: SearchState, model: Any, st
     summary = TrainedWeights({}, trained.losses, trained.steps, trained.images, seconds, trained.step_seconds)
     extra = {"fine_tune_kept": kept, "fine_tune_lr": used, "fine_tune_retried": retried,
              "before_fine_tune": _metrics(before), "after_fine_tune": _metrics(after)}
-    return GuardedFineTune(values, result, summary, extra)
+    return GuardedFineTune(values, result, summary, extra, trained.clips if kept else {})
 
 
 def _probe_score(cfg: Any, trained: TrainedWeights, result: EvalResult | None) -> tuple[float, ...]:

@@ -50,10 +50,10 @@ def calibrated_plan(cfg: Any, base: Any, sites: Any, train: Any, weight_bits: in
 
 def fitted_clips(cfg: Any, plan: PrecisionPlan, model: Any, sites: Any, train: Any, iteration: int,
                  tensors: list[str]) -> PrecisionPlan:
-    """With ``act_clip: mse``, ``plan`` with the clips of ``tensors`` fitted to their bits on ``model`` (the
-    current weights; the iteration's calibration batches and subset seed); with ``paper`` (or None: a config
-    whose derived defaults were not resolved), ``plan`` unchanged."""
-    if getattr(cfg, "act_clip", "paper") != "mse" or not tensors:
+    """With ``act_clip: mse`` (or ``learned``: its start), ``plan`` with the clips of ``tensors`` fitted to their
+    bits on ``model`` (the current weights; the iteration's calibration batches and subset seed); with ``paper``
+    (or None: a config whose derived defaults were not resolved), ``plan`` unchanged."""
+    if getattr(cfg, "act_clip", "paper") not in ("mse", "learned") or not tensors:
         return plan
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
     return fit_clips_mse(model, plan, sites, tensors, batches, threads=cfg.threads,

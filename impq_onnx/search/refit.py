@@ -19,6 +19,9 @@ any refit: ``refit_epochs`` is not part of the run's identity, and a finished ru
 only the refit. A refit folder written with other settings (epochs, rate, output iteration) is refused, not
 overwritten.
 
+With ``act_clip: learned`` the refit trains the activation steps too, starting from the plan's clips; each part's
+learned clips go into ``refit.json`` (``clips``), the next part starts from them, and the output's plan has them.
+
 The output is the refit when its validation result is at least the search's output iteration's (the guard's
 comparison, :func:`~impq_onnx.search.iteration.guard_key`; with ``guard`` off, always); otherwise the search's,
 and the report says which (``refit.kept``).
@@ -40,7 +43,14 @@ from impq_onnx.events import Event
 from impq_onnx.files import write_atomic
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import read_values, values_to_bytes
-from impq_onnx.search.iteration import derive_seed, evaluate_values, guard_key, train_batches, with_values
+from impq_onnx.search.iteration import (
+    derive_seed,
+    evaluate_values,
+    guard_key,
+    learn_clips,
+    train_batches,
+    with_values,
+)
 from impq_onnx.search.state import SearchContext, SearchState
 
 __all__ = ["PART_MIN_STEPS", "REFIT_ITERATION", "RefitResult", "refit", "refit_steps"]
@@ -56,10 +66,12 @@ _OUTCOME_KEYS = ("diverged", "val_top1", "val_top5", "val_agreement", "val_n")
 
 @dataclasses.dataclass
 class RefitResult:
-    """The refit's weights (base + these) and its report block (``record``)."""
+    """The refit's weights (base + these), its plan (the search's, with the clips it learned) and its report
+    block (``record``)."""
 
     values: dict[str, np.ndarray]
     record: dict[str, Any]
+    plan: PrecisionPlan
 
     @property
     def kept(self) -> bool:
@@ -88,6 +100,8 @@ def _load(folder: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: unreadable ({exc}); remove {folder} to refit anew") from exc
     if not (isinstance(saved, dict) and isinstance(saved.get("done"), int) and isinstance(saved.get("losses"), list)
             and isinstance(saved.get("seconds"), (int, float)) and isinstance(saved.get("result"), (dict, type(None)))
+            and isinstance(saved.get("clips", {}), dict)
+            and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in saved.get("clips", {}).values())
             and 0 <= saved["done"] <= settings["steps"]):
         raise ConfigError(f"{path}: not a refit record impq-onnx wrote; remove {folder} to refit anew")
     differs = [key for key in settings if saved.get(key) != settings[key]]
@@ -131,6 +145,11 @@ def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: f
     part = steps if cfg.optimizer != "sgd" else per_epoch * max(1, math.ceil(PART_MIN_STEPS / per_epoch))
     settings = _settings(cfg, lr, state.final, steps)
     progress = _load(folder, settings) or dict(settings, done=0, seconds=0.0, losses=[], result=None)
+    unknown = sorted(set(progress.get("clips", {})) - set(plan.activations))
+    if unknown:
+        raise ConfigError(f"{folder / 'refit.json'}: clips of '{unknown[0]}', not an activation site of the plan; "
+                          f"remove {folder} to refit anew")
+    plan = plan.with_clips(progress.get("clips", {}))
     values: dict[str, np.ndarray] = {}
     velocity: dict[str, np.ndarray] = {}
     if progress["done"]:
@@ -157,12 +176,14 @@ def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: f
                                 seed=derive_seed(cfg.seed, REFIT_ITERATION, _TRAIN_PURPOSE),
                                 start_step=start, stop_step=stop,
                                 velocity=velocity if cfg.optimizer == "sgd" else None,
-                                progress=context.inner_progress() or False)
+                                progress=context.inner_progress() or False, learn_clips=learn_clips(cfg))
         except FineTuneDiverged as exc:  # recorded: a resume writes the search's output, not the same divergence
             progress["result"] = {"diverged": str(exc), "kept": False}
             _commit(folder, progress, values, velocity)
             break
-        values = {**values, **trained.values}
+        values, plan = {**values, **trained.values}, plan.with_clips(trained.clips)
+        if trained.clips:
+            progress["clips"] = {**progress.get("clips", {}), **trained.clips}
         progress.update(done=stop, seconds=progress["seconds"] + time.perf_counter() - tick,
                         losses=progress["losses"] + [float(np.mean(trained.losses))])
         _commit(folder, progress, values, velocity)
@@ -191,4 +212,4 @@ def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: f
                     f"% vs the search's {100 * (search.val_agreement or 0):.1f}%: "
                     + ("kept" if kept else f"not kept, the output is the search's iteration {state.final}"))
         report(Event("message", "refit", text, steps, steps, data=record))
-    return RefitResult(values if kept else {}, record)
+    return RefitResult(values if kept else {}, record, plan)

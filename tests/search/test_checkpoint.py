@@ -111,8 +111,12 @@ def test_act_clip_mse_is_refused_for_methods_with_their_own_clips():
     for method in ("faq", "activation-density"):
         with pytest.raises(ConfigError, match=f"'act_clip': mse works with method impq or uniform-ptq; {method}"):
             CompressConfig(model="m.onnx", data="d", method=method, act_clip="mse").validate()
-    with pytest.raises(ConfigError, match="option 'act_clip': 'least-squares' is not one of paper, mse"):
+    with pytest.raises(ConfigError, match="option 'act_clip': 'least-squares' is not one of paper, mse, learned"):
         CompressConfig(model="m.onnx", data="d", act_clip="least-squares").validate()
+    for method, why in (("uniform-ptq", "does not fine-tune"), ("faq", "sets its own clips")):
+        with pytest.raises(ConfigError, match=f"'act_clip': learned works with method impq; {method} {why}"):
+            CompressConfig(model="m.onnx", data="d", method=method, act_clip="learned").validate()
+    assert CompressConfig(model="m.onnx", data="d", act_clip="learned").validate().act_clip == "learned"
     assert CompressConfig(model="m.onnx", data="d", method="uniform-ptq", act_clip="mse").validate().act_clip == "mse"
     # not given: mse for impq, paper for every other method (faq and activation-density set their own clips)
     for method, clip in (("impq", "mse"), ("uniform-ptq", "paper"), ("faq", "paper"), ("activation-density", "paper")):

@@ -225,3 +225,31 @@ def test_act_clip_mse_fits_the_clips_at_the_start_and_refits_each_lowered_site(n
         lowered = {t for t in after.activations if after.activations[t] != before.activations[t]}
         changed = {t for t in after.clips if after.clips[t] != before.clips[t]}
         assert lowered and changed <= lowered and len(changed) >= len(lowered) - 1
+
+
+def test_act_clip_learned_keeps_the_clips_a_kept_fine_tune_learned(net, tmp_path, stand_ins, monkeypatch):
+    """act_clip learned: the fine-tune is asked to learn the clips (LSQ's scale times 300); the clips it returns
+    are evaluated with it and go into the iteration's plan when the guard keeps it, and not when it drops it.
+    Stand-in fine-tunes return each site's clip halved when asked to learn; accuracy is scripted from the clips."""
+    asked = []
+
+    def learning_fine_tune(model, plan, sites, batches, *, steps, learn_clips=0.0, **kwargs):
+        asked.append(learn_clips)
+        return TrainedWeights({}, [0.1] * steps, steps, steps, 0.0,
+                              clips={t: plan.clips[t].value / 2 for t in plan.activations} if learn_clips else {})
+
+    monkeypatch.setattr(iteration, "fine_tune", learning_fine_tune)
+    options = dict(phases="activations", start_act_bits=4, max_iterations=2, target_act_bits=None)
+    stand_ins["accuracy"] = lambda plan: 0.9  # the guard keeps a fine-tune that validates as well
+    kept, work = _run(net, tmp_path / "kept", act_clip="learned", **options)
+    assert asked and set(asked) == {iteration.LEARNED_CLIP_GRADIENT_SCALE}
+    plans = [PrecisionPlan.load(work.iteration_dir(r.iteration) / "plan.yaml") for r in kept.records]
+    mse, mse_work = _run(net, tmp_path / "mse", act_clip="mse", **options)
+    fitted = PrecisionPlan.load(mse_work.iteration_dir(mse.records[0].iteration) / "plan.yaml")
+    assert all(plans[0].clips[t].value == fitted.clips[t].value / 2 for t in fitted.activations)
+    # scripted: a plan whose clips were learned (below the fitted ones) validates worse, so the guard drops it
+    stand_ins["accuracy"] = lambda plan: 0.5 if any(plan.clips[t].value < fitted.clips[t].value
+                                                    for t in plan.activations) else 0.9
+    dropped, dropped_work = _run(net, tmp_path / "dropped", act_clip="learned", guard=True, **options)
+    first = PrecisionPlan.load(dropped_work.iteration_dir(dropped.records[0].iteration) / "plan.yaml")
+    assert dropped.records[0].extra["fine_tune_kept"] is False and first.clips == fitted.clips

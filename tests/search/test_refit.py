@@ -215,3 +215,33 @@ def test_a_diverging_refit_writes_the_search_output_and_says_so(tmp_path, whole,
     monkeypatch.undo()
     _run(tmp_path, refit_epochs=2, resume=True)  # recorded: not run again
     assert _outputs(tmp_path) == _outputs(plain) and _report(tmp_path)["refit"]["diverged"] == block["diverged"]
+
+
+def test_a_refit_with_learned_clips_resumes_to_the_uninterrupted_bytes(tmp_path, monkeypatch):
+    """act_clip learned: the refit trains the activation steps too; an interrupted refit resumes from the clips
+    its first part learned (refit.json) to an uninterrupted refit's bytes, and the written plan holds the
+    clips the refit learned (not the search's), which the lowered model is verified with."""
+    monkeypatch.setattr(refit_module, "PART_MIN_STEPS", 1)
+    options = dict(phases="activations", start_act_bits=4, target_act_bits=None, act_clip="learned",
+                   refit_epochs=2)
+
+    def stop_after_the_first_part(event):
+        if event.phase == "refit" and str(event).startswith("refit: step 30/60"):
+            raise Interrupted
+
+    _run(tmp_path / "whole", **options)
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "parts", progress=stop_after_the_first_part, **options)
+    first = json.loads((tmp_path / "parts" / "out.work" / "refit" / "refit.json").read_text())
+    _run(tmp_path / "parts", resume=True, **options)
+    assert _outputs(tmp_path / "parts") == _outputs(tmp_path / "whole")
+    report = _report(tmp_path / "whole")
+    assert report["refit"]["kept"] and report["verification"]["ok"]
+    from impq_onnx.quant.plan import PrecisionPlan
+
+    written = PrecisionPlan.load(tmp_path / "whole" / "out.plan.yaml")
+    search = PrecisionPlan.load(tmp_path / "whole" / "out.work" / "iterations"
+                                / f"{report['iterations'][-1]['iteration']:04d}" / "plan.yaml")
+    learned = json.loads((tmp_path / "whole" / "out.work" / "refit" / "refit.json").read_text())["clips"]
+    assert set(learned) == set(written.activations) and first["clips"] != learned
+    assert all(written.clips[t].value == learned[t] != search.clips[t].value for t in learned)
