@@ -88,3 +88,37 @@ def test_resume_refuses_a_changed_option(tmp_path):
     fresh = subprocess.run(_args(tmp_path, "--max-iterations", "0", "--phases", "weights"), capture_output=True,
                            text=True, timeout=300)
     assert fresh.returncode == 2 and "--resume" in fresh.stderr
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_with_learned_clips_stopped_in_the_activation_phase_resumes_to_the_same_bytes(tmp_path):
+    """act_clip learned: the clips each kept fine-tune learned are in the committed plans; a run stopped after an
+    activation iteration resumes from them to the uninterrupted run's bytes, and its plan's clips are not the
+    least-squares ones an act_clip mse run fits."""
+    from impq_onnx.compression import compress
+    from impq_onnx.quant.plan import PrecisionPlan
+
+    options = dict(steps=3, start_steps=6, sensitivity_samples=32, max_iterations=2, target_bits=None,
+                   target_act_bits=None, max_val_samples=40, seed=3, batch_size=16, report=False, lr=0.005)
+
+    def run(folder: Path, **extra):
+        return compress(MODEL, DATA, output=folder / "out.onnx", **dict(options, **extra))
+
+    run(tmp_path / "whole", act_clip="learned", progress=False)
+    run(tmp_path / "mse", act_clip="mse", progress=False)
+
+    def stop_after_the_activation_start(event):
+        if event.kind == "iteration" and event.step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(tmp_path / "stopped", act_clip="learned", progress=stop_after_the_activation_start)
+    assert _committed(tmp_path / "stopped" / "out.work") == 3
+    run(tmp_path / "stopped", act_clip="learned", resume=True, progress=False)
+    for name in ("out.onnx", "out.plan.yaml"):
+        assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    learned, mse = (PrecisionPlan.load(tmp_path / f / "out.plan.yaml") for f in ("whole", "mse"))
+    assert learned.activations and all(learned.clips[t] != mse.clips[t] for t in learned.activations)
