@@ -45,8 +45,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["integer_reference", "fused_counts", "rewritten_counts", "modelled_cpu", "FUSED_KERNELS", "REWRITTEN"]
+from impq_onnx.lowering.targets.ort_kernels import SATURATING, modelled_cpu, pair_overflow, u8s8_kernels
+
+__all__ = ["integer_reference", "fused_counts", "rewritten_counts", "modelled_cpu", "saturating_group",
+           "deployed_coverage", "FUSED_KERNELS", "REWRITTEN"]
 _GROUPS_KEY = "impq.integer_groups"
+_SATURATING_KEY = "impq.saturating_group"  # the first rewritten group whose u8s8 pairs could leave int16
 
 # onnxruntime's fused integer kernels, and which of them integer_reference writes out.
 FUSED_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
@@ -60,19 +64,6 @@ _COMMUTING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueez
 _Group = tuple[list[onnx.NodeProto], list[onnx.NodeProto]]  # (integer nodes, the group's nodes they replace)
 
 
-def modelled_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU runs the integer kernels :func:`integer_reference` models: an x86-64 CPU with AVX-512BW
-    (read from ``cpuinfo``'s flags). An AVX2-only CPU (many AMD EPYC and Ryzen parts) takes onnxruntime's AVX2
-    kernels, which compute otherwise (measured: 5 of the tests that ask for bit equality fail there); where
-    the flags cannot be read, the answer is no."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512bw" in flags
-
-
 def fused_counts(optimized: onnx.ModelProto) -> Counter[str]:
     """How many of each fused integer kernel an onnxruntime-optimized model holds."""
     return Counter(n.op_type for n in optimized.graph.node if n.op_type in FUSED_KERNELS)
@@ -82,6 +73,29 @@ def rewritten_counts(reference: onnx.ModelProto) -> dict[str, int]:
     """How many groups of each kernel :func:`integer_reference` wrote out, sorted by kernel."""
     text = next((p.value for p in reference.metadata_props if p.key == _GROUPS_KEY), "")
     return dict(sorted((k, int(v)) for k, v in (item.split("=") for item in text.split(",") if item)))
+
+
+def saturating_group(reference: onnx.ModelProto) -> str | None:
+    """The first group :func:`integer_reference` wrote out whose u8s8 products could saturate in ``vpmaddubsw``
+    (:func:`~impq_onnx.lowering.targets.ort_kernels.pair_overflow`), named with its layer; None where none could."""
+    return next((p.value for p in reference.metadata_props if p.key == _SATURATING_KEY), None)
+
+
+def deployed_coverage(reference: onnx.ModelProto, fused: dict[str, int], cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """None where ``reference`` (:func:`integer_reference`'s) is what onnxruntime computes on this CPU for a model
+    whose optimized graph holds the ``fused`` kernels; otherwise why not, in one line."""
+    rewritten = rewritten_counts(reference)
+    if fused != rewritten:
+        extra = ", ".join(f"{k} {v - rewritten.get(k, 0)}" for k, v in fused.items() if v > rewritten.get(k, 0))
+        return f"onnxruntime fused kernels the reference does not write out ({extra or 'fewer than written'})"
+    kernels = u8s8_kernels(cpuinfo)
+    if kernels is None:
+        return "this CPU is not x86-64 with AVX2 and FMA: the reference does not model its integer kernels"
+    group = saturating_group(reference) if kernels in SATURATING else None
+    if group is not None:
+        return (f"this CPU's u8s8 kernels ({kernels}, without VNNI) add pairs of products with int16 saturation "
+                f"(vpmaddubsw), and {group}")
+    return None
 
 
 class _Graph:
@@ -98,6 +112,15 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
         self.new_inits: list[onnx.TensorProto] = []
         self.count: Counter[str] = Counter()
+        self.saturating: list[str] = []  # groups whose u8s8 products could saturate (ort_kernels.pair_overflow)
+
+    def rewrote(self, kernel: str, node: onnx.NodeProto, codes: np.ndarray | None, x_max: int) -> None:
+        """Count a group of ``kernel`` written out; ``codes``: its weight codes, output channel first (None:
+        a depthwise Conv, whose kernels widen to int32 before multiplying)."""
+        self.count[kernel] += 1
+        overflow = None if codes is None else pair_overflow(codes, x_max)
+        if overflow is not None:
+            self.saturating.append(f"layer '{node.name or node.output[0]}' ({kernel}) could saturate: {overflow}")
 
     def const(self, name: str) -> np.ndarray | None:
         return self.consts.get(name)
@@ -218,8 +241,9 @@ def _shifted_weight(g: _Graph, codes: np.ndarray, name: str) -> tuple[str, str]:
 
 def _accumulator(g: _Graph, node: onnx.NodeProto, prefix: str):
     """Integer nodes for ``Σ (q_x - z_x)·q_w + q_b`` of a Conv / Gemm / MatMul fed by DequantizeLinears:
-    ``(nodes, accumulator, s_x, per-output-channel s_w, shape of a per-channel vector)``, or None when the
-    group is not one this module writes out (uint8 input codes and int8 weight codes, as the ort target stores)."""
+    ``(nodes, accumulator, s_x, per-output-channel s_w, shape of a per-channel vector, weight codes output channel
+    first or None for a depthwise Conv)``, or None when the group is not one this module writes out (uint8 input
+    codes and int8 weight codes, as the ort target stores)."""
     x = g.dequantized(node.input[0], constant=False)
     w = g.dequantized(node.input[1], constant=True) if len(node.input) > 1 else None
     if x is None or w is None or np.any(w[2] != 0) or x[2].dtype != np.uint8:
@@ -238,6 +262,8 @@ def _accumulator(g: _Graph, node: onnx.NodeProto, prefix: str):
                                                          "strides")}
         nodes = [helper.make_node("ConvInteger", [x_codes, weight, x_zero_name, weight_zero], [prefix + "acc"], **conv)]
         channels = w_codes.shape[0]
+        depthwise = w_codes.shape[1] == 1 and attrs.get("group", 1) == channels
+        per_channel = None if depthwise else w_codes
         bias_shape = (-1, 1, 1) if len(w_codes.shape) == 4 else (-1,) + (1,) * (len(w_codes.shape) - 2)
     else:
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
@@ -248,7 +274,7 @@ def _accumulator(g: _Graph, node: onnx.NodeProto, prefix: str):
             return None
         weight, weight_zero = _shifted_weight(g, np.ascontiguousarray(matrix), prefix + "weight")
         nodes = [helper.make_node("MatMulInteger", [x_codes, weight, x_zero_name, weight_zero], [prefix + "acc"])]
-        channels, bias_shape = matrix.shape[1], (-1,)
+        channels, bias_shape, per_channel = matrix.shape[1], (-1,), matrix.T
     acc = prefix + "acc"
     if len(node.input) > 2 and node.input[2]:
         b = g.dequantized(node.input[2], constant=True)
@@ -258,7 +284,7 @@ def _accumulator(g: _Graph, node: onnx.NodeProto, prefix: str):
         nodes.append(helper.make_node("Add", [acc, g.add_const(prefix + "bias", codes)], [prefix + "acc_b"]))
         acc = prefix + "acc_b"
     w_scale = np.broadcast_to(w[1].astype(_F32).reshape(-1), (channels,))
-    return nodes, acc, _F32(x_scale.reshape(())), w_scale, bias_shape
+    return nodes, acc, _F32(x_scale.reshape(())), w_scale, bias_shape, per_channel
 
 
 def _layer(g: _Graph, node: onnx.NodeProto) -> _Group | None:
@@ -266,14 +292,15 @@ def _layer(g: _Graph, node: onnx.NodeProto) -> _Group | None:
     found = _accumulator(g, node, prefix)
     if found is None:
         return None
-    nodes, acc, x_scale, w_scale, bias_shape = found
+    nodes, acc, x_scale, w_scale, bias_shape, codes = found
+    x_max = int(np.iinfo(np.uint8).max)  # the input codes are uint8 (_accumulator)
     after = g.requantized_by(node)
     if after is not None:
         quantizer = after.quantizer
         y_scale = _F32(g.value(quantizer.input[1]).reshape(()))
         multiplier = ((x_scale * w_scale).astype(_F32) / y_scale).astype(_F32).reshape(bias_shape)
-        g.count["QLinearConv" if node.op_type == "Conv" else
-                "QGemm" if node.op_type == "Gemm" else "QLinearMatMul"] += 1
+        g.rewrote("QLinearConv" if node.op_type == "Conv" else "QGemm" if node.op_type == "Gemm" else "QLinearMatMul",
+                  node, codes, x_max)
         multiplier_name = g.add_const(prefix + "multiplier", multiplier)
         return (nodes + _requantize(g, acc, multiplier_name, quantizer, after.codes(prefix), prefix)
                 + after.tail(prefix),
@@ -281,7 +308,7 @@ def _layer(g: _Graph, node: onnx.NodeProto) -> _Group | None:
     if node.op_type != "Gemm":
         return None
     scale = g.add_const(prefix + "scale", (x_scale * w_scale).astype(_F32))
-    g.count["QGemm"] += 1
+    g.rewrote("QGemm", node, codes, x_max)
     return nodes + [helper.make_node("Cast", [acc], [prefix + "acc_f"], to=TensorProto.FLOAT),
                     helper.make_node("Mul", [prefix + "acc_f", scale], [node.output[0]])], [node]
 
@@ -392,6 +419,9 @@ def integer_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     _prune(out)
     entry = out.metadata_props.add()
     entry.key, entry.value = _GROUPS_KEY, ",".join(f"{k}={v}" for k, v in sorted(g.count.items()))
+    if g.saturating:
+        entry = out.metadata_props.add()
+        entry.key, entry.value = _SATURATING_KEY, g.saturating[0]
     return out
 
 
