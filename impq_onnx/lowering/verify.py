@@ -26,9 +26,10 @@
    (``deployed_reference``; the ort target: its fused integer kernels, :mod:`impq_onnx.lowering.targets.ort_integer`),
    the model run that way equals that reference to the bit on every sample (``deployed_max_logit_diff`` 0);
    ``fused_kernels`` counts the integer kernels onnxruntime fused. When it fused a kind the reference does
-   not write out, or this CPU is not one whose kernels the reference models (x86-64 with AVX-512BW:
-   :func:`~impq_onnx.lowering.targets.ort_integer.modelled_cpu`), the comparison is reported
-   (``deployed_covered`` false) but does not fail.
+   not write out, this CPU is not x86-64 with AVX2, or its u8s8 kernels add pairs of products with int16
+   saturation (AVX2 or AVX-512 without VNNI) and a layer's weight codes could saturate them
+   (:func:`~impq_onnx.lowering.targets.ort_integer.deployed_coverage`), the comparison is reported
+   (``deployed_covered`` false, the reason in ``deployed_note``) but does not fail.
 
 Each output target (:mod:`impq_onnx.lowering.targets`) says how its model runs as standard ops
 (``as_standard_ops``: QONNX through :func:`~impq_onnx.lowering.targets.qonnx.qonnx_as_standard_ops`, encodings
@@ -54,7 +55,7 @@ from impq_onnx.lowering.exact_codes import exact_mismatches
 from impq_onnx.lowering.passes.annotate_bits import annotated_bits, annotations
 from impq_onnx.lowering.passes.quantize_weights import code_bounds
 from impq_onnx.lowering.targets import get_target
-from impq_onnx.lowering.targets.ort_integer import fused_counts, modelled_cpu, rewritten_counts
+from impq_onnx.lowering.targets.ort_integer import deployed_coverage, fused_counts
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.quantizers import activation_grid
 from impq_onnx.runtime import inference_session
@@ -74,8 +75,10 @@ class VerifyResult:
     # the model as onnxruntime deploys it (all graph optimizations) against the target's deployed_reference
     deployed_agreement: float | None = None
     deployed_max_logit_diff: float | None = None
-    # every fused integer kernel is one the reference writes out, on a CPU whose kernels it models (AVX-512BW)
+    # every fused integer kernel is one the reference writes out, on a CPU whose kernels compute what it writes
+    # for this model (ort_integer.deployed_coverage); deployed_note: why not, where not
     deployed_covered: bool | None = None
+    deployed_note: str | None = None
     fused_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
     range_violations: list[str] = dataclasses.field(default_factory=list)
     record_mismatches: list[str] = dataclasses.field(default_factory=list)
@@ -151,7 +154,8 @@ def _deployed_sessions(result: VerifyResult, target, model: onnx.ModelProto, thr
             return None
         fused = fused_counts(onnx.load(path, load_external_data=False))
     result.fused_kernels = dict(sorted(fused.items()))
-    result.deployed_covered = result.fused_kernels == rewritten_counts(reference) and modelled_cpu()
+    result.deployed_note = deployed_coverage(reference, result.fused_kernels)
+    result.deployed_covered = result.deployed_note is None
     # The reference runs optimized too: float ops the kernels leave (a Conv without an output quantizer, an
     # AveragePool) are then summed in the same order as in the deployed graph; its integer parts are exact.
     return deployed, inference_session(reference.SerializeToString(), threads, optimize=True)
@@ -229,8 +233,8 @@ def _compare_outputs(result, model, simulated, input_name, batches, threads, max
             result.record_mismatches.append(
                 f"deployed: with every graph optimization, onnxruntime {ort.__version__} computes logits up to "
                 f"{deployed_diff:.3g} from the integer reference of its fused kernels (top-1 agreement "
-                f"{100 * result.deployed_agreement:.2f} %); this CPU's integer kernels round otherwise "
-                "(the reference models x86-64 AVX2/AVX-512): check the model on the deployment machine")
+                f"{100 * result.deployed_agreement:.2f} %), which models this CPU's kernels for this model: "
+                "the deployed model or the reference is wrong; check the model on the deployment machine")
     if problem is not None:
         result.record_mismatches.append(problem)
     elif not forced_logit_diff <= logit_tolerance:  # NaN logits fail too

@@ -3,6 +3,7 @@ float QDQ graph does not; verify compares the deployed model with it."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
@@ -15,14 +16,25 @@ from test_ort_target import _plan, _residual_block
 from impq_onnx.lowering.lower import lower
 from impq_onnx.lowering.targets import ort_integer
 from impq_onnx.lowering.targets.ort import OrtTarget
-from impq_onnx.lowering.targets.ort_integer import integer_reference, rewritten_counts
+from impq_onnx.lowering.targets.ort_integer import deployed_coverage, integer_reference, rewritten_counts
 from impq_onnx.lowering.verify import verify
 from impq_onnx.runtime import inference_session
 
 verify_module = importlib.import_module("impq_onnx.lowering.verify")  # the package exports a function of its name
-# Full-range 8-bit weight codes saturate the u8s8 kernels without VNNI (ort_kernels): exact only with VNNI.
-modelled = pytest.mark.skipif(not ort_integer.modelled_cpu(),
-                              reason="this CPU's u8s8 kernels have no VNNI: full-range 8-bit codes could saturate")
+
+
+def _skip_unless_modelled(model: onnx.ModelProto) -> None:
+    """Skip what the reference does not model on this CPU for ``model`` (ort_integer.deployed_coverage): a CPU
+    without AVX2, or u8s8 kernels without VNNI (int16 pair saturation) under weight codes that could saturate."""
+    reference = integer_reference(model)
+    reason = deployed_coverage(reference, rewritten_counts(reference))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _codes(rng, w_max: int, shape) -> np.ndarray:
+    """Random int8 weight codes within ±w_max: 64 cannot saturate a pair of u8s8 products (255 · 128 = 32640)."""
+    return rng.integers(-w_max, w_max + 1, shape).astype(np.int8)
 
 
 def _runs(model: onnx.ModelProto, feeds: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,15 +81,15 @@ def test_add_over_every_pair_of_codes():
     assert moved > 0  # the float QDQ graph is not what onnxruntime deploys: the reference is needed
 
 
-@modelled
-def test_conv_relu_requantization_with_bias_and_per_channel_scales():
+@pytest.mark.parametrize("w_max", [64, 127])
+def test_conv_relu_requantization_with_bias_and_per_channel_scales(w_max):
     """A full and a depthwise Conv (QLinearConv): exact integer sums times (s_x·s_w)/s_y, rounded once."""
     moved = 0
     for group, out_scale in ((1, 0.07), (64, 0.003)):
         rng = np.random.default_rng(group)
         channels = 64
         inits = {"xs": np.float32(0.02), "xz": np.uint8(3),
-                 "w": rng.integers(-127, 128, (channels, channels // group, 3, 3)).astype(np.int8),
+                 "w": _codes(rng, w_max, (channels, channels // group, 3, 3)),
                  "ws": rng.uniform(1e-3, 1e-2, channels).astype(np.float32), "wz": np.zeros(channels, np.int8),
                  "b": rng.integers(-2000, 2000, channels).astype(np.int32), "bz": np.zeros(channels, np.int32)}
         inits["bs"] = (inits["xs"] * inits["ws"]).astype(np.float32)
@@ -87,6 +99,7 @@ def test_conv_relu_requantization_with_bias_and_per_channel_scales():
                  helper.make_node("Relu", ["c"], ["r"]), *_requantized("r", out_scale, 0, inits)]
         model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, channels, 15, 15])], inits)
         assert rewritten_counts(integer_reference(model)) == {"QLinearConv": 1}
+        _skip_unless_modelled(model)
         x = rng.integers(0, 256, (32, channels, 15, 15)).astype(np.uint8)
         deployed, reference, written = _runs(model, {"x": x})
         np.testing.assert_array_equal(deployed, reference)
@@ -94,10 +107,10 @@ def test_conv_relu_requantization_with_bias_and_per_channel_scales():
     assert moved > 0  # the float sums of the QDQ graph round a few borderline outputs the other way
 
 
-@modelled
-def test_average_pool_and_gemm_with_float_output():
+@pytest.mark.parametrize("w_max", [64, 127])
+def test_average_pool_and_gemm_with_float_output(w_max):
     rng = np.random.default_rng(7)
-    inits = {"xs": np.float32(0.031), "xz": np.uint8(128), "w": rng.integers(-127, 128, (10, 8)).astype(np.int8),
+    inits = {"xs": np.float32(0.031), "xz": np.uint8(128), "w": _codes(rng, w_max, (10, 8)),
              "ws": rng.uniform(1e-3, 1e-2, 10).astype(np.float32), "wz": np.zeros(10, np.int8),
              "b": rng.integers(-500, 500, 10).astype(np.int32), "bz": np.zeros(10, np.int32),
              "ps": np.float32(0.013), "pz": np.uint8(128)}
@@ -111,6 +124,7 @@ def test_average_pool_and_gemm_with_float_output():
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 8, 7, 5])], inits)
     reference = integer_reference(model)
     assert rewritten_counts(reference) == {"QGemm": 1, "QLinearGlobalAveragePool": 1}
+    _skip_unless_modelled(model)
     x = rng.integers(0, 256, (64, 8, 7, 5)).astype(np.uint8)
     deployed, expected, _ = _runs(model, {"x": x})
     np.testing.assert_array_equal(deployed, expected)
@@ -125,11 +139,12 @@ def _off_by_a_little(self, model):
     return reference
 
 
-@modelled
 def test_verify_checks_the_deployed_model_against_the_integer_reference(monkeypatch):
+    """Weights of at most 7 bits (codes within ±64): covered on every x86-64 CPU with AVX2, VNNI or not."""
     canonical, sites = tiny(_residual_block(slice_pad=True))
-    plan = _plan(sites, "symmetric-rms", top=8)
+    plan = _plan(sites, "symmetric-rms", top=7)
     lowered = lower(canonical, plan, sites, format="ort")
+    _skip_unless_modelled(lowered.proto)
     batches = [inputs(seed=s) for s in range(3)]
     result = verify(lowered, canonical, plan, sites, batches)
     assert result.ok and result.deployed_covered and result.deployed_max_logit_diff == 0.0, result.to_dict()
@@ -148,12 +163,13 @@ def test_a_fused_kernel_the_reference_does_not_write_is_reported_not_failed(monk
     monkeypatch.setattr(ort_integer, "_add", lambda g, node: None)  # as if QLinearAdd were not modelled
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(2)])
     assert result.fused_kernels["QLinearAdd"] == 1 and result.deployed_covered is False
+    assert result.deployed_note == "onnxruntime fused kernels the reference does not write out (QLinearAdd 1)"
     assert result.ok, result.to_dict()
 
 
-@modelled
+@pytest.mark.parametrize("w_max", [64, 127])
 @pytest.mark.parametrize("activation", ["Relu", "Clip"])
-def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activation):
+def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activation, w_max):
     """Conv -> Relu (or ReLU6's Clip) -> MaxPool -> QuantizeLinear (a ResNet stem): onnxruntime drops the
     activation the quantizer's range makes redundant, moves the quantizer in front of the MaxPool (they
     commute) and fuses QLinearConv; the reference pools the integer codes."""
@@ -162,7 +178,7 @@ def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activati
     from impq_onnx.lowering.targets.ort_integer import fused_counts
 
     rng = np.random.default_rng(3)
-    inits = {"xs": np.float32(0.02), "xz": np.uint8(0), "w": rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8),
+    inits = {"xs": np.float32(0.02), "xz": np.uint8(0), "w": _codes(rng, w_max, (8, 3, 3, 3)),
              "ws": rng.uniform(1e-3, 1e-2, 8).astype(np.float32), "wz": np.zeros(8, np.int8)}
     nodes = [_dq("x", "xs", "xz", "xd"), helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
              helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
@@ -178,6 +194,7 @@ def test_a_quantizer_behind_a_max_pool_still_closes_the_group(tmp_path, activati
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     assert rewritten_counts(reference) == dict(fused_counts(onnx.load(tmp_path / "optimized.onnx"))) == {
         "QLinearConv": 1}
+    _skip_unless_modelled(model)
     deployed, expected, _ = _runs(model, {"x": rng.integers(0, 256, (16, 3, 16, 16)).astype(np.uint8)})
     np.testing.assert_array_equal(deployed, expected)
 
@@ -199,13 +216,42 @@ def test_groups_the_ort_target_never_writes_are_left_as_they_are():
         assert [n.op_type for n in reference.graph.node] == [n.op_type for n in model.graph.node]
 
 
-def test_on_a_cpu_the_reference_does_not_model_the_deployed_difference_is_reported_not_failed(monkeypatch):
+def test_on_a_cpu_the_reference_does_not_model_the_deployed_difference_is_reported_not_failed(monkeypatch,
+                                                                                              tmp_path):
+    canonical, sites = tiny(_residual_block(slice_pad=True))
+    plan = _plan(sites, "symmetric-rms", top=7)
+    lowered = lower(canonical, plan, sites, format="ort")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")  # no AVX2: SSE kernels, not modelled
+
+    monkeypatch.setattr(OrtTarget, "deployed_reference", _off_by_a_little)
+    monkeypatch.setattr(verify_module, "deployed_coverage", functools.partial(deployed_coverage, cpuinfo=str(info)))
+    result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
+    assert result.deployed_max_logit_diff > 0 and result.deployed_covered is False
+    assert result.deployed_note.startswith("this CPU is not x86-64 with AVX2")
+    assert result.ok, result.to_dict()
+
+
+@pytest.mark.parametrize("flags, covered", [("avx2 fma", False), ("avx2 fma avx512f avx512bw avx512dq avx512vl", False),
+                                            ("avx2 fma avx512f avx512bw avx512dq avx512vl avx512_vnni", True),
+                                            ("avx2 fma avx_vnni", True)])
+def test_8_bit_weights_are_reported_not_failed_where_the_kernels_saturate(monkeypatch, tmp_path, flags, covered):
+    """8-bit weight codes could saturate vpmaddubsw's int16 pair sums (AVX2, AVX-512 without VNNI): the deployed
+    comparison is reported with the layer that could saturate; with VNNI it is required to be exact, and a wrong
+    reference fails."""
     canonical, sites = tiny(_residual_block(slice_pad=True))
     plan = _plan(sites, "symmetric-rms", top=8)
     lowered = lower(canonical, plan, sites, format="ort")
-
+    assert ort_integer.saturating_group(integer_reference(lowered.proto)) is not None
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx {flags}\n")
     monkeypatch.setattr(OrtTarget, "deployed_reference", _off_by_a_little)
-    monkeypatch.setattr(verify_module, "modelled_cpu", lambda: False)
+    monkeypatch.setattr(verify_module, "deployed_coverage", functools.partial(deployed_coverage, cpuinfo=str(info)))
     result = verify(lowered, canonical, plan, sites, [inputs(seed=s) for s in range(3)])
-    assert result.deployed_max_logit_diff > 0 and result.deployed_covered is False
-    assert result.ok, result.to_dict()
+    assert result.deployed_covered is covered and result.deployed_max_logit_diff > 0, result.to_dict()
+    if covered:
+        assert result.deployed_note is None and not result.ok
+    else:
+        assert result.ok, result.to_dict()
+        assert "int16 saturation" in result.deployed_note and "layer '" in result.deployed_note
+        assert "\n" not in result.deployed_note
