@@ -30,9 +30,22 @@ Conv without an output quantizer, an AveragePool) are then computed in the same 
 graph, while the integer parts are exact whatever order they are summed in. Measured bit-exact against
 onnxruntime 1.19.2 and 1.32.0's fused kernels on an AVX-512 x86-64 CPU (``tests/lowering/targets/
 test_ort_integer.py``; ResNet-20 and MobileNet-V1 on all 10,000 CIFAR-10 test images in ``bench/deploy.py``;
-the zoo's exported models). Other kernels requantize differently: ARM, SSE2-only CPUs, and AVX2-only x86-64
-CPUs (measured on an AMD EPYC without AVX-512: random 8-bit codes through QLinearConv and QGemm differ, the zoo's
-4-bit-weight models still match). :func:`modelled_cpu` tells whether this CPU is one the module models, and
+the zoo's exported models).
+
+The integer sums are exact only where the CPU's u8s8 kernels do not saturate (:mod:`~impq_onnx.lowering.targets.
+ort_kernels`): on AVX2, and on AVX-512 without VNNI, MLAS adds each adjacent pair of u8·s8 products into an int16
+with saturation (``vpmaddubsw``). Measured on an AMD EPYC with AVX2 only (onnxruntime 1.19.2): random codes through
+QLinearConv (64 channels, 3x3, 32 images of 15x15) differ from the reference in 50,942 of 131,072 outputs with
+weight codes in ±127 and 39,647 with ±96, and in none with ±65, ±64 or ±32 (±65 could, on other data); QGemm
+(K = 64, 10 outputs, 256 rows) in 1,658 of 2,560 with ±127, 393 with ±96, none with ±65 or less; QLinearMatMul
+(K = 96) in 12,295 of 20,480 with ±127, none with ±64; depthwise QLinearConv in none even with ±127 (its kernels
+widen to int32). A numpy model that saturates every adjacent pair of the K order (kernel position outer, input
+channel inner, through MLAS's ConvSym kernel and its im2col GEMM alike) gives every deployed output bit for bit
+where it was run (``docs/lowering.md``).
+So :func:`deployed_coverage` counts a model as covered on a CPU with VNNI (:func:`modelled_cpu`), and on one
+without where no rewritten group could saturate (:func:`saturating_group`: two same-sign weight codes of an output
+channel times activation code 255 within int16, so every layer of at most 7 bits); the zoo's 4-bit-weight models
+match on AVX2 for that reason. ARM and SSE-only x86-64 CPUs run other kernels and are not modelled.
 :func:`fused_counts` names what onnxruntime fused, so a caller can tell when a group was fused that this module
 does not rewrite.
 """

@@ -8,7 +8,7 @@ QLinearMatMul) with a kernel chosen from the CPU's features (``onnxruntime/core/
   used when avx512f/bw/dq/vl are all present) multiply with ``vpmaddubsw``, which adds the two u8·s8 products of
   each adjacent pair of the reduction (K) dimension into an int16 **with saturation** before ``vpmaddwd`` widens
   the pairs to int32 (``x86_64/QgemmU8X8KernelAvx2.S``, ``x86_64/ConvSymKernelAvx2.S``,
-  ``amd64/QgemmU8S8KernelAvx512Common.inc``);
+  ``amd64/QgemmU8X8KernelAvx512Core.asm``);
 - AVX-VNNI (``avx_vnni``, without the AVX-512 core set) and AVX512-VNNI (``avx512_vnni``) use ``vpdpbusds``,
   which sums four products into the int32 accumulator: no int16 step, nothing saturates (AMX, where present,
   takes the GEMMs and sums exactly too).
