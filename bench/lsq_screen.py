@@ -7,9 +7,12 @@ sqrt(1 / sqrt(N * Q))`` (``N`` the kernel's weights, ``Q = 2^(B-1)``), so plain 
 LSQ's gradient scale ``1 / sqrt(N * Q)``. The quantizer stays ``q = (clip(rint(w / step - offset)) + offset) *
 step`` with its straight-through rounding, so the step's gradient is LSQ's inside the range (``r + offset - w /
 step``). Without ``--learn-steps`` it is the fixed-step fine-tune of ``bench/polish.py`` through the same code.
-``--learn-clips`` does the same for the activation quantizers (:func:`learnable_clips`: a learned clip, PACT's
-idea in LSQ's form). Prints validation and test top-1 / agreement of the fine-tuned simulated model, and the
-steps' and clips' mean change.
+``--learn-clips`` trains the activation quantizers' steps instead, through the engine: ``fine_tune(...,
+learn_clips=S)``, what ``compress --act-clip learned`` runs (a learned clip, PACT's idea in LSQ's form; ``k`` the
+power of two nearest ``sqrt(S / sqrt(N * Q_p))``, :func:`impq_onnx.quant.quantizers.learned_step_factor`). The
+candidates table's clip rows ran this script's own copy of that quantizer before the engine had it (``k`` not
+rounded; main at d12b45d). Prints validation and test top-1 / agreement of the fine-tuned simulated model, and the
+steps' or clips' mean change.
 
     .venv/bin/python bench/lsq_screen.py /tmp/qat/rms --model models/resnet20-cifar10/swa/model.onnx \\
         --data /tmp/cifar10 --seed 0 --epochs 2 --lr 0.01 --batchnorm train --learn-steps
@@ -35,10 +38,10 @@ from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import fine_tune
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
-from impq_onnx.quant.quantizers import WIDE, GraphBuilder, activation_grid
+from impq_onnx.quant.quantizers import WIDE
 from impq_onnx.quant.schemes import weight_scheme
 from impq_onnx.quant.schemes.base import Grid, _kernel_shape
-from impq_onnx.quant.simulate import SIMULATION_PREFIX, _topological, simulate
+from impq_onnx.quant.simulate import simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from polish import epoch_batches, float_classes, score_line  # noqa: E402  (bench/polish.py: same batches, scores)
@@ -94,44 +97,6 @@ def _lsq_clamp(proto: onnx.ModelProto, node: str) -> None:
                 n.input[i] = clamped
 
 
-def learnable_clips(proto: onnx.ModelProto, sites, plan: PrecisionPlan,
-                    lr_scale: float = 1.0) -> tuple[list[str], dict]:
-    """Replace each quantized activation site's quantizer (fixed clip ``c``) by one whose step is learned, LSQ's
-    form of a learned clip (PACT's ``c`` is the step times ``2^B``): ``q = rint(Max(Min(x / s, hi), lo)) * s``,
-    ``s = k * p``, ``p`` a new initializer starting at the fixed quantizer's step, ``k = sqrt(lr_scale /
-    sqrt(N * hi))`` (``N`` the site's elements per sample). The same function as the fixed quantizer at the start;
-    ``s``'s gradient is LSQ's: ``rint(x/s) - x/s`` inside the range, the range's end outside it. Returns the
-    names of the ``p``s and, per site, ``(p name, k, initial step)``."""
-    names, scales = [], {}
-    for site in sites.activations:
-        bits = plan.activations.get(site.tensor)
-        if bits is None:
-            continue
-        clip = plan.clips[site.tensor]
-        step, lo, hi = activation_grid(bits, clip.value, clip.signed)
-        prefix = f"{SIMULATION_PREFIX}/{site.tensor}/"
-        old = [n for n in proto.graph.node if n.output and n.output[0].startswith(prefix)]
-        out = next(n for n in old if n.op_type == "Sub" and "/aq_" in n.output[0]).output[0]
-        for n in old:
-            proto.graph.node.remove(n)
-        g = GraphBuilder(f"clip/{site.tensor}", 17)
-        k = np.float32(np.sqrt(lr_scale / np.sqrt(site.elements * hi)))
-        p_name = f"clip/{site.tensor}/p"
-        proto.graph.initializer.append(numpy_helper.from_array(np.asarray([step / k], np.float32), p_name))
-        s = g.op("Mul", [p_name, g.const(k, "k")])
-        level = g.op("Max", [g.op("Min", [g.op("Div", [site.tensor, s]), g.const(float(hi), "hi")]),
-                             g.const(float(lo), "lo")])
-        g.nodes.append(helper.make_node("Mul", [g.round_ste(level), s], [out], name=f"clip/{site.tensor}/out"))
-        proto.graph.node.extend(g.nodes)
-        proto.graph.initializer.extend(g.initializers)
-        names.append(p_name)
-        scales[site.tensor] = (p_name, k, step)
-    ordered = _topological(list(proto.graph.node))
-    del proto.graph.node[:]
-    proto.graph.node.extend(ordered)
-    return names, scales
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stem")
@@ -155,14 +120,27 @@ def main() -> None:
     plan = PrecisionPlan.load(f"{args.stem}.plan.yaml")
     data = open_model_data(teacher, args.data, None, val_fraction=0.1, seed=args.seed)
     sites = find_sites(tuned, (1, *data.preprocess.sample_shape))
+    if args.learn_clips and args.learn_steps:
+        parser.error("--learn-clips and --learn-steps: give one")
+    batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
+    parts = {"val": data.val, "test": data.test}
+    if args.learn_clips:  # the engine's learned clips, as compress --act-clip learned trains them
+        trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
+                            batchnorm=args.batchnorm, threads=args.threads, learn_clips=args.clip_lr_scale,
+                            seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
+        learned = plan.with_clips(trained.clips)
+        scores = score_line(trained.apply_to(tuned), parts, float_classes(teacher, parts, args.threads),
+                            args.threads, plan=learned, sites=sites)
+        ratio = [learned.clips[t].value / plan.clips[t].value for t in trained.clips]
+        print(f"{args.stem}: learned clips (scale {args.clip_lr_scale:g}), +{args.epochs:g} epochs at lr {args.lr:g}, "
+              f"batch-norm {args.batchnorm}: {scores}; learned clip / initial clip, mean over sites "
+              f"{np.mean(ratio):.3f} (min {min(ratio):.3f}, max {max(ratio):.3f}); "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        return
     proto = simulate(tuned, plan, sites)
     names, scales = ([], {})
     if args.learn_steps:
         names, scales = learnable_steps(proto, sites, plan, args.step_lr_scale, args.lsq_clamp)
-    clip_names, clip_scales = ([], {})
-    if args.learn_clips:
-        clip_names, clip_scales = learnable_clips(proto, sites, plan, args.clip_lr_scale)
-        names = names + clip_names
     original = training._trainable_names
 
     def with_steps(p, s):  # the learned steps the training graph still holds, beside the weights
@@ -170,23 +148,17 @@ def main() -> None:
         return original(p, s) + [n for n in names if n in held]
 
     training._trainable_names = with_steps
-    batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
     trained = fine_tune(proto, None, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
                         batchnorm=args.batchnorm, threads=args.threads,
                         seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
-    parts = {"val": data.val, "test": data.test}
     scores = score_line(trained.apply_to(proto), parts, float_classes(teacher, parts, args.threads), args.threads)
     change = [float(np.mean(trained.values[p] * k / s)) for p, k, s in scales.values()]
-    clips = [float(trained.values[p][0] * k / s) for p, k, s in clip_scales.values()]
-    moved_clips = f"; learned clip / initial clip, mean over sites {np.mean(clips):.3f} (min {min(clips):.3f}, " \
-        f"max {max(clips):.3f})" if clips else ""
     moved = f"; learned step / initial step, mean over layers {np.mean(change):.3f} (min {min(change):.3f}, " \
             f"max {max(change):.3f})" if change else ""
     kind = f"learned steps (scale {args.step_lr_scale:g}{', LSQ clamp' if args.lsq_clamp else ''})" if scales \
         else "fixed steps"
-    kind += f", learned clips (scale {args.clip_lr_scale:g})" if clip_names else ""
     print(f"{args.stem}: {kind}, +{args.epochs:g} epochs at lr {args.lr:g}, "
-          f"batch-norm {args.batchnorm}: {scores}{moved}{moved_clips}; {time.perf_counter() - start:.0f} s", flush=True)
+          f"batch-norm {args.batchnorm}: {scores}{moved}; {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
