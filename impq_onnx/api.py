@@ -237,6 +237,7 @@ def compress(
     weight_scheme: str | None | Default = DEFAULT,
     start_bits: int | Default = DEFAULT,
     start_act_bits: int | Default = DEFAULT,
+    keep_ends: int | Default = DEFAULT,
     act_clip: str | None | Default = DEFAULT,
     schedule: str | Default = DEFAULT,
     act_schedule: str | Default = DEFAULT,

@@ -90,6 +90,11 @@ class CompressConfig:
                                            f"{WEIGHT_SCHEME}].")
     start_bits: int = _opt(8, "Uniform weight bits at the start of the weight phase.")
     start_act_bits: int = _opt(8, "Uniform activation bits at the start of the activation phase.")
+    keep_ends: int = _opt(0, "impq: the first and the last quantized layer keep at least this many bits, their "
+                             "kernels' weights and their input activations (set there at a phase start when "
+                             "the start bits are fewer, never lowered below; they count in B_w,eff and "
+                             "B_a,eff like any group, so the others go lower to reach the targets); 0: no "
+                             "floor, the paper's rule (any group can reach 1 bit).")
     act_clip: str | None = _opt(None, "Activation clip per site: mse (whenever a site's bits are set, the clip whose "
                                       "quantization at those bits has the least squared error on the current "
                                       "model's values over 5 training batches) or paper (impq: max over channels "
@@ -125,8 +130,8 @@ class CompressConfig:
                                     "resumed with it runs only the refit) and write that model when it validates "
                                     "at least as well as the search's output (the guard's comparison; report key "
                                     "refit); 0: no refit. ResNet-20 at 1.74 bits: a 7-epoch search, then 30 "
-                                    "epochs, ends 0.29 and 0.20 points below float (seeds 0, 1; "
-                                    "bench/results/candidates.md).")
+                                    "epochs, ends 0.61 and 0.20 points below float (seeds 0, 1; seed 0 ended "
+                                    "0.29 below in bench/polish.py on another CPU; bench/results/candidates.md).")
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")
@@ -211,6 +216,13 @@ class CompressConfig:
             raise ConfigError(f"option 'act_clip': learned works with method impq; {self.method} "
                               f"{'does not fine-tune' if self.method == 'uniform-ptq' else 'sets its own clips'} "
                               "(give act_clip: mse or paper, or leave it out)")
+        if self.keep_ends and self.method != "impq":
+            raise ConfigError(f"option 'keep_ends': works with method impq; {self.method} sets every group's bits "
+                              "by its own rule (leave keep_ends at 0)")
+        if self.keep_ends and self.granularity == "network":
+            raise ConfigError("option 'keep_ends': granularity network has one weight group, the ends included, "
+                              "so a floor on the ends is a floor on every weight; use granularity kernel or layer, "
+                              "or leave keep_ends at 0")
         if self.refit_epochs and self.method == "uniform-ptq":
             raise ConfigError("option 'refit_epochs': uniform-ptq does not fine-tune; use another method or leave "
                               "refit_epochs at 0")

@@ -46,7 +46,7 @@ _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report", "
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",
-           "weighting": "paper", "weight_scheme": "midrise-max"}
+           "weighting": "paper", "weight_scheme": "midrise-max", "keep_ends": 0}
 
 
 @dataclasses.dataclass

@@ -96,7 +96,7 @@ def check_numbers(values: Mapping[str, Any], bounds: Mapping[str, Bound], cli: b
 
 BITS = Bound(1, 16)  # a group's bits go down to 1 and up to 16: a target outside is never reached
 COMPRESS = {
-    "start_bits": _int(1, 16), "start_act_bits": _int(1, 16),
+    "start_bits": _int(1, 16), "start_act_bits": _int(1, 16), "keep_ends": _int(0, 16),
     "target_bits": BITS, "target_act_bits": BITS,
     "target_gbitops": Bound(0, low_open=True), "max_accuracy_drop": Bound(0, 100),
     "max_iterations": _int(0, 10**6), "steps": _int(1, 10**9), "start_steps": _int(1, 10**9),
@@ -121,7 +121,7 @@ def target_warnings(cfg) -> list[str]:
     for phase, target, start, names in (("weights", cfg.target_bits, cfg.start_bits, ("target_bits", "start_bits")),
                                         ("activations", cfg.target_act_bits, cfg.start_act_bits,
                                          ("target_act_bits", "start_act_bits"))):
-        if phase in cfg.phases and target is not None and target >= start:
+        if phase in cfg.phases and target is not None and target >= start and cfg.keep_ends <= start:
             lines.append(f"option '{names[0]}': {target:g} is already met by {names[1]} {start}; the {phase} "
                          f"phase ends at its start without lowering any bits (lower {names[0]} to search)")
     return lines

@@ -320,3 +320,20 @@ def test_a_fresh_run_evaluates_the_float_model_on_validation_once(tmp_path, monk
     fresh = compress(MODEL, DATA, output=tmp_path / "f.onnx", progress=False, phases="weights", **options)
     assert calls == [] and len(fresh.iterations) == 2
     assert all(r.val_agreement is not None for r in fresh.iterations)
+
+
+@needs_model
+def test_keep_ends_holds_the_first_and_last_layers_through_a_real_run(tmp_path):
+    """--keep-ends 8 on the real engine: the written plan keeps conv1's and fc's kernels and their input sites at 8
+    bits while the lowering takes the other groups below the start, and the lowered model verifies against it."""
+    import impq_onnx
+
+    result = compress(MODEL, DATA, output=tmp_path / "k.onnx", progress=False, keep_ends=8,
+                      **dict(TINY, max_iterations=1, start_bits=4, start_act_bits=6))
+    plan = PrecisionPlan.load(result.paths["plan"])
+    assert plan.weights["conv1"] == [8] * 16 and plan.weights["fc"] == [8] * 10
+    assert plan.activations["input"] == 8 and plan.activations["flatten.out"] == 8
+    assert min(plan.weights["conv2"] + plan.weights["conv3"] + plan.weights["conv4"]) == 3
+    assert min(plan.activations[t] for t in ("relu1.out", "relu2.out", "relu3.out")) == 5
+    check = impq_onnx.verify(result.paths["output"], tmp_path / "k.float.onnx", result.paths["plan"], DATA / "test")
+    assert check.ok, check.to_dict()

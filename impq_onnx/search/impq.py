@@ -49,15 +49,34 @@ logger = logging.getLogger(__name__)
 
 
 # ---- groups --------------------------------------------------------------------------------------
-def _reducible(plan: PrecisionPlan, sites, phase: str, granularity: str) -> list[tuple[str, object]]:
-    """``(name, group)`` of the phase's groups that can still lose a bit (bits > 1, not float)."""
+def end_layers(sites) -> tuple[str, ...]:
+    """The first and the last quantized layer, in graph order (``keep_ends``' layers)."""
+    return tuple(dict.fromkeys((sites.layers[0].node, sites.layers[-1].node)))
+
+
+def floors(cfg, sites, phase: str) -> dict[str, int]:
+    """The phase's groups with a floor above 1 bit (``keep_ends``: the end layers' kernels, or their input sites)
+    and that floor."""
+    if not cfg.keep_ends:
+        return {}
+    ends = end_layers(sites)
     if phase == "weights":
-        groups = [(g.name, g) for g in sites.weight_groups(granularity)]
+        return {g.name: cfg.keep_ends for g in sites.weight_groups(cfg.granularity)
+                if any(layer in ends for layer, _ in g.members)}
+    return {sites.activation_of(sites.layer(node)).tensor: cfg.keep_ends for node in ends}
+
+
+def _reducible(plan: PrecisionPlan, sites, phase: str, cfg) -> list[tuple[str, object]]:
+    """``(name, group)`` of the phase's groups that can still lose a bit (bits above 1 and above the group's
+    floor, :func:`floors`; not float)."""
+    if phase == "weights":
+        groups = [(g.name, g) for g in sites.weight_groups(cfg.granularity)]
         bits = {name: plan.group_bits(g) for name, g in groups}
     else:
         groups = [(s.tensor, s.tensor) for s in sites.activations]
         bits = {name: plan.activations[name] for name, _ in groups}
-    return [(name, g) for name, g in groups if bits[name] is not None and bits[name] > 1]
+    floor = floors(cfg, sites, phase)
+    return [(name, g) for name, g in groups if bits[name] is not None and bits[name] > max(1, floor.get(name, 1))]
 
 
 def pick_least_sensitive(scores: dict[str, float], names: list[str], n: int) -> list[str]:
@@ -83,12 +102,14 @@ def _lower(plan: PrecisionPlan, phase: str, picked: list, groups: dict) -> Preci
 
 def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iteration: int) -> PrecisionPlan:
     plan = plan.copy()
+    floor = floors(cfg, sites, phase)
     if phase == "weights":
+        ends = end_layers(sites) if floor else ()
         for layer in sites.layers:
-            plan.weights[layer.node] = [cfg.start_bits] * layer.kernels
+            plan.weights[layer.node] = [max(cfg.start_bits, cfg.keep_ends if layer.node in ends else 0)] * layer.kernels
         return plan
     for site in sites.activations:
-        plan.activations[site.tensor] = cfg.start_act_bits
+        plan.activations[site.tensor] = max(cfg.start_act_bits, floor.get(site.tensor, 0))
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
     plan = calibrate_clips(model, plan, sites, batches, threads=cfg.threads,
                            seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
@@ -102,7 +123,7 @@ def _phase_bits(plan: PrecisionPlan, phase: str, sites) -> float:
 
 def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step, progress=None, budget=None):
     """``budget``: ``(records, elapsed, phases_left)`` of the run, for :func:`budget_groups`."""
-    candidates = _reducible(plan, sites, phase, cfg.granularity)
+    candidates = _reducible(plan, sites, phase, cfg)
     schedule = parse_schedule(cfg.schedule if phase == "weights" else cfg.act_schedule)
     n = schedule.groups(phase_step, len(candidates))
     target = cfg.target_bits if phase == "weights" else cfg.target_act_bits
@@ -142,7 +163,7 @@ def _lowering_step(cfg, plan, phase, model, sites, train, iteration, phase_step,
         plan, lowered = _lower(plan, phase, picked, dict(candidates)), lowered + len(picked)
         if target is not None and _phase_bits(plan, phase, sites) <= target + 1e-9:
             break
-        candidates = _reducible(plan, sites, phase, cfg.granularity)
+        candidates = _reducible(plan, sites, phase, cfg)
     if phase == "activations":  # with act_clip mse, each lowered site's clip is refitted to its new bits
         lowered_sites = [site.tensor for site in sites.activations
                          if plan.activations[site.tensor] != measured.activations[site.tensor]]
@@ -222,8 +243,8 @@ def _phase_end(context: SearchContext, state: SearchState, record: IterationReco
     end = None
     if target is not None and bits <= target + 1e-9:
         end = "target_bits" if phase == "weights" else "target_act_bits"
-    elif not _reducible(state.plan, context.sites, phase, cfg.granularity):
-        end = "all_groups_at_1_bit"
+    elif not _reducible(state.plan, context.sites, phase, cfg):
+        end = "all_groups_at_1_bit"  # or at their keep_ends floor: nothing left to lower
     elif state.phase_step >= cfg.max_iterations:
         end = "max_iterations"
     if end is None:

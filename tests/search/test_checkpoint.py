@@ -170,3 +170,25 @@ def test_a_damaged_weights_checkpoint_is_a_one_line_error_naming_it(tmp_path, da
                                           r"impq-onnx wrote \(\w+\); the work dir is damaged: remove it to start "
                                           r"over$"):
         work.load_iteration(0)
+
+
+def test_keep_ends_is_an_impq_option_with_a_floor_per_kernel_or_layer(tmp_path):
+    """keep_ends: refused (ConfigError, a one-line exit 2 on the CLI) for methods that set bits by their own rule and
+    for network granularity, bounded like bits; a work dir written before the option resumes with it at 0 and
+    refuses a floor."""
+    from impq_onnx.compression import _LEGACY, CompressConfig
+
+    for method in ("uniform-ptq", "faq", "activation-density"):
+        with pytest.raises(ConfigError, match=f"option 'keep_ends': works with method impq; {method}"):
+            CompressConfig(model="m.onnx", data="d", method=method, keep_ends=8).validate()
+    with pytest.raises(ConfigError, match="option 'keep_ends': granularity network has one weight group"):
+        CompressConfig(model="m.onnx", data="d", granularity="network", keep_ends=8).validate()
+    with pytest.raises(ConfigError, match="option 'keep_ends'"):
+        CompressConfig(model="m.onnx", data="d", keep_ends=17).validate()
+    assert CompressConfig(model="m.onnx", data="d", granularity="layer", keep_ends=8).validate().keep_ends == 8
+    assert CompressConfig(model="m.onnx", data="d", method="faq").validate().keep_ends == 0
+    work = WorkDir(tmp_path / "w")
+    work.start({"seed": 0})
+    assert work.check_identity({"seed": 0, "keep_ends": 0}, _LEGACY) == {}
+    with pytest.raises(ConfigError, match="without the option 'keep_ends' \\(now 4\\)"):
+        work.check_identity({"seed": 0, "keep_ends": 4}, _LEGACY)

@@ -253,3 +253,27 @@ def test_act_clip_learned_keeps_the_clips_a_kept_fine_tune_learned(net, tmp_path
     dropped, dropped_work = _run(net, tmp_path / "dropped", act_clip="learned", guard=True, **options)
     first = PrecisionPlan.load(dropped_work.iteration_dir(dropped.records[0].iteration) / "plan.yaml")
     assert dropped.records[0].extra["fine_tune_kept"] is False and first.clips == fitted.clips
+
+
+def test_keep_ends_floors_the_first_and_last_layers_and_starts_them_there(net, tmp_path, stand_ins):
+    """keep_ends: the first and last layers' kernels and input sites start at max(start, floor) and are never
+    lowered below it, while every other group goes down to 1 bit (the stand-in ranking lowers everything)."""
+    _, sites = net
+    assert impq.end_layers(sites) == ("conv1", "fc")
+    state, work = _run(net, tmp_path, granularity="kernel", phases="weights-activations", start_bits=2,
+                       start_act_bits=3, keep_ends=4, max_iterations=10)
+    plans = [PrecisionPlan.load(work.iteration_dir(r.iteration) / "plan.yaml") for r in state.records]
+    weight_start = next(p for p, r in zip(plans, state.records) if r.phase == "weights")
+    assert weight_start.weights["conv1"] == [4] * 16 and weight_start.weights["fc"] == [4] * 10
+    assert weight_start.weights["conv2"] == [2] * 32
+    last = plans[-1]
+    assert last.weights["conv1"] == [4] * 16 and last.weights["fc"] == [4] * 10
+    assert all(b == 1 for layer in ("conv2", "conv3", "conv4") for b in last.weights[layer])
+    assert last.activations["input"] == 4 and last.activations["flatten.out"] == 4
+    assert {last.activations[t] for t in ("relu1.out", "relu2.out", "relu3.out")} == {1}
+    assert state.stop == "all_groups_at_1_bit"
+    # a floor below the start bits lowers the ends down to the floor and no further
+    state, work = _run(net, tmp_path / "below", granularity="layer", phases="weights", start_bits=6,
+                       keep_ends=3, max_iterations=10)
+    last = PrecisionPlan.load(work.iteration_dir(state.records[-1].iteration) / "plan.yaml")
+    assert last.weights["conv1"] == [3] * 16 and last.weights["conv2"] == [1] * 32
