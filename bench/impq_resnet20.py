@@ -119,6 +119,12 @@ RUNS: dict[str, list[str]] = {
                                                  "--refit-epochs", "30"),
     "swa-kernel-174-rms-ep1-seed1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs",
                                                        "1", "--seed", "1", "--refit-epochs", "30"),
+    # the same recipe with conv1 and fc held at 4 bits or more (--keep-ends 4; the others pay for them), searched and
+    # refit in one run each: the 2-epoch fixed-plan screen gave +0.13 test, +0.60 validation (candidates.md)
+    **{f"swa-kernel-174-rms-ep1-ends4{suffix}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174,
+                                                                  "--epochs", "1", "--keep-ends", "4", *seed,
+                                                                  "--refit-epochs", "30")
+       for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
     # the pair at seed 1 (its validation split differs), for issue 23's two seeds and the scheme's default
     **{f"swa-kernel-174-{short}-seed1": kernel_174("--weight-scheme", scheme, *PINNED_174, "--seed", "1")
        for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
