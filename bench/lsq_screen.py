@@ -114,14 +114,14 @@ def main() -> None:
     parser.add_argument("--learn-clips", action="store_true", help="learned activation steps (clips), LSQ's form")
     parser.add_argument("--clip-lr-scale", type=float, default=1.0, help="times LSQ's gradient scale of the clips")
     args = parser.parse_args()
+    if args.learn_clips and args.learn_steps:
+        parser.error("--learn-clips and --learn-steps: give one")
     start = time.perf_counter()
     teacher = impq_onnx.load(args.model)
     tuned = impq_onnx.load(f"{args.stem}.float.onnx")
     plan = PrecisionPlan.load(f"{args.stem}.plan.yaml")
     data = open_model_data(teacher, args.data, None, val_fraction=0.1, seed=args.seed)
     sites = find_sites(tuned, (1, *data.preprocess.sample_shape))
-    if args.learn_clips and args.learn_steps:
-        parser.error("--learn-clips and --learn-steps: give one")
     batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
     parts = {"val": data.val, "test": data.test}
     if args.learn_clips:  # the engine's learned clips, as compress --act-clip learned trains them

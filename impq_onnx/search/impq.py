@@ -54,28 +54,33 @@ def end_layers(sites) -> tuple[str, ...]:
     return tuple(dict.fromkeys((sites.layers[0].node, sites.layers[-1].node)))
 
 
-def floors(cfg, sites, phase: str) -> dict[str, int]:
-    """The phase's groups with a floor above 1 bit (``keep_ends``: the end layers' kernels, or their input sites)
-    and that floor."""
+def _held_sites(sites) -> set[str]:
+    """The input activation sites of :func:`end_layers`."""
+    return {sites.layer(node).activation for node in end_layers(sites)}
+
+
+def _floors(cfg, sites, phase: str, groups: list[tuple[str, object]]) -> dict[str, int]:
+    """Of the phase's ``(name, group)`` pairs, those with a floor above 1 bit and that floor (``keep_ends``: the
+    end layers' kernels, or their input sites)."""
     if not cfg.keep_ends:
         return {}
-    ends = end_layers(sites)
     if phase == "weights":
-        return {g.name: cfg.keep_ends for g in sites.weight_groups(cfg.granularity)
-                if any(layer in ends for layer, _ in g.members)}
-    return {sites.activation_of(sites.layer(node)).tensor: cfg.keep_ends for node in ends}
+        ends = end_layers(sites)
+        return {name: cfg.keep_ends for name, g in groups if any(layer in ends for layer, _ in g.members)}
+    held = _held_sites(sites)
+    return {name: cfg.keep_ends for name, _ in groups if name in held}
 
 
 def _reducible(plan: PrecisionPlan, sites, phase: str, cfg) -> list[tuple[str, object]]:
     """``(name, group)`` of the phase's groups that can still lose a bit (bits above 1 and above the group's
-    floor, :func:`floors`; not float)."""
+    floor, :func:`_floors`; not float)."""
     if phase == "weights":
         groups = [(g.name, g) for g in sites.weight_groups(cfg.granularity)]
         bits = {name: plan.group_bits(g) for name, g in groups}
     else:
         groups = [(s.tensor, s.tensor) for s in sites.activations]
         bits = {name: plan.activations[name] for name, _ in groups}
-    floor = floors(cfg, sites, phase)
+    floor = _floors(cfg, sites, phase, groups)
     return [(name, g) for name, g in groups if bits[name] is not None and bits[name] > max(1, floor.get(name, 1))]
 
 
@@ -102,14 +107,16 @@ def _lower(plan: PrecisionPlan, phase: str, picked: list, groups: dict) -> Preci
 
 def _start_phase(plan: PrecisionPlan, phase: str, cfg, model, sites, train, iteration: int) -> PrecisionPlan:
     plan = plan.copy()
-    floor = floors(cfg, sites, phase)
     if phase == "weights":
-        ends = end_layers(sites) if floor else ()
+        ends = end_layers(sites) if cfg.keep_ends else ()
         for layer in sites.layers:
-            plan.weights[layer.node] = [max(cfg.start_bits, cfg.keep_ends if layer.node in ends else 0)] * layer.kernels
+            bits = max(cfg.start_bits, cfg.keep_ends) if layer.node in ends else cfg.start_bits
+            plan.weights[layer.node] = [bits] * layer.kernels
         return plan
+    held = _held_sites(sites) if cfg.keep_ends else set()
     for site in sites.activations:
-        plan.activations[site.tensor] = max(cfg.start_act_bits, floor.get(site.tensor, 0))
+        plan.activations[site.tensor] = max(cfg.start_act_bits, cfg.keep_ends) if site.tensor in held \
+            else cfg.start_act_bits
     batches = train.batches(cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, iteration, "calibrate"))
     plan = calibrate_clips(model, plan, sites, batches, threads=cfg.threads,
                            seed=derive_seed(cfg.seed, iteration, "calibrate-subset"))
