@@ -119,6 +119,12 @@ RUNS: dict[str, list[str]] = {
                                                  "--refit-epochs", "30"),
     "swa-kernel-174-rms-ep1-seed1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs",
                                                        "1", "--seed", "1", "--refit-epochs", "30"),
+    # the seed-0 refit with its last 8 epochs averaged (--refit-average-epochs 8: stochastic weight averaging at a
+    # constant fifth of the rate, batch-norm statistics re-estimated): cp -r swa-kernel-174-rms-ep1.work <name>.work
+    **{f"swa-kernel-174-rms-ep1{suffix}-avg8-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174,
+                                                                 "--epochs", "1", *seed, "--refit-epochs", "30",
+                                                                 "--refit-average-epochs", "8")
+       for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
     # the same recipe with conv1 and fc held at 4 bits or more (--keep-ends 4; the others pay for them), searched and
     # refit in one run each: the 2-epoch fixed-plan screen gave +0.13 test, +0.60 validation (candidates.md)
     **{f"swa-kernel-174-rms-ep1-ends4{suffix}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174,

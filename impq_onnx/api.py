@@ -252,6 +252,7 @@ def compress(
     start_steps: int | None | Default = DEFAULT,
     end_steps_factor: float | None | Default = DEFAULT,
     refit_epochs: float | Default = DEFAULT,
+    refit_average_epochs: int | Default = DEFAULT,
     time_budget: float | None | Default = DEFAULT,
     batch_size: int | Default = DEFAULT,
     lr: float | Default = DEFAULT,

@@ -132,6 +132,11 @@ class CompressConfig:
                                     "refit); 0: no refit. ResNet-20 at 1.74 bits: a 7-epoch search, then 30 "
                                     "epochs, ends 0.61 and 0.20 points below float (seeds 0, 1; seed 0 ended "
                                     "0.29 below in bench/polish.py on another CPU; bench/results/candidates.md).")
+    refit_average_epochs: int = _opt(0, "With refit_epochs: its last this many epochs run at a constant rate (a "
+                                        "fifth of lr; the cosine before them ends there) and the output is the "
+                                        "average of the weights after each of their parts (stochastic weight "
+                                        "averaging), its batch-norm statistics re-estimated on one epoch, when it "
+                                        "validates at least as well as the last weights; 0: the last weights.")
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")
@@ -226,6 +231,9 @@ class CompressConfig:
         if self.refit_epochs and self.method == "uniform-ptq":
             raise ConfigError("option 'refit_epochs': uniform-ptq does not fine-tune; use another method or leave "
                               "refit_epochs at 0")
+        if self.refit_average_epochs and not self.refit_average_epochs < self.refit_epochs:
+            raise ConfigError(f"option 'refit_average_epochs': {self.refit_average_epochs} needs refit_epochs above it "
+                              f"(now {self.refit_epochs:g}); give refit_epochs, or leave refit_average_epochs at 0")
         if self.replicas > 1 and self.optimizer != "sgd":
             raise ConfigError(f"option 'replicas': {self.replicas} needs optimizer 'sgd', not '{self.optimizer}'")
         return self

@@ -40,9 +40,11 @@ from impq_onnx.search.state import IterationRecord
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "report_available", "target_reached"]
 
-# Options that do not change what the search computes: a resume may change them. refit_epochs changes only what
-# follows the search, and the refit checks its own settings (impq_onnx.search.refit).
-_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report", "refit_epochs")
+# Options that do not change what the search computes: a resume may change them. refit_epochs and
+# refit_average_epochs change only what follows the search, and the refit checks its own settings
+# (impq_onnx.search.refit).
+_NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report", "refit_epochs",
+                 "refit_average_epochs")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",

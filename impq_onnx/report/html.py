@@ -78,9 +78,13 @@ def _refit_text(refit: dict) -> str:
     if "diverged" in refit:
         return f"{refit['epochs']:g} epochs from float diverged ({refit['diverged']}); the search's model is written"
     verdict = "written" if refit.get("kept") else "not kept, the search's model is written"
+    average = refit.get("average")
+    averaged = "" if not average else (
+        f" (the last {average['epochs']} epochs averaged: {_pct(average.get('val_agreement'))} against the last "
+        f"weights' {_pct(average.get('last_val_agreement'))}, " + ("used)" if average.get("used") else "not used)"))
     return (f"{refit['epochs']:g} epochs from float on iteration {refit['from_iteration']}'s plan, "
-            f"{_num(refit.get('seconds'), 1, ' s')}: validation agreement {_pct(refit.get('val_agreement'))} vs the "
-            f"search's {_pct(refit.get('search_val_agreement'))}, {verdict}")
+            f"{_num(refit.get('seconds'), 1, ' s')}: validation agreement {_pct(refit.get('val_agreement'))}{averaged}"
+            f" vs the search's {_pct(refit.get('search_val_agreement'))}, {verdict}")
 
 
 _FLOAT_BITS = 32  # a float kernel's bits in the share of weight bits, as in B_w,eff

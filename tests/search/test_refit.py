@@ -245,3 +245,74 @@ def test_a_refit_with_learned_clips_resumes_to_the_uninterrupted_bytes(tmp_path,
     learned = json.loads((tmp_path / "whole" / "out.work" / "refit" / "refit.json").read_text())["clips"]
     assert set(learned) == set(written.activations) and first["clips"] != learned
     assert all(written.clips[t].value == learned[t] != search.clips[t].value for t in learned)
+
+
+def test_averaging_the_last_epochs_writes_their_mean_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """refit_average_epochs 2 of 3: the first epoch's cosine ends at a fifth of the rate, the last two run at it,
+    and the written weights are the mean of the weights after each of those two parts (with batchnorm train, the
+    statistics re-estimated); interrupted after the first averaged part, the refit resumes with its running mean
+    (``average-<step>.npz``) to the uninterrupted run's bytes."""
+    from onnx import numpy_helper
+
+    from impq_onnx.search.checkpoint import values_from_bytes
+
+    monkeypatch.setattr(refit_module, "PART_MIN_STEPS", 1)
+    options = dict(refit_epochs=3, refit_average_epochs=2, batchnorm="train")
+
+    def stop_after_the_second_part(event):
+        if event.phase == "refit" and str(event).startswith("refit: step 60/90"):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "parts", progress=stop_after_the_second_part, **options)
+    folder = tmp_path / "parts" / "out.work" / "refit"
+    assert json.loads((folder / "refit.json").read_text())["averaged"] == 1
+    second = values_from_bytes((folder / "weights-60.npz").read_bytes())
+    # one part averaged: its weights are the mean
+    assert {k: v.tobytes() for k, v in values_from_bytes((folder / "average-60.npz").read_bytes()).items()} == {
+        k: v.tobytes() for k, v in second.items()}
+    events = []
+    _run(tmp_path / "parts", resume=True, progress=events.append, **options)
+    assert any("resuming after step 60" in str(e) for e in events)
+    _run(tmp_path / "whole", **options)
+    assert _outputs(tmp_path / "parts") == _outputs(tmp_path / "whole")
+    assert _strip(_report(tmp_path / "parts")["refit"]) == _strip(_report(tmp_path / "whole")["refit"])
+    assert sorted(p.name for p in folder.iterdir()) == ["average-90.npz", "refit.json", "velocity-90.npz",
+                                                        "weights-90.npz"]
+    from impq_onnx.report import read_run
+    from impq_onnx.report.html import summary_rows
+
+    rows = dict(r for r in summary_rows(read_run(tmp_path / "whole" / "out.work")) if r is not None)
+    average = _report(tmp_path / "whole")["refit"]["average"]
+    assert (f"(the last 2 epochs averaged: {100 * average['val_agreement']:.2f} % against the last weights' "
+            f"{100 * average['last_val_agreement']:.2f} %, used) vs the search's" in rows["refit"])
+    with pytest.raises(ConfigError, match=r"holds a refit with average_epochs 2, not None"):  # nor the reverse
+        _run(tmp_path / "whole", refit_epochs=3, resume=True)
+    third = values_from_bytes((folder / "weights-90.npz").read_bytes())
+    block = _report(tmp_path / "whole")["refit"]["average"]
+    assert (block["epochs"], block["parts"], block["lr"]) == (2, 2, 0.001)
+    # the average is written when it validates at least as well as the last weights (here: both 92.5 % agreement)
+    assert block["used"] and (block["val_agreement"], block["val_top1"]) >= (block["last_val_agreement"],
+                                                                              block["last_val_top1"])
+    written = {t.name: numpy_helper.to_array(t) for t in load(tmp_path / "whole" / "out.float.onnx").to_proto()
+               .graph.initializer}
+    for name in ("conv1.weight", "conv4.weight", "fc.weight"):
+        assert not np.array_equal(second[name], third[name])
+        np.testing.assert_allclose(written[name], (second[name] + third[name]) / 2, rtol=1e-6, atol=1e-7)
+    statistics = [n for n in third if n.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not np.allclose(written[n], (second[n] + third[n]) / 2) for n in statistics)
+
+
+def test_averaging_needs_a_longer_refit_and_its_own_refit_folder(tmp_path, whole, monkeypatch):
+    import shutil
+
+    with pytest.raises(ConfigError, match=r"option 'refit_average_epochs': 2 needs refit_epochs above it \(now 2\)"):
+        _run(tmp_path, refit_epochs=2, refit_average_epochs=2)
+    with pytest.raises(ConfigError, match=r"option 'refit_average_epochs': 1 needs refit_epochs above it \(now 0\)"):
+        _run(tmp_path, refit_average_epochs=1)
+    # a finished refit without averaging is refused, not overwritten, by a resume that averages
+    monkeypatch.setattr(refit_module, "PART_MIN_STEPS", 1)
+    shutil.copytree(whole[0] / "out.work", tmp_path / "out.work")
+    with pytest.raises(ConfigError, match=r"holds a refit with average_epochs None, not 1: give the same refit_epochs, "
+                                          r"refit_average_epochs and lr, or remove .*refit to refit anew$"):
+        _run(tmp_path, refit_epochs=2, refit_average_epochs=1, resume=True)
