@@ -1,0 +1,64 @@
+"""Validation and test scores of a refit's last weights, beside what compress wrote (issue 23).
+
+``compress --refit-average-epochs K`` writes the average of the refit's last K epochs when it validates at least
+as well as the last weights; ``report.json`` gives both validation figures but only the written model's test
+figure. This scores the last weights (``<work dir>/refit/weights-<steps>.npz``, the checkpoint of the refit's
+last part) under the output's plan on compress's validation split (``--seed``, ``--val-fraction``) and on the
+test images, with agreement against the float model, so a controlled comparison of averaging can give both
+models' test scores from one run:
+
+    tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
+    .venv/bin/python bench/refit_weights.py bench/runs/resnet20-swa/swa-kernel-174-rms-ep1-avg8-refit30 \\
+        --model models/resnet20-cifar10/swa/model.onnx --data /tmp/cifar10 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import impq_onnx
+from impq_onnx.data.model_data import open_model_data
+from impq_onnx.frontend.site_analysis import find_sites
+from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.search.checkpoint import read_values
+from impq_onnx.search.iteration import with_values
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from polish import float_classes, score_line  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stem", help="a compress output without its suffix (<stem>.plan.yaml, <stem>.work/refit)")
+    parser.add_argument("--model", required=True, help="the input float model (the refit's base, the agreement)")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (its validation split)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    work = Path(f"{args.stem}.work")
+    progress = json.loads((work / "refit" / "refit.json").read_text(encoding="utf-8"))
+    if progress.get("result") is None:
+        sys.exit(f"{work / 'refit'}: the refit has not finished (step {progress['done']} of {progress['steps']})")
+    base = impq_onnx.load(args.model)
+    plan = PrecisionPlan.load(f"{args.stem}.plan.yaml")
+    last = read_values(work / "refit" / f"weights-{progress['done']}.npz", work)
+    data = open_model_data(base, args.data, None, val_fraction=args.val_fraction, seed=args.seed,
+                           cache_dir=work / "decoded" if (work / "decoded").is_dir() else None)
+    sites = find_sites(base, (1, *data.preprocess.sample_shape))
+    parts = {"val": data.val, "test": data.test}
+    reference = float_classes(base, parts, args.threads)
+    # the last part's clips (learned clips: refit.json's ``clips``), not the average's the written plan may hold
+    last_plan = plan.with_clips(progress.get("clips", {}))
+    print(f"{args.stem}: the refit's last weights: "
+          f"{score_line(with_values(base, last), parts, reference, args.threads, plan=last_plan, sites=sites)}"
+          f"; {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
