@@ -304,7 +304,7 @@ def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: f
               "seconds": progress["seconds"], **{key: outcome[key] for key in _OUTCOME_KEYS if key in outcome},
               "kept": kept, "search_val_top1": search.val_top1, "search_val_agreement": search.val_agreement}
     if "average" in outcome:
-        record["average"] = outcome["average"]
+        record["average"] = dict(sorted(outcome["average"].items()))  # as refit.json reads back
     if report:
         if "diverged" in outcome:
             text = f"refit: diverged ({outcome['diverged']}); the output is the search's iteration {state.final}"

@@ -286,6 +286,10 @@ def test_averaging_the_last_epochs_writes_their_mean_and_resumes_to_the_same_byt
     average = _report(tmp_path / "whole")["refit"]["average"]
     assert (f"(the last 2 epochs averaged: {100 * average['val_agreement']:.2f} % against the last weights' "
             f"{100 * average['last_val_agreement']:.2f} %, used) vs the search's" in rows["refit"])
+    computed = _report(tmp_path / "whole")["refit"]
+    _run(tmp_path / "whole", resume=True, **options)  # finished: read back from refit.json, in the same order
+    assert list(_report(tmp_path / "whole")["refit"].items()) == list(computed.items())
+    assert _outputs(tmp_path / "whole") == _outputs(tmp_path / "parts")
     with pytest.raises(ConfigError, match=r"holds a refit with average_epochs 2, not None"):  # nor the reverse
         _run(tmp_path / "whole", refit_epochs=3, resume=True)
     third = values_from_bytes((folder / "weights-90.npz").read_bytes())
