@@ -136,7 +136,9 @@ class CompressConfig:
                                         "fifth of lr; the cosine before them ends there) and the output is the "
                                         "average of the weights after each of their parts (stochastic weight "
                                         "averaging), its batch-norm statistics re-estimated on one epoch, when it "
-                                        "validates at least as well as the last weights; 0: the last weights.")
+                                        "validates at least as well as the last weights; 0: the last weights. "
+                                        "ResNet-20 at 1.74 bits, seed 0: 88.32 % against 88.66 % without "
+                                        "(bench/results/candidates.md).")
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")
