@@ -125,6 +125,9 @@ RUNS: dict[str, list[str]] = {
                                                                  "--epochs", "1", *seed, "--refit-epochs", "30",
                                                                  "--refit-average-epochs", "8")
        for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
+    # issue 23's stretch: the same recipe to 1.5 bits (about 8 lowerings: 9 search epochs + 30 refit epochs <= 40)
+    "swa-kernel-150-rms-ep1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "1",
+                                                 "--target-bits", "1.5", "--refit-epochs", "30"),
     # the same recipe with conv1 and fc held at 4 bits or more (--keep-ends 4; the others pay for them), searched and
     # refit in one run each: the 2-epoch fixed-plan screen gave +0.13 test, +0.60 validation (candidates.md)
     **{f"swa-kernel-174-rms-ep1-ends4{suffix}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174,
