@@ -253,6 +253,7 @@ def compress(
     end_steps_factor: float | None | Default = DEFAULT,
     refit_epochs: float | Default = DEFAULT,
     refit_average_epochs: int | Default = DEFAULT,
+    refit_lr: float | None | Default = DEFAULT,
     time_budget: float | None | Default = DEFAULT,
     batch_size: int | Default = DEFAULT,
     lr: float | Default = DEFAULT,

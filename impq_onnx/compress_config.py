@@ -139,6 +139,8 @@ class CompressConfig:
                                         "validates at least as well as the last weights; 0: the last weights. "
                                         "ResNet-20 at 1.74 bits, seed 0: 88.32 % against 88.66 % without "
                                         "(bench/results/candidates.md).")
+    refit_lr: float | None = _opt(None, "The refit's peak learning rate (its warm-up + cosine starts there) "
+                                        "[default: the run's lr].")
     time_budget: float | None = _opt(None, "Stop after the iteration that brings the total wall time past this "
                                            "many seconds.")
     batch_size: int = _opt(32, "Fine-tune batch size.")
@@ -233,6 +235,9 @@ class CompressConfig:
         if self.refit_epochs and self.method == "uniform-ptq":
             raise ConfigError("option 'refit_epochs': uniform-ptq does not fine-tune; use another method or leave "
                               "refit_epochs at 0")
+        if self.refit_lr is not None and not self.refit_epochs:
+            raise ConfigError(f"option 'refit_lr': {self.refit_lr:g} needs refit_epochs above 0; give refit_epochs, "
+                              "or leave refit_lr out")
         if self.refit_average_epochs and not self.refit_average_epochs < self.refit_epochs:
             raise ConfigError(f"option 'refit_average_epochs': {self.refit_average_epochs} needs refit_epochs above it "
                               f"(now {self.refit_epochs:g}); give refit_epochs, or leave refit_average_epochs at 0")

@@ -40,11 +40,11 @@ from impq_onnx.search.state import IterationRecord
 
 __all__ = ["CompressConfig", "CompressResult", "compress", "export_model", "report_available", "target_reached"]
 
-# Options that do not change what the search computes: a resume may change them. refit_epochs and
-# refit_average_epochs change only what follows the search, and the refit checks its own settings
+# Options that do not change what the search computes: a resume may change them. refit_epochs,
+# refit_average_epochs and refit_lr change only what follows the search, and the refit checks its own settings
 # (impq_onnx.search.refit).
 _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report", "refit_epochs",
-                 "refit_average_epochs")
+                 "refit_average_epochs", "refit_lr")
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",
@@ -308,7 +308,8 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     from impq_onnx.search.iteration import FIXED_LR
     from impq_onnx.search.refit import refit
 
-    refitted = refit(context, state, plan, cfg.lr if cfg.lr is not None else FIXED_LR)
+    run_lr = cfg.lr if cfg.lr is not None else FIXED_LR
+    refitted = refit(context, state, plan, cfg.refit_lr if cfg.refit_lr is not None else run_lr)
     if refitted is not None and refitted.kept:
         values, plan = refitted.values, refitted.plan
         final.update({key: refitted.record[key] for key in ("val_top1", "val_top5", "val_agreement")})

@@ -101,7 +101,7 @@ COMPRESS = {
     "target_gbitops": Bound(0, low_open=True), "max_accuracy_drop": Bound(0, 100),
     "max_iterations": _int(0, 10**6), "steps": _int(1, 10**9), "start_steps": _int(1, 10**9),
     "end_steps_factor": Bound(0, 1000, low_open=True), "refit_epochs": Bound(0, 10**6),
-    "refit_average_epochs": _int(0, 10**6),
+    "refit_average_epochs": _int(0, 10**6), "refit_lr": Bound(0, low_open=True),
     "epochs": Bound(0, 10**6, low_open=True), "time_budget": Bound(0, low_open=True),
     "batch_size": _int(1, 2**16), "lr": Bound(0, low_open=True), "momentum": Bound(0, 1, high_open=True),
     "weight_decay": Bound(0), "sensitivity_samples": _int(1, 10**7), "runner_ups": _int(1, 10**5),

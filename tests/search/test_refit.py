@@ -320,3 +320,27 @@ def test_averaging_needs_a_longer_refit_and_its_own_refit_folder(tmp_path, whole
     with pytest.raises(ConfigError, match=r"holds a refit with average_epochs None, not 1: give the same refit_epochs, "
                                           r"refit_average_epochs and lr, or remove .*refit to refit anew$"):
         _run(tmp_path, refit_epochs=2, refit_average_epochs=1, resume=True)
+
+
+def test_the_refit_takes_its_own_learning_rate(tmp_path, whole, monkeypatch):
+    """refit_lr: the refit's peak rate, apart from the search's lr (part of the search's identity): a finished
+    search resumed with it runs only the refit, at that rate; a refit folder of another rate is refused."""
+    import shutil
+
+    refitted, plain = whole
+    monkeypatch.setattr(refit_module, "PART_MIN_STEPS", 1)
+    shutil.copytree(refitted / "out.work", tmp_path / "refused" / "out.work")
+    with pytest.raises(ConfigError, match=r"holds a refit with lr 0.005, not 0.01: give the same refit_epochs"):
+        _run(tmp_path / "refused", refit_epochs=2, refit_lr=0.01, resume=True)
+    shutil.copytree(plain / "out.work", tmp_path / "own" / "out.work")
+    events = []
+    _run(tmp_path / "own", refit_epochs=2, refit_lr=0.01, resume=True, progress=events.append)
+    assert not any(e.kind == "iteration" for e in events)  # the search is the one the fixture ran
+    assert any(str(e).startswith("refit: the plan of iteration 1 from the float weights, 2 epochs (60 steps) at lr "
+                                 "0.01") for e in events)
+    assert _report(tmp_path / "own")["refit"]["lr"] == 0.01
+    assert (tmp_path / "own" / "out.float.onnx").read_bytes() != (refitted / "out.float.onnx").read_bytes()
+    with pytest.raises(ConfigError, match=r"option 'refit_lr': 0.01 needs refit_epochs above 0"):
+        _run(tmp_path / "bad", refit_lr=0.01)
+    with pytest.raises(ConfigError, match="refit_lr"):
+        _run(tmp_path / "bad", refit_epochs=2, refit_lr=0)
