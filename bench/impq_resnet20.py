@@ -125,6 +125,11 @@ RUNS: dict[str, list[str]] = {
                                                                  "--epochs", "1", *seed, "--refit-epochs", "30",
                                                                  "--refit-average-epochs", "8")
        for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
+    # the seed-0 refit at another peak rate (--refit-lr; the search is the committed one, lr 0.01):
+    # cp -r swa-kernel-174-rms-ep1.work <name>.work
+    **{f"swa-kernel-174-rms-ep1-rlr{tag}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs",
+                                                             "1", "--refit-epochs", "30", "--refit-lr", rate)
+       for tag, rate in (("02", "0.02"), ("005", "0.005"))},
     # issue 23's stretch: the same recipe to 1.5 bits (about 8 lowerings: 9 search epochs + 30 refit epochs <= 40)
     "swa-kernel-150-rms-ep1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "1",
                                                  "--target-bits", "1.5", "--refit-epochs", "30"),
