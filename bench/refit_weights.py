@@ -15,10 +15,14 @@ models' test scores from one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import impq_onnx
 from impq_onnx.data.model_data import open_model_data
@@ -31,33 +35,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from polish import float_classes, score_line  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclasses.dataclass
+class LastWeights:
+    """A finished refit's last weights with what scoring them needs (also used by ``bench/bn_reestimate.py``)."""
+
+    base: Any
+    plan: Any  # the output's plan with the last part's clips
+    values: dict[str, np.ndarray]
+    data: Any
+    sites: Any
+    parts: dict[str, Any]  # val, test
+    reference: dict[str, Any]  # the float model's classes per part
+    threads: int
+
+    def score(self, values: dict[str, np.ndarray]) -> str:
+        """Top-1 and agreement per part of base + ``values`` under the plan, as one line."""
+        return score_line(with_values(self.base, values), self.parts, self.reference, self.threads, plan=self.plan,
+                          sites=self.sites)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stem", help="a compress output without its suffix (<stem>.plan.yaml, <stem>.work/refit)")
     parser.add_argument("--model", required=True, help="the input float model (the refit's base, the agreement)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (its validation split)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    start = time.perf_counter()
+    parser.add_argument("--cache", default=None, help="a decoded-image cache folder [default: <stem>.work/decoded "
+                                                      "when there]")
+
+
+def load_last_weights(args: argparse.Namespace) -> LastWeights:
+    """The refit of ``args.stem`` (:func:`add_arguments`), which must have finished."""
     work = Path(f"{args.stem}.work")
     progress = json.loads((work / "refit" / "refit.json").read_text(encoding="utf-8"))
     if progress.get("result") is None:
         sys.exit(f"{work / 'refit'}: the refit has not finished (step {progress['done']} of {progress['steps']})")
     base = impq_onnx.load(args.model)
-    plan = PrecisionPlan.load(f"{args.stem}.plan.yaml")
-    last = read_values(work / "refit" / f"weights-{progress['done']}.npz", work)
-    data = open_model_data(base, args.data, None, val_fraction=args.val_fraction, seed=args.seed,
-                           cache_dir=work / "decoded" if (work / "decoded").is_dir() else None)
+    # the last part's clips (learned clips: refit.json's ``clips``), not the average's the written plan may hold
+    plan = PrecisionPlan.load(f"{args.stem}.plan.yaml").with_clips(progress.get("clips", {}))
+    values = read_values(work / "refit" / f"weights-{progress['done']}.npz", work)
+    cache = args.cache or (work / "decoded" if (work / "decoded").is_dir() else None)
+    data = open_model_data(base, args.data, None, val_fraction=args.val_fraction, seed=args.seed, cache_dir=cache)
     sites = find_sites(base, (1, *data.preprocess.sample_shape))
     parts = {"val": data.val, "test": data.test}
-    reference = float_classes(base, parts, args.threads)
-    # the last part's clips (learned clips: refit.json's ``clips``), not the average's the written plan may hold
-    last_plan = plan.with_clips(progress.get("clips", {}))
-    print(f"{args.stem}: the refit's last weights: "
-          f"{score_line(with_values(base, last), parts, reference, args.threads, plan=last_plan, sites=sites)}"
-          f"; {time.perf_counter() - start:.0f} s", flush=True)
+    return LastWeights(base, plan, values, data, sites, parts, float_classes(base, parts, args.threads), args.threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    last = load_last_weights(args)
+    print(f"{args.stem}: the refit's last weights: {last.score(last.values)}; {time.perf_counter() - start:.0f} s",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from impq_onnx.quant.simulate import as_proto
 from impq_onnx.engine.batchnorm_graph import batchnorm_to_training
 from impq_onnx.engine.batches import split
 
-__all__ = ["recompute_batchnorm"]
+__all__ = ["batchnorm_statistics", "recompute_batchnorm"]
 
 
 def recompute_batchnorm(model, batches: Iterable, *, threads: int | None = None,
@@ -31,10 +31,21 @@ def recompute_batchnorm(model, batches: Iterable, *, threads: int | None = None,
     are re-estimated on ``batches`` (``x`` or ``(x, y)`` numpy batches; labels are ignored), at most
     ``max_batches`` of them. A model without batch-norm comes back unchanged."""
     result = as_proto(model)
+    averaged = batchnorm_statistics(result, batches, threads=threads, max_batches=max_batches)
+    for i, t in enumerate(result.graph.initializer):
+        if t.name in averaged:
+            result.graph.initializer[i].CopyFrom(numpy_helper.from_array(averaged[t.name], t.name))
+    return result
+
+
+def batchnorm_statistics(model, batches: Iterable, *, threads: int | None = None,
+                         max_batches: int | None = None) -> dict[str, np.ndarray]:
+    """The batch-norm running means and variances :func:`recompute_batchnorm` writes, by initializer name
+    (a simulated model's too: its names are the float model's); empty for a model without batch-norm."""
     probe = as_proto(model)
     running = batchnorm_to_training(probe, momentum=0.0)  # momentum 0: the "running" output is the batch's
     if not running:
-        return result
+        return {}
     dims = {t.name: list(t.dims) for t in probe.graph.initializer}
     del probe.graph.output[:]
     probe.graph.output.extend(
@@ -55,8 +66,4 @@ def recompute_batchnorm(model, batches: Iterable, *, threads: int | None = None,
         seen += len(x)
     if not seen:
         raise DataError("recompute_batchnorm got no batches; pass at least one batch of images")
-    averaged = {running[n]: (totals[n] / seen).astype(np.float32) for n in names}
-    for i, t in enumerate(result.graph.initializer):
-        if t.name in averaged:
-            result.graph.initializer[i].CopyFrom(numpy_helper.from_array(averaged[t.name], t.name))
-    return result
+    return {running[n]: (totals[n] / seen).astype(np.float32) for n in names}

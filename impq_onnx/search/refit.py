@@ -26,7 +26,7 @@ With ``refit_average_epochs`` K (stochastic weight averaging, SWA), the warm-up 
 N - K epochs and ends at ``AVERAGE_LR_FACTOR`` times the rate, the last K epochs run at that constant rate, and
 the weights after each of their parts are averaged (a running mean, checkpointed with the part as
 ``average-<step>.npz``; learned clips too). With ``batchnorm: train`` the average's running statistics are
-re-estimated on one epoch of training batches (:func:`impq_onnx.engine.recompute_batchnorm`, on the simulated
+re-estimated on one epoch of training batches (:func:`impq_onnx.engine.batchnorm_statistics`, on the simulated
 model). The refit's model is the average when it validates at least as well as the last weights (the guard's
 comparison), else the last weights; ``refit.average`` in the report holds both figures.
 
@@ -44,9 +44,8 @@ import time
 from typing import Any
 
 import numpy as np
-from onnx import numpy_helper
 
-from impq_onnx.engine import EvalResult, FineTuneDiverged, fine_tune, recompute_batchnorm
+from impq_onnx.engine import EvalResult, FineTuneDiverged, batchnorm_statistics, fine_tune
 from impq_onnx.errors import ConfigError
 from impq_onnx.events import Event
 from impq_onnx.files import write_atomic
@@ -172,11 +171,8 @@ def _running_statistics(context: SearchContext, plan: PrecisionPlan, values: dic
     refit's training batches (the simulated model: each layer sees its quantized inputs)."""
     cfg = context.config
     simulated = simulate(with_values(context.base, values), plan, context.sites)
-    names = {name for node in simulated.graph.node if node.op_type == "BatchNormalization"
-             for name in node.input[3:5]}
     batches = train_batches(cfg, context.train, REFIT_ITERATION, _BN_PURPOSE)()
-    updated = recompute_batchnorm(simulated, batches, threads=cfg.threads)
-    return {t.name: numpy_helper.to_array(t) for t in updated.graph.initializer if t.name in names}
+    return batchnorm_statistics(simulated, batches, threads=cfg.threads)
 
 
 def _search_key(cfg: Any, record: Any) -> tuple[float, float]:
@@ -283,16 +279,16 @@ def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: f
     search = state.record(state.final)
     if progress["result"] is None:
         result = evaluate_values(context, plan, values)
-        last, used = values, None
+        last, averaging = values, None
         if progress.get("averaged"):
-            values, plan, result, used = _choose_average(context, plan, values, result, average, progress, lr)
-            if used["used"]:
+            values, plan, result, averaging = _choose_average(context, plan, values, result, average, progress, lr)
+            if averaging["used"]:
                 average = values  # its re-estimated statistics: a resume reads the output back from it
         kept = not cfg.guard or guard_key(cfg, result) >= _search_key(cfg, search)
         outcome_now: dict[str, Any] = {"val_top1": result.top1, "val_top5": result.top5,
                                        "val_agreement": result.agreement, "val_n": result.n, "kept": kept}
-        if used is not None:
-            outcome_now["average"] = used
+        if averaging is not None:
+            outcome_now["average"] = averaging
         progress["result"] = outcome_now
         _commit(folder, progress, last, velocity, average)
     elif progress["result"].get("average", {}).get("used"):  # read back: the output is the average
