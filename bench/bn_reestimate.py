@@ -34,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     last = load_last_weights(args)
     print(f"as written: {last.score(last.values)}", flush=True)
+    simulated = simulate(with_values(last.base, last.values), last.plan, last.sites)  # batchnorm_statistics copies it
     for augment in (False, True):
         start = time.perf_counter()
-        simulated = simulate(with_values(last.base, last.values), last.plan, last.sites)
         batches = last.data.train.batches(args.batch_size, shuffle=True, seed=7, augment=augment, drop_last=True)
         statistics = batchnorm_statistics(simulated, batches, threads=args.threads)
         print(f"statistics re-estimated on one epoch, augment {augment}: {last.score({**last.values, **statistics})}; "
