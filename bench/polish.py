@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the original float model (the teacher, the agreement)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (its validation split)")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="compress's split for --seed; 0: fine-tune on every training image, score test only")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=0.0005)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -91,7 +92,8 @@ def main() -> None:
                            cache_dir=args.cache)
     sites = find_sites(tuned, (1, *data.preprocess.sample_shape))
 
-    parts = {"val": data.val, "test": data.test}
+    # with --val-fraction 0 nothing is held out: the validation split is the training set, and only test is scored
+    parts = {"test": data.test} if args.val_fraction == 0 else {"val": data.val, "test": data.test}
     reference = float_classes(teacher, parts, args.threads)  # once, for the agreement before and after
 
     def scores(model) -> str:
