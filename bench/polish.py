@@ -81,6 +81,9 @@ def main() -> None:
                         help="compress's --batchnorm (the ResNet-20 1.74-bit runs used train)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="compress's --weight-decay")
     parser.add_argument("--temperature", type=float, default=1.0, help="the distillation temperature")
+    parser.add_argument("--label-mix", type=float, default=0.0,
+                        help="the labels' share of the distillation target (0: the teacher alone)")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="compress's --optimizer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="a decoded-image cache folder (a work dir's decoded/)")
     args = parser.parse_args()
@@ -101,13 +104,15 @@ def main() -> None:
 
     print(f"{args.stem}: as written: {scores(tuned)}", flush=True)
     batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
-    trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, distill=True, teacher=teacher,
+    trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, optimizer=args.optimizer,
+                        label_mix=args.label_mix, distill=True, teacher=teacher,
                         weight_decay=args.weight_decay, temperature=args.temperature,
                         batchnorm=args.batchnorm, threads=args.threads,
                         seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
     polished = trained.apply_to(tuned)
     print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm}, "
-          f"weight decay {args.weight_decay:g}, temperature {args.temperature:g} ({steps} steps): "
+          f"{args.optimizer}, weight decay {args.weight_decay:g}, temperature {args.temperature:g}, "
+          f"label mix {args.label_mix:g} ({steps} steps): "
           f"{scores(polished)}; {time.perf_counter() - start:.0f} s", flush=True)
 
 

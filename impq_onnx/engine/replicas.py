@@ -84,13 +84,31 @@ def gradient_graph(path: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     return proto, gradients
 
 
+def distillation_target(teacher_logits: np.ndarray, labels: np.ndarray | None, label_mix: float,
+                        temperature: float) -> np.ndarray:
+    """The logits the distillation loss reads as its target: the teacher's; with ``label_mix`` a > 0 and
+    labels, logits whose softmax at ``temperature`` T is (1 - a) softmax(teacher / T) + a onehot(label), so the
+    soft cross-entropy becomes (1 - a) distillation + a label cross-entropy (both on the student's logits / T)."""
+    if label_mix <= 0 or labels is None:
+        return teacher_logits
+    z = teacher_logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p *= (1.0 - label_mix) / p.sum(axis=-1, keepdims=True)
+    p[np.arange(len(p)), np.asarray(labels, np.int64).reshape(-1)] += label_mix
+    # exp(-69) is 1e-30: a class with no share gets no weight, and no -inf reaches the graph
+    return (temperature * np.log(np.maximum(p, 1e-30))).astype(np.float32)
+
+
 class Replicas:
     """``count`` InferenceSessions on the gradient graph, each training on one part of every batch in its
     own Python thread (``InferenceSession.run`` releases the GIL); the parameters are numpy arrays here."""
 
     def __init__(self, training_model: str, state, trainable: list[str], running: dict[str, str],
-                 session_options: list, teacher, input_name: str, profiled: bool = False):
-        """One replica per entry of ``session_options``; ``profiled``: they profile, end it in :meth:`close`."""
+                 session_options: list, teacher, input_name: str, profiled: bool = False,
+                 label_mix: float = 0.0, temperature: float = 1.0):
+        """One replica per entry of ``session_options``; ``profiled``: they profile, end it in :meth:`close`.
+        ``teacher`` (None: train on the labels): the session whose logits, mixed with the labels by
+        ``label_mix`` (:func:`distillation_target`), are the target."""
         import onnxruntime as ort
 
         proto, gradients = gradient_graph(training_model)
@@ -108,10 +126,15 @@ class Replicas:
                          for options in session_options]
         self.profiled = profiled
         self.teacher, self.input_name = teacher, input_name
+        self.label_mix, self.temperature = label_mix, temperature
         self.grads: dict[str, np.ndarray] = {}
 
     def _run(self, index: int, x: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
-        target = self.teacher.run(None, {self.input_name: x})[0] if y is None else y
+        if self.teacher is None:
+            target = y
+        else:
+            target = distillation_target(self.teacher.run(None, {self.input_name: x})[0], y, self.label_mix,
+                                         self.temperature)
         feeds = dict(zip(self.user_inputs, (x, target)))
         for name in self.trainable:
             feeds[name] = self.params[name]  # read-only, shared by the replicas
@@ -120,7 +143,7 @@ class Replicas:
         return self.sessions[index].run(self.outputs, feeds)
 
     def forward_backward(self, x: np.ndarray, y: np.ndarray | None) -> float:
-        """Run every part (``y`` None: distil from the teacher); keep the weighted gradients and running
+        """Run every part (with a teacher: distil from it, ``y`` mixed in by ``label_mix``); keep the weighted gradients and running
         statistics; return the weighted loss (= the full batch's mean loss)."""
         parts = [i for i in np.array_split(np.arange(len(x)), len(self.sessions)) if len(i)]
         slices = [slice(int(i[0]), int(i[-1]) + 1) for i in parts]

@@ -46,7 +46,7 @@ from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, learned_clips, learned_step_name, simulate
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.engine.replicas import Replicas, sgd_update
+from impq_onnx.engine.replicas import Replicas, distillation_target, sgd_update
 from impq_onnx.engine.batchnorm_graph import BATCHNORM_MODES, batchnorm_frozen, batchnorm_to_training, own_batchnorms
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
 from impq_onnx.runtime import default_replicas, lap, resolve_threads
@@ -225,6 +225,7 @@ def fine_tune(
     distill: bool | None = None,
     teacher=None,
     temperature: float = 1.0,
+    label_mix: float = 0.0,
     batchnorm_momentum: float | None = None,
     batchnorm: str = "train",
     threads: int | None = None,
@@ -241,7 +242,9 @@ def fine_tune(
 
     ``batches`` yields ``(x, y)`` numpy batches (``y`` None or absent: unlabelled); a callable is called
     once per epoch. ``distill`` (default: when the first batch has no labels) trains against the
-    logits of ``teacher`` (default: the float ``model`` itself). The learning rate warms up linearly for
+    logits of ``teacher`` (default: the float ``model`` itself); ``label_mix`` a (labelled data only) makes
+    the target (1 - a) the teacher's distribution + a the one-hot label, i.e. the loss (1 - a) distillation + a
+    label cross-entropy (:func:`~impq_onnx.engine.replicas.distillation_target`). The learning rate warms up linearly for
     ``warmup_steps`` (default 5% of ``steps``) then follows ``lr_schedule`` to ``final_lr``: a cosine, or
     ``exponential`` (a constant factor per step; ``final_lr`` must then be positive).
     ``batchnorm_momentum`` is ONNX's (weight of the old running value; None keeps the model's, 0.9).
@@ -307,6 +310,10 @@ def fine_tune(
     distill = (y0 is None) if distill is None else distill
     if not distill and y0 is None:
         raise DataError("the training data has no labels; fine-tune with distill=True")
+    if not 0.0 <= label_mix <= 1.0:
+        raise ConfigError(f"label_mix must be in [0, 1], not {label_mix}")
+    if label_mix > 0 and (not distill or y0 is None):
+        raise ConfigError("label_mix mixes labels into distillation: it needs distill=True and labelled data")
 
     proto = simulate(model, plan, sites, learn_clips=learn_clips) if plan is not None else as_proto(model)
     steps_learned = [learned_step_name(s.tensor) for s in sites.activations
@@ -360,7 +367,8 @@ def fine_tune(
             options = [_session_options(replica_threads, profile=f"{profile}-replica{i}" if profile else None)
                        for i in range(replicas)]
             group = Replicas(os.path.join(tmp, "training_model.onnx"), state, trainable, running, options,
-                             teacher_session, sites.input_name, profiled=profile is not None)
+                             teacher_session, sites.input_name, profiled=profile is not None,
+                             label_mix=label_mix, temperature=temperature)
         lap("session creation")
         velocity = {} if velocity is None else velocity
         warmup = max(0, round(0.05 * steps)) if warmup_steps is None else warmup_steps
@@ -379,7 +387,7 @@ def fine_tune(
             x, y = batch
             rate = learning_rate(lr_schedule, step, steps, lr, warmup, final_lr)
             if group is not None:
-                loss = group.forward_backward(x, None if distill else y)
+                loss = group.forward_backward(x, y)
                 if not np.isfinite(loss):
                     stream.close()  # stops the prefetch thread now, not when the traceback is let go
                     raise FineTuneDiverged(loss, step, losses, time.perf_counter() - start)
@@ -389,7 +397,11 @@ def fine_tune(
                 chunk_losses = []
                 for part in parts:  # onnxruntime adds up the gradients of the parts until lazy_reset_grad
                     xs = x[part]
-                    target = teacher_session.run(None, {sites.input_name: xs})[0] if distill else y[part]
+                    if distill:
+                        target = distillation_target(teacher_session.run(None, {sites.input_name: xs})[0],
+                                                     None if y is None else y[part], label_mix, temperature)
+                    else:
+                        target = y[part]
                     outputs = module(xs, target)
                     outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
                     chunk_losses.append(float(np.asarray(outputs[0])))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from impq_onnx.engine import evaluate, fine_tune, warmup_cosine, warmup_exponential
+from impq_onnx.engine.replicas import distillation_target
 from impq_onnx.errors import ConfigError, DataError
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import inference_session
@@ -400,3 +401,55 @@ def test_a_fine_tune_part_is_checked(tiny):
         _train(canonical, None, sites, steps=10, stop_step=11)
     with pytest.raises(ConfigError, match="needs optimizer 'sgd'"):
         _train(canonical, None, sites, steps=10, stop_step=5, optimizer="adamw")
+
+
+def test_distillation_target_softmax_is_the_mix_of_teacher_and_label():
+    rng = np.random.default_rng(0)
+    teacher, labels, temperature = rng.normal(size=(5, 4)).astype(np.float32) * 3, np.array([0, 3, 1, 1, 2]), 2.0
+    target = distillation_target(teacher, labels, 0.3, temperature)
+    assert target.dtype == np.float32 and target.shape == teacher.shape
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    expected = 0.7 * softmax(teacher.astype(np.float64) / temperature) + 0.3 * np.eye(4)[labels]
+    np.testing.assert_allclose(softmax(target.astype(np.float64) / temperature), expected, rtol=1e-5)
+    assert distillation_target(teacher, labels, 0.0, temperature) is teacher  # no mix: the teacher's logits
+    assert distillation_target(teacher, None, 0.3, temperature) is teacher  # no labels: nothing to mix
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_label_mix_is_the_weighted_sum_of_both_losses_and_1_is_label_training(replicas):
+    canonical, sites = canonical_and_sites(_cnn_without_batchnorm())
+    teacher = canonical_and_sites(_cnn_without_batchnorm(seed=1))[0]
+
+    def run(steps, **kw):
+        return fine_tune(canonical, None, sites, quadrant_batches(3, 32), steps=steps, lr=0.1, progress=False,
+                         replicas=replicas, **kw)
+
+    first = {mix: run(1, distill=True, teacher=teacher, label_mix=mix).losses[0] for mix in (0.0, 0.25, 1.0)}
+    labels_only = run(1, distill=False).losses[0]
+    assert first[1.0] == pytest.approx(labels_only, rel=1e-5)
+    assert first[0.25] == pytest.approx(0.75 * first[0.0] + 0.25 * labels_only, rel=1e-5)
+    assert abs(first[0.0] - labels_only) > 0.01  # the teacher and the labels disagree: the mix is visible
+    mixed, labelled = run(5, distill=True, teacher=teacher, label_mix=1.0), run(5, distill=False)
+    assert mixed.losses == pytest.approx(labelled.losses, rel=1e-4)
+    for name in labelled.values:
+        np.testing.assert_allclose(mixed.values[name], labelled.values[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_label_mix_is_checked(tiny):
+    canonical, sites = tiny
+    with pytest.raises(ConfigError, match=r"label_mix must be in \[0, 1\], not 1.5"):
+        _train(canonical, None, sites, distill=True, label_mix=1.5)
+    with pytest.raises(ConfigError, match="needs distill=True and labelled data"):
+        _train(canonical, None, sites, distill=False, label_mix=0.5)
+    labelled = quadrant_batches(2, 8)
+
+    def unlabelled():
+        for x, _ in labelled():
+            yield (x, None)
+
+    with pytest.raises(ConfigError, match="needs distill=True and labelled data"):
+        fine_tune(canonical, None, sites, unlabelled, steps=2, lr=0.01, label_mix=0.5, progress=False)
