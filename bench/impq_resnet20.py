@@ -139,6 +139,12 @@ RUNS: dict[str, list[str]] = {
                                                                   "--epochs", "1", "--keep-ends", "4", *seed,
                                                                   "--refit-epochs", "30")
        for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
+    # the same recipe with impq's default weighting (measured: the group quantizer's own mean squared error) where
+    # the runs above pin the paper's 2^-B: another plan from the same 7-epoch search budget, then its 30-epoch refit
+    **{f"swa-kernel-174-rms-ep1-measured{suffix}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174,
+                                                                     "--weighting", "measured", "--epochs", "1",
+                                                                     *seed, "--refit-epochs", "30")
+       for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
     # the pair at seed 1 (its validation split differs), for issue 23's two seeds and the scheme's default
     **{f"swa-kernel-174-{short}-seed1": kernel_174("--weight-scheme", scheme, *PINNED_174, "--seed", "1")
        for short, scheme in (("max", "midrise-max"), ("rms", "midrise-rms"))},
