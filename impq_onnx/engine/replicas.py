@@ -143,8 +143,8 @@ class Replicas:
         return self.sessions[index].run(self.outputs, feeds)
 
     def forward_backward(self, x: np.ndarray, y: np.ndarray | None) -> float:
-        """Run every part (with a teacher: distil from it, ``y`` mixed in by ``label_mix``); keep the weighted gradients and running
-        statistics; return the weighted loss (= the full batch's mean loss)."""
+        """Run every part (with a teacher: distil from it, ``y`` mixed in by ``label_mix``); keep the weighted
+        gradients and running statistics; return the weighted loss (= the full batch's mean loss)."""
         parts = [i for i in np.array_split(np.arange(len(x)), len(self.sessions)) if len(i)]
         slices = [slice(int(i[0]), int(i[-1]) + 1) for i in parts]
         # A pool per step (R thread starts are nothing beside a training step) leaves no thread behind on errors.
