@@ -140,7 +140,7 @@ RUNS: dict[str, list[str]] = {
                                                                   "--refit-epochs", "30")
        for suffix, seed in (("", ()), ("-seed1", ("--seed", "1")))},
     # the same recipe with impq's default weighting (measured: the group quantizer's own mean squared error) where
-    # the runs above pin the paper's 2^-B: another plan from the same 7-epoch search budget, then its 30-epoch refit
+    # the runs above pin the paper's 2^-B: another plan from the same search (1 epoch per lowering), then its refit
     **{f"swa-kernel-174-rms-ep1-measured{suffix}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174,
                                                                      "--weighting", "measured", "--epochs", "1",
                                                                      *seed, "--refit-epochs", "30")

@@ -99,6 +99,15 @@ def distillation_target(teacher_logits: np.ndarray, labels: np.ndarray | None, l
     return (temperature * np.log(np.maximum(p, 1e-30))).astype(np.float32)
 
 
+def training_target(teacher, input_name: str, x: np.ndarray, y: np.ndarray | None, label_mix: float,
+                    temperature: float) -> np.ndarray | None:
+    """The target a training step feeds with images ``x``: the labels ``y`` without a ``teacher`` (session),
+    else the teacher's logits on ``x``, mixed with ``y`` by ``label_mix`` (:func:`distillation_target`)."""
+    if teacher is None:
+        return y
+    return distillation_target(teacher.run(None, {input_name: x})[0], y, label_mix, temperature)
+
+
 class Replicas:
     """``count`` InferenceSessions on the gradient graph, each training on one part of every batch in its
     own Python thread (``InferenceSession.run`` releases the GIL); the parameters are numpy arrays here."""
@@ -108,7 +117,7 @@ class Replicas:
                  label_mix: float = 0.0, temperature: float = 1.0):
         """One replica per entry of ``session_options``; ``profiled``: they profile, end it in :meth:`close`.
         ``teacher`` (None: train on the labels): the session whose logits, mixed with the labels by
-        ``label_mix`` (:func:`distillation_target`), are the target."""
+        ``label_mix`` (:func:`training_target`), are the target."""
         import onnxruntime as ort
 
         proto, gradients = gradient_graph(training_model)
@@ -130,11 +139,7 @@ class Replicas:
         self.grads: dict[str, np.ndarray] = {}
 
     def _run(self, index: int, x: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
-        if self.teacher is None:
-            target = y
-        else:
-            target = distillation_target(self.teacher.run(None, {self.input_name: x})[0], y, self.label_mix,
-                                         self.temperature)
+        target = training_target(self.teacher, self.input_name, x, y, self.label_mix, self.temperature)
         feeds = dict(zip(self.user_inputs, (x, target)))
         for name in self.trainable:
             feeds[name] = self.params[name]  # read-only, shared by the replicas

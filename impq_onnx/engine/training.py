@@ -46,7 +46,7 @@ from impq_onnx.frontend.ops import LAYER_OPS
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import SIMULATION_PREFIX, as_proto, learned_clips, learned_step_name, simulate
 from impq_onnx.frontend.sites import SiteTable
-from impq_onnx.engine.replicas import Replicas, distillation_target, sgd_update
+from impq_onnx.engine.replicas import Replicas, sgd_update, training_target
 from impq_onnx.engine.batchnorm_graph import BATCHNORM_MODES, batchnorm_frozen, batchnorm_to_training, own_batchnorms
 from impq_onnx.engine.schedule import SCHEDULES, learning_rate
 from impq_onnx.runtime import default_replicas, lap, resolve_threads
@@ -244,9 +244,9 @@ def fine_tune(
     once per epoch. ``distill`` (default: when the first batch has no labels) trains against the
     logits of ``teacher`` (default: the float ``model`` itself); ``label_mix`` a (labelled data only) makes
     the target (1 - a) the teacher's distribution + a the one-hot label, i.e. the loss (1 - a) distillation + a
-    label cross-entropy (:func:`~impq_onnx.engine.replicas.distillation_target`). The learning rate warms up linearly for
-    ``warmup_steps`` (default 5% of ``steps``) then follows ``lr_schedule`` to ``final_lr``: a cosine, or
-    ``exponential`` (a constant factor per step; ``final_lr`` must then be positive).
+    label cross-entropy (:func:`~impq_onnx.engine.replicas.distillation_target`). The learning rate warms up
+    linearly for ``warmup_steps`` (default 5% of ``steps``) then follows ``lr_schedule`` to ``final_lr``: a
+    cosine, or ``exponential`` (a constant factor per step; ``final_lr`` must then be positive).
     ``batchnorm_momentum`` is ONNX's (weight of the old running value; None keeps the model's, 0.9).
     ``batchnorm``: ``"train"`` normalises with batch statistics and updates the running ones;
     ``"frozen"`` keeps the running statistics fixed and normalises with them (inference arithmetic,
@@ -397,11 +397,8 @@ def fine_tune(
                 chunk_losses = []
                 for part in parts:  # onnxruntime adds up the gradients of the parts until lazy_reset_grad
                     xs = x[part]
-                    if distill:
-                        target = distillation_target(teacher_session.run(None, {sites.input_name: xs})[0],
-                                                     None if y is None else y[part], label_mix, temperature)
-                    else:
-                        target = y[part]
+                    target = training_target(teacher_session, sites.input_name, xs, None if y is None else y[part],
+                                             label_mix, temperature)
                     outputs = module(xs, target)
                     outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
                     chunk_losses.append(float(np.asarray(outputs[0])))
