@@ -10,6 +10,9 @@ models' test scores from one run:
     tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
     .venv/bin/python bench/refit_weights.py bench/runs/resnet20-swa/swa-kernel-174-rms-ep1-avg8-refit30 \\
         --model models/resnet20-cifar10/swa/model.onnx --data /tmp/cifar10 --seed 0
+
+``--write STEM`` also writes the last weights as a float model with the plan beside it, so ``bench/polish.py STEM``
+fine-tunes on from them (the frozen batch-norm screen of ``bench/results/candidates.md``).
 """
 
 from __future__ import annotations
@@ -85,11 +88,17 @@ def load_last_weights(args: argparse.Namespace) -> LastWeights:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--write", default=None, metavar="STEM",
+                        help="also write STEM.float.onnx (the last weights) and STEM.plan.yaml: polish.py's input")
     args = parser.parse_args()
     start = time.perf_counter()
     last = load_last_weights(args)
     print(f"{args.stem}: the refit's last weights: {last.score(last.values)}; {time.perf_counter() - start:.0f} s",
           flush=True)
+    if args.write:  # bench/polish.py's input: the last weights as a float model, the plan beside it
+        Path(f"{args.write}.float.onnx").write_bytes(with_values(last.base, last.values).to_bytes())
+        last.plan.save(f"{args.write}.plan.yaml")
+        print(f"wrote {args.write}.float.onnx and {args.write}.plan.yaml", flush=True)
 
 
 if __name__ == "__main__":
