@@ -21,6 +21,7 @@ Both act on what ``fine_tune`` feeds, not on the engine: the flip teacher replac
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def flip_target(teacher, input_name: str, x: np.ndarray, y, label_mix: float, te
     mirrored = teacher.run(None, {input_name: np.ascontiguousarray(x[..., ::-1])})[0].astype(np.float64)
     p = 0.5 * (_softmax(plain / temperature) + _softmax(mirrored / temperature))
     logits = (temperature * np.log(np.maximum(p, 1e-30))).astype(np.float32)
-    return replicas.distillation_target(logits, y, label_mix, temperature) if label_mix > 0 else logits
+    return replicas.distillation_target(logits, y, label_mix, temperature)  # unchanged without a label mix
 
 
 def with_mixup(epoch_batches, alpha: float):
@@ -69,21 +70,18 @@ def with_mixup(epoch_batches, alpha: float):
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    flip = "--flip-teacher" in argv
-    if flip:
-        argv.remove("--flip-teacher")
+    parser = argparse.ArgumentParser(add_help=False)  # this script's options; the rest are polish.py's
+    parser.add_argument("--flip-teacher", action="store_true")
+    parser.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA")
+    args, rest = parser.parse_known_args()
+    if args.flip_teacher:  # training.py imports the name, so both modules' bindings are replaced
         replicas.training_target = training.training_target = flip_target
-    alpha = 0.0
-    if "--mixup" in argv:
-        at = argv.index("--mixup")
-        alpha = float(argv[at + 1])
-        del argv[at:at + 2]
-        polish.epoch_batches = with_mixup(polish.epoch_batches, alpha)
-    print(f"teacher view: flip-averaged teacher {'on' if flip else 'off'}, mixup alpha {alpha:g}", flush=True)
-    sys.argv[1:] = argv
+    if args.mixup > 0:
+        polish.epoch_batches = with_mixup(polish.epoch_batches, args.mixup)
+    print(f"teacher view: flip-averaged teacher {'on' if args.flip_teacher else 'off'}, mixup alpha {args.mixup:g}",
+          flush=True)
+    sys.argv[1:] = rest
     polish.main()
-
 
 if __name__ == "__main__":
     main()
