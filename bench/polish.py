@@ -38,15 +38,16 @@ from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
 
 
-def epoch_batches(train, seed: int, batch_size: int, epochs: float):
-    """``(batches, steps)`` for ``fine_tune``: augmented, shuffled batches with a new seeded order per epoch, and
-    the steps of ``epochs`` passes (also used by ``bench/lsq_screen.py``)."""
+def epoch_batches(train, seed: int, batch_size: int, epochs: float, augment: bool = True):
+    """``(batches, steps)`` for ``fine_tune``: shuffled batches (augmented as compress's ``--augment`` does unless
+    ``augment`` is False) with a new seeded order per epoch, and the steps of ``epochs`` passes (also used by
+    ``bench/lsq_screen.py``)."""
     epoch = [0]
 
     def batches():
         order = derive_seed(seed, 10_000, "polish", epoch[0])
         epoch[0] += 1
-        return train.batches(batch_size, shuffle=True, seed=order, augment=True, drop_last=True)
+        return train.batches(batch_size, shuffle=True, seed=order, augment=augment, drop_last=True)
 
     return batches, max(1, round(epochs * (len(train) // batch_size)))
 
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--label-mix", type=float, default=0.0,
                         help="the labels' share of the distillation target (0: the teacher alone)")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="compress's --optimizer")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="fine-tune on the training images as they are (no random crop and flip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="a decoded-image cache folder (a work dir's decoded/)")
     args = parser.parse_args()
@@ -103,7 +106,7 @@ def main() -> None:
         return score_line(model, parts, reference, args.threads, plan=plan, sites=sites)
 
     print(f"{args.stem}: as written: {scores(tuned)}", flush=True)
-    batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs)
+    batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs, args.augment)
     trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, optimizer=args.optimizer,
                         label_mix=args.label_mix, distill=True, teacher=teacher,
                         weight_decay=args.weight_decay, temperature=args.temperature,
@@ -112,7 +115,7 @@ def main() -> None:
     polished = trained.apply_to(tuned)
     print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm}, "
           f"{args.optimizer}, weight decay {args.weight_decay:g}, temperature {args.temperature:g}, "
-          f"label mix {args.label_mix:g} ({steps} steps): "
+          f"label mix {args.label_mix:g}, augment {'on' if args.augment else 'off'} ({steps} steps): "
           f"{scores(polished)}; {time.perf_counter() - start:.0f} s", flush=True)
 
 
