@@ -9,6 +9,11 @@ augmentation, cosine from ``--lr`` to 0, batch-norm frozen), and prints validati
     .venv/bin/python bench/polish.py /tmp/runs/mbv1-meas/mbv1-w4a4-measured \\
         --model models/mobilenet-v1-cifar10/model.onnx --data /tmp/cifar10 --seed 0 --epochs 4 --lr 0.0005
 
+A long fine-tune spans sessions with ``--checkpoint DIR``: it runs in parts of one epoch (``--part-steps``) and
+saves the weights and SGD momentum after each; the same command resumes after the last part. Parts compute what
+one call does (11 steps in parts of 3, and once more read back from DIR: the same weights' sha256 as one call,
+e0635360bef10ed9, 2026-12-07); a DIR written with other options or inputs is refused.
+
 ``compress --refit-epochs N`` is this script's fixed-plan fine-tune from float inside compress, with the same seeds:
 the seed-0 ep1 plan below at 1 epoch gave the same four figures through both (validation 93.42 / 95.16 %, test
 87.66 / 93.67 %; ``bench/results/candidates.md``).
@@ -27,22 +32,31 @@ model and whose plan is any plan makes it a fixed-plan fine-tune from float (``b
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
+import json
+import os
 import time
+from pathlib import Path
+
+import numpy as np
 
 import impq_onnx
 from impq_onnx.data.dataset import derive_seed
 from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import evaluate, fine_tune
 from impq_onnx.engine.evaluation import predicted_classes
+from impq_onnx.engine.training import TrainedWeights
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.search.checkpoint import values_from_bytes, values_to_bytes
 
 
-def epoch_batches(train, seed: int, batch_size: int, epochs: float, augment: bool = True):
+def epoch_batches(train, seed: int, batch_size: int, epochs: float, augment: bool = True, first_epoch: int = 0):
     """``(batches, steps)`` for ``fine_tune``: shuffled batches (augmented as compress's ``--augment`` does unless
-    ``augment`` is False) with a new seeded order per epoch, and the steps of ``epochs`` passes (also used by
-    ``bench/lsq_screen.py``)."""
-    epoch = [0]
+    ``augment`` is False) with a new seeded order per epoch, from epoch ``first_epoch`` on, and the steps of
+    ``epochs`` passes (also used by ``bench/lsq_screen.py``)."""
+    epoch = [first_epoch]
 
     def batches():
         order = derive_seed(seed, 10_000, "polish", epoch[0])
@@ -89,6 +103,10 @@ def main() -> None:
                         help="fine-tune on the training images as they are (no random crop and flip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="a decoded-image cache folder (a work dir's decoded/)")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="fine-tune in parts (SGD), saving the weights and momentum in DIR after each; run again "
+                             "with the same options to resume after the last part (the same numbers as one call)")
+    parser.add_argument("--part-steps", type=int, default=0, help="steps per part with --checkpoint (0: one epoch)")
     args = parser.parse_args()
     start = time.perf_counter()
     teacher = impq_onnx.load(args.model)
@@ -107,16 +125,95 @@ def main() -> None:
 
     print(f"{args.stem}: as written: {scores(tuned)}", flush=True)
     batches, steps = epoch_batches(data.train, args.seed, args.batch_size, args.epochs, args.augment)
-    trained = fine_tune(tuned, plan, sites, batches, steps=steps, lr=args.lr, optimizer=args.optimizer,
-                        label_mix=args.label_mix, distill=True, teacher=teacher,
-                        weight_decay=args.weight_decay, temperature=args.temperature,
-                        batchnorm=args.batchnorm, threads=args.threads,
-                        seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
-    polished = trained.apply_to(tuned)
+    options = dict(lr=args.lr, optimizer=args.optimizer, label_mix=args.label_mix, distill=True, teacher=teacher,
+                   weight_decay=args.weight_decay, temperature=args.temperature, batchnorm=args.batchnorm,
+                   threads=args.threads, seed=derive_seed(args.seed, 10_000, "fine-tune"), progress=False)
+    if args.checkpoint:
+        values = fine_tune_in_parts(args, tuned, plan, sites, data.train, steps, options)
+    else:
+        values = fine_tune(tuned, plan, sites, batches, steps=steps, **options).values
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(values[k], np.float32).tobytes()
+                                     for k in sorted(values))).hexdigest()[:16]
+    print(f"{args.stem}: fine-tuned weights sha256 {digest}", flush=True)
+    polished = TrainedWeights(values, [], steps, 0, 0.0).apply_to(tuned)
     print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm}, "
           f"{args.optimizer}, weight decay {args.weight_decay:g}, temperature {args.temperature:g}, "
           f"label mix {args.label_mix:g}, augment {'on' if args.augment else 'off'} ({steps} steps): "
           f"{scores(polished)}; {time.perf_counter() - start:.0f} s", flush=True)
+
+
+CHECKPOINT_SETTINGS = ("seed", "val_fraction", "epochs", "lr", "batch_size", "batchnorm", "weight_decay",
+                       "temperature", "label_mix", "optimizer", "threads", "augment", "part_steps")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def skipping(batches, skip: int):
+    """``batches`` (a callable giving one epoch's batches per call) whose first epoch starts ``skip`` batches in."""
+    first = [True]
+
+    def skipped():
+        stream = batches()
+        if first[0]:
+            first[0] = False
+            return itertools.islice(stream, skip, None)
+        return stream
+
+    return skipped
+
+
+def fine_tune_in_parts(args, tuned, plan, sites, train, steps: int, options: dict) -> dict:
+    """``fine_tune`` of ``steps`` steps as consecutive parts (one epoch, or ``--part-steps``), each from the last
+    part's weights and SGD momentum, which ``--checkpoint`` holds after every part (``polish.json``,
+    ``weights-<step>.npz``, ``velocity-<step>.npz``; only the last part's are kept); returns the trained values."""
+    if args.optimizer != "sgd":
+        raise SystemExit(f"--checkpoint needs --optimizer sgd ({args.optimizer}'s state stays inside onnxruntime)")
+    folder = Path(args.checkpoint)
+    folder.mkdir(parents=True, exist_ok=True)
+    per_epoch = max(1, len(train) // args.batch_size)
+    part = args.part_steps or per_epoch
+    if part % per_epoch and per_epoch % part:
+        raise SystemExit(f"--part-steps {part}: give a divisor or a multiple of the {per_epoch} steps of an epoch")
+    inputs = {name: hashlib.sha256(Path(f"{args.stem}{suffix}").read_bytes()).hexdigest()
+              for name, suffix in (("float", ".float.onnx"), ("plan", ".plan.yaml"))}
+    inputs["model"] = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
+    settings = {**{key: getattr(args, key) for key in CHECKPOINT_SETTINGS}, "steps": steps, "inputs": inputs}
+    record = folder / "polish.json"
+    done, losses, values, velocity = 0, [], {}, {}
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved["settings"] != settings:
+            differs = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
+            raise SystemExit(f"{record}: written by a fine-tune with other {', '.join(differs)}; give the same "
+                             "options and inputs, or another --checkpoint folder")
+        done, losses = saved["done"], saved["losses"]
+        values = values_from_bytes((folder / f"weights-{done}.npz").read_bytes())
+        velocity = values_from_bytes((folder / f"velocity-{done}.npz").read_bytes())
+        print(f"{record}: resuming after step {done} of {steps}", flush=True)
+    while done < steps:
+        tick, stop = time.perf_counter(), min(steps, done + part)
+        batches, _ = epoch_batches(train, args.seed, args.batch_size, args.epochs, args.augment,
+                                   first_epoch=done // per_epoch)
+        if done % per_epoch:  # a part that starts inside an epoch skips what the last parts used of it
+            batches = skipping(batches, done % per_epoch)
+        model = TrainedWeights(values, [], 0, 0, 0.0).apply_to(tuned) if values else tuned
+        trained = fine_tune(model, plan, sites, batches, steps=steps, start_step=done, stop_step=stop,
+                            velocity=velocity, **options)
+        values, done = {**values, **trained.values}, stop
+        losses.append(float(np.mean(trained.losses)))
+        _write_atomic(folder / f"weights-{done}.npz", values_to_bytes(values))
+        _write_atomic(folder / f"velocity-{done}.npz", values_to_bytes(velocity))
+        _write_atomic(record, json.dumps({"settings": settings, "done": done, "losses": losses}, indent=1).encode())
+        for old in folder.glob("*-*.npz"):
+            if old.name not in (f"weights-{done}.npz", f"velocity-{done}.npz"):
+                old.unlink()
+        print(f"{record}: step {done}/{steps}, mean loss {losses[-1]:.6f}, {time.perf_counter() - tick:.0f} s",
+              flush=True)
+    return values
 
 
 if __name__ == "__main__":
