@@ -107,11 +107,7 @@ def feature_loss(classes: int, sizes: list[int], scales: list[float], beta: floa
         class FeatureDistillation(onnxblock.Block):
             def build(self, logits: str, teacher: str = "teacher_logits") -> str:
                 graph = self.base.graph
-                source = next(o for o in graph.output if o.name == logits)
-                value = onnx.ValueInfoProto()
-                value.CopyFrom(source)
-                value.name = teacher
-                graph.input.append(value)
+                training.add_target_input(graph, logits, teacher)
 
                 def const(name: str, array) -> str:
                     graph.initializer.append(numpy_helper.from_array(np.asarray(array), f"{PREFIX}/{name}"))

@@ -168,15 +168,20 @@ def _kept_apart(proto: onnx.ModelProto, trainable: list[str]) -> set[str]:
     return kept
 
 
+def add_target_input(graph: onnx.GraphProto, logits: str, teacher: str) -> None:
+    """Declare the loss's target input ``teacher`` with the shape and type of the graph's output ``logits``."""
+    source = next(o for o in graph.output if o.name == logits)
+    value = onnx.ValueInfoProto()
+    value.CopyFrom(source)
+    value.name = teacher
+    graph.input.append(value)
+
+
 def _distillation_loss(onnxblock, temperature: float):
     class SoftCrossEntropy(onnxblock.Block):
         def build(self, logits: str, teacher: str = "teacher_logits") -> str:
             graph = self.base.graph
-            source = next(o for o in graph.output if o.name == logits)
-            value = onnx.ValueInfoProto()
-            value.CopyFrom(source)
-            value.name = teacher
-            graph.input.append(value)
+            add_target_input(graph, logits, teacher)
             t = onnx.numpy_helper.from_array(np.array(temperature, np.float32), "distill/T")
             t2 = onnx.numpy_helper.from_array(np.array(-temperature * temperature, np.float32), "distill/negT2")
             axes = onnx.numpy_helper.from_array(np.array([-1], np.int64), "distill/axes")
