@@ -90,10 +90,10 @@ def with_feature_outputs(simulate, logits: str, features: list[str], width: int)
             graph.node.append(helper.make_node("Flatten", [name], [flat[-1]], name=f"{PREFIX}/flatten{i}", axis=1))
         graph.node.append(helper.make_node("Concat", [inner, *flat], [logits], name=f"{PREFIX}/concat", axis=1))
         output = next(o for o in graph.output if o.name == logits)
-        batch = output.type.tensor_type.shape.dim[0] if output.type.tensor_type.shape.dim else None
-        first = (batch.dim_value if batch is not None and batch.HasField("dim_value")
-                 else (batch.dim_param if batch is not None and batch.dim_param else "N"))
-        output.CopyFrom(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, [first, width]))
+        dims = list(output.type.tensor_type.shape.dim)  # the batch dimension is kept as declared
+        output.CopyFrom(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", width]))
+        if dims:
+            output.type.tensor_type.shape.dim[0].CopyFrom(dims[0])
         return proto
 
     return wrapped
@@ -194,9 +194,10 @@ def main() -> None:
         training._distillation_loss = feature_loss(classes, sizes, scales, weight)
 
     if args.check:
-        plain = check_losses(shared, data, args.check)
+        losses = check_losses(shared, data)
+        plain = losses(args.check)
         patch(0.0)
-        zero = check_losses(shared, data, args.check)
+        zero = losses(args.check)
         print(f"plain refit losses {np.round(plain, 6).tolist()}\nweight 0 losses    {np.round(zero, 6).tolist()}\n"
               f"largest difference {float(np.abs(plain - zero).max()):.3g}", flush=True)
         raise SystemExit(0 if np.array_equal(plain, zero) else 1)
@@ -205,9 +206,9 @@ def main() -> None:
     polish.main()
 
 
-def check_losses(shared, data, steps: int) -> np.ndarray:
-    """The first ``steps`` losses of polish.py's fine-tune (the stem's plan on the --model's weights, lr 0.01,
-    batch-norm train, one thread), with whatever training functions are in place."""
+def check_losses(shared, data):
+    """``losses(steps)``: the first ``steps`` losses of polish.py's fine-tune (the stem's plan on the --model's weights,
+    lr 0.01, batch-norm train, one thread), with whatever training functions are in place when it is called."""
     import impq_onnx
     from impq_onnx.data.dataset import derive_seed
     from impq_onnx.engine import fine_tune
@@ -217,12 +218,15 @@ def check_losses(shared, data, steps: int) -> np.ndarray:
     model = impq_onnx.load(shared.model)
     plan = PrecisionPlan.load(f"{shared.stem}.plan.yaml")
     sites = find_sites(model, (1, *data.preprocess.sample_shape))
-    batches, total = polish.epoch_batches(data.train, shared.seed, 128, 1)
-    trained = fine_tune(model, plan, sites, batches, steps=total, stop_step=steps, lr=0.01, distill=True,
-                        teacher=model, batchnorm="train", threads=1, progress=False,
-                        seed=derive_seed(shared.seed, 10_000, "fine-tune"))
-    return np.array(trained.losses)
 
+    def losses(steps: int) -> np.ndarray:
+        batches, total = polish.epoch_batches(data.train, shared.seed, 128, 1)
+        trained = fine_tune(model, plan, sites, batches, steps=total, stop_step=steps, lr=0.01, distill=True,
+                            teacher=model, batchnorm="train", threads=1, progress=False,
+                            seed=derive_seed(shared.seed, 10_000, "fine-tune"))
+        return np.array(trained.losses)
+
+    return losses
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -46,10 +45,11 @@ from impq_onnx.data.dataset import derive_seed
 from impq_onnx.data.model_data import open_model_data
 from impq_onnx.engine import evaluate, fine_tune
 from impq_onnx.engine.evaluation import predicted_classes
-from impq_onnx.engine.training import TrainedWeights
+from impq_onnx.files import write_atomic
 from impq_onnx.frontend.site_analysis import find_sites
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import values_from_bytes, values_to_bytes
+from impq_onnx.search.iteration import with_values
 
 
 def epoch_batches(train, seed: int, batch_size: int, epochs: float, augment: bool = True, first_epoch: int = 0):
@@ -135,7 +135,7 @@ def main() -> None:
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(values[k], np.float32).tobytes()
                                      for k in sorted(values))).hexdigest()[:16]
     print(f"{args.stem}: fine-tuned weights sha256 {digest}", flush=True)
-    polished = TrainedWeights(values, [], steps, 0, 0.0).apply_to(tuned)
+    polished = with_values(tuned, values)
     print(f"{args.stem}: +{args.epochs:g} epochs at lr {args.lr:g}, batch-norm {args.batchnorm}, "
           f"{args.optimizer}, weight decay {args.weight_decay:g}, temperature {args.temperature:g}, "
           f"label mix {args.label_mix:g}, augment {'on' if args.augment else 'off'} ({steps} steps): "
@@ -144,12 +144,6 @@ def main() -> None:
 
 CHECKPOINT_SETTINGS = ("seed", "val_fraction", "epochs", "lr", "batch_size", "batchnorm", "weight_decay",
                        "temperature", "label_mix", "optimizer", "threads", "augment", "part_steps")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def skipping(batches, skip: int):
@@ -200,14 +194,13 @@ def fine_tune_in_parts(args, tuned, plan, sites, train, steps: int, options: dic
                                    first_epoch=done // per_epoch)
         if done % per_epoch:  # a part that starts inside an epoch skips what the last parts used of it
             batches = skipping(batches, done % per_epoch)
-        model = TrainedWeights(values, [], 0, 0, 0.0).apply_to(tuned) if values else tuned
-        trained = fine_tune(model, plan, sites, batches, steps=steps, start_step=done, stop_step=stop,
-                            velocity=velocity, **options)
+        trained = fine_tune(with_values(tuned, values), plan, sites, batches, steps=steps, start_step=done,
+                            stop_step=stop, velocity=velocity, **options)
         values, done = {**values, **trained.values}, stop
         losses.append(float(np.mean(trained.losses)))
-        _write_atomic(folder / f"weights-{done}.npz", values_to_bytes(values))
-        _write_atomic(folder / f"velocity-{done}.npz", values_to_bytes(velocity))
-        _write_atomic(record, json.dumps({"settings": settings, "done": done, "losses": losses}, indent=1).encode())
+        write_atomic(folder / f"weights-{done}.npz", values_to_bytes(values))
+        write_atomic(folder / f"velocity-{done}.npz", values_to_bytes(velocity))
+        write_atomic(record, json.dumps({"settings": settings, "done": done, "losses": losses}, indent=1).encode())
         for old in folder.glob("*-*.npz"):
             if old.name not in (f"weights-{done}.npz", f"velocity-{done}.npz"):
                 old.unlink()

@@ -54,8 +54,8 @@ def flip_target(teacher, input_name: str, x: np.ndarray, y, label_mix: float, te
 def with_mixup(epoch_batches, alpha: float):
     """``polish.epoch_batches`` whose batches are mixed with a shuffled copy of themselves."""
 
-    def mixed_epoch_batches(train, seed: int, batch_size: int, epochs: float):
-        batches, steps = epoch_batches(train, seed, batch_size, epochs)
+    def mixed_epoch_batches(train, seed: int, batch_size: int, epochs: float, *args, **kwargs):
+        batches, steps = epoch_batches(train, seed, batch_size, epochs, *args, **kwargs)
         rng = np.random.default_rng(seed + 12345)
 
         def mixed():
