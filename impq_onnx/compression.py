@@ -272,6 +272,9 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     cfg = cfg.with_derived_defaults()
     if resuming:
         state, reference_metrics = SearchState.resume(workdir)
+        moved = workdir.machine_change()
+        if moved:
+            logging.getLogger(__name__).warning(moved)
         seen_classes = None
         if report:
             report(Event("message", "compress", f"resuming {workdir.path} after iteration {state.iteration}",

@@ -190,7 +190,8 @@ def _check_work_dir(work_dir: Path, inputs: dict[str, Path], trees: dict[str, Pa
     if work_dir.exists() and not work_dir.is_dir():
         raise PathError(f"--work-dir {show(work_dir)} exists and is not a folder; choose another --work-dir")
     if work_dir.is_dir():
-        own = ("run.json", "state.json", "iterations", "decoded", "refit")  # impq_onnx.data.cache, search.refit
+        # search.checkpoint's files, impq_onnx.data.cache's decoded/, search.refit's refit/
+        own = ("run.json", "machine.json", "state.json", "iterations", "decoded", "refit")
         foreign = sorted(p.name for p in work_dir.iterdir() if p.name not in own
                          and not (p.name.startswith(".") and p.name.endswith(".tmp")))
         if foreign:

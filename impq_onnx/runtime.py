@@ -6,17 +6,19 @@ import contextlib
 import contextvars
 import logging
 import os
+import platform
 import re
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import onnxruntime as ort
 
 from impq_onnx.errors import ModelError
 
 __all__ = ["Laps", "available_cores", "check_runs", "lap", "recording_laps", "default_replicas", "inference_session",
            "resolve_threads", "MIN_REPLICA_BATCH", "MIN_EVAL_PART", "undo_onnxruntime_logging",
-           "root_logging_unchanged"]
+           "root_logging_unchanged", "cpu_fields", "arithmetic"]
 
 # A fine-tune replica normalises batch-norm over its own part of the batch: never fewer images than this.
 MIN_REPLICA_BATCH = 16
@@ -58,6 +60,48 @@ def lap(name: str) -> None:
     laps = _LAPS.get()
     if laps is not None:
         laps.lap(name)
+
+
+# The CPU features that decide which float kernels onnxruntime's MLAS runs (SGEMM, convolution, activation
+# vectors: SSE, AVX, AVX2/FMA, AVX-512, AMX; NEON, SVE on ARM). Kernels of two widths add a dot product in
+# different orders, so their results differ in the last bits.
+_VECTOR_FLAGS = frozenset({"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq",
+                           "avx512vl", "avx512cd", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                           "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "sve2"})
+
+
+def cpu_fields(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str] | None:
+    """The first processor's ``key: value`` lines of ``cpuinfo`` (Linux's /proc/cpuinfo format); None where it
+    cannot be read."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    return fields or None
+
+
+def arithmetic(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
+    """What decides the last bits of onnxruntime's float results on this machine: the architecture, the CPU's
+    vendor, its vector features that MLAS chooses kernels by, and the onnxruntime and numpy versions. Two machines
+    with different values can fine-tune the same model to different last bits, which a long fine-tune amplifies;
+    equal values do not promise equal bits (two Intel Xeons with AVX-512 computed alike; an AMD EPYC with AVX-512
+    did not), but a difference is worth a warning. Not host-specific otherwise (no model name, host or cores)."""
+    fields = cpu_fields(cpuinfo) or {}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"machine": platform.machine(),
+            "cpu_vendor": fields.get("vendor_id") or fields.get("CPU implementer"),
+            "vector_flags": sorted(flags & _VECTOR_FLAGS),
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__}
 
 
 def available_cores() -> int:

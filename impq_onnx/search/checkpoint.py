@@ -3,6 +3,8 @@
 Layout::
 
     <work_dir>/run.json                  what the run is (resolved config + input model digest)
+    <work_dir>/machine.json              the arithmetic it started on (impq_onnx.runtime.arithmetic): not part
+                                         of its identity; a resume elsewhere is warned of, not refused
     <work_dir>/state.json                the commit point: loop state after the last finished iteration
     <work_dir>/iterations/0003/plan.yaml     plan after iteration 3
     <work_dir>/iterations/0003/weights.npz   the float (shadow) parameters fine-tuned so far
@@ -31,6 +33,7 @@ import numpy as np
 from impq_onnx.files import write_atomic, write_temporary
 from impq_onnx.errors import ConfigError
 from impq_onnx.quant.plan import PrecisionPlan
+from impq_onnx.runtime import arithmetic
 
 __all__ = ["WorkDir", "write_atomic", "write_temporary", "STATE_VERSION"]
 
@@ -65,6 +68,10 @@ def read_values(path: Path, work_dir: Path, fix: str = "remove it to start over"
                           f"({type(exc).__name__}); the work dir is damaged: {fix}") from exc
 
 
+def _shown(value: Any) -> str:
+    return ("+".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+
+
 class WorkDir:
     """One run's work directory (see the module docstring)."""
 
@@ -89,7 +96,26 @@ class WorkDir:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "iterations").mkdir(exist_ok=True)
+        write_atomic(self.path / "machine.json", _json(arithmetic()))
         write_atomic(self.path / "run.json", _json(identity))
+
+    def machine_change(self, current: dict | None = None) -> str | None:
+        """On resume: a warning line when this machine's arithmetic (``current``, by default
+        :func:`impq_onnx.runtime.arithmetic`) differs from the one the run started on; None when it is the same,
+        or the work dir predates ``machine.json`` or cannot say."""
+        try:
+            started = json.loads((self.path / "machine.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        current = arithmetic() if current is None else current
+        if not isinstance(started, dict) or started == current:
+            return None
+        changed = "; ".join(f"{key} {_shown(started.get(key))} then, {_shown(current.get(key))} now"
+                            for key in sorted(set(started) | set(current)) if started.get(key) != current.get(key))
+        return (f"work_dir {self.path}: this run started on other arithmetic ({changed}): onnxruntime's float "
+                "kernels differ in their last bits there, so from here the run will not repeat the bytes of an "
+                "uninterrupted run on either machine, and a long fine-tune can end at another accuracy; resume on "
+                "the machine that started it to repeat its bytes")
 
     def check_identity(self, identity: dict, legacy: dict | None = None) -> dict:
         """On resume: the run must be the same run (same config and input model). ``legacy`` maps an option

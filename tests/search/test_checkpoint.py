@@ -192,3 +192,44 @@ def test_keep_ends_is_an_impq_option_with_a_floor_per_kernel_or_layer(tmp_path):
     assert work.check_identity({"seed": 0, "keep_ends": 0}, _LEGACY) == {}
     with pytest.raises(ConfigError, match="without the option 'keep_ends' \\(now 4\\)"):
         work.check_identity({"seed": 0, "keep_ends": 4}, _LEGACY)
+
+
+def test_a_resume_on_other_arithmetic_is_named_in_one_warning_line(tmp_path):
+    """machine.json records the arithmetic a run started on; a resume compares: the same machine says nothing,
+    another CPU (vendor or vector flags) or onnxruntime is one line naming what changed, and a work dir from
+    before machine.json (or a damaged one) cannot say, so it says nothing."""
+    from impq_onnx.runtime import arithmetic
+
+    work = WorkDir(tmp_path / "work")
+    work.start({"seed": 0})
+    here = arithmetic()
+    assert here["vector_flags"] == sorted(here["vector_flags"]) and here["onnxruntime"]
+    assert work.machine_change() is None and work.machine_change(here) is None
+    elsewhere = dict(here, cpu_vendor="GenuineIntel" if here["cpu_vendor"] != "GenuineIntel" else "AuthenticAMD",
+                     vector_flags=["avx", "avx2", "avx512f", "fma"])
+    line = work.machine_change(elsewhere)
+    assert line is not None and "\n" not in line and line.startswith(f"work_dir {work.path}: ")
+    assert f"cpu_vendor {here['cpu_vendor']} then, {elsewhere['cpu_vendor']} now" in line
+    assert "vector_flags " in line and "avx+avx2+avx512f+fma now" in line
+    assert "onnxruntime" not in line.split("(", 1)[1].split(")", 1)[0]  # only what changed is named
+    (work.path / "machine.json").write_text("not json")
+    assert work.machine_change(elsewhere) is None
+    (work.path / "machine.json").unlink()
+    assert work.machine_change(elsewhere) is None
+
+
+def test_arithmetic_reads_the_first_processor_and_keeps_only_vector_flags(tmp_path):
+    from impq_onnx.runtime import arithmetic, cpu_fields
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\n"
+                    "flags\t\t: fpu sse4_2 avx2 fma avx512f avx512_vnni ht\n\nprocessor\t: 1\nvendor_id\t: other\n")
+    assert cpu_fields(str(info))["model name"] == "Xeon"
+    got = arithmetic(str(info))
+    assert got["cpu_vendor"] == "GenuineIntel"
+    assert got["vector_flags"] == ["avx2", "avx512_vnni", "avx512f", "fma", "sse4_2"]
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50\nFeatures\t: fp asimd sve crc32\nCPU implementer\t: 0x41\n")
+    assert arithmetic(str(arm))["cpu_vendor"] == "0x41" and arithmetic(str(arm))["vector_flags"] == ["asimd", "sve"]
+    missing = arithmetic(str(tmp_path / "none"))
+    assert missing["cpu_vendor"] is None and missing["vector_flags"] == []

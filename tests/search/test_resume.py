@@ -122,3 +122,24 @@ def test_a_run_with_learned_clips_stopped_in_the_activation_phase_resumes_to_the
         assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     learned, mse = (PrecisionPlan.load(tmp_path / f / "out.plan.yaml") for f in ("whole", "mse"))
     assert learned.activations and all(learned.clips[t] != mse.clips[t] for t in learned.activations)
+
+
+def test_a_resume_on_another_machine_warns_once_and_goes_on(tmp_path):
+    """The work dir records the machine's arithmetic; resumed where it differs (here: machine.json edited as if the
+    run had started on another CPU), compress names the change in a warning and finishes; on the same machine it
+    says nothing."""
+    first = subprocess.run(_args(tmp_path, "--max-iterations", "0", "--phases", "weights"), capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    machine = tmp_path / "out.work" / "machine.json"
+    same = subprocess.run(_args(tmp_path, "--max-iterations", "0", "--phases", "weights", "--resume"),
+                          capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "started on other arithmetic" not in same.stderr
+    started = json.loads(machine.read_text())
+    machine.write_text(json.dumps(dict(started, cpu_vendor="SomeOtherVendor")))
+    moved = subprocess.run(_args(tmp_path, "--max-iterations", "0", "--phases", "weights", "--resume"),
+                           capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    lines = [line for line in moved.stderr.splitlines() if "started on other arithmetic" in line]
+    assert len(lines) == 1 and f"cpu_vendor SomeOtherVendor then, {started['cpu_vendor']} now" in lines[0]

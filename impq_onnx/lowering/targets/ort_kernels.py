@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from impq_onnx.runtime import cpu_fields
+
 __all__ = ["cpu_flags", "u8s8_kernels", "modelled_cpu", "pair_overflow", "SATURATING", "INT16_MAX"]
 
 INT16_MAX = 32767
@@ -37,12 +39,8 @@ SATURATING = ("avx2", "avx512core")
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
     """The first CPU's ``flags`` in ``cpuinfo`` (Linux's /proc/cpuinfo format); None where it cannot be read."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            line = next((line for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    return None if line is None else frozenset(line.split(":", 1)[1].split())
+    line = (cpu_fields(cpuinfo) or {}).get("flags")
+    return None if line is None else frozenset(line.split())
 
 
 def u8s8_kernels(cpuinfo: str = "/proc/cpuinfo") -> str | None:
