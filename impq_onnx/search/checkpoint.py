@@ -69,7 +69,9 @@ def read_values(path: Path, work_dir: Path, fix: str = "remove it to start over"
 
 
 def _shown(value: Any) -> str:
-    return ("+".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+    """A recorded value in one short line (machine.json is the user's file, hand edits included)."""
+    text = ("+".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+    return " ".join(text.split())[:200]
 
 
 class WorkDir:

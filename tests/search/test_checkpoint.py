@@ -212,6 +212,8 @@ def test_a_resume_on_other_arithmetic_is_named_in_one_warning_line(tmp_path):
     assert f"cpu_vendor {here['cpu_vendor']} then, {elsewhere['cpu_vendor']} now" in line
     assert "vector_flags " in line and "avx+avx2+avx512f+fma now" in line
     assert "onnxruntime" not in line.split("(", 1)[1].split(")", 1)[0]  # only what changed is named
+    hostile = work.machine_change(dict(here, cpu_vendor="Evil\nVendor " + "x" * 5000))
+    assert hostile is not None and "\n" not in hostile and len(hostile) < 1000
     (work.path / "machine.json").write_text("not json")
     assert work.machine_change(elsewhere) is None
     (work.path / "machine.json").unlink()
