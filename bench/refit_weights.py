@@ -68,16 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "when there]")
 
 
-def load_last_weights(args: argparse.Namespace) -> LastWeights:
-    """The refit of ``args.stem`` (:func:`add_arguments`), which must have finished."""
-    work = Path(f"{args.stem}.work")
+def finished_refit(stem: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``refit.json`` and the last weights of ``<stem>.work/refit``, whose refit must have finished."""
+    work = Path(f"{stem}.work")
     progress = json.loads((work / "refit" / "refit.json").read_text(encoding="utf-8"))
     if progress.get("result") is None:
         sys.exit(f"{work / 'refit'}: the refit has not finished (step {progress['done']} of {progress['steps']})")
+    return progress, read_values(work / "refit" / f"weights-{progress['done']}.npz", work)
+
+
+def load_last_weights(args: argparse.Namespace) -> LastWeights:
+    """The refit of ``args.stem`` (:func:`add_arguments`), which must have finished."""
+    work = Path(f"{args.stem}.work")
+    progress, values = finished_refit(args.stem)
     base = impq_onnx.load(args.model)
     # the last part's clips (learned clips: refit.json's ``clips``), not the average's the written plan may hold
     plan = PrecisionPlan.load(f"{args.stem}.plan.yaml").with_clips(progress.get("clips", {}))
-    values = read_values(work / "refit" / f"weights-{progress['done']}.npz", work)
     cache = args.cache or (work / "decoded" if (work / "decoded").is_dir() else None)
     data = open_model_data(base, args.data, None, val_fraction=args.val_fraction, seed=args.seed, cache_dir=cache)
     sites = find_sites(base, (1, *data.preprocess.sample_shape))

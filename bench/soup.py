@@ -18,7 +18,6 @@ re-estimated over one epoch of augmented training batches through the simulated 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,10 @@ import numpy as np
 from impq_onnx.engine import batchnorm_statistics
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.quant.simulate import simulate
-from impq_onnx.search.checkpoint import read_values
 from impq_onnx.search.iteration import with_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from refit_weights import add_arguments, load_last_weights  # noqa: E402  (the same loading and scores)
-
-
-def last_values(stem: str) -> dict[str, np.ndarray]:
-    work = Path(f"{stem}.work")
-    progress = json.loads((work / "refit" / "refit.json").read_text(encoding="utf-8"))
-    if progress.get("result") is None:
-        sys.exit(f"{work / 'refit'}: the refit has not finished (step {progress['done']} of {progress['steps']})")
-    return read_values(work / "refit" / f"weights-{progress['done']}.npz", work)
+from refit_weights import add_arguments, finished_refit, load_last_weights  # noqa: E402  (the same loading and scores)
 
 
 def main() -> None:
@@ -53,7 +43,7 @@ def main() -> None:
     plans = {PrecisionPlan.load(f"{stem}.plan.yaml").to_yaml() for stem in [args.stem, *args.others]}
     if len(plans) != 1:
         sys.exit("the refits' plans differ: an average needs one plan")
-    soup = [last.values, *(last_values(stem) for stem in args.others)]
+    soup = [last.values, *(finished_refit(stem)[1] for stem in args.others)]
     if any(set(v) != set(last.values) for v in soup):
         sys.exit("the refits' checkpoints hold different parameters")
     for stem, values in zip([args.stem, *args.others], soup, strict=True):
