@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -275,6 +276,28 @@ def markdown(rows: list[dict], gbitops8: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_child(cmd: list[str], **popen) -> int:
+    """Run ``cmd`` to its end and return its exit status, passing a SIGTERM sent to this script on to it. With a
+    plain ``subprocess.run`` a ``kill`` or ``pkill`` of the bench left its ``impq-onnx compress`` running (a
+    stray run beside the next one halved both). compress stops on SIGTERM at once (exit 143, the work dir at its
+    last committed part), and this script then exits with that status, without a traceback."""
+    with subprocess.Popen(cmd, **popen) as child:
+        received: list[int] = []
+
+        def forward(signum, frame) -> None:
+            received.append(signum)
+            child.send_signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            returncode = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise SystemExit(returncode or 128 + received[0])
+    return returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL)
@@ -296,10 +319,10 @@ def main(argv=None) -> int:
         for name in names:
             cmd = command(name, args.model, args.data, work, args.threads)
             print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
-            done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            returncode = run_child(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             # 4: ended by a stop rule before its target (--max-accuracy-drop, --max-iterations), outputs written
-            if done.returncode not in (0, 4):
-                raise subprocess.CalledProcessError(done.returncode, cmd)
+            if returncode not in (0, 4):
+                raise subprocess.CalledProcessError(returncode, cmd)
     out = Path(args.out)
     rows = collect_rows(work, out.with_suffix(".json"))
     gbitops8 = reference_gbitops(args.model)
