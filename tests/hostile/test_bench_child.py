@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
@@ -46,15 +46,6 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _wait_for(path: Path, process: subprocess.Popen, limit: float = 60.0) -> None:
-    """Until ``path`` exists; fails if ``process`` ends first or ``limit`` seconds pass (a hung start)."""
-    deadline = time.monotonic() + limit
-    while not path.exists():
-        assert process.poll() is None, f"the bench process ended early: {process.communicate()}"
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.mark.skipif(not hasattr(signal, "pause"), reason="POSIX signals")
 def test_sigterm_to_the_bench_stops_its_child(tmp_path):
     child, parent = tmp_path / "child.py", tmp_path / "parent.py"
@@ -63,7 +54,7 @@ def test_sigterm_to_the_bench_stops_its_child(tmp_path):
     bench = subprocess.Popen([sys.executable, str(parent), str(ROOT / "bench" / "impq_resnet20.py"), str(child),
                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(tmp_path / "child-pid", bench)
+        wait_for((tmp_path / "child-pid").exists, bench, "the bench started its child")
         bench.send_signal(signal.SIGTERM)
         out, err = bench.communicate(timeout=60)
     finally:
