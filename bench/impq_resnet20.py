@@ -131,6 +131,11 @@ RUNS: dict[str, list[str]] = {
     **{f"swa-kernel-174-rms-ep1-rlr{tag}-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs",
                                                              "1", "--refit-epochs", "30", "--refit-lr", rate)
        for tag, rate in (("02", "0.02"), ("005", "0.005"))},
+    # the recipe with a search half as long (half an epoch per lowering, 176 start steps: about 3.5 epochs) and the
+    # epochs it saves given to the refit (36 from float, about 39.5 in all): more refit epochs kept paying from
+    # float (10 -> 20 -> 30), and a plan from 1-epoch lowerings was as good as one from 5-epoch lowerings
+    "swa-kernel-174-rms-ep05-refit36": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "0.5",
+                                                  "--start-steps", "176", "--refit-epochs", "36"),
     # issue 23's stretch: the same recipe to 1.5 bits (about 8 lowerings: 9 search epochs + 30 refit epochs <= 40)
     "swa-kernel-150-rms-ep1-refit30": kernel_174("--weight-scheme", "midrise-rms", *PINNED_174, "--epochs", "1",
                                                  "--target-bits", "1.5", "--refit-epochs", "30"),
