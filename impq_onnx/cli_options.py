@@ -17,10 +17,24 @@ __all__ = ["user_errors", "parse_shape", "examples", "BUNDLED", "logits_options"
            "progress_options", "dump", "reporting"]
 
 
+def _refuse_empty(kwargs) -> None:
+    """An empty path or value (``-o "$OUT"`` with OUT unset) is an error naming the option, never read as "not
+    given": an optional path would fall back to its default (``evaluate --plan ''`` would score the float model)."""
+    from impq_onnx.errors import ConfigError
+
+    for param in click.get_current_context().command.params:
+        value = kwargs.get(param.name)
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, tuple) else (value,))):
+            if isinstance(param, click.Argument):
+                raise ConfigError(f"{param.human_readable_name}: the value is empty; give a path")
+            raise ConfigError(f"{'/'.join(param.opts)}: the value is empty; give one, or leave the option out")
+
+
 def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_empty(kwargs)
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise

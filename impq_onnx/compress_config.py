@@ -185,6 +185,8 @@ class CompressConfig:
         """Defaults < the YAML ``config`` file < ``options`` (None in ``options`` means "not given")."""
         types = field_types(cls)
         check_keys(options, types, "compress")
+        if config is not None and not str(config).strip():
+            raise ConfigError("config: the path is empty; give a YAML file of options, or leave it out")
         values = dict(read_config(Path(config), types)) if config is not None else {}
         source = {key: str(config) for key in values}
         values.update({k: v for k, v in options.items() if v is not None})

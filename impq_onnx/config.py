@@ -23,7 +23,7 @@ from impq_onnx.errors import ConfigError
 
 __all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types", "load_yaml", "read_yaml_mapping"]
 
-_NONE_WORDS = ("none", "null", "~", "")
+_NONE_WORDS = ("none", "null", "~")
 
 
 def suggest(name: str, valid: Iterable[str]) -> str:
@@ -128,6 +128,11 @@ def _optional(tp) -> tuple[Any, bool]:
 def coerce(name: str, value: Any, tp, source: str = "option") -> Any:
     """``value`` (a YAML value or a CLI string) as type ``tp``; a one-line ConfigError otherwise."""
     base, optional = _optional(tp)
+    if isinstance(value, str) and not value.strip():
+        # ``--output "$OUT"`` with OUT unset: refused, not read as "not given" (an optional path would fall
+        # back to its default and write where the user did not say)
+        raise ConfigError(f"{source} '{name}': the value is empty; give a value"
+                          f"{', or none for the default' if optional else ''}")
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
         if optional:
             return None

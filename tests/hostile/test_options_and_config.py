@@ -95,3 +95,38 @@ def test_bad_config_files_are_one_line(ws: Workspace, content: bytes, words: str
     (ws.root / "c.yaml").write_bytes(content)
     code, stderr = cli("compress", "--config", "c.yaml", cwd=ws.root)
     one_line_error(code, stderr, 2, "c.yaml", words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["compress", "m.onnx", "--data", "d.npz", "--output", ""], "--output: the value is empty"),
+    (["compress", "m.onnx", "--data", "d.npz", "--output", "o.onnx", "--work-dir", " "],
+     "--work-dir: the value is empty"),
+    (["compress", "", "--data", "d.npz", "--output", "o.onnx"], "MODEL: the value is empty"),
+    (["compress", "m.onnx", "--data", "d.npz", "--output", "o.onnx", "--config", ""], "--config: the value is empty"),
+    (["compress", "m.onnx", "--data", "d.npz", "--output", "o.onnx", "--target-bits", ""],
+     "--target-bits: the value is empty"),
+    (["evaluate", "m.onnx", "--data", "d.npz", "--plan", ""], "--plan: the value is empty"),
+    (["sensitivity", "m.onnx", "--data", "d.npz", "-o", ""], "-o/--output-prefix: the value is empty"),
+    (["lower", "m.onnx", "--plan", "p.plan.yaml", "-o", ""], "-o/--output-path: the value is empty"),
+    (["verify", "", "--model", "m.onnx", "--plan", "p.plan.yaml", "--data", "d.npz"], "LOWERED: the value is empty"),
+    (["report", "", "-o", "r.html"], "WORK_DIRS: the value is empty"),
+    (["inspect", ""], "MODEL: the value is empty"),
+])
+def test_an_empty_value_is_refused_not_read_as_the_default(ws: Workspace, args: list[str], words: str) -> None:
+    """``-o "$OUT"`` with OUT unset: without the check, compress wrote m.impq.onnx in the current folder, sensitivity
+    its default prefix, and evaluate --plan '' scored the float model as if no plan had been given."""
+    before, names = ws.digests(), ws.names()
+    code, stderr = cli(*args, cwd=ws.root)
+    one_line_error(code, stderr, 2, words)
+    assert ws.digests() == before and ws.names() == names
+
+
+def test_an_empty_value_in_the_yaml_config_or_the_api_is_refused(ws: Workspace) -> None:
+    (ws.root / "c.yaml").write_text("output: ''\n")
+    code, stderr = cli("compress", "m.onnx", "--data", "d.npz", "--config", "c.yaml", cwd=ws.root)
+    one_line_error(code, stderr, 2, "'output': the value is empty; give a value, or none for the default")
+    from impq_onnx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="option 'work_dir': the value is empty"):
+        CompressConfig.resolve(model=str(ws.model), data=str(ws.data), work_dir="")
+    assert CompressConfig.resolve(model=str(ws.model), data=str(ws.data), work_dir="none").work_dir is None
