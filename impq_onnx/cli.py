@@ -56,7 +56,7 @@ def main(verbose: int) -> None:
     """impq-onnx: mixed-precision quantization of ONNX image classifiers (IMPQ).
 
     Exit codes: 0 ok, 1 internal error, 2 usage or bad input, 3 verification failed, 4 target not reached,
-    5 environment, 130 interrupted (the resume command is printed).
+    5 environment, 130 / 143 interrupted by SIGINT / SIGTERM (a compress run prints its resume command).
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
