@@ -230,6 +230,7 @@ def compress(
     preprocess: str | None | Default = DEFAULT,
     classes: str | None | Default = DEFAULT,
     input_shape: str | None | Default = DEFAULT,
+    logits: str | None | Default = DEFAULT,
     val_fraction: float | Default = DEFAULT,
     max_val_samples: int | None | Default = DEFAULT,
     phases: str | Default = DEFAULT,

@@ -450,19 +450,13 @@ def report_command(work_dirs, output_html, as_json) -> None:
         click.echo(f"wrote {path}")
 
 
-@main.command("demo")
+@main.command("demo", epilog=examples("impq-onnx demo --output fashion-demo", "impq-onnx demo --quick --output /tmp/demo"))
 @click.option("--output", "output_dir", default="impq-demo", show_default=True, type=click.Path(file_okay=False),
               help="A fresh folder for the outputs (absent or empty).")
 @click.option("--quick", is_flag=True, help="A short run (few fine-tune steps, low targets reached sooner).")
 @user_errors
 def demo_command(output_dir: str, quick: bool) -> None:
-    """Compress the bundled Fashion-MNIST model on its bundled images (both ship with the package) into DIR.
-
-    \b
-    Examples:
-      impq-onnx demo --output fashion-demo
-      impq-onnx demo --quick --output /tmp/demo
-    """
+    """Compress the bundled Fashion-MNIST model on its bundled images (both ship with the package) into DIR."""
     from pathlib import Path
     from typing import Any
 

@@ -79,6 +79,10 @@ class CompressConfig:
     input_shape: str | None = _opt(None, "Concrete input shape, e.g. 1,3,224,224, for a model with a dynamic "
                                          "height/width or auto_pad convs [default: the data's: the preprocess "
                                          "size, else the first image's].")
+    logits: str | None = _opt(None, "Name of the logits tensor when the model has several outputs and none is "
+                                    "clearly the logits (impq-onnx inspect lists them); every output is kept in "
+                                    "the written model [default: the single output, the one before a Softmax, or "
+                                    "the one a Gemm/MatMul computes].")
     val_fraction: float = _opt(0.2, "Fraction of the training images held out for validation (seeded; of each "
                                      "class, or across classes when classes have too few images; 0: validate "
                                      "on the training images).")

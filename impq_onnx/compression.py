@@ -48,7 +48,7 @@ _NOT_IDENTITY = ("resume", "output", "work_dir", "config", "format", "report", "
 # Options added after work dirs were written, with the value that computes what the version without them
 # did: such a work dir resumes when the option has that value (--batchnorm train, --no-guard).
 _LEGACY = {"batchnorm": "train", "guard": False, "lr": 0.005, "end_steps_factor": 1.0, "act_clip": "paper",
-           "weighting": "paper", "weight_scheme": "midrise-max", "keep_ends": 0}
+           "weighting": "paper", "weight_scheme": "midrise-max", "keep_ends": 0, "logits": None}
 
 
 @dataclasses.dataclass
@@ -239,15 +239,18 @@ def _compress(cfg: CompressConfig, paths: dict[str, Path], outputs: OutputSet,
     report = progress_callback(progress)
     cfg = dataclasses.replace(cfg, output=str(paths["output"]), work_dir=str(paths["work_dir"]))
     if sources.model is None:
-        base, digest = load_with_digest(cfg.model)
+        base, digest = load_with_digest(cfg.model, output=cfg.logits)
     elif isinstance(sources.model, onnx.ModelProto):
         from impq_onnx.frontend.canonical import from_proto
 
         digest = hashlib.sha256(sources.model.SerializeToString()).hexdigest()
-        base = from_proto(sources.model, label=cfg.model)
+        base = from_proto(sources.model, output=cfg.logits, label=cfg.model)
     else:
         digest = hashlib.sha256(sources.model.to_bytes()).hexdigest()
         base = sources.model
+        if cfg.logits is not None and cfg.logits != base.logits:
+            raise ConfigError(f"option 'logits': the canonical model given already has its logits "
+                              f"('{base.logits}'); pass the model file or ModelProto to choose another output")
     data = sources.data if sources.data is not None else cfg.data
     # Every image decoded once, into <work dir>/decoded (memory-mapped, reused by a resume; impq_onnx.data.cache).
     model_data = open_model_data(base, data, cfg.preprocess, val_fraction=cfg.val_fraction, seed=cfg.seed,

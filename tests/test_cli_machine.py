@@ -231,7 +231,8 @@ def test_logits_option_and_its_deprecated_alias(tmp_path):
     assert json.loads(new.stdout)["logits"] == "logits"
 
 
-@pytest.mark.parametrize("command", ["inspect", "evaluate", "sensitivity", "lower", "verify", "compress", "report"])
+@pytest.mark.parametrize("command", ["inspect", "evaluate", "sensitivity", "lower", "verify", "compress", "report",
+                                     "demo"])
 def test_every_help_ends_with_examples(command):
     result = impq(command, "--help")
     assert result.returncode == 0

@@ -260,7 +260,7 @@ def _choose_output(model: ir.Model, output: str | None, label: str) -> str:
         return linear[0].name
     raise ModelError(
         f"{label}: {len(outputs)} outputs ({names}) and none is clearly the logits; "
-        "name it with --output NAME"
+        "name it with --logits NAME (logits= in the Python API)"
     )
 
 

@@ -115,7 +115,8 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[str, str, str, int]] | None:
+def _network_order(model_path: str | None, plan: PrecisionPlan,
+                   logits: str | None = None) -> list[tuple[str, str, str, int]] | None:
     """``(layer node, input activation tensor, op type, weights per kernel)`` in network order, or None
     when the model is not usable."""
     if not model_path or not Path(model_path).is_file():
@@ -124,7 +125,7 @@ def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[st
         from impq_onnx.frontend.canonical import load
         from impq_onnx.frontend.site_analysis import find_sites
 
-        sites = find_sites(load(model_path, check_runtime=False))
+        sites = find_sites(load(model_path, logits, check_runtime=False))
     except (ImpqError, OSError, ValueError) as exc:  # the order is a nicety: never fail the report on it
         logger.info("layer order by name: %s", exc)
         return None
@@ -134,8 +135,8 @@ def _network_order(model_path: str | None, plan: PrecisionPlan) -> list[tuple[st
     return pairs
 
 
-def _layers(plan: PrecisionPlan, model_path: str | None):
-    order = _network_order(model_path, plan)
+def _layers(plan: PrecisionPlan, model_path: str | None, logits: str | None = None):
+    order = _network_order(model_path, plan, logits)
     if order is None:
         order = [(node, None, None, None) for node in sorted(plan.weights, key=_natural_key)]
     layers = tuple(LayerBits(node, tuple(plan.weights[node]), act, plan.activations.get(act) if act else None,
@@ -189,7 +190,7 @@ def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path,
     final = dict(document.get("final") or record.final_metrics())
     final.setdefault("elapsed", state.get("elapsed", record.elapsed))
     config = dict(document.get("config") or {k: v for k, v in identity.items() if k != "model_sha256"})
-    layers, rest = _layers(plan, identity.get("model"))
+    layers, rest = _layers(plan, identity.get("model"), identity.get("logits"))
     sensitivity, sensitivity_iteration = _sensitivity(path, int(state.get("iteration", last)))
     return RunData(
         path=path, label=label or path.name.removesuffix(".work"),

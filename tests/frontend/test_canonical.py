@@ -142,7 +142,7 @@ def test_ambiguous_outputs_ask_for_output_option():
     # A second classifier head on the features: now two outputs look like logits.
     proto.graph.node.append(onnx.helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["aux"], transB=1, name="aux"))
     proto.graph.output[1].CopyFrom(onnx.helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", CLASSES]))
-    with pytest.raises(ModelError, match="2 outputs \\(logits, aux\\).*--output NAME"):
+    with pytest.raises(ModelError, match="2 outputs \\(logits, aux\\).*--logits NAME"):
         impq_onnx.from_proto(proto)
     assert impq_onnx.from_proto(proto, output="aux").logits == "aux"
 
