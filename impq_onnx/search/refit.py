@@ -274,8 +274,12 @@ def refit(context: SearchContext, state: SearchState, plan: PrecisionPlan, lr: f
                         losses=progress["losses"] + [float(np.mean(trained.losses))])
         _commit(folder, progress, values, velocity, average)
         if report:
+            left = (steps - stop) * progress["seconds"] / stop  # at the rate so far, resumed parts included
             report(Event("message", "refit", f"refit: step {stop}/{steps} (epoch {stop / per_epoch:g}), mean loss "
-                         f"{progress['losses'][-1]:.4f}", stop, steps, data={"loss": progress["losses"][-1]}))
+                         f"{progress['losses'][-1]:.4f}, {progress['seconds'] / 60:.0f} min"
+                         + (f", about {left / 60:.0f} min left" if stop < steps else ""), stop, steps,
+                         data={"loss": progress["losses"][-1], "seconds": progress["seconds"],
+                               "seconds_left": left}))
     search = state.record(state.final)
     if progress["result"] is None:
         result = evaluate_values(context, plan, values)

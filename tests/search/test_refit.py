@@ -132,13 +132,18 @@ def test_an_interrupted_refit_resumes_to_the_uninterrupted_bytes(tmp_path, whole
     with pytest.raises(Interrupted):
         _run(tmp_path, refit_epochs=2, progress=stop_after_the_first_part)
     assert not (tmp_path / "out.onnx").exists()
-    assert json.loads((tmp_path / "out.work" / "refit" / "refit.json").read_text())["done"] == 30
+    first = json.loads((tmp_path / "out.work" / "refit" / "refit.json").read_text())
+    assert first["done"] == 30
     # killed after the next part's weights were written but before refit.json named them: ignored, then replaced
     (tmp_path / "out.work" / "refit" / "weights-60.npz").write_bytes(b"the next part, never committed")
     events = []
     _run(tmp_path, refit_epochs=2, resume=True, progress=events.append)
     assert any("resuming after step 30" in str(e) for e in events)
     assert not any("step 30/60" in str(e) for e in events if e.phase == "refit")  # the first part is not run again
+    # the last part's line: the time of both parts (the first's from refit.json), and no time left to estimate
+    (last,) = [e for e in events if e.phase == "refit" and str(e).startswith("refit: step 60/60")]
+    assert last.data["seconds"] > first["seconds"] > 0 and last.data["seconds_left"] == 0
+    assert str(last).endswith(" min")
     assert _outputs(tmp_path) == _outputs(refitted)
     assert _strip(_report(tmp_path)["refit"]) == _strip(_report(refitted)["refit"])  # in the same order
 
