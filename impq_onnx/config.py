@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import stat
 import types
 import typing
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from impq_onnx.errors import ConfigError
+from impq_onnx.files import read_input
+from impq_onnx.files import shown as printable
 
 __all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types", "load_yaml", "read_yaml_mapping"]
 
@@ -43,16 +43,8 @@ def check_keys(mapping: Mapping[str, Any], valid: Iterable[str], source: str) ->
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """The mapping in YAML file ``path`` (safe loader; an empty file is an empty mapping)."""
     path = Path(path)
-    shown = os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
-    try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(f"{shown}: the {what} is not a regular file")
-            raw = f.read(MAX_YAML_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read the {what} ({exc.strerror or exc})") from exc
-    if len(raw) > MAX_YAML_BYTES:
-        raise ConfigError(f"{shown}: the {what} is larger than {MAX_YAML_BYTES // 1024} KiB; is it the right file?")
+    shown = printable(path)
+    raw = read_input(path, MAX_YAML_BYTES, what, ConfigError)  # never blocks on a FIFO, never reads /dev/zero
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

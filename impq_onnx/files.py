@@ -13,8 +13,56 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["write_temporary", "write_atomic", "write_all"]
+__all__ = ["write_temporary", "write_atomic", "write_all", "open_input", "read_input", "shown", "MiB"]
+
+MiB = 1 << 20
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as text that can always be printed and written (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def open_input(path: str | os.PathLike, limit: int, what: str, error: type[Exception],
+               hint: str = "give the path of a file") -> BinaryIO:
+    """Open the user's file ``path`` for reading if it is a regular file of at most ``limit`` bytes; never blocks;
+    otherwise ``error`` with one line naming the file (``hint`` says what to do when it is not a regular file).
+
+    Checked with ``stat`` before opening (a device is never opened: opening some has side effects), and
+    again with ``fstat`` on the descriptor, opened non-blocking, in case the file was swapped in between: a
+    FIFO without a writer would block the run, ``/dev/zero`` would be read until the memory runs out.
+    """
+    not_regular = f"{shown(path)}: not a regular file; {hint}"
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise error(not_regular)
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise error(f"{shown(path)}: cannot open the {what} ({err.strerror})") from err
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise error(not_regular)
+    if info.st_size > limit:
+        os.close(fd)
+        raise error(f"{shown(path)}: {info.st_size} bytes is over the limit of {limit} bytes for a {what}")
+    return os.fdopen(fd, "rb")
+
+
+def read_input(path: str | os.PathLike, limit: int, what: str, error: type[Exception]) -> bytes:
+    """The bytes of the user's file ``path`` (:func:`open_input`'s checks; a file that grew past ``limit`` after
+    them is refused the same way)."""
+    with open_input(path, limit, what, error) as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as err:
+            raise error(f"{shown(path)}: cannot read the {what} ({err.strerror})") from err
+    if len(data) > limit:
+        raise error(f"{shown(path)}: over the limit of {limit} bytes for a {what}")
+    return data
 
 
 def _umask() -> int:

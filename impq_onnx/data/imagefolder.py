@@ -34,6 +34,7 @@ import numpy as np
 from impq_onnx.data.limits import MAX_IMAGE_BYTES, check_image, open_image, open_regular, shown
 from impq_onnx.data.preprocess import Preprocess, fit_image
 from impq_onnx.errors import DataError
+from impq_onnx.files import MiB, read_input
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderScan", "ImageFiles", "scan_image_folder", "check_images", "first_image_size"]
 
@@ -176,10 +177,10 @@ def parse_classes(value: str | os.PathLike | list[str] | tuple[str, ...] | None)
     if isinstance(value, (list, tuple)):
         names = [str(v).strip() for v in value]
         where = "option 'classes'"
-    elif Path(value).is_file():
+    elif os.path.lexists(value):  # a file, or a FIFO, device or folder that read_input refuses in one line
         try:
-            text = Path(value).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_input(value, 16 * MiB, "classes file", DataError).decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise DataError(f"{shown(value)}: cannot read the classes file ({exc}); give one class per line, "
                             "UTF-8") from exc
         names = [line.strip() for line in text.splitlines() if line.strip()]

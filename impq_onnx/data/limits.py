@@ -17,8 +17,6 @@ regular file after the scan.
 
 from __future__ import annotations
 
-import os
-import stat
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from impq_onnx.errors import DataError
+from impq_onnx.files import open_input, shown
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_ARRAY_BYTES", "MAX_SAMPLE_PIXELS", "open_regular",
            "open_image", "check_image", "check_npz_headers", "shown"]
@@ -37,33 +36,10 @@ MAX_ARRAY_BYTES = 16 * 2**30
 MAX_SAMPLE_PIXELS = 2**24  # 4096 x 4096: one float32 RGB sample is then 192 MiB
 
 
-def shown(path: str | os.PathLike) -> str:
-    """A path as text that can always be printed and written (undecodable bytes as ``\\xNN``)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def open_regular(path: Path, limit: int, what: str) -> BinaryIO:
-    """Open ``path`` for reading if it is a regular file of at most ``limit`` bytes; never blocks.
-
-    Checked with ``stat`` before opening (a device is never opened: opening some has side effects), and
-    again with ``fstat`` on the descriptor, opened non-blocking, in case the file was swapped in between.
-    """
-    not_regular = f"{shown(path)}: not a regular file; remove it or point the data elsewhere"
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise DataError(not_regular)
-        fd = os.open(path, flags)
-    except OSError as err:
-        raise DataError(f"{shown(path)}: cannot open the {what} ({err.strerror})") from err
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise DataError(not_regular)
-    if info.st_size > limit:
-        os.close(fd)
-        raise DataError(f"{shown(path)}: {info.st_size} bytes is over the limit of {limit} bytes for a {what}")
-    return os.fdopen(fd, "rb")
+    """Open ``path`` for reading if it is a regular file of at most ``limit`` bytes; never blocks
+    (:func:`impq_onnx.files.open_input`, a :class:`DataError` otherwise)."""
+    return open_input(path, limit, what, DataError, hint="remove it or point the data elsewhere")
 
 
 def open_image(path: Path, file: BinaryIO) -> Image.Image:

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from impq_onnx.files import write_all
+from impq_onnx.files import MiB, read_input, write_all
 from impq_onnx.errors import PlanError
 from impq_onnx.lowering.naming import activation_names, weight_names
 from impq_onnx.lowering.passes.annotate_bits import AnnotateBitsPass, read_plan_from_annotation
@@ -231,8 +231,8 @@ def read_lowered(output_path) -> LoweredModel:
     proto = read_model(output_path)
     side = sidecar_path(output_path)
     try:
-        sidecar = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
+        sidecar = json.loads(read_input(side, 64 * MiB, "bit-width sidecar", PlanError))
+    except ValueError as exc:
         raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from exc
     if sidecar.get("schema") != SIDECAR_SCHEMA or sidecar.get("schema_version") != SIDECAR_VERSION:
         raise PlanError(f"{side}: not an {SIDECAR_SCHEMA} v{SIDECAR_VERSION} sidecar")
@@ -242,7 +242,8 @@ def read_lowered(output_path) -> LoweredModel:
         path = attachment_path(output_path, suffix)
         try:
             binary = suffix in get_target(fmt).binary_attachments
-            attachments[suffix] = path.read_bytes() if binary else json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            raw = read_input(path, 2048 * MiB, suffix.lstrip("."), PlanError)  # protobuf's own limit: 2 GiB
+            attachments[suffix] = raw if binary else json.loads(raw)
+        except ValueError as exc:
             raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from exc
     return LoweredModel(proto, sidecar, fmt, attachments)

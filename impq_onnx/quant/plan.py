@@ -340,12 +340,13 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path) -> "PrecisionPlan":
+        from impq_onnx.files import MiB, read_input
+
         path = str(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise PlanError(f"{path}: cannot read the plan ({exc.strerror})") from exc
+            text = read_input(path, 64 * MiB, "plan", PlanError).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{path}: the plan is not UTF-8 text (offset {exc.start}); is it the right file?") from exc
         return cls.from_json(text, path) if path.endswith(".json") else cls.from_yaml(text, path)
 
 

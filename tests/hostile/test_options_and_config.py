@@ -94,7 +94,7 @@ def test_yaml_alias_bomb_fails_before_expanding(ws: Workspace) -> None:
 
 @pytest.mark.parametrize("content, words", [
     (b"steps: 3\nmodel: m\xff.onnx\n", "not UTF-8 text (byte 0xff at offset 17)"),
-    (b"steps: 3\n" + b"#" * (1 << 20), "larger than 1024 KiB"),
+    (b"steps: 3\n" + b"#" * (1 << 20), "over the limit of 1048576 bytes for a config file"),
     (b"[" * 5000, "c.yaml"),
 ])
 def test_bad_config_files_are_one_line(ws: Workspace, content: bytes, words: str) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -138,3 +140,33 @@ def test_verify_of_a_damaged_lowered_file_fails_with_exit_3_not_a_traceback(tmp_
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
     assert "FAILED" in result.stdout and "conv2" in result.stdout
     assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("option", ["plan", "config", "classes", "sidecar"])
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_given_as_an_input_file_is_refused_without_reading_it(tmp_path, option, kind):
+    """A FIFO with no writer blocked the command forever (``--config``), and ``--plan /dev/zero`` read until the
+    memory ran out; each input file is now opened non-blocking and refused unless it is a regular file."""
+    model, data = tiny_model(tmp_path / "m.onnx"), image_tree(tmp_path / "data")
+    plan = tmp_path / "p.plan.yaml"
+    _plan(model, plan)
+    lowered = tmp_path / "low.onnx"
+    assert impq("lower", model, "--plan", plan, "-o", lowered).returncode == 0
+    trap = tmp_path / "trap"
+    if kind == "fifo":
+        os.mkfifo(trap)
+    else:
+        trap = Path("/dev/zero")
+    if option == "sidecar":
+        sidecar = tmp_path / "low.onnx.bits.json"
+        sidecar.unlink()
+        sidecar.symlink_to(trap)
+        args = ["verify", lowered, "--model", model, "--plan", plan, "--data", data]
+    else:
+        args = {"plan": ["evaluate", model, "--data", data, "--plan", trap],
+                "config": ["compress", model, "--data", data, "--output", tmp_path / "o.onnx", "--config", trap],
+                "classes": ["evaluate", model, "--data", data, "--classes", trap]}[option]
+    before = digest(tmp_path / "data")
+    result = impq(*args, timeout=60)
+    assert_one_line_error(result, 2, "not a regular file")
+    assert digest(tmp_path / "data") == before and not (tmp_path / "o.onnx").exists()
