@@ -64,9 +64,11 @@ class RunData:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    from impq_onnx.files import MiB, read_input
+
+    try:  # never blocks on a FIFO put in place of the file, never reads a device
+        return json.loads(read_input(path, 1024 * MiB, what, UserError))
+    except ValueError as exc:
         raise UserError(f"{path}: cannot read the {what} ({exc})") from exc
 
 
