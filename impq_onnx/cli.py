@@ -8,7 +8,7 @@ long ones (evaluate, sensitivity, verify, compress) take ``--quiet`` and ``--eve
 
 Exit codes: 0 done; 1 a bug (:class:`~impq_onnx.errors.InternalError`); 2 bad usage or input; 3 a
 verification failed (``verify``, or the model ``compress`` lowered); 4 ``compress`` ended without reaching
-its targets (outputs written); 5 the environment; 130 / 143 interrupted by SIGINT / SIGTERM (the resume
+its targets (outputs written); 5 the environment; 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (the resume
 command printed, :mod:`impq_onnx.interrupts`). Errors print one line on stderr; ``-vv`` adds the traceback
 of the error and of every exception that caused it.
 """
@@ -56,7 +56,8 @@ def main(verbose: int) -> None:
     """impq-onnx: mixed-precision quantization of ONNX image classifiers (IMPQ).
 
     Exit codes: 0 ok, 1 internal error, 2 usage or bad input, 3 verification failed, 4 target not reached,
-    5 environment, 130 / 143 interrupted by SIGINT / SIGTERM (a compress run prints its resume command).
+    5 environment, 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (a compress run prints its resume
+    command).
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -1,7 +1,9 @@
-"""SIGINT and SIGTERM for the command line: one line, exit 130 / 143, nothing half-written.
+"""SIGINT, SIGTERM and SIGHUP for the command line: one line, exit 130 / 143 / 129, nothing half-written.
 
 :func:`run` is the ``impq-onnx`` entry point. It installs handlers that raise :class:`Interrupted`
-before the package's heavy modules are imported, so a signal at start-up is handled as any other.
+before the package's heavy modules are imported, so a signal at start-up is handled as any other. A
+signal the process started with ignored stays ignored: ``nohup`` ignores SIGHUP, and a shell ignores
+SIGINT for the jobs a script puts in the background; such a run goes on as the user asked.
 The exception unwinds the run (staging folders and locks are cleaned up on the way, see
 :mod:`impq_onnx.outputs`; the work dir keeps its last committed iteration), and :func:`run` prints
 one line with the command that resumes the run. The library itself installs no handler.
@@ -14,9 +16,11 @@ import signal
 import sys
 from types import FrameType
 
-__all__ = ["Interrupted", "install", "run"]
+__all__ = ["HANDLED", "Interrupted", "install", "run"]
 
-_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+# SIGHUP: the terminal or SSH session closed under a run (POSIX only)
+HANDLED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+_NAMES = {s: signal.Signals(s).name for s in HANDLED}
 
 
 class Interrupted(BaseException):
@@ -33,14 +37,15 @@ class Interrupted(BaseException):
 
 def _raise(signum: int, frame: FrameType | None) -> None:
     # Once is enough: a second signal while unwinding would cut the cleanup short.
-    for held in _NAMES:
+    for held in HANDLED:
         signal.signal(held, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
 def install() -> None:
-    for signum in _NAMES:
-        signal.signal(signum, _raise)
+    for signum in HANDLED:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup, or a background job of a script
+            signal.signal(signum, _raise)
 
 
 def _resume_hint(argv: list[str]) -> str:

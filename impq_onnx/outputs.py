@@ -201,14 +201,14 @@ def _check_work_dir(work_dir: Path, inputs: dict[str, Path], trees: dict[str, Pa
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered on exit), so a rename sequence is never cut in two.
+    """Hold SIGINT, SIGTERM and SIGHUP back (delivered on exit), so a rename sequence is never cut in two.
 
     Python runs a signal's handler in the main thread, whichever thread the kernel gave the signal to (a
     process-directed signal goes to any thread that does not block it: numpy's BLAS workers, onnxruntime's
     pool), so blocking it in this thread's sigmask is not enough. The handlers are swapped for one that
     only notes the signal; on exit the old handlers come back and the first noted signal goes to its own.
     """
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
     noted: list[signal.Signals] = []
 
     def note(signum: int, frame: object) -> None:

@@ -1,7 +1,8 @@
-"""Classes: two runs on one output or work dir, and SIGINT/SIGTERM. A second run on the same output or work
-dir is one line naming the holder's pid while the first goes on untouched; a signal at start-up or while
-the outputs are being made ends in one line, exit 130 (SIGINT) / 143 (SIGTERM), the resume command, no
-output set and no lock or staging folder; the printed command then finishes the run."""
+"""Classes: two runs on one output or work dir, and SIGINT/SIGTERM/SIGHUP. A second run on the same output or
+work dir is one line naming the holder's pid while the first goes on untouched; a signal at start-up or while
+the outputs are being made ends in one line, exit 130 (SIGINT) / 143 (SIGTERM) / 129 (SIGHUP), the resume
+command, no output set and no lock or staging folder; the printed command then finishes the run; a signal
+the run started with ignored (nohup) stays ignored."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ import yaml
 from conftest import OUTPUT_SET, TINY, Workspace, command, no_partial_set, one_line_error, run, wait_for
 
 
-def _start(ws: Workspace, *extra: str) -> subprocess.Popen:
+def _start(ws: Workspace, *extra: str, ignoring: tuple[int, ...] = ()) -> subprocess.Popen:
+    """compress in the workspace, started with the ``ignoring`` signals ignored (as ``nohup`` starts it)."""
+    def ignore() -> None:
+        for signum in ignoring:
+            signal.signal(signum, signal.SIG_IGN)
     return subprocess.Popen(command("compress", "m.onnx", "--data", "d.npz", *TINY, *extra), cwd=ws.root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
 
 def _holds_lock(lock: Path, pid: int):
@@ -88,16 +93,34 @@ def _stopped(ws: Workspace) -> bool:
         return False
 
 
-def test_signal_at_start_up_is_one_line(ws: Workspace) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_signal_at_start_up_is_one_line(ws: Workspace, signum: int) -> None:
+    """SIGHUP (the terminal or SSH session closed) as SIGINT: one line, exit 129, nothing left behind."""
     before, names = ws.digests(), ws.names()
     process = _start(ws, "--output", "o.onnx")
     try:
         # The lock appears right after the paths are checked, before the model and data are loaded.
         wait_for(_holds_lock(ws.root / ".o.onnx.lock", process.pid), process, "the run took its lock")
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill() if process.poll() is None else None
+    one_line_error(process.returncode, stderr, 128 + signum, f"interrupted ({signal.Signals(signum).name})",
+                   "--resume")
+    assert ws.digests() == before
+    assert ws.names() - names <= {"o.work", "o.work/run.json", "o.work/iterations"}  # at most an empty checkpoint
+
+
+def test_a_signal_the_run_started_ignoring_stays_ignored(ws: Workspace) -> None:
+    """``nohup impq-onnx compress ...`` (SIGHUP ignored) or a script's background job (SIGINT ignored): the
+    handlers used to replace the ignore, so closing the terminal stopped a run started to survive it."""
+    process = _start(ws, "--output", "o.onnx", ignoring=(signal.SIGHUP, signal.SIGINT))
+    try:
+        wait_for(_holds_lock(ws.root / ".o.onnx.lock", process.pid), process, "the run took its lock")
+        process.send_signal(signal.SIGHUP)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=300)
     finally:
         process.kill() if process.poll() is None else None
-    one_line_error(process.returncode, stderr, 130, "interrupted (SIGINT)", "--resume")
-    assert ws.digests() == before
-    assert ws.names() - names <= {"o.work", "o.work/run.json", "o.work/iterations"}  # at most an empty checkpoint
+    assert process.returncode == 0, stderr
+    assert all((ws.root / f"o{suffix}").is_file() for suffix in OUTPUT_SET)

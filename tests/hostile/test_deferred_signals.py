@@ -37,7 +37,7 @@ def other_thread_and_wakeup_fd():
     read, write = os.pipe()
     os.set_blocking(write, False)
     old_fd = signal.set_wakeup_fd(write)
-    old = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield read
     finally:
@@ -56,7 +56,7 @@ def _arrived(read: int) -> int:
     return os.read(read, 1)[0]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_sent_to_the_process_waits_for_the_end_of_the_block(other_thread_and_wakeup_fd, signum) -> None:
     steps = []
     with pytest.raises(Raised) as raised:
