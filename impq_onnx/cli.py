@@ -44,7 +44,7 @@ EXIT_USAGE = 2  # UserError and click's usage errors: bad options or input
 EXIT_VERIFY_FAILED = 3  # distinct from 2 (bad input): the check ran and found a difference
 EXIT_TARGET_NOT_REACHED = 4  # compress wrote its outputs but stopped short of its targets
 EXIT_ENVIRONMENT = 5  # PlatformError
-EXIT_INTERRUPTED = 130  # SIGINT (143: SIGTERM); impq_onnx.interrupts prints the resume command
+EXIT_INTERRUPTED = 130  # SIGINT (143: SIGTERM, 129: SIGHUP); impq_onnx.interrupts prints the resume command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},

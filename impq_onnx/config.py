@@ -124,7 +124,7 @@ def coerce(name: str, value: Any, tp, source: str = "option") -> Any:
         # ``--output "$OUT"`` with OUT unset: refused, not read as "not given" (an optional path would fall
         # back to its default and write where the user did not say)
         raise ConfigError(f"{source} '{name}': the value is empty; give a value"
-                          f"{', or none for the default' if optional else ''}")
+                          f"{', or none to leave it unset' if optional else ''}")
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
         if optional:
             return None

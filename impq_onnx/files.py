@@ -42,14 +42,16 @@ def open_input(path: str | os.PathLike, limit: int, what: str, error: type[Excep
         fd = os.open(path, flags)
     except OSError as err:
         raise error(f"{shown(path)}: cannot open the {what} ({err.strerror})") from err
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    try:  # the descriptor is closed on every way out but the file object returned (an interrupt included)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(not_regular)
+        if info.st_size > limit:
+            raise error(f"{shown(path)}: {info.st_size} bytes is over the limit of {limit} bytes for a {what}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
-        raise error(not_regular)
-    if info.st_size > limit:
-        os.close(fd)
-        raise error(f"{shown(path)}: {info.st_size} bytes is over the limit of {limit} bytes for a {what}")
-    return os.fdopen(fd, "rb")
+        raise
 
 
 def read_input(path: str | os.PathLike, limit: int, what: str, error: type[Exception]) -> bytes:

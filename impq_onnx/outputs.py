@@ -8,7 +8,7 @@ never opened); every name must be valid UTF-8 and short enough for its file syst
 
 :class:`OutputSet` then holds the run's locks (:mod:`impq_onnx.run_lock`) and a staging folder beside the
 outputs for the whole run. :meth:`OutputSet.commit` writes every file into the staging folder (a full
-disk fails there, before any output is touched) and renames them onto their targets with SIGINT/SIGTERM
+disk fails there, before any output is touched) and renames them onto their targets with SIGINT/SIGTERM/SIGHUP
 held back; a failing rename puts back what was there before. So the outputs appear as a set, or not at
 all, and an earlier set is never mixed with a new one.
 """
@@ -216,9 +216,10 @@ def deferred_signals() -> Iterator[None]:
 
     old: dict[signal.Signals, Any] = {}
     try:
-        try:  # a handler not installed from Python (getsignal gives None) is left alone: it cannot be put back
+        try:  # a handler not installed from Python (getsignal gives None) is left alone: it cannot be put back;
+            # an ignored signal (nohup's SIGHUP) too: noted first, it would hide a SIGTERM that follows it
             for signum in held:
-                if signal.getsignal(signum) is not None:
+                if signal.getsignal(signum) not in (None, signal.SIG_IGN):
                     old[signum] = signal.signal(signum, note)
         except ValueError:  # not the main thread: Python runs no handler here, nothing can cut this thread
             pass

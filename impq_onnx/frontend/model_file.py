@@ -17,6 +17,9 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from impq_onnx.errors import ModelError
+from impq_onnx.files import MiB, open_input, read_input
+
+MAX_MODEL_BYTES = 2048 * MiB  # protobuf's own limit for one message
 
 __all__ = ["read_model", "read_model_digest", "model_digest", "model_inputs", "MAX_OPSET", "MIN_OPSET",
            "MAX_TENSOR_BYTES"]
@@ -62,9 +65,7 @@ def read_model_digest(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
 
 def _parse_file(path: Path) -> tuple[bytes, onnx.ModelProto]:
     """The file's bytes and its parse (external data not loaded), checked, or a one-line ModelError."""
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
-    data = path.read_bytes()
+    data = _read_model_file(path)
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
@@ -76,6 +77,14 @@ def _parse_file(path: Path) -> tuple[bytes, onnx.ModelProto]:
     check_opset(proto, path)
     check_tensor_sizes(proto, path)
     return data, proto
+
+
+def _read_model_file(path: Path) -> bytes:
+    """The model file's bytes: a regular file within protobuf's limit, opened without blocking (a FIFO or a
+    device given as the model is refused in one line, never read)."""
+    if not os.path.lexists(path):
+        raise ModelError(f"{path}: no such model file")
+    return read_input(path, MAX_MODEL_BYTES, "model file", ModelError)
 
 
 def _parse_quietly(data: bytes) -> onnx.ModelProto | None:
@@ -120,7 +129,11 @@ def model_inputs(path: str | os.PathLike, what: str = "the input model") -> dict
     path = Path(path)
     inputs = {what: path}
     if path.is_file():
-        for location in _external_locations(_parse_quietly(path.read_bytes())):
+        try:
+            data = _read_model_file(path)
+        except ModelError:  # reading it refuses it later, in one line
+            return inputs
+        for location in _external_locations(_parse_quietly(data)):
             inputs[f"{what}'s external data file '{location}'"] = path.parent / location
     return inputs
 
@@ -133,7 +146,7 @@ def model_digest(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         return hashlib.sha256(b"").hexdigest()
-    data = path.read_bytes()
+    data = _read_model_file(path)
     return _digest(path, data, _external_locations(_parse_quietly(data)))
 
 
@@ -143,7 +156,8 @@ def _digest(path: Path, data: bytes, locations: list[str]) -> str:
         digest.update(b"\0" + os.fsencode(location) + b"\0")
         target = path.resolve().parent / location
         if target.is_file():
-            with open(target, "rb") as f:  # in chunks: a data file may be far larger than the tensors it holds
+            # in chunks: a data file may be far larger than the tensors it holds
+            with open_input(target, 1 << 62, "external data file", ModelError) as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
@@ -243,7 +257,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 f"{path}: tensor '{tensor.name}' claims bytes {offset}..{offset + length} of '{location}' "
                 f"({size} bytes) for shape {list(tensor.dims)}; the external data does not match"
             )
-        with open(target, "rb") as f:
+        with open_input(target, 1 << 62, "external data file", ModelError) as f:  # a FIFO swapped in: refused
             f.seek(offset)
             tensor.raw_data = f.read(length)
         del tensor.external_data[:]

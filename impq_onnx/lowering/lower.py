@@ -232,6 +232,8 @@ def read_lowered(output_path) -> LoweredModel:
     side = sidecar_path(output_path)
     try:
         sidecar = json.loads(read_input(side, 64 * MiB, "bit-width sidecar", PlanError))
+    except PlanError as exc:
+        raise PlanError(f"{exc}; lower the model again") from exc
     except ValueError as exc:
         raise PlanError(f"{side}: cannot read the bit-width sidecar ({exc}); lower the model again") from exc
     if sidecar.get("schema") != SIDECAR_SCHEMA or sidecar.get("schema_version") != SIDECAR_VERSION:

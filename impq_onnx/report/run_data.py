@@ -92,8 +92,8 @@ def _report_beside(path: Path, records: tuple[IterationRecord, ...]) -> Path | N
         if not candidate.is_file():
             continue
         try:
-            document = json.loads(candidate.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            document = _read_json(candidate, "compress report")
+        except (UserError, ValueError):
             continue
         work_dir = (document.get("config") or {}).get("work_dir")
         if work_dir is None or not (_same_folder(Path(work_dir), path) or Path(work_dir).name == path.name):

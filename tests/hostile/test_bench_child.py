@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from hostile_workspace import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

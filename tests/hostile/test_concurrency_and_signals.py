@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import OUTPUT_SET, TINY, Workspace, command, no_partial_set, one_line_error, run, wait_for
+from impq_onnx.interrupts import HANDLED
+from hostile_workspace import OUTPUT_SET, TINY, Workspace, command, no_partial_set, one_line_error, run, wait_for
 
 
 def _start(ws: Workspace, *extra: str, ignoring: tuple[int, ...] = ()) -> subprocess.Popen:
-    """compress in the workspace, started with the ``ignoring`` signals ignored (as ``nohup`` starts it)."""
+    """compress in the workspace, started with the ``ignoring`` signals ignored (as ``nohup`` starts it) and the
+    others at their default, whatever pytest inherited (run under nohup, or as a script's background job)."""
     def ignore() -> None:
-        for signum in ignoring:
-            signal.signal(signum, signal.SIG_IGN)
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_IGN if signum in ignoring else signal.SIG_DFL)
     return subprocess.Popen(command("compress", "m.onnx", "--data", "d.npz", *TINY, *extra), cwd=ws.root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
@@ -95,7 +97,8 @@ def _stopped(ws: Workspace) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
 def test_signal_at_start_up_is_one_line(ws: Workspace, signum: int) -> None:
-    """SIGHUP (the terminal or SSH session closed) as SIGINT: one line, exit 129, nothing left behind."""
+    """SIGHUP (the terminal or SSH session closed) as SIGINT: one line, exit 128 + the signal (130, 129), nothing
+    left behind."""
     before, names = ws.digests(), ws.names()
     process = _start(ws, "--output", "o.onnx")
     try:

@@ -102,3 +102,19 @@ def test_which_class_reads_a_linked_folder_does_not_depend_on_the_order(tmp_path
     data = open_dataset(root, RAW)
     counts = {name: int(np.sum(data.labels == k)) for k, name in enumerate(data.classes)}
     assert counts == {"c0": 2, "c1": 2, "c2": 2, "c2-again": 0, "c3": 3}
+
+
+def test_a_fifo_as_the_model_or_as_an_npz_in_the_data_folder_is_one_line_not_a_hang(tmp_path):
+    """The model file was read with read_bytes after an is_file check, and the data folder's first *.npz was
+    opened by zipfile to find the image size: a FIFO there blocked the run (checked only under a timeout)."""
+    model = tiny_model(tmp_path / "m.onnx")
+    fifo_model = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo_model)
+    result = impq("inspect", fifo_model, timeout=60)
+    assert result.returncode == 2 and "fifo.onnx: not a regular file" in result.stderr
+    data = tmp_path / "splits"
+    data.mkdir()
+    os.mkfifo(data / "train.npz")
+    result = impq("compress", model, "--data", data, "--output", tmp_path / "o.onnx", timeout=60)
+    assert_one_line_error(result, 2, "splits")  # never opened: the folder is then no data at all
+    assert not (tmp_path / "o.onnx").exists()

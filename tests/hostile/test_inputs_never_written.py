@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workspace, cli, one_line_error
+from hostile_workspace import Workspace, cli, one_line_error
 
 
 def _compress_clashes(ws: Workspace) -> dict[str, tuple[list[str], str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Workspace, cli, one_line_error
+from hostile_workspace import Workspace, cli, one_line_error
 from impq_onnx.compression import CompressConfig
 from impq_onnx.option_checks import target_warnings
 
@@ -127,7 +127,7 @@ def test_an_empty_value_is_refused_not_read_as_the_default(ws: Workspace, args: 
 def test_an_empty_value_in_the_yaml_config_or_the_api_is_refused(ws: Workspace) -> None:
     (ws.root / "c.yaml").write_text("output: ''\n")
     code, stderr = cli("compress", "m.onnx", "--data", "d.npz", "--config", "c.yaml", cwd=ws.root)
-    one_line_error(code, stderr, 2, "'output': the value is empty; give a value, or none for the default")
+    one_line_error(code, stderr, 2, "'output': the value is empty; give a value, or none to leave it unset")
     from impq_onnx.errors import ConfigError
 
     with pytest.raises(ConfigError, match="option 'work_dir': the value is empty"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, Workspace, no_partial_set, one_line_error, run
+from hostile_workspace import TINY, Workspace, no_partial_set, one_line_error, run
 
 
 def _nothing_created(ws: Workspace, names: set[str]) -> None:
