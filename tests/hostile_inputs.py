@@ -18,7 +18,21 @@ import onnx
 from PIL import Image
 from quant_models import CLASSES, tiny_cnn
 
-__all__ = ["impq", "digest", "image_tree", "tiny_model", "assert_one_line_error"]
+__all__ = ["impq", "digest", "image_tree", "tiny_model", "assert_one_line_error", "signals_as_in_a_terminal"]
+
+
+def signals_as_in_a_terminal(ignoring: tuple[int, ...] = ()):
+    """A ``preexec_fn`` giving the child impq-onnx's signals at their defaults (``ignoring`` ignored, as ``nohup``
+    does), whatever pytest inherited: run as a script's background job, pytest itself ignores SIGINT, and
+    impq-onnx keeps a signal ignored at start ignored, so a test that sends one must not pass that on."""
+    import signal
+
+    from impq_onnx.interrupts import HANDLED
+
+    def reset() -> None:
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_IGN if signum in ignoring else signal.SIG_DFL)
+    return reset
 
 
 def impq(*args: str | os.PathLike, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from hostile_inputs import signals_as_in_a_terminal
 from onnx import numpy_helper
 from tiny_models import Quirks, build
 
@@ -171,7 +172,7 @@ def test_interrupt_from_an_event_exits_130_and_prints_a_command_that_resumes(tmp
     args = ["compress", str(MODEL), "--data", str(BUNDLED), "--output", "m.onnx", *TINY, "--target-bits", "none",
             "--events", str(fifo)]
     process = subprocess.Popen([sys.executable, "-m", "impq_onnx", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=signals_as_in_a_terminal())
     try:
         with open(fifo, encoding="utf-8") as events:
             for line in events:

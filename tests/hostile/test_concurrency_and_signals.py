@@ -15,18 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from impq_onnx.interrupts import HANDLED
+from hostile_inputs import signals_as_in_a_terminal
 from hostile_workspace import OUTPUT_SET, TINY, Workspace, command, no_partial_set, one_line_error, run, wait_for
 
 
 def _start(ws: Workspace, *extra: str, ignoring: tuple[int, ...] = ()) -> subprocess.Popen:
     """compress in the workspace, started with the ``ignoring`` signals ignored (as ``nohup`` starts it) and the
     others at their default, whatever pytest inherited (run under nohup, or as a script's background job)."""
-    def ignore() -> None:
-        for signum in HANDLED:
-            signal.signal(signum, signal.SIG_IGN if signum in ignoring else signal.SIG_DFL)
     return subprocess.Popen(command("compress", "m.onnx", "--data", "d.npz", *TINY, *extra), cwd=ws.root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=signals_as_in_a_terminal(ignoring))
 
 
 def _holds_lock(lock: Path, pid: int):
