@@ -111,6 +111,15 @@ def build(q: Quirks = Quirks()) -> onnx.ModelProto:
     return model
 
 
+def two_heads() -> onnx.ModelProto:
+    """``Quirks(two_outputs=True)`` with a second classifier head on the features (output ``aux``): two outputs
+    then look like logits, and none can be picked without ``--logits``."""
+    proto = build(Quirks(two_outputs=True))
+    proto.graph.node.append(helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["aux"], transB=1, name="aux"))
+    proto.graph.output[1].CopyFrom(helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", CLASSES]))
+    return proto
+
+
 def float_reference(q: Quirks) -> onnx.ModelProto:
     """The float32 twin of ``q`` giving logits only (float16 weights widened exactly)."""
     proto = build(dataclasses.replace(q, float16=False, weights="initializer", ir_version=None, softmax=False,

@@ -225,7 +225,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
 
 def read_lowered(output_path) -> LoweredModel:
     """Read back what :func:`write` wrote (the model, its sidecar and the target's attachments)."""
-    from impq_onnx.frontend.model_file import read_model
+    from impq_onnx.frontend.model_file import MAX_MODEL_BYTES, read_model
 
     output_path = Path(output_path)
     proto = read_model(output_path)
@@ -244,7 +244,7 @@ def read_lowered(output_path) -> LoweredModel:
         path = attachment_path(output_path, suffix)
         try:
             binary = suffix in get_target(fmt).binary_attachments
-            raw = read_input(path, 2048 * MiB, suffix.lstrip("."), PlanError)  # protobuf's own limit: 2 GiB
+            raw = read_input(path, MAX_MODEL_BYTES, suffix.lstrip("."), PlanError)  # protobuf's own limit
             attachments[suffix] = raw if binary else json.loads(raw)
         except ValueError as exc:
             raise PlanError(f"{path}: cannot read the {suffix.lstrip('.')} ({exc})") from exc

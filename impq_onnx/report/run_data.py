@@ -93,7 +93,7 @@ def _report_beside(path: Path, records: tuple[IterationRecord, ...]) -> Path | N
             continue
         try:
             document = _read_json(candidate, "compress report")
-        except (UserError, ValueError):
+        except UserError:  # _read_json's one error, unreadable and malformed alike
             continue
         work_dir = (document.get("config") or {}).get("work_dir")
         if work_dir is None or not (_same_folder(Path(work_dir), path) or Path(work_dir).name == path.name):

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 import impq_onnx
 from impq_onnx.errors import ModelError
 from impq_onnx.runtime import inference_session
-from tiny_models import CLASSES, EXPECTED_LAYERS, Quirks, build, float_reference, sample_input
+from tiny_models import CLASSES, EXPECTED_LAYERS, Quirks, build, float_reference, sample_input, two_heads
 
 QUIRKS = {
     "plain": Quirks(),
@@ -138,10 +138,7 @@ def test_output_option_picks_the_logits_among_several_outputs():
 
 
 def test_ambiguous_outputs_ask_for_output_option():
-    proto = build(Quirks(two_outputs=True))
-    # A second classifier head on the features: now two outputs look like logits.
-    proto.graph.node.append(onnx.helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["aux"], transB=1, name="aux"))
-    proto.graph.output[1].CopyFrom(onnx.helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", CLASSES]))
+    proto = two_heads()  # a second classifier head on the features: two outputs look like logits
     with pytest.raises(ModelError, match="2 outputs \\(logits, aux\\).*--logits NAME"):
         impq_onnx.from_proto(proto)
     assert impq_onnx.from_proto(proto, output="aux").logits == "aux"

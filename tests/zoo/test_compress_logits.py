@@ -13,24 +13,16 @@ import onnxruntime as ort
 import pytest
 import yaml
 from click.testing import CliRunner
-from tiny_models import CLASSES, Quirks, build
+from tiny_models import CLASSES, two_heads
 from zoo_models import image_folder
 
 from impq_onnx.cli import main
 
 
-def _two_heads() -> onnx.ModelProto:
-    proto = build(Quirks(two_outputs=True))
-    # a second classifier head on the features: two outputs now look like logits
-    proto.graph.node.append(onnx.helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["aux"], transB=1, name="aux"))
-    proto.graph.output[1].CopyFrom(onnx.helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", CLASSES]))
-    return proto
-
-
 @pytest.fixture()
 def files(tmp_path: Path) -> dict[str, Path]:
     path = tmp_path / "heads.onnx"
-    onnx.save(_two_heads(), path)
+    onnx.save(two_heads(), path)
     return {"model": path, "data": image_folder(tmp_path / "data", per_class=4), "root": tmp_path}
 
 
