@@ -16,10 +16,11 @@ import signal
 import sys
 from types import FrameType
 
+from impq_onnx.outputs import STOP_SIGNALS
+
 __all__ = ["HANDLED", "Interrupted", "install", "run"]
 
-# SIGHUP: the terminal or SSH session closed under a run (POSIX only)
-HANDLED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+HANDLED = STOP_SIGNALS  # the ones outputs.deferred_signals holds back during a rename sequence
 _NAMES = {s: signal.Signals(s).name for s in HANDLED}
 
 

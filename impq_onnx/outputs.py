@@ -30,7 +30,7 @@ from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
 from impq_onnx.run_lock import RunLock
 
 __all__ = ["PathError", "show", "describe_os_error", "check_paths", "check_not_an_input", "input_file", "OutputSet",
-           "deferred_signals"]
+           "deferred_signals", "STOP_SIGNALS"]
 
 
 class PathError(UserError):
@@ -199,6 +199,11 @@ def _check_work_dir(work_dir: Path, inputs: dict[str, Path], trees: dict[str, Pa
                             f"'{show(foreign[0])}'); choose an empty or new folder")
 
 
+# The signals that stop a run: SIGINT (Ctrl-C), SIGTERM (kill, a scheduler), SIGHUP (the terminal or SSH session
+# closed; POSIX only). impq_onnx.interrupts handles the same set.
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP back (delivered on exit), so a rename sequence is never cut in two.
@@ -208,7 +213,6 @@ def deferred_signals() -> Iterator[None]:
     pool), so blocking it in this thread's sigmask is not enough. The handlers are swapped for one that
     only notes the signal; on exit the old handlers come back and the first noted signal goes to its own.
     """
-    held = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
     noted: list[signal.Signals] = []
 
     def note(signum: int, frame: object) -> None:
@@ -218,7 +222,7 @@ def deferred_signals() -> Iterator[None]:
     try:
         try:  # a handler not installed from Python (getsignal gives None) is left alone: it cannot be put back;
             # an ignored signal (nohup's SIGHUP) too: noted first, it would hide a SIGTERM that follows it
-            for signum in held:
+            for signum in STOP_SIGNALS:
                 if signal.getsignal(signum) not in (None, signal.SIG_IGN):
                     old[signum] = signal.signal(signum, note)
         except ValueError:  # not the main thread: Python runs no handler here, nothing can cut this thread
