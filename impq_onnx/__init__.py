@@ -30,7 +30,7 @@ _EXPORTS = {
                       "ReportResult", "DEFAULT"),
     "impq_onnx.compression": ("CompressConfig", "CompressResult"),
     "impq_onnx.errors": ("ConfigError", "DataError", "ImpqError", "InternalError", "ModelError", "PlanError",
-                         "PlatformError", "UserError"),
+                         "PlatformError", "UserError", "VerificationError"),
     "impq_onnx.frontend.canonical": ("CanonicalModel", "from_proto"),
     "impq_onnx.frontend.sites": ("ActivationSite", "QuantLayer", "SiteTable", "WeightGroup"),
     "impq_onnx.frontend.site_analysis": ("find_sites",),
@@ -66,5 +66,5 @@ __all__ = [
     "CompressResult", "InspectResult", "EvalResult", "SensitivityTable", "LowerResult", "VerifyResult",
     "ReportResult", "DEFAULT", "PrecisionPlan", "from_proto", "find_sites", "CanonicalModel", "SiteTable",
     "QuantLayer", "ActivationSite", "WeightGroup", "ImpqError", "UserError", "ModelError", "DataError", "PlanError",
-    "ConfigError", "PlatformError", "InternalError", "__version__",
+    "ConfigError", "PlatformError", "InternalError", "VerificationError", "__version__",
 ]

@@ -91,7 +91,8 @@ def inspect_command(model: str, input_shape, logits: str | None, output_alias: s
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="ImageFolder tree (or one with test/ inside), or .npz.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Evaluate the model simulated under this plan.")
-@click.option("--preprocess", help="Preset (imagenet, cifar, fashion-mnist) or a YAML file; default: from the input shape.")
+@click.option("--preprocess", help="Preset (imagenet, cifar, fashion-mnist, model-input: arrays fed unchanged) or a YAML file; "
+              "default: from the input shape.")
 @logits_options
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--limit-per-class", type=int, help="Use only the first N images of each class.")

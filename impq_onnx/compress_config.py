@@ -63,7 +63,7 @@ class CompressConfig:
 
     model: str | None = _opt(None, "The float ONNX classifier (never modified).")
     data: str | None = _opt(None, "ImageFolder dir (with train/, val/ and test/ subfolders; train/ and test/ "
-                                  "or val/; or one tree to split) or .npz.")
+                                  "or val/ or validation/; or one tree to split) or .npz.")
     method: str = _opt("impq", "Search strategy: impq (the default), faq (uniform bits, power-of-two steps, long "
                                "fine-tune), activation-density (per-layer bits from the fraction of non-zero "
                                "activations) or uniform-ptq (uniform bits, calibration only).")
@@ -139,8 +139,9 @@ class CompressConfig:
     refit_average_epochs: int = _opt(0, "With refit_epochs: its last this many epochs run at a constant rate (a "
                                         "fifth of lr; the cosine before them ends there) and the output is the "
                                         "average of the weights after each of their parts (stochastic weight "
-                                        "averaging), its batch-norm statistics re-estimated on one epoch, when it "
-                                        "validates at least as well as the last weights; 0: the last weights. "
+                                        "averaging; with batchnorm train, its batch-norm statistics re-estimated "
+                                        "on one epoch), when it validates at least as well as the last weights; "
+                                        "0: the last weights. "
                                         "ResNet-20 at 1.74 bits, seed 0: 88.32 % against 88.66 % without "
                                         "(bench/results/candidates.md).")
     refit_lr: float | None = _opt(None, "The refit's peak learning rate (its warm-up + cosine starts there) "

@@ -13,7 +13,8 @@ fine-tune step, an evaluated batch, measured samples), ``phase_end`` (the activi
 in ``data``), ``iteration`` (a search iteration committed: its record in ``data``), ``message`` (a
 line of information) and ``done`` (the whole run finished).
 
-Phases: ``fine-tune``, ``evaluate``, ``sensitivity``, ``search``, ``compress``, ``verify``.
+Phases: ``fine-tune``, ``evaluate``, ``sensitivity``, ``search``, ``refit`` (``--refit-epochs``), ``compress``,
+``verify``.
 
 This module is part of the base layer: it imports nothing of the package.
 """
@@ -32,7 +33,7 @@ __all__ = ["KINDS", "PHASES", "Event", "Progress", "PlainLines", "json_safe", "l
            "progress_callback", "silent"]
 
 KINDS = ("phase_start", "step", "phase_end", "iteration", "message", "done")
-PHASES = ("fine-tune", "evaluate", "sensitivity", "search", "compress", "verify")
+PHASES = ("fine-tune", "evaluate", "sensitivity", "search", "refit", "compress", "verify")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ import dataclasses
 import importlib.util
 import inspect as pyinspect
 import logging
+import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,19 @@ def test_compress_takes_every_config_field_as_a_typed_keyword():
     assert not any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     assert all(p.kind is p.KEYWORD_ONLY for name, p in parameters.items() if name not in ("model", "data"))
     assert (ROOT / "impq_onnx" / "py.typed").is_file()
+    # "with its type" (docs/api.md): the keyword's annotation takes the field's type (and DEFAULT where that is
+    # its default), None included where the field takes None, so a type checker accepts every value the config
+    # accepts (output and work_dir take os.PathLike as well)
+    keyword_types = typing.get_type_hints(api.compress)
+    field_types = typing.get_type_hints(CompressConfig)
+
+    def members(tp) -> set:
+        return set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+
+    wrong = {name: (keyword_types[name], field_types[name]) for name in sorted(fields)
+             if not members(field_types[name]) | ({api.Default} if parameters[name].default is api.DEFAULT else set())
+             <= members(keyword_types[name])}
+    assert not wrong, wrong
 
 
 # --- load / inspect ----------------------------------------------------------------------------------------
