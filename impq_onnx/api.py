@@ -127,7 +127,7 @@ def _plan(plan: PlanLike, sites: SiteTable) -> PrecisionPlan:
     if isinstance(plan, PrecisionPlan):
         return plan.validate(sites)
     if _is_path(plan):
-        return PrecisionPlan.load(plan).validate(sites)
+        return PrecisionPlan.load_for(plan, sites)
     raise ConfigError(f"plan: a {type(plan).__name__} is not a plan; give a PrecisionPlan or a plan file path")
 
 

@@ -128,7 +128,7 @@ def evaluate_command(model, data, plan_path, preprocess, logits, output_alias, b
         plan = sites = None
         if plan_path:
             sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
-            plan = PrecisionPlan.load(plan_path).validate(sites)
+            plan = PrecisionPlan.load_for(plan_path, sites)
         result = evaluate(canonical, dataset.batches(batch_size), plan=plan, sites=sites,
                           float_model=canonical if plan is not None else None, threads=threads, progress=progress,
                           total=len(dataset))
@@ -241,7 +241,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
         dataset = open_model_data(canonical, data, preprocess, classes=classes, input_shape=input_shape,
                                   check=False, workers=resolve_threads(threads)).train_all
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
-        plan = PrecisionPlan.load(plan_path).validate(sites) if plan_path else None
+        plan = PrecisionPlan.load_for(plan_path, sites) if plan_path else None
         if samples < len(dataset):  # a seeded, class-blind random subset of exactly `samples` images
             import numpy as np
 
@@ -359,7 +359,7 @@ def verify_command(lowered, model_path, plan_path, data, preprocess, limit_per_c
         dataset = open_model_data(canonical, data, preprocess, limit_per_class=limit_per_class,
                                   classes=classes, input_shape=input_shape).evaluation
         sites = find_sites(canonical, input_shape or (1, *dataset.sample_shape))
-        plan = PrecisionPlan.load(plan_path).validate(sites)
+        plan = PrecisionPlan.load_for(plan_path, sites)
         result = verify(read_lowered(lowered), canonical, plan, sites,
                         counted(dataset.batches(100), progress, "verify", len(dataset)), threads=threads,
                         logit_tolerance=logit_tolerance)

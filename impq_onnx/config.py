@@ -50,14 +50,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{shown}: the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
                           f"{exc.start}); save it as UTF-8") from exc
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{shown}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{shown}: {exc}") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{shown}: the {what} is nested too deeply to be a {what}") from exc
+    data = parse_yaml(text, shown, what, ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -68,11 +61,25 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000  # counted with every alias expanded: an "alias bomb" of 370 bytes stops here
+MAX_INT_DIGITS = 64  # no option, bit width or clip needs more; Python refuses to convert past 4300
+
+
+def parse_yaml(text: str, source: str, what: str, error: type[Exception]) -> Any:
+    """:func:`load_yaml` of the text of ``source`` (the file as shown), every refusal one line as ``error``."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except ValueError as exc:
+        raise error(f"{source}: {exc}") from exc
+    except RecursionError as exc:
+        raise error(f"{source}: the {what} is nested too deeply to be a {what}") from exc
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, refusing documents of more than MAX_YAML_NODES nodes once aliases are
-    expanded (ValueError), before anything is built from them."""
+    """``yaml.safe_load(text)``, refusing (ValueError, before anything is built) documents of more than
+    MAX_YAML_NODES nodes once aliases are expanded, a key given twice in one mapping (YAML forbids it; PyYAML
+    would keep the last silently) and integers of more than MAX_INT_DIGITS digits."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -83,6 +90,7 @@ def load_yaml(text: str) -> Any:
         def size(n: yaml.Node) -> int:  # the expanded size; aliases share the node they point to
             if id(n) not in sizes:
                 sizes[id(n)] = 1  # a recursive alias counts once instead of looping
+                _check_node(n)
                 children = (n.value if isinstance(n, yaml.SequenceNode) else
                             [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else [])
                 sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_NODES + 1)
@@ -96,9 +104,32 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
+def _check_node(n: yaml.Node) -> None:
+    line = n.start_mark.line + 1
+    if isinstance(n, yaml.ScalarNode) and n.tag == "tag:yaml.org,2002:int":
+        digits = sum(c.isdigit() for c in n.value)
+        if digits > MAX_INT_DIGITS:
+            raise ValueError(f"line {line}: a number of {digits} digits; write one of at most {MAX_INT_DIGITS}")
+    elif isinstance(n, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, _ in n.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                at = key.start_mark.line + 1
+                if key.value in first:
+                    raise ValueError(f"line {at}: the key {key.value[:80]!r} is given twice (first at line "
+                                     f"{first[key.value]}); keep one")
+                first[key.value] = at
+
+
 def read_config(path: str | Path, valid: Iterable[str]) -> dict[str, Any]:
     """The mapping in YAML file ``path``, its keys checked against ``valid`` (``-`` read as ``_``)."""
-    data = {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(path).items()}
+    data: dict[str, Any] = {}
+    for key, value in read_yaml_mapping(path).items():
+        name = str(key).replace("-", "_")
+        if name in data:  # target_bits and target-bits: one option given twice
+            raise ConfigError(f"{printable(Path(path))}: the option '{name}' is given twice ('{key}' and its "
+                              f"{'_' if '-' in str(key) else '-'} spelling); keep one")
+        data[name] = value
     check_keys(data, valid, str(path))
     return data
 

@@ -217,7 +217,7 @@ def lower_file(model_path, plan_path, output_path, format: str = "qdq", *, outpu
     with OutputSet([output_path, *derived], locked=[output_path]) as outputs:  # locked, staged
         canonical = load(model_path, output=output)
         sites = find_sites(canonical, input_shape)
-        plan = PrecisionPlan.load(plan_path).validate(sites)
+        plan = PrecisionPlan.load_for(plan_path, sites)
         lowered = lower(canonical, plan, sites, format=format, **options)
         lowered.proto = canonical.with_interface(lowered.proto)  # the interface as declared
         return outputs.commit(output_files(lowered, output_path))

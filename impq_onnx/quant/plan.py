@@ -4,7 +4,7 @@ A :class:`PrecisionPlan` is plain data keyed by the names a :class:`~impq_onnx.f
 uses: layer *node* names for weights (one entry per kernel) and *tensor* names for activations.
 It is what the search changes, what simulation and lowering read, and what is saved beside every
 checkpoint. Files are YAML or JSON with ``schema_version: 1``; writing is byte-deterministic (keys
-sorted, fixed formatting), reading uses ``yaml.safe_load`` only.
+sorted, fixed formatting), reading uses the safe loader only.
 
 Bits are ints in 1..16, or ``None`` (written ``null``) for "keep float". For the cost model a float
 tensor counts as 32 bits.
@@ -146,7 +146,7 @@ class PrecisionPlan:
 
     def set_group_bits(self, group: WeightGroup, bits: int | None) -> None:
         if not _bits_ok(bits):
-            raise PlanError(f"group '{group.name}': bits must be an int in {MIN_BITS}..{MAX_BITS} or null, not {bits!r}")
+            raise PlanError(f"group '{group.name}': bits must be an int in {MIN_BITS}..{MAX_BITS} or null, not {_brief(bits)}")
         for node, k in group.members:
             self.weights[node][k] = bits
 
@@ -156,30 +156,30 @@ class PrecisionPlan:
         weight_scheme(self.weight_scheme)  # a PlanError naming the nearest registered scheme
         if self.activation_scheme not in ACTIVATION_SCHEMES:
             raise PlanError(
-                f"activation_scheme {self.activation_scheme!r} is unknown; use one of {', '.join(ACTIVATION_SCHEMES)}"
+                f"activation_scheme {_brief(self.activation_scheme)} is unknown; use one of {', '.join(ACTIVATION_SCHEMES)}"
             )
         if self.granularity not in GRANULARITIES:
-            raise PlanError(f"granularity {self.granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}")
+            raise PlanError(f"granularity {_brief(self.granularity)} is unknown; use one of {', '.join(GRANULARITIES)}")
         if sites is not None:
             self._validate_against(sites)
         for node, bits in self.weights.items():
             for k, b in enumerate(bits):
                 if not _bits_ok(b):
-                    raise PlanError(f"weights['{node}'][{k}]: bits must be an int in {MIN_BITS}..{MAX_BITS} or null, not {b!r}")
+                    raise PlanError(f"weights['{node}'][{k}]: bits must be an int in {MIN_BITS}..{MAX_BITS} or null, not {_brief(b)}")
         for tensor, b in self.activations.items():
             if not _bits_ok(b):
-                raise PlanError(f"activations['{tensor}']: bits must be an int in {MIN_BITS}..{MAX_BITS} or null, not {b!r}")
+                raise PlanError(f"activations['{tensor}']: bits must be an int in {MIN_BITS}..{MAX_BITS} or null, not {_brief(b)}")
             if tensor not in self.clips:
                 raise PlanError(f"activations['{tensor}'] has no entry in clips")
         for tensor, clip in self.clips.items():
             value = clip.value
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise PlanError(f"clips['{tensor}'].value must be a number or null, not {value!r}")
+                raise PlanError(f"clips['{tensor}'].value must be a number or null, not {_brief(value)}")
             if value is not None and not (math.isfinite(value) and MIN_CLIP <= value <= MAX_CLIP):
                 raise PlanError(
-                    f"clips['{tensor}'].value {value!r} must be a finite number in {MIN_CLIP:g}..{MAX_CLIP:g}")
+                    f"clips['{tensor}'].value {_brief(value)} must be a finite number in {MIN_CLIP:g}..{MAX_CLIP:g}")
             if not isinstance(clip.signed, bool):
-                raise PlanError(f"clips['{tensor}'].signed must be true or false, not {clip.signed!r}")
+                raise PlanError(f"clips['{tensor}'].signed must be true or false, not {_brief(clip.signed)}")
         return self
 
     def _validate_against(self, sites: SiteTable) -> None:
@@ -280,7 +280,7 @@ class PrecisionPlan:
                 raise PlanError(f"{source}: unknown key '{key}'{_nearest(str(key), known)}")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise PlanError(f"{source}: schema_version must be {SCHEMA_VERSION}, not {version!r}")
+            raise PlanError(f"{source}: schema_version must be {SCHEMA_VERSION}, not {_brief(version)}")
         for key in ("weights", "activations", "clips"):
             if not isinstance(data.get(key, {}), dict):
                 raise PlanError(f"{source}: '{key}' must be a mapping")
@@ -295,7 +295,7 @@ class PrecisionPlan:
                 raise PlanError(f"{source}: clips['{tensor}'] must be {{value: <float|null>, signed: <bool>}}")
             value = clip.get("value")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise PlanError(f"{source}: clips['{tensor}'].value must be a number or null, not {value!r}")
+                raise PlanError(f"{source}: clips['{tensor}'].value must be a number or null, not {_brief(value)}")
             clips[str(tensor)] = ActivationClip(None if value is None else float(value), bool(clip.get("signed", False)))
         plan = cls(
             weights=weights,
@@ -315,10 +315,21 @@ class PrecisionPlan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> "PrecisionPlan":
+        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            data = dict(pairs)
+            if len(data) < len(pairs):
+                twice = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))
+                raise PlanError(f"{source}: the key {twice[:80]!r} is given twice in one object; keep one")
+            return data
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        except ValueError as exc:  # an integer past Python's 4300 digits
+            raise PlanError(f"{source}: a number too long to be a bit width or a clip") from exc
+        except RecursionError as exc:
+            raise PlanError(f"{source}: the plan is nested too deeply to be a plan") from exc
         return cls.from_dict(data, source)
 
     def to_yaml(self) -> str:
@@ -326,17 +337,26 @@ class PrecisionPlan:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> "PrecisionPlan":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise PlanError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-        return cls.from_dict(data, source)
+        from impq_onnx.config import parse_yaml  # alias bombs, deep nesting, duplicate keys, huge integers
+
+        return cls.from_dict(parse_yaml(text, source, "plan", PlanError), source)
 
     def save(self, path) -> None:
         path = str(path)
         text = self.to_json() if path.endswith(".json") else self.to_yaml()
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+
+    @classmethod
+    def load_for(cls, path, sites: SiteTable) -> "PrecisionPlan":
+        """:meth:`load`, then :meth:`validate` against the model's ``sites``: an error names the plan file."""
+        plan = cls.load(path)
+        try:
+            return plan.validate(sites)
+        except PlanError as exc:
+            from impq_onnx.files import shown
+
+            raise PlanError(f"{shown(path)}: {exc}") from exc
 
     @classmethod
     def load(cls, path) -> "PrecisionPlan":
@@ -361,6 +381,13 @@ def _json_dump(value: Any, indent: int = 0) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_json_dump(v, indent + 1) for v in value) + "]"
     return json.dumps(value)
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut to one short line: a plan's value in an error may be any YAML (a long list, an alias
+    expanded many times)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _nearest(name: str, choices: Iterable[str]) -> str:

@@ -96,6 +96,10 @@ def test_yaml_alias_bomb_fails_before_expanding(ws: Workspace) -> None:
     (b"steps: 3\nmodel: m\xff.onnx\n", "not UTF-8 text (byte 0xff at offset 17)"),
     (b"steps: 3\n" + b"#" * (1 << 20), "over the limit of 1048576 bytes for a config file"),
     (b"[" * 5000, "c.yaml"),
+    (b"steps: " + b"9" * 5000 + b"\n", "line 1: a number of 5000 digits; write one of at most 64"),
+    (b"steps: 3\nseed: 1\nsteps: 4\n", "line 3: the key 'steps' is given twice (first at line 1); keep one"),
+    (b"target_bits: 3\ntarget-bits: 5\n", "the option 'target_bits' is given twice"),
+    (b"model: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
 ])
 def test_bad_config_files_are_one_line(ws: Workspace, content: bytes, words: str) -> None:
     (ws.root / "c.yaml").write_bytes(content)

@@ -63,6 +63,45 @@ def test_lower_refuses_a_clip_of_1e300_and_writes_nothing(tmp_path):
     assert digest(tmp_path) == before  # no out.onnx, no sidecar, inputs unchanged
 
 
+def _nested_plan(depth: int) -> str:
+    return "schema_version: 1\nweights: " + "[" * depth + "]" * depth + "\n"
+
+
+def _alias_bomb_plan() -> str:
+    lines = ["schema_version: 1", 'a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\ngranularity: *g\n"
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("plan.yaml", lambda good: good.replace("value: 2.0", "value: " + "9" * 5000, 1),
+     "a number of 5000 digits; write one of at most 64"),
+    ("plan.yaml", lambda good: good + "granularity: layer\n", "the key 'granularity' is given twice"),
+    ("plan.yaml", lambda good: _nested_plan(100_000), "nested too deeply"),
+    ("plan.yaml", lambda good: _alias_bomb_plan(), "aliases are expanded"),
+    ("plan.json", lambda good: good.rstrip()[:-1] + ', "granularity": "layer"}',
+     "the key 'granularity' is given twice in one object"),
+    ("plan.json", lambda good: '{"schema_version": ' + "9" * 5000 + "}", "a number too long"),
+    ("plan.json", lambda good: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("plan.yaml", lambda good: good.replace("conv1:", "conv9:"),
+     "weights: layer 'conv9' is not a quantizable layer of the model"),
+])
+def test_a_hostile_plan_file_is_one_line_naming_it(tmp_path, name, text, words):
+    """Before: a 5000-digit number or deep nesting was exit 1 ("unexpected ValueError / RecursionError"), a key
+    given twice was taken silently (the last one won), an alias bomb expanded into a 4 MB error line, and a plan
+    that did not fit the model was refused without naming the plan file."""
+    model = tiny_model(tmp_path / "m.onnx")
+    plan = _plan(model, tmp_path / "good.yaml")
+    good = plan.to_json() if name.endswith(".json") else plan.to_yaml()
+    (tmp_path / name).write_text(text(good))
+    before = digest(tmp_path)
+    result = impq("lower", model, "--plan", tmp_path / name, "-o", tmp_path / "out.onnx")
+    assert_one_line_error(result, 2, name, words)
+    assert len(result.stderr) < 1000
+    assert digest(tmp_path) == before
+
+
 def _lowered(tmp_path):
     model = tiny_model(tmp_path / "m.onnx")
     plan = _plan(model, tmp_path / "plan.yaml")
