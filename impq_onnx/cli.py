@@ -23,6 +23,7 @@ import click
 
 from impq_onnx.cli_options import (
     BUNDLED,
+    OneLineGroup,
     dump,
     examples,
     json_option,
@@ -47,7 +48,7 @@ EXIT_ENVIRONMENT = 5  # PlatformError
 EXIT_INTERRUPTED = 130  # SIGINT (143: SIGTERM, 129: SIGHUP); impq_onnx.interrupts prints the resume command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=examples(f"impq-onnx compress {BUNDLED}/model.onnx --data {BUNDLED} --output out/fm.onnx",
                               "impq-onnx compress --help"))
 @click.version_option(package_name="impq-onnx")

@@ -8,13 +8,14 @@ import contextlib
 import functools
 import sys
 import traceback
+from typing import Any
 
 import click
 
 from impq_onnx.errors import as_impq_error
 
-__all__ = ["user_errors", "parse_shape", "examples", "BUNDLED", "logits_options", "logits_name", "json_option",
-           "progress_options", "dump", "reporting"]
+__all__ = ["user_errors", "OneLineGroup", "parse_shape", "examples", "BUNDLED", "logits_options", "logits_name",
+           "json_option", "progress_options", "dump", "reporting"]
 
 
 def _refuse_empty(kwargs) -> None:
@@ -160,3 +161,38 @@ def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tu
         renderer.close()
         if stream is not None and stream is not sys.stdout:
             stream.close()
+
+
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as the tool's other errors are: one line on stderr, exit 2 (click prints four)."""
+
+    def __init__(self, error: click.UsageError):
+        super().__init__(error.format_message(), error.ctx)
+
+    def show(self, file: Any = None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "impq-onnx"
+        message = " ".join(self.format_message().split()).rstrip(".")  # a value's newline: no second line
+        click.echo(f"impq-onnx: error: {path}: {message}; see '{path} --help'", err=True)
+
+
+class OneLineGroup(click.Group):
+    """The command group whose usage errors (a missing argument, a value click cannot parse, an unknown
+    command) are one line like every other error; ``impq-onnx`` alone still prints its help."""
+
+    @staticmethod
+    def _one_line(error: click.UsageError) -> click.UsageError:
+        if isinstance(error, (_OneLineUsageError, getattr(click.exceptions, "NoArgsIsHelpError", ()))):
+            return error
+        return _OneLineUsageError(error)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            raise self._one_line(error) from error
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise self._one_line(error) from error

@@ -4,6 +4,8 @@ one-line warning; a YAML alias bomb, an oversized or non-UTF-8 config is one lin
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hostile_workspace import Workspace, cli, one_line_error
@@ -137,3 +139,43 @@ def test_an_empty_value_in_the_yaml_config_or_the_api_is_refused(ws: Workspace) 
     with pytest.raises(ConfigError, match="option 'work_dir': the value is empty"):
         CompressConfig.resolve(model=str(ws.model), data=str(ws.data), work_dir="")
     assert CompressConfig.resolve(model=str(ws.model), data=str(ws.data), work_dir="none").work_dir is None
+
+
+@pytest.mark.parametrize("args, words", [
+    (["inspect"], "impq-onnx inspect: Missing argument 'MODEL'; see 'impq-onnx inspect --help'"),
+    (["bogus"], "impq-onnx: No such command 'bogus'; see 'impq-onnx --help'"),
+    (["evaluate", "m.onnx", "--data", "d.npz", "--input-shape", "1,1,0,0"],
+     "impq-onnx evaluate: Invalid value for '--input-shape': '1,1,0,0' must contain positive sizes"),
+    (["evaluate", "m.onnx", "--data", "d.npz", "--batch-size", "1e9"], "'--batch-size': '1e9' is not a valid integer"),
+    (["lower", "m.onnx", "--plan", "p.plan.yaml", "-o", "x.onnx", "--static-batch", "0"], "'--static-batch'"),
+    (["lower", "m.onnx", "--plan", "p.plan.yaml", "-o", "x.onnx", "--format", "qdqq"], "'--format'"),
+    (["inspect", "."], "impq-onnx inspect: Invalid value for 'MODEL'"),
+    (["evaluate", "m.onnx", "--data", "d.npz", "--events", "-", "--json"], "--events - and --json"),
+    (["--bogus"], "impq-onnx: No such option '--bogus'"),
+])
+def test_a_usage_error_is_one_line_like_every_other_error(ws: Workspace, args: list[str], words: str) -> None:
+    """click prints a usage error as four lines (Usage, Try, a blank line, Error); a pipeline that keeps an error's
+    first line kept "Usage: ...". Now it is the tool's one line, exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from impq_onnx.cli import main
+
+    before, names = ws.digests(), ws.names()
+    old = os.getcwd()
+    os.chdir(ws.root)
+    try:
+        result = CliRunner().invoke(main, args, prog_name="impq-onnx")
+    finally:
+        os.chdir(old)
+    one_line_error(result.exit_code, result.stderr, 2, words)
+    assert ws.digests() == before and ws.names() == names
+
+
+def test_the_bare_command_and_help_still_print_the_usage() -> None:
+    from click.testing import CliRunner
+
+    from impq_onnx.cli import main
+
+    bare = CliRunner().invoke(main, [], prog_name="impq-onnx")
+    assert "Usage: impq-onnx [OPTIONS] COMMAND" in bare.output and "impq-onnx: error" not in bare.output
+    assert CliRunner().invoke(main, ["inspect", "--help"], prog_name="impq-onnx").exit_code == 0
