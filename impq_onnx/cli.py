@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import warnings
 
 import click
 
@@ -62,6 +63,9 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # impq-onnx refuses an image over its own pixel limit (data.limits, below Pillow's) in one line naming
+    # the file; Pillow's warning for the same header would add two lines of its source to stderr
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
 _CLASSES_HELP = ("The model's class order for the class folder names: a comma-separated list or a labels file, one "

@@ -33,13 +33,16 @@ def _png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body
 
 
-@pytest.mark.parametrize("side", [8_500, 100_000])  # over our limit only; over Pillow's bomb limit too
+# over our limit only; over Pillow's warning limit too (it printed its DecompressionBombWarning, two more lines);
+# over Pillow's error limit too
+@pytest.mark.parametrize("side", [8_500, 12_000, 100_000])
 def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, side):
     root = image_tree(tmp_path / "data")
     (root / "c1" / "bomb.png").write_bytes(_png_claiming(side, side))
     before = digest(root)
     result = impq("evaluate", tiny_model(tmp_path / "m.onnx"), "--data", root)
     assert_one_line_error(result, 2, "bomb.png")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     assert digest(root) == before
 
 
