@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -179,12 +180,15 @@ def parse_classes(value: str | os.PathLike | list[str] | tuple[str, ...] | None)
         where = "option 'classes'"
     elif os.path.lexists(value):  # a file, or a FIFO, device or folder that read_input refuses in one line
         try:
-            text = read_input(value, 16 * MiB, "classes file", DataError).decode("utf-8")
+            text = read_input(value, 16 * MiB, "classes file", DataError).decode("utf-8-sig")  # a BOM is no name
         except UnicodeDecodeError as exc:
             raise DataError(f"{shown(value)}: cannot read the classes file ({exc}); give one class per line, "
                             "UTF-8") from exc
         names = [line.strip() for line in text.splitlines() if line.strip()]
         where = shown(value)
+    elif "," not in str(value) and re.search(r"[/\\]|\.[A-Za-z0-9]{1,5}$", str(value)):
+        raise DataError(f"{shown(value)}: no such classes file; give the path of a file with one class per line, "
+                        "or the classes as a comma-separated list (cat,dog)")
     else:
         names = [part.strip() for part in str(value).split(",")]
         where = "option 'classes'"

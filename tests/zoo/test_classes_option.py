@@ -40,6 +40,14 @@ def test_list_and_labels_file_give_the_order(tmp_path: Path, caplog: pytest.LogC
     assert scan_image_folder(root).classes == tuple(sorted(NAMES))  # without: sorted by name
 
 
+def test_a_labels_file_saved_with_a_byte_order_mark_and_crlf_reads_as_without(tmp_path: Path) -> None:
+    """Notepad's UTF-8 starts with a BOM: it was kept in the first name, and the error blamed the data folder."""
+    root = image_folder(tmp_path / "d", per_class=1, names=NAMES)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(NAMES).encode() + b"\r\n")
+    assert scan_image_folder(root, classes=parse_classes(str(labels))).classes == tuple(NAMES)
+
+
 def test_listed_class_without_folder_keeps_the_numbering(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "d", per_class=1, names=["eps", "alpha"])
     scan = scan_image_folder(root, classes=parse_classes(",".join(NAMES)))
@@ -51,6 +59,8 @@ def test_listed_class_without_folder_keeps_the_numbering(tmp_path: Path) -> None
     ("zeta,eps,delta,beta", "'alpha' is not in --classes"),
     ("zeta,eps,zeta,delta,beta,alpha", "listed twice"),
     ("zeta,,eps", "empty class name"),
+    ("labels.txx", "labels.txx: no such classes file"),  # a mistyped path was read as a one-name list
+    ("lists/labels", "lists/labels: no such classes file"),
 ])
 def test_bad_class_lists_are_one_line_errors(given: str, message: str, tmp_path: Path) -> None:
     root = image_folder(tmp_path / "d", per_class=1, names=NAMES)
