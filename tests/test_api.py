@@ -165,6 +165,8 @@ def test_array_data_errors_are_one_line_data_errors(test_arrays):
         in_memory_data({"test": images})
     with pytest.raises(DataError, match="int is not a data form"):
         in_memory_data(3)
+    with pytest.raises(DataError, match=r"the image array holds NaN or infinite values \(image 7\)"):
+        in_memory_data(np.where(np.arange(len(images))[:, None, None] == 7, np.nan, images / 255.0))
     with pytest.raises(DataError, match="label 12 is out of range for <in-memory model>, which has 10 outputs"):
         impq_onnx.evaluate(onnx.load(MODEL), (images, np.full(len(images), 12)))
     # the digest that records the data in the outputs depends on the pixels and the labels

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from impq_onnx.data.npz import channels_last
+from impq_onnx.data.npz import channels_last, check_finite
 from impq_onnx.errors import DataError
 
 __all__ = ["ArrayData", "InMemoryData", "in_memory_data", "is_in_memory"]
@@ -185,6 +185,7 @@ def _checked(x: np.ndarray, y: object, name: str) -> ArrayData:
     images = channels_last(x, name, "the image array")
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
+    check_finite(images, name, "the image array")
     if y is None:
         return ArrayData(images, np.full(len(images), -1, np.int64), name)
     labels = np.asarray(y).reshape(-1)

@@ -44,6 +44,19 @@ def channels_last(x: np.ndarray, source: str | Path, what: str = "array 'x'") ->
     )
 
 
+def check_finite(images: np.ndarray, source: str | Path, what: str = "array 'x'") -> None:
+    """A DataError naming ``source`` and the first image when float ``images`` hold a NaN or an infinity (they
+    would flow through every layer and score as one class, with no error anywhere)."""
+    if images.dtype == np.uint8:
+        return
+    for start in range(0, len(images), 256):  # in chunks: no mask the size of the whole array
+        bad = ~np.isfinite(images[start:start + 256]).reshape(min(256, len(images) - start), -1).all(axis=1)
+        if bad.any():
+            first = start + int(np.argmax(bad))
+            raise DataError(f"{shown(source)}: {what} holds NaN or infinite values (image {first}); replace "
+                            "them with pixel values")
+
+
 def load_npz(path: Path) -> NpzContents:
     """Read and check ``x`` and ``y``; the whole file is loaded (npz arrays cannot be memory-mapped), after
     their headers were checked against :data:`impq_onnx.data.limits.MAX_ARRAY_BYTES`."""
@@ -67,6 +80,7 @@ def load_npz(path: Path) -> NpzContents:
     images = channels_last(x, path)
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
+    check_finite(images, path)
     if y is None:
         return NpzContents(images, np.full(len(images), -1, np.int64), ())
     y = np.asarray(y).reshape(-1)
@@ -75,6 +89,8 @@ def load_npz(path: Path) -> NpzContents:
             f"{path}: array 'y' must hold one integer label per image ({len(images)}), "
             f"got {y.dtype} of length {len(y)}"
         )
+    if len(y) and y.dtype.kind == "u" and int(y.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{path}: array 'y' has labels past 2**63 (dtype {y.dtype}); use 0..K-1")
     labels = y.astype(np.int64)
     if len(labels) and labels.min() < 0:
         raise DataError(f"{path}: array 'y' has negative labels; use 0..K-1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ class Preprocess:
                 f"preprocess mean and std need {n} value(s) each for channels {self.channels}, "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
+        numbers = {"mean": self.mean, "std": self.std, "value_scale": (self.value_scale,),
+                   "value_range": self.value_range or ()}
+        for key, values in numbers.items():
+            if not all(math.isfinite(v) for v in values):  # nan passes every comparison below
+                raise ConfigError(f"preprocess {key} {list(values)} must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"preprocess std {list(self.std)} must be positive")
         if self.value_scale <= 0:

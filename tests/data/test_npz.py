@@ -78,6 +78,9 @@ def test_limit_per_class_on_npz(tmp_path, images):
         ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.zeros(3, np.int64)}, "one integer label per image"),
         ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.array([0, -2])}, "negative labels"),
         ({"x": np.zeros((0, 4, 4), np.uint8)}, "holds no images"),
+        ({"x": np.array([[[0.5]], [[np.nan]]], np.float32)}, r"array 'x' holds NaN or infinite values \(image 1\)"),
+        ({"x": np.full((300, 2, 2), np.inf, np.float64)}, r"NaN or infinite values \(image 0\)"),
+        ({"x": np.zeros((1, 4, 4), np.uint8), "y": np.array([2**64 - 1], np.uint64)}, "labels past 2\\*\\*63"),
     ],
 )
 def test_npz_errors_name_the_file(tmp_path, arrays, expected):

@@ -108,7 +108,20 @@ def test_letterbox_end_to_end_through_a_folder(tmp_path: Path) -> None:
     ("resize_mode: pad\nfill: 300\n", "fill"),
     ("value_range: [1, -1]\n", "value_range"),
     ("resize: 20\nresize_mode: letterbox\n", "resize_mode crop only"),
+    ("value_range: [-.inf, .inf]\n", "value_range .* must be finite numbers"),
+    ("value_scale: .inf\n", "value_scale .* must be finite numbers"),
 ])
 def test_bad_values_are_config_errors_naming_the_key(text: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         _yaml(tmp_path, "size: [8, 8]\nmean: [0, 0, 0]\nstd: [1, 1, 1]\n" + text)
+
+
+@pytest.mark.parametrize(("mean", "std", "message"), [
+    ("[0, .nan, 0]", "[1, 1, 1]", r"mean \[0.0, nan, 0.0\] must be finite numbers"),
+    ("[0, 0, 0]", "[1, .nan, 1]", r"std \[1.0, nan, 1.0\] must be finite numbers"),  # nan passed "std > 0"
+    ("[.inf, 0, 0]", "[1, 1, 1]", "mean .* must be finite numbers"),
+])
+def test_a_mean_or_std_that_is_not_finite_is_refused(mean: str, std: str, message: str, tmp_path: Path) -> None:
+    """Before: every image became NaN, evaluate scored 10 % (one class) and exited 0 without a word."""
+    with pytest.raises(ConfigError, match=message):
+        _yaml(tmp_path, f"size: [8, 8]\nmean: {mean}\nstd: {std}\n")
