@@ -67,9 +67,12 @@ def _read_json(path: Path, what: str) -> dict:
     from impq_onnx.files import MiB, read_input
 
     try:  # never blocks on a FIFO put in place of the file, never reads a device
-        return json.loads(read_input(path, 1024 * MiB, what, UserError))
+        document = json.loads(read_input(path, 1024 * MiB, what, UserError))
     except ValueError as exc:
         raise UserError(f"{path}: cannot read the {what} ({exc})") from exc
+    if not isinstance(document, dict):
+        raise UserError(f"{path}: the {what} holds a {type(document).__name__}, not a JSON object (damaged?)")
+    return document
 
 
 def _not_a_work_dir(path: Path, why: str) -> UserError:
@@ -162,7 +165,14 @@ def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path,
     """Read one compress work directory; an :class:`ImpqError` naming it when it is not one.
 
     ``report``: the run's compress report (path, document) when it is not on disk yet."""
-    path = Path(work_dir)
+    try:
+        return _read_run(Path(work_dir), label, report)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a value of the wrong type in its JSON
+        raise UserError(f"{work_dir}: the work dir's files are damaged ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:120]}); report a run whose work dir is intact") from exc
+
+
+def _read_run(path: Path, label: str | None, report: tuple[Path, dict] | None) -> RunData:
     if not path.is_dir():
         raise _not_a_work_dir(path, "no such folder" if not path.exists() else "not a folder")
     for name in ("run.json", "state.json"):

@@ -132,6 +132,9 @@ class WorkDir:
             saved = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"work_dir {self.path}: run.json is missing or unreadable; cannot resume") from exc
+        if not isinstance(saved, dict):
+            raise ConfigError(f"work_dir {self.path}: run.json holds a {type(saved).__name__}, not a run's identity "
+                              "(damaged); cannot resume, start a new work_dir")
         for key in sorted(set(saved) | set(identity)):
             if key not in saved and key in legacy and identity.get(key) == legacy[key]:
                 continue
@@ -159,6 +162,9 @@ class WorkDir:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"work_dir {self.path}: state.json is unreadable ({exc}); cannot resume") from exc
+        if not isinstance(state, dict) or not isinstance(state.get("records", []), list):
+            raise ConfigError(f"work_dir {self.path}: state.json is not a run's state (damaged); cannot resume, "
+                              "start a new work_dir")
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"work_dir {self.path}: state version {state.get('version')!r} is not {STATE_VERSION}")
         return state

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from impq_onnx.errors import ConfigError
 from impq_onnx.events import Progress, nested
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import WorkDir
@@ -115,6 +116,10 @@ class IterationRecord:
         A ``KeyError`` names a missing field."""
         known = {f.name for f in dataclasses.fields(cls)}
         row = {f.name: data[f.name] for f in _ROW_FIELDS}
+        for name, optional in _NUMBERS.items():  # the report and the stop rules compute with them
+            value = row[name]
+            if not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"iteration record field {name!r} is {str(value)[:40]!r}, not a number")
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**row, extra=extra, within_accuracy_drop=data.get("within_accuracy_drop"),
                    phase_end=data.get("phase_end"), stop=data.get("stop"))
@@ -126,6 +131,9 @@ class IterationRecord:
 
 _ROW_FIELDS = tuple(f for f in dataclasses.fields(IterationRecord)
                     if f.name not in ("extra", "within_accuracy_drop", "phase_end", "stop"))
+# the numeric row fields, and whether each may be None (their annotations are text under __future__.annotations)
+_NUMBERS = {f.name: str(f.type).endswith("| None") for f in _ROW_FIELDS
+            if str(f.type).split(" | ")[0] in ("int", "float")}
 
 
 @dataclasses.dataclass
@@ -158,8 +166,17 @@ class SearchState:
     def resume(cls, workdir: WorkDir) -> tuple[SearchState, dict[str, Any]]:
         """The committed state of ``workdir`` and the run's float reference metrics, for a resume."""
         data = workdir.load_state()
-        plan, values = workdir.load_iteration(data["iteration"])
-        return cls.from_dict(data, plan, values), data["reference"]
+        try:
+            iteration = int(data["iteration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"work_dir {workdir.path}: state.json names no iteration (damaged); cannot resume, "
+                              "start a new work_dir") from exc
+        plan, values = workdir.load_iteration(iteration)
+        try:
+            return cls.from_dict(data, plan, values), data["reference"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"work_dir {workdir.path}: state.json is damaged ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:120]}); cannot resume, start a new work_dir") from exc
 
     def commit(self, workdir: WorkDir, reference: dict[str, Any]) -> None:
         """Make this state the one a resume starts from (``state.json``, written last)."""

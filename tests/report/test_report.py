@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,33 @@ def test_a_folder_that_is_not_a_work_dir_is_a_one_line_error(tmp_path):
         with pytest.raises(ImpqError, match=f"{path} is not a compress work dir") as info:
             write_report([path], tmp_path / "r.html")
         assert "\n" not in str(info.value)
+    assert not (tmp_path / "r.html").exists()
+
+
+def _damage_state(key: str, value):
+    def edit(work: Path) -> None:
+        state = json.loads((work / "state.json").read_text())
+        if key == "records":
+            state["records"] = value
+        else:
+            state["records"][0][key] = value
+        (work / "state.json").write_text(json.dumps(state))
+    return edit
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda work: (work / "run.json").write_text("[1, 2]"), "run identity holds a list, not a JSON object"),
+    (_damage_state("records", 5), "the work dir's files are damaged (TypeError"),
+    (_damage_state("weight_bits_effective", "x"), "the work dir's files are damaged (ValueError"),
+])
+def test_a_damaged_work_dir_is_a_one_line_user_error(runs, tmp_path, damage, words):
+    """Before: exit 1 with "unexpected AttributeError / TypeError / ValueError", as if impq-onnx had a bug."""
+    work = tmp_path / "damaged.work"
+    shutil.copytree(runs["kernel"].paths["work_dir"], work)
+    damage(work)
+    with pytest.raises(ImpqError, match=re.escape(words)) as info:
+        write_report(work, tmp_path / "r.html")
+    assert "\n" not in str(info.value) and str(work) in str(info.value) and info.value.exit_code == 2
     assert not (tmp_path / "r.html").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -235,3 +236,17 @@ def test_arithmetic_reads_the_first_processor_and_keeps_only_vector_flags(tmp_pa
     assert arithmetic(str(arm))["cpu_vendor"] == "0x41" and arithmetic(str(arm))["vector_flags"] == ["asimd", "sve"]
     missing = arithmetic(str(tmp_path / "none"))
     assert missing["cpu_vendor"] is None and missing["vector_flags"] == []
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("run.json", "[1, 2]", "run.json holds a list, not a run's identity (damaged); cannot resume"),
+    ("state.json", '{"version": 1, "records": 5}', "state.json is not a run's state (damaged); cannot resume"),
+    ("state.json", "[]", "state.json is not a run's state (damaged)"),
+])
+def test_a_damaged_run_or_state_file_is_a_config_error_on_resume(tmp_path, name, text, words):
+    """Before: compress --resume on such a work dir exited 1, "unexpected TypeError / AttributeError"."""
+    work = WorkDir(tmp_path / "w")
+    work.path.mkdir()
+    (work.path / name).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        work.check_identity({"seed": 0}) if name == "run.json" else work.load_state()
