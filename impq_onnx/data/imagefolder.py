@@ -271,6 +271,9 @@ def scan_image_folder(root: Path, limit_per_class: int | None = None, *,
     except OSError as err:
         raise DataError(f"{shown(root)}: cannot list the folder ({err.strerror})") from err
     class_dirs = [(p, info) for p in children if not p.name.startswith(".") and (info := _stat_dir(p)) is not None]
+    for p in children:  # a class folder that is a dangling link or a link loop: said, not dropped silently
+        if not p.name.startswith(".") and p.is_symlink() and not os.path.exists(p):
+            walk.skip("class folder links that lead nowhere (dangling, or a loop)", p)
     infos = dict(class_dirs)
     ordered = _class_order(root, list(infos), classes)
     missing = [p.name for p in ordered if p not in infos]

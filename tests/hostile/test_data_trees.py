@@ -44,6 +44,19 @@ def test_links_back_up_or_across_are_read_once_and_never_as_another_class(tmp_pa
     assert digest(root) == before
 
 
+def test_a_class_folder_that_is_a_dangling_or_looping_link_is_said(tmp_path):
+    """Before: dropped without a word, so the error blamed the class count (3 class folders, 4 outputs)."""
+    root = image_tree(tmp_path / "data")
+    (root / "c3").rename(tmp_path / "c3-moved")
+    os.symlink(tmp_path / "c3-gone", root / "c3")  # dangling: the folder was moved
+    os.symlink("c4", root / "c4")  # a link to itself
+    result = impq("evaluate", tiny_model(tmp_path / "m.onnx"), "--data", root)
+    assert_one_line_error(result, 2, "3 class folders")
+    warning = next(line for line in result.stderr.splitlines() if "lead nowhere" in line)
+    assert "skipped 2 class folder links that lead nowhere (dangling, or a loop), e.g." in warning
+    assert warning.endswith("data/c3")
+
+
 def test_folder_links_out_of_the_root_are_followed_only_when_asked(tmp_path):
     root = image_tree(tmp_path / "data")
     elsewhere = image_tree(tmp_path / "elsewhere", per_class=3)
