@@ -224,7 +224,8 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     check_numbers(dict(samples=samples, runner_ups=runner_ups, top=top, seed=seed, threads=threads), SENSITIVITY,
                   cli=True)
 
-    from impq_onnx.files import write_all
+    import contextlib
+
     from impq_onnx.data.model_data import open_model_data
     from impq_onnx.events import Event
     from impq_onnx.frontend.canonical import load
@@ -234,12 +235,16 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
     from impq_onnx.frontend.site_analysis import find_sites
 
     from impq_onnx.data.prefetch import Prefetch
+    from impq_onnx.outputs import OutputSet
     from impq_onnx.runtime import resolve_threads
 
-    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess, classes)) as (progress, out):
+    with reporting(quiet, events, as_json, (model, data, plan_path, preprocess, classes)) as (progress, out), \
+            contextlib.ExitStack() as stack:
         prefix = Path(output_prefix) if output_prefix else Path(Path(model).stem + ".sensitivity")
         json_path, csv_path = Path(f"{prefix}.json"), Path(f"{prefix}.csv")
         _check_sensitivity_outputs([json_path, csv_path], model, data, plan_path, preprocess, classes)
+        # staged from the start: a folder that cannot be written is refused before the measurement, not after it
+        outputs = stack.enter_context(OutputSet([json_path, csv_path], locked=[json_path]))
         canonical = load(model, output=logits)
         # Only the measured images are decoded (on every core, ahead of the gradients in a prefetch thread); a
         # broken one among them is the same one-line error the up-front check would give.
@@ -257,7 +262,7 @@ def sensitivity_command(model, data, plan_path, samples, granularity, runner_ups
             table = noise_gain(measured, sites, batches, plan=plan, granularity=granularity,
                                runner_ups=runner_ups, weighting=weighting, method=method,
                                samples=min(samples, len(dataset)), seed=seed, threads=threads, progress=progress)
-        write_all({json_path: table.to_json(), csv_path: table.to_csv()})
+        outputs.commit({json_path: table.to_json().encode("utf-8"), csv_path: table.to_csv().encode("utf-8")})
         layer_m: dict[str, float] = {}
         for name, value in table.weights.items():
             layer = name.rpartition("/")[0] if granularity == "kernel" else name

@@ -94,6 +94,15 @@ def test_read_only_output_folder_is_one_line_before_the_search(ws: Workspace) ->
     assert not (ws.root / "ro" / "o.work").exists()
 
 
+def test_sensitivity_into_a_read_only_folder_is_refused_before_measuring(ws: Workspace) -> None:
+    """Before: it measured every sample, then failed naming its temporary file (ro/.sens.json.9q6in_cv.tmp)."""
+    with _small_fs(ws.root / "ro", "1m", read_only=True) as folder:
+        code, stderr = run("sensitivity", "m.onnx", "--data", "d.npz", "-o", str(folder / "sens"), cwd=ws.root)
+        line = one_line_error(code, stderr, 2, f"cannot lock {folder}", "choose a writable folder")
+        assert ".tmp" not in line and "noise gain" not in stderr and "step" not in stderr
+        assert list(folder.iterdir()) == []
+
+
 def test_full_output_disk_leaves_no_output_set(ws: Workspace) -> None:
     with _small_fs(ws.root / "full", "96k") as folder:
         before = ws.digests()
