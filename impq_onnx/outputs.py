@@ -153,7 +153,7 @@ def check_not_an_input(what: str, path: Path, inputs: Mapping[str, Path], trees:
     for name, folder in trees.items():
         if folder.is_dir() and _inside(resolved, _identity(folder)[0]):
             raise PathError(f"{what} {show(path)} lies inside {name} {show(folder)}; write the outputs "
-                            f"outside the data (another {flag})")
+                            f"outside it (another {flag})")
     return resolved
 
 

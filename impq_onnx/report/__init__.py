@@ -38,6 +38,13 @@ def write_report(work_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[
     """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
     (the HTML first, then the PNGs)."""
     files = report_files(work_dirs, output_html)
+    from impq_onnx.outputs import check_paths
+
+    # not into a work dir: its files would be foreign there, and compress --resume would refuse the folder
+    folders = [work_dirs] if isinstance(work_dirs, (str, os.PathLike)) else list(work_dirs)
+    check_paths([("the report", path) for path in files], {},
+                trees={f"the work dir{'' if len(folders) == 1 else f' #{i + 1}'}": Path(folder)
+                       for i, folder in enumerate(folders)}, flag="-o")
     output = next(iter(files))
     if output.parent != Path(""):
         output.parent.mkdir(parents=True, exist_ok=True)

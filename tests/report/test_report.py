@@ -139,6 +139,17 @@ def test_a_damaged_work_dir_is_a_one_line_user_error(runs, tmp_path, damage, wor
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_report_into_its_own_work_dir_is_refused(runs, tmp_path):
+    """Before: written there, after which compress --resume refused the work dir for its foreign files."""
+    work = tmp_path / "run.work"
+    shutil.copytree(runs["kernel"].paths["work_dir"], work)
+    names = sorted(p.name for p in work.rglob("*"))
+    with pytest.raises(ImpqError, match=re.escape(f"lies inside the work dir {work}; write the outputs outside it "
+                                                  "(another -o)")):
+        write_report(work, work / "r.html")
+    assert sorted(p.name for p in work.rglob("*")) == names
+
+
 def test_cli_not_a_work_dir_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "impq_onnx", "report", "nowhere.work", "-o", "r.html"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
