@@ -34,6 +34,7 @@ from impq_onnx.cli_options import (
     progress_options,
     reporting,
     user_errors,
+    write_stdout,
 )
 from impq_onnx.lowering.targets import target_help, target_names
 
@@ -87,7 +88,10 @@ def inspect_command(model: str, input_shape, logits: str | None, output_alias: s
     from impq_onnx.frontend.site_analysis import find_sites
 
     table = find_sites(load(model, output=logits_name(logits, output_alias)), input_shape=input_shape)
-    click.echo(format_json(table, model) if as_json else format_table(table, model))
+    if as_json:
+        write_stdout(format_json(table, model) + "\n")
+    else:
+        click.echo(format_table(table, model))
 
 
 @main.command("evaluate", epilog=examples(

@@ -15,7 +15,7 @@ import click
 from impq_onnx.errors import as_impq_error
 
 __all__ = ["user_errors", "OneLineGroup", "parse_shape", "examples", "BUNDLED", "logits_options", "logits_name",
-           "json_option", "progress_options", "dump", "reporting"]
+           "json_option", "progress_options", "dump", "reporting", "write_stdout"]
 
 
 def _refuse_empty(kwargs) -> None:
@@ -110,7 +110,48 @@ def dump(document: dict) -> None:
 
     from impq_onnx.events import json_safe
 
-    click.echo(json.dumps(json_safe(document), allow_nan=False))
+    write_stdout(json.dumps(json_safe(document), allow_nan=False) + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """``text`` on stdout, or an error naming it: a closed stdout (``>&-``) printed nothing and exited 0, a full
+    disk under ``> file`` said only "No space left on device"."""
+    if sys.stdout is None:
+        from impq_onnx.errors import PlatformError
+
+        raise PlatformError("stdout is closed, so --json has nowhere to print; run the command with an open stdout "
+                            "(> result.json)")
+    _NamedStream(sys.stdout, "stdout").write(text)
+
+
+class _NamedStream:
+    """A text stream whose write errors name it (``--events FILE`` on a full disk says which file)."""
+
+    def __init__(self, stream: Any, name: str):
+        self.stream, self.name = stream, name
+
+    def _named(self, exc: OSError) -> OSError:
+        return OSError(exc.errno, exc.strerror, exc.filename if exc.filename is not None else self.name)
+
+    def write(self, text: str) -> int:
+        try:
+            written = self.stream.write(text)
+            self.stream.flush()
+            return written
+        except OSError as exc:
+            raise self._named(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise self._named(exc) from exc
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError as exc:
+            raise self._named(exc) from exc
 
 
 def _check_events_file(events, inputs: tuple) -> None:
@@ -146,20 +187,22 @@ def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tu
 
     if events == "-" and as_json:
         raise click.UsageError("--events - and --json both write to stdout; give --events a file")
-    stream = None
+    stream: Any = None
     if events == "-":
-        stream = sys.stdout
+        if sys.stdout is None:
+            raise click.UsageError("--events -: stdout is closed; give --events a file")
+        stream = _NamedStream(sys.stdout, "stdout")
     elif events:
         _check_events_file(Path(events), inputs)
         target = Path(events).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(events, "w", encoding="utf-8")  # closed below
+        stream = _NamedStream(open(events, "w", encoding="utf-8"), events)  # closed below
     renderer = Renderer(quiet=quiet, events=stream)
     try:
         yield renderer, (sys.stderr if events == "-" else sys.stdout)
     finally:
         renderer.close()
-        if stream is not None and stream is not sys.stdout:
+        if stream is not None and events != "-":
             stream.close()
 
 

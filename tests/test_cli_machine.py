@@ -205,6 +205,25 @@ def test_events_to_stdout_and_json_together_is_a_usage_error(tmp_path):
     assert result.returncode == 2 and "--events - and --json" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize("redirect, words", [
+    (">&-", "stdout is closed, so --json has nowhere to print"),
+    ("> /dev/full", "stdout: no space left on the device"),
+    ("--events /dev/full", "/dev/full: no space left on the device"),
+])
+def test_json_or_events_that_cannot_be_written_fail_naming_the_stream(redirect, words):
+    """Before: a closed stdout printed nothing and exited 0; a full disk said only "No space left on device"."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    command = ["inspect", str(MODEL), "--json"] if "events" not in redirect else \
+        ["evaluate", str(MODEL), "--data", str(BUNDLED), "--limit-per-class", "1"]
+    line = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "impq_onnx", *command])
+    result = subprocess.run(["sh", "-c", f"{line} {redirect}"], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 5, (result.returncode, result.stderr)
+    assert [x for x in result.stderr.splitlines() if x.startswith("impq-onnx:")] == \
+        [next(x for x in result.stderr.splitlines() if words in x)]
+
+
 def test_events_on_stdout_move_the_result_to_stderr():
     result = impq("evaluate", str(MODEL), "--data", str(BUNDLED), "--limit-per-class", "2", "--events", "-")
     assert result.returncode == 0, result.stderr
