@@ -482,7 +482,9 @@ def demo_command(output_dir: str, quick: bool) -> None:
 
     data = Path(impq_onnx.__file__).parent / "demo_data"
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: not a folder; the demo writes into a fresh folder, give another --output")
+    if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: the demo writes into a fresh folder and this one is not empty; give another "
                           "--output")
     quick_options: dict[str, Any] = dict(steps=10, start_steps=20, sensitivity_samples=64, max_val_samples=100, target_bits=5.0,

@@ -139,6 +139,12 @@ def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | Non
         _check_work_dir(Path(work_dir), given, folders, seen_outputs)
 
 
+def _named(name: str, path: Path) -> str:
+    """``name`` and the path, once: a name that ends with the path already ("the input folder data") keeps it."""
+    shown = show(path)
+    return name if name.endswith(shown) else f"{name} {shown}"
+
+
 def check_not_an_input(what: str, path: Path, inputs: Mapping[str, Path], trees: Mapping[str, Path] = {},
                        flag: str = "--output") -> Path:
     """Refuse an output ``path`` that is one of ``inputs`` (by resolved path or by inode: a symlink or hard
@@ -148,11 +154,11 @@ def check_not_an_input(what: str, path: Path, inputs: Mapping[str, Path], trees:
     for name, given in inputs.items():
         in_resolved, in_inode = _identity(given)
         if resolved == in_resolved or (inode is not None and inode == in_inode):
-            raise PathError(f"{what} {show(path)} is {name} {show(given)}; it would be overwritten: "
+            raise PathError(f"{what} {show(path)} is {_named(name, given)}; it would be overwritten: "
                             f"write the outputs elsewhere (another {flag})")
     for name, folder in trees.items():
         if folder.is_dir() and _inside(resolved, _identity(folder)[0]):
-            raise PathError(f"{what} {show(path)} lies inside {name} {show(folder)}; write the outputs "
+            raise PathError(f"{what} {show(path)} lies inside {_named(name, folder)}; write the outputs "
                             f"outside it (another {flag})")
     return resolved
 
