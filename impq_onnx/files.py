@@ -21,8 +21,10 @@ MiB = 1 << 20
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path as text that can always be printed and written (undecodable bytes as ``\\xNN``)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text that can always be printed and written on one line: undecodable bytes and control
+    characters (a newline, a bell in a file name) as ``\\xNN``."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def open_input(path: str | os.PathLike, limit: int, what: str, error: type[Exception],

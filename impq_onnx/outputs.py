@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
+from impq_onnx.files import shown
 from impq_onnx.run_lock import RunLock
 
 __all__ = ["PathError", "show", "describe_os_error", "check_paths", "check_not_an_input", "input_file", "OutputSet",
@@ -43,8 +44,8 @@ def _os_failure(exc: OSError) -> type[ImpqError]:
 
 
 def show(path: str | os.PathLike) -> str:
-    """``path`` printable on any terminal: bytes that are not UTF-8 shown as ``\\udcXX`` escapes."""
-    return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    """``path`` printable on any terminal, on one line (:func:`impq_onnx.files.shown`)."""
+    return shown(path)
 
 
 _ADVICE = {

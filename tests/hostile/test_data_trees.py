@@ -104,6 +104,15 @@ def test_non_utf8_file_names_are_read_and_a_non_utf8_data_path_is_one_line(tmp_p
     assert digest(odd) == before
 
 
+def test_control_characters_in_a_file_name_are_escaped_in_the_message(tmp_path):
+    """Before: a newline in a name printed as a second line (or a space), a bell rang the terminal."""
+    root = image_tree(tmp_path / "data")
+    (root / "c1" / "bad\nname\a.png").write_bytes(b"not an image")
+    result = impq("evaluate", tiny_model(tmp_path / "m.onnx"), "--data", root)
+    assert_one_line_error(result, 2, "c1/bad\\nname\\x07.png", "cannot decode")
+    assert "\a" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_which_class_reads_a_linked_folder_does_not_depend_on_the_order(tmp_path):
     root = image_tree(tmp_path / "data")
     (root / "c3" / "sub").mkdir()
