@@ -247,7 +247,10 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 "model's folder; refusing it (move the data file beside the model and use a relative name)"
             )
         if not target.is_file():
-            raise ModelError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+            what = "is not a regular file (a folder, FIFO or device)" if os.path.exists(target) else (
+                "is a link that leads nowhere" if os.path.islink(base / location) else "is missing")
+            raise ModelError(f"{path}: external data file '{location}' of tensor '{tensor.name}' {what}; put the "
+                             "model's data file beside it")
         size = target.stat().st_size
         offset = _external_number(tensor, entries, "offset", path) or 0
         given_length = _external_number(tensor, entries, "length", path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import hashlib
 
 import numpy as np
@@ -143,6 +144,21 @@ def test_external_data_through_a_symlink_out_of_the_folder_is_refused(tmp_path):
     (folder / "weights.bin").symlink_to(outside)
     with pytest.raises(ModelError, match="outside the model's folder"):
         impq_onnx.load(path)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda weights: weights.unlink(), "is missing"),
+    (lambda weights: (weights.unlink(), os.mkfifo(weights)), "is not a regular file (a folder, FIFO or device)"),
+    (lambda weights: (weights.unlink(), weights.symlink_to(weights.parent / "gone.bin")),
+     "is a link that leads nowhere"),
+])
+def test_external_data_that_is_not_a_file_says_what_it_is(tmp_path, make, words):
+    """Before: a FIFO or a dangling link was called "missing" while ls showed it there."""
+    path = _save_external(tmp_path, "weights.bin")
+    make(tmp_path / "weights.bin")
+    with pytest.raises(ModelError) as exc:
+        impq_onnx.load(path)
+    assert "external data file 'weights.bin' of tensor" in _one_line(exc) and words in str(exc.value)
 
 
 def test_external_data_shorter_than_claimed(tmp_path):
