@@ -187,10 +187,13 @@ def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tu
 
     if events == "-" and as_json:
         raise click.UsageError("--events - and --json both write to stdout; give --events a file")
+    if sys.stdout is None and (as_json or events == "-"):  # found before the run, not after it
+        from impq_onnx.errors import PlatformError
+
+        raise PlatformError(f"stdout is closed, so {'--json' if as_json else '--events -'} has nowhere to print; "
+                            "run the command with an open stdout (> result.json)")
     stream: Any = None
     if events == "-":
-        if sys.stdout is None:
-            raise click.UsageError("--events -: stdout is closed; give --events a file")
         stream = _NamedStream(sys.stdout, "stdout")
     elif events:
         _check_events_file(Path(events), inputs)
@@ -213,9 +216,12 @@ class _OneLineUsageError(click.UsageError):
         super().__init__(error.format_message(), error.ctx)
 
     def show(self, file: Any = None) -> None:
+        from impq_onnx.files import shown
+
         path = self.ctx.command_path if self.ctx is not None else "impq-onnx"
-        message = " ".join(self.format_message().split()).rstrip(".")  # a value's newline: no second line
-        click.echo(f"impq-onnx: error: {path}: {message}; see '{path} --help'", err=True)
+        message = shown(" ".join(self.format_message().split())).rstrip(".")  # one line, no escape sequences
+        click.echo(f"impq-onnx: error: {path}: {message}{' ' if message.endswith('?') else '; '}see '{path} --help'",
+                   err=True)
 
 
 class OneLineGroup(click.Group):

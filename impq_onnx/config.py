@@ -21,7 +21,8 @@ from impq_onnx.errors import ConfigError
 from impq_onnx.files import read_input
 from impq_onnx.files import shown as printable
 
-__all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types", "load_yaml", "read_yaml_mapping"]
+__all__ = ["read_config", "check_keys", "coerce", "suggest", "field_types", "load_yaml", "parse_yaml",
+           "read_yaml_mapping", "MAX_INT_DIGITS"]
 
 _NONE_WORDS = ("none", "null", "~")
 
@@ -62,6 +63,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000  # counted with every alias expanded: an "alias bomb" of 370 bytes stops here
 MAX_INT_DIGITS = 64  # no option, bit width or clip needs more; Python refuses to convert past 4300
+_SIZE_CAP = 10**12  # expanded sizes are counted up to here (nested aliases multiply without bound)
 
 
 def parse_yaml(text: str, source: str, what: str, error: type[Exception]) -> Any:
@@ -77,9 +79,11 @@ def parse_yaml(text: str, source: str, what: str, error: type[Exception]) -> Any
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, refusing (ValueError, before anything is built) documents of more than
-    MAX_YAML_NODES nodes once aliases are expanded, a key given twice in one mapping (YAML forbids it; PyYAML
-    would keep the last silently) and integers of more than MAX_INT_DIGITS digits."""
+    """``yaml.safe_load(text)``, refusing (ValueError, before anything is built) a document whose aliases expand
+    it past MAX_YAML_NODES values and past twice the values it writes out (an alias bomb; a large document
+    without aliases, a big model's plan, is bounded by its file size instead), a key given twice in one mapping
+    (YAML forbids it; PyYAML would keep the last silently) and integers of more than MAX_INT_DIGITS
+    characters."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -93,10 +97,11 @@ def load_yaml(text: str) -> Any:
                 _check_node(n)
                 children = (n.value if isinstance(n, yaml.SequenceNode) else
                             [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else [])
-                sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_NODES + 1)
+                sizes[id(n)] = min(1 + sum(size(c) for c in children), _SIZE_CAP)
             return sizes[id(n)]
 
-        if size(node) > MAX_YAML_NODES:
+        expanded = size(node)
+        if expanded > MAX_YAML_NODES and expanded > 2 * len(sizes):
             raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases are expanded (an alias bomb?); "
                              "write the values out")
         return loader.construct_document(node)
@@ -107,7 +112,7 @@ def load_yaml(text: str) -> Any:
 def _check_node(n: yaml.Node) -> None:
     line = n.start_mark.line + 1
     if isinstance(n, yaml.ScalarNode) and n.tag == "tag:yaml.org,2002:int":
-        digits = sum(c.isdigit() for c in n.value)
+        digits = len(n.value.lstrip("+-").replace("_", ""))  # hex and octal too: 0xfff... is a long int
         if digits > MAX_INT_DIGITS:
             raise ValueError(f"line {line}: a number of {digits} digits; write one of at most {MAX_INT_DIGITS}")
     elif isinstance(n, yaml.MappingNode):

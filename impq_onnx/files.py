@@ -21,8 +21,9 @@ MiB = 1 << 20
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path as text that can always be printed and written on one line: undecodable bytes and control
-    characters (a newline, a bell in a file name) as ``\\xNN``."""
+    """A path as text that can always be printed and written on one line: undecodable bytes as ``\\xNN``,
+    control characters (a newline, a bell, an escape sequence in a file name) as Python writes them (``\\n``,
+    ``\\x07``, ``\\x1b``)."""
     text = os.fsencode(path).decode("utf-8", "backslashreplace")
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 

@@ -16,7 +16,7 @@ import signal
 import sys
 from types import FrameType
 
-from impq_onnx.outputs import STOP_SIGNALS
+from impq_onnx.stop_signals import STOP_SIGNALS
 
 __all__ = ["HANDLED", "Interrupted", "install", "run"]
 

@@ -29,9 +29,10 @@ from typing import Any, Iterator, Mapping
 from impq_onnx.errors import ImpqError, PlatformError, UserError, os_error_class
 from impq_onnx.files import shown
 from impq_onnx.run_lock import RunLock
+from impq_onnx.stop_signals import STOP_SIGNALS
 
 __all__ = ["PathError", "show", "describe_os_error", "check_paths", "check_not_an_input", "input_file", "OutputSet",
-           "deferred_signals", "STOP_SIGNALS"]
+           "deferred_signals"]
 
 
 class PathError(UserError):
@@ -142,8 +143,8 @@ def check_paths(outputs: list[tuple[str, Path]], inputs: Mapping[str, Path | Non
 
 def _named(name: str, path: Path) -> str:
     """``name`` and the path, once: a name that ends with the path already ("the input folder data") keeps it."""
-    shown = show(path)
-    return name if name.endswith(shown) else f"{name} {shown}"
+    text = show(path)
+    return name if name.endswith(f" {text}") else f"{name} {text}"
 
 
 def check_not_an_input(what: str, path: Path, inputs: Mapping[str, Path], trees: Mapping[str, Path] = {},
@@ -204,11 +205,6 @@ def _check_work_dir(work_dir: Path, inputs: dict[str, Path], trees: dict[str, Pa
         if foreign:
             raise PathError(f"--work-dir {show(work_dir)} holds files that are not a compress run's (e.g. "
                             f"'{show(foreign[0])}'); choose an empty or new folder")
-
-
-# The signals that stop a run: SIGINT (Ctrl-C), SIGTERM (kill, a scheduler), SIGHUP (the terminal or SSH session
-# closed; POSIX only). impq_onnx.interrupts handles the same set.
-STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from impq_onnx.errors import UserError
+from impq_onnx.files import shown
 
 __all__ = ["RunLock", "LockedError"]
 
@@ -23,7 +24,7 @@ class LockedError(UserError):
 
 
 def _show(path: Path) -> str:
-    return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown(path)
 
 
 class RunLock:

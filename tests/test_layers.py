@@ -4,7 +4,7 @@ Every module of ``impq_onnx`` is read with ``ast`` (imports inside functions inc
 hidden in a function body counts as one. Stages, in data-flow order (a module may import its own
 stage and the stages before it)::
 
-    base (errors, files, config, runtime, outputs, run_lock, option_checks, events) < architectures < frontend < quant < data < engine
+    base (errors, files, config, runtime, outputs, run_lock, option_checks, events, stop_signals) < architectures < frontend < quant < data < engine
         < sensitivity < search < lowering < report < compression and the package API < cli (and cli_progress, interrupts)
 
 ``architectures`` (reference models built as ONNX graphs) imports nothing of the package; it sits
@@ -23,7 +23,7 @@ import impq_onnx
 PACKAGE = Path(impq_onnx.__file__).parent
 
 STAGES: tuple[tuple[str, ...], ...] = (
-    ("errors", "files", "config", "runtime", "outputs", "run_lock", "option_checks", "events"),
+    ("errors", "files", "config", "runtime", "outputs", "run_lock", "option_checks", "events", "stop_signals"),
     ("architectures",),
     ("frontend",),
     ("quant",),

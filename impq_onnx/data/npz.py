@@ -90,7 +90,7 @@ def load_npz(path: Path) -> NpzContents:
             f"got {y.dtype} of length {len(y)}"
         )
     if len(y) and y.dtype.kind == "u" and int(y.max()) > np.iinfo(np.int64).max:
-        raise DataError(f"{path}: array 'y' has labels past 2**63 (dtype {y.dtype}); use 0..K-1")
+        raise DataError(f"{shown(path)}: array 'y' has labels past 2**63 (dtype {y.dtype}); use 0..K-1")
     labels = y.astype(np.int64)
     if len(labels) and labels.min() < 0:
         raise DataError(f"{path}: array 'y' has negative labels; use 0..K-1")

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from impq_onnx.config import MAX_INT_DIGITS
 from impq_onnx.errors import PlanError
 from impq_onnx.frontend.sites import GRANULARITIES, SiteTable, WeightGroup
 from impq_onnx.quant.schemes import weight_scheme
@@ -296,7 +297,11 @@ class PrecisionPlan:
             value = clip.get("value")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise PlanError(f"{source}: clips['{tensor}'].value must be a number or null, not {_brief(value)}")
-            clips[str(tensor)] = ActivationClip(None if value is None else float(value), bool(clip.get("signed", False)))
+            try:
+                number = None if value is None else float(value)
+            except OverflowError as exc:  # an int past a float's range: 1e309 written out
+                raise PlanError(f"{source}: clips['{tensor}'].value {_brief(value)} is too large for a clip") from exc
+            clips[str(tensor)] = ActivationClip(number, bool(clip.get("signed", False)))
         plan = cls(
             weights=weights,
             activations={str(k): v for k, v in data.get("activations", {}).items()},
@@ -318,16 +323,24 @@ class PrecisionPlan:
         def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             data = dict(pairs)
             if len(data) < len(pairs):
-                twice = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))
-                raise PlanError(f"{source}: the key {twice[:80]!r} is given twice in one object; keep one")
+                seen: set[str] = set()
+                for key, _ in pairs:
+                    if key in seen:
+                        raise PlanError(f"{source}: the key {key[:80]!r} is given twice in one object; keep one")
+                    seen.add(key)
             return data
 
+        def whole(digits: str) -> int:
+            if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+                raise PlanError(f"{source}: a number of {len(digits)} digits; write one of at most {MAX_INT_DIGITS}")
+            return int(digits)
+
         try:
-            data = json.loads(text, object_pairs_hook=unique)
+            data = json.loads(text, object_pairs_hook=unique, parse_int=whole)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        except ValueError as exc:  # an integer past Python's 4300 digits
-            raise PlanError(f"{source}: a number too long to be a bit width or a clip") from exc
+        except ValueError as exc:  # a float literal json cannot convert; ints stop at whole() above
+            raise PlanError(f"{source}: a number json cannot read ({' '.join(str(exc).split())[:80]})") from exc
         except RecursionError as exc:
             raise PlanError(f"{source}: the plan is nested too deeply to be a plan") from exc
         return cls.from_dict(data, source)
@@ -360,14 +373,15 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path) -> "PrecisionPlan":
-        from impq_onnx.files import MiB, read_input
+        from impq_onnx.files import MiB, read_input, shown
 
         path = str(path)
         try:
             text = read_input(path, 64 * MiB, "plan", PlanError).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise PlanError(f"{path}: the plan is not UTF-8 text (offset {exc.start}); is it the right file?") from exc
-        return cls.from_json(text, path) if path.endswith(".json") else cls.from_yaml(text, path)
+            raise PlanError(f"{shown(path)}: the plan is not UTF-8 text (offset {exc.start}); is it the right "
+                            "file?") from exc
+        return cls.from_json(text, shown(path)) if path.endswith(".json") else cls.from_yaml(text, shown(path))
 
 
 def _json_dump(value: Any, indent: int = 0) -> str:

@@ -37,14 +37,14 @@ def write_report(work_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[
                  output_html: str | os.PathLike[str]) -> list[Path]:
     """Write the report of the compress runs in ``work_dirs`` (one path or several); return the files written
     (the HTML first, then the PNGs)."""
-    files = report_files(work_dirs, output_html)
     from impq_onnx.outputs import check_paths
 
+    folders = [work_dirs] if isinstance(work_dirs, (str, os.PathLike)) else list(work_dirs)  # a generator once
     # not into a work dir: its files would be foreign there, and compress --resume would refuse the folder
-    folders = [work_dirs] if isinstance(work_dirs, (str, os.PathLike)) else list(work_dirs)
-    check_paths([("the report", path) for path in files], {},
+    check_paths([("the report", Path(output_html))], {},
                 trees={f"the work dir{'' if len(folders) == 1 else f' #{i + 1}'}": Path(folder)
                        for i, folder in enumerate(folders)}, flag="-o")
+    files = report_files(folders, output_html)
     output = next(iter(files))
     if output.parent != Path(""):
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -98,13 +98,13 @@ def _report_beside(path: Path, records: tuple[IterationRecord, ...]) -> Path | N
             document = _read_json(candidate, "compress report")
         except UserError:  # _read_json's one error, unreadable and malformed alike
             continue
-        work_dir = (document.get("config") or {}).get("work_dir")
-        if work_dir is None or not (_same_folder(Path(work_dir), path) or Path(work_dir).name == path.name):
-            continue
-        try:
+        try:  # a stray or foreign report beside the work dir is not this run's, never an error
+            work_dir = (document.get("config") or {}).get("work_dir")
+            if work_dir is None or not (_same_folder(Path(work_dir), path) or Path(work_dir).name == path.name):
+                continue
             if tuple(IterationRecord.from_dict(r) for r in document.get("iterations") or ()) == records:
                 return candidate
-        except (KeyError, TypeError, AttributeError):  # not a report of this version: not the one
+        except (KeyError, TypeError, ValueError, AttributeError):  # not a report of this version: not the one
             continue
     return None
 

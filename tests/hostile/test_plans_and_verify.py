@@ -82,7 +82,11 @@ def _alias_bomb_plan() -> str:
     ("plan.yaml", lambda good: _alias_bomb_plan(), "aliases are expanded"),
     ("plan.json", lambda good: good.rstrip()[:-1] + ', "granularity": "layer"}',
      "the key 'granularity' is given twice in one object"),
-    ("plan.json", lambda good: '{"schema_version": ' + "9" * 5000 + "}", "a number too long"),
+    ("plan.json", lambda good: '{"schema_version": ' + "9" * 5000 + "}", "a number of 5000 digits"),
+    ("plan.json", lambda good: good.replace('"value": 2.0', '"value": ' + "9" * 400, 1),
+     "a number of 400 digits; write one of at most 64"),  # under Python's limit: float() overflowed, exit 1
+    ("plan.yaml", lambda good: good.replace("value: 2.0", "value: 0x" + "f" * 4000, 1),
+     "a number of 4002 digits"),  # hex: 16000 bits, and its repr in the message raised, exit 1
     ("plan.json", lambda good: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ("plan.yaml", lambda good: good.replace("conv1:", "conv9:"),
      "weights: layer 'conv9' is not a quantizable layer of the model"),
@@ -100,6 +104,15 @@ def test_a_hostile_plan_file_is_one_line_naming_it(tmp_path, name, text, words):
     assert_one_line_error(result, 2, name, words)
     assert len(result.stderr) < 1000
     assert digest(tmp_path) == before
+
+
+def test_a_large_plan_the_tool_writes_is_read_back(tmp_path):
+    """The alias-bomb limit counts expansion, not size: a plan of 150,000 kernels (a model as wide as
+    Wide-ResNet-101) without aliases, as to_yaml writes it, is read back; it was refused as 'an alias bomb?'."""
+    plan = PrecisionPlan(weights={f"layer{i}": [4] * 1000 for i in range(150)}, activations={}, clips={})
+    for name in ("big.yaml", "big.json"):
+        (tmp_path / name).write_text(plan.to_json() if name.endswith(".json") else plan.to_yaml())
+        assert PrecisionPlan.load(tmp_path / name).weights == plan.weights
 
 
 def _lowered(tmp_path):

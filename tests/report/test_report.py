@@ -147,6 +147,8 @@ def test_a_report_into_its_own_work_dir_is_refused(runs, tmp_path):
     with pytest.raises(ImpqError, match=re.escape(f"lies inside the work dir {work}; write the outputs outside it "
                                                   "(another -o)")):
         write_report(work, work / "r.html")
+    with pytest.raises(ImpqError, match="lies inside the work dir #2"):  # any iterable, a generator too
+        write_report((w for w in (runs["layer"].paths["work_dir"], work)), work / "r.html")
     assert sorted(p.name for p in work.rglob("*")) == names
 
 
