@@ -117,11 +117,17 @@ def write_stdout(text: str) -> None:
     """``text`` on stdout, or an error naming it: a closed stdout (``>&-``) printed nothing and exited 0, a full
     disk under ``> file`` said only "No space left on device"."""
     if sys.stdout is None:
-        from impq_onnx.errors import PlatformError
+        raise _stdout_closed("--json")
+    stream = _NamedStream(sys.stdout, "stdout")
+    stream.write(text)
+    stream.flush()
 
-        raise PlatformError("stdout is closed, so --json has nowhere to print; run the command with an open stdout "
-                            "(> result.json)")
-    _NamedStream(sys.stdout, "stdout").write(text)
+
+def _stdout_closed(option: str) -> Exception:
+    from impq_onnx.errors import PlatformError
+
+    return PlatformError(f"stdout is closed, so {option} has nowhere to print; run the command with an open stdout "
+                         "(> result.json)")
 
 
 class _NamedStream:
@@ -135,9 +141,7 @@ class _NamedStream:
 
     def write(self, text: str) -> int:
         try:
-            written = self.stream.write(text)
-            self.stream.flush()
-            return written
+            return self.stream.write(text)
         except OSError as exc:
             raise self._named(exc) from exc
 
@@ -188,10 +192,7 @@ def reporting(quiet: bool, events: str | None, as_json: bool = False, inputs: tu
     if events == "-" and as_json:
         raise click.UsageError("--events - and --json both write to stdout; give --events a file")
     if sys.stdout is None and (as_json or events == "-"):  # found before the run, not after it
-        from impq_onnx.errors import PlatformError
-
-        raise PlatformError(f"stdout is closed, so {'--json' if as_json else '--events -'} has nowhere to print; "
-                            "run the command with an open stdout (> result.json)")
+        raise _stdout_closed("--json" if as_json else "--events -")
     stream: Any = None
     if events == "-":
         stream = _NamedStream(sys.stdout, "stdout")

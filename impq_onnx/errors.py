@@ -96,6 +96,12 @@ _USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.E
                 errno.EPERM, errno.EROFS}
 
 
+def one_line(value: object, limit: int = 120) -> str:
+    """``str(value)`` on one line (runs of whitespace, newlines included, as one space), cut to ``limit``
+    characters: an exception's text or a user's value inside a one-line message."""
+    return " ".join(str(value).split())[:limit]
+
+
 def os_error_class(exc: OSError) -> type[ImpqError]:
     """:class:`UserError` for a path the user can change (missing, wrong kind, not writable), else
     :class:`PlatformError` (a full disk, an I/O error)."""

@@ -44,9 +44,7 @@ def _os_failure(exc: OSError) -> type[ImpqError]:
     return PathError if os_error_class(exc) is not PlatformError else PlatformError
 
 
-def show(path: str | os.PathLike) -> str:
-    """``path`` printable on any terminal, on one line (:func:`impq_onnx.files.shown`)."""
-    return shown(path)
+show = shown  # a path printable on any terminal, on one line (impq_onnx.files.shown)
 
 
 _ADVICE = {

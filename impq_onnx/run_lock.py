@@ -23,10 +23,6 @@ class LockedError(UserError):
     """Another run holds the lock on an output or a work dir."""
 
 
-def _show(path: Path) -> str:
-    return shown(path)
-
-
 class RunLock:
     """``flock`` on ``.<name>.lock`` beside ``path`` (``path`` itself need not exist)."""
 
@@ -42,18 +38,18 @@ class RunLock:
                 self.file.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; "
+                raise LockedError(f"cannot lock {shown(self.path)}: {shown(self.file)}: {exc.strerror or exc}; "
                                   "choose a writable folder") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
                 os.close(fd)
-                raise LockedError(f"{_show(self.path)} is in use by another impq-onnx run (pid {holder}, lock "
-                                  f"{_show(self.file)}); wait for it to finish or choose another output / work dir")
+                raise LockedError(f"{shown(self.path)} is in use by another impq-onnx run (pid {holder}, lock "
+                                  f"{shown(self.file)}); wait for it to finish or choose another output / work dir")
             except OSError as exc:
                 os.close(fd)
-                raise LockedError(f"cannot lock {_show(self.path)}: {_show(self.file)}: {exc.strerror or exc}; "
+                raise LockedError(f"cannot lock {shown(self.path)}: {shown(self.file)}: {exc.strerror or exc}; "
                                   "choose a writable folder") from exc
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.file, follow_symlinks=False).st_ino
@@ -66,7 +62,7 @@ class RunLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self.fd = fd
             return
-        raise LockedError(f"{_show(self.path)}: could not take the lock {_show(self.file)}; try again")
+        raise LockedError(f"{shown(self.path)}: could not take the lock {shown(self.file)}; try again")
 
     def release(self) -> None:
         if self.fd is None:

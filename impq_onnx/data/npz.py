@@ -50,7 +50,8 @@ def check_finite(images: np.ndarray, source: str | Path, what: str = "array 'x'"
     if images.dtype == np.uint8:
         return
     for start in range(0, len(images), 256):  # in chunks: no mask the size of the whole array
-        bad = ~np.isfinite(images[start:start + 256]).reshape(min(256, len(images) - start), -1).all(axis=1)
+        chunk = images[start:start + 256]
+        bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
         if bad.any():
             first = start + int(np.argmax(bad))
             raise DataError(f"{shown(source)}: {what} holds NaN or infinite values (image {first}); replace "

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import yaml
 
 from impq_onnx.config import MAX_INT_DIGITS
-from impq_onnx.errors import PlanError
+from impq_onnx.errors import PlanError, one_line
 from impq_onnx.frontend.sites import GRANULARITIES, SiteTable, WeightGroup
 from impq_onnx.quant.schemes import weight_scheme
 
@@ -340,7 +340,7 @@ class PrecisionPlan:
         except json.JSONDecodeError as exc:
             raise PlanError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         except ValueError as exc:  # a float literal json cannot convert; ints stop at whole() above
-            raise PlanError(f"{source}: a number json cannot read ({' '.join(str(exc).split())[:80]})") from exc
+            raise PlanError(f"{source}: a number json cannot read ({one_line(exc, 80)})") from exc
         except RecursionError as exc:
             raise PlanError(f"{source}: the plan is nested too deeply to be a plan") from exc
         return cls.from_dict(data, source)

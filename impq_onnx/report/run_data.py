@@ -19,7 +19,7 @@ import logging
 import re
 from pathlib import Path
 
-from impq_onnx.errors import ImpqError, UserError
+from impq_onnx.errors import ImpqError, UserError, one_line
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.state import IterationRecord
 
@@ -168,8 +168,8 @@ def read_run(work_dir: str | Path, label: str | None = None, report: tuple[Path,
     try:
         return _read_run(Path(work_dir), label, report)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a value of the wrong type in its JSON
-        raise UserError(f"{work_dir}: the work dir's files are damaged ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:120]}); report a run whose work dir is intact") from exc
+        raise UserError(f"{work_dir}: the work dir's files are damaged ({type(exc).__name__}: {one_line(exc)}); "
+                        "report a run whose work dir is intact") from exc
 
 
 def _read_run(path: Path, label: str | None, report: tuple[Path, dict] | None) -> RunData:

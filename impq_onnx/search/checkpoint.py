@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from impq_onnx.files import write_atomic, write_temporary
-from impq_onnx.errors import ConfigError
+from impq_onnx.errors import ConfigError, one_line
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.runtime import arithmetic
 
@@ -71,7 +71,7 @@ def read_values(path: Path, work_dir: Path, fix: str = "remove it to start over"
 def _shown(value: Any) -> str:
     """A recorded value in one short line (machine.json is the user's file, hand edits included)."""
     text = ("+".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
-    return " ".join(text.split())[:200]
+    return one_line(text, 200)
 
 
 class WorkDir:

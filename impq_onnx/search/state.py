@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from impq_onnx.errors import ConfigError
+from impq_onnx.errors import ConfigError, one_line
 from impq_onnx.events import Progress, nested
 from impq_onnx.quant.plan import PrecisionPlan
 from impq_onnx.search.checkpoint import WorkDir
@@ -166,17 +166,12 @@ class SearchState:
     def resume(cls, workdir: WorkDir) -> tuple[SearchState, dict[str, Any]]:
         """The committed state of ``workdir`` and the run's float reference metrics, for a resume."""
         data = workdir.load_state()
-        try:
-            iteration = int(data["iteration"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"work_dir {workdir.path}: state.json names no iteration (damaged); cannot resume, "
-                              "start a new work_dir") from exc
-        plan, values = workdir.load_iteration(iteration)
-        try:
+        try:  # a checkpoint file load_iteration cannot read is its own ConfigError, naming the file
+            plan, values = workdir.load_iteration(int(data["iteration"]))
             return cls.from_dict(data, plan, values), data["reference"]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"work_dir {workdir.path}: state.json is damaged ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:120]}); cannot resume, start a new work_dir") from exc
+                              f"{one_line(exc)}); cannot resume, start a new work_dir") from exc
 
     def commit(self, workdir: WorkDir, reference: dict[str, Any]) -> None:
         """Make this state the one a resume starts from (``state.json``, written last)."""
