@@ -66,7 +66,7 @@ def cli(*args: str, cwd: Path) -> tuple[int, str]:
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        result = CliRunner().invoke(main, list(args), catch_exceptions=True)
+        result = CliRunner().invoke(main, list(args), catch_exceptions=True, prog_name="impq-onnx")
     finally:
         os.chdir(old)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
